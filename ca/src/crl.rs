@@ -90,7 +90,13 @@ pub struct RevokedEntry {
 impl Ca {
     /// Sign a CRL listing `revoked`, numbered `crl_number` (must grow with every CRL),
     /// valid from `now` for `validity`.
-    pub fn crl(&self, revoked: &[RevokedEntry], crl_number: u64, now: SystemTime, validity: Duration) -> Result<Vec<u8>> {
+    pub fn crl(
+        &self,
+        revoked: &[RevokedEntry],
+        crl_number: u64,
+        now: SystemTime,
+        validity: Duration,
+    ) -> Result<Vec<u8>> {
         let mut revoked_certs = Vec::with_capacity(revoked.len());
         for r in revoked {
             let serial = hex::decode(&r.serial_hex)

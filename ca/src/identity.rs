@@ -9,10 +9,15 @@ pub const WG_KEY_BINDING_OID: &[u64] = &[1, 3, 6, 1, 4, 1, 57264, 1, 1];
 /// Check a zone, node or trust-domain label: 1–63 of `a-z 0-9 -` (dots too for trust
 /// domains), not starting or ending with `-` or `.`.
 pub fn validate_label(kind: &str, s: &str, allow_dots: bool) -> Result<()> {
-    let ok_char = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || (allow_dots && c == '.');
+    let ok_char = |c: char| {
+        c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || (allow_dots && c == '.')
+    };
     let max = if allow_dots { 253 } else { 63 };
     if s.is_empty() || s.len() > max {
-        return Err(Error::Name(format!("{kind} must be 1 to {max} characters, got {}", s.len())));
+        return Err(Error::Name(format!(
+            "{kind} must be 1 to {max} characters, got {}",
+            s.len()
+        )));
     }
     if !s.chars().all(ok_char) {
         return Err(Error::Name(format!(
@@ -22,7 +27,9 @@ pub fn validate_label(kind: &str, s: &str, allow_dots: bool) -> Result<()> {
     }
     let edge = |c: char| c == '-' || c == '.';
     if s.starts_with(edge) || s.ends_with(edge) || s.contains("..") {
-        return Err(Error::Name(format!("{kind} {s:?} must not start or end with '-' or '.'")));
+        return Err(Error::Name(format!(
+            "{kind} {s:?} must not start or end with '-' or '.'"
+        )));
     }
     Ok(())
 }
@@ -41,7 +48,11 @@ impl SpiffeId {
         validate_label("trust domain", trust_domain, true)?;
         validate_label("zone", zone, false)?;
         validate_label("node", node, false)?;
-        Ok(Self { trust_domain: trust_domain.into(), zone: zone.into(), node: node.into() })
+        Ok(Self {
+            trust_domain: trust_domain.into(),
+            zone: zone.into(),
+            node: node.into(),
+        })
     }
 
     /// Parse the URI form; anything but the exact zonemesh shape is refused.
@@ -52,13 +63,18 @@ impl SpiffeId {
         let parts: Vec<&str> = rest.split('/').collect();
         match parts.as_slice() {
             [td, "zone", zone, "node", node] => Self::new(td, zone, node),
-            _ => Err(Error::Name(format!("{uri:?} is not spiffe://<trust-domain>/zone/<zone>/node/<node>"))),
+            _ => Err(Error::Name(format!(
+                "{uri:?} is not spiffe://<trust-domain>/zone/<zone>/node/<node>"
+            ))),
         }
     }
 
     /// The URI form placed in the certificate's SAN.
     pub fn uri(&self) -> String {
-        format!("spiffe://{}/zone/{}/node/{}", self.trust_domain, self.zone, self.node)
+        format!(
+            "spiffe://{}/zone/{}/node/{}",
+            self.trust_domain, self.zone, self.node
+        )
     }
 }
 

@@ -14,7 +14,7 @@ mod verify;
 
 pub use crl::{RevocationReason, RevokedEntry};
 pub use error::{Error, Result};
-pub use identity::{SpiffeId, WireGuardKey, WG_KEY_BINDING_OID, validate_label};
+pub use identity::{SpiffeId, WG_KEY_BINDING_OID, WireGuardKey, validate_label};
 pub use keys::{Kek, generate_rsa_2048, generate_rsa_4096, open_sealed, seal};
 pub use ocsp::{CertStatus, OcspOutcome};
 pub use profiles::{
@@ -71,7 +71,9 @@ pub fn pem_blocks(label: &str, pem: &str) -> Result<Vec<Vec<u8>>> {
 
 /// Convert a `SystemTime` to seconds since the Unix epoch (0 for times before it).
 pub(crate) fn unix_secs(t: std::time::SystemTime) -> u64 {
-    t.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// Convert a `SystemTime` to the `time` crate's UTC date, truncated to whole seconds

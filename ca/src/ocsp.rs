@@ -23,7 +23,10 @@ const RESPONSE_VALIDITY: Duration = Duration::from_secs(3600);
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CertStatus {
     Good,
-    Revoked { at: SystemTime, reason: RevocationReason },
+    Revoked {
+        at: SystemTime,
+        reason: RevocationReason,
+    },
     Unknown,
 }
 
@@ -102,7 +105,13 @@ fn read_cert_id(raw: Vec<u8>) -> Result<CertId, ASN1Error> {
             Ok((alg.components().clone(), name, key, serial))
         })
     })?;
-    Ok(CertId { hash_alg, name_hash, key_hash, serial, raw })
+    Ok(CertId {
+        hash_alg,
+        name_hash,
+        key_hash,
+        serial,
+        raw,
+    })
 }
 
 fn parse_request(der: &[u8]) -> Result<Request, ASN1Error> {
@@ -112,7 +121,8 @@ fn parse_request(der: &[u8]) -> Result<Request, ASN1Error> {
                 r.read_optional(|r| r.read_tagged(Tag::context(0), |r| r.read_u8()))?;
                 r.read_optional(|r| r.read_tagged(Tag::context(1), |r| r.read_der()))?;
                 let ids = r.next().read_sequence_of_with_limit(MAX_REQUESTS)?;
-                let exts = r.read_optional(|r| {
+                let mut nonce = None;
+                r.read_optional(|r| {
                     r.read_tagged(Tag::context(2), |r| {
                         r.read_sequence_of(|r| {
                             let raw = r.read_der()?;
@@ -124,22 +134,23 @@ fn parse_request(der: &[u8]) -> Result<Request, ASN1Error> {
                                     Ok(oid)
                                 })
                             })?;
-                            Ok((oid, raw))
+                            if oid.components().as_slice() == OID_OCSP_NONCE {
+                                nonce = Some(raw);
+                            }
+                            Ok(())
                         })
                     })
                 })?;
-                let nonce = exts
-                    .unwrap_or_default()
-                    .into_iter()
-                    .find(|(oid, _)| oid.components().as_slice() == OID_OCSP_NONCE)
-                    .map(|(_, raw)| raw);
                 Ok((ids, nonce))
             })?;
             r.read_optional(|r| r.read_tagged(Tag::context(0), |r| r.read_der()))?;
             Ok(tbs)
         })
     })?;
-    let ids = raw_ids.into_iter().map(read_cert_id).collect::<Result<Vec<_>, _>>()?;
+    let ids = raw_ids
+        .into_iter()
+        .map(read_cert_id)
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(Request { ids, nonce_ext })
 }
 
@@ -184,14 +195,25 @@ impl Ca {
     /// Answer an OCSP request. `lookup` gives the status of a serial (lowercase hex, as in
     /// [`serial_hex`]) that this CA issued. Malformed requests get an unsigned
     /// `malformedRequest` response, never a panic.
-    pub fn ocsp_respond(&self, request_der: &[u8], lookup: impl Fn(&str) -> CertStatus, now: SystemTime) -> OcspOutcome {
+    pub fn ocsp_respond(
+        &self,
+        request_der: &[u8],
+        lookup: impl Fn(&str) -> CertStatus,
+        now: SystemTime,
+    ) -> OcspOutcome {
         let Ok(req) = parse_request(request_der) else {
-            return OcspOutcome { response_der: error_response(1), answered: vec![] };
+            return OcspOutcome {
+                response_der: error_response(1),
+                answered: vec![],
+            };
         };
         let mut answered = Vec::with_capacity(req.ids.len());
         for id in &req.ids {
             let serial = serial_hex(&id.serial);
-            let status = if self.ocsp_ids.matches(&id.hash_alg, &id.name_hash, &id.key_hash) {
+            let status = if self
+                .ocsp_ids
+                .matches(&id.hash_alg, &id.name_hash, &id.key_hash)
+            {
                 lookup(&serial)
             } else {
                 CertStatus::Unknown
@@ -201,46 +223,63 @@ impl Ca {
         let tbs = yasna::construct_der(|w| {
             w.write_sequence(|w| {
                 // responderID byKey [2]: SHA-1 of the responder's public key.
-                w.next().write_tagged(Tag::context(2), |w| w.write_bytes(&self.ocsp_ids.sha1_key));
+                w.next()
+                    .write_tagged(Tag::context(2), |w| w.write_bytes(&self.ocsp_ids.sha1_key));
                 w.next().write_generalized_time(&gtime(now));
                 w.next().write_sequence(|w| {
                     for (id, (_, status)) in req.ids.iter().zip(&answered) {
                         w.next().write_sequence(|w| {
                             w.next().write_der(&id.raw);
                             match status {
-                                CertStatus::Good => w.next().write_tagged_implicit(Tag::context(0), |w| w.write_null()),
-                                CertStatus::Unknown => w.next().write_tagged_implicit(Tag::context(2), |w| w.write_null()),
+                                CertStatus::Good => w
+                                    .next()
+                                    .write_tagged_implicit(Tag::context(0), |w| w.write_null()),
+                                CertStatus::Unknown => w
+                                    .next()
+                                    .write_tagged_implicit(Tag::context(2), |w| w.write_null()),
                                 CertStatus::Revoked { at, reason } => {
                                     w.next().write_tagged_implicit(Tag::context(1), |w| {
                                         w.write_sequence(|w| {
                                             w.next().write_generalized_time(&gtime(*at));
-                                            w.next().write_tagged(Tag::context(0), |w| w.write_enum(i64::from(reason.code())));
+                                            w.next().write_tagged(Tag::context(0), |w| {
+                                                w.write_enum(i64::from(reason.code()))
+                                            });
                                         })
                                     })
                                 }
                             }
                             w.next().write_generalized_time(&gtime(now));
-                            w.next().write_tagged(Tag::context(0), |w| w.write_generalized_time(&gtime(now + RESPONSE_VALIDITY)));
+                            w.next().write_tagged(Tag::context(0), |w| {
+                                w.write_generalized_time(&gtime(now + RESPONSE_VALIDITY))
+                            });
                         });
                     }
                 });
                 if let Some(nonce) = &req.nonce_ext {
-                    w.next().write_tagged(Tag::context(1), |w| w.write_sequence(|w| w.next().write_der(nonce)));
+                    w.next().write_tagged(Tag::context(1), |w| {
+                        w.write_sequence(|w| w.next().write_der(nonce))
+                    });
                 }
             })
         });
         let Ok(signature) = self.issuer().key().sign(&tbs) else {
-            return OcspOutcome { response_der: error_response(2), answered };
+            return OcspOutcome {
+                response_der: error_response(2),
+                answered,
+            };
         };
         let basic = yasna::construct_der(|w| {
             w.write_sequence(|w| {
                 w.next().write_der(&tbs);
                 w.next().write_sequence(|w| {
-                    w.next().write_oid(&ObjectIdentifier::from_slice(OID_SHA256_RSA));
+                    w.next()
+                        .write_oid(&ObjectIdentifier::from_slice(OID_SHA256_RSA));
                     w.next().write_null();
                 });
                 w.next().write_bitvec_bytes(&signature, signature.len() * 8);
-                w.next().write_tagged(Tag::context(0), |w| w.write_sequence(|w| w.next().write_der(self.intermediate_der())));
+                w.next().write_tagged(Tag::context(0), |w| {
+                    w.write_sequence(|w| w.next().write_der(self.intermediate_der()))
+                });
             })
         });
         let response_der = yasna::construct_der(|w| {
@@ -248,12 +287,16 @@ impl Ca {
                 w.next().write_enum(0);
                 w.next().write_tagged(Tag::context(0), |w| {
                     w.write_sequence(|w| {
-                        w.next().write_oid(&ObjectIdentifier::from_slice(OID_OCSP_BASIC));
+                        w.next()
+                            .write_oid(&ObjectIdentifier::from_slice(OID_OCSP_BASIC));
                         w.next().write_bytes(&basic);
                     })
                 });
             })
         });
-        OcspOutcome { response_der, answered }
+        OcspOutcome {
+            response_der,
+            answered,
+        }
     }
 }

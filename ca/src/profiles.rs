@@ -7,7 +7,7 @@ use crate::{keys, to_offset};
 use rcgen::{
     BasicConstraints, CertificateParams, CustomExtension, DistinguishedName, DnType,
     ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose, PKCS_RSA_SHA256,
-    SanType, SerialNumber, SubjectPublicKeyInfo,
+    PublicKeyData, SanType, SerialNumber, SubjectPublicKeyInfo,
 };
 use rustls_pki_types::{CertificateDer, PrivatePkcs8KeyDer};
 use std::net::IpAddr;
@@ -38,7 +38,10 @@ fn random_serial() -> SerialNumber {
 /// Lowercase hex of a serial's magnitude, without leading zero bytes: the form used as a
 /// key everywhere (store, CRL lookups, OCSP, CLI).
 pub fn serial_hex(bytes: &[u8]) -> String {
-    let start = bytes.iter().position(|b| *b != 0).unwrap_or(bytes.len().saturating_sub(1));
+    let start = bytes
+        .iter()
+        .position(|b| *b != 0)
+        .unwrap_or(bytes.len().saturating_sub(1));
     hex::encode(&bytes[start..])
 }
 
@@ -59,7 +62,11 @@ fn validity(params: &mut CertificateParams, now: SystemTime, lifetime: Duration)
 
 fn root_profile(trust_domain: &str, now: SystemTime) -> CertificateParams {
     let mut p = CertificateParams::default();
-    p.distinguished_name = name(&format!("zonemesh root CA {trust_domain}"), trust_domain, None);
+    p.distinguished_name = name(
+        &format!("zonemesh root CA {trust_domain}"),
+        trust_domain,
+        None,
+    );
     p.serial_number = Some(random_serial());
     validity(&mut p, now, ROOT_LIFETIME);
     p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -94,14 +101,25 @@ fn intermediate_profile(trust_domain: &str, generation: u32, now: SystemTime) ->
     p
 }
 
-fn node_profile(id: &SpiffeId, wg: &WireGuardKey, now: SystemTime, lifetime: Duration) -> Result<CertificateParams> {
+fn node_profile(
+    id: &SpiffeId,
+    wg: &WireGuardKey,
+    now: SystemTime,
+    lifetime: Duration,
+) -> Result<CertificateParams> {
     let mut p = CertificateParams::default();
     p.distinguished_name = name(&id.node, &id.trust_domain, Some(&id.zone));
     p.serial_number = Some(random_serial());
     validity(&mut p, now, lifetime);
     p.is_ca = IsCa::ExplicitNoCa;
-    p.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
-    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth, ExtendedKeyUsagePurpose::ServerAuth];
+    p.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    p.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ClientAuth,
+        ExtendedKeyUsagePurpose::ServerAuth,
+    ];
     p.subject_alt_names = vec![SanType::URI(id.uri().try_into()?)];
     p.use_authority_key_identifier_extension = true;
     p.key_identifier_method = KeyIdMethod::Sha256;
@@ -114,13 +132,21 @@ fn node_profile(id: &SpiffeId, wg: &WireGuardKey, now: SystemTime, lifetime: Dur
 
 fn tls_profile(names: &TlsNames, now: SystemTime, lifetime: Duration) -> Result<CertificateParams> {
     let mut p = CertificateParams::default();
-    let cn = names.dns.first().cloned().or_else(|| names.ips.first().map(|ip| ip.to_string())).unwrap_or_default();
+    let cn = names
+        .dns
+        .first()
+        .cloned()
+        .or_else(|| names.ips.first().map(|ip| ip.to_string()))
+        .unwrap_or_default();
     p.distinguished_name = DistinguishedName::new();
     p.distinguished_name.push(DnType::CommonName, cn);
     p.serial_number = Some(random_serial());
     validity(&mut p, now, lifetime);
     p.is_ca = IsCa::ExplicitNoCa;
-    p.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+    p.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
     p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     let mut sans = Vec::new();
     for d in &names.dns {
@@ -145,7 +171,9 @@ pub struct NodePolicy {
 
 impl Default for NodePolicy {
     fn default() -> Self {
-        Self { lifetime: Duration::from_secs(30 * DAY) }
+        Self {
+            lifetime: Duration::from_secs(30 * DAY),
+        }
     }
 }
 
@@ -160,7 +188,10 @@ pub struct TlsPolicy {
 
 impl Default for TlsPolicy {
     fn default() -> Self {
-        Self { default_lifetime: Duration::from_secs(DAY), max_lifetime: Duration::from_secs(7 * DAY) }
+        Self {
+            default_lifetime: Duration::from_secs(DAY),
+            max_lifetime: Duration::from_secs(7 * DAY),
+        }
     }
 }
 
@@ -174,13 +205,17 @@ pub struct TlsNames {
 impl TlsNames {
     fn validate(&self) -> Result<()> {
         if self.dns.is_empty() && self.ips.is_empty() {
-            return Err(Error::Name("a TLS certificate needs at least one DNS name or IP address".into()));
+            return Err(Error::Name(
+                "a TLS certificate needs at least one DNS name or IP address".into(),
+            ));
         }
         for d in &self.dns {
             let host = d.strip_prefix("*.").unwrap_or(d);
             validate_label("DNS name", host, true)?;
             if !host.contains('.') && host != "localhost" {
-                return Err(Error::Name(format!("DNS name {d:?} must be fully qualified")));
+                return Err(Error::Name(format!(
+                    "DNS name {d:?} must be fully qualified"
+                )));
             }
         }
         Ok(())
@@ -217,7 +252,11 @@ pub struct CaMaterial {
 impl CaMaterial {
     /// Generate a root and an intermediate, both RSA-4096 / SHA-256. `progress` is called
     /// with a short label before each slow step.
-    pub fn generate(trust_domain: &str, now: SystemTime, mut progress: impl FnMut(&str)) -> Result<Self> {
+    pub fn generate(
+        trust_domain: &str,
+        now: SystemTime,
+        mut progress: impl FnMut(&str),
+    ) -> Result<Self> {
         validate_label("trust domain", trust_domain, true)?;
         progress("generating root key (RSA-4096)");
         let root_key = keys::generate_rsa_4096()?;
@@ -226,7 +265,8 @@ impl CaMaterial {
         progress("generating intermediate key (RSA-4096)");
         let int_key = keys::generate_rsa_4096()?;
         let root_issuer = Issuer::new(root_params, &root_key);
-        let int_cert = intermediate_profile(trust_domain, 1, now).signed_by(&int_key, &root_issuer)?;
+        let int_cert =
+            intermediate_profile(trust_domain, 1, now).signed_by(&int_key, &root_issuer)?;
         Ok(Self {
             trust_domain: trust_domain.into(),
             root_cert_der: root_cert.der().to_vec(),
@@ -249,13 +289,18 @@ pub struct Ca {
 
 impl std::fmt::Debug for Ca {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Ca").field("trust_domain", &self.trust_domain).finish_non_exhaustive()
+        f.debug_struct("Ca")
+            .field("trust_domain", &self.trust_domain)
+            .finish_non_exhaustive()
     }
 }
 
 fn load_rsa_key(pkcs8: &[u8]) -> Result<KeyPair> {
     let der = PrivatePkcs8KeyDer::from(pkcs8.to_vec());
-    Ok(KeyPair::from_pkcs8_der_and_sign_algo(&der, &PKCS_RSA_SHA256)?)
+    Ok(KeyPair::from_pkcs8_der_and_sign_algo(
+        &der,
+        &PKCS_RSA_SHA256,
+    )?)
 }
 
 fn rsa_bits(public_key: &PublicKey<'_>) -> Option<usize> {
@@ -266,16 +311,21 @@ fn rsa_bits(public_key: &PublicKey<'_>) -> Option<usize> {
 }
 
 fn parse_csr(csr_der: &[u8], want_bits: usize) -> Result<SubjectPublicKeyInfo> {
-    let (rest, csr) = X509CertificationRequest::from_der(csr_der).map_err(|e| Error::CsrParse(e.to_string()))?;
+    let (rest, csr) =
+        X509CertificationRequest::from_der(csr_der).map_err(|e| Error::CsrParse(e.to_string()))?;
     if !rest.is_empty() {
         return Err(Error::CsrParse("trailing data after the CSR".into()));
     }
     let spki = &csr.certification_request_info.subject_pki;
-    let parsed = spki.parsed().map_err(|e| Error::CsrParse(format!("public key: {e}")))?;
+    let parsed = spki
+        .parsed()
+        .map_err(|e| Error::CsrParse(format!("public key: {e}")))?;
     match rsa_bits(&parsed) {
         Some(bits) if bits == want_bits => {}
         Some(bits) => {
-            return Err(Error::KeyPolicy(format!("RSA-{bits} key refused; RSA-{want_bits} is required")));
+            return Err(Error::KeyPolicy(format!(
+                "RSA-{bits} key refused; RSA-{want_bits} is required"
+            )));
         }
         None => {
             let kind = match parsed {
@@ -283,7 +333,9 @@ fn parse_csr(csr_der: &[u8], want_bits: usize) -> Result<SubjectPublicKeyInfo> {
                 PublicKey::DSA(_) => "DSA",
                 _ => "non-RSA",
             };
-            return Err(Error::KeyPolicy(format!("{kind} key refused; RSA-{want_bits} is required")));
+            return Err(Error::KeyPolicy(format!(
+                "{kind} key refused; RSA-{want_bits} is required"
+            )));
         }
     }
     csr.verify_signature().map_err(|_| Error::CsrSignature)?;
@@ -293,13 +345,20 @@ fn parse_csr(csr_der: &[u8], want_bits: usize) -> Result<SubjectPublicKeyInfo> {
 impl Ca {
     /// Build an operating CA from stored material. The intermediate key must match the
     /// intermediate certificate, and the intermediate must chain to the root.
-    pub fn load(trust_domain: &str, root_der: &[u8], intermediate_der: &[u8], intermediate_key_pkcs8: &[u8]) -> Result<Self> {
+    pub fn load(
+        trust_domain: &str,
+        root_der: &[u8],
+        intermediate_der: &[u8],
+        intermediate_key_pkcs8: &[u8],
+    ) -> Result<Self> {
         validate_label("trust domain", trust_domain, true)?;
         let key = load_rsa_key(intermediate_key_pkcs8)?;
         let (_, int_cert) = X509Certificate::from_der(intermediate_der)
             .map_err(|e| Error::BadInput(format!("intermediate certificate: {e}")))?;
         if int_cert.public_key().raw != key.subject_public_key_info().as_slice() {
-            return Err(Error::BadInput("intermediate key does not match the intermediate certificate".into()));
+            return Err(Error::BadInput(
+                "intermediate key does not match the intermediate certificate".into(),
+            ));
         }
         let (_, root_cert) = X509Certificate::from_der(root_der)
             .map_err(|e| Error::BadInput(format!("root certificate: {e}")))?;
@@ -319,7 +378,12 @@ impl Ca {
 
     /// Load straight from freshly generated material.
     pub fn from_material(m: &CaMaterial) -> Result<Self> {
-        Self::load(&m.trust_domain, &m.root_cert_der, &m.intermediate_cert_der, &m.intermediate_key_pkcs8)
+        Self::load(
+            &m.trust_domain,
+            &m.root_cert_der,
+            &m.intermediate_cert_der,
+            &m.intermediate_key_pkcs8,
+        )
     }
 
     /// The trust domain in every SPIFFE ID this CA issues.
@@ -343,11 +407,19 @@ impl Ca {
 
     /// A trust store containing this CA, for verifying node chains.
     pub fn trust_store(&self) -> crate::verify::TrustStore {
-        crate::verify::TrustStore::new(&self.trust_domain, vec![self.root_der.to_vec()], vec![self.intermediate_der.to_vec()])
+        crate::verify::TrustStore::new(
+            &self.trust_domain,
+            vec![self.root_der.to_vec()],
+            vec![self.intermediate_der.to_vec()],
+        )
     }
 
     fn finish(cert: rcgen::Certificate, params: &CertificateParams) -> IssuedCert {
-        let serial = params.serial_number.as_ref().map(|s| s.to_bytes()).unwrap_or_default();
+        let serial = params
+            .serial_number
+            .as_ref()
+            .map(|s| s.to_bytes())
+            .unwrap_or_default();
         IssuedCert {
             der: cert.der().to_vec(),
             serial_hex: serial_hex(&serial),
@@ -358,7 +430,12 @@ impl Ca {
 
     /// Sign a node certificate. Only the CSR's public key (RSA-4096, with a valid CSR
     /// signature) is used; names, validity, usages and the WireGuard binding come from policy.
-    pub fn sign_node_csr(&self, policy: &NodePolicy, req: &NodeRequest<'_>, now: SystemTime) -> Result<IssuedCert> {
+    pub fn sign_node_csr(
+        &self,
+        policy: &NodePolicy,
+        req: &NodeRequest<'_>,
+        now: SystemTime,
+    ) -> Result<IssuedCert> {
         let id = SpiffeId::new(&self.trust_domain, req.zone, req.node)?;
         let spki = parse_csr(req.csr_der, 4096)?;
         let params = node_profile(&id, &req.wg_public_key, now, policy.lifetime)?;
@@ -367,15 +444,30 @@ impl Ca {
     }
 
     /// Sign a short-lived TLS server certificate for an RSA-2048 key given as a CSR.
-    pub fn sign_tls_csr(&self, policy: &TlsPolicy, csr_der: &[u8], names: &TlsNames, lifetime: Option<Duration>, now: SystemTime) -> Result<IssuedCert> {
+    pub fn sign_tls_csr(
+        &self,
+        policy: &TlsPolicy,
+        csr_der: &[u8],
+        names: &TlsNames,
+        lifetime: Option<Duration>,
+        now: SystemTime,
+    ) -> Result<IssuedCert> {
         let spki = parse_csr(csr_der, 2048)?;
         self.issue_tls_for(policy, &spki, names, lifetime, now)
     }
 
     /// Issue a short-lived TLS server certificate for a key the caller holds.
-    pub fn issue_tls(&self, policy: &TlsPolicy, key: &KeyPair, names: &TlsNames, lifetime: Option<Duration>, now: SystemTime) -> Result<IssuedCert> {
-        let spki = SubjectPublicKeyInfo::from_der(&key.subject_public_key_info())?;
-        let (_, parsed) = x509_parser::x509::SubjectPublicKeyInfo::from_der(&key.subject_public_key_info())
+    pub fn issue_tls(
+        &self,
+        policy: &TlsPolicy,
+        key: &KeyPair,
+        names: &TlsNames,
+        lifetime: Option<Duration>,
+        now: SystemTime,
+    ) -> Result<IssuedCert> {
+        let spki_der = key.subject_public_key_info();
+        let spki = SubjectPublicKeyInfo::from_der(&spki_der)?;
+        let (_, parsed) = x509_parser::x509::SubjectPublicKeyInfo::from_der(&spki_der)
             .map_err(|e| Error::KeyPolicy(e.to_string()))?;
         let bits = parsed.parsed().ok().as_ref().and_then(rsa_bits);
         if bits != Some(2048) {
@@ -384,14 +476,26 @@ impl Ca {
         self.issue_tls_for(policy, &spki, names, lifetime, now)
     }
 
-    fn issue_tls_for(&self, policy: &TlsPolicy, spki: &SubjectPublicKeyInfo, names: &TlsNames, lifetime: Option<Duration>, now: SystemTime) -> Result<IssuedCert> {
+    fn issue_tls_for(
+        &self,
+        policy: &TlsPolicy,
+        spki: &SubjectPublicKeyInfo,
+        names: &TlsNames,
+        lifetime: Option<Duration>,
+        now: SystemTime,
+    ) -> Result<IssuedCert> {
         names.validate()?;
         let lifetime = lifetime.unwrap_or(policy.default_lifetime);
         if lifetime > policy.max_lifetime {
-            return Err(Error::LifetimeTooLong { requested_secs: lifetime.as_secs(), max_secs: policy.max_lifetime.as_secs() });
+            return Err(Error::LifetimeTooLong {
+                requested_secs: lifetime.as_secs(),
+                max_secs: policy.max_lifetime.as_secs(),
+            });
         }
         if lifetime < Duration::from_secs(60) {
-            return Err(Error::BadInput("TLS certificate lifetime must be at least 60 s".into()));
+            return Err(Error::BadInput(
+                "TLS certificate lifetime must be at least 60 s".into(),
+            ));
         }
         let params = tls_profile(names, now, lifetime)?;
         let cert = params.signed_by(spki, &self.issuer)?;

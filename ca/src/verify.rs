@@ -34,7 +34,11 @@ pub struct VerifiedNode {
 impl VerifiedNode {
     /// Accept `announced` only if it is the key bound in the certificate.
     pub fn check_wireguard_key(&self, announced: &WireGuardKey) -> Result<()> {
-        if &self.wg_public_key == announced { Ok(()) } else { Err(Error::WireGuardKeyMismatch) }
+        if &self.wg_public_key == announced {
+            Ok(())
+        } else {
+            Err(Error::WireGuardKeyMismatch)
+        }
     }
 }
 
@@ -43,7 +47,10 @@ fn map_webpki(e: webpki::Error) -> Error {
         webpki::Error::CertExpired { .. } => Error::Expired,
         webpki::Error::CertNotValidYet { .. } => Error::NotYetValid,
         webpki::Error::CertRevoked => Error::Revoked,
-        webpki::Error::UnknownIssuer => Error::UnknownIssuer,
+        // A foreign CA with the same names as ours fails on the signature, not the name.
+        webpki::Error::UnknownIssuer | webpki::Error::InvalidSignatureForPublicKey => {
+            Error::UnknownIssuer
+        }
         other => Error::Chain(format!("{other:?}")),
     }
 }
@@ -54,7 +61,10 @@ impl TrustStore {
         Self {
             trust_domain: trust_domain.into(),
             roots: roots.into_iter().map(CertificateDer::from).collect(),
-            intermediates: intermediates.into_iter().map(CertificateDer::from).collect(),
+            intermediates: intermediates
+                .into_iter()
+                .map(CertificateDer::from)
+                .collect(),
         }
     }
 
@@ -71,8 +81,15 @@ impl TrustStore {
     /// Verify `chain` (leaf first, then any intermediates) at time `now` against the trusted
     /// roots and the given CRLs (DER; at least one, issued by the leaf's issuer). Returns the
     /// node's identity and its bound WireGuard key.
-    pub fn verify_node_chain(&self, chain: &[Vec<u8>], crls: &[Vec<u8>], now: SystemTime) -> Result<VerifiedNode> {
-        let leaf_der = chain.first().ok_or_else(|| Error::BadInput("empty certificate chain".into()))?;
+    pub fn verify_node_chain(
+        &self,
+        chain: &[Vec<u8>],
+        crls: &[Vec<u8>],
+        now: SystemTime,
+    ) -> Result<VerifiedNode> {
+        let leaf_der = chain
+            .first()
+            .ok_or_else(|| Error::BadInput("empty certificate chain".into()))?;
         if crls.is_empty() {
             return Err(Error::NoCrl);
         }
@@ -83,12 +100,18 @@ impl TrustStore {
             .iter()
             .map(|r| webpki::anchor_from_trusted_cert(r).map_err(map_webpki))
             .collect::<Result<Vec<_>>>()?;
-        let mut intermediates: Vec<CertificateDer<'_>> =
-            chain[1..].iter().map(|c| CertificateDer::from(c.as_slice())).collect();
+        let mut intermediates: Vec<CertificateDer<'_>> = chain[1..]
+            .iter()
+            .map(|c| CertificateDer::from(c.as_slice()))
+            .collect();
         intermediates.extend(self.intermediates.iter().cloned());
         let owned = crls
             .iter()
-            .map(|c| OwnedCertRevocationList::from_der(c).map(CertRevocationList::from).map_err(map_webpki))
+            .map(|c| {
+                OwnedCertRevocationList::from_der(c)
+                    .map(CertRevocationList::from)
+                    .map_err(map_webpki)
+            })
             .collect::<Result<Vec<_>>>()?;
         let refs: Vec<&CertRevocationList<'_>> = owned.iter().collect();
         let revocation = RevocationOptionsBuilder::new(&refs)
@@ -96,7 +119,9 @@ impl TrustStore {
             .with_depth(RevocationCheckDepth::EndEntity)
             .with_status_policy(UnknownStatusPolicy::Deny)
             .build();
-        let secs = now.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+        let secs = now
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default();
         ee.verify_for_usage(
             webpki::ALL_VERIFICATION_ALGS,
             &anchors,
@@ -113,7 +138,8 @@ impl TrustStore {
     /// Read identity fields from a leaf that has already been verified.
     fn read_node_identity(&self, leaf_der: &[u8]) -> Result<VerifiedNode> {
         let bad = |m: &str| Error::NotANodeCertificate(m.into());
-        let (_, cert) = X509Certificate::from_der(leaf_der).map_err(|e| Error::NotANodeCertificate(e.to_string()))?;
+        let (_, cert) = X509Certificate::from_der(leaf_der)
+            .map_err(|e| Error::NotANodeCertificate(e.to_string()))?;
         if cert.is_ca() {
             return Err(bad("leaf is a CA certificate"));
         }
@@ -129,7 +155,11 @@ impl TrustStore {
                         }
                     }
                 }
-                _ if ext.oid.iter().is_some_and(|it| it.eq(WG_KEY_BINDING_OID.iter().copied())) => {
+                _ if ext
+                    .oid
+                    .iter()
+                    .is_some_and(|it| it.eq(WG_KEY_BINDING_OID.iter().copied())) =>
+                {
                     let key = yasna::parse_der(ext.value, |r| r.read_bytes())
                         .map_err(|_| bad("malformed WireGuard key binding"))?;
                     wg = Some(WireGuardKey::from_slice(&key)?);
@@ -149,7 +179,14 @@ impl TrustStore {
         }
         let wg_public_key = wg.ok_or_else(|| bad("no WireGuard key binding"))?;
         let not_after = SystemTime::UNIX_EPOCH
-            + std::time::Duration::from_secs(u64::try_from(cert.validity().not_after.timestamp()).unwrap_or(0));
-        Ok(VerifiedNode { id, wg_public_key, serial_hex: serial_hex(cert.raw_serial()), not_after })
+            + std::time::Duration::from_secs(
+                u64::try_from(cert.validity().not_after.timestamp()).unwrap_or(0),
+            );
+        Ok(VerifiedNode {
+            id,
+            wg_public_key,
+            serial_hex: serial_hex(cert.raw_serial()),
+            not_after,
+        })
     }
 }

@@ -1,0 +1,231 @@
+//! The controller's durable state on the embedded sled store.
+//!
+//! Every write that must survive a crash (issued serials, revocations, token use, address
+//! allocations, mesh changes) is flushed before the caller replies.
+
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::time::SystemTime;
+use thiserror::Error;
+
+/// Store failures.
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Db(#[from] sled::Error),
+    #[error("database is in use by another process (is a controller already running on this data directory?)")]
+    Locked,
+    #[error("corrupt record in {tree}: {err}")]
+    Corrupt { tree: &'static str, err: String },
+    #[error("transaction conflict, retry")]
+    Conflict,
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// A zone: a set of nodes sharing an overlay range.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ZoneRecord {
+    pub name: String,
+    pub cidr: ipnet::IpNet,
+    #[serde(default)]
+    pub intra_zone_tunnels: bool,
+    pub created_unix: u64,
+}
+
+/// An enrolled node and its current certificate.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NodeRecord {
+    pub zone: String,
+    pub node: String,
+    pub serial_hex: String,
+    pub cert_der: Vec<u8>,
+    pub wg_public_key: [u8; 32],
+    pub endpoints: Vec<SocketAddr>,
+    pub overlay_ip: IpAddr,
+    pub enrolled_unix: u64,
+    pub not_after_unix: u64,
+    pub revoked: bool,
+}
+
+impl NodeRecord {
+    /// `zone/node`, the key of the nodes tree.
+    pub fn key(&self) -> String {
+        node_key(&self.zone, &self.node)
+    }
+}
+
+/// Key of a node in the nodes tree.
+pub fn node_key(zone: &str, node: &str) -> String {
+    format!("{zone}/{node}")
+}
+
+/// Every certificate the CA has issued, by serial.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CertRecord {
+    pub kind: CertKind,
+    pub subject: String,
+    pub not_after_unix: u64,
+    pub issued_unix: u64,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum CertKind {
+    Node,
+    Tls,
+}
+
+/// A revocation as stored.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RevocationRecord {
+    pub revoked_unix: u64,
+    pub reason_code: u8,
+}
+
+/// An enrollment token; stored under the SHA-256 of the token, never the token itself.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TokenRecord {
+    pub zone: String,
+    pub expires_unix: u64,
+    pub uses_left: u32,
+    pub created_unix: u64,
+}
+
+/// An auto-blocked source address.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BlockRecord {
+    pub address: IpAddr,
+    pub until_unix: u64,
+    pub reason: String,
+}
+
+/// The sled database with zonemesh's trees.
+#[derive(Clone)]
+pub struct Store {
+    db: sled::Db,
+    pub meta: sled::Tree,
+    pub ca: sled::Tree,
+    pub certs: sled::Tree,
+    pub revoked: sled::Tree,
+    pub zones: sled::Tree,
+    pub nodes: sled::Tree,
+    pub alloc: sled::Tree,
+    pub tokens: sled::Tree,
+    pub changes: sled::Tree,
+    pub blocks: sled::Tree,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Store")
+    }
+}
+
+pub fn unix(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+pub fn from_unix(s: u64) -> SystemTime {
+    SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(s)
+}
+
+pub fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).expect("records always serialize")
+}
+
+pub fn decode<T: DeserializeOwned>(tree: &'static str, bytes: &[u8]) -> StoreResult<T> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt { tree, err: e.to_string() })
+}
+
+impl Store {
+    /// Open (or create) the database in `dir`.
+    pub fn open(dir: &Path) -> StoreResult<Self> {
+        let db = sled::Config::new().path(dir).mode(sled::Mode::HighThroughput).open().map_err(|e| match e {
+            sled::Error::Io(ref io) if io.kind() == std::io::ErrorKind::WouldBlock || io.to_string().contains("lock") => {
+                StoreError::Locked
+            }
+            other => StoreError::Db(other),
+        })?;
+        Ok(Self {
+            meta: db.open_tree("meta")?,
+            ca: db.open_tree("ca")?,
+            certs: db.open_tree("certs")?,
+            revoked: db.open_tree("revoked")?,
+            zones: db.open_tree("zones")?,
+            nodes: db.open_tree("nodes")?,
+            alloc: db.open_tree("alloc")?,
+            tokens: db.open_tree("tokens")?,
+            changes: db.open_tree("changes")?,
+            blocks: db.open_tree("blocks")?,
+            db,
+        })
+    }
+
+    /// The underlying database, for modules that keep their own trees (audit, users).
+    pub fn db(&self) -> &sled::Db {
+        &self.db
+    }
+
+    /// Make every write so far durable.
+    pub fn flush(&self) -> StoreResult<()> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    pub fn get<T: DeserializeOwned>(tree: &sled::Tree, name: &'static str, key: impl AsRef<[u8]>) -> StoreResult<Option<T>> {
+        tree.get(key)?.map(|v| decode(name, &v)).transpose()
+    }
+
+    pub fn all<T: DeserializeOwned>(tree: &sled::Tree, name: &'static str) -> StoreResult<Vec<T>> {
+        tree.iter().values().map(|v| decode(name, &v?)).collect()
+    }
+
+    pub fn meta_u64(&self, key: &str) -> StoreResult<u64> {
+        Ok(self
+            .meta
+            .get(key)?
+            .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+            .map(u64::from_be_bytes)
+            .unwrap_or(0))
+    }
+
+    /// Atomically increment a counter in `meta` and return the new value.
+    pub fn next_counter(&self, key: &str) -> StoreResult<u64> {
+        let v = self.meta.update_and_fetch(key, |old| {
+            let n = old.and_then(|o| <[u8; 8]>::try_from(o).ok()).map(u64::from_be_bytes).unwrap_or(0);
+            Some((n + 1).to_be_bytes().to_vec())
+        })?;
+        Ok(v.and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok()).map(u64::from_be_bytes).unwrap_or(1))
+    }
+
+    pub fn zones(&self) -> StoreResult<Vec<ZoneRecord>> {
+        Self::all(&self.zones, "zones")
+    }
+
+    pub fn zone(&self, name: &str) -> StoreResult<Option<ZoneRecord>> {
+        Self::get(&self.zones, "zones", name)
+    }
+
+    pub fn nodes(&self) -> StoreResult<Vec<NodeRecord>> {
+        Self::all(&self.nodes, "nodes")
+    }
+
+    pub fn node(&self, key: &str) -> StoreResult<Option<NodeRecord>> {
+        Self::get(&self.nodes, "nodes", key)
+    }
+
+    pub fn put_node(&self, n: &NodeRecord) -> StoreResult<()> {
+        self.nodes.insert(n.key(), encode(n))?;
+        Ok(())
+    }
+
+    pub fn revocation(&self, serial_hex: &str) -> StoreResult<Option<RevocationRecord>> {
+        Self::get(&self.revoked, "revoked", serial_hex)
+    }
+
+    pub fn cert(&self, serial_hex: &str) -> StoreResult<Option<CertRecord>> {
+        Self::get(&self.certs, "certs", serial_hex)
+    }
+}
