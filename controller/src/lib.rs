@@ -1,0 +1,13 @@
+//! zonemesh controller: the internal CA, the control plane and the admin side.
+
+pub mod admin;
+pub mod authority;
+pub mod error;
+pub mod grpc;
+pub mod https;
+pub mod mesh;
+pub mod pki_http;
+pub mod secrets;
+pub mod serve;
+pub mod store;
+pub mod tls;
