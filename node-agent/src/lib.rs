@@ -1,0 +1,3 @@
+//! zonemesh node agent: enrollment, identity, and the WireGuard data plane.
+
+pub mod control;
