@@ -202,7 +202,7 @@ async fn security_headers(mut resp: Response) -> Response {
     h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
     h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
     h.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(CSP));
-    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("same-origin"));
     h.insert("cross-origin-opener-policy", HeaderValue::from_static("same-origin"));
     h.insert("permissions-policy", HeaderValue::from_static("camera=(), microphone=(), geolocation=()"));
     if !h.contains_key(header::CACHE_CONTROL) {
@@ -216,15 +216,19 @@ async fn security_headers(mut resp: Response) -> Response {
 async fn same_origin_posts(req: Request, next: Next) -> Response {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         let h = req.headers();
-        let cross_site = h.get("sec-fetch-site").and_then(|v| v.to_str().ok()).is_some_and(|v| v != "same-origin" && v != "none");
+        let fetch_site = h.get("sec-fetch-site").and_then(|v| v.to_str().ok());
+        let cross_site = fetch_site.is_some_and(|v| v != "same-origin" && v != "none");
         let host = h.get(header::HOST).and_then(|v| v.to_str().ok()).or_else(|| req.uri().authority().map(|a| a.as_str()));
         let bad_origin = match (h.get(header::ORIGIN).and_then(|v| v.to_str().ok()), host) {
-            (Some("null"), _) => true,
+            // Browsers send "null" under some referrer policies; trust it only when the
+            // browser itself says the request is same-origin.
+            (Some("null"), _) => fetch_site != Some("same-origin"),
             (Some(origin), Some(host)) => origin.strip_prefix("https://") != Some(host),
             (Some(_), None) => true,
             (None, _) => false,
         };
         if cross_site || bad_origin {
+            tracing::info!(origin = ?h.get(header::ORIGIN), host = ?host, sec_fetch_site = ?h.get("sec-fetch-site"), "cross-site form post refused");
             return (StatusCode::FORBIDDEN, Html(pages::notice("Request refused", "This form was submitted from another site.", Some(("/signin", "Sign in"))))).into_response();
         }
     }
