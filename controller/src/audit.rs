@@ -49,7 +49,11 @@ pub struct AuditEvent {
 impl AuditEvent {
     /// A new event of `kind` with `outcome`; fill the rest with the builder methods.
     pub fn new(kind: impl Into<String>, outcome: impl Into<String>) -> Self {
-        Self { kind: kind.into(), outcome: outcome.into(), ..Self::default() }
+        Self {
+            kind: kind.into(),
+            outcome: outcome.into(),
+            ..Self::default()
+        }
     }
 
     /// Set the actor.
@@ -109,7 +113,10 @@ impl AuditLog {
             Some((k, _)) => decode_seq(&k) + 1,
             None => 1,
         };
-        Ok(Self { tree, next_seq: Mutex::new(next) })
+        Ok(Self {
+            tree,
+            next_seq: Mutex::new(next),
+        })
     }
 
     /// Append `event`, stamped with the current time, and flush it to disk.
@@ -119,11 +126,18 @@ impl AuditLog {
 
     /// Append `event` stamped with `now` and flush it; returns the sequence number.
     pub fn record_at(&self, event: AuditEvent, now: SystemTime) -> Result<u64> {
-        let at_unix_ms = now.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+        let at_unix_ms = now
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
         // The lock orders sequence numbers with writes, so keys never go backwards.
         let mut next = self.next_seq.lock().unwrap_or_else(|p| p.into_inner());
         let seq = *next;
-        let rec = AuditRecord { seq, at_unix_ms, event };
+        let rec = AuditRecord {
+            seq,
+            at_unix_ms,
+            event,
+        };
         let value = serde_json::to_vec(&rec)?;
         self.tree
             .compare_and_swap(seq.to_be_bytes(), None as Option<&[u8]>, Some(value))?
@@ -190,7 +204,11 @@ pub fn render_json(records: &[AuditRecord]) -> String {
 /// A human-readable table: time (UTC), kind, outcome, actor, subject, source, detail.
 pub fn render_human(records: &[AuditRecord]) -> String {
     let mut s = String::new();
-    let _ = writeln!(s, "{:>6}  {:<24} {:<22} {:<8} {:<28} {:<28} {:<15} DETAIL", "SEQ", "TIME (UTC)", "KIND", "OUTCOME", "ACTOR", "SUBJECT", "SOURCE");
+    let _ = writeln!(
+        s,
+        "{:>6}  {:<24} {:<22} {:<8} {:<28} {:<28} {:<15} DETAIL",
+        "SEQ", "TIME (UTC)", "KIND", "OUTCOME", "ACTOR", "SUBJECT", "SOURCE"
+    );
     for r in records {
         let e = &r.event;
         let _ = writeln!(
@@ -202,7 +220,9 @@ pub fn render_human(records: &[AuditRecord]) -> String {
             e.outcome,
             e.actor.as_deref().unwrap_or("-"),
             e.subject.as_deref().unwrap_or("-"),
-            e.source.map(|ip| ip.to_string()).unwrap_or_else(|| "-".into()),
+            e.source
+                .map(|ip| ip.to_string())
+                .unwrap_or_else(|| "-".into()),
             e.detail.as_deref().unwrap_or(""),
         );
     }
@@ -237,12 +257,19 @@ mod tests {
         {
             let db = sled::open(dir.path()).unwrap();
             let log = AuditLog::open(&db).unwrap();
-            log.record(AuditEvent::new("signin.failure", "denied").subject("a@example.com").source("127.0.0.2".parse().unwrap())).unwrap();
-            log.record(AuditEvent::new("signin.success", "ok").actor("a@example.com")).unwrap();
+            log.record(
+                AuditEvent::new("signin.failure", "denied")
+                    .subject("a@example.com")
+                    .source("127.0.0.2".parse().unwrap()),
+            )
+            .unwrap();
+            log.record(AuditEvent::new("signin.success", "ok").actor("a@example.com"))
+                .unwrap();
         }
         let db = sled::open(dir.path()).unwrap();
         let log = AuditLog::open(&db).unwrap();
-        log.record(AuditEvent::new("source.blocked", "blocked").detail("12 failures")).unwrap();
+        log.record(AuditEvent::new("source.blocked", "blocked").detail("12 failures"))
+            .unwrap();
         let all = log.list(None).unwrap();
         assert_eq!(all.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![1, 2, 3]);
         assert_eq!(all[0].event.kind, "signin.failure");

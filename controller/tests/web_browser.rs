@@ -31,15 +31,21 @@ impl Drop for Driver {
 }
 
 async fn call(addr: SocketAddr, method: &str, path: &str, body: Option<Value>) -> Value {
-    let tcp = tokio::net::TcpStream::connect(addr).await.expect("chromedriver");
-    let (mut tx, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await.unwrap();
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("chromedriver");
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+        .await
+        .unwrap();
     let task = tokio::spawn(conn);
     let req = hyper::Request::builder()
         .method(method)
         .uri(path)
         .header("host", addr.to_string())
         .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body.map(|b| b.to_string()).unwrap_or_default())))
+        .body(Full::new(Bytes::from(
+            body.map(|b| b.to_string()).unwrap_or_default(),
+        )))
         .unwrap();
     let resp = tx.send_request(req).await.unwrap();
     let bytes = resp.into_body().collect().await.unwrap().to_bytes();
@@ -49,8 +55,17 @@ async fn call(addr: SocketAddr, method: &str, path: &str, body: Option<Value>) -
 
 impl Driver {
     async fn start() -> Driver {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let child = Command::new("chromedriver").arg(format!("--port={port}")).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("chromedriver");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new("chromedriver")
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("chromedriver");
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         for _ in 0..100 {
             if tokio::net::TcpStream::connect(addr).await.is_ok() {
@@ -78,13 +93,30 @@ impl Driver {
             "goog:chromeOptions": {"binary": "/usr/bin/chromium", "args": args}
         }}});
         let v = call(addr, "POST", "/session", Some(caps)).await;
-        let session = v["value"]["sessionId"].as_str().unwrap_or_else(|| panic!("WebDriver session: {v}")).to_string();
-        Driver { child, addr, session, _profile: profile }
+        let session = v["value"]["sessionId"]
+            .as_str()
+            .unwrap_or_else(|| panic!("WebDriver session: {v}"))
+            .to_string();
+        Driver {
+            child,
+            addr,
+            session,
+            _profile: profile,
+        }
     }
 
     async fn cmd(&self, method: &str, path: &str, body: Option<Value>) -> Value {
-        let v = call(self.addr, method, &format!("/session/{}{}", self.session, path), body).await;
-        assert!(v["value"].get("error").is_none(), "WebDriver {method} {path}: {v}");
+        let v = call(
+            self.addr,
+            method,
+            &format!("/session/{}{}", self.session, path),
+            body,
+        )
+        .await;
+        assert!(
+            v["value"].get("error").is_none(),
+            "WebDriver {method} {path}: {v}"
+        );
         v["value"].clone()
     }
 
@@ -93,43 +125,76 @@ impl Driver {
     }
 
     async fn url(&self) -> String {
-        self.cmd("GET", "/url", None).await.as_str().unwrap().to_string()
+        self.cmd("GET", "/url", None)
+            .await
+            .as_str()
+            .unwrap()
+            .to_string()
     }
 
     async fn source(&self) -> String {
-        self.cmd("GET", "/source", None).await.as_str().unwrap().to_string()
+        self.cmd("GET", "/source", None)
+            .await
+            .as_str()
+            .unwrap()
+            .to_string()
     }
 
     async fn find(&self, css: &str) -> String {
-        let v = self.cmd("POST", "/element", Some(json!({"using": "css selector", "value": css}))).await;
+        let v = self
+            .cmd(
+                "POST",
+                "/element",
+                Some(json!({"using": "css selector", "value": css})),
+            )
+            .await;
         v[ELEMENT].as_str().unwrap().to_string()
     }
 
     async fn text(&self, css: &str) -> String {
         let e = self.find(css).await;
-        self.cmd("GET", &format!("/element/{e}/text"), None).await.as_str().unwrap().to_string()
+        self.cmd("GET", &format!("/element/{e}/text"), None)
+            .await
+            .as_str()
+            .unwrap()
+            .to_string()
     }
 
     async fn type_into(&self, css: &str, text: &str) {
         let e = self.find(css).await;
-        self.cmd("POST", &format!("/element/{e}/clear"), Some(json!({}))).await;
-        self.cmd("POST", &format!("/element/{e}/value"), Some(json!({"text": text}))).await;
+        self.cmd("POST", &format!("/element/{e}/clear"), Some(json!({})))
+            .await;
+        self.cmd(
+            "POST",
+            &format!("/element/{e}/value"),
+            Some(json!({"text": text})),
+        )
+        .await;
     }
 
     async fn click(&self, css: &str) {
         let e = self.find(css).await;
-        self.cmd("POST", &format!("/element/{e}/click"), Some(json!({}))).await;
+        self.cmd("POST", &format!("/element/{e}/click"), Some(json!({})))
+            .await;
     }
 
     async fn screenshot(&self, path: &std::path::Path) {
         use base64::Engine as _;
         let v = self.cmd("GET", "/screenshot", None).await;
-        let png = base64::engine::general_purpose::STANDARD.decode(v.as_str().unwrap()).unwrap();
+        let png = base64::engine::general_purpose::STANDARD
+            .decode(v.as_str().unwrap())
+            .unwrap();
         std::fs::write(path, png).unwrap();
     }
 
     async fn quit(&self) {
-        let _ = call(self.addr, "DELETE", &format!("/session/{}", self.session), None).await;
+        let _ = call(
+            self.addr,
+            "DELETE",
+            &format!("/session/{}", self.session),
+            None,
+        )
+        .await;
     }
 }
 
@@ -137,17 +202,26 @@ impl Driver {
 async fn chromium_signs_in_with_totp_and_sees_the_dashboard() {
     for cmd in ["chromium", "chromedriver", "oathtool"] {
         if !have(cmd) {
-            eprintln!("SKIP: {cmd} is not installed (apt-get install -y chromium chromium-driver oathtool)");
+            eprintln!(
+                "SKIP: {cmd} is not installed (apt-get install -y chromium chromium-driver oathtool)"
+            );
             return;
         }
     }
     if std::env::var_os("WEB_TEST_LOG").is_some() {
-        let _ = tracing_subscriber::fmt().with_max_level(tracing::Level::DEBUG).with_test_writer().try_init();
+        let _ = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::DEBUG)
+            .with_test_writer()
+            .try_init();
     }
     let server = Server::start(|_| {}).await;
     let email = "browser-admin@example.com";
     let password = "a browser typed passphrase ✓";
-    server.state.users().add_user(email, Role::Admin, password).unwrap();
+    server
+        .state
+        .users()
+        .add_user(email, Role::Admin, password)
+        .unwrap();
     let base = format!("https://localhost:{}", server.addr.port());
     let shots = std::env::var_os("ZONEMESH_SCREENSHOT_DIR").map(std::path::PathBuf::from);
     let d = Driver::start().await;
@@ -160,7 +234,12 @@ async fn chromium_signs_in_with_totp_and_sees_the_dashboard() {
     d.type_into("#email", email).await;
     d.type_into("#password", password).await;
     d.click("#signin").await;
-    assert!(d.url().await.ends_with("/enroll"), "admins enroll first: {} {}", d.url().await, d.source().await);
+    assert!(
+        d.url().await.ends_with("/enroll"),
+        "admins enroll first: {} {}",
+        d.url().await,
+        d.source().await
+    );
     assert!(d.source().await.contains("<svg"), "QR code shown");
     if let Some(dir) = &shots {
         d.screenshot(&dir.join("enroll.png")).await;
@@ -172,7 +251,12 @@ async fn chromium_signs_in_with_totp_and_sees_the_dashboard() {
     d.click("#continue").await;
     assert!(d.url().await.ends_with("/dashboard"));
     let page = d.source().await;
-    assert!(page.contains("Dashboard") && page.contains("db-1") && page.contains("100.64.1.0/24") && page.contains("revoked"));
+    assert!(
+        page.contains("Dashboard")
+            && page.contains("db-1")
+            && page.contains("100.64.1.0/24")
+            && page.contains("revoked")
+    );
     if let Some(dir) = &shots {
         d.screenshot(&dir.join("dashboard.png")).await;
     }
@@ -186,13 +270,29 @@ async fn chromium_signs_in_with_totp_and_sees_the_dashboard() {
     d.type_into("#password", password).await;
     d.click("#signin").await;
     assert!(d.url().await.ends_with("/signin/code"), "{}", d.url().await);
-    d.type_into("#code", &oathtool(&secret, Some(SystemTime::now() + Duration::from_secs(30)))).await;
+    d.type_into(
+        "#code",
+        &oathtool(&secret, Some(SystemTime::now() + Duration::from_secs(30))),
+    )
+    .await;
     d.click("#verify").await;
     assert!(d.url().await.ends_with("/dashboard"), "{}", d.url().await);
     assert!(d.text("#dashboard-title").await.contains("Dashboard"));
     let cookies = d.cmd("GET", "/cookie", None).await;
-    let session = cookies.as_array().unwrap().iter().find(|c| c["name"] == "__Host-zm_session").expect("session cookie");
-    assert_eq!((session["secure"].as_bool(), session["httpOnly"].as_bool(), session["sameSite"].as_str()), (Some(true), Some(true), Some("Strict")));
+    let session = cookies
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "__Host-zm_session")
+        .expect("session cookie");
+    assert_eq!(
+        (
+            session["secure"].as_bool(),
+            session["httpOnly"].as_bool(),
+            session["sameSite"].as_str()
+        ),
+        (Some(true), Some(true), Some("Strict"))
+    );
     d.quit().await;
     drop(d);
     server.stop().await;

@@ -9,7 +9,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use web_common::{Server, have, oathtool, secret_of};
-use zonemesh_controller::auth::{AuthError, PasswordCheck, PasswordRejected, Pepper, Role, UserStore, WebConfig};
+use zonemesh_controller::auth::{
+    AuthError, PasswordCheck, PasswordRejected, Pepper, Role, UserStore, WebConfig,
+};
 use zonemesh_controller::web::SESSION_COOKIE;
 
 const ADMIN: &str = "root@example.com";
@@ -31,7 +33,11 @@ fn logs() -> Arc<Mutex<Vec<u8>>> {
             }
         }
         let b = buf.clone();
-        let sub = tracing_subscriber::fmt().with_max_level(tracing::Level::TRACE).with_ansi(false).with_writer(move || W(b.clone())).finish();
+        let sub = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_ansi(false)
+            .with_writer(move || W(b.clone()))
+            .finish();
         tracing::subscriber::set_global_default(sub).unwrap();
         buf
     })
@@ -47,7 +53,9 @@ fn base32_decode(s: &str) -> Vec<u8> {
     let mut n = 0;
     let mut out = vec![];
     for c in s.trim_end_matches('=').chars() {
-        let v = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567".find(c.to_ascii_uppercase()).unwrap() as u64;
+        let v = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
+            .find(c.to_ascii_uppercase())
+            .unwrap() as u64;
         bits = (bits << 5) | v;
         n += 5;
         if n >= 8 {
@@ -66,7 +74,11 @@ async fn admin_needs_totp_codes_from_oathtool_and_nothing_secret_is_stored_or_lo
         return;
     }
     let server = Server::start(|_| {}).await;
-    let added = server.state.users().add_user(ADMIN, Role::Admin, ADMIN_PW).unwrap();
+    let added = server
+        .state
+        .users()
+        .add_user(ADMIN, Role::Admin, ADMIN_PW)
+        .unwrap();
     let uri = added.otpauth_uri.clone().unwrap();
     let secret = secret_of(&uri);
     assert!(added.qr_terminal.as_deref().unwrap().lines().count() > 10);
@@ -74,32 +86,59 @@ async fn admin_needs_totp_codes_from_oathtool_and_nothing_secret_is_stored_or_lo
     // Right password, no confirmed second factor: only the enrollment page, no session.
     let mut c = server.client("127.0.0.5");
     let r = c.sign_in(ADMIN, ADMIN_PW).await;
-    assert_eq!((r.status, r.location()), (303, Some("/enroll")), "{}", r.body);
-    let pending_cookie = c.cookies.get(SESSION_COOKIE).cloned().expect("pending cookie");
+    assert_eq!(
+        (r.status, r.location()),
+        (303, Some("/enroll")),
+        "{}",
+        r.body
+    );
+    let pending_cookie = c
+        .cookies
+        .get(SESSION_COOKIE)
+        .cloned()
+        .expect("pending cookie");
     let r = c.get("/dashboard").await;
-    assert_eq!((r.status, r.location()), (303, Some("/enroll")), "an admin without TOTP must not see the dashboard");
+    assert_eq!(
+        (r.status, r.location()),
+        (303, Some("/enroll")),
+        "an admin without TOTP must not see the dashboard"
+    );
     let r = c.get("/signin/code").await;
     assert_ne!(r.status, 200);
 
     let page = c.get("/enroll").await;
     assert_eq!(page.status, 200);
     assert!(page.body.contains("<svg"), "QR code on the page");
-    let shown = page.body.split("<code id=\"secret\">").nth(1).unwrap().split('<').next().unwrap();
+    let shown = page
+        .body
+        .split("<code id=\"secret\">")
+        .nth(1)
+        .unwrap()
+        .split('<')
+        .next()
+        .unwrap();
     assert_eq!(shown, secret, "the page shows the secret the CLI printed");
     let csrf = page.csrf();
     let now = SystemTime::now();
     let wrong = oathtool(&secret, Some(now - Duration::from_secs(300)));
-    let r = c.post("/enroll", &[("csrf", &csrf), ("code", &wrong)]).await;
+    let r = c
+        .post("/enroll", &[("csrf", &csrf), ("code", &wrong)])
+        .await;
     assert_eq!(r.status, 401, "a stale code does not confirm");
     let code = oathtool(&secret, None);
     let r = c.post("/enroll", &[("csrf", &csrf), ("code", &code)]).await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert!(r.body.contains("recovery-codes"));
     let session_cookie = c.cookies.get(SESSION_COOKIE).cloned().unwrap();
-    assert_ne!(session_cookie, pending_cookie, "a new token after the second factor");
+    assert_ne!(
+        session_cookie, pending_cookie,
+        "a new token after the second factor"
+    );
     let dash = c.get("/dashboard").await;
     assert_eq!(dash.status, 200);
-    assert!(dash.body.contains("db-1") && dash.body.contains("fra1") && dash.body.contains("revoked"));
+    assert!(
+        dash.body.contains("db-1") && dash.body.contains("fra1") && dash.body.contains("revoked")
+    );
 
     // Sign out, then in again: TOTP now asked for; the enrollment code does not work twice.
     let r = c.post("/signout", &[("csrf", &dash.csrf())]).await;
@@ -110,26 +149,74 @@ async fn admin_needs_totp_codes_from_oathtool_and_nothing_secret_is_stored_or_lo
     assert_eq!(c.get("/dashboard").await.location(), Some("/signin/code"));
     let page = c.get("/signin/code").await;
     let csrf = page.csrf();
-    let r = c.post("/signin/code", &[("csrf", &csrf), ("code", &code)]).await;
+    let r = c
+        .post("/signin/code", &[("csrf", &csrf), ("code", &code)])
+        .await;
     assert_eq!(r.status, 401, "the same code is accepted at most once");
     let next = oathtool(&secret, Some(SystemTime::now() + Duration::from_secs(30)));
-    let r = c.post("/signin/code", &[("csrf", &csrf), ("code", &next)]).await;
-    assert_eq!((r.status, r.location()), (303, Some("/dashboard")), "{}", r.body);
+    let r = c
+        .post("/signin/code", &[("csrf", &csrf), ("code", &next)])
+        .await;
+    assert_eq!(
+        (r.status, r.location()),
+        (303, Some("/dashboard")),
+        "{}",
+        r.body
+    );
     assert_eq!(c.get("/dashboard").await.status, 200);
-    let tokens: Vec<String> = vec![pending_cookie, session_cookie, c.cookies.get(SESSION_COOKIE).cloned().unwrap()];
+    let tokens: Vec<String> = vec![
+        pending_cookie,
+        session_cookie,
+        c.cookies.get(SESSION_COOKIE).cloned().unwrap(),
+    ];
 
     // A portal owner too, and some failures, so the logs and the store have seen everything.
     let owner_pw = "Über sichere Passphrase mit Leerzeichen ✓";
-    server.state.users().add_user("owner@example.com", Role::PortalOwner, owner_pw).unwrap();
+    server
+        .state
+        .users()
+        .add_user("owner@example.com", Role::PortalOwner, owner_pw)
+        .unwrap();
     let mut o = server.client("127.0.0.6");
-    assert_eq!(o.sign_in("owner@example.com", owner_pw).await.location(), Some("/dashboard"));
-    assert_eq!(o.sign_in("owner@example.com", "Über sichere Passphrase mit Leerzeichen ✗").await.status, 401);
+    assert_eq!(
+        o.sign_in("owner@example.com", owner_pw).await.location(),
+        Some("/dashboard")
+    );
+    assert_eq!(
+        o.sign_in(
+            "owner@example.com",
+            "Über sichere Passphrase mit Leerzeichen ✗"
+        )
+        .await
+        .status,
+        401
+    );
 
-    let kinds: Vec<String> = server.audit.list(None).unwrap().into_iter().map(|r| r.event.kind).collect();
-    for k in ["signin.password", "totp.enroll-failure", "totp.enrolled", "signin.success", "signout", "signin.second-factor-failure", "signin.failure"] {
+    let kinds: Vec<String> = server
+        .audit
+        .list(None)
+        .unwrap()
+        .into_iter()
+        .map(|r| r.event.kind)
+        .collect();
+    for k in [
+        "signin.password",
+        "totp.enroll-failure",
+        "totp.enrolled",
+        "signin.success",
+        "signout",
+        "signin.second-factor-failure",
+        "signin.failure",
+    ] {
         assert!(kinds.iter().any(|x| x == k), "audit has {k}: {kinds:?}");
     }
-    assert!(server.state.metrics().render_prometheus().contains("zonemesh_signin_failure_total 1"));
+    assert!(
+        server
+            .state
+            .metrics()
+            .render_prometheus()
+            .contains("zonemesh_signin_failure_total 1")
+    );
 
     // Nothing secret in the data directory or the logs.
     let secret_raw = base32_decode(&secret);
@@ -138,11 +225,20 @@ async fn admin_needs_totp_codes_from_oathtool_and_nothing_secret_is_stored_or_lo
         ("admin password".into(), ADMIN_PW.as_bytes().to_vec()),
         ("owner password".into(), owner_pw.as_bytes().to_vec()),
         ("pepper".into(), server.pepper.bytes.to_vec()),
-        ("pepper b64".into(), b64.encode(&server.pepper.bytes[..]).into_bytes()),
-        ("pepper encoded".into(), server.pepper.encode().as_bytes().to_vec()),
+        (
+            "pepper b64".into(),
+            b64.encode(&server.pepper.bytes[..]).into_bytes(),
+        ),
+        (
+            "pepper encoded".into(),
+            server.pepper.encode().as_bytes().to_vec(),
+        ),
         ("TOTP secret".into(), secret_raw.clone()),
         ("TOTP secret b32".into(), secret.as_bytes().to_vec()),
-        ("TOTP secret b64".into(), b64.encode(&secret_raw).into_bytes()),
+        (
+            "TOTP secret b64".into(),
+            b64.encode(&secret_raw).into_bytes(),
+        ),
     ];
     for (i, t) in tokens.iter().enumerate() {
         needles.push((format!("session token {i}"), t.as_bytes().to_vec()));
@@ -153,22 +249,41 @@ async fn admin_needs_totp_codes_from_oathtool_and_nothing_secret_is_stored_or_lo
     assert!(!log_bytes.is_empty(), "logs were captured");
     for (what, needle) in &needles {
         for (path, bytes) in &files {
-            assert!(!contains(bytes, needle), "{what} found in {}", path.display());
+            assert!(
+                !contains(bytes, needle),
+                "{what} found in {}",
+                path.display()
+            );
         }
         assert!(!contains(&log_bytes, needle), "{what} found in the logs");
     }
 
     // With another pepper no hash verifies.
     let dir = server.dir.path().join("db");
-    let Server { state, audit, db, shutdown, task, dir: tmp, .. } = server;
+    let Server {
+        state,
+        audit,
+        db,
+        shutdown,
+        task,
+        dir: tmp,
+        ..
+    } = server;
     shutdown.cancel();
     let _ = task.await;
     drop((state, audit, db));
     let db = sled::open(&dir).unwrap();
     let wrong = UserStore::open(&db, &WebConfig::new(Pepper::generate(1))).unwrap();
     for (email, pw) in [(ADMIN, ADMIN_PW), ("owner@example.com", owner_pw)] {
-        let r = wrong.check_password(email, zeroize::Zeroizing::new(pw.to_string())).await.unwrap();
-        assert_eq!(r, PasswordCheck::Mismatch, "{email} must not verify under a different pepper");
+        let r = wrong
+            .check_password(email, zeroize::Zeroizing::new(pw.to_string()))
+            .await
+            .unwrap();
+        assert_eq!(
+            r,
+            PasswordCheck::Mismatch,
+            "{email} must not verify under a different pepper"
+        );
     }
     drop(tmp);
 }
@@ -184,49 +299,107 @@ async fn oathtool_codes_skew_and_replay() {
     let users = UserStore::open(&db, &WebConfig::new(Pepper::generate(1))).unwrap();
     // T sits 10 s into a step.
     let t = UNIX_EPOCH + Duration::from_secs(1_800_000_000 / 30 * 30 + 10);
-    let s = |d: i64| if d >= 0 { t + Duration::from_secs(d as u64) } else { t - Duration::from_secs((-d) as u64) };
+    let s = |d: i64| {
+        if d >= 0 {
+            t + Duration::from_secs(d as u64)
+        } else {
+            t - Duration::from_secs((-d) as u64)
+        }
+    };
     let add = |name: &str, confirm_at: SystemTime| {
         let email = format!("{name}@example.com");
-        let uri = users.add_user(&email, Role::Admin, "a perfectly fine passphrase").unwrap().otpauth_uri.unwrap();
+        let uri = users
+            .add_user(&email, Role::Admin, "a perfectly fine passphrase")
+            .unwrap()
+            .otpauth_uri
+            .unwrap();
         let secret = secret_of(&uri);
         let code = oathtool(&secret, Some(confirm_at));
-        assert!(users.confirm_totp(&email, &code, confirm_at).unwrap().is_some(), "oathtool's code confirms enrollment");
+        assert!(
+            users
+                .confirm_totp(&email, &code, confirm_at)
+                .unwrap()
+                .is_some(),
+            "oathtool's code confirms enrollment"
+        );
         (email, secret)
     };
 
     // Same code twice: refused the second time; +1 step accepted, +2 refused.
     let (a, sa) = add("a", t);
     let now_code = oathtool(&sa, Some(t));
-    assert!(!users.verify_second_factor(&a, &now_code, t).unwrap(), "a code is accepted at most once");
-    assert!(users.verify_second_factor(&a, &oathtool(&sa, Some(s(30))), t).unwrap(), "+1 step accepted");
-    assert!(!users.verify_second_factor(&a, &oathtool(&sa, Some(s(60))), t).unwrap(), "+2 steps refused");
+    assert!(
+        !users.verify_second_factor(&a, &now_code, t).unwrap(),
+        "a code is accepted at most once"
+    );
+    assert!(
+        users
+            .verify_second_factor(&a, &oathtool(&sa, Some(s(30))), t)
+            .unwrap(),
+        "+1 step accepted"
+    );
+    assert!(
+        !users
+            .verify_second_factor(&a, &oathtool(&sa, Some(s(60))), t)
+            .unwrap(),
+        "+2 steps refused"
+    );
 
     // -1 step accepted, -2 refused (on accounts whose last used step is older).
     let (b, sb) = add("b", s(-300));
-    assert!(users.verify_second_factor(&b, &oathtool(&sb, Some(s(-30))), t).unwrap(), "-1 step accepted");
+    assert!(
+        users
+            .verify_second_factor(&b, &oathtool(&sb, Some(s(-30))), t)
+            .unwrap(),
+        "-1 step accepted"
+    );
     let (c, sc) = add("c", s(-300));
-    assert!(!users.verify_second_factor(&c, &oathtool(&sc, Some(s(-60))), t).unwrap(), "-2 steps refused");
+    assert!(
+        !users
+            .verify_second_factor(&c, &oathtool(&sc, Some(s(-60))), t)
+            .unwrap(),
+        "-2 steps refused"
+    );
     // The current code still works for c, once.
     let cc = oathtool(&sc, Some(t));
     assert!(users.verify_second_factor(&c, &cc, t).unwrap());
-    assert!(!users.verify_second_factor(&c, &cc, t + Duration::from_secs(5)).unwrap());
+    assert!(
+        !users
+            .verify_second_factor(&c, &cc, t + Duration::from_secs(5))
+            .unwrap()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn long_unicode_password_and_nist_rules() {
     let server = Server::start(|_| {}).await;
     let users = server.state.users();
-    let pw: String = "Grüße aus Zürich — 東京 の 夜景 and a lot of plain words to make it long enough ".chars().cycle().take(100).collect();
+    let pw: String =
+        "Grüße aus Zürich — 東京 の 夜景 and a lot of plain words to make it long enough "
+            .chars()
+            .cycle()
+            .take(100)
+            .collect();
     assert_eq!(pw.chars().count(), 100);
     assert!(pw.contains(' ') && !pw.is_ascii());
     let pw = format!("{}x", &pw.chars().take(99).collect::<String>());
-    users.add_user("long@example.com", Role::PortalOwner, &pw).unwrap();
+    users
+        .add_user("long@example.com", Role::PortalOwner, &pw)
+        .unwrap();
     let mut c = server.client("127.0.0.7");
     let r = c.sign_in("long@example.com", &pw).await;
-    assert_eq!((r.status, r.location()), (303, Some("/dashboard")), "{}", r.body);
+    assert_eq!(
+        (r.status, r.location()),
+        (303, Some("/dashboard")),
+        "{}",
+        r.body
+    );
     let changed = format!("{}y", &pw.chars().take(99).collect::<String>());
     let r = c.sign_in("long@example.com", &changed).await;
-    assert_eq!(r.status, 401, "changing the last of 100 characters fails: nothing is truncated");
+    assert_eq!(
+        r.status, 401,
+        "changing the last of 100 characters fails: nothing is truncated"
+    );
     // A longer one with the same 100-character prefix is a different password too.
     let r = c.sign_in("long@example.com", &format!("{pw}!")).await;
     assert_eq!(r.status, 401);
@@ -237,13 +410,23 @@ async fn long_unicode_password_and_nist_rules() {
     }
     for common in ["password123", "qwertyuiop", "iloveyou1", "Football"] {
         match users.add_user("common@example.com", Role::PortalOwner, common) {
-            Err(e @ AuthError::WeakPassword(PasswordRejected::Common)) => assert!(e.to_string().contains("commonly used"), "reason given: {e}"),
+            Err(e @ AuthError::WeakPassword(PasswordRejected::Common)) => {
+                assert!(e.to_string().contains("commonly used"), "reason given: {e}")
+            }
             other => panic!("{common} must be refused as common: {other:?}"),
         }
     }
     // 8 characters, spaces, and 64+ characters are all fine; no composition rules.
-    users.add_user("eight@example.com", Role::PortalOwner, "zqx vbnm").unwrap();
-    users.add_user("long2@example.com", Role::PortalOwner, &"lowercase only words ".repeat(10)).unwrap();
+    users
+        .add_user("eight@example.com", Role::PortalOwner, "zqx vbnm")
+        .unwrap();
+    users
+        .add_user(
+            "long2@example.com",
+            Role::PortalOwner,
+            &"lowercase only words ".repeat(10),
+        )
+        .unwrap();
     server.stop().await;
 }
 
@@ -254,65 +437,164 @@ async fn unknown_account_gets_the_same_answer_and_timing() {
         c.throttle.block_after_failures = 1000;
     })
     .await;
-    server.state.users().add_user("real@example.com", Role::PortalOwner, "the real passphrase here").unwrap();
+    server
+        .state
+        .users()
+        .add_user(
+            "real@example.com",
+            Role::PortalOwner,
+            "the real passphrase here",
+        )
+        .unwrap();
     let mut c = server.client("127.0.0.8");
-    let strip = |b: &str| b.split("name=\"csrf\" value=\"").map(|p| p.split_once('"').map(|x| x.1).unwrap_or(p)).collect::<Vec<_>>().join("");
+    let strip = |b: &str| {
+        b.split("name=\"csrf\" value=\"")
+            .map(|p| p.split_once('"').map(|x| x.1).unwrap_or(p))
+            .collect::<Vec<_>>()
+            .join("")
+    };
     let mut t_known = vec![];
     let mut t_unknown = vec![];
     let mut bodies = vec![];
     for i in 0..6 {
-        for (email, times) in [("real@example.com", &mut t_known), (&*format!("ghost{i}@example.com"), &mut t_unknown)] {
+        for (email, times) in [
+            ("real@example.com", &mut t_known),
+            (&*format!("ghost{i}@example.com"), &mut t_unknown),
+        ] {
             let page = c.get("/signin").await;
             let csrf = page.csrf();
             let start = Instant::now();
-            let r = c.post("/signin", &[("csrf", &csrf), ("email", email), ("password", "not the passphrase")]).await;
+            let r = c
+                .post(
+                    "/signin",
+                    &[
+                        ("csrf", &csrf),
+                        ("email", email),
+                        ("password", "not the passphrase"),
+                    ],
+                )
+                .await;
             times.push(start.elapsed());
             assert_eq!(r.status, 401, "{}", r.body);
             bodies.push(strip(&r.body).replace(email, "EMAIL"));
         }
     }
-    assert!(bodies.windows(2).all(|w| w[0] == w[1]), "identical pages for unknown accounts and wrong passwords");
+    assert!(
+        bodies.windows(2).all(|w| w[0] == w[1]),
+        "identical pages for unknown accounts and wrong passwords"
+    );
     t_known.sort();
     t_unknown.sort();
     let (k, u) = (t_known[3].as_secs_f64(), t_unknown[3].as_secs_f64());
-    eprintln!("median wrong password {:.1} ms, unknown account {:.1} ms", k * 1e3, u * 1e3);
-    assert!(u > k * 0.6 && u < k * 1.6, "timings differ: known {k:.4}s unknown {u:.4}s");
+    eprintln!(
+        "median wrong password {:.1} ms, unknown account {:.1} ms",
+        k * 1e3,
+        u * 1e3
+    );
+    assert!(
+        u > k * 0.6 && u < k * 1.6,
+        "timings differ: known {k:.4}s unknown {u:.4}s"
+    );
     server.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn csrf_cookies_and_security_headers() {
     let server = Server::start(|_| {}).await;
-    server.state.users().add_user("csrf@example.com", Role::PortalOwner, "csrf test passphrase").unwrap();
+    server
+        .state
+        .users()
+        .add_user(
+            "csrf@example.com",
+            Role::PortalOwner,
+            "csrf test passphrase",
+        )
+        .unwrap();
     let mut c = server.client("127.0.0.9");
 
     // Headers on every kind of response.
-    for path in ["/signin", "/healthz", "/nope", "/dashboard", "/static/style.css"] {
+    for path in [
+        "/signin",
+        "/healthz",
+        "/nope",
+        "/dashboard",
+        "/static/style.css",
+    ] {
         let r = c.get(path).await;
-        let hsts = r.header("strict-transport-security").unwrap_or_else(|| panic!("HSTS on {path}"));
-        let age: u64 = hsts.split("max-age=").nth(1).unwrap().split(';').next().unwrap().parse().unwrap();
-        assert!(age >= 31_536_000 && hsts.contains("includeSubDomains"), "{hsts}");
+        let hsts = r
+            .header("strict-transport-security")
+            .unwrap_or_else(|| panic!("HSTS on {path}"));
+        let age: u64 = hsts
+            .split("max-age=")
+            .nth(1)
+            .unwrap()
+            .split(';')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(
+            age >= 31_536_000 && hsts.contains("includeSubDomains"),
+            "{hsts}"
+        );
         assert_eq!(r.header("x-frame-options"), Some("DENY"));
         assert_eq!(r.header("x-content-type-options"), Some("nosniff"));
         let csp = r.header("content-security-policy").unwrap();
-        assert!(csp.contains("frame-ancestors 'none'") && csp.contains("default-src 'none'") && !csp.contains("unsafe"));
+        assert!(
+            csp.contains("frame-ancestors 'none'")
+                && csp.contains("default-src 'none'")
+                && !csp.contains("unsafe")
+        );
         assert!(r.header("referrer-policy").is_some());
     }
 
     // Sign-in form without its CSRF cookie or with a wrong token: refused.
     let page = c.get("/signin").await;
     let set = page.header("set-cookie").unwrap().to_string();
-    assert!(set.contains("Secure") && set.contains("HttpOnly") && set.contains("SameSite=Strict"), "{set}");
-    let r = c.post("/signin", &[("csrf", "forged"), ("email", "csrf@example.com"), ("password", "csrf test passphrase")]).await;
+    assert!(
+        set.contains("Secure") && set.contains("HttpOnly") && set.contains("SameSite=Strict"),
+        "{set}"
+    );
+    let r = c
+        .post(
+            "/signin",
+            &[
+                ("csrf", "forged"),
+                ("email", "csrf@example.com"),
+                ("password", "csrf test passphrase"),
+            ],
+        )
+        .await;
     assert_eq!(r.status, 403);
     let mut bare = server.client("127.0.0.9");
-    let r = bare.post("/signin", &[("csrf", &page.csrf()), ("email", "csrf@example.com"), ("password", "csrf test passphrase")]).await;
+    let r = bare
+        .post(
+            "/signin",
+            &[
+                ("csrf", &page.csrf()),
+                ("email", "csrf@example.com"),
+                ("password", "csrf test passphrase"),
+            ],
+        )
+        .await;
     assert_eq!(r.status, 403, "no CSRF cookie");
 
     let r = c.sign_in("csrf@example.com", "csrf test passphrase").await;
     assert_eq!(r.status, 303);
-    let sc = r.headers.get_all("set-cookie").iter().map(|v| v.to_str().unwrap().to_string()).find(|v| v.starts_with(SESSION_COOKIE)).unwrap();
-    assert!(sc.contains("Secure") && sc.contains("HttpOnly") && sc.contains("SameSite=Strict") && sc.contains("Path=/"), "{sc}");
+    let sc = r
+        .headers
+        .get_all("set-cookie")
+        .iter()
+        .map(|v| v.to_str().unwrap().to_string())
+        .find(|v| v.starts_with(SESSION_COOKIE))
+        .unwrap();
+    assert!(
+        sc.contains("Secure")
+            && sc.contains("HttpOnly")
+            && sc.contains("SameSite=Strict")
+            && sc.contains("Path=/"),
+        "{sc}"
+    );
     // Sign-out is state-changing: refused without the session's CSRF token.
     let r = c.post("/signout", &[("csrf", "x")]).await;
     assert_eq!(r.status, 403);

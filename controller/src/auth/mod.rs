@@ -15,7 +15,10 @@ use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
-pub use password::{Argon2Cost, PasswordHash, PasswordHasher, PasswordRejected, Pepper, Verified, check_new_password, normalize_email};
+pub use password::{
+    Argon2Cost, PasswordHash, PasswordHasher, PasswordRejected, Pepper, Verified,
+    check_new_password, normalize_email,
+};
 pub use session::{Session, SessionKind, SessionStore};
 pub use throttle::{FailureOutcome, Gate, Throttle, ThrottleConfig};
 pub use users::{PasswordCheck, SecondFactor, TotpEnrollment, UserAdded, UserStore, UserSummary};
@@ -125,7 +128,9 @@ pub struct WebConfig {
 impl WebConfig {
     /// Defaults with the given pepper.
     pub fn new(pepper: Pepper) -> Self {
-        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2);
         Self {
             argon2: Argon2Cost::default(),
             // Leave a core to the async workers so the server stays responsive during a flood.
@@ -144,20 +149,36 @@ impl WebConfig {
     pub fn validate(&self) -> Result<(), AuthError> {
         self.argon2.validate()?;
         if self.max_concurrent_hashes == 0 || self.max_concurrent_hashes > 256 {
-            return Err(AuthError::Config("max_concurrent_hashes must be between 1 and 256".into()));
+            return Err(AuthError::Config(
+                "max_concurrent_hashes must be between 1 and 256".into(),
+            ));
         }
-        if self.session_idle_timeout.is_zero() || self.session_absolute_timeout < self.session_idle_timeout {
-            return Err(AuthError::Config("session timeouts: idle must be > 0 and <= absolute".into()));
+        if self.session_idle_timeout.is_zero()
+            || self.session_absolute_timeout < self.session_idle_timeout
+        {
+            return Err(AuthError::Config(
+                "session timeouts: idle must be > 0 and <= absolute".into(),
+            ));
         }
         self.throttle.validate().map_err(AuthError::Config)?;
         if self.pepper.bytes.len() < 32 {
-            return Err(AuthError::Config("the pepper must be at least 32 bytes".into()));
+            return Err(AuthError::Config(
+                "the pepper must be at least 32 bytes".into(),
+            ));
         }
-        if self.previous_peppers.iter().any(|p| p.version == self.pepper.version) {
-            return Err(AuthError::Config("an old pepper has the current pepper's version".into()));
+        if self
+            .previous_peppers
+            .iter()
+            .any(|p| p.version == self.pepper.version)
+        {
+            return Err(AuthError::Config(
+                "an old pepper has the current pepper's version".into(),
+            ));
         }
         if self.totp_issuer.is_empty() || self.totp_issuer.contains(':') {
-            return Err(AuthError::Config("totp_issuer must be non-empty and without ':'".into()));
+            return Err(AuthError::Config(
+                "totp_issuer must be non-empty and without ':'".into(),
+            ));
         }
         Ok(())
     }
@@ -185,18 +206,53 @@ impl AuthMetrics {
     /// Prometheus text exposition of the counters.
     pub fn render_prometheus(&self) -> String {
         let rows = [
-            ("zonemesh_signin_success_total", "Successful sign-ins.", &self.signin_success),
-            ("zonemesh_signin_failure_total", "Failed password checks (unknown accounts included).", &self.signin_failure),
-            ("zonemesh_signin_second_factor_failure_total", "Refused TOTP or recovery codes.", &self.second_factor_failure),
-            ("zonemesh_signin_throttled_total", "Attempts refused because of a pending delay.", &self.throttled),
-            ("zonemesh_signin_blocked_requests_total", "Requests refused from blocked sources.", &self.blocked_requests),
-            ("zonemesh_sources_blocked_total", "Sources blocked automatically.", &self.sources_blocked),
-            ("zonemesh_csrf_rejected_total", "State-changing requests refused for CSRF.", &self.csrf_rejected),
-            ("zonemesh_signin_busy_total", "Sign-ins refused because all hashing slots were busy.", &self.busy),
+            (
+                "zonemesh_signin_success_total",
+                "Successful sign-ins.",
+                &self.signin_success,
+            ),
+            (
+                "zonemesh_signin_failure_total",
+                "Failed password checks (unknown accounts included).",
+                &self.signin_failure,
+            ),
+            (
+                "zonemesh_signin_second_factor_failure_total",
+                "Refused TOTP or recovery codes.",
+                &self.second_factor_failure,
+            ),
+            (
+                "zonemesh_signin_throttled_total",
+                "Attempts refused because of a pending delay.",
+                &self.throttled,
+            ),
+            (
+                "zonemesh_signin_blocked_requests_total",
+                "Requests refused from blocked sources.",
+                &self.blocked_requests,
+            ),
+            (
+                "zonemesh_sources_blocked_total",
+                "Sources blocked automatically.",
+                &self.sources_blocked,
+            ),
+            (
+                "zonemesh_csrf_rejected_total",
+                "State-changing requests refused for CSRF.",
+                &self.csrf_rejected,
+            ),
+            (
+                "zonemesh_signin_busy_total",
+                "Sign-ins refused because all hashing slots were busy.",
+                &self.busy,
+            ),
         ];
         let mut s = String::new();
         for (name, help, v) in rows {
-            s.push_str(&format!("# HELP {name} {help}\n# TYPE {name} counter\n{name} {}\n", v.load(Ordering::Relaxed)));
+            s.push_str(&format!(
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}\n",
+                v.load(Ordering::Relaxed)
+            ));
         }
         s
     }

@@ -43,7 +43,10 @@ pub struct Pepper {
 
 impl fmt::Debug for Pepper {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Pepper").field("version", &self.version).field("bytes", &"<redacted>").finish()
+        f.debug_struct("Pepper")
+            .field("version", &self.version)
+            .field("bytes", &"<redacted>")
+            .finish()
     }
 }
 
@@ -51,16 +54,24 @@ impl Pepper {
     /// A pepper of `version` from raw bytes (at least 32).
     pub fn new(version: u32, bytes: Vec<u8>) -> Result<Self, AuthError> {
         if bytes.len() < 32 {
-            return Err(AuthError::Config("the pepper must be at least 32 bytes".into()));
+            return Err(AuthError::Config(
+                "the pepper must be at least 32 bytes".into(),
+            ));
         }
-        Ok(Self { version, bytes: Zeroizing::new(bytes) })
+        Ok(Self {
+            version,
+            bytes: Zeroizing::new(bytes),
+        })
     }
 
     /// A fresh random 32-byte pepper.
     pub fn generate(version: u32) -> Self {
         let mut b = vec![0u8; 32];
         rand::fill(&mut b[..]);
-        Self { version, bytes: Zeroizing::new(b) }
+        Self {
+            version,
+            bytes: Zeroizing::new(b),
+        }
     }
 
     /// Parse `<version>:<base64 bytes>` (the form used in the env var and secrets file).
@@ -69,7 +80,10 @@ impl Pepper {
         let (v, b) = s
             .split_once(':')
             .ok_or_else(|| AuthError::Config("pepper must look like <version>:<base64>".into()))?;
-        let version = v.trim().parse::<u32>().map_err(|e| AuthError::Config(format!("pepper version: {e}")))?;
+        let version = v
+            .trim()
+            .parse::<u32>()
+            .map_err(|e| AuthError::Config(format!("pepper version: {e}")))?;
         let bytes = B64
             .decode(b.trim())
             .map_err(|e| AuthError::Config(format!("pepper is not base64: {e}")))?;
@@ -87,11 +101,19 @@ impl Pepper {
         if let Ok(v) = std::env::var(PEPPER_ENV) {
             return Self::parse(&v);
         }
-        let path = path.ok_or_else(|| AuthError::Config(format!("no pepper: set {PEPPER_ENV} or give a secrets file")))?;
+        let path = path.ok_or_else(|| {
+            AuthError::Config(format!(
+                "no pepper: set {PEPPER_ENV} or give a secrets file"
+            ))
+        })?;
         let text = Zeroizing::new(
-            std::fs::read_to_string(path).map_err(|e| AuthError::Config(format!("reading {}: {e}", path.display())))?,
+            std::fs::read_to_string(path)
+                .map_err(|e| AuthError::Config(format!("reading {}: {e}", path.display())))?,
         );
-        let line = text.lines().find_map(|l| l.trim().strip_prefix("pepper=")).unwrap_or(text.trim());
+        let line = text
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("pepper="))
+            .unwrap_or(text.trim());
         Self::parse(line)
     }
 
@@ -119,7 +141,11 @@ pub struct Argon2Cost {
 
 impl Default for Argon2Cost {
     fn default() -> Self {
-        Self { m_kib: 19_456, t: 2, p: 1 }
+        Self {
+            m_kib: 19_456,
+            t: 2,
+            p: 1,
+        }
     }
 }
 
@@ -134,7 +160,9 @@ impl Argon2Cost {
             )));
         }
         if self.p > 64 || self.m_kib > 4 * 1024 * 1024 {
-            return Err(AuthError::Config("argon2 cost is unreasonably high (p <= 64, m <= 4 GiB)".into()));
+            return Err(AuthError::Config(
+                "argon2 cost is unreasonably high (p <= 64, m <= 4 GiB)".into(),
+            ));
         }
         Ok(())
     }
@@ -164,7 +192,11 @@ pub struct PasswordHash {
 
 impl PasswordHash {
     fn cost(&self) -> Argon2Cost {
-        Argon2Cost { m_kib: self.m, t: self.t, p: self.p }
+        Argon2Cost {
+            m_kib: self.m,
+            t: self.t,
+            p: self.p,
+        }
     }
 }
 
@@ -186,7 +218,9 @@ pub enum PasswordRejected {
     TooShort,
     #[error("the password is too long: at most {MAX_PASSWORD_CHARS} characters are accepted")]
     TooLong,
-    #[error("the password contains control characters; any printable character, space or Unicode letter is fine")]
+    #[error(
+        "the password contains control characters; any printable character, space or Unicode letter is fine"
+    )]
     ControlCharacter,
     #[error("the password is in a list of commonly used or breached passwords; choose another")]
     Common,
@@ -197,7 +231,11 @@ pub enum PasswordRejected {
 fn common_passwords() -> &'static HashSet<&'static str> {
     static SET: OnceLock<HashSet<&'static str>> = OnceLock::new();
     SET.get_or_init(|| {
-        COMMON_PASSWORDS.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).collect()
+        COMMON_PASSWORDS
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .collect()
     })
 }
 
@@ -257,7 +295,13 @@ pub struct PasswordHasher {
 impl PasswordHasher {
     /// A hasher with `cost`, the current `pepper`, older peppers still accepted for
     /// verification, and at most `max_concurrent` hashes in flight through the async API.
-    pub fn new(cost: Argon2Cost, pepper: Pepper, previous: Vec<Pepper>, max_concurrent: usize, queue_timeout: Duration) -> Self {
+    pub fn new(
+        cost: Argon2Cost,
+        pepper: Pepper,
+        previous: Vec<Pepper>,
+        max_concurrent: usize,
+        queue_timeout: Duration,
+    ) -> Self {
         Self {
             cost,
             pepper,
@@ -274,10 +318,19 @@ impl PasswordHasher {
     }
 
     fn pepper_for(&self, version: u32) -> Option<&Pepper> {
-        std::iter::once(&self.pepper).chain(self.previous.iter()).find(|p| p.version == version)
+        std::iter::once(&self.pepper)
+            .chain(self.previous.iter())
+            .find(|p| p.version == version)
     }
 
-    fn raw(cost: Argon2Cost, pepper: &Pepper, email: &str, password: &[u8], salt: &[u8], out: &mut [u8]) -> Result<(), AuthError> {
+    fn raw(
+        cost: Argon2Cost,
+        pepper: &Pepper,
+        email: &str,
+        password: &[u8],
+        salt: &[u8],
+        out: &mut [u8],
+    ) -> Result<(), AuthError> {
         let season = seasoning(email);
         let params = ParamsBuilder::new()
             .m_cost(cost.m_kib)
@@ -287,9 +340,11 @@ impl PasswordHasher {
             .data(AssociatedData::new(&season).map_err(|e| AuthError::Hash(e.to_string()))?)
             .build()
             .map_err(|e| AuthError::Hash(e.to_string()))?;
-        let a2 = Argon2::new_with_secret(&pepper.bytes, Algorithm::Argon2id, Version::V0x13, params)
-            .map_err(|e| AuthError::Hash(e.to_string()))?;
-        a2.hash_password_into(password, salt, out).map_err(|e| AuthError::Hash(e.to_string()))
+        let a2 =
+            Argon2::new_with_secret(&pepper.bytes, Algorithm::Argon2id, Version::V0x13, params)
+                .map_err(|e| AuthError::Hash(e.to_string()))?;
+        a2.hash_password_into(password, salt, out)
+            .map_err(|e| AuthError::Hash(e.to_string()))
     }
 
     /// Hash `password` for `email` with a fresh salt (blocking; runs one Argon2id).
@@ -297,7 +352,14 @@ impl PasswordHasher {
         let mut salt = [0u8; SALT_LEN];
         rand::fill(&mut salt);
         let mut out = Zeroizing::new([0u8; HASH_LEN]);
-        Self::raw(self.cost, &self.pepper, email, password.as_bytes(), &salt, &mut out[..])?;
+        Self::raw(
+            self.cost,
+            &self.pepper,
+            email,
+            password.as_bytes(),
+            &salt,
+            &mut out[..],
+        )?;
         Ok(PasswordHash {
             alg: "argon2id".into(),
             v: 0x13,
@@ -311,19 +373,38 @@ impl PasswordHasher {
     }
 
     /// Verify `password` for `email` against `stored` (blocking; runs one Argon2id).
-    pub fn verify(&self, email: &str, password: &str, stored: &PasswordHash) -> Result<Verified, AuthError> {
+    pub fn verify(
+        &self,
+        email: &str,
+        password: &str,
+        stored: &PasswordHash,
+    ) -> Result<Verified, AuthError> {
         let Some(pepper) = self.pepper_for(stored.pepper_version) else {
             // Spend the same work so an unknown pepper version is not a timing signal.
             let _ = self.verify(email, password, self.dummy());
             return Ok(Verified::Mismatch);
         };
         if stored.alg != "argon2id" || stored.v != 0x13 {
-            return Err(AuthError::Hash(format!("unsupported password hash {} v{}", stored.alg, stored.v)));
+            return Err(AuthError::Hash(format!(
+                "unsupported password hash {} v{}",
+                stored.alg, stored.v
+            )));
         }
-        let salt = B64.decode(&stored.salt).map_err(|e| AuthError::Hash(format!("salt: {e}")))?;
-        let expected = B64.decode(&stored.hash).map_err(|e| AuthError::Hash(format!("hash: {e}")))?;
+        let salt = B64
+            .decode(&stored.salt)
+            .map_err(|e| AuthError::Hash(format!("salt: {e}")))?;
+        let expected = B64
+            .decode(&stored.hash)
+            .map_err(|e| AuthError::Hash(format!("hash: {e}")))?;
         let mut out = Zeroizing::new(vec![0u8; expected.len().max(4)]);
-        Self::raw(stored.cost(), pepper, email, password.as_bytes(), &salt, &mut out[..])?;
+        Self::raw(
+            stored.cost(),
+            pepper,
+            email,
+            password.as_bytes(),
+            &salt,
+            &mut out[..],
+        )?;
         if aws_lc_rs::constant_time::verify_slices_are_equal(&out, &expected).is_err() {
             return Ok(Verified::Mismatch);
         }
@@ -340,11 +421,15 @@ impl PasswordHasher {
             let mut pw = [0u8; 24];
             rand::fill(&mut pw);
             let pw = B64.encode(pw);
-            self.hash("nobody@zonemesh.invalid", &pw).expect("hashing a dummy password")
+            self.hash("nobody@zonemesh.invalid", &pw)
+                .expect("hashing a dummy password")
         })
     }
 
-    async fn bounded<T: Send + 'static>(self: &Arc<Self>, f: impl FnOnce(&Self) -> T + Send + 'static) -> Result<T, AuthError> {
+    async fn bounded<T: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&Self) -> T + Send + 'static,
+    ) -> Result<T, AuthError> {
         let permit = tokio::time::timeout(self.queue_timeout, self.permits.clone().acquire_owned())
             .await
             .map_err(|_| AuthError::Busy)?
@@ -360,12 +445,22 @@ impl PasswordHasher {
     }
 
     /// [`PasswordHasher::verify`] on the blocking pool, at most `max_concurrent` at a time.
-    pub async fn verify_bounded(self: &Arc<Self>, email: String, password: Zeroizing<String>, stored: PasswordHash) -> Result<Verified, AuthError> {
-        self.bounded(move |h| h.verify(&email, &password, &stored)).await?
+    pub async fn verify_bounded(
+        self: &Arc<Self>,
+        email: String,
+        password: Zeroizing<String>,
+        stored: PasswordHash,
+    ) -> Result<Verified, AuthError> {
+        self.bounded(move |h| h.verify(&email, &password, &stored))
+            .await?
     }
 
     /// [`PasswordHasher::hash`] on the blocking pool, at most `max_concurrent` at a time.
-    pub async fn hash_bounded(self: &Arc<Self>, email: String, password: Zeroizing<String>) -> Result<PasswordHash, AuthError> {
+    pub async fn hash_bounded(
+        self: &Arc<Self>,
+        email: String,
+        password: Zeroizing<String>,
+    ) -> Result<PasswordHash, AuthError> {
         self.bounded(move |h| h.hash(&email, &password)).await?
     }
 
@@ -380,21 +475,45 @@ mod tests {
     use super::*;
 
     fn hasher(pepper: Pepper) -> PasswordHasher {
-        PasswordHasher::new(Argon2Cost::default(), pepper, vec![], 2, Duration::from_secs(5))
+        PasswordHasher::new(
+            Argon2Cost::default(),
+            pepper,
+            vec![],
+            2,
+            Duration::from_secs(5),
+        )
     }
 
     #[test]
     fn rules() {
-        assert_eq!(check_new_password("a@b.example", "1234567"), Err(PasswordRejected::TooShort));
-        assert_eq!(check_new_password("a@b.example", "password"), Err(PasswordRejected::Common));
-        assert_eq!(check_new_password("a@b.example", "Password1"), Err(PasswordRejected::Common));
-        assert_eq!(check_new_password("alice@b.example", "Alice@B.example"), Err(PasswordRejected::Contextual));
-        assert_eq!(check_new_password("a@b.example", "abc\u{7}defgh"), Err(PasswordRejected::ControlCharacter));
+        assert_eq!(
+            check_new_password("a@b.example", "1234567"),
+            Err(PasswordRejected::TooShort)
+        );
+        assert_eq!(
+            check_new_password("a@b.example", "password"),
+            Err(PasswordRejected::Common)
+        );
+        assert_eq!(
+            check_new_password("a@b.example", "Password1"),
+            Err(PasswordRejected::Common)
+        );
+        assert_eq!(
+            check_new_password("alice@b.example", "Alice@B.example"),
+            Err(PasswordRejected::Contextual)
+        );
+        assert_eq!(
+            check_new_password("a@b.example", "abc\u{7}defgh"),
+            Err(PasswordRejected::ControlCharacter)
+        );
         assert!(check_new_password("a@b.example", "correct horse battery staple").is_ok());
         // Eight Unicode characters are eight characters, whatever their UTF-8 length.
         assert!(check_new_password("a@b.example", "ñøß€漢字かな").is_ok());
         assert!(check_new_password("a@b.example", &"x y ".repeat(256)).is_ok());
-        assert_eq!(check_new_password("a@b.example", &"x".repeat(1025)), Err(PasswordRejected::TooLong));
+        assert_eq!(
+            check_new_password("a@b.example", &"x".repeat(1025)),
+            Err(PasswordRejected::TooLong)
+        );
         assert!(common_password_count() >= 10_000);
     }
 
@@ -402,25 +521,79 @@ mod tests {
     fn hash_verify_pepper_and_seasoning() {
         let pepper = Pepper::generate(1);
         let h = hasher(pepper.clone());
-        let rec = h.hash("Alice@Example.com", "correct horse battery staple").unwrap();
+        let rec = h
+            .hash("Alice@Example.com", "correct horse battery staple")
+            .unwrap();
         assert_eq!((rec.m, rec.t, rec.p, rec.pepper_version), (19_456, 2, 1, 1));
-        assert_eq!(h.verify("alice@example.com", "correct horse battery staple", &rec).unwrap(), Verified::Ok);
-        assert_eq!(h.verify("alice@example.com", "correct horse battery stapl", &rec).unwrap(), Verified::Mismatch);
+        assert_eq!(
+            h.verify("alice@example.com", "correct horse battery staple", &rec)
+                .unwrap(),
+            Verified::Ok
+        );
+        assert_eq!(
+            h.verify("alice@example.com", "correct horse battery stapl", &rec)
+                .unwrap(),
+            Verified::Mismatch
+        );
         // The seasoning binds the hash to the account.
-        assert_eq!(h.verify("bob@example.com", "correct horse battery staple", &rec).unwrap(), Verified::Mismatch);
+        assert_eq!(
+            h.verify("bob@example.com", "correct horse battery staple", &rec)
+                .unwrap(),
+            Verified::Mismatch
+        );
         // Another pepper with the same version verifies nothing.
         let other = hasher(Pepper::new(1, vec![7u8; 32]).unwrap());
-        assert_eq!(other.verify("alice@example.com", "correct horse battery staple", &rec).unwrap(), Verified::Mismatch);
+        assert_eq!(
+            other
+                .verify("alice@example.com", "correct horse battery staple", &rec)
+                .unwrap(),
+            Verified::Mismatch
+        );
         // Rotation: the old pepper still verifies and asks for a re-hash.
-        let rotated = PasswordHasher::new(Argon2Cost::default(), Pepper::generate(2), vec![pepper], 1, Duration::from_secs(5));
-        assert_eq!(rotated.verify("alice@example.com", "correct horse battery staple", &rec).unwrap(), Verified::OkRehash);
+        let rotated = PasswordHasher::new(
+            Argon2Cost::default(),
+            Pepper::generate(2),
+            vec![pepper],
+            1,
+            Duration::from_secs(5),
+        );
+        assert_eq!(
+            rotated
+                .verify("alice@example.com", "correct horse battery staple", &rec)
+                .unwrap(),
+            Verified::OkRehash
+        );
     }
 
     #[test]
     fn cost_floor_and_pepper_parsing() {
-        assert!(Argon2Cost { m_kib: 19_455, t: 2, p: 1 }.validate().is_err());
-        assert!(Argon2Cost { m_kib: 19_456, t: 1, p: 1 }.validate().is_err());
-        assert!(Argon2Cost { m_kib: 65_536, t: 3, p: 2 }.validate().is_ok());
+        assert!(
+            Argon2Cost {
+                m_kib: 19_455,
+                t: 2,
+                p: 1
+            }
+            .validate()
+            .is_err()
+        );
+        assert!(
+            Argon2Cost {
+                m_kib: 19_456,
+                t: 1,
+                p: 1
+            }
+            .validate()
+            .is_err()
+        );
+        assert!(
+            Argon2Cost {
+                m_kib: 65_536,
+                t: 3,
+                p: 2
+            }
+            .validate()
+            .is_ok()
+        );
         let p = Pepper::generate(3);
         let back = Pepper::parse(&p.encode()).unwrap();
         assert_eq!(back.version, 3);

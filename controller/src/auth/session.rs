@@ -43,7 +43,9 @@ pub struct Session {
 }
 
 fn ms(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 fn token_key(token: &str) -> [u8; 32] {
@@ -63,7 +65,11 @@ pub fn csrf_for(token: &str) -> String {
 
 /// Constant-time check of a submitted CSRF token.
 pub fn csrf_matches(token: &str, submitted: &str) -> bool {
-    aws_lc_rs::constant_time::verify_slices_are_equal(csrf_for(token).as_bytes(), submitted.as_bytes()).is_ok()
+    aws_lc_rs::constant_time::verify_slices_are_equal(
+        csrf_for(token).as_bytes(),
+        submitted.as_bytes(),
+    )
+    .is_ok()
 }
 
 /// A fresh random token (256 bits, URL-safe base64).
@@ -83,14 +89,31 @@ pub struct SessionStore {
 impl SessionStore {
     /// Open the session tree with the given timeouts.
     pub fn open(db: &sled::Db, idle: Duration, absolute: Duration) -> Result<Self, AuthError> {
-        Ok(Self { tree: db.open_tree(SESSIONS_TREE)?, idle, absolute })
+        Ok(Self {
+            tree: db.open_tree(SESSIONS_TREE)?,
+            idle,
+            absolute,
+        })
     }
 
     /// Create a session; returns the token for the cookie.
-    pub fn create(&self, email: &str, role: Role, kind: SessionKind, now: SystemTime) -> Result<Zeroizing<String>, AuthError> {
+    pub fn create(
+        &self,
+        email: &str,
+        role: Role,
+        kind: SessionKind,
+        now: SystemTime,
+    ) -> Result<Zeroizing<String>, AuthError> {
         let token = random_token();
-        let s = Session { email: email.to_string(), role, kind, created_ms: ms(now), last_seen_ms: ms(now) };
-        self.tree.insert(token_key(&token), serde_json::to_vec(&s)?)?;
+        let s = Session {
+            email: email.to_string(),
+            role,
+            kind,
+            created_ms: ms(now),
+            last_seen_ms: ms(now),
+        };
+        self.tree
+            .insert(token_key(&token), serde_json::to_vec(&s)?)?;
         self.tree.flush()?;
         Ok(token)
     }
@@ -101,13 +124,16 @@ impl SessionStore {
             SessionKind::Full => (self.idle, self.absolute),
             _ => (PENDING_LIFETIME, PENDING_LIFETIME),
         };
-        now.saturating_sub(s.last_seen_ms) >= idle.as_millis() as u64 || now.saturating_sub(s.created_ms) >= absolute.as_millis() as u64
+        now.saturating_sub(s.last_seen_ms) >= idle.as_millis() as u64
+            || now.saturating_sub(s.created_ms) >= absolute.as_millis() as u64
     }
 
     /// The live session for `token`, refreshing its idle timer; expired ones are removed.
     pub fn get(&self, token: &str, now: SystemTime) -> Result<Option<Session>, AuthError> {
         let key = token_key(token);
-        let Some(v) = self.tree.get(key)? else { return Ok(None) };
+        let Some(v) = self.tree.get(key)? else {
+            return Ok(None);
+        };
         let mut s: Session = serde_json::from_slice(&v)?;
         if self.expired(&s, now) {
             self.tree.remove(key)?;
@@ -177,9 +203,12 @@ mod tests {
     fn timeouts_and_hashing() {
         let dir = tempfile::tempdir().unwrap();
         let db = sled::open(dir.path()).unwrap();
-        let store = SessionStore::open(&db, Duration::from_secs(60), Duration::from_secs(300)).unwrap();
+        let store =
+            SessionStore::open(&db, Duration::from_secs(60), Duration::from_secs(300)).unwrap();
         let t0 = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
-        let tok = store.create("a@example.com", Role::Admin, SessionKind::Full, t0).unwrap();
+        let tok = store
+            .create("a@example.com", Role::Admin, SessionKind::Full, t0)
+            .unwrap();
         // Only the hash is stored.
         for item in db.open_tree(SESSIONS_TREE).unwrap().iter() {
             let (k, v) = item.unwrap();
@@ -192,10 +221,30 @@ mod tests {
             t += Duration::from_secs(59);
             assert!(store.get(&tok, t).unwrap().is_some());
         }
-        assert!(store.get(&tok, t0 + Duration::from_secs(300)).unwrap().is_none());
-        let tok2 = store.create("a@example.com", Role::Admin, SessionKind::Full, t0).unwrap();
-        assert!(store.get(&tok2, t0 + Duration::from_secs(60)).unwrap().is_none(), "idle timeout");
-        let p = store.create("a@example.com", Role::Admin, SessionKind::PendingSecondFactor, t0).unwrap();
+        assert!(
+            store
+                .get(&tok, t0 + Duration::from_secs(300))
+                .unwrap()
+                .is_none()
+        );
+        let tok2 = store
+            .create("a@example.com", Role::Admin, SessionKind::Full, t0)
+            .unwrap();
+        assert!(
+            store
+                .get(&tok2, t0 + Duration::from_secs(60))
+                .unwrap()
+                .is_none(),
+            "idle timeout"
+        );
+        let p = store
+            .create(
+                "a@example.com",
+                Role::Admin,
+                SessionKind::PendingSecondFactor,
+                t0,
+            )
+            .unwrap();
         assert!(store.get(&p, t0 + PENDING_LIFETIME).unwrap().is_none());
         assert!(csrf_matches(&tok, &csrf_for(&tok)));
         assert!(!csrf_matches(&tok, &csrf_for(&tok2)));

@@ -56,7 +56,10 @@ impl ThrottleConfig {
         if self.max_delay > Duration::from_secs(24 * 3600) {
             return Err("throttle: max_delay above 24 h amounts to a lock".into());
         }
-        if self.block_after_failures == 0 || self.block_min_accounts == 0 || self.block_duration.is_zero() {
+        if self.block_after_failures == 0
+            || self.block_min_accounts == 0
+            || self.block_duration.is_zero()
+        {
             return Err("throttle: block thresholds and duration must be > 0".into());
         }
         if self.max_tracked < 100 {
@@ -71,7 +74,9 @@ impl ThrottleConfig {
             return Duration::ZERO;
         }
         let exp = (failures - self.free_failures - 1).min(30);
-        self.base_delay.saturating_mul(1u32 << exp).min(self.max_delay)
+        self.base_delay
+            .saturating_mul(1u32 << exp)
+            .min(self.max_delay)
     }
 }
 
@@ -125,7 +130,11 @@ pub struct Throttle {
 impl Throttle {
     /// Empty state with `cfg`.
     pub fn new(cfg: ThrottleConfig) -> Self {
-        Self { cfg, accounts: HashMap::new(), sources: HashMap::new() }
+        Self {
+            cfg,
+            accounts: HashMap::new(),
+            sources: HashMap::new(),
+        }
     }
 
     /// The configuration.
@@ -134,7 +143,9 @@ impl Throttle {
     }
 
     fn live<'a>(&self, c: Option<&'a Counter>, now: SystemTime) -> Option<&'a Counter> {
-        c.filter(|c| now.duration_since(c.last_failure).unwrap_or_default() < self.cfg.failure_memory)
+        c.filter(|c| {
+            now.duration_since(c.last_failure).unwrap_or_default() < self.cfg.failure_memory
+        })
     }
 
     /// May `source` try `account` now?
@@ -143,35 +154,65 @@ impl Throttle {
             return Gate::Blocked(until);
         }
         let mut wait = Duration::ZERO;
-        for c in [self.live(self.accounts.get(account), now), self.live(self.sources.get(&source).and_then(|s| s.counter.as_ref()), now)]
-            .into_iter()
-            .flatten()
+        for c in [
+            self.live(self.accounts.get(account), now),
+            self.live(
+                self.sources.get(&source).and_then(|s| s.counter.as_ref()),
+                now,
+            ),
+        ]
+        .into_iter()
+        .flatten()
         {
             wait = wait.max(c.next_allowed.duration_since(now).unwrap_or_default());
         }
-        if wait.is_zero() { Gate::Allowed } else { Gate::Wait(wait) }
+        if wait.is_zero() {
+            Gate::Allowed
+        } else {
+            Gate::Wait(wait)
+        }
     }
 
     /// When the block on `source` ends, if it is blocked at `now`.
     pub fn blocked_until(&self, source: IpAddr, now: SystemTime) -> Option<SystemTime> {
-        self.sources.get(&source).and_then(|s| s.blocked_until).filter(|u| *u > now)
+        self.sources
+            .get(&source)
+            .and_then(|s| s.blocked_until)
+            .filter(|u| *u > now)
     }
 
     /// Sources blocked at `now`, with the end of their block.
     pub fn blocked_sources(&self, now: SystemTime) -> Vec<(IpAddr, SystemTime)> {
-        self.sources.iter().filter_map(|(ip, s)| s.blocked_until.filter(|u| *u > now).map(|u| (*ip, u))).collect()
+        self.sources
+            .iter()
+            .filter_map(|(ip, s)| s.blocked_until.filter(|u| *u > now).map(|u| (*ip, u)))
+            .collect()
     }
 
     /// Record a failed attempt of `source` on `account`.
-    pub fn record_failure(&mut self, account: &str, source: IpAddr, now: SystemTime) -> FailureOutcome {
+    pub fn record_failure(
+        &mut self,
+        account: &str,
+        source: IpAddr,
+        now: SystemTime,
+    ) -> FailureOutcome {
         self.prune(now);
         let cfg = self.cfg.clone();
         let bump = |c: Option<Counter>| -> Counter {
             let failures = match c {
-                Some(c) if now.duration_since(c.last_failure).unwrap_or_default() < cfg.failure_memory => c.failures.saturating_add(1),
+                Some(c)
+                    if now.duration_since(c.last_failure).unwrap_or_default()
+                        < cfg.failure_memory =>
+                {
+                    c.failures.saturating_add(1)
+                }
                 _ => 1,
             };
-            Counter { failures, last_failure: now, next_allowed: now + cfg.delay_after(failures) }
+            Counter {
+                failures,
+                last_failure: now,
+                next_allowed: now + cfg.delay_after(failures),
+            }
         };
         let acct = bump(self.accounts.remove(account));
         let account_failures = acct.failures;
@@ -184,7 +225,11 @@ impl Throttle {
         let source_next = c.next_allowed;
         src.counter = Some(c);
         src.recent.push_back((now, account.to_string()));
-        while src.recent.front().is_some_and(|(t, _)| now.duration_since(*t).unwrap_or_default() >= cfg.block_window) {
+        while src
+            .recent
+            .front()
+            .is_some_and(|(t, _)| now.duration_since(*t).unwrap_or_default() >= cfg.block_window)
+        {
             src.recent.pop_front();
         }
         // Keep the window bounded even under a flood.
@@ -202,8 +247,16 @@ impl Throttle {
                 blocked_until = Some(until);
             }
         }
-        let delay = account_next.max(source_next).duration_since(now).unwrap_or_default();
-        FailureOutcome { account_failures, source_failures, delay, blocked_until }
+        let delay = account_next
+            .max(source_next)
+            .duration_since(now)
+            .unwrap_or_default();
+        FailureOutcome {
+            account_failures,
+            source_failures,
+            delay,
+            blocked_until,
+        }
     }
 
     /// A successful sign-in clears the account's counter. The source's counter is left to
@@ -227,13 +280,21 @@ impl Throttle {
         let mem = self.cfg.failure_memory;
         let fresh = |t: SystemTime| now.duration_since(t).unwrap_or_default() < mem;
         self.accounts.retain(|_, c| fresh(c.last_failure));
-        self.sources.retain(|_, s| s.blocked_until.is_some_and(|u| u > now) || s.counter.as_ref().is_some_and(|c| fresh(c.last_failure)));
+        self.sources.retain(|_, s| {
+            s.blocked_until.is_some_and(|u| u > now)
+                || s.counter.as_ref().is_some_and(|c| fresh(c.last_failure))
+        });
         // Still full: forget the accounts with the fewest failures first. Sources (and their
         // blocks) are kept, since those are what stops a flood.
         if self.accounts.len() + self.sources.len() >= self.cfg.max_tracked {
-            let mut by_failures: Vec<(u32, String)> = self.accounts.iter().map(|(k, c)| (c.failures, k.clone())).collect();
+            let mut by_failures: Vec<(u32, String)> = self
+                .accounts
+                .iter()
+                .map(|(k, c)| (c.failures, k.clone()))
+                .collect();
             by_failures.sort();
-            let excess = (self.accounts.len() + self.sources.len()).saturating_sub(self.cfg.max_tracked / 2);
+            let excess =
+                (self.accounts.len() + self.sources.len()).saturating_sub(self.cfg.max_tracked / 2);
             for (_, k) in by_failures.into_iter().take(excess) {
                 self.accounts.remove(&k);
             }
@@ -251,7 +312,13 @@ mod tests {
     use super::*;
 
     fn cfg() -> ThrottleConfig {
-        ThrottleConfig { free_failures: 2, base_delay: Duration::from_secs(1), block_after_failures: 6, block_min_accounts: 3, ..Default::default() }
+        ThrottleConfig {
+            free_failures: 2,
+            base_delay: Duration::from_secs(1),
+            block_after_failures: 6,
+            block_min_accounts: 3,
+            ..Default::default()
+        }
     }
 
     const T0: SystemTime = SystemTime::UNIX_EPOCH;
@@ -311,12 +378,19 @@ mod tests {
         assert_eq!(t.blocked_sources(now), vec![(bad, until)]);
         assert_eq!(t.check("user0", good, now), Gate::Allowed);
         // Blocks end.
-        assert!(matches!(t.check("x", bad, until + Duration::from_secs(1)), Gate::Allowed | Gate::Wait(_)));
+        assert!(matches!(
+            t.check("x", bad, until + Duration::from_secs(1)),
+            Gate::Allowed | Gate::Wait(_)
+        ));
     }
 
     #[test]
     fn bounded_memory() {
-        let mut t = Throttle::new(ThrottleConfig { max_tracked: 100, block_after_failures: 1000, ..Default::default() });
+        let mut t = Throttle::new(ThrottleConfig {
+            max_tracked: 100,
+            block_after_failures: 1000,
+            ..Default::default()
+        });
         let ip: IpAddr = "127.0.0.2".parse().unwrap();
         for i in 0..1000 {
             t.record_failure(&format!("made-up-{i}"), ip, at(i));

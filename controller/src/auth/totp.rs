@@ -57,7 +57,9 @@ pub fn check_code(secret: &[u8], code: &str, now_unix: u64, last_step: Option<u6
 
 /// The 6-digit code for `unix` (used by tests and the benchmark).
 pub fn code_at(secret: &[u8], unix: u64) -> String {
-    totp(secret, "zonemesh", "code").map(|t| t.generate(unix).to_string()).unwrap_or_default()
+    totp(secret, "zonemesh", "code")
+        .map(|t| t.generate(unix).to_string())
+        .unwrap_or_default()
 }
 
 /// The base32 form of a secret, as authenticator apps and `oathtool -b` take it.
@@ -66,9 +68,15 @@ pub fn secret_base32(secret: &[u8]) -> Zeroizing<String> {
 }
 
 /// `otpauth://totp/<issuer>:<account>?secret=...&issuer=...` for Google/Microsoft Authenticator.
-pub fn otpauth_uri(secret: &[u8], issuer: &str, account: &str) -> Result<Zeroizing<String>, AuthError> {
+pub fn otpauth_uri(
+    secret: &[u8],
+    issuer: &str,
+    account: &str,
+) -> Result<Zeroizing<String>, AuthError> {
     let t = totp(secret, issuer, account)?;
-    Ok(Zeroizing::new(t.to_url().map_err(|e| AuthError::Totp(e.to_string()))?))
+    Ok(Zeroizing::new(
+        t.to_url().map_err(|e| AuthError::Totp(e.to_string()))?,
+    ))
 }
 
 /// The URI as an inline SVG QR code (no XML prolog, so it can sit inside HTML).
@@ -119,7 +127,11 @@ pub fn generate_recovery_codes() -> Vec<Zeroizing<String>> {
 /// How a recovery code is stored: SHA-256 of the normalised code, hex. The codes carry
 /// 50 random bits and are rate-limited like passwords, so a fast hash is enough.
 pub fn hash_recovery_code(email: &str, code: &str) -> String {
-    let norm: String = code.chars().filter(|c| c.is_ascii_alphanumeric()).collect::<String>().to_lowercase();
+    let norm: String = code
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .collect::<String>()
+        .to_lowercase();
     let mut h = Sha256::new();
     h.update(b"zonemesh/recovery-code/v1\0");
     h.update(super::password::normalize_email(email).as_bytes());
@@ -138,7 +150,12 @@ mod tests {
     #[test]
     fn rfc6238_vectors() {
         // The RFC lists 8-digit codes; the 6-digit code is their last six digits.
-        for (t, code8) in [(59u64, "94287082"), (1_111_111_109, "07081804"), (1_234_567_890, "89005924"), (2_000_000_000, "69279037")] {
+        for (t, code8) in [
+            (59u64, "94287082"),
+            (1_111_111_109, "07081804"),
+            (1_234_567_890, "89005924"),
+            (2_000_000_000, "69279037"),
+        ] {
             assert_eq!(code_at(RFC_SECRET, t), code8[2..]);
         }
     }
@@ -151,10 +168,17 @@ mod tests {
         assert_eq!(check_code(RFC_SECRET, &code_now, now, None), Some(step));
         // Accepted once only: the stored step refuses it and anything older.
         assert_eq!(check_code(RFC_SECRET, &code_now, now, Some(step)), None);
-        assert_eq!(check_code(RFC_SECRET, &code_at(RFC_SECRET, now - 30), now, Some(step)), None);
+        assert_eq!(
+            check_code(RFC_SECRET, &code_at(RFC_SECRET, now - 30), now, Some(step)),
+            None
+        );
         for (delta, ok) in [(-60i64, false), (-30, true), (30, true), (60, false)] {
             let c = code_at(RFC_SECRET, (now as i64 + delta) as u64);
-            assert_eq!(check_code(RFC_SECRET, &c, now, None).is_some(), ok, "delta {delta}");
+            assert_eq!(
+                check_code(RFC_SECRET, &c, now, None).is_some(),
+                ok,
+                "delta {delta}"
+            );
         }
         assert_eq!(check_code(RFC_SECRET, "12345", now, None), None);
         assert_eq!(check_code(RFC_SECRET, "abcdef", now, None), None);
@@ -163,7 +187,11 @@ mod tests {
     #[test]
     fn uri_and_qr() {
         let uri = otpauth_uri(RFC_SECRET, "zonemesh", "alice@example.com").unwrap();
-        assert!(uri.starts_with("otpauth://totp/zonemesh:alice%40example.com?"), "{}", &*uri);
+        assert!(
+            uri.starts_with("otpauth://totp/zonemesh:alice%40example.com?"),
+            "{}",
+            &*uri
+        );
         assert!(uri.contains(&format!("secret={}", &*secret_base32(RFC_SECRET))));
         assert!(uri.contains("issuer=zonemesh"));
         let svg = qr_svg(&uri).unwrap();
@@ -176,7 +204,10 @@ mod tests {
         let codes = generate_recovery_codes();
         assert_eq!(codes.len(), RECOVERY_CODES);
         let h = hash_recovery_code("a@b.example", &codes[0]);
-        assert_eq!(h, hash_recovery_code("A@B.example", &codes[0].to_uppercase()));
+        assert_eq!(
+            h,
+            hash_recovery_code("A@B.example", &codes[0].to_uppercase())
+        );
         assert_ne!(h, hash_recovery_code("a@b.example", &codes[1]));
     }
 }

@@ -28,8 +28,8 @@ use zeroize::Zeroizing;
 use crate::audit::{AuditEvent, AuditLog};
 use crate::auth::session::{csrf_for, csrf_matches, random_token};
 use crate::auth::{
-    AuthError, AuthMetrics, FailureOutcome, Gate, PasswordCheck, Role, SecondFactor, SecuritySink, Session, SessionKind, SessionStore, Throttle,
-    UserStore, WebConfig, normalize_email,
+    AuthError, AuthMetrics, FailureOutcome, Gate, PasswordCheck, Role, SecondFactor, SecuritySink,
+    Session, SessionKind, SessionStore, Throttle, UserStore, WebConfig, normalize_email,
 };
 
 pub use tls::{CertSource, IssuedTls, TlsError, serve_https, server_config};
@@ -101,7 +101,11 @@ impl WebState {
         dashboard: Arc<dyn DashboardSource>,
     ) -> Result<Self, AuthError> {
         let users = Arc::new(UserStore::open(db, cfg)?);
-        let sessions = Arc::new(SessionStore::open(db, cfg.session_idle_timeout, cfg.session_absolute_timeout)?);
+        let sessions = Arc::new(SessionStore::open(
+            db,
+            cfg.session_idle_timeout,
+            cfg.session_absolute_timeout,
+        )?);
         Ok(Self {
             inner: Arc::new(Inner {
                 users,
@@ -119,8 +123,11 @@ impl WebState {
 
     /// Replace the clock (tests).
     pub fn with_clock(self, clock: Clock) -> Self {
-        let inner = Arc::try_unwrap(self.inner).unwrap_or_else(|_| panic!("with_clock before the state is shared"));
-        Self { inner: Arc::new(Inner { clock, ..inner }) }
+        let inner = Arc::try_unwrap(self.inner)
+            .unwrap_or_else(|_| panic!("with_clock before the state is shared"));
+        Self {
+            inner: Arc::new(Inner { clock, ..inner }),
+        }
     }
 
     /// The user store (the CLI and admin socket use it too).
@@ -147,7 +154,11 @@ impl WebState {
     /// Lift a block early (operator action); audited.
     pub fn unblock(&self, ip: IpAddr, actor: &str) {
         self.throttle().unblock(ip);
-        self.audit(AuditEvent::new("source.unblocked", "ok").actor(actor).source(ip));
+        self.audit(
+            AuditEvent::new("source.unblocked", "ok")
+                .actor(actor)
+                .source(ip),
+        );
     }
 
     /// Disable a user and end their sessions; audited.
@@ -155,7 +166,11 @@ impl WebState {
         let email = normalize_email(email);
         self.inner.users.disable_user(&email)?;
         self.inner.sessions.remove_for_user(&email)?;
-        self.audit(AuditEvent::new("user.disabled", "ok").actor(actor).subject(email));
+        self.audit(
+            AuditEvent::new("user.disabled", "ok")
+                .actor(actor)
+                .subject(email),
+        );
         Ok(())
     }
 
@@ -164,7 +179,10 @@ impl WebState {
     }
 
     fn throttle(&self) -> std::sync::MutexGuard<'_, Throttle> {
-        self.inner.throttle.lock().unwrap_or_else(|p| p.into_inner())
+        self.inner
+            .throttle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     fn audit(&self, event: AuditEvent) -> bool {
@@ -198,13 +216,31 @@ pub fn router(state: WebState) -> Router {
 
 async fn security_headers(mut resp: Response) -> Response {
     let h = resp.headers_mut();
-    h.insert(header::STRICT_TRANSPORT_SECURITY, HeaderValue::from_static("max-age=63072000; includeSubDomains"));
+    h.insert(
+        header::STRICT_TRANSPORT_SECURITY,
+        HeaderValue::from_static("max-age=63072000; includeSubDomains"),
+    );
     h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
-    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
-    h.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(CSP));
-    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("same-origin"));
-    h.insert("cross-origin-opener-policy", HeaderValue::from_static("same-origin"));
-    h.insert("permissions-policy", HeaderValue::from_static("camera=(), microphone=(), geolocation=()"));
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(CSP),
+    );
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("same-origin"),
+    );
+    h.insert(
+        "cross-origin-opener-policy",
+        HeaderValue::from_static("same-origin"),
+    );
+    h.insert(
+        "permissions-policy",
+        HeaderValue::from_static("camera=(), microphone=(), geolocation=()"),
+    );
     if !h.contains_key(header::CACHE_CONTROL) {
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     }
@@ -218,7 +254,10 @@ async fn same_origin_posts(req: Request, next: Next) -> Response {
         let h = req.headers();
         let fetch_site = h.get("sec-fetch-site").and_then(|v| v.to_str().ok());
         let cross_site = fetch_site.is_some_and(|v| v != "same-origin" && v != "none");
-        let host = h.get(header::HOST).and_then(|v| v.to_str().ok()).or_else(|| req.uri().authority().map(|a| a.as_str()));
+        let host = h
+            .get(header::HOST)
+            .and_then(|v| v.to_str().ok())
+            .or_else(|| req.uri().authority().map(|a| a.as_str()));
         let bad_origin = match (h.get(header::ORIGIN).and_then(|v| v.to_str().ok()), host) {
             // Browsers send "null" under some referrer policies; trust it only when the
             // browser itself says the request is same-origin.
@@ -229,18 +268,41 @@ async fn same_origin_posts(req: Request, next: Next) -> Response {
         };
         if cross_site || bad_origin {
             tracing::info!(origin = ?h.get(header::ORIGIN), host = ?host, sec_fetch_site = ?h.get("sec-fetch-site"), "cross-site form post refused");
-            return (StatusCode::FORBIDDEN, Html(pages::notice("Request refused", "This form was submitted from another site.", Some(("/signin", "Sign in"))))).into_response();
+            return (
+                StatusCode::FORBIDDEN,
+                Html(pages::notice(
+                    "Request refused",
+                    "This form was submitted from another site.",
+                    Some(("/signin", "Sign in")),
+                )),
+            )
+                .into_response();
         }
     }
     next.run(req).await
 }
 
 async fn style() -> Response {
-    ([(header::CONTENT_TYPE, "text/css; charset=utf-8"), (header::CACHE_CONTROL, "public, max-age=3600")], pages::STYLE_CSS).into_response()
+    (
+        [
+            (header::CONTENT_TYPE, "text/css; charset=utf-8"),
+            (header::CACHE_CONTROL, "public, max-age=3600"),
+        ],
+        pages::STYLE_CSS,
+    )
+        .into_response()
 }
 
 async fn not_found() -> Response {
-    (StatusCode::NOT_FOUND, Html(pages::notice("Not found", "There is no such page.", Some(("/", "Home"))))).into_response()
+    (
+        StatusCode::NOT_FOUND,
+        Html(pages::notice(
+            "Not found",
+            "There is no such page.",
+            Some(("/", "Home")),
+        )),
+    )
+        .into_response()
 }
 
 fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
@@ -255,8 +317,13 @@ fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
 }
 
 fn set_cookie(name: &str, value: &str, max_age: Option<Duration>) -> (header::HeaderName, String) {
-    let age = max_age.map(|d| format!("; Max-Age={}", d.as_secs())).unwrap_or_default();
-    (header::SET_COOKIE, format!("{name}={value}; Path=/; Secure; HttpOnly; SameSite=Strict{age}"))
+    let age = max_age
+        .map(|d| format!("; Max-Age={}", d.as_secs()))
+        .unwrap_or_default();
+    (
+        header::SET_COOKIE,
+        format!("{name}={value}; Path=/; Secure; HttpOnly; SameSite=Strict{age}"),
+    )
 }
 
 fn clear_cookie(name: &str) -> (header::HeaderName, String) {
@@ -283,14 +350,27 @@ fn current_session(state: &WebState, headers: &HeaderMap) -> Option<(Zeroizing<S
     }
 }
 
-fn start_session(state: &WebState, email: &str, role: Role, kind: SessionKind, to: &str) -> Response {
+fn start_session(
+    state: &WebState,
+    email: &str,
+    role: Role,
+    kind: SessionKind,
+    to: &str,
+) -> Response {
     match state.inner.sessions.create(email, role, kind, state.now()) {
         Ok(token) => {
             let age = match kind {
                 SessionKind::Full => state.inner.absolute_timeout,
                 _ => crate::auth::session::PENDING_LIFETIME,
             };
-            (AppendHeaders([set_cookie(SESSION_COOKIE, &token, Some(age)), clear_cookie(SIGNIN_COOKIE)]), Redirect::to(to)).into_response()
+            (
+                AppendHeaders([
+                    set_cookie(SESSION_COOKIE, &token, Some(age)),
+                    clear_cookie(SIGNIN_COOKIE),
+                ]),
+                Redirect::to(to),
+            )
+                .into_response()
         }
         Err(e) => internal(e),
     }
@@ -298,12 +378,28 @@ fn start_session(state: &WebState, email: &str, role: Role, kind: SessionKind, t
 
 fn internal(e: impl std::fmt::Display) -> Response {
     tracing::error!(error = %e, "admin request failed");
-    (StatusCode::INTERNAL_SERVER_ERROR, Html(pages::notice("Something went wrong", "The request could not be completed. Try again.", Some(("/", "Home"))))).into_response()
+    (
+        StatusCode::INTERNAL_SERVER_ERROR,
+        Html(pages::notice(
+            "Something went wrong",
+            "The request could not be completed. Try again.",
+            Some(("/", "Home")),
+        )),
+    )
+        .into_response()
 }
 
 fn csrf_refused(state: &WebState) -> Response {
     AuthMetrics::inc(&state.inner.metrics.csrf_rejected);
-    (StatusCode::FORBIDDEN, Html(pages::notice("Form expired", "The form was stale or not sent by this site. Reload the page and try again.", Some(("/signin", "Sign in"))))).into_response()
+    (
+        StatusCode::FORBIDDEN,
+        Html(pages::notice(
+            "Form expired",
+            "The form was stale or not sent by this site. Reload the page and try again.",
+            Some(("/signin", "Sign in")),
+        )),
+    )
+        .into_response()
 }
 
 async fn root(State(state): State<WebState>, headers: HeaderMap) -> Response {
@@ -313,9 +409,18 @@ async fn root(State(state): State<WebState>, headers: HeaderMap) -> Response {
     }
 }
 
-fn signin_form(status: StatusCode, email: &str, error: Option<&str>, extra: Vec<(header::HeaderName, String)>) -> Response {
+fn signin_form(
+    status: StatusCode,
+    email: &str,
+    error: Option<&str>,
+    extra: Vec<(header::HeaderName, String)>,
+) -> Response {
     let secret = random_token();
-    let mut resp = (status, Html(pages::signin(&csrf_for(&secret), email, error))).into_response();
+    let mut resp = (
+        status,
+        Html(pages::signin(&csrf_for(&secret), email, error)),
+    )
+        .into_response();
     let (name, value) = set_cookie(SIGNIN_COOKIE, &secret, Some(Duration::from_secs(3600)));
     if let Ok(v) = HeaderValue::from_str(&value) {
         resp.headers_mut().append(name, v);
@@ -332,7 +437,9 @@ async fn signin_page(State(state): State<WebState>, headers: HeaderMap) -> Respo
     if let Some((_, s)) = current_session(&state, &headers) {
         match s.kind {
             SessionKind::Full => return Redirect::to("/dashboard").into_response(),
-            SessionKind::PendingSecondFactor => return Redirect::to("/signin/code").into_response(),
+            SessionKind::PendingSecondFactor => {
+                return Redirect::to("/signin/code").into_response();
+            }
             SessionKind::PendingEnrollment => return Redirect::to("/enroll").into_response(),
         }
     }
@@ -362,15 +469,29 @@ fn gate_refusal(state: &WebState, gate: Gate, now: SystemTime) -> Option<Respons
             AuthMetrics::inc(&state.inner.metrics.throttled);
             let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
             let text = format!("Too many failed attempts. Try again in {secs} s.");
-            let mut r = (StatusCode::TOO_MANY_REQUESTS, Html(pages::notice("Please wait", &text, Some(("/signin", "Sign in"))))).into_response();
-            r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            let mut r = (
+                StatusCode::TOO_MANY_REQUESTS,
+                Html(pages::notice(
+                    "Please wait",
+                    &text,
+                    Some(("/signin", "Sign in")),
+                )),
+            )
+                .into_response();
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
             Some(r)
         }
         Gate::Blocked(until) => {
             AuthMetrics::inc(&state.inner.metrics.blocked_requests);
-            let secs = until.duration_since(now).unwrap_or_default().as_secs().max(1);
+            let secs = until
+                .duration_since(now)
+                .unwrap_or_default()
+                .as_secs()
+                .max(1);
             let mut r = (StatusCode::FORBIDDEN, Html(pages::notice("Blocked", "Access from your network address is blocked for a while after repeated failed sign-ins.", None))).into_response();
-            r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
             Some(r)
         }
     }
@@ -378,22 +499,41 @@ fn gate_refusal(state: &WebState, gate: Gate, now: SystemTime) -> Option<Respons
 
 /// Count a failure against account and source, audit it, and block the source when it
 /// keeps failing across accounts.
-fn record_failure(state: &WebState, kind: &str, account: &str, ip: IpAddr, detail: &str) -> FailureOutcome {
+fn record_failure(
+    state: &WebState,
+    kind: &str,
+    account: &str,
+    ip: IpAddr,
+    detail: &str,
+) -> FailureOutcome {
     let now = state.now();
     let outcome = state.throttle().record_failure(account, ip, now);
     state.audit(
-        AuditEvent::new(kind, "denied").subject(account).source(ip).detail(format!(
-            "{detail}; account failures {}, source failures {}, next attempt after {} ms",
-            outcome.account_failures,
-            outcome.source_failures,
-            outcome.delay.as_millis()
-        )),
+        AuditEvent::new(kind, "denied")
+            .subject(account)
+            .source(ip)
+            .detail(format!(
+                "{detail}; account failures {}, source failures {}, next attempt after {} ms",
+                outcome.account_failures,
+                outcome.source_failures,
+                outcome.delay.as_millis()
+            )),
     );
     tracing::info!(source = %ip, account_failures = outcome.account_failures, source_failures = outcome.source_failures, "{kind}");
     if let Some(until) = outcome.blocked_until {
         AuthMetrics::inc(&state.inner.metrics.sources_blocked);
-        let reason = format!("{} failed sign-ins across accounts", state.throttle().config().block_after_failures);
-        state.audit(AuditEvent::new("source.blocked", "blocked").source(ip).detail(format!("{reason}; until {}", crate::audit::format_utc(unix_ms(until)))));
+        let reason = format!(
+            "{} failed sign-ins across accounts",
+            state.throttle().config().block_after_failures
+        );
+        state.audit(
+            AuditEvent::new("source.blocked", "blocked")
+                .source(ip)
+                .detail(format!(
+                    "{reason}; until {}",
+                    crate::audit::format_utc(unix_ms(until))
+                )),
+        );
         tracing::warn!(source = %ip, "source blocked after repeated failed sign-ins");
         state.inner.sink.source_blocked(ip, until, &reason);
     }
@@ -401,12 +541,21 @@ fn record_failure(state: &WebState, kind: &str, account: &str, ip: IpAddr, detai
 }
 
 fn unix_ms(t: SystemTime) -> u64 {
-    t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
-async fn signin_submit(State(state): State<WebState>, ConnectInfo(peer): ConnectInfo<SocketAddr>, headers: HeaderMap, Form(form): Form<SigninForm>) -> Response {
+async fn signin_submit(
+    State(state): State<WebState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Form(form): Form<SigninForm>,
+) -> Response {
     let ip = peer.ip();
-    let Some(secret) = cookie(&headers, SIGNIN_COOKIE) else { return csrf_refused(&state) };
+    let Some(secret) = cookie(&headers, SIGNIN_COOKIE) else {
+        return csrf_refused(&state);
+    };
     if !csrf_matches(&secret, &form.csrf) {
         return csrf_refused(&state);
     }
@@ -421,14 +570,26 @@ async fn signin_submit(State(state): State<WebState>, ConnectInfo(peer): Connect
         Ok(c) => c,
         Err(AuthError::Busy) => {
             AuthMetrics::inc(&state.inner.metrics.busy);
-            let mut r = (StatusCode::SERVICE_UNAVAILABLE, Html(pages::notice("Busy", "The server is busy. Try again in a few seconds.", Some(("/signin", "Sign in"))))).into_response();
-            r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(5u32));
+            let mut r = (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Html(pages::notice(
+                    "Busy",
+                    "The server is busy. Try again in a few seconds.",
+                    Some(("/signin", "Sign in")),
+                )),
+            )
+                .into_response();
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(5u32));
             return r;
         }
         Err(e) => return internal(e),
     };
     let (role, second) = match checked {
-        PasswordCheck::Ok { role, second_factor } => (role, second_factor),
+        PasswordCheck::Ok {
+            role,
+            second_factor,
+        } => (role, second_factor),
         other => {
             AuthMetrics::inc(&state.inner.metrics.signin_failure);
             let detail = match other {
@@ -437,12 +598,22 @@ async fn signin_submit(State(state): State<WebState>, ConnectInfo(peer): Connect
                 _ => "wrong password",
             };
             record_failure(&state, "signin.failure", &email, ip, detail);
-            return signin_form(StatusCode::UNAUTHORIZED, &email, Some(WRONG_CREDENTIALS), vec![]);
+            return signin_form(
+                StatusCode::UNAUTHORIZED,
+                &email,
+                Some(WRONG_CREDENTIALS),
+                vec![],
+            );
         }
     };
     match second {
         SecondFactor::None => {
-            if !state.audit(AuditEvent::new("signin.success", "ok").actor(&email).source(ip).detail("password")) {
+            if !state.audit(
+                AuditEvent::new("signin.success", "ok")
+                    .actor(&email)
+                    .source(ip)
+                    .detail("password"),
+            ) {
                 return internal("audit log unavailable");
             }
             state.throttle().record_success(&email, ip, now);
@@ -450,12 +621,34 @@ async fn signin_submit(State(state): State<WebState>, ConnectInfo(peer): Connect
             start_session(&state, &email, role, SessionKind::Full, "/dashboard")
         }
         SecondFactor::Totp => {
-            state.audit(AuditEvent::new("signin.password", "ok").actor(&email).source(ip).detail("second factor pending"));
-            start_session(&state, &email, role, SessionKind::PendingSecondFactor, "/signin/code")
+            state.audit(
+                AuditEvent::new("signin.password", "ok")
+                    .actor(&email)
+                    .source(ip)
+                    .detail("second factor pending"),
+            );
+            start_session(
+                &state,
+                &email,
+                role,
+                SessionKind::PendingSecondFactor,
+                "/signin/code",
+            )
         }
         SecondFactor::EnrollRequired => {
-            state.audit(AuditEvent::new("signin.password", "ok").actor(&email).source(ip).detail("TOTP enrollment required, no session before it"));
-            start_session(&state, &email, role, SessionKind::PendingEnrollment, "/enroll")
+            state.audit(
+                AuditEvent::new("signin.password", "ok")
+                    .actor(&email)
+                    .source(ip)
+                    .detail("TOTP enrollment required, no session before it"),
+            );
+            start_session(
+                &state,
+                &email,
+                role,
+                SessionKind::PendingEnrollment,
+                "/enroll",
+            )
         }
     }
 }
@@ -468,15 +661,24 @@ struct CodeForm {
 
 async fn code_page(State(state): State<WebState>, headers: HeaderMap) -> Response {
     match current_session(&state, &headers) {
-        Some((token, s)) if s.kind == SessionKind::PendingSecondFactor => Html(pages::second_factor(&csrf_for(&token), None)).into_response(),
+        Some((token, s)) if s.kind == SessionKind::PendingSecondFactor => {
+            Html(pages::second_factor(&csrf_for(&token), None)).into_response()
+        }
         Some((_, s)) if s.kind == SessionKind::Full => Redirect::to("/dashboard").into_response(),
         _ => Redirect::to("/signin").into_response(),
     }
 }
 
-async fn code_submit(State(state): State<WebState>, ConnectInfo(peer): ConnectInfo<SocketAddr>, headers: HeaderMap, Form(form): Form<CodeForm>) -> Response {
+async fn code_submit(
+    State(state): State<WebState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Form(form): Form<CodeForm>,
+) -> Response {
     let ip = peer.ip();
-    let Some((token, s)) = current_session(&state, &headers).filter(|(_, s)| s.kind == SessionKind::PendingSecondFactor) else {
+    let Some((token, s)) = current_session(&state, &headers)
+        .filter(|(_, s)| s.kind == SessionKind::PendingSecondFactor)
+    else {
         return Redirect::to("/signin").into_response();
     };
     if !csrf_matches(&token, &form.csrf) {
@@ -487,9 +689,18 @@ async fn code_submit(State(state): State<WebState>, ConnectInfo(peer): ConnectIn
     if let Some(r) = gate_refusal(&state, gate, now) {
         return r;
     }
-    match state.inner.users.verify_second_factor(&s.email, &form.code, now) {
+    match state
+        .inner
+        .users
+        .verify_second_factor(&s.email, &form.code, now)
+    {
         Ok(true) => {
-            if !state.audit(AuditEvent::new("signin.success", "ok").actor(&s.email).source(ip).detail("password + second factor")) {
+            if !state.audit(
+                AuditEvent::new("signin.success", "ok")
+                    .actor(&s.email)
+                    .source(ip)
+                    .detail("password + second factor"),
+            ) {
                 return internal("audit log unavailable");
             }
             let _ = state.inner.sessions.remove(&token);
@@ -499,16 +710,46 @@ async fn code_submit(State(state): State<WebState>, ConnectInfo(peer): ConnectIn
         }
         Ok(false) => {
             AuthMetrics::inc(&state.inner.metrics.second_factor_failure);
-            record_failure(&state, "signin.second-factor-failure", &s.email, ip, "wrong, reused or expired code");
-            (StatusCode::UNAUTHORIZED, Html(pages::second_factor(&csrf_for(&token), Some("That code is not valid. Codes work once; wait for the next one.")))).into_response()
+            record_failure(
+                &state,
+                "signin.second-factor-failure",
+                &s.email,
+                ip,
+                "wrong, reused or expired code",
+            );
+            (
+                StatusCode::UNAUTHORIZED,
+                Html(pages::second_factor(
+                    &csrf_for(&token),
+                    Some("That code is not valid. Codes work once; wait for the next one."),
+                )),
+            )
+                .into_response()
         }
         Err(e) => internal(e),
     }
 }
 
-fn enroll_view(state: &WebState, token: &str, s: &Session, status: StatusCode, error: Option<&str>) -> Response {
+fn enroll_view(
+    state: &WebState,
+    token: &str,
+    s: &Session,
+    status: StatusCode,
+    error: Option<&str>,
+) -> Response {
     match state.inner.users.totp_enrollment(&s.email) {
-        Ok(e) => (status, Html(pages::enroll(&csrf_for(token), &e.qr_svg, &e.secret_base32, &e.otpauth_uri, s.kind == SessionKind::PendingEnrollment, error))).into_response(),
+        Ok(e) => (
+            status,
+            Html(pages::enroll(
+                &csrf_for(token),
+                &e.qr_svg,
+                &e.secret_base32,
+                &e.otpauth_uri,
+                s.kind == SessionKind::PendingEnrollment,
+                error,
+            )),
+        )
+            .into_response(),
         Err(AuthError::Totp(_)) => Redirect::to("/dashboard").into_response(),
         Err(e) => internal(e),
     }
@@ -516,15 +757,28 @@ fn enroll_view(state: &WebState, token: &str, s: &Session, status: StatusCode, e
 
 async fn enroll_page(State(state): State<WebState>, headers: HeaderMap) -> Response {
     match current_session(&state, &headers) {
-        Some((token, s)) if matches!(s.kind, SessionKind::PendingEnrollment | SessionKind::Full) => enroll_view(&state, &token, &s, StatusCode::OK, None),
-        Some((_, s)) if s.kind == SessionKind::PendingSecondFactor => Redirect::to("/signin/code").into_response(),
+        Some((token, s))
+            if matches!(s.kind, SessionKind::PendingEnrollment | SessionKind::Full) =>
+        {
+            enroll_view(&state, &token, &s, StatusCode::OK, None)
+        }
+        Some((_, s)) if s.kind == SessionKind::PendingSecondFactor => {
+            Redirect::to("/signin/code").into_response()
+        }
         _ => Redirect::to("/signin").into_response(),
     }
 }
 
-async fn enroll_submit(State(state): State<WebState>, ConnectInfo(peer): ConnectInfo<SocketAddr>, headers: HeaderMap, Form(form): Form<CodeForm>) -> Response {
+async fn enroll_submit(
+    State(state): State<WebState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Form(form): Form<CodeForm>,
+) -> Response {
     let ip = peer.ip();
-    let Some((token, s)) = current_session(&state, &headers).filter(|(_, s)| matches!(s.kind, SessionKind::PendingEnrollment | SessionKind::Full)) else {
+    let Some((token, s)) = current_session(&state, &headers)
+        .filter(|(_, s)| matches!(s.kind, SessionKind::PendingEnrollment | SessionKind::Full))
+    else {
         return Redirect::to("/signin").into_response();
     };
     if !csrf_matches(&token, &form.csrf) {
@@ -537,7 +791,11 @@ async fn enroll_submit(State(state): State<WebState>, ConnectInfo(peer): Connect
     }
     match state.inner.users.confirm_totp(&s.email, &form.code, now) {
         Ok(Some(codes)) => {
-            if !state.audit(AuditEvent::new("totp.enrolled", "ok").actor(&s.email).source(ip)) {
+            if !state.audit(
+                AuditEvent::new("totp.enrolled", "ok")
+                    .actor(&s.email)
+                    .source(ip),
+            ) {
                 return internal("audit log unavailable");
             }
             let codes: Vec<String> = codes.iter().map(|c| c.to_string()).collect();
@@ -546,8 +804,17 @@ async fn enroll_submit(State(state): State<WebState>, ConnectInfo(peer): Connect
                 let _ = state.inner.sessions.remove(&token);
                 state.throttle().record_success(&s.email, ip, now);
                 AuthMetrics::inc(&state.inner.metrics.signin_success);
-                state.audit(AuditEvent::new("signin.success", "ok").actor(&s.email).source(ip).detail("password + TOTP enrollment"));
-                match state.inner.sessions.create(&s.email, s.role, SessionKind::Full, now) {
+                state.audit(
+                    AuditEvent::new("signin.success", "ok")
+                        .actor(&s.email)
+                        .source(ip)
+                        .detail("password + TOTP enrollment"),
+                );
+                match state
+                    .inner
+                    .sessions
+                    .create(&s.email, s.role, SessionKind::Full, now)
+                {
                     Ok(t) => {
                         let c = set_cookie(SESSION_COOKIE, &t, Some(state.inner.absolute_timeout));
                         (t, Some(c))
@@ -557,7 +824,11 @@ async fn enroll_submit(State(state): State<WebState>, ConnectInfo(peer): Connect
             } else {
                 (token, None)
             };
-            let viewer = pages::Viewer { email: &s.email, role: s.role.as_str(), csrf: &csrf_for(&token) };
+            let viewer = pages::Viewer {
+                email: &s.email,
+                role: s.role.as_str(),
+                csrf: &csrf_for(&token),
+            };
             let mut resp = Html(pages::recovery_codes(&viewer, &codes)).into_response();
             if let Some((name, value)) = extra
                 && let Ok(v) = HeaderValue::from_str(&value)
@@ -568,15 +839,29 @@ async fn enroll_submit(State(state): State<WebState>, ConnectInfo(peer): Connect
         }
         Ok(None) => {
             AuthMetrics::inc(&state.inner.metrics.second_factor_failure);
-            record_failure(&state, "totp.enroll-failure", &s.email, ip, "wrong code at enrollment");
-            enroll_view(&state, &token, &s, StatusCode::UNAUTHORIZED, Some("That code is not valid. Check the time on your phone and try the next code."))
+            record_failure(
+                &state,
+                "totp.enroll-failure",
+                &s.email,
+                ip,
+                "wrong code at enrollment",
+            );
+            enroll_view(
+                &state,
+                &token,
+                &s,
+                StatusCode::UNAUTHORIZED,
+                Some("That code is not valid. Check the time on your phone and try the next code."),
+            )
         }
         Err(e) => internal(e),
     }
 }
 
 async fn dashboard(State(state): State<WebState>, headers: HeaderMap) -> Response {
-    let Some((token, s)) = current_session(&state, &headers) else { return Redirect::to("/signin").into_response() };
+    let Some((token, s)) = current_session(&state, &headers) else {
+        return Redirect::to("/signin").into_response();
+    };
     match s.kind {
         SessionKind::Full => {}
         SessionKind::PendingEnrollment => return Redirect::to("/enroll").into_response(),
@@ -584,9 +869,26 @@ async fn dashboard(State(state): State<WebState>, headers: HeaderMap) -> Respons
     }
     let zones = state.inner.dashboard.zones();
     let nodes = state.inner.dashboard.nodes();
-    let enrolled = state.inner.users.list_users().ok().and_then(|u| u.into_iter().find(|u| u.email == s.email)).is_some_and(|u| u.totp_confirmed);
-    let viewer = pages::Viewer { email: &s.email, role: s.role.as_str(), csrf: &csrf_for(&token) };
-    Html(pages::dashboard(&viewer, &zones, &nodes, state.now(), enrolled)).into_response()
+    let enrolled = state
+        .inner
+        .users
+        .list_users()
+        .ok()
+        .and_then(|u| u.into_iter().find(|u| u.email == s.email))
+        .is_some_and(|u| u.totp_confirmed);
+    let viewer = pages::Viewer {
+        email: &s.email,
+        role: s.role.as_str(),
+        csrf: &csrf_for(&token),
+    };
+    Html(pages::dashboard(
+        &viewer,
+        &zones,
+        &nodes,
+        state.now(),
+        enrolled,
+    ))
+    .into_response()
 }
 
 #[derive(Deserialize)]
@@ -594,7 +896,12 @@ struct SignoutForm {
     csrf: String,
 }
 
-async fn signout(State(state): State<WebState>, ConnectInfo(peer): ConnectInfo<SocketAddr>, headers: HeaderMap, Form(form): Form<SignoutForm>) -> Response {
+async fn signout(
+    State(state): State<WebState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Form(form): Form<SignoutForm>,
+) -> Response {
     let Some((token, s)) = current_session(&state, &headers) else {
         return ([clear_cookie(SESSION_COOKIE)], Redirect::to("/signin")).into_response();
     };
@@ -604,6 +911,10 @@ async fn signout(State(state): State<WebState>, ConnectInfo(peer): ConnectInfo<S
     if let Err(e) = state.inner.sessions.remove(&token) {
         return internal(e);
     }
-    state.audit(AuditEvent::new("signout", "ok").actor(&s.email).source(peer.ip()));
+    state.audit(
+        AuditEvent::new("signout", "ok")
+            .actor(&s.email)
+            .source(peer.ip()),
+    );
     ([clear_cookie(SESSION_COOKIE)], Redirect::to("/signin")).into_response()
 }

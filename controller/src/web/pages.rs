@@ -74,7 +74,8 @@ fn layout(title: &str, viewer: Option<&Viewer<'_>>, body: &str) -> String {
 }
 
 fn message(kind: &str, text: Option<&str>) -> String {
-    text.map(|t| format!(r#"<p class="{kind}" id="message">{}</p>"#, esc(t))).unwrap_or_default()
+    text.map(|t| format!(r#"<p class="{kind}" id="message">{}</p>"#, esc(t)))
+        .unwrap_or_default()
 }
 
 /// The sign-in form.
@@ -116,7 +117,14 @@ pub fn second_factor(csrf: &str, error: Option<&str>) -> String {
 }
 
 /// The TOTP enrollment page: QR code, the secret for manual entry, and the confirm form.
-pub fn enroll(csrf: &str, qr_svg: &str, secret_base32: &str, otpauth_uri: &str, mandatory: bool, error: Option<&str>) -> String {
+pub fn enroll(
+    csrf: &str,
+    qr_svg: &str,
+    secret_base32: &str,
+    otpauth_uri: &str,
+    mandatory: bool,
+    error: Option<&str>,
+) -> String {
     let why = if mandatory {
         "Administrators must use a second factor. Set it up now to continue."
     } else {
@@ -162,8 +170,19 @@ pub fn recovery_codes(viewer: &Viewer<'_>, codes: &[String]) -> String {
 
 /// A page with just a message.
 pub fn notice(title: &str, text: &str, link: Option<(&str, &str)>) -> String {
-    let link = link.map(|(href, label)| format!(r#"<p><a href="{}">{}</a></p>"#, esc(href), esc(label))).unwrap_or_default();
-    layout(title, None, &format!(r#"<div class="card narrow"><h1>{}</h1>{}{}</div>"#, esc(title), message("error", Some(text)), link))
+    let link = link
+        .map(|(href, label)| format!(r#"<p><a href="{}">{}</a></p>"#, esc(href), esc(label)))
+        .unwrap_or_default();
+    layout(
+        title,
+        None,
+        &format!(
+            r#"<div class="card narrow"><h1>{}</h1>{}{}</div>"#,
+            esc(title),
+            message("error", Some(text)),
+            link
+        ),
+    )
 }
 
 fn remaining(until: SystemTime, now: SystemTime) -> String {
@@ -183,23 +202,45 @@ fn remaining(until: SystemTime, now: SystemTime) -> String {
 }
 
 /// The dashboard: zones, and nodes with their certificate expiry.
-pub fn dashboard(viewer: &Viewer<'_>, zones: &[ZoneRow], nodes: &[NodeRow], now: SystemTime, totp_enrolled: bool) -> String {
+pub fn dashboard(
+    viewer: &Viewer<'_>,
+    zones: &[ZoneRow],
+    nodes: &[NodeRow],
+    now: SystemTime,
+    totp_enrolled: bool,
+) -> String {
     let mut z = String::new();
     for r in zones {
-        let _ = write!(z, "<tr><td>{}</td><td class=\"mono\">{}</td><td>{}</td></tr>", esc(&r.name), esc(&r.cidr), r.node_count);
+        let _ = write!(
+            z,
+            "<tr><td>{}</td><td class=\"mono\">{}</td><td>{}</td></tr>",
+            esc(&r.name),
+            esc(&r.cidr),
+            r.node_count
+        );
     }
     if zones.is_empty() {
         z.push_str("<tr><td colspan=\"3\">No zones yet.</td></tr>");
     }
     let mut n = String::new();
     for r in nodes {
-        let exp_ms = r.cert_expiry.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+        let exp_ms = r
+            .cert_expiry
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
         let left = remaining(r.cert_expiry, now);
         let (class, status) = if r.revoked {
             ("bad", "revoked")
         } else if r.cert_expiry <= now {
             ("bad", "expired")
-        } else if r.cert_expiry.duration_since(now).unwrap_or_default().as_secs() < 3 * 86_400 {
+        } else if r
+            .cert_expiry
+            .duration_since(now)
+            .unwrap_or_default()
+            .as_secs()
+            < 3 * 86_400
+        {
             ("warn", "expires soon")
         } else {
             ("", "valid")
@@ -242,7 +283,10 @@ mod tests {
 
     #[test]
     fn escapes() {
-        assert_eq!(esc(r#"<a href="x">'&'</a>"#), "&lt;a href=&quot;x&quot;&gt;&#39;&amp;&#39;&lt;/a&gt;");
+        assert_eq!(
+            esc(r#"<a href="x">'&'</a>"#),
+            "&lt;a href=&quot;x&quot;&gt;&#39;&amp;&#39;&lt;/a&gt;"
+        );
         let page = signin("tok", "\"><script>", Some("<b>"));
         assert!(!page.contains("<script>"));
         assert!(!page.contains("<b>"));

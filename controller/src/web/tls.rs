@@ -91,16 +91,25 @@ pub struct CertSource {
 
 impl std::fmt::Debug for CertSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CertSource").field("lifetime", &self.lifetime()).finish()
+        f.debug_struct("CertSource")
+            .field("lifetime", &self.lifetime())
+            .finish()
     }
 }
 
 impl CertSource {
-    fn certified_key(provider: &CryptoProvider, issued: &IssuedTls) -> Result<CertifiedKey, TlsError> {
+    fn certified_key(
+        provider: &CryptoProvider,
+        issued: &IssuedTls,
+    ) -> Result<CertifiedKey, TlsError> {
         if issued.chain_der.is_empty() {
             return Err(TlsError::Certificate("empty certificate chain".into()));
         }
-        let chain: Vec<CertificateDer<'static>> = issued.chain_der.iter().map(|d| CertificateDer::from(d.clone())).collect();
+        let chain: Vec<CertificateDer<'static>> = issued
+            .chain_der
+            .iter()
+            .map(|d| CertificateDer::from(d.clone()))
+            .collect();
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(issued.key_pkcs8.to_vec()));
         let signing = provider.key_provider.load_private_key(key)?;
         let ck = CertifiedKey::new(chain, signing);
@@ -115,7 +124,10 @@ impl CertSource {
         let ck = Self::certified_key(&provider, issued)?;
         Ok(Self {
             current: ArcSwap::from_pointee(ck),
-            lifetime: Mutex::new(Lifetime { issued_at: now, not_after: issued.not_after }),
+            lifetime: Mutex::new(Lifetime {
+                issued_at: now,
+                not_after: issued.not_after,
+            }),
             provider,
         })
     }
@@ -123,11 +135,16 @@ impl CertSource {
     /// Swap in a renewed certificate after checking it: key matches, not expired.
     pub fn replace(&self, issued: &IssuedTls, now: SystemTime) -> Result<(), TlsError> {
         if issued.not_after <= now {
-            return Err(TlsError::Certificate("renewed certificate is already expired".into()));
+            return Err(TlsError::Certificate(
+                "renewed certificate is already expired".into(),
+            ));
         }
         let ck = Self::certified_key(&self.provider, issued)?;
         self.current.store(Arc::new(ck));
-        *self.lifetime.lock().unwrap_or_else(|p| p.into_inner()) = Lifetime { issued_at: now, not_after: issued.not_after };
+        *self.lifetime.lock().unwrap_or_else(|p| p.into_inner()) = Lifetime {
+            issued_at: now,
+            not_after: issued.not_after,
+        };
         Ok(())
     }
 
@@ -139,7 +156,12 @@ impl CertSource {
 
     /// The leaf being served, DER.
     pub fn leaf_der(&self) -> Vec<u8> {
-        self.current.load().cert.first().map(|c| c.to_vec()).unwrap_or_default()
+        self.current
+            .load()
+            .cert
+            .first()
+            .map(|c| c.to_vec())
+            .unwrap_or_default()
     }
 
     /// When to renew: 2/3 of the way through the lifetime, minus up to 1/20 of it as jitter.
@@ -147,7 +169,8 @@ impl CertSource {
         let (start, end) = self.lifetime();
         let life = end.duration_since(start).unwrap_or_default();
         let at = start + life.mul_f64(2.0 / 3.0);
-        at.checked_sub(life.mul_f64(jitter_fraction.clamp(0.0, 1.0) / 20.0)).unwrap_or(at)
+        at.checked_sub(life.mul_f64(jitter_fraction.clamp(0.0, 1.0) / 20.0))
+            .unwrap_or(at)
     }
 
     /// Renew the certificate at 2/3 of its life until `shutdown`. `issue(now)` makes a new
@@ -162,14 +185,18 @@ impl CertSource {
         let issue = Arc::new(issue);
         loop {
             let now = SystemTime::now();
-            let wait = self.renew_at(rand::random::<f64>()).duration_since(now).unwrap_or_default();
+            let wait = self
+                .renew_at(rand::random::<f64>())
+                .duration_since(now)
+                .unwrap_or_default();
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(wait) => {}
             }
             let f = Arc::clone(&issue);
             let now = SystemTime::now();
-            let result = tokio::task::spawn_blocking(move || f(now).map_err(|e| e.to_string())).await;
+            let result =
+                tokio::task::spawn_blocking(move || f(now).map_err(|e| e.to_string())).await;
             let outcome = match result {
                 Ok(Ok(issued)) => self.replace(&issued, now).map_err(|e| e.to_string()),
                 Ok(Err(e)) => Err(e),
@@ -182,7 +209,9 @@ impl CertSource {
                 }
                 Err(e) => {
                     let (_, not_after) = self.lifetime();
-                    let left = not_after.duration_since(SystemTime::now()).unwrap_or_default();
+                    let left = not_after
+                        .duration_since(SystemTime::now())
+                        .unwrap_or_default();
                     let retry = (left / 10).clamp(Duration::from_secs(1), Duration::from_secs(60));
                     tracing::warn!(error = %e, retry_in_s = retry.as_secs(), "HTTPS certificate renewal failed");
                     tokio::select! {
@@ -196,7 +225,9 @@ impl CertSource {
 }
 
 fn ms(t: SystemTime) -> u64 {
-    t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 impl ResolvesServerCert for CertSource {
@@ -213,7 +244,12 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Serve `app` over TLS on `listener` until `shutdown`: stop accepting, let open
 /// connections finish (up to 10 s), then return. Handlers see the peer address as
 /// `ConnectInfo<SocketAddr>`.
-pub async fn serve_https(listener: TcpListener, app: axum::Router, certs: Arc<CertSource>, shutdown: CancellationToken) -> Result<(), TlsError> {
+pub async fn serve_https(
+    listener: TcpListener,
+    app: axum::Router,
+    certs: Arc<CertSource>,
+    shutdown: CancellationToken,
+) -> Result<(), TlsError> {
     let acceptor = TlsAcceptor::from(Arc::new(server_config(certs)?));
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let mut conns = JoinSet::new();
@@ -244,7 +280,10 @@ pub async fn serve_https(listener: TcpListener, app: axum::Router, certs: Arc<Ce
         });
     }
     drop(listener);
-    let drained = tokio::time::timeout(DRAIN_TIMEOUT, async { while conns.join_next().await.is_some() {} }).await;
+    let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
+        while conns.join_next().await.is_some() {}
+    })
+    .await;
     if drained.is_err() {
         conns.abort_all();
         while conns.join_next().await.is_some() {}
@@ -252,7 +291,13 @@ pub async fn serve_https(listener: TcpListener, app: axum::Router, certs: Arc<Ce
     Ok(())
 }
 
-async fn serve_connection(acceptor: TlsAcceptor, tcp: tokio::net::TcpStream, peer: SocketAddr, app: axum::Router, stop: CancellationToken) {
+async fn serve_connection(
+    acceptor: TlsAcceptor,
+    tcp: tokio::net::TcpStream,
+    peer: SocketAddr,
+    app: axum::Router,
+    stop: CancellationToken,
+) {
     let tls = tokio::select! {
         _ = stop.cancelled() => return,
         r = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)) => match r {
@@ -265,13 +310,22 @@ async fn serve_connection(acceptor: TlsAcceptor, tcp: tokio::net::TcpStream, pee
         },
     };
     let svc = app.map_request(move |mut req: hyper::Request<hyper::body::Incoming>| {
-        req.extensions_mut().insert(axum::extract::ConnectInfo(peer));
+        req.extensions_mut()
+            .insert(axum::extract::ConnectInfo(peer));
         req
     });
     let svc = TowerToHyperService::new(svc);
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(10)).max_buf_size(64 * 1024);
-    builder.http2().timer(TokioTimer::new()).max_concurrent_streams(64).keep_alive_interval(Duration::from_secs(30));
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(10))
+        .max_buf_size(64 * 1024);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(64)
+        .keep_alive_interval(Duration::from_secs(30));
     let conn = builder.serve_connection(TokioIo::new(tls), svc);
     tokio::pin!(conn);
     tokio::select! {

@@ -17,13 +17,20 @@ use tokio_util::sync::CancellationToken;
 use zonemesh_ca::{Ca, CaMaterial, TlsNames, TlsPolicy};
 use zonemesh_controller::audit::AuditLog;
 use zonemesh_controller::auth::{Pepper, SecuritySink, WebConfig};
-use zonemesh_controller::web::{self, CertSource, DashboardSource, IssuedTls, NodeRow, WebState, ZoneRow};
+use zonemesh_controller::web::{
+    self, CertSource, DashboardSource, IssuedTls, NodeRow, WebState, ZoneRow,
+};
 
 /// One CA for the whole test binary (RSA-4096 generation is slow).
 pub fn ca() -> &'static Ca {
     static CA: OnceLock<Ca> = OnceLock::new();
     CA.get_or_init(|| {
-        let m = CaMaterial::generate("test.zonemesh.internal", SystemTime::now() - Duration::from_secs(3600), |_| {}).expect("CA");
+        let m = CaMaterial::generate(
+            "test.zonemesh.internal",
+            SystemTime::now() - Duration::from_secs(3600),
+            |_| {},
+        )
+        .expect("CA");
         Ca::from_material(&m).expect("CA")
     })
 }
@@ -32,8 +39,13 @@ pub fn ca() -> &'static Ca {
 pub fn issue(now: SystemTime, lifetime: Duration) -> IssuedTls {
     let ca = ca();
     let key = zonemesh_ca::generate_rsa_2048().expect("key");
-    let names = TlsNames { dns: vec!["localhost".into()], ips: vec!["127.0.0.1".parse().unwrap()] };
-    let cert = ca.issue_tls(&TlsPolicy::default(), &key, &names, Some(lifetime), now).expect("issue");
+    let names = TlsNames {
+        dns: vec!["localhost".into()],
+        ips: vec!["127.0.0.1".parse().unwrap()],
+    };
+    let cert = ca
+        .issue_tls(&TlsPolicy::default(), &key, &names, Some(lifetime), now)
+        .expect("issue");
     IssuedTls {
         chain_der: vec![cert.der, ca.intermediate_der().to_vec()],
         key_pkcs8: zeroize::Zeroizing::new(key.serialize_der()),
@@ -49,7 +61,10 @@ pub struct RecordingSink {
 
 impl SecuritySink for RecordingSink {
     fn source_blocked(&self, ip: IpAddr, until: SystemTime, reason: &str) {
-        self.blocks.lock().unwrap().push((ip, until, reason.to_string()));
+        self.blocks
+            .lock()
+            .unwrap()
+            .push((ip, until, reason.to_string()));
     }
 }
 
@@ -59,16 +74,45 @@ pub struct FakeDashboard;
 impl DashboardSource for FakeDashboard {
     fn zones(&self) -> Vec<ZoneRow> {
         vec![
-            ZoneRow { name: "fra1".into(), cidr: "100.64.1.0/24".into(), node_count: 2 },
-            ZoneRow { name: "ams2".into(), cidr: "100.64.2.0/24".into(), node_count: 1 },
+            ZoneRow {
+                name: "fra1".into(),
+                cidr: "100.64.1.0/24".into(),
+                node_count: 2,
+            },
+            ZoneRow {
+                name: "ams2".into(),
+                cidr: "100.64.2.0/24".into(),
+                node_count: 1,
+            },
         ]
     }
     fn nodes(&self) -> Vec<NodeRow> {
         let now = SystemTime::now();
         vec![
-            NodeRow { zone: "fra1".into(), name: "db-1".into(), overlay_ip: "100.64.1.10".parse().unwrap(), serial: "0a1b2c".into(), cert_expiry: now + Duration::from_secs(20 * 86_400), revoked: false },
-            NodeRow { zone: "fra1".into(), name: "web-1".into(), overlay_ip: "100.64.1.11".parse().unwrap(), serial: "0d0e0f".into(), cert_expiry: now + Duration::from_secs(86_400), revoked: false },
-            NodeRow { zone: "ams2".into(), name: "gw-1".into(), overlay_ip: "100.64.2.10".parse().unwrap(), serial: "112233".into(), cert_expiry: now + Duration::from_secs(10 * 86_400), revoked: true },
+            NodeRow {
+                zone: "fra1".into(),
+                name: "db-1".into(),
+                overlay_ip: "100.64.1.10".parse().unwrap(),
+                serial: "0a1b2c".into(),
+                cert_expiry: now + Duration::from_secs(20 * 86_400),
+                revoked: false,
+            },
+            NodeRow {
+                zone: "fra1".into(),
+                name: "web-1".into(),
+                overlay_ip: "100.64.1.11".parse().unwrap(),
+                serial: "0d0e0f".into(),
+                cert_expiry: now + Duration::from_secs(86_400),
+                revoked: false,
+            },
+            NodeRow {
+                zone: "ams2".into(),
+                name: "gw-1".into(),
+                overlay_ip: "100.64.2.10".parse().unwrap(),
+                serial: "112233".into(),
+                cert_expiry: now + Duration::from_secs(10 * 86_400),
+                revoked: true,
+            },
         ]
     }
 }
@@ -98,15 +142,35 @@ impl Server {
         tune(&mut cfg);
         let audit = Arc::new(AuditLog::open(&db).unwrap());
         let sink = Arc::new(RecordingSink::default());
-        let state = WebState::new(&cfg, &db, audit.clone(), sink.clone(), Arc::new(FakeDashboard)).unwrap();
+        let state = WebState::new(
+            &cfg,
+            &db,
+            audit.clone(),
+            sink.clone(),
+            Arc::new(FakeDashboard),
+        )
+        .unwrap();
         let now = SystemTime::now();
         let certs = Arc::new(CertSource::new(&issue(now, Duration::from_secs(3600)), now).unwrap());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
         let app = web::router(state.clone());
-        let task = tokio::spawn(web::serve_https(listener, app, certs.clone(), shutdown.clone()).map_ok_unit());
-        Server { addr, state, audit, sink, certs, db, dir, pepper, shutdown, task }
+        let task = tokio::spawn(
+            web::serve_https(listener, app, certs.clone(), shutdown.clone()).map_ok_unit(),
+        );
+        Server {
+            addr,
+            state,
+            audit,
+            sink,
+            certs,
+            db,
+            dir,
+            pepper,
+            shutdown,
+            task,
+        }
     }
 
     /// A client connecting from `source` (any 127.0.0.0/8 address).
@@ -170,7 +234,14 @@ impl Resp {
 
     /// The `csrf` hidden field of the page.
     pub fn csrf(&self) -> String {
-        let i = self.body.find("name=\"csrf\" value=\"").unwrap_or_else(|| panic!("no csrf field in {} {:?} {}", self.status, self.location(), self.body)) + 19;
+        let i = self.body.find("name=\"csrf\" value=\"").unwrap_or_else(|| {
+            panic!(
+                "no csrf field in {} {:?} {}",
+                self.status,
+                self.location(),
+                self.body
+            )
+        }) + 19;
         self.body[i..].split('"').next().unwrap().to_string()
     }
 
@@ -192,7 +263,11 @@ pub fn form_encode(pairs: &[(&str, &str)]) -> String {
         }
         o
     };
-    pairs.iter().map(|(k, v)| format!("{}={}", enc(k), enc(v))).collect::<Vec<_>>().join("&")
+    pairs
+        .iter()
+        .map(|(k, v)| format!("{}={}", enc(k), enc(v)))
+        .collect::<Vec<_>>()
+        .join("&")
 }
 
 /// A minimal HTTPS client with a cookie jar, trusting the test CA, one connection per request.
@@ -206,16 +281,31 @@ pub struct Client {
 impl Client {
     pub fn new(server: SocketAddr, source: IpAddr) -> Self {
         let mut roots = rustls::RootCertStore::empty();
-        roots.add(CertificateDer::from(ca().root_der().to_vec())).unwrap();
+        roots
+            .add(CertificateDer::from(ca().root_der().to_vec()))
+            .unwrap();
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let cfg = rustls::ClientConfig::builder_with_provider(provider).with_safe_default_protocol_versions().unwrap().with_root_certificates(roots).with_no_client_auth();
-        Client { server, source, cookies: HashMap::new(), tls: TlsConnector::from(Arc::new(cfg)) }
+        let cfg = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Client {
+            server,
+            source,
+            cookies: HashMap::new(),
+            tls: TlsConnector::from(Arc::new(cfg)),
+        }
     }
 
     /// The leaf certificate the server presents.
     pub async fn peer_leaf(&self) -> Vec<u8> {
         let tcp = self.connect().await;
-        let tls = self.tls.connect(ServerName::try_from("localhost").unwrap(), tcp).await.unwrap();
+        let tls = self
+            .tls
+            .connect(ServerName::try_from("localhost").unwrap(), tcp)
+            .await
+            .unwrap();
         tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
     }
 
@@ -235,18 +325,40 @@ impl Client {
 
     pub async fn request(&mut self, method: &str, path: &str, body: Option<String>) -> Resp {
         let tcp = self.connect().await;
-        let tls = self.tls.connect(ServerName::try_from("localhost").unwrap(), tcp).await.expect("TLS handshake");
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await.unwrap();
+        let tls = self
+            .tls
+            .connect(ServerName::try_from("localhost").unwrap(), tcp)
+            .await
+            .expect("TLS handshake");
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+                .await
+                .unwrap();
         let conn_task = tokio::spawn(conn);
-        let mut req = hyper::Request::builder().method(method).uri(path).header("host", format!("localhost:{}", self.server.port()));
+        let mut req = hyper::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", format!("localhost:{}", self.server.port()));
         if !self.cookies.is_empty() {
-            let c = self.cookies.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join("; ");
+            let c = self
+                .cookies
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join("; ");
             req = req.header("cookie", c);
         }
         if body.is_some() {
-            req = req.header("content-type", "application/x-www-form-urlencoded").header("origin", format!("https://localhost:{}", self.server.port()));
+            req = req
+                .header("content-type", "application/x-www-form-urlencoded")
+                .header(
+                    "origin",
+                    format!("https://localhost:{}", self.server.port()),
+                );
         }
-        let req = req.body(Full::new(Bytes::from(body.unwrap_or_default()))).unwrap();
+        let req = req
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .unwrap();
         let resp = sender.send_request(req).await.unwrap();
         let status = resp.status().as_u16();
         let headers = resp.headers().clone();
@@ -262,21 +374,35 @@ impl Client {
                 self.cookies.insert(k.to_string(), val.to_string());
             }
         }
-        Resp { status, headers, body: String::from_utf8_lossy(&body).into_owned() }
+        Resp {
+            status,
+            headers,
+            body: String::from_utf8_lossy(&body).into_owned(),
+        }
     }
 
     /// GET the sign-in page and submit it.
     pub async fn sign_in(&mut self, email: &str, password: &str) -> Resp {
-        self.cookies.remove(zonemesh_controller::web::SESSION_COOKIE);
+        self.cookies
+            .remove(zonemesh_controller::web::SESSION_COOKIE);
         let page = self.get("/signin").await;
         let csrf = page.csrf();
-        self.post("/signin", &[("csrf", &csrf), ("email", email), ("password", password)]).await
+        self.post(
+            "/signin",
+            &[("csrf", &csrf), ("email", email), ("password", password)],
+        )
+        .await
     }
 }
 
 /// Whether a command exists on PATH.
 pub fn have(cmd: &str) -> bool {
-    std::process::Command::new("sh").arg("-c").arg(format!("command -v {cmd}")).output().map(|o| o.status.success()).unwrap_or(false)
+    std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {cmd}"))
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
 }
 
 /// `oathtool --totp -b SECRET [-N TIME]`: a TOTP implementation we did not write.
@@ -288,7 +414,11 @@ pub fn oathtool(secret_b32: &str, at: Option<SystemTime>) -> String {
         cmd.args(["-N", &format!("@{secs}")]);
     }
     let out = cmd.output().expect("oathtool");
-    assert!(out.status.success(), "oathtool: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "oathtool: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
