@@ -599,10 +599,15 @@ async fn csrf_cookies_and_security_headers() {
     let r = c.post("/signout", &[("csrf", "x")]).await;
     assert_eq!(r.status, 403);
     assert_eq!(c.get("/dashboard").await.status, 200, "still signed in");
-    // A cross-site form post is refused whatever it carries.
+    // A cross-site form post is refused even with the right token and cookie.
     let dash = c.get("/dashboard").await;
     let body = web_common::form_encode(&[("csrf", &dash.csrf())]);
+    c.origin = Some("https://evil.example".into());
+    let r = c.request("POST", "/signout", Some(body.clone())).await;
+    assert_eq!(r.status, 403, "cross-origin post refused");
+    c.origin = None;
     let r = c.request("POST", "/signout", Some(body)).await;
     assert_eq!(r.status, 303, "same-origin sign-out works");
+    assert_eq!(c.get("/dashboard").await.location(), Some("/signin"));
     server.stop().await;
 }

@@ -1,6 +1,7 @@
 //! Users, passwords, second factors, sessions and failed-sign-in throttling for the
 //! controller's HTTPS admin side.
 
+pub mod cli;
 pub mod password;
 pub mod session;
 pub mod throttle;

@@ -174,6 +174,26 @@ impl WebState {
         Ok(())
     }
 
+    /// Purge expired sessions every `every` until `shutdown` (spawn it in the controller's
+    /// task set).
+    pub async fn maintenance_loop(
+        self,
+        every: Duration,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+            match self.inner.sessions.purge_expired(self.now()) {
+                Ok(n) if n > 0 => tracing::debug!(purged = n, "expired sessions purged"),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "session purge failed"),
+            }
+        }
+    }
+
     fn now(&self) -> SystemTime {
         (self.inner.clock)()
     }

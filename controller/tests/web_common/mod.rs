@@ -275,6 +275,8 @@ pub struct Client {
     server: SocketAddr,
     source: IpAddr,
     pub cookies: HashMap<String, String>,
+    /// `Origin` sent with form posts instead of the server's own.
+    pub origin: Option<String>,
     tls: TlsConnector,
 }
 
@@ -294,6 +296,7 @@ impl Client {
             server,
             source,
             cookies: HashMap::new(),
+            origin: None,
             tls: TlsConnector::from(Arc::new(cfg)),
         }
     }
@@ -353,7 +356,9 @@ impl Client {
                 .header("content-type", "application/x-www-form-urlencoded")
                 .header(
                     "origin",
-                    format!("https://localhost:{}", self.server.port()),
+                    self.origin
+                        .clone()
+                        .unwrap_or_else(|| format!("https://localhost:{}", self.server.port())),
                 );
         }
         let req = req
