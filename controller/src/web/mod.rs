@@ -528,9 +528,16 @@ fn record_failure(
 ) -> FailureOutcome {
     let now = state.now();
     let outcome = state.throttle().record_failure(account, ip, now);
+    // Whatever was typed as an e-mail address goes to the audit log, unless it cannot be
+    // one: people do type passwords into the wrong field.
+    let subject = if account.contains('@') && !account.contains(char::is_whitespace) {
+        account
+    } else {
+        "(not an e-mail address)"
+    };
     state.audit(
         AuditEvent::new(kind, "denied")
-            .subject(account)
+            .subject(subject)
             .source(ip)
             .detail(format!(
                 "{detail}; account failures {}, source failures {}, next attempt after {} ms",
