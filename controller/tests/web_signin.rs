@@ -611,3 +611,75 @@ async fn csrf_cookies_and_security_headers() {
     assert_eq!(c.get("/dashboard").await.location(), Some("/signin"));
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_end_after_idle_and_absolute_timeouts() {
+    let offset = Arc::new(Mutex::new(Duration::ZERO));
+    let o = offset.clone();
+    let clock: zonemesh_controller::web::Clock =
+        Arc::new(move || SystemTime::now() + *o.lock().unwrap());
+    let server = Server::start_with_clock(
+        |c| {
+            c.session_idle_timeout = Duration::from_secs(600);
+            c.session_absolute_timeout = Duration::from_secs(3600);
+        },
+        Some(clock),
+    )
+    .await;
+    server
+        .state
+        .users()
+        .add_user(
+            "timeout@example.com",
+            Role::PortalOwner,
+            "session timeout passphrase",
+        )
+        .unwrap();
+    let advance = |d: u64| *offset.lock().unwrap() += Duration::from_secs(d);
+
+    // Idle: 10 minutes without a request ends the session.
+    let mut c = server.client("127.0.0.10");
+    assert_eq!(
+        c.sign_in("timeout@example.com", "session timeout passphrase")
+            .await
+            .location(),
+        Some("/dashboard")
+    );
+    advance(599);
+    assert_eq!(
+        c.get("/dashboard").await.status,
+        200,
+        "activity within the idle timeout"
+    );
+    advance(601);
+    assert_eq!(
+        c.get("/dashboard").await.location(),
+        Some("/signin"),
+        "idle timeout"
+    );
+
+    // Absolute: requests every 9 minutes keep it alive only up to one hour.
+    assert_eq!(
+        c.sign_in("timeout@example.com", "session timeout passphrase")
+            .await
+            .location(),
+        Some("/dashboard")
+    );
+    let mut alive = 0;
+    for _ in 0..8 {
+        advance(540);
+        if c.get("/dashboard").await.status == 200 {
+            alive += 1;
+        }
+    }
+    assert_eq!(alive, 6, "alive until 54 min, gone at 63 min");
+    assert!(
+        server
+            .state
+            .sessions()
+            .purge_expired(SystemTime::now() + *offset.lock().unwrap())
+            .unwrap()
+            <= 1
+    );
+    server.stop().await;
+}

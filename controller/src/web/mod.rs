@@ -32,7 +32,7 @@ use crate::auth::{
     Session, SessionKind, SessionStore, Throttle, UserStore, WebConfig, normalize_email,
 };
 
-pub use tls::{CertSource, IssuedTls, TlsError, serve_https, server_config};
+pub use tls::{CertSource, IssuedTls, TlsError, ca_issuer, serve_https, server_config};
 
 /// Session cookie (`__Host-` prefix: Secure, Path=/, no Domain).
 pub const SESSION_COOKIE: &str = "__Host-zm_session";

@@ -42,6 +42,36 @@ pub struct IssuedTls {
     pub not_after: SystemTime,
 }
 
+impl From<(Vec<Vec<u8>>, Vec<u8>, SystemTime)> for IssuedTls {
+    /// From (chain DER leaf first, PKCS#8 key, not after).
+    fn from((chain_der, key, not_after): (Vec<Vec<u8>>, Vec<u8>, SystemTime)) -> Self {
+        Self {
+            chain_der,
+            key_pkcs8: zeroize::Zeroizing::new(key),
+            not_after,
+        }
+    }
+}
+
+/// An issuing closure for [`CertSource::renew_loop`]: a fresh RSA-2048 key and a TLS
+/// certificate from the controller's CA for `names`, chained to the intermediate.
+pub fn ca_issuer(
+    ca: Arc<zonemesh_ca::Ca>,
+    policy: zonemesh_ca::TlsPolicy,
+    names: zonemesh_ca::TlsNames,
+    lifetime: Option<Duration>,
+) -> impl Fn(SystemTime) -> Result<IssuedTls, zonemesh_ca::Error> + Send + Sync + 'static {
+    move |now| {
+        let key = zonemesh_ca::generate_rsa_2048()?;
+        let cert = ca.issue_tls(&policy, &key, &names, lifetime, now)?;
+        Ok(IssuedTls {
+            chain_der: vec![cert.der, ca.intermediate_der().to_vec()],
+            key_pkcs8: zeroize::Zeroizing::new(key.serialize_der()),
+            not_after: cert.not_after,
+        })
+    }
+}
+
 /// The cipher suites offered: TLS 1.3's AEAD suites and, for TLS 1.2, ECDHE with AES-GCM
 /// or ChaCha20-Poly1305 only. No static RSA key exchange, no CBC, nothing without
 /// forward secrecy.

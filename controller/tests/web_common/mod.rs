@@ -22,8 +22,8 @@ use zonemesh_controller::web::{
 };
 
 /// One CA for the whole test binary (RSA-4096 generation is slow).
-pub fn ca() -> &'static Ca {
-    static CA: OnceLock<Ca> = OnceLock::new();
+pub fn ca() -> Arc<Ca> {
+    static CA: OnceLock<Arc<Ca>> = OnceLock::new();
     CA.get_or_init(|| {
         let m = CaMaterial::generate(
             "test.zonemesh.internal",
@@ -31,26 +31,18 @@ pub fn ca() -> &'static Ca {
             |_| {},
         )
         .expect("CA");
-        Ca::from_material(&m).expect("CA")
+        Arc::new(Ca::from_material(&m).expect("CA"))
     })
+    .clone()
 }
 
-/// Issue the listener's certificate for localhost / 127.0.0.1.
+/// Issue the listener's certificate for localhost / 127.0.0.1, as the controller does.
 pub fn issue(now: SystemTime, lifetime: Duration) -> IssuedTls {
-    let ca = ca();
-    let key = zonemesh_ca::generate_rsa_2048().expect("key");
     let names = TlsNames {
         dns: vec!["localhost".into()],
         ips: vec!["127.0.0.1".parse().unwrap()],
     };
-    let cert = ca
-        .issue_tls(&TlsPolicy::default(), &key, &names, Some(lifetime), now)
-        .expect("issue");
-    IssuedTls {
-        chain_der: vec![cert.der, ca.intermediate_der().to_vec()],
-        key_pkcs8: zeroize::Zeroizing::new(key.serialize_der()),
-        not_after: cert.not_after,
-    }
+    web::ca_issuer(ca(), TlsPolicy::default(), names, Some(lifetime))(now).expect("issue")
 }
 
 /// Records every block.
@@ -134,6 +126,14 @@ pub struct Server {
 impl Server {
     /// Start with the default config changed by `tune`.
     pub async fn start(tune: impl FnOnce(&mut WebConfig)) -> Server {
+        Self::start_with_clock(tune, None).await
+    }
+
+    /// Start with handlers reading `clock` instead of the system time.
+    pub async fn start_with_clock(
+        tune: impl FnOnce(&mut WebConfig),
+        clock: Option<zonemesh_controller::web::Clock>,
+    ) -> Server {
         let dir = tempfile::tempdir().unwrap();
         let db = sled::open(dir.path().join("db")).unwrap();
         let pepper = Pepper::generate(1);
@@ -150,6 +150,10 @@ impl Server {
             Arc::new(FakeDashboard),
         )
         .unwrap();
+        let state = match clock {
+            Some(c) => state.with_clock(c),
+            None => state,
+        };
         let now = SystemTime::now();
         let certs = Arc::new(CertSource::new(&issue(now, Duration::from_secs(3600)), now).unwrap());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
