@@ -132,6 +132,36 @@ impl Driver {
             .to_string()
     }
 
+    /// Wait (up to 10 s) for the page at a URL ending in `suffix`: a click returns before
+    /// the navigation it starts has finished.
+    async fn wait_url(&self, suffix: &str) -> bool {
+        for _ in 0..100 {
+            let ready = self
+                .cmd(
+                    "POST",
+                    "/execute/sync",
+                    Some(json!({"script": "return document.readyState", "args": []})),
+                )
+                .await;
+            if self.url().await.ends_with(suffix) && ready == json!("complete") {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        false
+    }
+
+    /// Wait (up to 10 s) for the page to contain `needle`.
+    async fn wait_source(&self, needle: &str) -> bool {
+        for _ in 0..100 {
+            if self.source().await.contains(needle) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        false
+    }
+
     async fn source(&self) -> String {
         self.cmd("GET", "/source", None)
             .await
@@ -227,7 +257,7 @@ async fn chromium_signs_in_with_totp_and_sees_the_dashboard() {
     let d = Driver::start().await;
 
     d.goto(&format!("{base}/")).await;
-    assert!(d.url().await.ends_with("/signin"), "{}", d.url().await);
+    assert!(d.wait_url("/signin").await, "{}", d.url().await);
     // Our stylesheet loads under the strict CSP.
     let bg = d.cmd("POST", "/execute/sync", Some(json!({"script": "return getComputedStyle(document.querySelector('header')).backgroundColor", "args": []}))).await;
     assert_eq!(bg, json!("rgb(28, 39, 51)"), "stylesheet applied");
@@ -235,7 +265,7 @@ async fn chromium_signs_in_with_totp_and_sees_the_dashboard() {
     d.type_into("#password", password).await;
     d.click("#signin").await;
     assert!(
-        d.url().await.ends_with("/enroll"),
+        d.wait_url("/enroll").await,
         "admins enroll first: {} {}",
         d.url().await,
         d.source().await
@@ -247,9 +277,12 @@ async fn chromium_signs_in_with_totp_and_sees_the_dashboard() {
     let secret = d.text("#secret").await;
     d.type_into("#code", &oathtool(&secret, None)).await;
     d.click("#confirm").await;
-    assert!(d.source().await.contains("recovery-codes"));
+    assert!(
+        d.wait_source("recovery-codes").await,
+        "recovery codes shown"
+    );
     d.click("#continue").await;
-    assert!(d.url().await.ends_with("/dashboard"));
+    assert!(d.wait_url("/dashboard").await);
     let page = d.source().await;
     assert!(
         page.contains("Dashboard")
@@ -263,20 +296,20 @@ async fn chromium_signs_in_with_totp_and_sees_the_dashboard() {
 
     // Sign out, sign in again with a TOTP code.
     d.click("#signout").await;
-    assert!(d.url().await.ends_with("/signin"));
+    assert!(d.wait_url("/signin").await);
     d.goto(&format!("{base}/dashboard")).await;
-    assert!(d.url().await.ends_with("/signin"), "signed out");
+    assert!(d.wait_url("/signin").await, "signed out");
     d.type_into("#email", email).await;
     d.type_into("#password", password).await;
     d.click("#signin").await;
-    assert!(d.url().await.ends_with("/signin/code"), "{}", d.url().await);
+    assert!(d.wait_url("/signin/code").await, "{}", d.url().await);
     d.type_into(
         "#code",
         &oathtool(&secret, Some(SystemTime::now() + Duration::from_secs(30))),
     )
     .await;
     d.click("#verify").await;
-    assert!(d.url().await.ends_with("/dashboard"), "{}", d.url().await);
+    assert!(d.wait_url("/dashboard").await, "{}", d.url().await);
     assert!(d.text("#dashboard-title").await.contains("Dashboard"));
     let cookies = d.cmd("GET", "/cookie", None).await;
     let session = cookies

@@ -81,6 +81,7 @@ async fn admin_needs_totp_codes_from_oathtool_and_nothing_secret_is_stored_or_lo
         .unwrap();
     let uri = added.otpauth_uri.clone().unwrap();
     let secret = secret_of(&uri);
+    let mut needles_extra: Vec<(String, Vec<u8>)> = vec![];
     assert!(added.qr_terminal.as_deref().unwrap().lines().count() > 10);
 
     // Right password, no confirmed second factor: only the enrollment page, no session.
@@ -128,7 +129,20 @@ async fn admin_needs_totp_codes_from_oathtool_and_nothing_secret_is_stored_or_lo
     let code = oathtool(&secret, None);
     let r = c.post("/enroll", &[("csrf", &csrf), ("code", &code)]).await;
     assert_eq!(r.status, 200, "{}", r.body);
-    assert!(r.body.contains("recovery-codes"));
+    let recovery: Vec<String> = r
+        .body
+        .split("id=\"recovery-codes\">")
+        .nth(1)
+        .unwrap()
+        .split("</ul>")
+        .next()
+        .unwrap()
+        .split("<li>")
+        .filter_map(|x| x.split("</li>").next())
+        .filter(|x| !x.is_empty())
+        .map(String::from)
+        .collect();
+    assert_eq!(recovery.len(), 10, "{}", r.body);
     let session_cookie = c.cookies.get(SESSION_COOKIE).cloned().unwrap();
     assert_ne!(
         session_cookie, pending_cookie,
@@ -164,6 +178,27 @@ async fn admin_needs_totp_codes_from_oathtool_and_nothing_secret_is_stored_or_lo
         r.body
     );
     assert_eq!(c.get("/dashboard").await.status, 200);
+    // A recovery code works once in place of a TOTP code.
+    let dash = c.get("/dashboard").await;
+    c.post("/signout", &[("csrf", &dash.csrf())]).await;
+    assert_eq!(
+        c.sign_in(ADMIN, ADMIN_PW).await.location(),
+        Some("/signin/code")
+    );
+    let csrf = c.get("/signin/code").await.csrf();
+    let r = c
+        .post("/signin/code", &[("csrf", &csrf), ("code", &recovery[3])])
+        .await;
+    assert_eq!(r.location(), Some("/dashboard"), "recovery code accepted");
+    c.sign_in(ADMIN, ADMIN_PW).await;
+    let csrf = c.get("/signin/code").await.csrf();
+    let r = c
+        .post("/signin/code", &[("csrf", &csrf), ("code", &recovery[3])])
+        .await;
+    assert_eq!(r.status, 401, "a recovery code works once");
+    for (i, rc) in recovery.iter().enumerate() {
+        needles_extra.push((format!("recovery code {i}"), rc.as_bytes().to_vec()));
+    }
     let tokens: Vec<String> = vec![
         pending_cookie,
         session_cookie,
@@ -240,6 +275,7 @@ async fn admin_needs_totp_codes_from_oathtool_and_nothing_secret_is_stored_or_lo
             b64.encode(&secret_raw).into_bytes(),
         ),
     ];
+    needles.extend(needles_extra);
     for (i, t) in tokens.iter().enumerate() {
         needles.push((format!("session token {i}"), t.as_bytes().to_vec()));
     }

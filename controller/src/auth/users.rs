@@ -225,6 +225,21 @@ impl UserStore {
         })
     }
 
+    /// After a pepper rotation, move a secret sealed under an older pepper to the current one.
+    fn reseal_if_old(
+        &self,
+        email: &str,
+        st: &mut TotpState,
+        secret: &[u8],
+    ) -> Result<(), AuthError> {
+        if st.pepper_version != self.pepper.version {
+            let fresh = self.seal_secret(email, secret)?;
+            st.sealed = fresh.sealed;
+            st.pepper_version = fresh.pepper_version;
+        }
+        Ok(())
+    }
+
     fn open_secret(&self, email: &str, st: &TotpState) -> Result<Zeroizing<Vec<u8>>, AuthError> {
         let pepper = std::iter::once(&self.pepper)
             .chain(self.previous.iter())
@@ -475,6 +490,7 @@ impl UserStore {
             };
             st.confirmed = true;
             st.last_step = Some(step);
+            self.reseal_if_old(&email, st, &secret)?;
             r.recovery = hashes.clone();
             Ok(Some(()))
         })?;
@@ -505,6 +521,7 @@ impl UserStore {
                     return Ok(None);
                 };
                 st.last_step = Some(step);
+                self.reseal_if_old(&email, st, &secret)?;
                 Ok(Some(()))
             } else {
                 let h = totp::hash_recovery_code(&email, code);

@@ -101,6 +101,8 @@ impl WebState {
         dashboard: Arc<dyn DashboardSource>,
     ) -> Result<Self, AuthError> {
         let users = Arc::new(UserStore::open(db, cfg)?);
+        // Make the dummy hash now, so the first unknown account costs what every other does.
+        users.hasher().dummy();
         let sessions = Arc::new(SessionStore::open(
             db,
             cfg.session_idle_timeout,
@@ -894,8 +896,12 @@ async fn dashboard(State(state): State<WebState>, headers: HeaderMap) -> Respons
         SessionKind::PendingEnrollment => return Redirect::to("/enroll").into_response(),
         SessionKind::PendingSecondFactor => return Redirect::to("/signin/code").into_response(),
     }
-    let zones = state.inner.dashboard.zones();
-    let nodes = state.inner.dashboard.nodes();
+    // Zones and nodes are the mesh operators' business; portal owners do not see them.
+    let (zones, nodes) = if s.role == Role::Admin {
+        (state.inner.dashboard.zones(), state.inner.dashboard.nodes())
+    } else {
+        (vec![], vec![])
+    };
     let enrolled = state
         .inner
         .users

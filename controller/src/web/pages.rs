@@ -266,6 +266,16 @@ pub fn dashboard(
     } else {
         r#"<p class="notice">Two-factor authentication is off for your account. <a href="/enroll">Turn it on</a>.</p>"#.to_string()
     };
+    if viewer.role != "admin" {
+        return layout(
+            "Dashboard",
+            Some(viewer),
+            &format!(
+                r#"<h1 id="dashboard-title">Dashboard</h1>{totp}
+<div class="card"><h2>Your portals</h2><p>Certificate deployment for your portal domains appears here.</p></div>"#
+            ),
+        );
+    }
     layout(
         "Dashboard",
         Some(viewer),
