@@ -1,5 +1,16 @@
-//! The zonemesh controller as a library: the binary in `main.rs` wires these modules.
+//! zonemesh controller: the internal CA, the control plane and the admin side.
 
+pub mod admin;
 pub mod audit;
 pub mod auth;
+pub mod authority;
+pub mod error;
+pub mod grpc;
+pub mod https;
+pub mod mesh;
+pub mod pki_http;
+pub mod secrets;
+pub mod serve;
+pub mod store;
+pub mod tls;
 pub mod web;

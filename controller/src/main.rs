@@ -1,1 +1,554 @@
-fn main() {}
+//! `zonemesh-controller`: the CA, the control plane and its admin commands.
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use serde_json::Value;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::SystemTime;
+use zonemesh_controller::admin::{self, AdminHandler, AdminRequest};
+use zonemesh_controller::authority::Authority;
+use zonemesh_controller::secrets::{KekSource, write_atomic};
+use zonemesh_controller::serve::{ServeConfig, run};
+use zonemesh_controller::store::{Store, StoreError};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "zonemesh-controller",
+    version,
+    about = "zonemesh controller: internal CA and mesh control plane"
+)]
+struct Cli {
+    /// Data directory (sled store, admin socket, secrets).
+    #[arg(
+        long,
+        global = true,
+        default_value = "/var/lib/zonemesh",
+        env = "ZONEMESH_DATA_DIR"
+    )]
+    data_dir: PathBuf,
+    /// Key-encryption key file (default <data-dir>/secrets/kek; or set ZONEMESH_KEK).
+    #[arg(long, global = true)]
+    kek_file: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Create the CA (RSA-4096 root and intermediate) in a new data directory.
+    Init {
+        #[arg(long)]
+        trust_domain: String,
+    },
+    /// Run the controller.
+    Serve {
+        #[arg(long, default_value = "127.0.0.1:7443")]
+        grpc_listen: SocketAddr,
+        #[arg(long, default_value = "127.0.0.1:8443")]
+        https_listen: SocketAddr,
+        /// Plain-HTTP listener for /crl and /ocsp (signed data; relying parties need no TLS).
+        #[arg(long)]
+        pki_listen: Option<SocketAddr>,
+        /// DNS names / IPs for the controller's TLS certificate (default: localhost and the listen IPs).
+        #[arg(long = "tls-name")]
+        tls_names: Vec<String>,
+    },
+    /// CA operations.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
+    /// Zones.
+    Zone {
+        #[command(subcommand)]
+        command: ZoneCommand,
+    },
+    /// Enrollment tokens.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+    /// Enrolled nodes.
+    Node {
+        #[command(subcommand)]
+        command: NodeCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum CaCommand {
+    /// Subjects, fingerprints and expiry of the CA certificates.
+    Show {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the root or intermediate certificate as PEM.
+    Export {
+        #[arg(
+            long,
+            conflicts_with = "intermediate",
+            required_unless_present = "intermediate"
+        )]
+        root: bool,
+        #[arg(long)]
+        intermediate: bool,
+    },
+    /// Sign a node CSR (RSA-4096) and write certificate + intermediate as PEM.
+    SignCsr {
+        #[arg(long)]
+        csr: PathBuf,
+        #[arg(long)]
+        zone: String,
+        #[arg(long)]
+        node: String,
+        /// The node's WireGuard public key (base64).
+        #[arg(long)]
+        wg_key: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Issue a short-lived TLS server certificate with a fresh RSA-2048 key.
+    IssueTls {
+        #[arg(long)]
+        dns: Vec<String>,
+        #[arg(long)]
+        ip: Vec<String>,
+        /// e.g. 24h, 3d (at most the configured maximum, 7d by default).
+        #[arg(long)]
+        lifetime: Option<humantime::Duration>,
+        #[arg(long)]
+        out_dir: PathBuf,
+    },
+    /// Revoke a certificate by serial.
+    Revoke {
+        #[arg(long)]
+        serial: String,
+        #[arg(long, default_value = "unspecified")]
+        reason: String,
+    },
+    /// Print the current CRL as PEM.
+    Crl,
+}
+
+#[derive(Subcommand, Debug)]
+enum ZoneCommand {
+    /// Add a zone with its overlay range.
+    Add {
+        name: String,
+        #[arg(long)]
+        cidr: String,
+        /// Tunnel between nodes of this zone too (default: only to other zones).
+        #[arg(long)]
+        intra_zone_tunnels: bool,
+    },
+    /// List zones.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum TokenCommand {
+    /// Create an enrollment token (printed once, alone on the last line).
+    Create {
+        #[arg(long)]
+        zone: String,
+        #[arg(long, default_value = "1h")]
+        ttl: humantime::Duration,
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum NodeCommand {
+    /// List nodes.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a node (zone/node): cut off at its next handshake, removed from every peer.
+    Revoke {
+        node: String,
+        #[arg(long, default_value = "unspecified")]
+        reason: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("ZONEMESH_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(dispatch(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", one_line(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn one_line(e: &anyhow::Error) -> String {
+    e.chain()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(": ")
+        .replace('\n', " ")
+}
+
+async fn dispatch(cli: Cli) -> Result<()> {
+    let kek = KekSource::new(&cli.data_dir, cli.kek_file.clone());
+    match cli.command {
+        Command::Init { trust_domain } => init(&cli.data_dir, &kek, &trust_domain),
+        Command::Serve {
+            grpc_listen,
+            https_listen,
+            pki_listen,
+            tls_names,
+        } => {
+            let cfg = ServeConfig {
+                data_dir: cli.data_dir.clone(),
+                kek_file: cli.kek_file.clone(),
+                grpc_listen,
+                https_listen,
+                pki_listen,
+                tls_names,
+            };
+            run(cfg, tokio_util::sync::CancellationToken::new()).await
+        }
+        Command::Ca { command } => ca_command(&cli.data_dir, &kek, command).await,
+        Command::Zone {
+            command:
+                ZoneCommand::Add {
+                    name,
+                    cidr,
+                    intra_zone_tunnels,
+                },
+        } => {
+            let v = request(
+                &cli.data_dir,
+                &kek,
+                AdminRequest::ZoneAdd {
+                    name,
+                    cidr,
+                    intra_zone_tunnels,
+                },
+            )
+            .await?;
+            println!(
+                "zone {} added ({})",
+                v["name"].as_str().unwrap_or(""),
+                v["cidr"].as_str().unwrap_or("")
+            );
+            Ok(())
+        }
+        Command::Zone {
+            command: ZoneCommand::List { json },
+        } => {
+            let v = request(&cli.data_dir, &kek, AdminRequest::ZoneList).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!("{:<20} {:<20} {:>6}  INTRA-ZONE", "ZONE", "CIDR", "NODES");
+                for z in v.as_array().into_iter().flatten() {
+                    println!(
+                        "{:<20} {:<20} {:>6}  {}",
+                        s(&z["name"]),
+                        s(&z["cidr"]),
+                        z["nodes"],
+                        z["intra_zone_tunnels"]
+                    );
+                }
+            }
+            Ok(())
+        }
+        Command::Token {
+            command: TokenCommand::Create { zone, ttl, uses },
+        } => {
+            let v = request(
+                &cli.data_dir,
+                &kek,
+                AdminRequest::TokenCreate {
+                    zone,
+                    ttl_secs: ttl.as_secs(),
+                    uses,
+                },
+            )
+            .await?;
+            println!(
+                "enrollment token for zone {} ({} use(s), expires {}):",
+                s(&v["zone"]),
+                v["uses"],
+                fmt_unix(v["expires_unix"].as_u64().unwrap_or(0))
+            );
+            println!("{}", s(&v["token"]));
+            Ok(())
+        }
+        Command::Node {
+            command: NodeCommand::List { json },
+        } => {
+            let v = request(&cli.data_dir, &kek, AdminRequest::NodeList).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!(
+                    "{:<28} {:<16} {:<34} {:<22} STATUS",
+                    "NODE", "OVERLAY", "SERIAL", "CERT EXPIRES"
+                );
+                for n in v.as_array().into_iter().flatten() {
+                    println!(
+                        "{:<28} {:<16} {:<34} {:<22} {}",
+                        format!("{}/{}", s(&n["zone"]), s(&n["node"])),
+                        s(&n["overlay_ip"]),
+                        s(&n["serial"]),
+                        fmt_unix(n["not_after_unix"].as_u64().unwrap_or(0)),
+                        if n["revoked"].as_bool().unwrap_or(false) {
+                            "revoked"
+                        } else {
+                            "active"
+                        }
+                    );
+                }
+            }
+            Ok(())
+        }
+        Command::Node {
+            command: NodeCommand::Revoke { node, reason },
+        } => {
+            let v = request(
+                &cli.data_dir,
+                &kek,
+                AdminRequest::NodeRevoke { node, reason },
+            )
+            .await?;
+            println!(
+                "node {} revoked (serial {})",
+                s(&v["node"]),
+                s(&v["serial"])
+            );
+            Ok(())
+        }
+    }
+}
+
+fn s(v: &Value) -> &str {
+    v.as_str().unwrap_or("")
+}
+
+fn fmt_unix(secs: u64) -> String {
+    humantime::format_rfc3339_seconds(zonemesh_controller::store::from_unix(secs)).to_string()
+}
+
+fn init(data_dir: &Path, kek: &KekSource, trust_domain: &str) -> Result<()> {
+    zonemesh_ca::validate_label("trust domain", trust_domain, true)?;
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("creating {}", data_dir.display()))?;
+    let store = open_store(data_dir)?;
+    if Authority::exists(&store)? {
+        bail!(
+            "{} already holds a CA; refusing to overwrite it",
+            data_dir.display()
+        );
+    }
+    if kek.file.exists() && std::env::var_os(zonemesh_controller::secrets::KEK_ENV).is_none() {
+        bail!(
+            "{} already exists; refusing to overwrite a key-encryption key",
+            kek.file.display()
+        );
+    }
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.enable_steady_tick(std::time::Duration::from_millis(120));
+    let material = zonemesh_ca::CaMaterial::generate(trust_domain, SystemTime::now(), |step| {
+        bar.set_message(step.to_string())
+    })?;
+    bar.finish_and_clear();
+    let k = kek.create()?;
+    Authority::install(&store, &k, &material)?;
+    println!("zonemesh CA created for trust domain {trust_domain}");
+    println!(
+        "key-encryption key: {}",
+        if std::env::var_os(zonemesh_controller::secrets::KEK_ENV).is_some() {
+            "from ZONEMESH_KEK".to_string()
+        } else {
+            kek.file.display().to_string()
+        }
+    );
+    println!("root SHA-256 fingerprint (agents pin this with --ca-fingerprint):");
+    println!(
+        "{}",
+        zonemesh_ca::fingerprint_sha256(&material.root_cert_der)
+    );
+    Ok(())
+}
+
+fn open_store(data_dir: &Path) -> Result<Store> {
+    match Store::open(&data_dir.join("db")) {
+        Ok(s) => Ok(s),
+        Err(StoreError::Locked) => bail!(
+            "the data directory {} is in use by a running controller whose admin socket does not answer",
+            data_dir.display()
+        ),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Send a command to the running controller, or run CA commands locally when none runs.
+async fn request(data_dir: &Path, kek: &KekSource, req: AdminRequest) -> Result<Value> {
+    if !data_dir.exists() {
+        bail!(
+            "data directory {} does not exist (run `zonemesh-controller init` first)",
+            data_dir.display()
+        );
+    }
+    let resp = match admin::call(data_dir, &req).await? {
+        Some(r) => r,
+        None => {
+            if req.needs_server() {
+                bail!(
+                    "no controller is running on {} (start it with `zonemesh-controller serve --data-dir {}`)",
+                    data_dir.display(),
+                    data_dir.display()
+                );
+            }
+            if !data_dir.join("db").exists() {
+                bail!(
+                    "{} holds no zonemesh data (run `zonemesh-controller init` first)",
+                    data_dir.display()
+                );
+            }
+            let store = open_store(data_dir)?;
+            let auth = Authority::load(store, &kek.load()?, SystemTime::now())?;
+            let handler = AdminHandler {
+                auth: std::sync::Arc::new(auth),
+                mesh: None,
+            };
+            let r = tokio::task::spawn_blocking(move || handler.handle(req)).await?;
+            return r.map_err(Into::into);
+        }
+    };
+    if resp.ok {
+        Ok(resp.result)
+    } else {
+        bail!("{}", resp.error)
+    }
+}
+
+async fn ca_command(data_dir: &Path, kek: &KekSource, cmd: CaCommand) -> Result<()> {
+    match cmd {
+        CaCommand::Show { json } => {
+            let v = request(data_dir, kek, AdminRequest::CaShow).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!("trust domain: {}", s(&v["trust_domain"]));
+                for c in v["certificates"].as_array().into_iter().flatten() {
+                    println!(
+                        "{}:\n  subject:   {}\n  sha256:    {}\n  key:       RSA-{}\n  not after: {}",
+                        s(&c["role"]),
+                        s(&c["subject"]),
+                        s(&c["sha256"]),
+                        c["key_bits"],
+                        s(&c["not_after"])
+                    );
+                }
+            }
+        }
+        CaCommand::Export {
+            root: _,
+            intermediate,
+        } => {
+            let v = request(data_dir, kek, AdminRequest::CaExport { intermediate }).await?;
+            print!("{}", s(&v["pem"]));
+        }
+        CaCommand::SignCsr {
+            csr,
+            zone,
+            node,
+            wg_key,
+            out,
+        } => {
+            let raw = std::fs::read(&csr).with_context(|| format!("reading {}", csr.display()))?;
+            let csr_der = match std::str::from_utf8(&raw) {
+                Ok(text) if text.contains("-----BEGIN") => {
+                    zonemesh_ca::pem_blocks("CERTIFICATE REQUEST", text)?
+                        .into_iter()
+                        .next()
+                        .with_context(|| {
+                            format!("{} has no CERTIFICATE REQUEST block", csr.display())
+                        })?
+                }
+                _ => raw,
+            };
+            let v = request(
+                data_dir,
+                kek,
+                AdminRequest::CaSignCsr {
+                    csr_der,
+                    zone,
+                    node,
+                    wg_key,
+                },
+            )
+            .await?;
+            write_atomic(&out, s(&v["pem"]).as_bytes(), 0o644)?;
+            println!("issued serial {} -> {}", s(&v["serial"]), out.display());
+        }
+        CaCommand::IssueTls {
+            dns,
+            ip,
+            lifetime,
+            out_dir,
+        } => {
+            let v = request(
+                data_dir,
+                kek,
+                AdminRequest::CaIssueTls {
+                    dns,
+                    ips: ip,
+                    lifetime_secs: lifetime.map(|d| d.as_secs()),
+                },
+            )
+            .await?;
+            std::fs::create_dir_all(&out_dir)
+                .with_context(|| format!("creating {}", out_dir.display()))?;
+            write_atomic(&out_dir.join("key.pem"), s(&v["key_pem"]).as_bytes(), 0o600)?;
+            write_atomic(
+                &out_dir.join("chain.pem"),
+                s(&v["chain_pem"]).as_bytes(),
+                0o644,
+            )?;
+            println!(
+                "issued serial {} -> {}/chain.pem, key.pem",
+                s(&v["serial"]),
+                out_dir.display()
+            );
+        }
+        CaCommand::Revoke { serial, reason } => {
+            let v = request(data_dir, kek, AdminRequest::CaRevoke { serial, reason }).await?;
+            println!("revoked serial {}", s(&v["revoked"]));
+        }
+        CaCommand::Crl => {
+            let v = request(data_dir, kek, AdminRequest::CaCrl).await?;
+            print!("{}", s(&v["pem"]));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,363 @@
+//! Admin commands. The CLI sends each as one JSON line over the running controller's Unix
+//! socket (`<data-dir>/admin.sock`, mode 0600); CA commands also run directly on the store
+//! when no controller is running. One handler serves both paths.
+
+use crate::authority::Authority;
+use crate::error::ControllerError;
+use crate::mesh::Mesh;
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use zonemesh_ca::{NodeRequest, RevocationReason, TlsNames, WireGuardKey};
+
+/// Largest admin request line.
+const MAX_REQUEST: usize = 256 * 1024;
+
+/// One admin command.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "kebab-case")]
+pub enum AdminRequest {
+    CaShow,
+    CaExport {
+        intermediate: bool,
+    },
+    CaSignCsr {
+        csr_der: Vec<u8>,
+        zone: String,
+        node: String,
+        wg_key: String,
+    },
+    CaIssueTls {
+        dns: Vec<String>,
+        ips: Vec<String>,
+        lifetime_secs: Option<u64>,
+    },
+    CaRevoke {
+        serial: String,
+        reason: String,
+    },
+    CaCrl,
+    ZoneAdd {
+        name: String,
+        cidr: String,
+        intra_zone_tunnels: bool,
+    },
+    ZoneList,
+    TokenCreate {
+        zone: String,
+        ttl_secs: u64,
+        uses: u32,
+    },
+    NodeList,
+    NodeRevoke {
+        node: String,
+        reason: String,
+    },
+}
+
+impl AdminRequest {
+    /// Commands that change or read live mesh state need the running controller.
+    pub fn needs_server(&self) -> bool {
+        matches!(
+            self,
+            Self::ZoneAdd { .. }
+                | Self::ZoneList
+                | Self::TokenCreate { .. }
+                | Self::NodeList
+                | Self::NodeRevoke { .. }
+        )
+    }
+}
+
+/// The reply: a result value or a one-line error.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct AdminResponse {
+    pub ok: bool,
+    #[serde(default)]
+    pub result: Value,
+    #[serde(default)]
+    pub error: String,
+}
+
+/// Path of the admin socket in a data directory.
+pub fn socket_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("admin.sock")
+}
+
+/// Executes admin commands against the authority and, when serving, the live mesh.
+pub struct AdminHandler {
+    pub auth: Arc<Authority>,
+    pub mesh: Option<Arc<Mesh>>,
+}
+
+fn pem_chain(leaf: &[u8], chain: &[Vec<u8>]) -> String {
+    let mut s = zonemesh_ca::to_pem("CERTIFICATE", leaf);
+    for c in chain {
+        s.push_str(&zonemesh_ca::to_pem("CERTIFICATE", c));
+    }
+    s
+}
+
+impl AdminHandler {
+    fn mesh(&self) -> Result<&Arc<Mesh>, ControllerError> {
+        self.mesh.as_ref().ok_or_else(|| {
+            ControllerError::BadRequest("this command needs a running controller".into())
+        })
+    }
+
+    /// Run one command (blocking: RSA and flushes happen here).
+    pub fn handle(&self, req: AdminRequest) -> Result<Value, ControllerError> {
+        let now = SystemTime::now();
+        Ok(match req {
+            AdminRequest::CaShow => {
+                json!({ "trust_domain": self.auth.trust_domain(), "certificates": self.auth.info() })
+            }
+            AdminRequest::CaExport { intermediate } => {
+                let der = if intermediate {
+                    self.auth.ca().intermediate_der()
+                } else {
+                    self.auth.ca().root_der()
+                };
+                json!({ "pem": zonemesh_ca::to_pem("CERTIFICATE", der) })
+            }
+            AdminRequest::CaSignCsr {
+                csr_der,
+                zone,
+                node,
+                wg_key,
+            } => {
+                let wg = WireGuardKey::from_base64(&wg_key)?;
+                let cert = self.auth.issue_node(
+                    &NodeRequest {
+                        csr_der: &csr_der,
+                        zone: &zone,
+                        node: &node,
+                        wg_public_key: wg,
+                    },
+                    now,
+                )?;
+                self.auth.store().flush()?;
+                json!({ "serial": cert.serial_hex, "pem": pem_chain(&cert.der, &self.auth.chain()) })
+            }
+            AdminRequest::CaIssueTls {
+                dns,
+                ips,
+                lifetime_secs,
+            } => {
+                let ips = ips
+                    .iter()
+                    .map(|i| {
+                        i.parse().map_err(|_| {
+                            ControllerError::BadRequest(format!("{i:?} is not an IP address"))
+                        })
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                let key = zonemesh_ca::generate_rsa_2048()?;
+                let cert = self.auth.issue_tls_key(
+                    &key,
+                    &TlsNames { dns, ips },
+                    lifetime_secs.map(Duration::from_secs),
+                    now,
+                )?;
+                json!({
+                    "serial": cert.serial_hex,
+                    "chain_pem": pem_chain(&cert.der, &self.auth.chain()),
+                    "key_pem": zonemesh_ca::to_pem("PRIVATE KEY", &key.serialize_der()),
+                })
+            }
+            AdminRequest::CaRevoke { serial, reason } => {
+                let reason: RevocationReason = reason.parse()?;
+                let serial_norm = serial.trim().to_ascii_lowercase().replace(':', "");
+                let node = self
+                    .auth
+                    .store()
+                    .nodes()?
+                    .into_iter()
+                    .find(|n| n.serial_hex == serial_norm && !n.revoked);
+                match (&self.mesh, node) {
+                    (Some(mesh), Some(n)) => {
+                        mesh.revoke_node(&n.key(), reason, now)?;
+                    }
+                    (mesh, node) => {
+                        self.auth.revoke(&serial, reason, now)?;
+                        if let Some(n) = node {
+                            let mut n = n.clone();
+                            n.revoked = true;
+                            self.auth.store().put_node(&n)?;
+                            self.auth.store().flush()?;
+                        }
+                        if let Some(mesh) = mesh {
+                            mesh.publish_crl()?;
+                        }
+                    }
+                }
+                json!({ "revoked": serial_norm })
+            }
+            AdminRequest::CaCrl => {
+                json!({ "pem": zonemesh_ca::to_pem("X509 CRL", &self.auth.crl_der()) })
+            }
+            AdminRequest::ZoneAdd {
+                name,
+                cidr,
+                intra_zone_tunnels,
+            } => {
+                json!(
+                    self.mesh()?
+                        .add_zone(&name, &cidr, intra_zone_tunnels, now)?
+                )
+            }
+            AdminRequest::ZoneList => {
+                self.mesh()?;
+                let nodes = self.auth.store().nodes()?;
+                let zones: Vec<Value> = self
+                    .auth
+                    .store()
+                    .zones()?
+                    .into_iter()
+                    .map(|z| {
+                        let count = nodes.iter().filter(|n| n.zone == z.name && !n.revoked).count();
+                        json!({ "name": z.name, "cidr": z.cidr.to_string(), "intra_zone_tunnels": z.intra_zone_tunnels, "nodes": count })
+                    })
+                    .collect();
+                json!(zones)
+            }
+            AdminRequest::TokenCreate {
+                zone,
+                ttl_secs,
+                uses,
+            } => {
+                json!(
+                    self.mesh()?
+                        .create_token(&zone, Duration::from_secs(ttl_secs), uses, now)?
+                )
+            }
+            AdminRequest::NodeList => {
+                self.mesh()?;
+                let nodes: Vec<Value> = self
+                    .auth
+                    .store()
+                    .nodes()?
+                    .into_iter()
+                    .map(|n| {
+                        json!({
+                            "zone": n.zone, "node": n.node, "overlay_ip": n.overlay_ip.to_string(),
+                            "serial": n.serial_hex, "not_after_unix": n.not_after_unix, "revoked": n.revoked,
+                            "endpoints": n.endpoints.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                            "wg_public_key": WireGuardKey(n.wg_public_key).to_base64(),
+                        })
+                    })
+                    .collect();
+                json!(nodes)
+            }
+            AdminRequest::NodeRevoke { node, reason } => {
+                let reason: RevocationReason = reason.parse()?;
+                let n = self.mesh()?.revoke_node(&node, reason, now)?;
+                json!({ "node": n.key(), "serial": n.serial_hex })
+            }
+        })
+    }
+
+    fn respond(&self, req: AdminRequest) -> AdminResponse {
+        match self.handle(req) {
+            Ok(result) => AdminResponse {
+                ok: true,
+                result,
+                error: String::new(),
+            },
+            Err(e) => AdminResponse {
+                ok: false,
+                result: Value::Null,
+                error: e.to_string(),
+            },
+        }
+    }
+}
+
+/// Listen on the admin socket until shutdown.
+pub async fn serve(
+    path: PathBuf,
+    handler: Arc<AdminHandler>,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    let _ = std::fs::remove_file(&path);
+    let listener =
+        UnixListener::bind(&path).with_context(|| format!("binding {}", path.display()))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    let tracker = TaskTracker::new();
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = listener.accept() => match r { Ok(s) => s, Err(e) => { tracing::warn!(error = %e, "admin accept"); continue; } },
+        };
+        let handler = handler.clone();
+        tracker.spawn(async move {
+            if let Err(e) = serve_one(stream, handler).await {
+                tracing::warn!(error = %e, "admin connection");
+            }
+        });
+    }
+    tracker.close();
+    tracker.wait().await;
+    let _ = std::fs::remove_file(&path);
+    Ok(())
+}
+
+async fn serve_one(stream: UnixStream, handler: Arc<AdminHandler>) -> Result<()> {
+    let (r, mut w) = stream.into_split();
+    let mut line = String::new();
+    let n = BufReader::new(r)
+        .take(MAX_REQUEST as u64)
+        .read_line(&mut line)
+        .await?;
+    if n == 0 {
+        return Ok(());
+    }
+    let resp = match serde_json::from_str::<AdminRequest>(&line) {
+        Ok(req) => tokio::task::spawn_blocking(move || handler.respond(req)).await?,
+        Err(e) => AdminResponse {
+            ok: false,
+            result: Value::Null,
+            error: format!("bad admin request: {e}"),
+        },
+    };
+    let mut out = serde_json::to_vec(&resp)?;
+    out.push(b'\n');
+    w.write_all(&out).await?;
+    Ok(())
+}
+
+use tokio::io::AsyncReadExt;
+
+/// Send one command to a running controller; `Ok(None)` when none is listening.
+pub async fn call(data_dir: &Path, req: &AdminRequest) -> Result<Option<AdminResponse>> {
+    let path = socket_path(data_dir);
+    let stream = match UnixStream::connect(&path).await {
+        Ok(s) => s,
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            return Ok(None);
+        }
+        Err(e) => bail!("cannot reach the controller at {}: {e}", path.display()),
+    };
+    let (r, mut w) = stream.into_split();
+    let mut line = serde_json::to_vec(req)?;
+    line.push(b'\n');
+    w.write_all(&line).await?;
+    let mut resp = String::new();
+    BufReader::new(r).read_line(&mut resp).await?;
+    Ok(Some(
+        serde_json::from_str(&resp).context("bad reply from the controller")?,
+    ))
+}

@@ -1,0 +1,350 @@
+//! The gRPC listener: TLS accepted here (so the CRL is checked on every handshake), then
+//! handed to tonic with the verified peer identity attached to every request.
+
+use crate::error::ControllerError;
+use crate::mesh::Mesh;
+use futures::Stream;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{broadcast, mpsc};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::{Request, Response, Status};
+use zonemesh_ca::VerifiedNode;
+use zonemesh_proto as pb;
+use zonemesh_proto::enrollment_server::{Enrollment, EnrollmentServer};
+use zonemesh_proto::mesh_server::{Mesh as MeshRpc, MeshServer};
+
+/// Largest gRPC message accepted (a CSR is about 1.6 KiB).
+pub const MAX_MESSAGE: usize = 64 * 1024;
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What tonic attaches to every request of a connection.
+#[derive(Clone, Debug)]
+pub struct PeerConn {
+    pub remote: SocketAddr,
+    /// Set when the client presented a certificate that verified against the CA and CRL.
+    pub node: Option<Arc<VerifiedNode>>,
+}
+
+/// A TLS connection with its verified peer.
+pub struct TlsConn {
+    io: tokio_rustls::server::TlsStream<TcpStream>,
+    info: PeerConn,
+}
+
+impl tonic::transport::server::Connected for TlsConn {
+    type ConnectInfo = PeerConn;
+    fn connect_info(&self) -> PeerConn {
+        self.info.clone()
+    }
+}
+
+impl AsyncRead for TlsConn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TlsConn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
+
+/// Serve Enrollment and Mesh on `listener` until `shutdown`; returns once every
+/// connection task has finished.
+pub async fn serve(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    mesh: Arc<Mesh>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let (tx, rx) = mpsc::channel::<TlsConn>(256);
+    let tracker = TaskTracker::new();
+    let acceptor = TlsAcceptor::from(tls);
+    let accept_mesh = mesh.clone();
+    let accept_shutdown = shutdown.clone();
+    let accept_tracker = tracker.clone();
+    let accept = tracker.spawn(async move {
+        loop {
+            let (tcp, remote) = tokio::select! {
+                _ = accept_shutdown.cancelled() => break,
+                r = listener.accept() => match r {
+                    Ok(c) => c,
+                    Err(e) => { tracing::warn!(error = %e, "accept failed"); continue; }
+                },
+            };
+            let _ = tcp.set_nodelay(true);
+            let acceptor = acceptor.clone();
+            let tx = tx.clone();
+            let mesh = accept_mesh.clone();
+            let stop = accept_shutdown.clone();
+            accept_tracker.spawn(async move {
+                let hs = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    r = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)) => r,
+                };
+                let io = match hs {
+                    Ok(Ok(io)) => io,
+                    Ok(Err(e)) => {
+                        tracing::info!(%remote, error = %e, "TLS handshake refused");
+                        return;
+                    }
+                    Err(_) => return,
+                };
+                let node = peer_identity(&mesh, &io);
+                let _ = tx
+                    .send(TlsConn {
+                        io,
+                        info: PeerConn { remote, node },
+                    })
+                    .await;
+            });
+        }
+    });
+    let incoming = tokio_stream::wrappers::ReceiverStream::new(rx).map_ok();
+    let svc = GrpcService { mesh };
+    let result = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .add_service(EnrollmentServer::new(svc.clone()).max_decoding_message_size(MAX_MESSAGE))
+        .add_service(MeshServer::new(svc).max_decoding_message_size(MAX_MESSAGE))
+        .serve_with_incoming_shutdown(incoming, shutdown.cancelled())
+        .await;
+    let _ = accept.await;
+    tracker.close();
+    tracker.wait().await;
+    result.map_err(Into::into)
+}
+
+trait MapOk: Sized {
+    fn map_ok(self) -> futures::stream::Map<Self, fn(TlsConn) -> Result<TlsConn, std::io::Error>>;
+}
+impl MapOk for tokio_stream::wrappers::ReceiverStream<TlsConn> {
+    fn map_ok(self) -> futures::stream::Map<Self, fn(TlsConn) -> Result<TlsConn, std::io::Error>> {
+        futures::StreamExt::map(self, Ok)
+    }
+}
+
+/// The verified identity of a TLS client (the handshake already checked chain and CRL;
+/// this also reads the zonemesh identity out of it).
+fn peer_identity(
+    mesh: &Mesh,
+    io: &tokio_rustls::server::TlsStream<TcpStream>,
+) -> Option<Arc<VerifiedNode>> {
+    let certs = io.get_ref().1.peer_certificates()?;
+    let chain: Vec<Vec<u8>> = certs.iter().map(|c| c.to_vec()).collect();
+    let auth = mesh.authority();
+    match auth.ca().trust_store().verify_node_chain(
+        &chain,
+        &[auth.crl_der().to_vec()],
+        SystemTime::now(),
+    ) {
+        Ok(v) => Some(Arc::new(v)),
+        Err(e) => {
+            tracing::info!(error = %e, "client certificate is not a node identity");
+            None
+        }
+    }
+}
+
+#[derive(Clone)]
+struct GrpcService {
+    mesh: Arc<Mesh>,
+}
+
+fn conn<T>(req: &Request<T>) -> Result<PeerConn, Status> {
+    req.extensions()
+        .get::<PeerConn>()
+        .cloned()
+        .ok_or_else(|| Status::internal("connection info missing"))
+}
+
+fn node<T>(req: &Request<T>) -> Result<Arc<VerifiedNode>, Status> {
+    conn(req)?
+        .node
+        .ok_or_else(|| Status::unauthenticated("a valid node client certificate is required"))
+}
+
+/// Run blocking work (RSA signing, sled flushes) off the async workers.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ControllerError> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|_| Status::internal("internal error"))?
+        .map_err(Status::from)
+}
+
+#[tonic::async_trait]
+impl Enrollment for GrpcService {
+    async fn enroll(
+        &self,
+        req: Request<pb::EnrollRequest>,
+    ) -> Result<Response<pb::EnrollResponse>, Status> {
+        let source = conn(&req)?.remote.ip();
+        let mesh = self.mesh.clone();
+        let body = req.into_inner();
+        blocking(move || mesh.enroll(&body, source, SystemTime::now()))
+            .await
+            .map(Response::new)
+    }
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::MeshUpdate, Status>> + Send>>;
+
+struct WatchState {
+    mesh: Arc<Mesh>,
+    pending: std::collections::VecDeque<Arc<pb::MeshUpdate>>,
+    last: u64,
+    rx: broadcast::Receiver<Arc<pb::MeshUpdate>>,
+    cancel: CancellationToken,
+    node: String,
+}
+
+#[tonic::async_trait]
+impl MeshRpc for GrpcService {
+    async fn renew(
+        &self,
+        req: Request<pb::RenewRequest>,
+    ) -> Result<Response<pb::RenewResponse>, Status> {
+        let who = node(&req)?;
+        let mesh = self.mesh.clone();
+        let csr = req.into_inner().csr_der;
+        blocking(move || mesh.renew(&who, &csr, SystemTime::now()))
+            .await
+            .map(Response::new)
+    }
+
+    async fn issue_tls_certificate(
+        &self,
+        req: Request<pb::IssueTlsRequest>,
+    ) -> Result<Response<pb::IssueTlsResponse>, Status> {
+        let who = node(&req)?;
+        let mesh = self.mesh.clone();
+        let body = req.into_inner();
+        blocking(move || mesh.issue_tls(&who, &body, SystemTime::now()))
+            .await
+            .map(Response::new)
+    }
+
+    async fn update_endpoints(
+        &self,
+        req: Request<pb::UpdateEndpointsRequest>,
+    ) -> Result<Response<pb::Ack>, Status> {
+        let who = node(&req)?;
+        let mesh = self.mesh.clone();
+        let body = req.into_inner();
+        blocking(move || mesh.update_endpoints(&who, &body.endpoints))
+            .await
+            .map(|_| Response::new(pb::Ack {}))
+    }
+
+    async fn report_health(
+        &self,
+        req: Request<pb::HealthReport>,
+    ) -> Result<Response<pb::Ack>, Status> {
+        let who = node(&req)?;
+        self.mesh
+            .report_health(&who, req.get_ref(), SystemTime::now())
+            .map_err(Status::from)?;
+        Ok(Response::new(pb::Ack {}))
+    }
+
+    async fn report_events(
+        &self,
+        req: Request<pb::SecurityEvents>,
+    ) -> Result<Response<pb::Ack>, Status> {
+        let who = node(&req)?;
+        let mesh = self.mesh.clone();
+        let body = req.into_inner();
+        blocking(move || mesh.report_events(&who, &body, SystemTime::now()))
+            .await
+            .map(|_| Response::new(pb::Ack {}))
+    }
+
+    type WatchStream = WatchStream;
+
+    async fn watch(&self, req: Request<pb::WatchRequest>) -> Result<Response<WatchStream>, Status> {
+        let who = node(&req)?;
+        self.mesh.caller(&who).map_err(Status::from)?;
+        let node_key = crate::store::node_key(&who.id.zone, &who.id.node);
+        let mesh = self.mesh.clone();
+        let resume = req.get_ref().resume_from_version;
+        let nk = node_key.clone();
+        let sub = blocking(move || mesh.subscribe(&nk, resume)).await?;
+        tracing::debug!(node = %node_key, from = resume, version = sub.last_version, "watch started");
+        let state = WatchState {
+            mesh: self.mesh.clone(),
+            pending: sub.initial.into(),
+            last: sub.last_version,
+            rx: sub.rx,
+            cancel: sub.cancel,
+            node: node_key,
+        };
+        let stream = futures::stream::unfold(state, |mut st| async move {
+            loop {
+                if st.cancel.is_cancelled() {
+                    tracing::info!(node = %st.node, "watch ended: node revoked");
+                    return None;
+                }
+                if let Some(u) = st.pending.pop_front() {
+                    return Some((Ok(u.as_ref().clone()), st));
+                }
+                let next = tokio::select! {
+                    _ = st.cancel.cancelled() => continue,
+                    r = st.rx.recv() => r,
+                };
+                match next {
+                    Ok(u) if u.version > st.last => {
+                        st.last = u.version;
+                        return Some((Ok(u.as_ref().clone()), st));
+                    }
+                    Ok(_) => {}
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        match st.mesh.catch_up(st.last) {
+                            Ok(list) => {
+                                st.last = list.last().map(|u| u.version).unwrap_or(st.last);
+                                st.pending.extend(list);
+                            }
+                            Err(e) => return Some((Err(Status::from(e)), st)),
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return None,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+}

@@ -1,0 +1,908 @@
+//! The control plane's state machine: zones, tokens, enrollment, renewal, revocation and
+//! the versioned stream of mesh changes that every agent watches.
+//!
+//! Each change is computed once, written to the change log (so a reconnecting agent can
+//! resume from its last version, also across controller restarts), flushed, and fanned out
+//! to all watchers as one shared `Arc`: the cost of a change does not grow with the fleet.
+
+use crate::authority::Authority;
+use crate::error::{ControllerError, Result};
+use crate::store::{
+    BlockRecord, NodeRecord, Store, StoreError, TokenRecord, ZoneRecord, decode, encode, node_key,
+    unix,
+};
+use base64::Engine;
+use parking_lot::Mutex;
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+use zonemesh_ca::{NodeRequest, RevocationReason, VerifiedNode, WireGuardKey, validate_label};
+use zonemesh_proto as pb;
+
+/// How many past changes are kept for resuming watchers.
+const CHANGE_LOG_LEN: u64 = 4096;
+/// Enrollment failures allowed per source per window before it is rate-limited.
+const ENROLL_FAILURES_PER_WINDOW: u32 = 10;
+const ENROLL_FAILURE_WINDOW: Duration = Duration::from_secs(60);
+/// Security events from agents about one source before that source is blocked.
+const EVENTS_BEFORE_BLOCK: u32 = 20;
+/// How long an automatic block lasts.
+pub const DEFAULT_BLOCK: Duration = Duration::from_secs(3600);
+const MAX_ENDPOINTS: usize = 8;
+
+/// A created token, shown to the operator once.
+#[derive(Debug, serde::Serialize)]
+pub struct CreatedToken {
+    pub token: String,
+    pub zone: String,
+    pub expires_unix: u64,
+    pub uses: u32,
+}
+
+/// What a Watch stream needs to start.
+pub struct Subscription {
+    pub initial: Vec<Arc<pb::MeshUpdate>>,
+    pub last_version: u64,
+    pub rx: broadcast::Receiver<Arc<pb::MeshUpdate>>,
+    pub cancel: CancellationToken,
+}
+
+/// Last reported health of a node's peers.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct HealthRow {
+    pub peer: String,
+    pub loss: f32,
+    pub rtt_micros: u32,
+    pub reported_unix: u64,
+}
+
+/// The control plane.
+pub struct Mesh {
+    auth: Arc<Authority>,
+    store: Store,
+    version: AtomicU64,
+    /// Serialises changes so versions reach the log and the broadcast in order.
+    change_lock: Mutex<()>,
+    tx: broadcast::Sender<Arc<pb::MeshUpdate>>,
+    streams: Mutex<HashMap<String, Vec<CancellationToken>>>,
+    enroll_failures: Mutex<HashMap<IpAddr, (u32, Instant)>>,
+    event_counts: Mutex<HashMap<IpAddr, u32>>,
+    snapshot_cache: Mutex<Option<Arc<pb::MeshUpdate>>>,
+    health: Mutex<HashMap<String, Vec<HealthRow>>>,
+    block_duration: Duration,
+    crl_listeners: Mutex<Vec<Arc<crate::tls::CrlClientVerifier>>>,
+}
+
+impl std::fmt::Debug for Mesh {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mesh")
+            .field("version", &self.version)
+            .finish_non_exhaustive()
+    }
+}
+
+fn store_err(e: sled::Error) -> ControllerError {
+    ControllerError::Store(StoreError::Db(e))
+}
+
+fn hash_token(token: &str) -> String {
+    hex::encode(Sha256::digest(token.trim().as_bytes()))
+}
+
+fn parse_endpoints(list: &[String]) -> Result<Vec<SocketAddr>> {
+    if list.len() > MAX_ENDPOINTS {
+        return Err(ControllerError::BadRequest(format!(
+            "at most {MAX_ENDPOINTS} endpoints"
+        )));
+    }
+    list.iter()
+        .map(|e| {
+            e.parse::<SocketAddr>()
+                .map_err(|_| ControllerError::BadRequest(format!("endpoint {e:?} is not IP:PORT")))
+        })
+        .collect()
+}
+
+/// The names a CSR asks for (subject CN and SAN strings); used only to refuse a CSR that
+/// names another node, never to fill in the certificate.
+fn csr_names(csr_der: &[u8]) -> Vec<String> {
+    use x509_parser::prelude::{FromDer, X509CertificationRequest};
+    let Ok((_, csr)) = X509CertificationRequest::from_der(csr_der) else {
+        return vec![];
+    };
+    let mut names: Vec<String> = csr
+        .certification_request_info
+        .subject
+        .iter_common_name()
+        .filter_map(|cn| cn.as_str().ok().map(str::to_owned))
+        .collect();
+    if let Some(exts) = csr.requested_extensions() {
+        for ext in exts {
+            if let x509_parser::extensions::ParsedExtension::SubjectAlternativeName(san) = ext {
+                names.extend(san.general_names.iter().map(|n| match n {
+                    x509_parser::extensions::GeneralName::URI(u) => u.to_string(),
+                    x509_parser::extensions::GeneralName::DNSName(d) => d.to_string(),
+                    other => format!("{other}"),
+                }));
+            }
+        }
+    }
+    names
+}
+
+fn check_csr_names(csr_der: &[u8], trust_domain: &str, zone: &str, node: &str) -> Result<()> {
+    let spiffe = zonemesh_ca::SpiffeId {
+        trust_domain: trust_domain.into(),
+        zone: zone.into(),
+        node: node.into(),
+    }
+    .uri();
+    for name in csr_names(csr_der) {
+        if name != node && name != spiffe {
+            return Err(ControllerError::PermissionDenied(format!(
+                "CSR names {name:?}, but this request is for node {zone}/{node}"
+            )));
+        }
+    }
+    Ok(())
+}
+
+impl Mesh {
+    /// Start the control plane over an authority and its store.
+    pub fn new(auth: Arc<Authority>) -> Result<Arc<Self>> {
+        let store = auth.store().clone();
+        let version = store.meta_u64("mesh_version")?;
+        let (tx, _) = broadcast::channel(1024);
+        Ok(Arc::new(Self {
+            auth,
+            store,
+            version: AtomicU64::new(version),
+            change_lock: Mutex::new(()),
+            tx,
+            streams: Mutex::new(HashMap::new()),
+            enroll_failures: Mutex::new(HashMap::new()),
+            event_counts: Mutex::new(HashMap::new()),
+            snapshot_cache: Mutex::new(None),
+            health: Mutex::new(HashMap::new()),
+            block_duration: DEFAULT_BLOCK,
+            crl_listeners: Mutex::new(Vec::new()),
+        }))
+    }
+
+    pub fn authority(&self) -> &Arc<Authority> {
+        &self.auth
+    }
+
+    pub fn version(&self) -> u64 {
+        self.version.load(Ordering::SeqCst)
+    }
+
+    /// Number of open Watch streams.
+    pub fn watchers(&self) -> usize {
+        self.tx.receiver_count()
+    }
+
+    /// Have `v` verify client certificates against every new CRL from now on.
+    pub fn add_crl_listener(&self, v: Arc<crate::tls::CrlClientVerifier>) {
+        self.crl_listeners.lock().push(v);
+    }
+
+    /// Record one change durably, then fan it out. Returns its version.
+    fn commit(&self, delta: pb::Delta) -> Result<u64> {
+        if !delta.crl_der.is_empty() {
+            for l in self.crl_listeners.lock().iter() {
+                l.update_crl(&delta.crl_der)
+                    .map_err(|e| ControllerError::Internal(format!("CRL update: {e}")))?;
+            }
+        }
+        let _guard = self.change_lock.lock();
+        let v = self.version.load(Ordering::SeqCst) + 1;
+        let update = Arc::new(pb::MeshUpdate {
+            version: v,
+            kind: Some(pb::mesh_update::Kind::Delta(delta)),
+        });
+        self.store
+            .changes
+            .insert(
+                v.to_be_bytes(),
+                prost::Message::encode_to_vec(update.as_ref()),
+            )
+            .map_err(store_err)?;
+        self.store
+            .meta
+            .insert("mesh_version", &v.to_be_bytes())
+            .map_err(store_err)?;
+        if v > CHANGE_LOG_LEN {
+            let cutoff = (v - CHANGE_LOG_LEN).to_be_bytes();
+            for k in self.store.changes.range(..cutoff).keys() {
+                self.store
+                    .changes
+                    .remove(k.map_err(store_err)?)
+                    .map_err(store_err)?;
+            }
+        }
+        self.store.flush()?;
+        self.version.store(v, Ordering::SeqCst);
+        *self.snapshot_cache.lock() = None;
+        // No receivers is fine: nobody is watching yet.
+        let _ = self.tx.send(update);
+        Ok(v)
+    }
+
+    fn peer_of(&self, n: &NodeRecord) -> pb::Peer {
+        pb::Peer {
+            zone: n.zone.clone(),
+            node: n.node.clone(),
+            certificate_der: n.cert_der.clone(),
+            chain_der: self.auth.chain(),
+            wg_public_key: n.wg_public_key.to_vec(),
+            endpoints: n.endpoints.iter().map(ToString::to_string).collect(),
+            overlay_ip: n.overlay_ip.to_string(),
+        }
+    }
+
+    fn zone_msg(z: &ZoneRecord) -> pb::Zone {
+        pb::Zone {
+            name: z.name.clone(),
+            cidr: z.cidr.to_string(),
+            intra_zone_tunnels: z.intra_zone_tunnels,
+        }
+    }
+
+    fn active_blocks(&self, now: SystemTime) -> Result<Vec<pb::BlockedSource>> {
+        let all: Vec<BlockRecord> = Store::all(&self.store.blocks, "blocks")?;
+        Ok(all
+            .into_iter()
+            .filter(|b| b.until_unix > unix(now))
+            .map(|b| pb::BlockedSource {
+                address: b.address.to_string(),
+                until_unix: b.until_unix,
+                reason: b.reason,
+            })
+            .collect())
+    }
+
+    /// The full mesh at the current version (cached until the next change).
+    pub fn snapshot(&self) -> Result<Arc<pb::MeshUpdate>> {
+        let _guard = self.change_lock.lock();
+        if let Some(s) = self.snapshot_cache.lock().clone() {
+            return Ok(s);
+        }
+        let peers = self
+            .store
+            .nodes()?
+            .iter()
+            .filter(|n| !n.revoked)
+            .map(|n| self.peer_of(n))
+            .collect();
+        let zones = self.store.zones()?.iter().map(Self::zone_msg).collect();
+        let snap = Arc::new(pb::MeshUpdate {
+            version: self.version(),
+            kind: Some(pb::mesh_update::Kind::Snapshot(pb::Snapshot {
+                peers,
+                zones,
+                crl_der: self.auth.crl_der().to_vec(),
+                blocklist: self.active_blocks(SystemTime::now())?,
+            })),
+        });
+        *self.snapshot_cache.lock() = Some(snap.clone());
+        Ok(snap)
+    }
+
+    /// Changes after `version`, if the log still holds all of them.
+    fn changes_since(&self, version: u64) -> Result<Option<Vec<Arc<pb::MeshUpdate>>>> {
+        let current = self.version();
+        if version == 0 || version > current {
+            return Ok(None);
+        }
+        let mut out = Vec::new();
+        let mut expected = version + 1;
+        for item in self.store.changes.range((version + 1).to_be_bytes()..) {
+            let (k, v) = item.map_err(store_err)?;
+            let kv = u64::from_be_bytes(k.as_ref().try_into().unwrap_or([0; 8]));
+            if kv != expected {
+                return Ok(None);
+            }
+            let update: pb::MeshUpdate = prost::Message::decode(v.as_ref()).map_err(|e| {
+                ControllerError::Store(StoreError::Corrupt {
+                    tree: "changes",
+                    err: e.to_string(),
+                })
+            })?;
+            out.push(Arc::new(update));
+            expected += 1;
+        }
+        Ok(if expected == current + 1 {
+            Some(out)
+        } else {
+            None
+        })
+    }
+
+    /// Register a Watch stream for `node`: what to send first, then live changes.
+    pub fn subscribe(&self, node: &str, resume_from: u64) -> Result<Subscription> {
+        // Subscribe before reading state so no change falls between the two.
+        let rx = self.tx.subscribe();
+        let (initial, last_version) = match self.changes_since(resume_from)? {
+            Some(changes) => {
+                let last = changes.last().map(|c| c.version).unwrap_or(resume_from);
+                (changes, last)
+            }
+            None => {
+                let snap = self.snapshot()?;
+                let v = snap.version;
+                (vec![snap], v)
+            }
+        };
+        let cancel = CancellationToken::new();
+        let mut streams = self.streams.lock();
+        let list = streams.entry(node.to_string()).or_default();
+        list.retain(|t| !t.is_cancelled());
+        list.push(cancel.clone());
+        Ok(Subscription {
+            initial,
+            last_version,
+            rx,
+            cancel,
+        })
+    }
+
+    /// Refill a lagging watcher from the log (or a snapshot when the log no longer reaches).
+    pub fn catch_up(&self, after: u64) -> Result<Vec<Arc<pb::MeshUpdate>>> {
+        Ok(match self.changes_since(after)? {
+            Some(c) => c,
+            None => vec![self.snapshot()?],
+        })
+    }
+
+    // ----- zones and tokens (admin) -----
+
+    pub fn add_zone(
+        &self,
+        name: &str,
+        cidr: &str,
+        intra_zone_tunnels: bool,
+        now: SystemTime,
+    ) -> Result<ZoneRecord> {
+        validate_label("zone", name, false)?;
+        let cidr: ipnet::IpNet = cidr.parse().map_err(|_| {
+            ControllerError::BadRequest(format!("{cidr:?} is not a CIDR (e.g. 100.64.1.0/24)"))
+        })?;
+        if cidr.trunc() != cidr {
+            return Err(ControllerError::BadRequest(format!(
+                "{cidr} has host bits set; did you mean {}?",
+                cidr.trunc()
+            )));
+        }
+        if cidr.hosts().take(2).count() < 2 {
+            return Err(ControllerError::BadRequest(format!(
+                "{cidr} is too small for a zone"
+            )));
+        }
+        if self.store.zone(name)?.is_some() {
+            return Err(ControllerError::AlreadyExists(format!(
+                "zone {name} already exists"
+            )));
+        }
+        if let Some(other) = self
+            .store
+            .zones()?
+            .into_iter()
+            .find(|z| z.cidr.contains(&cidr.network()) || cidr.contains(&z.cidr.network()))
+        {
+            return Err(ControllerError::BadRequest(format!(
+                "{cidr} overlaps zone {} ({})",
+                other.name, other.cidr
+            )));
+        }
+        let rec = ZoneRecord {
+            name: name.into(),
+            cidr,
+            intra_zone_tunnels,
+            created_unix: unix(now),
+        };
+        self.store
+            .zones
+            .insert(name, encode(&rec))
+            .map_err(store_err)?;
+        self.commit(pb::Delta {
+            zones: vec![Self::zone_msg(&rec)],
+            ..Default::default()
+        })?;
+        Ok(rec)
+    }
+
+    pub fn create_token(
+        &self,
+        zone: &str,
+        ttl: Duration,
+        uses: u32,
+        now: SystemTime,
+    ) -> Result<CreatedToken> {
+        if self.store.zone(zone)?.is_none() {
+            return Err(ControllerError::NotFound(format!(
+                "zone {zone} does not exist (zone add {zone} --cidr ...)"
+            )));
+        }
+        if uses == 0 || uses > 10_000 {
+            return Err(ControllerError::BadRequest(
+                "uses must be between 1 and 10000".into(),
+            ));
+        }
+        if ttl < Duration::from_secs(60) || ttl > Duration::from_secs(30 * 86_400) {
+            return Err(ControllerError::BadRequest(
+                "ttl must be between 1m and 30d".into(),
+            ));
+        }
+        let mut raw = [0u8; 32];
+        rand::fill(&mut raw);
+        let token = format!(
+            "zmt_{}",
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
+        );
+        let rec = TokenRecord {
+            zone: zone.into(),
+            expires_unix: unix(now + ttl),
+            uses_left: uses,
+            created_unix: unix(now),
+        };
+        self.store
+            .tokens
+            .insert(hash_token(&token), encode(&rec))
+            .map_err(store_err)?;
+        self.store.flush()?;
+        Ok(CreatedToken {
+            token,
+            zone: zone.into(),
+            expires_unix: rec.expires_unix,
+            uses,
+        })
+    }
+
+    // ----- enrollment -----
+
+    fn check_enroll_rate(&self, source: IpAddr) -> Result<()> {
+        let mut map = self.enroll_failures.lock();
+        if let Some((count, since)) = map.get(&source) {
+            if since.elapsed() < ENROLL_FAILURE_WINDOW && *count >= ENROLL_FAILURES_PER_WINDOW {
+                return Err(ControllerError::RateLimited(
+                    "too many failed enrollments from this address; try again later".into(),
+                ));
+            }
+            if since.elapsed() >= ENROLL_FAILURE_WINDOW {
+                map.remove(&source);
+            }
+        }
+        Ok(())
+    }
+
+    fn note_enroll_failure(&self, source: IpAddr) {
+        let mut map = self.enroll_failures.lock();
+        let e = map.entry(source).or_insert((0, Instant::now()));
+        e.0 += 1;
+    }
+
+    /// Enroll a node with a one-time token. Nothing is issued unless every check passes;
+    /// the token use, the serial and the node are durable before this returns.
+    pub fn enroll(
+        &self,
+        req: &pb::EnrollRequest,
+        source: IpAddr,
+        now: SystemTime,
+    ) -> Result<pb::EnrollResponse> {
+        self.check_enroll_rate(source)?;
+        let result = self.enroll_inner(req, now);
+        if let Err(e) = &result {
+            self.note_enroll_failure(source);
+            tracing::warn!(%source, error = %e, "enrollment refused");
+        }
+        result
+    }
+
+    fn enroll_inner(&self, req: &pb::EnrollRequest, now: SystemTime) -> Result<pb::EnrollResponse> {
+        let key = hash_token(&req.token);
+        let token: TokenRecord =
+            Store::get(&self.store.tokens, "tokens", &key)?.ok_or_else(|| {
+                ControllerError::Unauthenticated("enrollment token is not valid".into())
+            })?;
+        if token.expires_unix <= unix(now) {
+            return Err(ControllerError::Unauthenticated(
+                "enrollment token has expired".into(),
+            ));
+        }
+        if token.uses_left == 0 {
+            return Err(ControllerError::Unauthenticated(
+                "enrollment token has already been used".into(),
+            ));
+        }
+        if !req.zone.is_empty() && req.zone != token.zone {
+            return Err(ControllerError::PermissionDenied(format!(
+                "enrollment token is for zone {}, not {}",
+                token.zone, req.zone
+            )));
+        }
+        let zone = self
+            .store
+            .zone(&token.zone)?
+            .ok_or_else(|| ControllerError::NotFound("the token's zone no longer exists".into()))?;
+        validate_label("node name", &req.node_name, false)?;
+        let wg = WireGuardKey::from_slice(&req.wg_public_key)?;
+        let endpoints = parse_endpoints(&req.endpoints)?;
+        check_csr_names(
+            &req.csr_der,
+            self.auth.trust_domain(),
+            &zone.name,
+            &req.node_name,
+        )?;
+        let nkey = node_key(&zone.name, &req.node_name);
+
+        let _guard = self.change_lock.lock();
+        if let Some(existing) = self.store.node(&nkey)? {
+            if !existing.revoked {
+                return Err(ControllerError::AlreadyExists(format!(
+                    "node {nkey} is already enrolled"
+                )));
+            }
+        }
+        if self
+            .store
+            .nodes()?
+            .iter()
+            .any(|n| !n.revoked && n.wg_public_key == wg.0)
+        {
+            return Err(ControllerError::AlreadyExists(
+                "this WireGuard key belongs to another node".into(),
+            ));
+        }
+        let overlay_ip = self.allocate_ip(&zone, &nkey)?;
+        let cert = match self.auth.issue_node(
+            &NodeRequest {
+                csr_der: &req.csr_der,
+                zone: &zone.name,
+                node: &req.node_name,
+                wg_public_key: wg,
+            },
+            now,
+        ) {
+            Ok(c) => c,
+            Err(e) => {
+                self.store
+                    .alloc
+                    .remove(overlay_ip.to_string())
+                    .map_err(store_err)?;
+                return Err(e);
+            }
+        };
+        // Consume one use atomically; a concurrent enrollment with the last use loses here.
+        let consumed = self
+            .store
+            .tokens
+            .fetch_and_update(&key, |old| {
+                let mut rec: TokenRecord = decode("tokens", old?).ok()?;
+                if rec.uses_left == 0 {
+                    return None;
+                }
+                rec.uses_left -= 1;
+                Some(encode(&rec))
+            })
+            .map_err(store_err)?
+            .and_then(|old| decode::<TokenRecord>("tokens", &old).ok())
+            .is_some_and(|old| old.uses_left > 0);
+        if !consumed {
+            self.store
+                .alloc
+                .remove(overlay_ip.to_string())
+                .map_err(store_err)?;
+            self.store
+                .certs
+                .remove(&cert.serial_hex)
+                .map_err(store_err)?;
+            return Err(ControllerError::Unauthenticated(
+                "enrollment token has already been used".into(),
+            ));
+        }
+        let node = NodeRecord {
+            zone: zone.name.clone(),
+            node: req.node_name.clone(),
+            serial_hex: cert.serial_hex.clone(),
+            cert_der: cert.der.clone(),
+            wg_public_key: wg.0,
+            endpoints,
+            overlay_ip,
+            enrolled_unix: unix(now),
+            not_after_unix: unix(cert.not_after),
+            revoked: false,
+        };
+        self.store.put_node(&node)?;
+        let peer = self.peer_of(&node);
+        drop(_guard);
+        // commit() flushes the token use, serial, allocation and node together.
+        self.commit(pb::Delta {
+            upserted: vec![peer],
+            ..Default::default()
+        })?;
+        tracing::info!(node = %nkey, serial = %cert.serial_hex, "node enrolled");
+        Ok(pb::EnrollResponse {
+            certificate_der: cert.der,
+            chain_der: self.auth.chain(),
+            root_der: self.auth.ca().root_der().to_vec(),
+            trust_domain: self.auth.trust_domain().to_string(),
+            zone: zone.name.clone(),
+            node: req.node_name.clone(),
+            spiffe_id: zonemesh_ca::SpiffeId::new(
+                self.auth.trust_domain(),
+                &zone.name,
+                &req.node_name,
+            )?
+            .uri(),
+            overlay_ip: overlay_ip.to_string(),
+            zone_cidr: zone.cidr.to_string(),
+        })
+    }
+
+    fn allocate_ip(&self, zone: &ZoneRecord, nkey: &str) -> Result<IpAddr> {
+        for ip in zone.cidr.hosts() {
+            let k = ip.to_string();
+            let won = self
+                .store
+                .alloc
+                .compare_and_swap(&k, None as Option<&[u8]>, Some(nkey.as_bytes()))
+                .map_err(store_err)?
+                .is_ok();
+            if won {
+                return Ok(ip);
+            }
+        }
+        Err(ControllerError::BadRequest(format!(
+            "zone {} has no free overlay addresses",
+            zone.name
+        )))
+    }
+
+    // ----- calls from enrolled nodes -----
+
+    /// The caller's current, unrevoked node record.
+    pub fn caller(&self, who: &VerifiedNode) -> Result<NodeRecord> {
+        if self.auth.is_revoked(&who.serial_hex) {
+            return Err(ControllerError::Unauthenticated(
+                "certificate has been revoked".into(),
+            ));
+        }
+        let node = self
+            .store
+            .node(&node_key(&who.id.zone, &who.id.node))?
+            .filter(|n| !n.revoked)
+            .ok_or_else(|| ControllerError::Unauthenticated("node is not enrolled".into()))?;
+        Ok(node)
+    }
+
+    pub fn renew(
+        &self,
+        who: &VerifiedNode,
+        csr_der: &[u8],
+        now: SystemTime,
+    ) -> Result<pb::RenewResponse> {
+        let mut node = self.caller(who)?;
+        check_csr_names(csr_der, self.auth.trust_domain(), &node.zone, &node.node)?;
+        let cert = self.auth.issue_node(
+            &NodeRequest {
+                csr_der,
+                zone: &node.zone,
+                node: &node.node,
+                wg_public_key: WireGuardKey(node.wg_public_key),
+            },
+            now,
+        )?;
+        node.serial_hex = cert.serial_hex.clone();
+        node.cert_der = cert.der.clone();
+        node.not_after_unix = unix(cert.not_after);
+        self.store.put_node(&node)?;
+        self.commit(pb::Delta {
+            upserted: vec![self.peer_of(&node)],
+            ..Default::default()
+        })?;
+        tracing::info!(node = %node.key(), serial = %cert.serial_hex, "node certificate renewed");
+        Ok(pb::RenewResponse {
+            certificate_der: cert.der,
+            chain_der: self.auth.chain(),
+        })
+    }
+
+    /// A TLS certificate for the node's own services: only `<node>.<zone>.<trust-domain>`
+    /// and the node's overlay address.
+    pub fn issue_tls(
+        &self,
+        who: &VerifiedNode,
+        req: &pb::IssueTlsRequest,
+        now: SystemTime,
+    ) -> Result<pb::IssueTlsResponse> {
+        let node = self.caller(who)?;
+        let allowed_dns = format!("{}.{}.{}", node.node, node.zone, self.auth.trust_domain());
+        for d in &req.dns_names {
+            if d != &allowed_dns {
+                return Err(ControllerError::PermissionDenied(format!(
+                    "{d:?} is not a name of this node (allowed: {allowed_dns})"
+                )));
+            }
+        }
+        let mut ips = Vec::new();
+        for ip in &req.ip_addresses {
+            let parsed: IpAddr = ip
+                .parse()
+                .map_err(|_| ControllerError::BadRequest(format!("{ip:?} is not an IP address")))?;
+            if parsed != node.overlay_ip {
+                return Err(ControllerError::PermissionDenied(format!(
+                    "{ip} is not this node's overlay address"
+                )));
+            }
+            ips.push(parsed);
+        }
+        let names = zonemesh_ca::TlsNames {
+            dns: req.dns_names.clone(),
+            ips,
+        };
+        let lifetime = (req.lifetime_secs > 0).then(|| Duration::from_secs(req.lifetime_secs));
+        let cert = self
+            .auth
+            .issue_tls_csr(&req.csr_der, &names, lifetime, now)?;
+        Ok(pb::IssueTlsResponse {
+            certificate_der: cert.der,
+            chain_der: self.auth.chain(),
+        })
+    }
+
+    pub fn update_endpoints(&self, who: &VerifiedNode, endpoints: &[String]) -> Result<()> {
+        let mut node = self.caller(who)?;
+        let parsed = parse_endpoints(endpoints)?;
+        if parsed == node.endpoints {
+            return Ok(());
+        }
+        node.endpoints = parsed;
+        self.store.put_node(&node)?;
+        self.commit(pb::Delta {
+            upserted: vec![self.peer_of(&node)],
+            ..Default::default()
+        })?;
+        Ok(())
+    }
+
+    pub fn report_health(
+        &self,
+        who: &VerifiedNode,
+        report: &pb::HealthReport,
+        now: SystemTime,
+    ) -> Result<()> {
+        let node = self.caller(who)?;
+        let rows = report
+            .peers
+            .iter()
+            .take(10_000)
+            .map(|p| HealthRow {
+                peer: p.peer.clone(),
+                loss: p.loss,
+                rtt_micros: p.rtt_micros,
+                reported_unix: unix(now),
+            })
+            .collect();
+        self.health.lock().insert(node.key(), rows);
+        Ok(())
+    }
+
+    /// Health matrix: node → its peers' loss and latency.
+    pub fn health(&self) -> HashMap<String, Vec<HealthRow>> {
+        self.health.lock().clone()
+    }
+
+    /// Security events from an agent (for example handshakes from unknown keys). A source
+    /// reported often enough is blocked on every agent.
+    pub fn report_events(
+        &self,
+        who: &VerifiedNode,
+        events: &pb::SecurityEvents,
+        now: SystemTime,
+    ) -> Result<Vec<IpAddr>> {
+        let node = self.caller(who)?;
+        let mut blocked = Vec::new();
+        for ev in events.events.iter().take(1000) {
+            tracing::warn!(node = %node.key(), kind = %ev.kind, source = %ev.source, "security event reported by agent");
+            let Ok(ip) = ev
+                .source
+                .parse::<SocketAddr>()
+                .map(|s| s.ip())
+                .or_else(|_| ev.source.parse::<IpAddr>())
+            else {
+                continue;
+            };
+            let count = {
+                let mut counts = self.event_counts.lock();
+                let c = counts.entry(ip).or_insert(0);
+                *c += 1;
+                *c
+            };
+            if count == EVENTS_BEFORE_BLOCK {
+                self.block_source(
+                    ip,
+                    now + self.block_duration,
+                    &format!("{count} security events ({}) reported by agents", ev.kind),
+                )?;
+                blocked.push(ip);
+            }
+        }
+        Ok(blocked)
+    }
+
+    /// Put a source on the blocklist carried to every agent.
+    pub fn block_source(&self, ip: IpAddr, until: SystemTime, reason: &str) -> Result<()> {
+        let rec = BlockRecord {
+            address: ip,
+            until_unix: unix(until),
+            reason: reason.into(),
+        };
+        self.store
+            .blocks
+            .insert(ip.to_string(), encode(&rec))
+            .map_err(store_err)?;
+        self.commit(pb::Delta {
+            blocked: vec![pb::BlockedSource {
+                address: ip.to_string(),
+                until_unix: rec.until_unix,
+                reason: rec.reason,
+            }],
+            ..Default::default()
+        })?;
+        tracing::warn!(source = %ip, until = rec.until_unix, reason, "source blocked");
+        Ok(())
+    }
+
+    // ----- revocation -----
+
+    /// Revoke a node: its certificate goes on the CRL, its open streams end now, and every
+    /// other watcher receives its removal and the new CRL.
+    pub fn revoke_node(
+        &self,
+        nkey: &str,
+        reason: RevocationReason,
+        now: SystemTime,
+    ) -> Result<NodeRecord> {
+        let mut node = self.store.node(nkey)?.ok_or_else(|| {
+            ControllerError::NotFound(format!("no node {nkey} (use zone/node, see `node list`)"))
+        })?;
+        if node.revoked {
+            return Err(ControllerError::AlreadyExists(format!(
+                "node {nkey} is already revoked"
+            )));
+        }
+        self.auth.revoke(&node.serial_hex, reason, now)?;
+        node.revoked = true;
+        self.store.put_node(&node)?;
+        self.commit(pb::Delta {
+            removed: vec![pb::PeerRef {
+                zone: node.zone.clone(),
+                node: node.node.clone(),
+            }],
+            crl_der: self.auth.crl_der().to_vec(),
+            ..Default::default()
+        })?;
+        if let Some(streams) = self.streams.lock().remove(nkey) {
+            for s in streams {
+                s.cancel();
+            }
+        }
+        tracing::info!(node = %nkey, serial = %node.serial_hex, "node revoked");
+        Ok(node)
+    }
+
+    /// Push a freshly signed CRL to every watcher (after `ca revoke` of a non-node serial,
+    /// or the periodic refresh).
+    pub fn publish_crl(&self) -> Result<u64> {
+        self.commit(pb::Delta {
+            crl_der: self.auth.crl_der().to_vec(),
+            ..Default::default()
+        })
+    }
+}

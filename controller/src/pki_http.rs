@@ -1,0 +1,74 @@
+//! HTTP endpoints for relying parties: the CRL and the OCSP responder (RFC 6960 over HTTP).
+
+use crate::authority::Authority;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use base64::Engine;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+const MAX_OCSP_REQUEST: usize = 16 * 1024;
+
+/// `/crl`, `/ocsp` (POST) and `/ocsp/{base64}` (GET).
+pub fn router(auth: Arc<Authority>) -> axum::Router {
+    axum::Router::new()
+        .route("/crl", get(crl))
+        .route("/ocsp", post(ocsp_post))
+        .route("/ocsp/{*req}", get(ocsp_get))
+        .layer(DefaultBodyLimit::max(MAX_OCSP_REQUEST))
+        .with_state(auth)
+}
+
+async fn crl(State(auth): State<Arc<Authority>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/pkix-crl")],
+        auth.crl_der().to_vec(),
+    )
+        .into_response()
+}
+
+fn ocsp_reply(auth: &Authority, der: &[u8]) -> Response {
+    let resp = auth.ocsp(der, SystemTime::now());
+    ([(header::CONTENT_TYPE, "application/ocsp-response")], resp).into_response()
+}
+
+async fn ocsp_post(State(auth): State<Arc<Authority>>, body: Bytes) -> Response {
+    let auth2 = auth.clone();
+    match tokio::task::spawn_blocking(move || ocsp_reply(&auth2, &body)).await {
+        Ok(r) => r,
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
+
+async fn ocsp_get(State(auth): State<Arc<Authority>>, Path(req): Path<String>) -> Response {
+    let cleaned = req
+        .replace("%2B", "+")
+        .replace("%2F", "/")
+        .replace("%3D", "=");
+    let Ok(der) = base64::engine::general_purpose::STANDARD.decode(cleaned.trim_start_matches('/'))
+    else {
+        return (StatusCode::BAD_REQUEST, "OCSP GET request is not base64").into_response();
+    };
+    if der.len() > MAX_OCSP_REQUEST {
+        return StatusCode::PAYLOAD_TOO_LARGE.into_response();
+    }
+    match tokio::task::spawn_blocking(move || ocsp_reply(&auth, &der)).await {
+        Ok(r) => r,
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
+
+/// Serve a router over plain HTTP until shutdown.
+pub async fn serve_plain(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<()> {
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await?;
+    Ok(())
+}
