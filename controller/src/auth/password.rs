@@ -106,6 +106,18 @@ impl Pepper {
                 "no pepper: set {PEPPER_ENV} or give a secrets file"
             ))
         })?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let meta = std::fs::metadata(path)
+                .map_err(|e| AuthError::Config(format!("pepper file {}: {e}", path.display())))?;
+            if meta.permissions().mode() & 0o077 != 0 {
+                return Err(AuthError::Config(format!(
+                    "pepper file {} must not be readable by group or others (chmod 600)",
+                    path.display()
+                )));
+            }
+        }
         let text = Zeroizing::new(
             std::fs::read_to_string(path)
                 .map_err(|e| AuthError::Config(format!("reading {}: {e}", path.display())))?,
@@ -563,6 +575,29 @@ mod tests {
                 .unwrap(),
             Verified::OkRehash
         );
+    }
+
+    #[test]
+    fn pepper_from_secrets_file() {
+        if std::env::var_os(PEPPER_ENV).is_some() {
+            return;
+        }
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("pepper");
+        let p = Pepper::generate(4);
+        std::fs::write(&f, format!("# zonemesh secrets\npepper={}\n", &*p.encode())).unwrap();
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(
+            Pepper::from_env_or_file(Some(&f)).is_err(),
+            "world-readable pepper refused"
+        );
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let back = Pepper::from_env_or_file(Some(&f)).unwrap();
+        assert_eq!((back.version, &back.bytes[..]), (4, &p.bytes[..]));
+        std::fs::write(&f, &*p.encode()).unwrap();
+        assert_eq!(Pepper::from_env_or_file(Some(&f)).unwrap().version, 4);
+        assert!(Pepper::from_env_or_file(None).is_err());
     }
 
     #[test]
