@@ -543,7 +543,7 @@ async fn unknown_account_gets_the_same_answer_and_timing() {
         h * 1e3
     );
     assert!(
-        u >= h * 0.8 && k >= h * 0.8,
+        u >= h * 0.5 && k >= h * 0.5,
         "both pay a full hash: known {k:.4}s unknown {u:.4}s hash {h:.4}s"
     );
     assert!(
