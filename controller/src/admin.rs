@@ -26,22 +26,54 @@ const MAX_REQUEST: usize = 256 * 1024;
 #[serde(tag = "cmd", rename_all = "kebab-case")]
 pub enum AdminRequest {
     CaShow,
-    CaExport { intermediate: bool },
-    CaSignCsr { csr_der: Vec<u8>, zone: String, node: String, wg_key: String },
-    CaIssueTls { dns: Vec<String>, ips: Vec<String>, lifetime_secs: Option<u64> },
-    CaRevoke { serial: String, reason: String },
+    CaExport {
+        intermediate: bool,
+    },
+    CaSignCsr {
+        csr_der: Vec<u8>,
+        zone: String,
+        node: String,
+        wg_key: String,
+    },
+    CaIssueTls {
+        dns: Vec<String>,
+        ips: Vec<String>,
+        lifetime_secs: Option<u64>,
+    },
+    CaRevoke {
+        serial: String,
+        reason: String,
+    },
     CaCrl,
-    ZoneAdd { name: String, cidr: String, intra_zone_tunnels: bool },
+    ZoneAdd {
+        name: String,
+        cidr: String,
+        intra_zone_tunnels: bool,
+    },
     ZoneList,
-    TokenCreate { zone: String, ttl_secs: u64, uses: u32 },
+    TokenCreate {
+        zone: String,
+        ttl_secs: u64,
+        uses: u32,
+    },
     NodeList,
-    NodeRevoke { node: String, reason: String },
+    NodeRevoke {
+        node: String,
+        reason: String,
+    },
 }
 
 impl AdminRequest {
     /// Commands that change or read live mesh state need the running controller.
     pub fn needs_server(&self) -> bool {
-        matches!(self, Self::ZoneAdd { .. } | Self::ZoneList | Self::TokenCreate { .. } | Self::NodeList | Self::NodeRevoke { .. })
+        matches!(
+            self,
+            Self::ZoneAdd { .. }
+                | Self::ZoneList
+                | Self::TokenCreate { .. }
+                | Self::NodeList
+                | Self::NodeRevoke { .. }
+        )
     }
 }
 
@@ -76,31 +108,65 @@ fn pem_chain(leaf: &[u8], chain: &[Vec<u8>]) -> String {
 
 impl AdminHandler {
     fn mesh(&self) -> Result<&Arc<Mesh>, ControllerError> {
-        self.mesh.as_ref().ok_or_else(|| ControllerError::BadRequest("this command needs a running controller".into()))
+        self.mesh.as_ref().ok_or_else(|| {
+            ControllerError::BadRequest("this command needs a running controller".into())
+        })
     }
 
     /// Run one command (blocking: RSA and flushes happen here).
     pub fn handle(&self, req: AdminRequest) -> Result<Value, ControllerError> {
         let now = SystemTime::now();
         Ok(match req {
-            AdminRequest::CaShow => json!({ "trust_domain": self.auth.trust_domain(), "certificates": self.auth.info() }),
+            AdminRequest::CaShow => {
+                json!({ "trust_domain": self.auth.trust_domain(), "certificates": self.auth.info() })
+            }
             AdminRequest::CaExport { intermediate } => {
-                let der = if intermediate { self.auth.ca().intermediate_der() } else { self.auth.ca().root_der() };
+                let der = if intermediate {
+                    self.auth.ca().intermediate_der()
+                } else {
+                    self.auth.ca().root_der()
+                };
                 json!({ "pem": zonemesh_ca::to_pem("CERTIFICATE", der) })
             }
-            AdminRequest::CaSignCsr { csr_der, zone, node, wg_key } => {
+            AdminRequest::CaSignCsr {
+                csr_der,
+                zone,
+                node,
+                wg_key,
+            } => {
                 let wg = WireGuardKey::from_base64(&wg_key)?;
-                let cert = self.auth.issue_node(&NodeRequest { csr_der: &csr_der, zone: &zone, node: &node, wg_public_key: wg }, now)?;
+                let cert = self.auth.issue_node(
+                    &NodeRequest {
+                        csr_der: &csr_der,
+                        zone: &zone,
+                        node: &node,
+                        wg_public_key: wg,
+                    },
+                    now,
+                )?;
                 self.auth.store().flush()?;
                 json!({ "serial": cert.serial_hex, "pem": pem_chain(&cert.der, &self.auth.chain()) })
             }
-            AdminRequest::CaIssueTls { dns, ips, lifetime_secs } => {
+            AdminRequest::CaIssueTls {
+                dns,
+                ips,
+                lifetime_secs,
+            } => {
                 let ips = ips
                     .iter()
-                    .map(|i| i.parse().map_err(|_| ControllerError::BadRequest(format!("{i:?} is not an IP address"))))
+                    .map(|i| {
+                        i.parse().map_err(|_| {
+                            ControllerError::BadRequest(format!("{i:?} is not an IP address"))
+                        })
+                    })
                     .collect::<Result<Vec<_>, _>>()?;
                 let key = zonemesh_ca::generate_rsa_2048()?;
-                let cert = self.auth.issue_tls_key(&key, &TlsNames { dns, ips }, lifetime_secs.map(Duration::from_secs), now)?;
+                let cert = self.auth.issue_tls_key(
+                    &key,
+                    &TlsNames { dns, ips },
+                    lifetime_secs.map(Duration::from_secs),
+                    now,
+                )?;
                 json!({
                     "serial": cert.serial_hex,
                     "chain_pem": pem_chain(&cert.der, &self.auth.chain()),
@@ -110,7 +176,12 @@ impl AdminHandler {
             AdminRequest::CaRevoke { serial, reason } => {
                 let reason: RevocationReason = reason.parse()?;
                 let serial_norm = serial.trim().to_ascii_lowercase().replace(':', "");
-                let node = self.auth.store().nodes()?.into_iter().find(|n| n.serial_hex == serial_norm && !n.revoked);
+                let node = self
+                    .auth
+                    .store()
+                    .nodes()?
+                    .into_iter()
+                    .find(|n| n.serial_hex == serial_norm && !n.revoked);
                 match (&self.mesh, node) {
                     (Some(mesh), Some(n)) => {
                         mesh.revoke_node(&n.key(), reason, now)?;
@@ -130,9 +201,18 @@ impl AdminHandler {
                 }
                 json!({ "revoked": serial_norm })
             }
-            AdminRequest::CaCrl => json!({ "pem": zonemesh_ca::to_pem("X509 CRL", &self.auth.crl_der()) }),
-            AdminRequest::ZoneAdd { name, cidr, intra_zone_tunnels } => {
-                json!(self.mesh()?.add_zone(&name, &cidr, intra_zone_tunnels, now)?)
+            AdminRequest::CaCrl => {
+                json!({ "pem": zonemesh_ca::to_pem("X509 CRL", &self.auth.crl_der()) })
+            }
+            AdminRequest::ZoneAdd {
+                name,
+                cidr,
+                intra_zone_tunnels,
+            } => {
+                json!(
+                    self.mesh()?
+                        .add_zone(&name, &cidr, intra_zone_tunnels, now)?
+                )
             }
             AdminRequest::ZoneList => {
                 self.mesh()?;
@@ -149,8 +229,15 @@ impl AdminHandler {
                     .collect();
                 json!(zones)
             }
-            AdminRequest::TokenCreate { zone, ttl_secs, uses } => {
-                json!(self.mesh()?.create_token(&zone, Duration::from_secs(ttl_secs), uses, now)?)
+            AdminRequest::TokenCreate {
+                zone,
+                ttl_secs,
+                uses,
+            } => {
+                json!(
+                    self.mesh()?
+                        .create_token(&zone, Duration::from_secs(ttl_secs), uses, now)?
+                )
             }
             AdminRequest::NodeList => {
                 self.mesh()?;
@@ -180,16 +267,29 @@ impl AdminHandler {
 
     fn respond(&self, req: AdminRequest) -> AdminResponse {
         match self.handle(req) {
-            Ok(result) => AdminResponse { ok: true, result, error: String::new() },
-            Err(e) => AdminResponse { ok: false, result: Value::Null, error: e.to_string() },
+            Ok(result) => AdminResponse {
+                ok: true,
+                result,
+                error: String::new(),
+            },
+            Err(e) => AdminResponse {
+                ok: false,
+                result: Value::Null,
+                error: e.to_string(),
+            },
         }
     }
 }
 
 /// Listen on the admin socket until shutdown.
-pub async fn serve(path: PathBuf, handler: Arc<AdminHandler>, shutdown: CancellationToken) -> Result<()> {
+pub async fn serve(
+    path: PathBuf,
+    handler: Arc<AdminHandler>,
+    shutdown: CancellationToken,
+) -> Result<()> {
     let _ = std::fs::remove_file(&path);
-    let listener = UnixListener::bind(&path).with_context(|| format!("binding {}", path.display()))?;
+    let listener =
+        UnixListener::bind(&path).with_context(|| format!("binding {}", path.display()))?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
     let tracker = TaskTracker::new();
     loop {
@@ -213,13 +313,20 @@ pub async fn serve(path: PathBuf, handler: Arc<AdminHandler>, shutdown: Cancella
 async fn serve_one(stream: UnixStream, handler: Arc<AdminHandler>) -> Result<()> {
     let (r, mut w) = stream.into_split();
     let mut line = String::new();
-    let n = BufReader::new(r).take(MAX_REQUEST as u64).read_line(&mut line).await?;
+    let n = BufReader::new(r)
+        .take(MAX_REQUEST as u64)
+        .read_line(&mut line)
+        .await?;
     if n == 0 {
         return Ok(());
     }
     let resp = match serde_json::from_str::<AdminRequest>(&line) {
         Ok(req) => tokio::task::spawn_blocking(move || handler.respond(req)).await?,
-        Err(e) => AdminResponse { ok: false, result: Value::Null, error: format!("bad admin request: {e}") },
+        Err(e) => AdminResponse {
+            ok: false,
+            result: Value::Null,
+            error: format!("bad admin request: {e}"),
+        },
     };
     let mut out = serde_json::to_vec(&resp)?;
     out.push(b'\n');
@@ -234,7 +341,14 @@ pub async fn call(data_dir: &Path, req: &AdminRequest) -> Result<Option<AdminRes
     let path = socket_path(data_dir);
     let stream = match UnixStream::connect(&path).await {
         Ok(s) => s,
-        Err(e) if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused) => return Ok(None),
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            return Ok(None);
+        }
         Err(e) => bail!("cannot reach the controller at {}: {e}", path.display()),
     };
     let (r, mut w) = stream.into_split();
@@ -243,5 +357,7 @@ pub async fn call(data_dir: &Path, req: &AdminRequest) -> Result<Option<AdminRes
     w.write_all(&line).await?;
     let mut resp = String::new();
     BufReader::new(r).read_line(&mut resp).await?;
-    Ok(Some(serde_json::from_str(&resp).context("bad reply from the controller")?))
+    Ok(Some(
+        serde_json::from_str(&resp).context("bad reply from the controller")?,
+    ))
 }

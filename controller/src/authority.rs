@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use x509_parser::prelude::{FromDer, X509Certificate};
 use zonemesh_ca::{
-    Ca, CaMaterial, CertStatus, IssuedCert, Kek, NodePolicy, NodeRequest, RevocationReason, RevokedEntry, TlsNames,
-    TlsPolicy, open_sealed, seal,
+    Ca, CaMaterial, CertStatus, IssuedCert, Kek, NodePolicy, NodeRequest, RevocationReason,
+    RevokedEntry, TlsNames, TlsPolicy, open_sealed, seal,
 };
 
 /// How long each CRL is valid; a fresh one is signed well before (see `CRL_REFRESH`).
@@ -42,27 +42,44 @@ pub struct Authority {
 
 impl std::fmt::Debug for Authority {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Authority").field("trust_domain", &self.ca.trust_domain()).finish_non_exhaustive()
+        f.debug_struct("Authority")
+            .field("trust_domain", &self.ca.trust_domain())
+            .finish_non_exhaustive()
     }
 }
 
 impl Authority {
     /// True once `init` has stored a CA.
     pub fn exists(store: &Store) -> Result<bool> {
-        Ok(store.ca.contains_key("root_cert").map_err(crate::store::StoreError::from)?)
+        Ok(store
+            .ca
+            .contains_key("root_cert")
+            .map_err(crate::store::StoreError::from)?)
     }
 
     /// Store freshly generated CA material, keys sealed under the KEK. Refuses to overwrite.
     pub fn install(store: &Store, kek: &Kek, m: &CaMaterial) -> Result<()> {
         if Self::exists(store)? {
-            return Err(ControllerError::AlreadyExists("a CA already exists in this data directory; refusing to overwrite it".into()));
+            return Err(ControllerError::AlreadyExists(
+                "a CA already exists in this data directory; refusing to overwrite it".into(),
+            ));
         }
         let tree = &store.ca;
-        let put = |k: &str, v: Vec<u8>| tree.insert(k, v).map(|_| ()).map_err(crate::store::StoreError::from);
+        let put = |k: &str, v: Vec<u8>| {
+            tree.insert(k, v)
+                .map(|_| ())
+                .map_err(crate::store::StoreError::from)
+        };
         put("trust_domain", m.trust_domain.as_bytes().to_vec())?;
         put("int_cert", m.intermediate_cert_der.clone())?;
-        put("root_key_sealed", seal(kek, ROOT_KEY_LABEL, &m.root_key_pkcs8)?)?;
-        put("int_key_sealed", seal(kek, INT_KEY_LABEL, &m.intermediate_key_pkcs8)?)?;
+        put(
+            "root_key_sealed",
+            seal(kek, ROOT_KEY_LABEL, &m.root_key_pkcs8)?,
+        )?;
+        put(
+            "int_key_sealed",
+            seal(kek, INT_KEY_LABEL, &m.intermediate_key_pkcs8)?,
+        )?;
         // Written last: its presence marks a complete CA.
         put("root_cert", m.root_cert_der.clone())?;
         store.flush()?;
@@ -77,13 +94,21 @@ impl Authority {
                 .get(k)
                 .map_err(crate::store::StoreError::from)?
                 .map(|v| v.to_vec())
-                .ok_or_else(|| ControllerError::NotFound("no CA in this data directory; run `zonemesh-controller init` first".into()))
+                .ok_or_else(|| {
+                    ControllerError::NotFound(
+                        "no CA in this data directory; run `zonemesh-controller init` first".into(),
+                    )
+                })
         };
         let root = get("root_cert")?;
-        let trust_domain = String::from_utf8(get("trust_domain")?).map_err(|_| ControllerError::Internal("bad trust domain".into()))?;
+        let trust_domain = String::from_utf8(get("trust_domain")?)
+            .map_err(|_| ControllerError::Internal("bad trust domain".into()))?;
         let int_cert = get("int_cert")?;
-        let int_key = open_sealed(kek, INT_KEY_LABEL, &get("int_key_sealed")?)
-            .map_err(|_| ControllerError::PermissionDenied("cannot unseal the CA key: wrong key-encryption key".into()))?;
+        let int_key = open_sealed(kek, INT_KEY_LABEL, &get("int_key_sealed")?).map_err(|_| {
+            ControllerError::PermissionDenied(
+                "cannot unseal the CA key: wrong key-encryption key".into(),
+            )
+        })?;
         let ca = Ca::load(&trust_domain, &root, &int_cert, &int_key)?;
         let auth = Self {
             store,
@@ -120,63 +145,122 @@ impl Authority {
 
     /// Subjects, fingerprints and expiry of the root and intermediate.
     pub fn info(&self) -> Vec<CaCertInfo> {
-        [("root", self.ca.root_der()), ("intermediate", self.ca.intermediate_der())]
-            .into_iter()
-            .map(|(role, der)| {
-                let (_, c) = X509Certificate::from_der(der).expect("stored CA certificates parse");
-                let key_bits = c.public_key().parsed().map(|k| k.key_size()).unwrap_or(0);
-                CaCertInfo {
-                    role,
-                    subject: c.subject().to_string(),
-                    sha256: zonemesh_ca::fingerprint_sha256(der),
-                    not_after: c.validity().not_after.to_string(),
-                    key_bits,
-                }
-            })
-            .collect()
+        [
+            ("root", self.ca.root_der()),
+            ("intermediate", self.ca.intermediate_der()),
+        ]
+        .into_iter()
+        .map(|(role, der)| {
+            let (_, c) = X509Certificate::from_der(der).expect("stored CA certificates parse");
+            let key_bits = c.public_key().parsed().map(|k| k.key_size()).unwrap_or(0);
+            CaCertInfo {
+                role,
+                subject: c.subject().to_string(),
+                sha256: zonemesh_ca::fingerprint_sha256(der),
+                not_after: c.validity().not_after.to_string(),
+                key_bits,
+            }
+        })
+        .collect()
     }
 
-    fn record(&self, cert: &IssuedCert, kind: CertKind, subject: String, now: SystemTime) -> Result<()> {
-        let rec = CertRecord { kind, subject, not_after_unix: unix(cert.not_after), issued_unix: unix(now) };
-        self.store.certs.insert(&cert.serial_hex, encode(&rec)).map_err(crate::store::StoreError::from)?;
+    fn record(
+        &self,
+        cert: &IssuedCert,
+        kind: CertKind,
+        subject: String,
+        now: SystemTime,
+    ) -> Result<()> {
+        let rec = CertRecord {
+            kind,
+            subject,
+            not_after_unix: unix(cert.not_after),
+            issued_unix: unix(now),
+        };
+        self.store
+            .certs
+            .insert(&cert.serial_hex, encode(&rec))
+            .map_err(crate::store::StoreError::from)?;
         Ok(())
     }
 
     /// Issue a node certificate and record its serial (the caller flushes with its other writes).
     pub fn issue_node(&self, req: &NodeRequest<'_>, now: SystemTime) -> Result<IssuedCert> {
         let cert = self.ca.sign_node_csr(&self.node_policy, req, now)?;
-        self.record(&cert, CertKind::Node, crate::store::node_key(req.zone, req.node), now)?;
+        self.record(
+            &cert,
+            CertKind::Node,
+            crate::store::node_key(req.zone, req.node),
+            now,
+        )?;
         Ok(cert)
     }
 
     /// Issue a TLS certificate for a CSR and record it durably.
-    pub fn issue_tls_csr(&self, csr: &[u8], names: &TlsNames, lifetime: Option<Duration>, now: SystemTime) -> Result<IssuedCert> {
-        let cert = self.ca.sign_tls_csr(&self.tls_policy, csr, names, lifetime, now)?;
+    pub fn issue_tls_csr(
+        &self,
+        csr: &[u8],
+        names: &TlsNames,
+        lifetime: Option<Duration>,
+        now: SystemTime,
+    ) -> Result<IssuedCert> {
+        let cert = self
+            .ca
+            .sign_tls_csr(&self.tls_policy, csr, names, lifetime, now)?;
         self.record(&cert, CertKind::Tls, format!("{names:?}"), now)?;
         self.store.flush()?;
         Ok(cert)
     }
 
     /// Issue a TLS certificate for a key the caller holds and record it durably.
-    pub fn issue_tls_key(&self, key: &zonemesh_ca::KeyPair, names: &TlsNames, lifetime: Option<Duration>, now: SystemTime) -> Result<IssuedCert> {
-        let cert = self.ca.issue_tls(&self.tls_policy, key, names, lifetime, now)?;
+    pub fn issue_tls_key(
+        &self,
+        key: &zonemesh_ca::KeyPair,
+        names: &TlsNames,
+        lifetime: Option<Duration>,
+        now: SystemTime,
+    ) -> Result<IssuedCert> {
+        let cert = self
+            .ca
+            .issue_tls(&self.tls_policy, key, names, lifetime, now)?;
         self.record(&cert, CertKind::Tls, format!("{names:?}"), now)?;
         self.store.flush()?;
         Ok(cert)
     }
 
     /// Revoke a serial this CA issued: recorded, flushed, and a new CRL signed.
-    pub fn revoke(&self, serial_hex: &str, reason: RevocationReason, now: SystemTime) -> Result<()> {
-        let serial = serial_hex.trim().trim_start_matches("0x").replace(':', "").to_ascii_lowercase();
-        let serial = zonemesh_ca::serial_hex(&hex::decode(&serial).map_err(|_| ControllerError::BadRequest(format!("serial {serial_hex:?} is not hex")))?);
+    pub fn revoke(
+        &self,
+        serial_hex: &str,
+        reason: RevocationReason,
+        now: SystemTime,
+    ) -> Result<()> {
+        let serial = serial_hex
+            .trim()
+            .trim_start_matches("0x")
+            .replace(':', "")
+            .to_ascii_lowercase();
+        let serial = zonemesh_ca::serial_hex(&hex::decode(&serial).map_err(|_| {
+            ControllerError::BadRequest(format!("serial {serial_hex:?} is not hex"))
+        })?);
         if self.store.cert(&serial)?.is_none() {
-            return Err(ControllerError::NotFound(format!("no certificate with serial {serial} was issued by this CA")));
+            return Err(ControllerError::NotFound(format!(
+                "no certificate with serial {serial} was issued by this CA"
+            )));
         }
         if self.store.revocation(&serial)?.is_some() {
-            return Err(ControllerError::AlreadyExists(format!("serial {serial} is already revoked")));
+            return Err(ControllerError::AlreadyExists(format!(
+                "serial {serial} is already revoked"
+            )));
         }
-        let rec = RevocationRecord { revoked_unix: unix(now), reason_code: reason.code() };
-        self.store.revoked.insert(serial.as_bytes(), encode(&rec)).map_err(crate::store::StoreError::from)?;
+        let rec = RevocationRecord {
+            revoked_unix: unix(now),
+            reason_code: reason.code(),
+        };
+        self.store
+            .revoked
+            .insert(serial.as_bytes(), encode(&rec))
+            .map_err(crate::store::StoreError::from)?;
         self.refresh_crl(now)?;
         self.store.flush()?;
         Ok(())
@@ -191,7 +275,8 @@ impl Authority {
             entries.push(RevokedEntry {
                 serial_hex: String::from_utf8_lossy(&k).into_owned(),
                 revoked_at: from_unix(rec.revoked_unix),
-                reason: RevocationReason::from_code(rec.reason_code).unwrap_or(RevocationReason::Unspecified),
+                reason: RevocationReason::from_code(rec.reason_code)
+                    .unwrap_or(RevocationReason::Unspecified),
             });
         }
         let number = self.store.next_counter("crl_number")?;
@@ -202,10 +287,14 @@ impl Authority {
 
     /// Status of a serial for OCSP.
     pub fn status(&self, serial_hex: &str) -> CertStatus {
-        match (self.store.cert(serial_hex), self.store.revocation(serial_hex)) {
+        match (
+            self.store.cert(serial_hex),
+            self.store.revocation(serial_hex),
+        ) {
             (_, Ok(Some(r))) => CertStatus::Revoked {
                 at: from_unix(r.revoked_unix),
-                reason: RevocationReason::from_code(r.reason_code).unwrap_or(RevocationReason::Unspecified),
+                reason: RevocationReason::from_code(r.reason_code)
+                    .unwrap_or(RevocationReason::Unspecified),
             },
             (Ok(Some(_)), Ok(None)) => CertStatus::Good,
             _ => CertStatus::Unknown,
@@ -214,7 +303,9 @@ impl Authority {
 
     /// Answer an OCSP request.
     pub fn ocsp(&self, request_der: &[u8], now: SystemTime) -> Vec<u8> {
-        self.ca.ocsp_respond(request_der, |s| self.status(s), now).response_der
+        self.ca
+            .ocsp_respond(request_der, |s| self.status(s), now)
+            .response_der
     }
 
     /// Whether a serial is revoked (checked on every Mesh call, beside the handshake CRL check).

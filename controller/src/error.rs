@@ -49,9 +49,13 @@ impl From<ControllerError> for tonic::Status {
                 | CaE::WireGuardKey(_)
                 | CaE::LifetimeTooLong { .. },
             ) => tonic::Status::invalid_argument(e.to_string()),
-            E::Ca(CaE::Revoked | CaE::Expired | CaE::NotYetValid | CaE::UnknownIssuer | CaE::NotANodeCertificate(_)) => {
-                tonic::Status::unauthenticated(e.to_string())
-            }
+            E::Ca(
+                CaE::Revoked
+                | CaE::Expired
+                | CaE::NotYetValid
+                | CaE::UnknownIssuer
+                | CaE::NotANodeCertificate(_),
+            ) => tonic::Status::unauthenticated(e.to_string()),
             _ => {
                 tracing::error!(error = %e, "internal error");
                 tonic::Status::internal("internal error")

@@ -47,13 +47,21 @@ impl tonic::transport::server::Connected for TlsConn {
 }
 
 impl AsyncRead for TlsConn {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.io).poll_read(cx, buf)
     }
 }
 
 impl AsyncWrite for TlsConn {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
         Pin::new(&mut self.io).poll_write(cx, buf)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -62,7 +70,11 @@ impl AsyncWrite for TlsConn {
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.io).poll_shutdown(cx)
     }
-    fn poll_write_vectored(mut self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[std::io::IoSlice<'_>]) -> Poll<std::io::Result<usize>> {
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
         Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
     }
     fn is_write_vectored(&self) -> bool {
@@ -112,7 +124,12 @@ pub async fn serve(
                     Err(_) => return,
                 };
                 let node = peer_identity(&mesh, &io);
-                let _ = tx.send(TlsConn { io, info: PeerConn { remote, node } }).await;
+                let _ = tx
+                    .send(TlsConn {
+                        io,
+                        info: PeerConn { remote, node },
+                    })
+                    .await;
             });
         }
     });
@@ -142,11 +159,18 @@ impl MapOk for tokio_stream::wrappers::ReceiverStream<TlsConn> {
 
 /// The verified identity of a TLS client (the handshake already checked chain and CRL;
 /// this also reads the zonemesh identity out of it).
-fn peer_identity(mesh: &Mesh, io: &tokio_rustls::server::TlsStream<TcpStream>) -> Option<Arc<VerifiedNode>> {
+fn peer_identity(
+    mesh: &Mesh,
+    io: &tokio_rustls::server::TlsStream<TcpStream>,
+) -> Option<Arc<VerifiedNode>> {
     let certs = io.get_ref().1.peer_certificates()?;
     let chain: Vec<Vec<u8>> = certs.iter().map(|c| c.to_vec()).collect();
     let auth = mesh.authority();
-    match auth.ca().trust_store().verify_node_chain(&chain, &[auth.crl_der().to_vec()], SystemTime::now()) {
+    match auth.ca().trust_store().verify_node_chain(
+        &chain,
+        &[auth.crl_der().to_vec()],
+        SystemTime::now(),
+    ) {
         Ok(v) => Some(Arc::new(v)),
         Err(e) => {
             tracing::info!(error = %e, "client certificate is not a node identity");
@@ -161,25 +185,40 @@ struct GrpcService {
 }
 
 fn conn<T>(req: &Request<T>) -> Result<PeerConn, Status> {
-    req.extensions().get::<PeerConn>().cloned().ok_or_else(|| Status::internal("connection info missing"))
+    req.extensions()
+        .get::<PeerConn>()
+        .cloned()
+        .ok_or_else(|| Status::internal("connection info missing"))
 }
 
 fn node<T>(req: &Request<T>) -> Result<Arc<VerifiedNode>, Status> {
-    conn(req)?.node.ok_or_else(|| Status::unauthenticated("a valid node client certificate is required"))
+    conn(req)?
+        .node
+        .ok_or_else(|| Status::unauthenticated("a valid node client certificate is required"))
 }
 
 /// Run blocking work (RSA signing, sled flushes) off the async workers.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, ControllerError> + Send + 'static) -> Result<T, Status> {
-    tokio::task::spawn_blocking(f).await.map_err(|_| Status::internal("internal error"))?.map_err(Status::from)
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ControllerError> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|_| Status::internal("internal error"))?
+        .map_err(Status::from)
 }
 
 #[tonic::async_trait]
 impl Enrollment for GrpcService {
-    async fn enroll(&self, req: Request<pb::EnrollRequest>) -> Result<Response<pb::EnrollResponse>, Status> {
+    async fn enroll(
+        &self,
+        req: Request<pb::EnrollRequest>,
+    ) -> Result<Response<pb::EnrollResponse>, Status> {
         let source = conn(&req)?.remote.ip();
         let mesh = self.mesh.clone();
         let body = req.into_inner();
-        blocking(move || mesh.enroll(&body, source, SystemTime::now())).await.map(Response::new)
+        blocking(move || mesh.enroll(&body, source, SystemTime::now()))
+            .await
+            .map(Response::new)
     }
 }
 
@@ -196,38 +235,63 @@ struct WatchState {
 
 #[tonic::async_trait]
 impl MeshRpc for GrpcService {
-    async fn renew(&self, req: Request<pb::RenewRequest>) -> Result<Response<pb::RenewResponse>, Status> {
+    async fn renew(
+        &self,
+        req: Request<pb::RenewRequest>,
+    ) -> Result<Response<pb::RenewResponse>, Status> {
         let who = node(&req)?;
         let mesh = self.mesh.clone();
         let csr = req.into_inner().csr_der;
-        blocking(move || mesh.renew(&who, &csr, SystemTime::now())).await.map(Response::new)
+        blocking(move || mesh.renew(&who, &csr, SystemTime::now()))
+            .await
+            .map(Response::new)
     }
 
-    async fn issue_tls_certificate(&self, req: Request<pb::IssueTlsRequest>) -> Result<Response<pb::IssueTlsResponse>, Status> {
+    async fn issue_tls_certificate(
+        &self,
+        req: Request<pb::IssueTlsRequest>,
+    ) -> Result<Response<pb::IssueTlsResponse>, Status> {
         let who = node(&req)?;
         let mesh = self.mesh.clone();
         let body = req.into_inner();
-        blocking(move || mesh.issue_tls(&who, &body, SystemTime::now())).await.map(Response::new)
+        blocking(move || mesh.issue_tls(&who, &body, SystemTime::now()))
+            .await
+            .map(Response::new)
     }
 
-    async fn update_endpoints(&self, req: Request<pb::UpdateEndpointsRequest>) -> Result<Response<pb::Ack>, Status> {
+    async fn update_endpoints(
+        &self,
+        req: Request<pb::UpdateEndpointsRequest>,
+    ) -> Result<Response<pb::Ack>, Status> {
         let who = node(&req)?;
         let mesh = self.mesh.clone();
         let body = req.into_inner();
-        blocking(move || mesh.update_endpoints(&who, &body.endpoints)).await.map(|_| Response::new(pb::Ack {}))
+        blocking(move || mesh.update_endpoints(&who, &body.endpoints))
+            .await
+            .map(|_| Response::new(pb::Ack {}))
     }
 
-    async fn report_health(&self, req: Request<pb::HealthReport>) -> Result<Response<pb::Ack>, Status> {
+    async fn report_health(
+        &self,
+        req: Request<pb::HealthReport>,
+    ) -> Result<Response<pb::Ack>, Status> {
         let who = node(&req)?;
-        self.mesh.report_health(&who, req.get_ref(), SystemTime::now()).map_err(Status::from)?;
+        self.mesh
+            .report_health(&who, req.get_ref(), SystemTime::now())
+            .map_err(Status::from)?;
         Ok(Response::new(pb::Ack {}))
     }
 
-    async fn report_events(&self, req: Request<pb::SecurityEvents>) -> Result<Response<pb::Ack>, Status> {
+    async fn report_events(
+        &self,
+        req: Request<pb::SecurityEvents>,
+    ) -> Result<Response<pb::Ack>, Status> {
         let who = node(&req)?;
         let mesh = self.mesh.clone();
         let body = req.into_inner();
-        blocking(move || mesh.report_events(&who, &body, SystemTime::now())).await.map(|_| Response::new(pb::Ack {}))
+        blocking(move || mesh.report_events(&who, &body, SystemTime::now()))
+            .await
+            .map(|_| Response::new(pb::Ack {}))
     }
 
     type WatchStream = WatchStream;
@@ -268,13 +332,15 @@ impl MeshRpc for GrpcService {
                         return Some((Ok(u.as_ref().clone()), st));
                     }
                     Ok(_) => {}
-                    Err(broadcast::error::RecvError::Lagged(_)) => match st.mesh.catch_up(st.last) {
-                        Ok(list) => {
-                            st.last = list.last().map(|u| u.version).unwrap_or(st.last);
-                            st.pending.extend(list);
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        match st.mesh.catch_up(st.last) {
+                            Ok(list) => {
+                                st.last = list.last().map(|u| u.version).unwrap_or(st.last);
+                                st.pending.extend(list);
+                            }
+                            Err(e) => return Some((Err(Status::from(e)), st)),
                         }
-                        Err(e) => return Some((Err(Status::from(e)), st)),
-                    },
+                    }
                     Err(broadcast::error::RecvError::Closed) => return None,
                 }
             }

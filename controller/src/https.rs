@@ -12,7 +12,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 /// Serve `app` over TLS until `shutdown`, then let open connections finish gracefully.
-pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, app: axum::Router, shutdown: CancellationToken) -> Result<()> {
+pub async fn serve(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    app: axum::Router,
+    shutdown: CancellationToken,
+) -> Result<()> {
     let acceptor = TlsAcceptor::from(tls);
     let tracker = TaskTracker::new();
     loop {
@@ -24,15 +29,18 @@ pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, app: a
         let app = app.clone();
         let stop = shutdown.clone();
         tracker.spawn(async move {
-            let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
-                Ok(Ok(t)) => t,
-                Ok(Err(e)) => {
-                    tracing::debug!(%remote, error = %e, "HTTPS handshake refused");
-                    return;
-                }
-                Err(_) => return,
-            };
-            let svc = TowerToHyperService::new(app.layer(axum::Extension(axum::extract::ConnectInfo(remote))));
+            let tls =
+                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                    Ok(Ok(t)) => t,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%remote, error = %e, "HTTPS handshake refused");
+                        return;
+                    }
+                    Err(_) => return,
+                };
+            let svc = TowerToHyperService::new(
+                app.layer(axum::Extension(axum::extract::ConnectInfo(remote))),
+            );
             let builder = auto::Builder::new(TokioExecutor::new());
             let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), svc);
             tokio::pin!(conn);

@@ -1,6 +1,8 @@
 //! zonemesh controller: the internal CA, the control plane and the admin side.
 
 pub mod admin;
+pub mod audit;
+pub mod auth;
 pub mod authority;
 pub mod error;
 pub mod grpc;
@@ -11,3 +13,4 @@ pub mod secrets;
 pub mod serve;
 pub mod store;
 pub mod tls;
+pub mod web;

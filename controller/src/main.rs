@@ -14,10 +14,19 @@ use zonemesh_controller::serve::{ServeConfig, run};
 use zonemesh_controller::store::{Store, StoreError};
 
 #[derive(Parser, Debug)]
-#[command(name = "zonemesh-controller", version, about = "zonemesh controller: internal CA and mesh control plane")]
+#[command(
+    name = "zonemesh-controller",
+    version,
+    about = "zonemesh controller: internal CA and mesh control plane"
+)]
 struct Cli {
     /// Data directory (sled store, admin socket, secrets).
-    #[arg(long, global = true, default_value = "/var/lib/zonemesh", env = "ZONEMESH_DATA_DIR")]
+    #[arg(
+        long,
+        global = true,
+        default_value = "/var/lib/zonemesh",
+        env = "ZONEMESH_DATA_DIR"
+    )]
     data_dir: PathBuf,
     /// Key-encryption key file (default <data-dir>/secrets/kek; or set ZONEMESH_KEK).
     #[arg(long, global = true)]
@@ -77,7 +86,11 @@ enum CaCommand {
     },
     /// Print the root or intermediate certificate as PEM.
     Export {
-        #[arg(long, conflicts_with = "intermediate", required_unless_present = "intermediate")]
+        #[arg(
+            long,
+            conflicts_with = "intermediate",
+            required_unless_present = "intermediate"
+        )]
         root: bool,
         #[arg(long)]
         intermediate: bool,
@@ -168,10 +181,16 @@ enum NodeCommand {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("ZONEMESH_LOG").unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("ZONEMESH_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start runtime: {e}");
@@ -188,47 +207,112 @@ fn main() -> ExitCode {
 }
 
 fn one_line(e: &anyhow::Error) -> String {
-    e.chain().map(ToString::to_string).collect::<Vec<_>>().join(": ").replace('\n', " ")
+    e.chain()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(": ")
+        .replace('\n', " ")
 }
 
 async fn dispatch(cli: Cli) -> Result<()> {
     let kek = KekSource::new(&cli.data_dir, cli.kek_file.clone());
     match cli.command {
         Command::Init { trust_domain } => init(&cli.data_dir, &kek, &trust_domain),
-        Command::Serve { grpc_listen, https_listen, pki_listen, tls_names } => {
-            let cfg = ServeConfig { data_dir: cli.data_dir.clone(), kek_file: cli.kek_file.clone(), grpc_listen, https_listen, pki_listen, tls_names };
+        Command::Serve {
+            grpc_listen,
+            https_listen,
+            pki_listen,
+            tls_names,
+        } => {
+            let cfg = ServeConfig {
+                data_dir: cli.data_dir.clone(),
+                kek_file: cli.kek_file.clone(),
+                grpc_listen,
+                https_listen,
+                pki_listen,
+                tls_names,
+            };
             run(cfg, tokio_util::sync::CancellationToken::new()).await
         }
         Command::Ca { command } => ca_command(&cli.data_dir, &kek, command).await,
-        Command::Zone { command: ZoneCommand::Add { name, cidr, intra_zone_tunnels } } => {
-            let v = request(&cli.data_dir, &kek, AdminRequest::ZoneAdd { name, cidr, intra_zone_tunnels }).await?;
-            println!("zone {} added ({})", v["name"].as_str().unwrap_or(""), v["cidr"].as_str().unwrap_or(""));
+        Command::Zone {
+            command:
+                ZoneCommand::Add {
+                    name,
+                    cidr,
+                    intra_zone_tunnels,
+                },
+        } => {
+            let v = request(
+                &cli.data_dir,
+                &kek,
+                AdminRequest::ZoneAdd {
+                    name,
+                    cidr,
+                    intra_zone_tunnels,
+                },
+            )
+            .await?;
+            println!(
+                "zone {} added ({})",
+                v["name"].as_str().unwrap_or(""),
+                v["cidr"].as_str().unwrap_or("")
+            );
             Ok(())
         }
-        Command::Zone { command: ZoneCommand::List { json } } => {
+        Command::Zone {
+            command: ZoneCommand::List { json },
+        } => {
             let v = request(&cli.data_dir, &kek, AdminRequest::ZoneList).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 println!("{:<20} {:<20} {:>6}  INTRA-ZONE", "ZONE", "CIDR", "NODES");
                 for z in v.as_array().into_iter().flatten() {
-                    println!("{:<20} {:<20} {:>6}  {}", s(&z["name"]), s(&z["cidr"]), z["nodes"], z["intra_zone_tunnels"]);
+                    println!(
+                        "{:<20} {:<20} {:>6}  {}",
+                        s(&z["name"]),
+                        s(&z["cidr"]),
+                        z["nodes"],
+                        z["intra_zone_tunnels"]
+                    );
                 }
             }
             Ok(())
         }
-        Command::Token { command: TokenCommand::Create { zone, ttl, uses } } => {
-            let v = request(&cli.data_dir, &kek, AdminRequest::TokenCreate { zone, ttl_secs: ttl.as_secs(), uses }).await?;
-            println!("enrollment token for zone {} ({} use(s), expires {}):", s(&v["zone"]), v["uses"], fmt_unix(v["expires_unix"].as_u64().unwrap_or(0)));
+        Command::Token {
+            command: TokenCommand::Create { zone, ttl, uses },
+        } => {
+            let v = request(
+                &cli.data_dir,
+                &kek,
+                AdminRequest::TokenCreate {
+                    zone,
+                    ttl_secs: ttl.as_secs(),
+                    uses,
+                },
+            )
+            .await?;
+            println!(
+                "enrollment token for zone {} ({} use(s), expires {}):",
+                s(&v["zone"]),
+                v["uses"],
+                fmt_unix(v["expires_unix"].as_u64().unwrap_or(0))
+            );
             println!("{}", s(&v["token"]));
             Ok(())
         }
-        Command::Node { command: NodeCommand::List { json } } => {
+        Command::Node {
+            command: NodeCommand::List { json },
+        } => {
             let v = request(&cli.data_dir, &kek, AdminRequest::NodeList).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
-                println!("{:<28} {:<16} {:<34} {:<22} STATUS", "NODE", "OVERLAY", "SERIAL", "CERT EXPIRES");
+                println!(
+                    "{:<28} {:<16} {:<34} {:<22} STATUS",
+                    "NODE", "OVERLAY", "SERIAL", "CERT EXPIRES"
+                );
                 for n in v.as_array().into_iter().flatten() {
                     println!(
                         "{:<28} {:<16} {:<34} {:<22} {}",
@@ -236,15 +320,30 @@ async fn dispatch(cli: Cli) -> Result<()> {
                         s(&n["overlay_ip"]),
                         s(&n["serial"]),
                         fmt_unix(n["not_after_unix"].as_u64().unwrap_or(0)),
-                        if n["revoked"].as_bool().unwrap_or(false) { "revoked" } else { "active" }
+                        if n["revoked"].as_bool().unwrap_or(false) {
+                            "revoked"
+                        } else {
+                            "active"
+                        }
                     );
                 }
             }
             Ok(())
         }
-        Command::Node { command: NodeCommand::Revoke { node, reason } } => {
-            let v = request(&cli.data_dir, &kek, AdminRequest::NodeRevoke { node, reason }).await?;
-            println!("node {} revoked (serial {})", s(&v["node"]), s(&v["serial"]));
+        Command::Node {
+            command: NodeCommand::Revoke { node, reason },
+        } => {
+            let v = request(
+                &cli.data_dir,
+                &kek,
+                AdminRequest::NodeRevoke { node, reason },
+            )
+            .await?;
+            println!(
+                "node {} revoked (serial {})",
+                s(&v["node"]),
+                s(&v["serial"])
+            );
             Ok(())
         }
     }
@@ -260,31 +359,53 @@ fn fmt_unix(secs: u64) -> String {
 
 fn init(data_dir: &Path, kek: &KekSource, trust_domain: &str) -> Result<()> {
     zonemesh_ca::validate_label("trust domain", trust_domain, true)?;
-    std::fs::create_dir_all(data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("creating {}", data_dir.display()))?;
     let store = open_store(data_dir)?;
     if Authority::exists(&store)? {
-        bail!("{} already holds a CA; refusing to overwrite it", data_dir.display());
+        bail!(
+            "{} already holds a CA; refusing to overwrite it",
+            data_dir.display()
+        );
     }
     if kek.file.exists() && std::env::var_os(zonemesh_controller::secrets::KEK_ENV).is_none() {
-        bail!("{} already exists; refusing to overwrite a key-encryption key", kek.file.display());
+        bail!(
+            "{} already exists; refusing to overwrite a key-encryption key",
+            kek.file.display()
+        );
     }
     let bar = indicatif::ProgressBar::new_spinner();
     bar.enable_steady_tick(std::time::Duration::from_millis(120));
-    let material = zonemesh_ca::CaMaterial::generate(trust_domain, SystemTime::now(), |step| bar.set_message(step.to_string()))?;
+    let material = zonemesh_ca::CaMaterial::generate(trust_domain, SystemTime::now(), |step| {
+        bar.set_message(step.to_string())
+    })?;
     bar.finish_and_clear();
     let k = kek.create()?;
     Authority::install(&store, &k, &material)?;
     println!("zonemesh CA created for trust domain {trust_domain}");
-    println!("key-encryption key: {}", if std::env::var_os(zonemesh_controller::secrets::KEK_ENV).is_some() { "from ZONEMESH_KEK".to_string() } else { kek.file.display().to_string() });
+    println!(
+        "key-encryption key: {}",
+        if std::env::var_os(zonemesh_controller::secrets::KEK_ENV).is_some() {
+            "from ZONEMESH_KEK".to_string()
+        } else {
+            kek.file.display().to_string()
+        }
+    );
     println!("root SHA-256 fingerprint (agents pin this with --ca-fingerprint):");
-    println!("{}", zonemesh_ca::fingerprint_sha256(&material.root_cert_der));
+    println!(
+        "{}",
+        zonemesh_ca::fingerprint_sha256(&material.root_cert_der)
+    );
     Ok(())
 }
 
 fn open_store(data_dir: &Path) -> Result<Store> {
     match Store::open(&data_dir.join("db")) {
         Ok(s) => Ok(s),
-        Err(StoreError::Locked) => bail!("the data directory {} is in use by a running controller whose admin socket does not answer", data_dir.display()),
+        Err(StoreError::Locked) => bail!(
+            "the data directory {} is in use by a running controller whose admin socket does not answer",
+            data_dir.display()
+        ),
         Err(e) => Err(e.into()),
     }
 }
@@ -292,25 +413,42 @@ fn open_store(data_dir: &Path) -> Result<Store> {
 /// Send a command to the running controller, or run CA commands locally when none runs.
 async fn request(data_dir: &Path, kek: &KekSource, req: AdminRequest) -> Result<Value> {
     if !data_dir.exists() {
-        bail!("data directory {} does not exist (run `zonemesh-controller init` first)", data_dir.display());
+        bail!(
+            "data directory {} does not exist (run `zonemesh-controller init` first)",
+            data_dir.display()
+        );
     }
     let resp = match admin::call(data_dir, &req).await? {
         Some(r) => r,
         None => {
             if req.needs_server() {
-                bail!("no controller is running on {} (start it with `zonemesh-controller serve --data-dir {}`)", data_dir.display(), data_dir.display());
+                bail!(
+                    "no controller is running on {} (start it with `zonemesh-controller serve --data-dir {}`)",
+                    data_dir.display(),
+                    data_dir.display()
+                );
             }
             if !data_dir.join("db").exists() {
-                bail!("{} holds no zonemesh data (run `zonemesh-controller init` first)", data_dir.display());
+                bail!(
+                    "{} holds no zonemesh data (run `zonemesh-controller init` first)",
+                    data_dir.display()
+                );
             }
             let store = open_store(data_dir)?;
             let auth = Authority::load(store, &kek.load()?, SystemTime::now())?;
-            let handler = AdminHandler { auth: std::sync::Arc::new(auth), mesh: None };
+            let handler = AdminHandler {
+                auth: std::sync::Arc::new(auth),
+                mesh: None,
+            };
             let r = tokio::task::spawn_blocking(move || handler.handle(req)).await?;
             return r.map_err(Into::into);
         }
     };
-    if resp.ok { Ok(resp.result) } else { bail!("{}", resp.error) }
+    if resp.ok {
+        Ok(resp.result)
+    } else {
+        bail!("{}", resp.error)
+    }
 }
 
 async fn ca_command(data_dir: &Path, kek: &KekSource, cmd: CaCommand) -> Result<()> {
@@ -322,33 +460,86 @@ async fn ca_command(data_dir: &Path, kek: &KekSource, cmd: CaCommand) -> Result<
             } else {
                 println!("trust domain: {}", s(&v["trust_domain"]));
                 for c in v["certificates"].as_array().into_iter().flatten() {
-                    println!("{}:\n  subject:   {}\n  sha256:    {}\n  key:       RSA-{}\n  not after: {}", s(&c["role"]), s(&c["subject"]), s(&c["sha256"]), c["key_bits"], s(&c["not_after"]));
+                    println!(
+                        "{}:\n  subject:   {}\n  sha256:    {}\n  key:       RSA-{}\n  not after: {}",
+                        s(&c["role"]),
+                        s(&c["subject"]),
+                        s(&c["sha256"]),
+                        c["key_bits"],
+                        s(&c["not_after"])
+                    );
                 }
             }
         }
-        CaCommand::Export { root: _, intermediate } => {
+        CaCommand::Export {
+            root: _,
+            intermediate,
+        } => {
             let v = request(data_dir, kek, AdminRequest::CaExport { intermediate }).await?;
             print!("{}", s(&v["pem"]));
         }
-        CaCommand::SignCsr { csr, zone, node, wg_key, out } => {
+        CaCommand::SignCsr {
+            csr,
+            zone,
+            node,
+            wg_key,
+            out,
+        } => {
             let raw = std::fs::read(&csr).with_context(|| format!("reading {}", csr.display()))?;
             let csr_der = match std::str::from_utf8(&raw) {
-                Ok(text) if text.contains("-----BEGIN") => zonemesh_ca::pem_blocks("CERTIFICATE REQUEST", text)?
-                    .into_iter()
-                    .next()
-                    .with_context(|| format!("{} has no CERTIFICATE REQUEST block", csr.display()))?,
+                Ok(text) if text.contains("-----BEGIN") => {
+                    zonemesh_ca::pem_blocks("CERTIFICATE REQUEST", text)?
+                        .into_iter()
+                        .next()
+                        .with_context(|| {
+                            format!("{} has no CERTIFICATE REQUEST block", csr.display())
+                        })?
+                }
                 _ => raw,
             };
-            let v = request(data_dir, kek, AdminRequest::CaSignCsr { csr_der, zone, node, wg_key }).await?;
+            let v = request(
+                data_dir,
+                kek,
+                AdminRequest::CaSignCsr {
+                    csr_der,
+                    zone,
+                    node,
+                    wg_key,
+                },
+            )
+            .await?;
             write_atomic(&out, s(&v["pem"]).as_bytes(), 0o644)?;
             println!("issued serial {} -> {}", s(&v["serial"]), out.display());
         }
-        CaCommand::IssueTls { dns, ip, lifetime, out_dir } => {
-            let v = request(data_dir, kek, AdminRequest::CaIssueTls { dns, ips: ip, lifetime_secs: lifetime.map(|d| d.as_secs()) }).await?;
-            std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+        CaCommand::IssueTls {
+            dns,
+            ip,
+            lifetime,
+            out_dir,
+        } => {
+            let v = request(
+                data_dir,
+                kek,
+                AdminRequest::CaIssueTls {
+                    dns,
+                    ips: ip,
+                    lifetime_secs: lifetime.map(|d| d.as_secs()),
+                },
+            )
+            .await?;
+            std::fs::create_dir_all(&out_dir)
+                .with_context(|| format!("creating {}", out_dir.display()))?;
             write_atomic(&out_dir.join("key.pem"), s(&v["key_pem"]).as_bytes(), 0o600)?;
-            write_atomic(&out_dir.join("chain.pem"), s(&v["chain_pem"]).as_bytes(), 0o644)?;
-            println!("issued serial {} -> {}/chain.pem, key.pem", s(&v["serial"]), out_dir.display());
+            write_atomic(
+                &out_dir.join("chain.pem"),
+                s(&v["chain_pem"]).as_bytes(),
+                0o644,
+            )?;
+            println!(
+                "issued serial {} -> {}/chain.pem, key.pem",
+                s(&v["serial"]),
+                out_dir.display()
+            );
         }
         CaCommand::Revoke { serial, reason } => {
             let v = request(data_dir, kek, AdminRequest::CaRevoke { serial, reason }).await?;

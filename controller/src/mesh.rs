@@ -7,7 +7,10 @@
 
 use crate::authority::Authority;
 use crate::error::{ControllerError, Result};
-use crate::store::{BlockRecord, NodeRecord, Store, StoreError, TokenRecord, ZoneRecord, decode, encode, node_key, unix};
+use crate::store::{
+    BlockRecord, NodeRecord, Store, StoreError, TokenRecord, ZoneRecord, decode, encode, node_key,
+    unix,
+};
 use base64::Engine;
 use parking_lot::Mutex;
 use sha2::{Digest, Sha256};
@@ -77,7 +80,9 @@ pub struct Mesh {
 
 impl std::fmt::Debug for Mesh {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Mesh").field("version", &self.version).finish_non_exhaustive()
+        f.debug_struct("Mesh")
+            .field("version", &self.version)
+            .finish_non_exhaustive()
     }
 }
 
@@ -91,10 +96,15 @@ fn hash_token(token: &str) -> String {
 
 fn parse_endpoints(list: &[String]) -> Result<Vec<SocketAddr>> {
     if list.len() > MAX_ENDPOINTS {
-        return Err(ControllerError::BadRequest(format!("at most {MAX_ENDPOINTS} endpoints")));
+        return Err(ControllerError::BadRequest(format!(
+            "at most {MAX_ENDPOINTS} endpoints"
+        )));
     }
     list.iter()
-        .map(|e| e.parse::<SocketAddr>().map_err(|_| ControllerError::BadRequest(format!("endpoint {e:?} is not IP:PORT"))))
+        .map(|e| {
+            e.parse::<SocketAddr>()
+                .map_err(|_| ControllerError::BadRequest(format!("endpoint {e:?} is not IP:PORT")))
+        })
         .collect()
 }
 
@@ -102,7 +112,9 @@ fn parse_endpoints(list: &[String]) -> Result<Vec<SocketAddr>> {
 /// names another node, never to fill in the certificate.
 fn csr_names(csr_der: &[u8]) -> Vec<String> {
     use x509_parser::prelude::{FromDer, X509CertificationRequest};
-    let Ok((_, csr)) = X509CertificationRequest::from_der(csr_der) else { return vec![] };
+    let Ok((_, csr)) = X509CertificationRequest::from_der(csr_der) else {
+        return vec![];
+    };
     let mut names: Vec<String> = csr
         .certification_request_info
         .subject
@@ -124,7 +136,12 @@ fn csr_names(csr_der: &[u8]) -> Vec<String> {
 }
 
 fn check_csr_names(csr_der: &[u8], trust_domain: &str, zone: &str, node: &str) -> Result<()> {
-    let spiffe = zonemesh_ca::SpiffeId { trust_domain: trust_domain.into(), zone: zone.into(), node: node.into() }.uri();
+    let spiffe = zonemesh_ca::SpiffeId {
+        trust_domain: trust_domain.into(),
+        zone: zone.into(),
+        node: node.into(),
+    }
+    .uri();
     for name in csr_names(csr_der) {
         if name != node && name != spiffe {
             return Err(ControllerError::PermissionDenied(format!(
@@ -179,18 +196,34 @@ impl Mesh {
     fn commit(&self, delta: pb::Delta) -> Result<u64> {
         if !delta.crl_der.is_empty() {
             for l in self.crl_listeners.lock().iter() {
-                l.update_crl(&delta.crl_der).map_err(|e| ControllerError::Internal(format!("CRL update: {e}")))?;
+                l.update_crl(&delta.crl_der)
+                    .map_err(|e| ControllerError::Internal(format!("CRL update: {e}")))?;
             }
         }
         let _guard = self.change_lock.lock();
         let v = self.version.load(Ordering::SeqCst) + 1;
-        let update = Arc::new(pb::MeshUpdate { version: v, kind: Some(pb::mesh_update::Kind::Delta(delta)) });
-        self.store.changes.insert(v.to_be_bytes(), prost::Message::encode_to_vec(update.as_ref())).map_err(store_err)?;
-        self.store.meta.insert("mesh_version", &v.to_be_bytes()).map_err(store_err)?;
+        let update = Arc::new(pb::MeshUpdate {
+            version: v,
+            kind: Some(pb::mesh_update::Kind::Delta(delta)),
+        });
+        self.store
+            .changes
+            .insert(
+                v.to_be_bytes(),
+                prost::Message::encode_to_vec(update.as_ref()),
+            )
+            .map_err(store_err)?;
+        self.store
+            .meta
+            .insert("mesh_version", &v.to_be_bytes())
+            .map_err(store_err)?;
         if v > CHANGE_LOG_LEN {
             let cutoff = (v - CHANGE_LOG_LEN).to_be_bytes();
             for k in self.store.changes.range(..cutoff).keys() {
-                self.store.changes.remove(k.map_err(store_err)?).map_err(store_err)?;
+                self.store
+                    .changes
+                    .remove(k.map_err(store_err)?)
+                    .map_err(store_err)?;
             }
         }
         self.store.flush()?;
@@ -214,7 +247,11 @@ impl Mesh {
     }
 
     fn zone_msg(z: &ZoneRecord) -> pb::Zone {
-        pb::Zone { name: z.name.clone(), cidr: z.cidr.to_string(), intra_zone_tunnels: z.intra_zone_tunnels }
+        pb::Zone {
+            name: z.name.clone(),
+            cidr: z.cidr.to_string(),
+            intra_zone_tunnels: z.intra_zone_tunnels,
+        }
     }
 
     fn active_blocks(&self, now: SystemTime) -> Result<Vec<pb::BlockedSource>> {
@@ -222,7 +259,11 @@ impl Mesh {
         Ok(all
             .into_iter()
             .filter(|b| b.until_unix > unix(now))
-            .map(|b| pb::BlockedSource { address: b.address.to_string(), until_unix: b.until_unix, reason: b.reason })
+            .map(|b| pb::BlockedSource {
+                address: b.address.to_string(),
+                until_unix: b.until_unix,
+                reason: b.reason,
+            })
             .collect())
     }
 
@@ -232,7 +273,13 @@ impl Mesh {
         if let Some(s) = self.snapshot_cache.lock().clone() {
             return Ok(s);
         }
-        let peers = self.store.nodes()?.iter().filter(|n| !n.revoked).map(|n| self.peer_of(n)).collect();
+        let peers = self
+            .store
+            .nodes()?
+            .iter()
+            .filter(|n| !n.revoked)
+            .map(|n| self.peer_of(n))
+            .collect();
         let zones = self.store.zones()?.iter().map(Self::zone_msg).collect();
         let snap = Arc::new(pb::MeshUpdate {
             version: self.version(),
@@ -261,12 +308,20 @@ impl Mesh {
             if kv != expected {
                 return Ok(None);
             }
-            let update: pb::MeshUpdate = prost::Message::decode(v.as_ref())
-                .map_err(|e| ControllerError::Store(StoreError::Corrupt { tree: "changes", err: e.to_string() }))?;
+            let update: pb::MeshUpdate = prost::Message::decode(v.as_ref()).map_err(|e| {
+                ControllerError::Store(StoreError::Corrupt {
+                    tree: "changes",
+                    err: e.to_string(),
+                })
+            })?;
             out.push(Arc::new(update));
             expected += 1;
         }
-        Ok(if expected == current + 1 { Some(out) } else { None })
+        Ok(if expected == current + 1 {
+            Some(out)
+        } else {
+            None
+        })
     }
 
     /// Register a Watch stream for `node`: what to send first, then live changes.
@@ -289,7 +344,12 @@ impl Mesh {
         let list = streams.entry(node.to_string()).or_default();
         list.retain(|t| !t.is_cancelled());
         list.push(cancel.clone());
-        Ok(Subscription { initial, last_version, rx, cancel })
+        Ok(Subscription {
+            initial,
+            last_version,
+            rx,
+            cancel,
+        })
     }
 
     /// Refill a lagging watcher from the log (or a snapshot when the log no longer reaches).
@@ -302,44 +362,106 @@ impl Mesh {
 
     // ----- zones and tokens (admin) -----
 
-    pub fn add_zone(&self, name: &str, cidr: &str, intra_zone_tunnels: bool, now: SystemTime) -> Result<ZoneRecord> {
+    pub fn add_zone(
+        &self,
+        name: &str,
+        cidr: &str,
+        intra_zone_tunnels: bool,
+        now: SystemTime,
+    ) -> Result<ZoneRecord> {
         validate_label("zone", name, false)?;
-        let cidr: ipnet::IpNet = cidr.parse().map_err(|_| ControllerError::BadRequest(format!("{cidr:?} is not a CIDR (e.g. 100.64.1.0/24)")))?;
+        let cidr: ipnet::IpNet = cidr.parse().map_err(|_| {
+            ControllerError::BadRequest(format!("{cidr:?} is not a CIDR (e.g. 100.64.1.0/24)"))
+        })?;
         if cidr.trunc() != cidr {
-            return Err(ControllerError::BadRequest(format!("{cidr} has host bits set; did you mean {}?", cidr.trunc())));
+            return Err(ControllerError::BadRequest(format!(
+                "{cidr} has host bits set; did you mean {}?",
+                cidr.trunc()
+            )));
         }
         if cidr.hosts().take(2).count() < 2 {
-            return Err(ControllerError::BadRequest(format!("{cidr} is too small for a zone")));
+            return Err(ControllerError::BadRequest(format!(
+                "{cidr} is too small for a zone"
+            )));
         }
         if self.store.zone(name)?.is_some() {
-            return Err(ControllerError::AlreadyExists(format!("zone {name} already exists")));
+            return Err(ControllerError::AlreadyExists(format!(
+                "zone {name} already exists"
+            )));
         }
-        if let Some(other) = self.store.zones()?.into_iter().find(|z| z.cidr.contains(&cidr.network()) || cidr.contains(&z.cidr.network())) {
-            return Err(ControllerError::BadRequest(format!("{cidr} overlaps zone {} ({})", other.name, other.cidr)));
+        if let Some(other) = self
+            .store
+            .zones()?
+            .into_iter()
+            .find(|z| z.cidr.contains(&cidr.network()) || cidr.contains(&z.cidr.network()))
+        {
+            return Err(ControllerError::BadRequest(format!(
+                "{cidr} overlaps zone {} ({})",
+                other.name, other.cidr
+            )));
         }
-        let rec = ZoneRecord { name: name.into(), cidr, intra_zone_tunnels, created_unix: unix(now) };
-        self.store.zones.insert(name, encode(&rec)).map_err(store_err)?;
-        self.commit(pb::Delta { zones: vec![Self::zone_msg(&rec)], ..Default::default() })?;
+        let rec = ZoneRecord {
+            name: name.into(),
+            cidr,
+            intra_zone_tunnels,
+            created_unix: unix(now),
+        };
+        self.store
+            .zones
+            .insert(name, encode(&rec))
+            .map_err(store_err)?;
+        self.commit(pb::Delta {
+            zones: vec![Self::zone_msg(&rec)],
+            ..Default::default()
+        })?;
         Ok(rec)
     }
 
-    pub fn create_token(&self, zone: &str, ttl: Duration, uses: u32, now: SystemTime) -> Result<CreatedToken> {
+    pub fn create_token(
+        &self,
+        zone: &str,
+        ttl: Duration,
+        uses: u32,
+        now: SystemTime,
+    ) -> Result<CreatedToken> {
         if self.store.zone(zone)?.is_none() {
-            return Err(ControllerError::NotFound(format!("zone {zone} does not exist (zone add {zone} --cidr ...)")));
+            return Err(ControllerError::NotFound(format!(
+                "zone {zone} does not exist (zone add {zone} --cidr ...)"
+            )));
         }
         if uses == 0 || uses > 10_000 {
-            return Err(ControllerError::BadRequest("uses must be between 1 and 10000".into()));
+            return Err(ControllerError::BadRequest(
+                "uses must be between 1 and 10000".into(),
+            ));
         }
         if ttl < Duration::from_secs(60) || ttl > Duration::from_secs(30 * 86_400) {
-            return Err(ControllerError::BadRequest("ttl must be between 1m and 30d".into()));
+            return Err(ControllerError::BadRequest(
+                "ttl must be between 1m and 30d".into(),
+            ));
         }
         let mut raw = [0u8; 32];
         rand::fill(&mut raw);
-        let token = format!("zmt_{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw));
-        let rec = TokenRecord { zone: zone.into(), expires_unix: unix(now + ttl), uses_left: uses, created_unix: unix(now) };
-        self.store.tokens.insert(hash_token(&token), encode(&rec)).map_err(store_err)?;
+        let token = format!(
+            "zmt_{}",
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
+        );
+        let rec = TokenRecord {
+            zone: zone.into(),
+            expires_unix: unix(now + ttl),
+            uses_left: uses,
+            created_unix: unix(now),
+        };
+        self.store
+            .tokens
+            .insert(hash_token(&token), encode(&rec))
+            .map_err(store_err)?;
         self.store.flush()?;
-        Ok(CreatedToken { token, zone: zone.into(), expires_unix: rec.expires_unix, uses })
+        Ok(CreatedToken {
+            token,
+            zone: zone.into(),
+            expires_unix: rec.expires_unix,
+            uses,
+        })
     }
 
     // ----- enrollment -----
@@ -348,7 +470,9 @@ impl Mesh {
         let mut map = self.enroll_failures.lock();
         if let Some((count, since)) = map.get(&source) {
             if since.elapsed() < ENROLL_FAILURE_WINDOW && *count >= ENROLL_FAILURES_PER_WINDOW {
-                return Err(ControllerError::RateLimited("too many failed enrollments from this address; try again later".into()));
+                return Err(ControllerError::RateLimited(
+                    "too many failed enrollments from this address; try again later".into(),
+                ));
             }
             if since.elapsed() >= ENROLL_FAILURE_WINDOW {
                 map.remove(&source);
@@ -365,7 +489,12 @@ impl Mesh {
 
     /// Enroll a node with a one-time token. Nothing is issued unless every check passes;
     /// the token use, the serial and the node are durable before this returns.
-    pub fn enroll(&self, req: &pb::EnrollRequest, source: IpAddr, now: SystemTime) -> Result<pb::EnrollResponse> {
+    pub fn enroll(
+        &self,
+        req: &pb::EnrollRequest,
+        source: IpAddr,
+        now: SystemTime,
+    ) -> Result<pb::EnrollResponse> {
         self.check_enroll_rate(source)?;
         let result = self.enroll_inner(req, now);
         if let Err(e) = &result {
@@ -377,13 +506,19 @@ impl Mesh {
 
     fn enroll_inner(&self, req: &pb::EnrollRequest, now: SystemTime) -> Result<pb::EnrollResponse> {
         let key = hash_token(&req.token);
-        let token: TokenRecord = Store::get(&self.store.tokens, "tokens", &key)?
-            .ok_or_else(|| ControllerError::Unauthenticated("enrollment token is not valid".into()))?;
+        let token: TokenRecord =
+            Store::get(&self.store.tokens, "tokens", &key)?.ok_or_else(|| {
+                ControllerError::Unauthenticated("enrollment token is not valid".into())
+            })?;
         if token.expires_unix <= unix(now) {
-            return Err(ControllerError::Unauthenticated("enrollment token has expired".into()));
+            return Err(ControllerError::Unauthenticated(
+                "enrollment token has expired".into(),
+            ));
         }
         if token.uses_left == 0 {
-            return Err(ControllerError::Unauthenticated("enrollment token has already been used".into()));
+            return Err(ControllerError::Unauthenticated(
+                "enrollment token has already been used".into(),
+            ));
         }
         if !req.zone.is_empty() && req.zone != token.zone {
             return Err(ControllerError::PermissionDenied(format!(
@@ -391,30 +526,55 @@ impl Mesh {
                 token.zone, req.zone
             )));
         }
-        let zone = self.store.zone(&token.zone)?.ok_or_else(|| ControllerError::NotFound("the token's zone no longer exists".into()))?;
+        let zone = self
+            .store
+            .zone(&token.zone)?
+            .ok_or_else(|| ControllerError::NotFound("the token's zone no longer exists".into()))?;
         validate_label("node name", &req.node_name, false)?;
         let wg = WireGuardKey::from_slice(&req.wg_public_key)?;
         let endpoints = parse_endpoints(&req.endpoints)?;
-        check_csr_names(&req.csr_der, self.auth.trust_domain(), &zone.name, &req.node_name)?;
+        check_csr_names(
+            &req.csr_der,
+            self.auth.trust_domain(),
+            &zone.name,
+            &req.node_name,
+        )?;
         let nkey = node_key(&zone.name, &req.node_name);
 
         let _guard = self.change_lock.lock();
         if let Some(existing) = self.store.node(&nkey)? {
             if !existing.revoked {
-                return Err(ControllerError::AlreadyExists(format!("node {nkey} is already enrolled")));
+                return Err(ControllerError::AlreadyExists(format!(
+                    "node {nkey} is already enrolled"
+                )));
             }
         }
-        if self.store.nodes()?.iter().any(|n| !n.revoked && n.wg_public_key == wg.0) {
-            return Err(ControllerError::AlreadyExists("this WireGuard key belongs to another node".into()));
+        if self
+            .store
+            .nodes()?
+            .iter()
+            .any(|n| !n.revoked && n.wg_public_key == wg.0)
+        {
+            return Err(ControllerError::AlreadyExists(
+                "this WireGuard key belongs to another node".into(),
+            ));
         }
         let overlay_ip = self.allocate_ip(&zone, &nkey)?;
-        let cert = match self
-            .auth
-            .issue_node(&NodeRequest { csr_der: &req.csr_der, zone: &zone.name, node: &req.node_name, wg_public_key: wg }, now)
-        {
+        let cert = match self.auth.issue_node(
+            &NodeRequest {
+                csr_der: &req.csr_der,
+                zone: &zone.name,
+                node: &req.node_name,
+                wg_public_key: wg,
+            },
+            now,
+        ) {
             Ok(c) => c,
             Err(e) => {
-                self.store.alloc.remove(overlay_ip.to_string()).map_err(store_err)?;
+                self.store
+                    .alloc
+                    .remove(overlay_ip.to_string())
+                    .map_err(store_err)?;
                 return Err(e);
             }
         };
@@ -434,9 +594,17 @@ impl Mesh {
             .and_then(|old| decode::<TokenRecord>("tokens", &old).ok())
             .is_some_and(|old| old.uses_left > 0);
         if !consumed {
-            self.store.alloc.remove(overlay_ip.to_string()).map_err(store_err)?;
-            self.store.certs.remove(&cert.serial_hex).map_err(store_err)?;
-            return Err(ControllerError::Unauthenticated("enrollment token has already been used".into()));
+            self.store
+                .alloc
+                .remove(overlay_ip.to_string())
+                .map_err(store_err)?;
+            self.store
+                .certs
+                .remove(&cert.serial_hex)
+                .map_err(store_err)?;
+            return Err(ControllerError::Unauthenticated(
+                "enrollment token has already been used".into(),
+            ));
         }
         let node = NodeRecord {
             zone: zone.name.clone(),
@@ -454,7 +622,10 @@ impl Mesh {
         let peer = self.peer_of(&node);
         drop(_guard);
         // commit() flushes the token use, serial, allocation and node together.
-        self.commit(pb::Delta { upserted: vec![peer], ..Default::default() })?;
+        self.commit(pb::Delta {
+            upserted: vec![peer],
+            ..Default::default()
+        })?;
         tracing::info!(node = %nkey, serial = %cert.serial_hex, "node enrolled");
         Ok(pb::EnrollResponse {
             certificate_der: cert.der,
@@ -463,7 +634,12 @@ impl Mesh {
             trust_domain: self.auth.trust_domain().to_string(),
             zone: zone.name.clone(),
             node: req.node_name.clone(),
-            spiffe_id: zonemesh_ca::SpiffeId::new(self.auth.trust_domain(), &zone.name, &req.node_name)?.uri(),
+            spiffe_id: zonemesh_ca::SpiffeId::new(
+                self.auth.trust_domain(),
+                &zone.name,
+                &req.node_name,
+            )?
+            .uri(),
             overlay_ip: overlay_ip.to_string(),
             zone_cidr: zone.cidr.to_string(),
         })
@@ -482,7 +658,10 @@ impl Mesh {
                 return Ok(ip);
             }
         }
-        Err(ControllerError::BadRequest(format!("zone {} has no free overlay addresses", zone.name)))
+        Err(ControllerError::BadRequest(format!(
+            "zone {} has no free overlay addresses",
+            zone.name
+        )))
     }
 
     // ----- calls from enrolled nodes -----
@@ -490,7 +669,9 @@ impl Mesh {
     /// The caller's current, unrevoked node record.
     pub fn caller(&self, who: &VerifiedNode) -> Result<NodeRecord> {
         if self.auth.is_revoked(&who.serial_hex) {
-            return Err(ControllerError::Unauthenticated("certificate has been revoked".into()));
+            return Err(ControllerError::Unauthenticated(
+                "certificate has been revoked".into(),
+            ));
         }
         let node = self
             .store
@@ -500,7 +681,12 @@ impl Mesh {
         Ok(node)
     }
 
-    pub fn renew(&self, who: &VerifiedNode, csr_der: &[u8], now: SystemTime) -> Result<pb::RenewResponse> {
+    pub fn renew(
+        &self,
+        who: &VerifiedNode,
+        csr_der: &[u8],
+        now: SystemTime,
+    ) -> Result<pb::RenewResponse> {
         let mut node = self.caller(who)?;
         check_csr_names(csr_der, self.auth.trust_domain(), &node.zone, &node.node)?;
         let cert = self.auth.issue_node(
@@ -516,33 +702,58 @@ impl Mesh {
         node.cert_der = cert.der.clone();
         node.not_after_unix = unix(cert.not_after);
         self.store.put_node(&node)?;
-        self.commit(pb::Delta { upserted: vec![self.peer_of(&node)], ..Default::default() })?;
+        self.commit(pb::Delta {
+            upserted: vec![self.peer_of(&node)],
+            ..Default::default()
+        })?;
         tracing::info!(node = %node.key(), serial = %cert.serial_hex, "node certificate renewed");
-        Ok(pb::RenewResponse { certificate_der: cert.der, chain_der: self.auth.chain() })
+        Ok(pb::RenewResponse {
+            certificate_der: cert.der,
+            chain_der: self.auth.chain(),
+        })
     }
 
     /// A TLS certificate for the node's own services: only `<node>.<zone>.<trust-domain>`
     /// and the node's overlay address.
-    pub fn issue_tls(&self, who: &VerifiedNode, req: &pb::IssueTlsRequest, now: SystemTime) -> Result<pb::IssueTlsResponse> {
+    pub fn issue_tls(
+        &self,
+        who: &VerifiedNode,
+        req: &pb::IssueTlsRequest,
+        now: SystemTime,
+    ) -> Result<pb::IssueTlsResponse> {
         let node = self.caller(who)?;
         let allowed_dns = format!("{}.{}.{}", node.node, node.zone, self.auth.trust_domain());
         for d in &req.dns_names {
             if d != &allowed_dns {
-                return Err(ControllerError::PermissionDenied(format!("{d:?} is not a name of this node (allowed: {allowed_dns})")));
+                return Err(ControllerError::PermissionDenied(format!(
+                    "{d:?} is not a name of this node (allowed: {allowed_dns})"
+                )));
             }
         }
         let mut ips = Vec::new();
         for ip in &req.ip_addresses {
-            let parsed: IpAddr = ip.parse().map_err(|_| ControllerError::BadRequest(format!("{ip:?} is not an IP address")))?;
+            let parsed: IpAddr = ip
+                .parse()
+                .map_err(|_| ControllerError::BadRequest(format!("{ip:?} is not an IP address")))?;
             if parsed != node.overlay_ip {
-                return Err(ControllerError::PermissionDenied(format!("{ip} is not this node's overlay address")));
+                return Err(ControllerError::PermissionDenied(format!(
+                    "{ip} is not this node's overlay address"
+                )));
             }
             ips.push(parsed);
         }
-        let names = zonemesh_ca::TlsNames { dns: req.dns_names.clone(), ips };
+        let names = zonemesh_ca::TlsNames {
+            dns: req.dns_names.clone(),
+            ips,
+        };
         let lifetime = (req.lifetime_secs > 0).then(|| Duration::from_secs(req.lifetime_secs));
-        let cert = self.auth.issue_tls_csr(&req.csr_der, &names, lifetime, now)?;
-        Ok(pb::IssueTlsResponse { certificate_der: cert.der, chain_der: self.auth.chain() })
+        let cert = self
+            .auth
+            .issue_tls_csr(&req.csr_der, &names, lifetime, now)?;
+        Ok(pb::IssueTlsResponse {
+            certificate_der: cert.der,
+            chain_der: self.auth.chain(),
+        })
     }
 
     pub fn update_endpoints(&self, who: &VerifiedNode, endpoints: &[String]) -> Result<()> {
@@ -553,17 +764,30 @@ impl Mesh {
         }
         node.endpoints = parsed;
         self.store.put_node(&node)?;
-        self.commit(pb::Delta { upserted: vec![self.peer_of(&node)], ..Default::default() })?;
+        self.commit(pb::Delta {
+            upserted: vec![self.peer_of(&node)],
+            ..Default::default()
+        })?;
         Ok(())
     }
 
-    pub fn report_health(&self, who: &VerifiedNode, report: &pb::HealthReport, now: SystemTime) -> Result<()> {
+    pub fn report_health(
+        &self,
+        who: &VerifiedNode,
+        report: &pb::HealthReport,
+        now: SystemTime,
+    ) -> Result<()> {
         let node = self.caller(who)?;
         let rows = report
             .peers
             .iter()
             .take(10_000)
-            .map(|p| HealthRow { peer: p.peer.clone(), loss: p.loss, rtt_micros: p.rtt_micros, reported_unix: unix(now) })
+            .map(|p| HealthRow {
+                peer: p.peer.clone(),
+                loss: p.loss,
+                rtt_micros: p.rtt_micros,
+                reported_unix: unix(now),
+            })
             .collect();
         self.health.lock().insert(node.key(), rows);
         Ok(())
@@ -576,12 +800,22 @@ impl Mesh {
 
     /// Security events from an agent (for example handshakes from unknown keys). A source
     /// reported often enough is blocked on every agent.
-    pub fn report_events(&self, who: &VerifiedNode, events: &pb::SecurityEvents, now: SystemTime) -> Result<Vec<IpAddr>> {
+    pub fn report_events(
+        &self,
+        who: &VerifiedNode,
+        events: &pb::SecurityEvents,
+        now: SystemTime,
+    ) -> Result<Vec<IpAddr>> {
         let node = self.caller(who)?;
         let mut blocked = Vec::new();
         for ev in events.events.iter().take(1000) {
             tracing::warn!(node = %node.key(), kind = %ev.kind, source = %ev.source, "security event reported by agent");
-            let Ok(ip) = ev.source.parse::<SocketAddr>().map(|s| s.ip()).or_else(|_| ev.source.parse::<IpAddr>()) else {
+            let Ok(ip) = ev
+                .source
+                .parse::<SocketAddr>()
+                .map(|s| s.ip())
+                .or_else(|_| ev.source.parse::<IpAddr>())
+            else {
                 continue;
             };
             let count = {
@@ -591,7 +825,11 @@ impl Mesh {
                 *c
             };
             if count == EVENTS_BEFORE_BLOCK {
-                self.block_source(ip, now + self.block_duration, &format!("{count} security events ({}) reported by agents", ev.kind))?;
+                self.block_source(
+                    ip,
+                    now + self.block_duration,
+                    &format!("{count} security events ({}) reported by agents", ev.kind),
+                )?;
                 blocked.push(ip);
             }
         }
@@ -600,10 +838,21 @@ impl Mesh {
 
     /// Put a source on the blocklist carried to every agent.
     pub fn block_source(&self, ip: IpAddr, until: SystemTime, reason: &str) -> Result<()> {
-        let rec = BlockRecord { address: ip, until_unix: unix(until), reason: reason.into() };
-        self.store.blocks.insert(ip.to_string(), encode(&rec)).map_err(store_err)?;
+        let rec = BlockRecord {
+            address: ip,
+            until_unix: unix(until),
+            reason: reason.into(),
+        };
+        self.store
+            .blocks
+            .insert(ip.to_string(), encode(&rec))
+            .map_err(store_err)?;
         self.commit(pb::Delta {
-            blocked: vec![pb::BlockedSource { address: ip.to_string(), until_unix: rec.until_unix, reason: rec.reason }],
+            blocked: vec![pb::BlockedSource {
+                address: ip.to_string(),
+                until_unix: rec.until_unix,
+                reason: rec.reason,
+            }],
             ..Default::default()
         })?;
         tracing::warn!(source = %ip, until = rec.until_unix, reason, "source blocked");
@@ -614,19 +863,28 @@ impl Mesh {
 
     /// Revoke a node: its certificate goes on the CRL, its open streams end now, and every
     /// other watcher receives its removal and the new CRL.
-    pub fn revoke_node(&self, nkey: &str, reason: RevocationReason, now: SystemTime) -> Result<NodeRecord> {
-        let mut node = self
-            .store
-            .node(nkey)?
-            .ok_or_else(|| ControllerError::NotFound(format!("no node {nkey} (use zone/node, see `node list`)")))?;
+    pub fn revoke_node(
+        &self,
+        nkey: &str,
+        reason: RevocationReason,
+        now: SystemTime,
+    ) -> Result<NodeRecord> {
+        let mut node = self.store.node(nkey)?.ok_or_else(|| {
+            ControllerError::NotFound(format!("no node {nkey} (use zone/node, see `node list`)"))
+        })?;
         if node.revoked {
-            return Err(ControllerError::AlreadyExists(format!("node {nkey} is already revoked")));
+            return Err(ControllerError::AlreadyExists(format!(
+                "node {nkey} is already revoked"
+            )));
         }
         self.auth.revoke(&node.serial_hex, reason, now)?;
         node.revoked = true;
         self.store.put_node(&node)?;
         self.commit(pb::Delta {
-            removed: vec![pb::PeerRef { zone: node.zone.clone(), node: node.node.clone() }],
+            removed: vec![pb::PeerRef {
+                zone: node.zone.clone(),
+                node: node.node.clone(),
+            }],
             crl_der: self.auth.crl_der().to_vec(),
             ..Default::default()
         })?;
@@ -642,6 +900,9 @@ impl Mesh {
     /// Push a freshly signed CRL to every watcher (after `ca revoke` of a non-node serial,
     /// or the periodic refresh).
     pub fn publish_crl(&self) -> Result<u64> {
-        self.commit(pb::Delta { crl_der: self.auth.crl_der().to_vec(), ..Default::default() })
+        self.commit(pb::Delta {
+            crl_der: self.auth.crl_der().to_vec(),
+            ..Default::default()
+        })
     }
 }

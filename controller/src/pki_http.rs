@@ -23,7 +23,11 @@ pub fn router(auth: Arc<Authority>) -> axum::Router {
 }
 
 async fn crl(State(auth): State<Arc<Authority>>) -> Response {
-    ([(header::CONTENT_TYPE, "application/pkix-crl")], auth.crl_der().to_vec()).into_response()
+    (
+        [(header::CONTENT_TYPE, "application/pkix-crl")],
+        auth.crl_der().to_vec(),
+    )
+        .into_response()
 }
 
 fn ocsp_reply(auth: &Authority, der: &[u8]) -> Response {
@@ -40,8 +44,12 @@ async fn ocsp_post(State(auth): State<Arc<Authority>>, body: Bytes) -> Response 
 }
 
 async fn ocsp_get(State(auth): State<Arc<Authority>>, Path(req): Path<String>) -> Response {
-    let cleaned = req.replace("%2B", "+").replace("%2F", "/").replace("%3D", "=");
-    let Ok(der) = base64::engine::general_purpose::STANDARD.decode(cleaned.trim_start_matches('/')) else {
+    let cleaned = req
+        .replace("%2B", "+")
+        .replace("%2F", "/")
+        .replace("%3D", "=");
+    let Ok(der) = base64::engine::general_purpose::STANDARD.decode(cleaned.trim_start_matches('/'))
+    else {
         return (StatusCode::BAD_REQUEST, "OCSP GET request is not base64").into_response();
     };
     if der.len() > MAX_OCSP_REQUEST {
@@ -54,7 +62,13 @@ async fn ocsp_get(State(auth): State<Arc<Authority>>, Path(req): Path<String>) -
 }
 
 /// Serve a router over plain HTTP until shutdown.
-pub async fn serve_plain(listener: tokio::net::TcpListener, app: axum::Router, shutdown: tokio_util::sync::CancellationToken) -> anyhow::Result<()> {
-    axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.cancelled().await }).await?;
+pub async fn serve_plain(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<()> {
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await?;
     Ok(())
 }

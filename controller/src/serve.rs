@@ -31,7 +31,11 @@ impl ServeConfig {
     /// Check the configuration completely; returns the names for the TLS certificate.
     pub fn validate(&self) -> Result<TlsNames> {
         if !self.data_dir.join("db").exists() {
-            bail!("{} holds no zonemesh data; run `zonemesh-controller init --data-dir {}` first", self.data_dir.display(), self.data_dir.display());
+            bail!(
+                "{} holds no zonemesh data; run `zonemesh-controller init --data-dir {}` first",
+                self.data_dir.display(),
+                self.data_dir.display()
+            );
         }
         let mut ports = vec![self.grpc_listen, self.https_listen];
         ports.extend(self.pki_listen);
@@ -60,14 +64,17 @@ impl ServeConfig {
             add(&self.https_listen.ip().to_string());
         }
         for d in &names.dns {
-            zonemesh_ca::validate_label("TLS name", d, true).map_err(|e| anyhow::anyhow!("--tls-name {d}: {e}"))?;
+            zonemesh_ca::validate_label("TLS name", d, true)
+                .map_err(|e| anyhow::anyhow!("--tls-name {d}: {e}"))?;
         }
         Ok(names)
     }
 }
 
 async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener> {
-    TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr} ({what})"))
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} ({what})"))
 }
 
 /// Run until SIGTERM/SIGINT or `shutdown`.
@@ -92,15 +99,40 @@ pub async fn run(cfg: ServeConfig, shutdown: CancellationToken) -> Result<()> {
     tracing::info!(grpc = %cfg.grpc_listen, https = %cfg.https_listen, pki = ?cfg.pki_listen, version = mesh.version(), "controller serving");
 
     let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(crate::grpc::serve(grpc_listener, grpc_tls, mesh.clone(), shutdown.clone()));
+    tasks.spawn(crate::grpc::serve(
+        grpc_listener,
+        grpc_tls,
+        mesh.clone(),
+        shutdown.clone(),
+    ));
     let https_app = crate::pki_http::router(auth.clone());
-    let https_tls = Arc::new(server_config(identity.clone(), None, &[b"h2", b"http/1.1"])?);
-    tasks.spawn(crate::https::serve(https_listener, https_tls, https_app, shutdown.clone()));
+    let https_tls = Arc::new(server_config(
+        identity.clone(),
+        None,
+        &[b"h2", b"http/1.1"],
+    )?);
+    tasks.spawn(crate::https::serve(
+        https_listener,
+        https_tls,
+        https_app,
+        shutdown.clone(),
+    ));
     if let Some(l) = pki_listener {
-        tasks.spawn(crate::pki_http::serve_plain(l, crate::pki_http::router(auth.clone()), shutdown.clone()));
+        tasks.spawn(crate::pki_http::serve_plain(
+            l,
+            crate::pki_http::router(auth.clone()),
+            shutdown.clone(),
+        ));
     }
-    let handler = Arc::new(AdminHandler { auth: auth.clone(), mesh: Some(mesh.clone()) });
-    tasks.spawn(admin::serve(admin::socket_path(&cfg.data_dir), handler, shutdown.clone()));
+    let handler = Arc::new(AdminHandler {
+        auth: auth.clone(),
+        mesh: Some(mesh.clone()),
+    });
+    tasks.spawn(admin::serve(
+        admin::socket_path(&cfg.data_dir),
+        handler,
+        shutdown.clone(),
+    ));
     {
         let (identity, auth, stop) = (identity.clone(), auth.clone(), shutdown.clone());
         tasks.spawn(async move {
@@ -160,7 +192,10 @@ pub async fn run(cfg: ServeConfig, shutdown: CancellationToken) -> Result<()> {
 
 async fn wait_for_signal(stop: &CancellationToken) {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         stop.cancelled().await;
         return;
     };

@@ -14,7 +14,9 @@ use thiserror::Error;
 pub enum StoreError {
     #[error("database error: {0}")]
     Db(#[from] sled::Error),
-    #[error("database is in use by another process (is a controller already running on this data directory?)")]
+    #[error(
+        "database is in use by another process (is a controller already running on this data directory?)"
+    )]
     Locked,
     #[error("corrupt record in {tree}: {err}")]
     Corrupt { tree: &'static str, err: String },
@@ -124,7 +126,9 @@ impl std::fmt::Debug for Store {
 }
 
 pub fn unix(t: SystemTime) -> u64 {
-    t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 pub fn from_unix(s: u64) -> SystemTime {
@@ -136,18 +140,28 @@ pub fn encode<T: Serialize>(v: &T) -> Vec<u8> {
 }
 
 pub fn decode<T: DeserializeOwned>(tree: &'static str, bytes: &[u8]) -> StoreResult<T> {
-    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt { tree, err: e.to_string() })
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+        tree,
+        err: e.to_string(),
+    })
 }
 
 impl Store {
     /// Open (or create) the database in `dir`.
     pub fn open(dir: &Path) -> StoreResult<Self> {
-        let db = sled::Config::new().path(dir).mode(sled::Mode::HighThroughput).open().map_err(|e| match e {
-            sled::Error::Io(ref io) if io.kind() == std::io::ErrorKind::WouldBlock || io.to_string().contains("lock") => {
-                StoreError::Locked
-            }
-            other => StoreError::Db(other),
-        })?;
+        let db = sled::Config::new()
+            .path(dir)
+            .mode(sled::Mode::HighThroughput)
+            .open()
+            .map_err(|e| match e {
+                sled::Error::Io(ref io)
+                    if io.kind() == std::io::ErrorKind::WouldBlock
+                        || io.to_string().contains("lock") =>
+                {
+                    StoreError::Locked
+                }
+                other => StoreError::Db(other),
+            })?;
         Ok(Self {
             meta: db.open_tree("meta")?,
             ca: db.open_tree("ca")?,
@@ -174,7 +188,11 @@ impl Store {
         Ok(())
     }
 
-    pub fn get<T: DeserializeOwned>(tree: &sled::Tree, name: &'static str, key: impl AsRef<[u8]>) -> StoreResult<Option<T>> {
+    pub fn get<T: DeserializeOwned>(
+        tree: &sled::Tree,
+        name: &'static str,
+        key: impl AsRef<[u8]>,
+    ) -> StoreResult<Option<T>> {
         tree.get(key)?.map(|v| decode(name, &v)).transpose()
     }
 
@@ -194,10 +212,15 @@ impl Store {
     /// Atomically increment a counter in `meta` and return the new value.
     pub fn next_counter(&self, key: &str) -> StoreResult<u64> {
         let v = self.meta.update_and_fetch(key, |old| {
-            let n = old.and_then(|o| <[u8; 8]>::try_from(o).ok()).map(u64::from_be_bytes).unwrap_or(0);
+            let n = old
+                .and_then(|o| <[u8; 8]>::try_from(o).ok())
+                .map(u64::from_be_bytes)
+                .unwrap_or(0);
             Some((n + 1).to_be_bytes().to_vec())
         })?;
-        Ok(v.and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok()).map(u64::from_be_bytes).unwrap_or(1))
+        Ok(v.and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+            .map(u64::from_be_bytes)
+            .unwrap_or(1))
     }
 
     pub fn zones(&self) -> StoreResult<Vec<ZoneRecord>> {

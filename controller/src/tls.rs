@@ -30,25 +30,42 @@ pub struct ServerIdentity {
 
 fn certified(chain: Vec<Vec<u8>>, key_pkcs8: Vec<u8>) -> Result<CertifiedKey> {
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key_pkcs8));
-    let signing = provider().key_provider.load_private_key(key).context("loading TLS key")?;
-    Ok(CertifiedKey::new(chain.into_iter().map(CertificateDer::from).collect(), signing))
+    let signing = provider()
+        .key_provider
+        .load_private_key(key)
+        .context("loading TLS key")?;
+    Ok(CertifiedKey::new(
+        chain.into_iter().map(CertificateDer::from).collect(),
+        signing,
+    ))
 }
 
 impl ServerIdentity {
     /// Issue a first certificate for `names`.
     pub fn issue(auth: &Authority, names: TlsNames, now: SystemTime) -> Result<Arc<Self>> {
         let (ck, validity) = Self::fresh(auth, &names, now)?;
-        Ok(Arc::new(Self { current: ArcSwap::from_pointee(ck), not_after: ArcSwap::from_pointee(validity), names }))
+        Ok(Arc::new(Self {
+            current: ArcSwap::from_pointee(ck),
+            not_after: ArcSwap::from_pointee(validity),
+            names,
+        }))
     }
 
-    fn fresh(auth: &Authority, names: &TlsNames, now: SystemTime) -> Result<(CertifiedKey, (SystemTime, SystemTime))> {
+    fn fresh(
+        auth: &Authority,
+        names: &TlsNames,
+        now: SystemTime,
+    ) -> Result<(CertifiedKey, (SystemTime, SystemTime))> {
         let key = zonemesh_ca::generate_rsa_2048()?;
         let cert = auth.issue_tls_key(&key, names, None, now)?;
         let mut chain = vec![cert.der];
         chain.extend(auth.chain());
         // The root goes last so an enrolling agent can match it against its pinned fingerprint.
         chain.push(auth.ca().root_der().to_vec());
-        Ok((certified(chain, key.serialize_der())?, (cert.not_before, cert.not_after)))
+        Ok((
+            certified(chain, key.serialize_der())?,
+            (cert.not_before, cert.not_after),
+        ))
     }
 
     /// When the current certificate should be replaced: 2/3 of its lifetime.
@@ -60,14 +77,19 @@ impl ServerIdentity {
     /// Renew at 2/3 of the lifetime until shutdown; a failed renewal is retried every minute.
     pub async fn renew_loop(self: Arc<Self>, auth: Arc<Authority>, shutdown: CancellationToken) {
         loop {
-            let wait = self.renew_at().duration_since(SystemTime::now()).unwrap_or(Duration::ZERO);
+            let wait = self
+                .renew_at()
+                .duration_since(SystemTime::now())
+                .unwrap_or(Duration::ZERO);
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(wait) => {}
             }
             let a = auth.clone();
             let names = self.names.clone();
-            match tokio::task::spawn_blocking(move || Self::fresh(&a, &names, SystemTime::now())).await {
+            match tokio::task::spawn_blocking(move || Self::fresh(&a, &names, SystemTime::now()))
+                .await
+            {
                 Ok(Ok((ck, validity))) => {
                     self.current.store(Arc::new(ck));
                     self.not_after.store(Arc::new(validity));
@@ -111,24 +133,34 @@ impl CrlClientVerifier {
     pub fn new(roots_der: &[Vec<u8>], crl_der: &[u8]) -> Result<Arc<Self>> {
         let mut roots = RootCertStore::empty();
         for r in roots_der {
-            roots.add(CertificateDer::from(r.clone())).context("adding CA root")?;
+            roots
+                .add(CertificateDer::from(r.clone()))
+                .context("adding CA root")?;
         }
         let roots = Arc::new(roots);
         let inner = Self::build(&roots, crl_der)?;
-        Ok(Arc::new(Self { roots, inner: ArcSwap::from_pointee(inner) }))
+        Ok(Arc::new(Self {
+            roots,
+            inner: ArcSwap::from_pointee(inner),
+        }))
     }
 
     fn build(roots: &Arc<RootCertStore>, crl_der: &[u8]) -> Result<Arc<dyn ClientCertVerifier>> {
-        Ok(WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
-            .with_crls([rustls::pki_types::CertificateRevocationListDer::from(crl_der.to_vec())])
-            .only_check_end_entity_revocation()
-            .allow_unauthenticated()
-            .build()?)
+        Ok(
+            WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
+                .with_crls([rustls::pki_types::CertificateRevocationListDer::from(
+                    crl_der.to_vec(),
+                )])
+                .only_check_end_entity_revocation()
+                .allow_unauthenticated()
+                .build()?,
+        )
     }
 
     /// Swap in a new CRL.
     pub fn update_crl(&self, crl_der: &[u8]) -> Result<()> {
-        self.inner.store(Arc::new(Self::build(&self.roots, crl_der)?));
+        self.inner
+            .store(Arc::new(Self::build(&self.roots, crl_der)?));
         Ok(())
     }
 }
@@ -143,13 +175,30 @@ impl ClientCertVerifier for CrlClientVerifier {
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
         &[]
     }
-    fn verify_client_cert(&self, end_entity: &CertificateDer<'_>, intermediates: &[CertificateDer<'_>], now: UnixTime) -> Result<ClientCertVerified, rustls::Error> {
-        self.inner.load().verify_client_cert(end_entity, intermediates, now)
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.inner
+            .load()
+            .verify_client_cert(end_entity, intermediates, now)
     }
-    fn verify_tls12_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         self.inner.load().verify_tls12_signature(message, cert, dss)
     }
-    fn verify_tls13_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         self.inner.load().verify_tls13_signature(message, cert, dss)
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
@@ -158,11 +207,17 @@ impl ClientCertVerifier for CrlClientVerifier {
 }
 
 /// A server config: TLS 1.3 and 1.2 only, and only rustls's forward-secret AEAD suites.
-pub fn server_config(identity: Arc<ServerIdentity>, client_verifier: Option<Arc<CrlClientVerifier>>, alpn: &[&[u8]]) -> Result<rustls::ServerConfig> {
+pub fn server_config(
+    identity: Arc<ServerIdentity>,
+    client_verifier: Option<Arc<CrlClientVerifier>>,
+    alpn: &[&[u8]],
+) -> Result<rustls::ServerConfig> {
     let builder = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?;
     let mut cfg = match client_verifier {
-        Some(v) => builder.with_client_cert_verifier(v).with_cert_resolver(identity),
+        Some(v) => builder
+            .with_client_cert_verifier(v)
+            .with_cert_resolver(identity),
         None => builder.with_no_client_auth().with_cert_resolver(identity),
     };
     cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();

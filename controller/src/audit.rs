@@ -1,0 +1,293 @@
+//! The append-only audit log of security decisions (sign-ins, failures, blocks, tokens,
+//! revocations), kept in the sled tree `audit`.
+//!
+//! Keys are big-endian `u64` sequence numbers, so iteration order is write order; values are
+//! JSON. There is deliberately no update or delete API. Every record is flushed to disk
+//! before `record` returns: a security decision must survive a crash.
+
+use std::fmt::Write as _;
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+/// Name of the sled tree holding the audit log.
+pub const AUDIT_TREE: &str = "audit";
+
+/// Errors from the audit log.
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error("audit store: {0}")]
+    Store(#[from] sled::Error),
+    #[error("audit record encoding: {0}")]
+    Encoding(#[from] serde_json::Error),
+    #[error("audit sequence {0} already written (the log is append-only)")]
+    Duplicate(u64),
+}
+
+/// Result alias for the audit log.
+pub type Result<T, E = AuditError> = std::result::Result<T, E>;
+
+/// One security decision, as the caller describes it. Never put secrets in it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEvent {
+    /// What happened, dotted: `signin.failure`, `source.blocked`, `token.created`, `node.revoked`.
+    pub kind: String,
+    /// Who did it (a user's e-mail, a node's SPIFFE id, `cli`).
+    pub actor: Option<String>,
+    /// What it was done to (an account, a node, a token id).
+    pub subject: Option<String>,
+    /// The network source of the request, when there is one.
+    pub source: Option<IpAddr>,
+    /// `ok`, `denied`, `blocked`, ...
+    pub outcome: String,
+    /// Free-form, human-readable context without secrets.
+    pub detail: Option<String>,
+}
+
+impl AuditEvent {
+    /// A new event of `kind` with `outcome`; fill the rest with the builder methods.
+    pub fn new(kind: impl Into<String>, outcome: impl Into<String>) -> Self {
+        Self {
+            kind: kind.into(),
+            outcome: outcome.into(),
+            ..Self::default()
+        }
+    }
+
+    /// Set the actor.
+    pub fn actor(mut self, actor: impl Into<String>) -> Self {
+        self.actor = Some(actor.into());
+        self
+    }
+
+    /// Set the subject.
+    pub fn subject(mut self, subject: impl Into<String>) -> Self {
+        self.subject = Some(subject.into());
+        self
+    }
+
+    /// Set the source address.
+    pub fn source(mut self, source: IpAddr) -> Self {
+        self.source = Some(source);
+        self
+    }
+
+    /// Set the detail text.
+    pub fn detail(mut self, detail: impl Into<String>) -> Self {
+        self.detail = Some(detail.into());
+        self
+    }
+}
+
+/// A stored audit record: the event plus its sequence number and time.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    /// Position in the log, starting at 1.
+    pub seq: u64,
+    /// Milliseconds since the Unix epoch when the record was written.
+    pub at_unix_ms: u64,
+    #[serde(flatten)]
+    pub event: AuditEvent,
+}
+
+impl AuditRecord {
+    /// The record's time.
+    pub fn at(&self) -> SystemTime {
+        UNIX_EPOCH + std::time::Duration::from_millis(self.at_unix_ms)
+    }
+}
+
+/// The audit log over the sled tree `audit`.
+pub struct AuditLog {
+    tree: sled::Tree,
+    next_seq: Mutex<u64>,
+}
+
+impl AuditLog {
+    /// Open (or create) the audit tree in `db`.
+    pub fn open(db: &sled::Db) -> Result<Self> {
+        let tree = db.open_tree(AUDIT_TREE)?;
+        let next = match tree.last()? {
+            Some((k, _)) => decode_seq(&k) + 1,
+            None => 1,
+        };
+        Ok(Self {
+            tree,
+            next_seq: Mutex::new(next),
+        })
+    }
+
+    /// Append `event`, stamped with the current time, and flush it to disk.
+    pub fn record(&self, event: AuditEvent) -> Result<()> {
+        self.record_at(event, SystemTime::now()).map(|_| ())
+    }
+
+    /// Append `event` stamped with `now` and flush it; returns the sequence number.
+    pub fn record_at(&self, event: AuditEvent, now: SystemTime) -> Result<u64> {
+        let at_unix_ms = now
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        // The lock orders sequence numbers with writes, so keys never go backwards.
+        let mut next = self.next_seq.lock().unwrap_or_else(|p| p.into_inner());
+        let seq = *next;
+        let rec = AuditRecord {
+            seq,
+            at_unix_ms,
+            event,
+        };
+        let value = serde_json::to_vec(&rec)?;
+        self.tree
+            .compare_and_swap(seq.to_be_bytes(), None as Option<&[u8]>, Some(value))?
+            .map_err(|_| AuditError::Duplicate(seq))?;
+        *next = seq + 1;
+        drop(next);
+        self.tree.flush()?;
+        Ok(seq)
+    }
+
+    /// The newest `limit` records (all when `None`), oldest first.
+    pub fn list(&self, limit: Option<usize>) -> Result<Vec<AuditRecord>> {
+        let mut out = Vec::new();
+        for item in self.tree.iter().rev() {
+            if limit.is_some_and(|l| out.len() >= l) {
+                break;
+            }
+            let (_, v) = item?;
+            out.push(serde_json::from_slice::<AuditRecord>(&v)?);
+        }
+        out.reverse();
+        Ok(out)
+    }
+
+    /// Number of records in the log.
+    pub fn len(&self) -> usize {
+        self.tree.len()
+    }
+
+    /// Whether the log is empty.
+    pub fn is_empty(&self) -> bool {
+        self.tree.is_empty()
+    }
+}
+
+fn decode_seq(k: &[u8]) -> u64 {
+    let mut b = [0u8; 8];
+    let n = k.len().min(8);
+    b[8 - n..].copy_from_slice(&k[k.len() - n..]);
+    u64::from_be_bytes(b)
+}
+
+/// Render records for `zonemesh-controller audit`: one line per record, or JSON lines when
+/// `json` is set (one object per line, oldest first).
+pub fn render(records: &[AuditRecord], json: bool) -> String {
+    if json {
+        return render_json(records);
+    }
+    render_human(records)
+}
+
+/// One JSON object per line.
+pub fn render_json(records: &[AuditRecord]) -> String {
+    let mut s = String::new();
+    for r in records {
+        // Serialising a struct of strings and numbers cannot fail.
+        let line = serde_json::to_string(r).unwrap_or_default();
+        s.push_str(&line);
+        s.push('\n');
+    }
+    s
+}
+
+/// A human-readable table: time (UTC), kind, outcome, actor, subject, source, detail.
+pub fn render_human(records: &[AuditRecord]) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "{:>6}  {:<24} {:<22} {:<8} {:<28} {:<28} {:<15} DETAIL",
+        "SEQ", "TIME (UTC)", "KIND", "OUTCOME", "ACTOR", "SUBJECT", "SOURCE"
+    );
+    for r in records {
+        let e = &r.event;
+        let _ = writeln!(
+            s,
+            "{:>6}  {:<24} {:<22} {:<8} {:<28} {:<28} {:<15} {}",
+            r.seq,
+            format_utc(r.at_unix_ms),
+            e.kind,
+            e.outcome,
+            e.actor.as_deref().unwrap_or("-"),
+            e.subject.as_deref().unwrap_or("-"),
+            e.source
+                .map(|ip| ip.to_string())
+                .unwrap_or_else(|| "-".into()),
+            e.detail.as_deref().unwrap_or(""),
+        );
+    }
+    s
+}
+
+/// `YYYY-MM-DDTHH:MM:SS.mmmZ` for a Unix time in milliseconds.
+pub fn format_utc(unix_ms: u64) -> String {
+    let secs = (unix_ms / 1000) as i64;
+    match time::OffsetDateTime::from_unix_timestamp(secs) {
+        Ok(t) => format!(
+            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
+            t.year(),
+            u8::from(t.month()),
+            t.day(),
+            t.hour(),
+            t.minute(),
+            t.second(),
+            unix_ms % 1000
+        ),
+        Err(_) => unix_ms.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn appends_in_order_and_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = sled::open(dir.path()).unwrap();
+            let log = AuditLog::open(&db).unwrap();
+            log.record(
+                AuditEvent::new("signin.failure", "denied")
+                    .subject("a@example.com")
+                    .source("127.0.0.2".parse().unwrap()),
+            )
+            .unwrap();
+            log.record(AuditEvent::new("signin.success", "ok").actor("a@example.com"))
+                .unwrap();
+        }
+        let db = sled::open(dir.path()).unwrap();
+        let log = AuditLog::open(&db).unwrap();
+        log.record(AuditEvent::new("source.blocked", "blocked").detail("12 failures"))
+            .unwrap();
+        let all = log.list(None).unwrap();
+        assert_eq!(all.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![1, 2, 3]);
+        assert_eq!(all[0].event.kind, "signin.failure");
+        assert_eq!(all[2].event.kind, "source.blocked");
+        let last = log.list(Some(1)).unwrap();
+        assert_eq!(last.len(), 1);
+        assert_eq!(last[0].seq, 3);
+        let human = render(&all, false);
+        assert!(human.contains("source.blocked") && human.contains("127.0.0.2"));
+        let json = render(&all, true);
+        assert_eq!(json.lines().count(), 3);
+        let parsed: AuditRecord = serde_json::from_str(json.lines().next().unwrap()).unwrap();
+        assert_eq!(parsed, all[0]);
+    }
+
+    #[test]
+    fn utc_format() {
+        assert_eq!(format_utc(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(format_utc(1_700_000_000_123), "2023-11-14T22:13:20.123Z");
+    }
+}

@@ -1,0 +1,655 @@
+//! The user store: accounts in the sled tree `auth_users`, keyed by normalised e-mail.
+//!
+//! A record holds the Argon2id hash (no secret), the TOTP secret sealed with a key derived
+//! from the pepper (so it is never in the database in the clear), the last accepted TOTP
+//! step, and the hashes of unused recovery codes.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+use super::password::{
+    PasswordHash, PasswordHasher, Pepper, Verified, check_new_password, normalize_email,
+};
+use super::{AuthError, Role, WebConfig, totp};
+
+/// Name of the sled tree holding users.
+pub const USERS_TREE: &str = "auth_users";
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct TotpState {
+    /// The secret, sealed (AES-256-GCM) with the pepper-derived key, base64.
+    sealed: String,
+    pepper_version: u32,
+    confirmed: bool,
+    /// The last accepted step; a code for this step or an earlier one is refused.
+    last_step: Option<u64>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct UserRecord {
+    email: String,
+    role: Role,
+    password: PasswordHash,
+    disabled: bool,
+    created_ms: u64,
+    totp: Option<TotpState>,
+    /// SHA-256 hashes of the unused recovery codes.
+    recovery: Vec<String>,
+}
+
+/// What `add_user` hands back to the operator.
+pub struct UserAdded {
+    pub email: String,
+    pub role: Role,
+    /// For admins: the `otpauth://` URI to enroll an authenticator (contains the secret:
+    /// show it to the operator once, never log it).
+    pub otpauth_uri: Option<Zeroizing<String>>,
+    /// For admins: the same URI as a QR code for a terminal.
+    pub qr_terminal: Option<String>,
+}
+
+impl fmt::Debug for UserAdded {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UserAdded")
+            .field("email", &self.email)
+            .field("role", &self.role)
+            .field("otpauth_uri", &"<redacted>")
+            .finish()
+    }
+}
+
+/// A user as `user list` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserSummary {
+    pub email: String,
+    pub role: Role,
+    pub disabled: bool,
+    /// TOTP enrolled and confirmed with a first code.
+    pub totp_confirmed: bool,
+    pub recovery_codes_left: usize,
+    pub created_unix_ms: u64,
+}
+
+/// What the second step of a sign-in must be.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SecondFactor {
+    /// No second factor enrolled (portal owners only).
+    None,
+    /// A TOTP or recovery code.
+    Totp,
+    /// An admin without a confirmed TOTP: enrollment first, no session before it.
+    EnrollRequired,
+}
+
+/// The result of a password check. Callers must answer `Unknown`, `Mismatch` and
+/// `Disabled` identically; the distinction is for the audit log only.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PasswordCheck {
+    Unknown,
+    Mismatch,
+    Disabled,
+    Ok {
+        role: Role,
+        second_factor: SecondFactor,
+    },
+}
+
+/// A TOTP enrollment in progress, for the enrollment page.
+pub struct TotpEnrollment {
+    pub otpauth_uri: Zeroizing<String>,
+    pub secret_base32: Zeroizing<String>,
+    pub qr_svg: String,
+}
+
+impl fmt::Debug for TotpEnrollment {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("TotpEnrollment(<redacted>)")
+    }
+}
+
+fn now_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn unix_secs(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Check an e-mail address well enough to be an account name and an otpauth label.
+pub fn validate_email(email: &str) -> Result<String, AuthError> {
+    let e = normalize_email(email);
+    let bad = || AuthError::InvalidEmail(email.chars().take(80).collect());
+    let (local, domain) = e.split_once('@').ok_or_else(bad)?;
+    if local.is_empty()
+        || domain.is_empty()
+        || domain.contains('@')
+        || e.len() > 254
+        || e.chars()
+            .any(|c| c.is_whitespace() || c.is_control() || c == ':')
+    {
+        return Err(bad());
+    }
+    Ok(e)
+}
+
+/// Users over sled.
+pub struct UserStore {
+    tree: sled::Tree,
+    hasher: Arc<PasswordHasher>,
+    pepper: Pepper,
+    previous: Vec<Pepper>,
+    issuer: String,
+}
+
+impl UserStore {
+    /// Open the user tree of `db` with `cfg` (validated here).
+    pub fn open(db: &sled::Db, cfg: &WebConfig) -> Result<Self, AuthError> {
+        cfg.validate()?;
+        let hasher = Arc::new(PasswordHasher::new(
+            cfg.argon2,
+            cfg.pepper.clone(),
+            cfg.previous_peppers.clone(),
+            cfg.max_concurrent_hashes,
+            cfg.hash_queue_timeout,
+        ));
+        Ok(Self {
+            tree: db.open_tree(USERS_TREE)?,
+            hasher,
+            pepper: cfg.pepper.clone(),
+            previous: cfg.previous_peppers.clone(),
+            issuer: cfg.totp_issuer.clone(),
+        })
+    }
+
+    /// The password hasher (shared with the sign-in path).
+    pub fn hasher(&self) -> &Arc<PasswordHasher> {
+        &self.hasher
+    }
+
+    fn load(&self, email: &str) -> Result<Option<UserRecord>, AuthError> {
+        match self.tree.get(email.as_bytes())? {
+            Some(v) => Ok(Some(serde_json::from_slice(&v)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Read-modify-write of one record with compare-and-swap, flushed before returning.
+    /// `f` returns `None` to leave the record unchanged.
+    fn modify<T>(
+        &self,
+        email: &str,
+        mut f: impl FnMut(&mut UserRecord) -> Result<Option<T>, AuthError>,
+    ) -> Result<Option<T>, AuthError> {
+        loop {
+            let Some(old) = self.tree.get(email.as_bytes())? else {
+                return Err(AuthError::NoSuchUser(email.to_string()));
+            };
+            let mut rec: UserRecord = serde_json::from_slice(&old)?;
+            let Some(out) = f(&mut rec)? else {
+                return Ok(None);
+            };
+            let new = serde_json::to_vec(&rec)?;
+            if self
+                .tree
+                .compare_and_swap(email.as_bytes(), Some(&old), Some(new))?
+                .is_ok()
+            {
+                self.tree.flush()?;
+                return Ok(Some(out));
+            }
+        }
+    }
+
+    fn seal_label(email: &str) -> String {
+        format!("zonemesh/totp/{email}")
+    }
+
+    fn seal_secret(&self, email: &str, secret: &[u8]) -> Result<TotpState, AuthError> {
+        let sealed =
+            zonemesh_ca::seal(&self.pepper.sealing_key(), &Self::seal_label(email), secret)?;
+        Ok(TotpState {
+            sealed: B64.encode(sealed),
+            pepper_version: self.pepper.version,
+            confirmed: false,
+            last_step: None,
+        })
+    }
+
+    /// After a pepper rotation, move a secret sealed under an older pepper to the current one.
+    fn reseal_if_old(
+        &self,
+        email: &str,
+        st: &mut TotpState,
+        secret: &[u8],
+    ) -> Result<(), AuthError> {
+        if st.pepper_version != self.pepper.version {
+            let fresh = self.seal_secret(email, secret)?;
+            st.sealed = fresh.sealed;
+            st.pepper_version = fresh.pepper_version;
+        }
+        Ok(())
+    }
+
+    fn open_secret(&self, email: &str, st: &TotpState) -> Result<Zeroizing<Vec<u8>>, AuthError> {
+        let pepper = std::iter::once(&self.pepper)
+            .chain(self.previous.iter())
+            .find(|p| p.version == st.pepper_version)
+            .ok_or_else(|| {
+                AuthError::Config(format!(
+                    "TOTP secret sealed with unknown pepper version {}",
+                    st.pepper_version
+                ))
+            })?;
+        let sealed = B64
+            .decode(&st.sealed)
+            .map_err(|e| AuthError::Totp(format!("sealed secret: {e}")))?;
+        Ok(zonemesh_ca::open_sealed(
+            &pepper.sealing_key(),
+            &Self::seal_label(email),
+            &sealed,
+        )?)
+    }
+
+    fn enrollment_for(&self, email: &str, secret: &[u8]) -> Result<TotpEnrollment, AuthError> {
+        let uri = totp::otpauth_uri(secret, &self.issuer, email)?;
+        Ok(TotpEnrollment {
+            qr_svg: totp::qr_svg(&uri)?,
+            secret_base32: totp::secret_base32(secret),
+            otpauth_uri: uri,
+        })
+    }
+
+    /// Add a user (blocking: runs one Argon2id). Admins get a TOTP secret at once; it must
+    /// still be confirmed with a first code on the enrollment page before they can sign in.
+    pub fn add_user(
+        &self,
+        email: &str,
+        role: Role,
+        password: &str,
+    ) -> Result<UserAdded, AuthError> {
+        self.add_user_at(email, role, password, SystemTime::now())
+    }
+
+    /// [`UserStore::add_user`] with the time given.
+    pub fn add_user_at(
+        &self,
+        email: &str,
+        role: Role,
+        password: &str,
+        now: SystemTime,
+    ) -> Result<UserAdded, AuthError> {
+        let email = validate_email(email)?;
+        check_new_password(&email, password)?;
+        if self.tree.contains_key(email.as_bytes())? {
+            return Err(AuthError::UserExists(email));
+        }
+        let hash = self.hasher.hash(&email, password)?;
+        let (totp_state, uri, qr) = if role == Role::Admin {
+            let secret = totp::generate_secret();
+            let uri = totp::otpauth_uri(&secret, &self.issuer, &email)?;
+            let qr = totp::qr_terminal(&uri)?;
+            (
+                Some(self.seal_secret(&email, &secret)?),
+                Some(uri),
+                Some(qr),
+            )
+        } else {
+            (None, None, None)
+        };
+        let rec = UserRecord {
+            email: email.clone(),
+            role,
+            password: hash,
+            disabled: false,
+            created_ms: now_ms(now),
+            totp: totp_state,
+            recovery: vec![],
+        };
+        let swapped = self.tree.compare_and_swap(
+            email.as_bytes(),
+            None as Option<&[u8]>,
+            Some(serde_json::to_vec(&rec)?),
+        )?;
+        if swapped.is_err() {
+            return Err(AuthError::UserExists(email));
+        }
+        self.tree.flush()?;
+        Ok(UserAdded {
+            email,
+            role,
+            otpauth_uri: uri,
+            qr_terminal: qr,
+        })
+    }
+
+    /// All users, sorted by e-mail.
+    pub fn list_users(&self) -> Result<Vec<UserSummary>, AuthError> {
+        let mut out = Vec::new();
+        for item in self.tree.iter() {
+            let (_, v) = item?;
+            let r: UserRecord = serde_json::from_slice(&v)?;
+            out.push(UserSummary {
+                email: r.email,
+                role: r.role,
+                disabled: r.disabled,
+                totp_confirmed: r.totp.as_ref().is_some_and(|t| t.confirmed),
+                recovery_codes_left: r.recovery.len(),
+                created_unix_ms: r.created_ms,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Disable a user: every later sign-in fails exactly like a wrong password. The caller
+    /// also ends the user's sessions (`SessionStore::remove_for_user`); sessions of a
+    /// disabled user are refused on every request anyway.
+    pub fn disable_user(&self, email: &str) -> Result<(), AuthError> {
+        let email = normalize_email(email);
+        self.modify(&email, |r| {
+            r.disabled = true;
+            Ok(Some(()))
+        })?;
+        Ok(())
+    }
+
+    /// Enable a disabled user again.
+    pub fn enable_user(&self, email: &str) -> Result<(), AuthError> {
+        let email = normalize_email(email);
+        self.modify(&email, |r| {
+            r.disabled = false;
+            Ok(Some(()))
+        })?;
+        Ok(())
+    }
+
+    /// Set a new password (blocking), after the same checks as at creation.
+    pub fn set_password(&self, email: &str, password: &str) -> Result<(), AuthError> {
+        let email = normalize_email(email);
+        check_new_password(&email, password)?;
+        let hash = self.hasher.hash(&email, password)?;
+        self.modify(&email, |r| {
+            r.password = hash.clone();
+            Ok(Some(()))
+        })?;
+        Ok(())
+    }
+
+    /// Whether `email` is an enabled user, and with which role.
+    pub fn active_role(&self, email: &str) -> Result<Option<Role>, AuthError> {
+        Ok(self
+            .load(&normalize_email(email))?
+            .filter(|r| !r.disabled)
+            .map(|r| r.role))
+    }
+
+    /// Check a password with bounded concurrency. Unknown accounts cost one Argon2id run
+    /// against a dummy hash, like a real check.
+    pub async fn check_password(
+        &self,
+        email: &str,
+        password: Zeroizing<String>,
+    ) -> Result<PasswordCheck, AuthError> {
+        let email = normalize_email(email);
+        let rec = self.load(&email)?;
+        let Some(rec) = rec else {
+            let dummy = self.hasher.dummy().clone();
+            self.hasher.verify_bounded(email, password, dummy).await?;
+            return Ok(PasswordCheck::Unknown);
+        };
+        let verified = self
+            .hasher
+            .verify_bounded(email.clone(), password.clone(), rec.password.clone())
+            .await?;
+        if verified == Verified::Mismatch {
+            return Ok(PasswordCheck::Mismatch);
+        }
+        if rec.disabled {
+            return Ok(PasswordCheck::Disabled);
+        }
+        if verified == Verified::OkRehash {
+            // Upgrade to the current pepper and cost while we hold the password.
+            let new = self.hasher.hash_bounded(email.clone(), password).await?;
+            self.modify(&email, |r| {
+                r.password = new.clone();
+                Ok(Some(()))
+            })?;
+        }
+        let confirmed = rec.totp.as_ref().is_some_and(|t| t.confirmed);
+        let second_factor = match (rec.role, confirmed) {
+            (_, true) => SecondFactor::Totp,
+            (Role::Admin, false) => SecondFactor::EnrollRequired,
+            (Role::PortalOwner, false) => SecondFactor::None,
+        };
+        Ok(PasswordCheck::Ok {
+            role: rec.role,
+            second_factor,
+        })
+    }
+
+    /// The pending TOTP enrollment of `email`, created when there is none. Refused once a
+    /// TOTP is confirmed (re-enrollment is an operator action).
+    pub fn totp_enrollment(&self, email: &str) -> Result<TotpEnrollment, AuthError> {
+        let email = normalize_email(email);
+        let rec = self
+            .load(&email)?
+            .ok_or_else(|| AuthError::NoSuchUser(email.clone()))?;
+        match &rec.totp {
+            Some(t) if t.confirmed => Err(AuthError::Totp("TOTP is already enrolled".into())),
+            Some(t) => self.enrollment_for(&email, &self.open_secret(&email, t)?),
+            None => {
+                let secret = totp::generate_secret();
+                let st = self.seal_secret(&email, &secret)?;
+                self.modify(&email, |r| {
+                    if r.totp.is_none() {
+                        r.totp = Some(st.clone());
+                        Ok(Some(()))
+                    } else {
+                        Ok(None)
+                    }
+                })?;
+                // Another request may have won the race: show what is stored.
+                self.totp_enrollment(&email)
+            }
+        }
+    }
+
+    /// Confirm the pending enrollment with a first code. On success returns fresh recovery
+    /// codes (shown once; only their hashes are kept).
+    pub fn confirm_totp(
+        &self,
+        email: &str,
+        code: &str,
+        now: SystemTime,
+    ) -> Result<Option<Vec<Zeroizing<String>>>, AuthError> {
+        let email = normalize_email(email);
+        let codes = totp::generate_recovery_codes();
+        let hashes: Vec<String> = codes
+            .iter()
+            .map(|c| totp::hash_recovery_code(&email, c))
+            .collect();
+        let ok = self.modify(&email, |r| {
+            let Some(st) = r.totp.as_mut() else {
+                return Ok(None);
+            };
+            if st.confirmed {
+                return Ok(None);
+            }
+            let secret = self.open_secret(&email, st)?;
+            let Some(step) = totp::check_code(&secret, code, unix_secs(now), st.last_step) else {
+                return Ok(None);
+            };
+            st.confirmed = true;
+            st.last_step = Some(step);
+            self.reseal_if_old(&email, st, &secret)?;
+            r.recovery = hashes.clone();
+            Ok(Some(()))
+        })?;
+        Ok(ok.map(|_| codes))
+    }
+
+    /// Check a TOTP code (each accepted once) or consume a recovery code.
+    pub fn verify_second_factor(
+        &self,
+        email: &str,
+        code: &str,
+        now: SystemTime,
+    ) -> Result<bool, AuthError> {
+        let email = normalize_email(email);
+        let code = code.trim();
+        let is_totp = code.len() == 6 && code.bytes().all(|b| b.is_ascii_digit());
+        let ok = self.modify(&email, |r| {
+            if r.disabled {
+                return Ok(None);
+            }
+            if is_totp {
+                let Some(st) = r.totp.as_mut().filter(|t| t.confirmed) else {
+                    return Ok(None);
+                };
+                let secret = self.open_secret(&email, st)?;
+                let Some(step) = totp::check_code(&secret, code, unix_secs(now), st.last_step)
+                else {
+                    return Ok(None);
+                };
+                st.last_step = Some(step);
+                self.reseal_if_old(&email, st, &secret)?;
+                Ok(Some(()))
+            } else {
+                let h = totp::hash_recovery_code(&email, code);
+                let before = r.recovery.len();
+                r.recovery.retain(|x| {
+                    aws_lc_rs::constant_time::verify_slices_are_equal(x.as_bytes(), h.as_bytes())
+                        .is_err()
+                });
+                Ok((r.recovery.len() < before).then_some(()))
+            }
+        });
+        match ok {
+            Ok(v) => Ok(v.is_some()),
+            Err(AuthError::NoSuchUser(_)) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// How long until `until`, for messages.
+    pub fn remaining(until: SystemTime, now: SystemTime) -> Duration {
+        until.duration_since(now).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store(dir: &std::path::Path, pepper: Pepper) -> UserStore {
+        let db = sled::open(dir).unwrap();
+        let mut cfg = WebConfig::new(pepper);
+        cfg.max_concurrent_hashes = 2;
+        UserStore::open(&db, &cfg).unwrap()
+    }
+
+    #[tokio::test]
+    async fn admin_flow_and_recovery() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path(), Pepper::generate(1));
+        let added = s
+            .add_user("Root@Example.com", Role::Admin, "a long enough passphrase")
+            .unwrap();
+        assert_eq!(added.email, "root@example.com");
+        let uri = added.otpauth_uri.unwrap();
+        assert!(uri.starts_with("otpauth://totp/"));
+        assert!(matches!(
+            s.add_user("root@example.com", Role::Admin, "another passphrase 2"),
+            Err(AuthError::UserExists(_))
+        ));
+        assert!(matches!(
+            s.add_user("x@example.com", Role::Admin, "short"),
+            Err(AuthError::WeakPassword(_))
+        ));
+
+        let pw = |p: &str| Zeroizing::new(p.to_string());
+        assert_eq!(
+            s.check_password("root@example.com", pw("a long enough passphrase"))
+                .await
+                .unwrap(),
+            PasswordCheck::Ok {
+                role: Role::Admin,
+                second_factor: SecondFactor::EnrollRequired
+            }
+        );
+        assert_eq!(
+            s.check_password("root@example.com", pw("a long enough passphrasE"))
+                .await
+                .unwrap(),
+            PasswordCheck::Mismatch
+        );
+        assert_eq!(
+            s.check_password("nobody@example.com", pw("a long enough passphrase"))
+                .await
+                .unwrap(),
+            PasswordCheck::Unknown
+        );
+
+        let enr = s.totp_enrollment("root@example.com").unwrap();
+        assert_eq!(
+            &*enr.otpauth_uri, &*uri,
+            "the enrollment page shows the secret the CLI printed"
+        );
+        let secret = totp_rs::Secret::try_from_base32(&*enr.secret_base32).unwrap();
+        let now = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let code = totp::code_at(&secret, 1_700_000_000);
+        let stale = totp::code_at(&secret, 1_700_000_000 - 90);
+        assert!(
+            stale == code
+                || s.confirm_totp("root@example.com", &stale, now)
+                    .unwrap()
+                    .is_none()
+        );
+        let recovery = s
+            .confirm_totp("root@example.com", &code, now)
+            .unwrap()
+            .expect("confirmed");
+        assert_eq!(recovery.len(), totp::RECOVERY_CODES);
+        // The confirming code was used: it does not sign in again.
+        assert!(
+            !s.verify_second_factor("root@example.com", &code, now)
+                .unwrap()
+        );
+        let next = totp::code_at(&secret, 1_700_000_030);
+        assert!(
+            s.verify_second_factor("root@example.com", &next, now + Duration::from_secs(30))
+                .unwrap()
+        );
+        assert!(
+            s.verify_second_factor("root@example.com", &recovery[0], now)
+                .unwrap()
+        );
+        assert!(
+            !s.verify_second_factor("root@example.com", &recovery[0], now)
+                .unwrap(),
+            "recovery codes are single use"
+        );
+        assert_eq!(
+            s.list_users().unwrap()[0].recovery_codes_left,
+            totp::RECOVERY_CODES - 1
+        );
+
+        s.disable_user("root@example.com").unwrap();
+        assert_eq!(
+            s.check_password("root@example.com", pw("a long enough passphrase"))
+                .await
+                .unwrap(),
+            PasswordCheck::Disabled
+        );
+        assert!(s.list_users().unwrap()[0].disabled);
+    }
+}
