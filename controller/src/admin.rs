@@ -2,9 +2,12 @@
 //! socket (`<data-dir>/admin.sock`, mode 0600); CA commands also run directly on the store
 //! when no controller is running. One handler serves both paths.
 
+use crate::audit::{AuditEvent, AuditLog};
+use crate::auth::{Role, cli as auth_cli};
 use crate::authority::Authority;
 use crate::error::ControllerError;
 use crate::mesh::Mesh;
+use crate::web::WebState;
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -61,6 +64,30 @@ pub enum AdminRequest {
         node: String,
         reason: String,
     },
+    UserAdd {
+        email: String,
+        role: String,
+        password: Redacted,
+    },
+    UserList,
+    UserDisable {
+        email: String,
+    },
+    Audit {
+        limit: Option<usize>,
+    },
+}
+
+/// A secret carried in an admin request: serialised as is over the 0600 socket, never
+/// shown by `Debug`.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Redacted(pub String);
+
+impl std::fmt::Debug for Redacted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
 }
 
 impl AdminRequest {
@@ -96,6 +123,8 @@ pub fn socket_path(data_dir: &Path) -> PathBuf {
 pub struct AdminHandler {
     pub auth: Arc<Authority>,
     pub mesh: Option<Arc<Mesh>>,
+    pub audit: Option<Arc<AuditLog>>,
+    pub web: Option<WebState>,
 }
 
 fn pem_chain(leaf: &[u8], chain: &[Vec<u8>]) -> String {
@@ -107,6 +136,31 @@ fn pem_chain(leaf: &[u8], chain: &[Vec<u8>]) -> String {
 }
 
 impl AdminHandler {
+    fn note(&self, kind: &str, subject: &str, detail: String) {
+        if let Some(a) = &self.audit {
+            if let Err(e) = a.record(
+                AuditEvent::new(kind, "ok")
+                    .actor("cli")
+                    .subject(subject)
+                    .detail(detail),
+            ) {
+                tracing::error!(error = %e, "audit record failed");
+            }
+        }
+    }
+
+    fn web(&self) -> Result<&WebState, ControllerError> {
+        self.web
+            .as_ref()
+            .ok_or_else(|| ControllerError::Internal("user store unavailable".into()))
+    }
+
+    fn audit_log(&self) -> Result<&Arc<AuditLog>, ControllerError> {
+        self.audit
+            .as_ref()
+            .ok_or_else(|| ControllerError::Internal("audit log unavailable".into()))
+    }
+
     fn mesh(&self) -> Result<&Arc<Mesh>, ControllerError> {
         self.mesh.as_ref().ok_or_else(|| {
             ControllerError::BadRequest("this command needs a running controller".into())
@@ -199,6 +253,11 @@ impl AdminHandler {
                         }
                     }
                 }
+                self.note(
+                    "certificate.revoked",
+                    &serial_norm,
+                    format!("reason {}", reason.as_str()),
+                );
                 json!({ "revoked": serial_norm })
             }
             AdminRequest::CaCrl => {
@@ -260,7 +319,57 @@ impl AdminHandler {
             AdminRequest::NodeRevoke { node, reason } => {
                 let reason: RevocationReason = reason.parse()?;
                 let n = self.mesh()?.revoke_node(&node, reason, now)?;
+                self.note(
+                    "node.revoked",
+                    &n.key(),
+                    format!("serial {} reason {}", n.serial_hex, reason.as_str()),
+                );
                 json!({ "node": n.key(), "serial": n.serial_hex })
+            }
+            AdminRequest::UserAdd {
+                email,
+                role,
+                password,
+            } => {
+                let role: Role = role.parse().map_err(ControllerError::BadRequest)?;
+                let web = self.web()?;
+                let added = auth_cli::add_user(
+                    web.users(),
+                    self.audit_log()?,
+                    &email,
+                    role,
+                    &password.0,
+                    "cli",
+                )
+                .map_err(|e| ControllerError::BadRequest(e.to_string()))?;
+                json!({ "human": auth_cli::render_user_added(&added, false), "json": auth_cli::render_user_added(&added, true) })
+            }
+            AdminRequest::UserList => {
+                let users = self
+                    .web()?
+                    .users()
+                    .list_users()
+                    .map_err(|e| ControllerError::Internal(e.to_string()))?;
+                json!({ "human": auth_cli::render_users(&users, false), "json": auth_cli::render_users(&users, true) })
+            }
+            AdminRequest::UserDisable { email } => {
+                let web = self.web()?;
+                let ended = auth_cli::disable_user(
+                    web.users(),
+                    web.sessions(),
+                    self.audit_log()?,
+                    &email,
+                    "cli",
+                )
+                .map_err(|e| ControllerError::BadRequest(e.to_string()))?;
+                json!({ "email": email, "sessions_ended": ended })
+            }
+            AdminRequest::Audit { limit } => {
+                let records = self
+                    .audit_log()?
+                    .list(limit)
+                    .map_err(|e| ControllerError::Internal(e.to_string()))?;
+                json!({ "human": crate::audit::render(&records, false), "json": crate::audit::render(&records, true) })
             }
         })
     }

@@ -6,7 +6,6 @@ pub mod auth;
 pub mod authority;
 pub mod error;
 pub mod grpc;
-pub mod https;
 pub mod mesh;
 pub mod pki_http;
 pub mod secrets;

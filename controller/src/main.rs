@@ -75,6 +75,43 @@ enum Command {
         #[command(subcommand)]
         command: NodeCommand,
     },
+    /// Users of the admin and portal pages.
+    User {
+        #[command(subcommand)]
+        command: UserCommand,
+    },
+    /// The append-only audit log of security decisions.
+    Audit {
+        #[arg(long)]
+        json: bool,
+        /// Only the newest N entries.
+        #[arg(long)]
+        limit: Option<usize>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum UserCommand {
+    /// Add a user; the password is read from a prompt, or from stdin when it is not a terminal.
+    Add {
+        #[arg(long)]
+        email: String,
+        /// admin or portal-owner.
+        #[arg(long)]
+        role: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List users.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Disable a user and end their sessions.
+    Disable {
+        #[arg(long)]
+        email: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -330,6 +367,46 @@ async fn dispatch(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::User {
+            command: UserCommand::Add { email, role, json },
+        } => {
+            let password = read_password()?;
+            let v = request(
+                &cli.data_dir,
+                &kek,
+                AdminRequest::UserAdd {
+                    email,
+                    role,
+                    password: admin::Redacted(password.to_string()),
+                },
+            )
+            .await?;
+            print!("{}", s(&v[if json { "json" } else { "human" }]));
+            Ok(())
+        }
+        Command::User {
+            command: UserCommand::List { json },
+        } => {
+            let v = request(&cli.data_dir, &kek, AdminRequest::UserList).await?;
+            print!("{}", s(&v[if json { "json" } else { "human" }]));
+            Ok(())
+        }
+        Command::User {
+            command: UserCommand::Disable { email },
+        } => {
+            let v = request(&cli.data_dir, &kek, AdminRequest::UserDisable { email }).await?;
+            println!(
+                "user {} disabled ({} session(s) ended)",
+                s(&v["email"]),
+                v["sessions_ended"]
+            );
+            Ok(())
+        }
+        Command::Audit { json, limit } => {
+            let v = request(&cli.data_dir, &kek, AdminRequest::Audit { limit }).await?;
+            print!("{}", s(&v[if json { "json" } else { "human" }]));
+            Ok(())
+        }
         Command::Node {
             command: NodeCommand::Revoke { node, reason },
         } => {
@@ -349,6 +426,44 @@ async fn dispatch(cli: Cli) -> Result<()> {
     }
 }
 
+/// The password, never from argv: a no-echo prompt on a terminal, else the first stdin line.
+fn read_password() -> Result<zeroize::Zeroizing<String>> {
+    use std::io::IsTerminal;
+    if std::io::stdin().is_terminal() {
+        let first = zeroize::Zeroizing::new(rpassword_prompt("password: ")?);
+        let again = zeroize::Zeroizing::new(rpassword_prompt("again:    ")?);
+        if *first != *again {
+            bail!("the two passwords differ");
+        }
+        Ok(first)
+    } else {
+        Ok(zonemesh_controller::auth::cli::read_password_line(
+            std::io::stdin().lock(),
+        )?)
+    }
+}
+
+/// Prompt without echo using the terminal's own settings (stty), restoring them after.
+fn rpassword_prompt(prompt: &str) -> Result<String> {
+    use std::io::Write;
+    eprint!("{prompt}");
+    std::io::stderr().flush()?;
+    let tty = std::fs::File::open("/dev/tty")?;
+    let stty = |arg: &str| {
+        std::process::Command::new("stty")
+            .arg(arg)
+            .stdin(tty.try_clone().expect("tty"))
+            .status()
+    };
+    stty("-echo")?;
+    let mut line = String::new();
+    let r = std::io::stdin().read_line(&mut line);
+    let _ = stty("echo");
+    eprintln!();
+    r?;
+    Ok(line.trim_end_matches(['\n', '\r']).to_string())
+}
+
 fn s(v: &Value) -> &str {
     v.as_str().unwrap_or("")
 }
@@ -358,6 +473,7 @@ fn fmt_unix(secs: u64) -> String {
 }
 
 fn init(data_dir: &Path, kek: &KekSource, trust_domain: &str) -> Result<()> {
+    // zonemesh-controller init must fail before doing anything when a CA exists.
     zonemesh_ca::validate_label("trust domain", trust_domain, true)?;
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("creating {}", data_dir.display()))?;
@@ -382,6 +498,15 @@ fn init(data_dir: &Path, kek: &KekSource, trust_domain: &str) -> Result<()> {
     bar.finish_and_clear();
     let k = kek.create()?;
     Authority::install(&store, &k, &material)?;
+    let pepper_file = zonemesh_controller::serve::pepper_path(data_dir);
+    if std::env::var_os("ZONEMESH_PEPPER").is_none() && !pepper_file.exists() {
+        zonemesh_controller::secrets::write_secret_file(
+            &pepper_file,
+            zonemesh_controller::auth::Pepper::generate(1)
+                .encode()
+                .as_bytes(),
+        )?;
+    }
     println!("zonemesh CA created for trust domain {trust_domain}");
     println!(
         "key-encryption key: {}",
@@ -436,9 +561,26 @@ async fn request(data_dir: &Path, kek: &KekSource, req: AdminRequest) -> Result<
             }
             let store = open_store(data_dir)?;
             let auth = Authority::load(store, &kek.load()?, SystemTime::now())?;
+            let store = auth.store().clone();
+            let audit =
+                std::sync::Arc::new(zonemesh_controller::audit::AuditLog::open(store.db())?);
+            let web = match zonemesh_controller::auth::Pepper::from_env_or_file(Some(
+                &zonemesh_controller::serve::pepper_path(data_dir),
+            )) {
+                Ok(pepper) => Some(zonemesh_controller::web::WebState::new(
+                    &zonemesh_controller::auth::WebConfig::new(pepper),
+                    store.db(),
+                    audit.clone(),
+                    std::sync::Arc::new(zonemesh_controller::auth::NoSecuritySink),
+                    std::sync::Arc::new(zonemesh_controller::serve::StoreDashboard(store.clone())),
+                )?),
+                Err(_) => None,
+            };
             let handler = AdminHandler {
                 auth: std::sync::Arc::new(auth),
                 mesh: None,
+                audit: Some(audit),
+                web,
             };
             let r = tokio::task::spawn_blocking(move || handler.handle(req)).await?;
             return r.map_err(Into::into);

@@ -2,11 +2,14 @@
 //! HTTPS side, the PKI endpoints and the admin socket, stopped cleanly by SIGTERM/SIGINT.
 
 use crate::admin::{self, AdminHandler};
+use crate::audit::AuditLog;
+use crate::auth::{Pepper, SecuritySink, WebConfig};
 use crate::authority::{Authority, CRL_REFRESH};
 use crate::mesh::Mesh;
 use crate::secrets::KekSource;
 use crate::store::Store;
-use crate::tls::{CrlClientVerifier, ServerIdentity, server_config};
+use crate::tls::{CrlClientVerifier, grpc_server_config, issue_own};
+use crate::web::{self, CertSource, DashboardSource, NodeRow, WebState, ZoneRow};
 use anyhow::{Context, Result, bail};
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -85,10 +88,29 @@ pub async fn run(cfg: ServeConfig, shutdown: CancellationToken) -> Result<()> {
     let auth = Arc::new(Authority::load(store.clone(), &kek, SystemTime::now())?);
     drop(kek);
     let mesh = Mesh::new(auth.clone())?;
-    let identity = ServerIdentity::issue(&auth, names, SystemTime::now())?;
+    let pepper = Pepper::from_env_or_file(Some(&pepper_path(&cfg.data_dir)))?;
+    let web_cfg = WebConfig::new(pepper);
+    web_cfg.validate()?;
+    let audit = Arc::new(AuditLog::open(store.db())?);
+    let web_state = WebState::new(
+        &web_cfg,
+        store.db(),
+        audit.clone(),
+        mesh.clone(),
+        Arc::new(StoreDashboard(store.clone())),
+    )?;
+
+    let issue = {
+        let auth = auth.clone();
+        move |now| issue_own(&auth, &names, now)
+    };
+    let certs = Arc::new(CertSource::new(
+        &issue(SystemTime::now())?,
+        SystemTime::now(),
+    )?);
     let verifier = CrlClientVerifier::new(&[auth.ca().root_der().to_vec()], &auth.crl_der())?;
     mesh.add_crl_listener(verifier.clone());
-    let grpc_tls = Arc::new(server_config(identity.clone(), Some(verifier), &[b"h2"])?);
+    let grpc_tls = Arc::new(grpc_server_config(certs.clone(), verifier)?);
 
     let grpc_listener = bind(cfg.grpc_listen, "gRPC").await?;
     let https_listener = bind(cfg.https_listen, "HTTPS").await?;
@@ -105,18 +127,13 @@ pub async fn run(cfg: ServeConfig, shutdown: CancellationToken) -> Result<()> {
         mesh.clone(),
         shutdown.clone(),
     ));
-    let https_app = crate::pki_http::router(auth.clone());
-    let https_tls = Arc::new(server_config(
-        identity.clone(),
-        None,
-        &[b"h2", b"http/1.1"],
-    )?);
-    tasks.spawn(crate::https::serve(
-        https_listener,
-        https_tls,
-        https_app,
-        shutdown.clone(),
-    ));
+    let https_app = web::router(web_state.clone()).merge(crate::pki_http::router(auth.clone()));
+    {
+        let (certs, stop) = (certs.clone(), shutdown.clone());
+        tasks.spawn(
+            async move { Ok(web::serve_https(https_listener, https_app, certs, stop).await?) },
+        );
+    }
     if let Some(l) = pki_listener {
         tasks.spawn(crate::pki_http::serve_plain(
             l,
@@ -127,6 +144,8 @@ pub async fn run(cfg: ServeConfig, shutdown: CancellationToken) -> Result<()> {
     let handler = Arc::new(AdminHandler {
         auth: auth.clone(),
         mesh: Some(mesh.clone()),
+        audit: Some(audit.clone()),
+        web: Some(web_state.clone()),
     });
     tasks.spawn(admin::serve(
         admin::socket_path(&cfg.data_dir),
@@ -134,9 +153,18 @@ pub async fn run(cfg: ServeConfig, shutdown: CancellationToken) -> Result<()> {
         shutdown.clone(),
     ));
     {
-        let (identity, auth, stop) = (identity.clone(), auth.clone(), shutdown.clone());
+        let stop = shutdown.clone();
         tasks.spawn(async move {
-            identity.renew_loop(auth, stop).await;
+            certs.renew_loop(issue, stop).await;
+            Ok(())
+        });
+    }
+    {
+        let stop = shutdown.clone();
+        tasks.spawn(async move {
+            web_state
+                .maintenance_loop(std::time::Duration::from_secs(600), stop)
+                .await;
             Ok(())
         });
     }
@@ -203,5 +231,56 @@ async fn wait_for_signal(stop: &CancellationToken) {
         _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
         _ = int.recv() => tracing::info!("SIGINT: shutting down"),
         _ = stop.cancelled() => {}
+    }
+}
+
+/// Where the sign-in pepper lives by default (outside the database, like the KEK).
+pub fn pepper_path(data_dir: &std::path::Path) -> PathBuf {
+    data_dir.join("secrets").join("pepper")
+}
+
+/// Sign-in blocks go on the mesh blocklist, which every agent receives.
+impl SecuritySink for Mesh {
+    fn source_blocked(&self, ip: IpAddr, until: SystemTime, reason: &str) {
+        if let Err(e) = self.block_source(ip, until, reason) {
+            tracing::error!(error = %e, source = %ip, "could not publish block");
+        }
+    }
+}
+
+/// The dashboard reads zones and nodes straight from the store.
+pub struct StoreDashboard(pub Store);
+
+impl DashboardSource for StoreDashboard {
+    fn zones(&self) -> Vec<ZoneRow> {
+        let nodes = self.0.nodes().unwrap_or_default();
+        self.0
+            .zones()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|z| ZoneRow {
+                node_count: nodes
+                    .iter()
+                    .filter(|n| n.zone == z.name && !n.revoked)
+                    .count(),
+                cidr: z.cidr.to_string(),
+                name: z.name,
+            })
+            .collect()
+    }
+    fn nodes(&self) -> Vec<NodeRow> {
+        self.0
+            .nodes()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|n| NodeRow {
+                zone: n.zone,
+                name: n.node,
+                overlay_ip: n.overlay_ip,
+                serial: n.serial_hex,
+                cert_expiry: crate::store::from_unix(n.not_after_unix),
+                revoked: n.revoked,
+            })
+            .collect()
     }
 }

@@ -1,11 +1,11 @@
 //! `enroll`, `identity` and `renew`: the node's identity from the command line.
 
-use zonemesh_agent::control::enroll::{self, EnrollParams};
-use zonemesh_agent::control::state::{StateDir, cert_info};
 use anyhow::Result;
 use clap::Args as ClapArgs;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use zonemesh_agent::control::enroll::{self, EnrollParams};
+use zonemesh_agent::control::state::{StateDir, cert_info};
 
 #[derive(ClapArgs, Debug)]
 pub struct EnrollArgs {
@@ -40,12 +40,16 @@ pub struct StateArgs {
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?)
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?)
 }
 
 pub fn run_enroll(a: EnrollArgs) -> Result<ExitCode> {
     for e in &a.endpoints {
-        e.parse::<std::net::SocketAddr>().map_err(|_| anyhow::anyhow!("--endpoint {e:?} is not IP:PORT"))?;
+        e.parse::<std::net::SocketAddr>()
+            .map_err(|_| anyhow::anyhow!("--endpoint {e:?} is not IP:PORT"))?;
     }
     let state = StateDir::new(&a.state_dir);
     let params = EnrollParams {
@@ -86,6 +90,10 @@ pub fn run_identity(a: StateArgs) -> Result<ExitCode> {
 pub fn run_renew(a: StateArgs) -> Result<ExitCode> {
     let state = StateDir::new(&a.state_dir);
     let info = runtime()?.block_on(enroll::renew(&state))?;
-    println!("renewed: serial {} valid until {}", info.serial_hex, humantime::format_rfc3339_seconds(info.not_after));
+    println!(
+        "renewed: serial {} valid until {}",
+        info.serial_hex,
+        humantime::format_rfc3339_seconds(info.not_after)
+    );
     Ok(ExitCode::SUCCESS)
 }

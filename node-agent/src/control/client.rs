@@ -26,13 +26,22 @@ struct PinnedRoot {
 }
 
 impl PinnedRoot {
-    fn root_for(&self, intermediates: &[CertificateDer<'_>]) -> Result<Arc<WebPkiServerVerifier>, rustls::Error> {
+    fn root_for(
+        &self,
+        intermediates: &[CertificateDer<'_>],
+    ) -> Result<Arc<WebPkiServerVerifier>, rustls::Error> {
         let root = intermediates
             .iter()
             .find(|c| zonemesh_ca::fingerprint_sha256(c) == self.fingerprint)
-            .ok_or_else(|| rustls::Error::General("the controller's CA does not match the pinned --ca-fingerprint".into()))?;
+            .ok_or_else(|| {
+                rustls::Error::General(
+                    "the controller's CA does not match the pinned --ca-fingerprint".into(),
+                )
+            })?;
         let mut roots = RootCertStore::empty();
-        roots.add(root.clone().into_owned()).map_err(|e| rustls::Error::General(format!("pinned root: {e}")))?;
+        roots
+            .add(root.clone().into_owned())
+            .map_err(|e| rustls::Error::General(format!("pinned root: {e}")))?;
         WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
             .build()
             .map_err(|e| rustls::Error::General(e.to_string()))
@@ -40,22 +49,58 @@ impl PinnedRoot {
 }
 
 impl ServerCertVerifier for PinnedRoot {
-    fn verify_server_cert(&self, end_entity: &CertificateDer<'_>, intermediates: &[CertificateDer<'_>], server_name: &ServerName<'_>, ocsp: &[u8], now: UnixTime) -> Result<ServerCertVerified, rustls::Error> {
-        self.root_for(intermediates)?.verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        self.root_for(intermediates)?.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp,
+            now,
+        )
     }
-    fn verify_tls12_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &provider().signature_verification_algorithms)
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &provider().signature_verification_algorithms,
+        )
     }
-    fn verify_tls13_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &provider().signature_verification_algorithms)
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &provider().signature_verification_algorithms,
+        )
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        provider().signature_verification_algorithms.supported_schemes()
+        provider()
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 
 fn base_builder() -> Result<rustls::ConfigBuilder<rustls::ClientConfig, rustls::WantsVerifier>> {
-    Ok(rustls::ClientConfig::builder_with_provider(provider()).with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?)
+    Ok(rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?)
 }
 
 /// TLS for enrollment: server-authenticated, root pinned by fingerprint.
@@ -64,33 +109,56 @@ pub fn pinned_config(fingerprint: &str) -> Result<rustls::ClientConfig> {
     if fp.len() != 64 || !fp.chars().all(|c| c.is_ascii_hexdigit()) {
         bail!("--ca-fingerprint must be the 64 hex digits printed by `zonemesh-controller init`");
     }
-    let mut cfg = base_builder()?.dangerous().with_custom_certificate_verifier(Arc::new(PinnedRoot { fingerprint: fp })).with_no_client_auth();
+    let mut cfg = base_builder()?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(PinnedRoot { fingerprint: fp }))
+        .with_no_client_auth();
     cfg.alpn_protocols = vec![b"h2".to_vec()];
     Ok(cfg)
 }
 
 /// Mutual TLS with explicit material (used by the agent and by tests).
-pub fn mtls_config_from(root_der: &[u8], cert_der: &[u8], chain: &[Vec<u8>], key_pkcs8: &[u8]) -> Result<rustls::ClientConfig> {
+pub fn mtls_config_from(
+    root_der: &[u8],
+    cert_der: &[u8],
+    chain: &[Vec<u8>],
+    key_pkcs8: &[u8],
+) -> Result<rustls::ClientConfig> {
     let mut roots = RootCertStore::empty();
-    roots.add(CertificateDer::from(root_der.to_vec())).context("CA root")?;
+    roots
+        .add(CertificateDer::from(root_der.to_vec()))
+        .context("CA root")?;
     let mut certs = vec![CertificateDer::from(cert_der.to_vec())];
     certs.extend(chain.iter().map(|c| CertificateDer::from(c.clone())));
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key_pkcs8.to_vec()));
-    let mut cfg = base_builder()?.with_root_certificates(roots).with_client_auth_cert(certs, key)?;
+    let mut cfg = base_builder()?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(certs, key)?;
     cfg.alpn_protocols = vec![b"h2".to_vec()];
     Ok(cfg)
 }
 
 /// Mutual TLS with the node's stored certificate and key.
 pub fn mtls_config(state: &StateDir) -> Result<rustls::ClientConfig> {
-    mtls_config_from(&state.read_ca()?, &state.read_cert()?, &state.read_chain()?, &state.read_node_key()?)
+    mtls_config_from(
+        &state.read_ca()?,
+        &state.read_cert()?,
+        &state.read_chain()?,
+        &state.read_node_key()?,
+    )
 }
 
 /// Open a gRPC channel to `host:port` over the given TLS config.
 pub async fn connect(controller: &str, tls: rustls::ClientConfig) -> Result<Channel> {
-    let (host, _) = controller.rsplit_once(':').with_context(|| format!("--controller {controller:?} must be HOST:PORT"))?;
-    let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
-    let server_name = ServerName::try_from(host.clone()).with_context(|| format!("{host:?} is not a valid server name"))?;
+    let (host, _) = controller
+        .rsplit_once(':')
+        .with_context(|| format!("--controller {controller:?} must be HOST:PORT"))?;
+    let host = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
+    let server_name = ServerName::try_from(host.clone())
+        .with_context(|| format!("{host:?} is not a valid server name"))?;
     let connector = TlsConnector::from(Arc::new(tls));
     let addr = controller.to_string();
     let endpoint = Endpoint::from_shared(format!("http://{controller}"))?
@@ -110,7 +178,12 @@ pub async fn connect(controller: &str, tls: rustls::ClientConfig) -> Result<Chan
             }
         }))
         .await
-        .map_err(|e| anyhow::anyhow!("cannot connect to the controller at {controller}: {}", error_chain(&e)))?;
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot connect to the controller at {controller}: {}",
+                error_chain(&e)
+            )
+        })?;
     Ok(channel)
 }
 
@@ -132,7 +205,11 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 pub fn status_message(s: &tonic::Status) -> String {
     use std::error::Error;
     match s.source() {
-        Some(src) if s.message().is_empty() || s.code() == tonic::Code::Unknown || s.code() == tonic::Code::Unavailable => {
+        Some(src)
+            if s.message().is_empty()
+                || s.code() == tonic::Code::Unknown
+                || s.code() == tonic::Code::Unavailable =>
+        {
             format!("{}: {}", s.message(), error_chain(src))
         }
         _ => s.message().to_string(),

@@ -30,33 +30,58 @@ pub fn csr_for(key: &KeyPair, node: &str) -> Result<Vec<u8>> {
 
 /// A sensible default node name: the host name, lowercased, invalid characters as '-'.
 pub fn default_node_name() -> String {
-    let raw = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_else(|_| "node".into());
-    let name: String = raw.trim().to_ascii_lowercase().chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '-' }).collect();
+    let raw =
+        std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_else(|_| "node".into());
+    let name: String = raw
+        .trim()
+        .to_ascii_lowercase()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
     let name = name.trim_matches('-').chars().take(63).collect::<String>();
     if name.is_empty() { "node".into() } else { name }
 }
 
 /// Check that what the controller returned is ours: our key, our WireGuard key, the node
 /// and zone we were given, chained to the pinned root.
-fn check_issued(resp: &pb::EnrollResponse, key: &KeyPair, wg_public: &[u8; 32], fingerprint: &str) -> Result<()> {
+fn check_issued(
+    resp: &pb::EnrollResponse,
+    key: &KeyPair,
+    wg_public: &[u8; 32],
+    fingerprint: &str,
+) -> Result<()> {
     use rcgen::PublicKeyData;
     if zonemesh_ca::fingerprint_sha256(&resp.root_der) != fingerprint {
         bail!("the controller returned a CA root that does not match --ca-fingerprint");
     }
-    let (_, cert) = X509Certificate::from_der(&resp.certificate_der).context("controller returned an unparsable certificate")?;
+    let (_, cert) = X509Certificate::from_der(&resp.certificate_der)
+        .context("controller returned an unparsable certificate")?;
     if cert.public_key().raw != key.subject_public_key_info().as_slice() {
         bail!("the issued certificate is not for this node's key");
     }
     // The CRL arrives with the first Watch snapshot, where peers' chains are fully checked;
     // here the signatures up to the pinned root are checked directly.
-    let (_, int) = X509Certificate::from_der(resp.chain_der.first().context("no chain returned")?).context("bad intermediate")?;
-    cert.verify_signature(Some(int.public_key())).map_err(|_| anyhow::anyhow!("certificate is not signed by the returned intermediate"))?;
+    let (_, int) = X509Certificate::from_der(resp.chain_der.first().context("no chain returned")?)
+        .context("bad intermediate")?;
+    cert.verify_signature(Some(int.public_key()))
+        .map_err(|_| anyhow::anyhow!("certificate is not signed by the returned intermediate"))?;
     let (_, root) = X509Certificate::from_der(&resp.root_der).context("bad root")?;
-    int.verify_signature(Some(root.public_key())).map_err(|_| anyhow::anyhow!("intermediate is not signed by the pinned root"))?;
+    int.verify_signature(Some(root.public_key()))
+        .map_err(|_| anyhow::anyhow!("intermediate is not signed by the pinned root"))?;
     let wg_ext = cert
         .extensions()
         .iter()
-        .find(|e| e.oid.iter().is_some_and(|it| it.eq(zonemesh_ca::WG_KEY_BINDING_OID.iter().copied())))
+        .find(|e| {
+            e.oid
+                .iter()
+                .is_some_and(|it| it.eq(zonemesh_ca::WG_KEY_BINDING_OID.iter().copied()))
+        })
         .context("certificate carries no WireGuard key binding")?;
     if !wg_ext.value.ends_with(wg_public) {
         bail!("certificate binds a different WireGuard key");
@@ -67,17 +92,32 @@ fn check_issued(resp: &pb::EnrollResponse, key: &KeyPair, wg_public: &[u8; 32], 
 /// Enroll: generate keys locally, send the CSR and public WireGuard key, store the result.
 pub async fn enroll(state: &StateDir, p: &EnrollParams) -> Result<Identity> {
     if state.is_enrolled() {
-        bail!("{} is already enrolled as {}; use a new --state-dir", state.dir.display(), state.identity()?.spiffe_id);
+        bail!(
+            "{} is already enrolled as {}; use a new --state-dir",
+            state.dir.display(),
+            state.identity()?.spiffe_id
+        );
     }
     zonemesh_ca::validate_label("node name", &p.node, false)?;
     let tls = client::pinned_config(&p.ca_fingerprint)?;
-    let fingerprint = p.ca_fingerprint.trim().to_ascii_lowercase().replace(':', "");
+    let fingerprint = p
+        .ca_fingerprint
+        .trim()
+        .to_ascii_lowercase()
+        .replace(':', "");
     state.create()?;
     let key = if state.node_key().exists() {
-        KeyPair::from_pkcs8_der_and_sign_algo(&PrivatePkcs8KeyDer::from(state.read_node_key()?.to_vec()), &PKCS_RSA_SHA256)?
+        KeyPair::from_pkcs8_der_and_sign_algo(
+            &PrivatePkcs8KeyDer::from(state.read_node_key()?.to_vec()),
+            &PKCS_RSA_SHA256,
+        )?
     } else {
         let k = zonemesh_ca::generate_rsa_4096()?;
-        write_file(&state.node_key(), zonemesh_ca::to_pem("PRIVATE KEY", &k.serialize_der()).as_bytes(), 0o600)?;
+        write_file(
+            &state.node_key(),
+            zonemesh_ca::to_pem("PRIVATE KEY", &k.serialize_der()).as_bytes(),
+            0o600,
+        )?;
         k
     };
     if !state.wg_key().exists() {
@@ -105,7 +145,11 @@ pub async fn enroll(state: &StateDir, p: &EnrollParams) -> Result<Identity> {
         .map_err(|s| anyhow::anyhow!("enrollment refused: {}", status_message(&s)))?
         .into_inner();
     check_issued(&resp, &key, &wg_public, &fingerprint)?;
-    write_file(&state.ca(), zonemesh_ca::to_pem("CERTIFICATE", &resp.root_der).as_bytes(), 0o644)?;
+    write_file(
+        &state.ca(),
+        zonemesh_ca::to_pem("CERTIFICATE", &resp.root_der).as_bytes(),
+        0o644,
+    )?;
     state.write_cert(&resp.certificate_der, &resp.chain_der)?;
     let id = Identity {
         controller: p.controller.clone(),
@@ -119,7 +163,11 @@ pub async fn enroll(state: &StateDir, p: &EnrollParams) -> Result<Identity> {
         endpoints: p.endpoints.clone(),
     };
     // Written last: its presence means enrollment completed.
-    write_file(&state.identity_file(), serde_json::to_string_pretty(&id)?.as_bytes(), 0o644)?;
+    write_file(
+        &state.identity_file(),
+        serde_json::to_string_pretty(&id)?.as_bytes(),
+        0o644,
+    )?;
     Ok(id)
 }
 
@@ -127,11 +175,16 @@ pub async fn enroll(state: &StateDir, p: &EnrollParams) -> Result<Identity> {
 /// replaces the old.
 pub async fn renew(state: &StateDir) -> Result<super::state::CertInfo> {
     let id = state.identity()?;
-    let key = KeyPair::from_pkcs8_der_and_sign_algo(&PrivatePkcs8KeyDer::from(state.read_node_key()?.to_vec()), &PKCS_RSA_SHA256)?;
+    let key = KeyPair::from_pkcs8_der_and_sign_algo(
+        &PrivatePkcs8KeyDer::from(state.read_node_key()?.to_vec()),
+        &PKCS_RSA_SHA256,
+    )?;
     let channel = client::connect(&id.controller, client::mtls_config(state)?).await?;
     let mut rpc = pb::mesh_client::MeshClient::new(channel);
     let resp = rpc
-        .renew(pb::RenewRequest { csr_der: csr_for(&key, &id.node)? })
+        .renew(pb::RenewRequest {
+            csr_der: csr_for(&key, &id.node)?,
+        })
         .await
         .map_err(|s| anyhow::anyhow!("renewal refused: {}", status_message(&s)))?
         .into_inner();

@@ -61,7 +61,8 @@ impl StateDir {
 
     /// Create the directory with mode 0700.
     pub fn create(&self) -> Result<()> {
-        std::fs::create_dir_all(&self.dir).with_context(|| format!("creating {}", self.dir.display()))?;
+        std::fs::create_dir_all(&self.dir)
+            .with_context(|| format!("creating {}", self.dir.display()))?;
         std::fs::set_permissions(&self.dir, std::fs::Permissions::from_mode(0o700))?;
         Ok(())
     }
@@ -72,29 +73,47 @@ impl StateDir {
 
     pub fn identity(&self) -> Result<Identity> {
         let p = self.identity_file();
-        let text = std::fs::read_to_string(&p)
-            .with_context(|| format!("{} is not an enrolled state directory (run `zonemesh-agent enroll` first)", self.dir.display()))?;
+        let text = std::fs::read_to_string(&p).with_context(|| {
+            format!(
+                "{} is not an enrolled state directory (run `zonemesh-agent enroll` first)",
+                self.dir.display()
+            )
+        })?;
         serde_json::from_str(&text).with_context(|| format!("{} is corrupt", p.display()))
     }
 
     /// The node's RSA private key (PKCS#8 DER).
     pub fn read_node_key(&self) -> Result<Zeroizing<Vec<u8>>> {
-        let pem = Zeroizing::new(std::fs::read_to_string(self.node_key()).context("reading node key")?);
-        let der = zonemesh_ca::pem_blocks("PRIVATE KEY", &pem)?.into_iter().next().context("node.key holds no PRIVATE KEY")?;
+        let pem =
+            Zeroizing::new(std::fs::read_to_string(self.node_key()).context("reading node key")?);
+        let der = zonemesh_ca::pem_blocks("PRIVATE KEY", &pem)?
+            .into_iter()
+            .next()
+            .context("node.key holds no PRIVATE KEY")?;
         Ok(Zeroizing::new(der))
     }
 
     /// The WireGuard private key (32 bytes).
     pub fn read_wg_key(&self) -> Result<Zeroizing<[u8; 32]>> {
         use base64::Engine;
-        let text = Zeroizing::new(std::fs::read_to_string(self.wg_key()).context("reading WireGuard key")?);
-        let bytes = Zeroizing::new(base64::engine::general_purpose::STANDARD.decode(text.trim()).context("wg.key is not base64")?);
-        let arr: [u8; 32] = bytes.as_slice().try_into().context("wg.key must hold 32 bytes")?;
+        let text = Zeroizing::new(
+            std::fs::read_to_string(self.wg_key()).context("reading WireGuard key")?,
+        );
+        let bytes = Zeroizing::new(
+            base64::engine::general_purpose::STANDARD
+                .decode(text.trim())
+                .context("wg.key is not base64")?,
+        );
+        let arr: [u8; 32] = bytes
+            .as_slice()
+            .try_into()
+            .context("wg.key must hold 32 bytes")?;
         Ok(Zeroizing::new(arr))
     }
 
     fn read_pem_certs(path: &Path) -> Result<Vec<Vec<u8>>> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         let certs = zonemesh_ca::pem_blocks("CERTIFICATE", &text)?;
         if certs.is_empty() {
             bail!("{} holds no certificate", path.display());
@@ -124,7 +143,11 @@ impl StateDir {
             chain_pem.push_str(&zonemesh_ca::to_pem("CERTIFICATE", c));
         }
         write_file(&self.chain(), chain_pem.as_bytes(), 0o644)?;
-        write_file(&self.cert(), zonemesh_ca::to_pem("CERTIFICATE", cert_der).as_bytes(), 0o644)
+        write_file(
+            &self.cert(),
+            zonemesh_ca::to_pem("CERTIFICATE", cert_der).as_bytes(),
+            0o644,
+        )
     }
 }
 
@@ -138,7 +161,9 @@ pub struct CertInfo {
 
 pub fn cert_info(der: &[u8]) -> Result<CertInfo> {
     let (_, c) = X509Certificate::from_der(der).context("parsing certificate")?;
-    let t = |ts: i64| SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(u64::try_from(ts).unwrap_or(0));
+    let t = |ts: i64| {
+        SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(u64::try_from(ts).unwrap_or(0))
+    };
     Ok(CertInfo {
         serial_hex: zonemesh_ca::serial_hex(c.raw_serial()),
         not_before: t(c.validity().not_before.timestamp()),
@@ -149,9 +174,17 @@ pub fn cert_info(der: &[u8]) -> Result<CertInfo> {
 /// Write a file atomically (temporary file, fsync, rename, directory fsync) with `mode`.
 pub fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
     let dir = path.parent().context("path has no parent")?;
-    let tmp = dir.join(format!(".{}.tmp", path.file_name().and_then(|n| n.to_str()).unwrap_or("f")));
+    let tmp = dir.join(format!(
+        ".{}.tmp",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("f")
+    ));
     let r = (|| -> std::io::Result<()> {
-        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&tmp)?;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&tmp)?;
         f.write_all(contents)?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)?;
