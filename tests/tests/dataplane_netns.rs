@@ -37,7 +37,8 @@ impl Lab {
             run_ok(Command::new("ip").args(["netns", "add", n]))?;
         }
         run_ok(Command::new("ip").args([
-            "link", "add", &va, "netns", &ns[0], "type", "veth", "peer", "name", &vb, "netns", &ns[1],
+            "link", "add", &va, "netns", &ns[0], "type", "veth", "peer", "name", &vb, "netns",
+            &ns[1],
         ]))?;
         for (n, (v, ip)) in ns.iter().zip([(&va, &underlay[0]), (&vb, &underlay[1])]) {
             lab.exec(n, &["ip", "link", "set", "lo", "up"])?;
@@ -78,7 +79,10 @@ impl Lab {
         // Retry briefly: the first handshake is still in flight right after start-up.
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            if self.exec(ns, &["ping", "-c", "3", "-i", "0.2", "-W", "2", dst]).is_ok() {
+            if self
+                .exec(ns, &["ping", "-c", "3", "-i", "0.2", "-W", "2", dst])
+                .is_ok()
+            {
                 return Ok(());
             }
             if Instant::now() > deadline {
@@ -96,14 +100,24 @@ impl Lab {
         std::thread::sleep(Duration::from_millis(500));
         let out = self.exec(client_ns, &["iperf3", "-c", server_ip, "-t", "2", "-J"])?;
         let v: serde_json::Value = serde_json::from_str(&out)?;
-        let bps = v["end"]["sum_received"]["bits_per_second"].as_f64().context("iperf3 json")?;
+        let bps = v["end"]["sum_received"]["bits_per_second"]
+            .as_f64()
+            .context("iperf3 json")?;
         if bps <= 0.0 {
             bail!("no TCP data moved");
         }
         Ok(bps / 1e6)
     }
 
-    fn write_agent_config(&self, name: &str, key: &str, ul: &str, ip: &str, peer_pub: &str, peer_ul: &str, peer_ip: &str) -> Result<PathBuf> {
+    fn write_agent_config(
+        &self,
+        name: &str,
+        key: &str,
+        ip: &str,
+        peer_pub: &str,
+        peer_ul: &str,
+        peer_ip: &str,
+    ) -> Result<PathBuf> {
         let cfg = serde_json::json!({
             "private_key": key,
             "listen_port": 51820,
@@ -117,7 +131,6 @@ impl Lab {
                 "allowed_ips": [format!("{peer_ip}/32")],
             }],
         });
-        let _ = ul;
         let p = self.dir.path().join(name);
         std::fs::write(&p, serde_json::to_vec_pretty(&cfg)?)?;
         Ok(p)
@@ -126,7 +139,11 @@ impl Lab {
     /// Stops a child with SIGTERM and returns whether it exited successfully in time.
     fn terminate(&mut self, pid: u32) -> Result<bool> {
         run_ok(Command::new("kill").args(["-TERM", &pid.to_string()]))?;
-        let child = self.children.iter_mut().find(|c| c.id() == pid).context("no such child")?;
+        let child = self
+            .children
+            .iter_mut()
+            .find(|c| c.id() == pid)
+            .context("no such child")?;
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
             if let Some(st) = child.try_wait()? {
@@ -142,7 +159,9 @@ impl Drop for Lab {
     fn drop(&mut self) {
         for c in &mut self.children {
             if matches!(c.try_wait(), Ok(None)) {
-                let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
+                let _ = Command::new("kill")
+                    .args(["-TERM", &c.id().to_string()])
+                    .status();
             }
         }
         std::thread::sleep(Duration::from_millis(300));
@@ -151,7 +170,10 @@ impl Drop for Lab {
             let _ = c.wait();
         }
         for n in &self.ns {
-            let _ = Command::new("ip").args(["netns", "del", n]).stderr(Stdio::null()).status();
+            let _ = Command::new("ip")
+                .args(["netns", "del", n])
+                .stderr(Stdio::null())
+                .status();
         }
         for s in &self.uapi_sockets {
             let _ = std::fs::remove_file(s);
@@ -206,11 +228,19 @@ fn zonemesh_to_zonemesh_ping_tcp_and_clean_shutdown() -> Result<()> {
     let (kb, pb) = keypair()?;
     let (ns_a, ns_b) = (lab.ns[0].clone(), lab.ns[1].clone());
     let (ul_a, ul_b) = (lab.underlay[0].clone(), lab.underlay[1].clone());
-    let ca = lab.write_agent_config("a.json", &ka, &ul_a, "100.64.11.1", &pb, &ul_b, "100.64.11.2")?;
-    let cb = lab.write_agent_config("b.json", &kb, &ul_b, "100.64.11.2", &pa, &ul_a, "100.64.11.1")?;
+    let ca = lab.write_agent_config("a.json", &ka, "100.64.11.1", &pb, &ul_b, "100.64.11.2")?;
+    let cb = lab.write_agent_config("b.json", &kb, "100.64.11.2", &pa, &ul_a, "100.64.11.1")?;
     let agent = agent.to_str().context("path")?.to_string();
-    let pid_a = lab.spawn(&ns_a, &[&agent, "tunnel", "--config", ca.to_str().context("path")?], "a.log")?;
-    let pid_b = lab.spawn(&ns_b, &[&agent, "tunnel", "--config", cb.to_str().context("path")?], "b.log")?;
+    let pid_a = lab.spawn(
+        &ns_a,
+        &[&agent, "tunnel", "--config", ca.to_str().context("path")?],
+        "a.log",
+    )?;
+    let pid_b = lab.spawn(
+        &ns_b,
+        &[&agent, "tunnel", "--config", cb.to_str().context("path")?],
+        "b.log",
+    )?;
 
     let r = (|| -> Result<()> {
         lab.ping(&ns_a, "100.64.11.2")?;
@@ -221,11 +251,23 @@ fn zonemesh_to_zonemesh_ping_tcp_and_clean_shutdown() -> Result<()> {
         Ok(())
     })();
     if let Err(e) = r {
-        bail!("{e:#}\n--- a.log\n{}\n--- b.log\n{}", lab.log("a.log"), lab.log("b.log"));
+        bail!(
+            "{e:#}\n--- a.log\n{}\n--- b.log\n{}",
+            lab.log("a.log"),
+            lab.log("b.log")
+        );
     }
     // SIGTERM: exit 0 and the device and its routes are gone.
-    assert!(lab.terminate(pid_a)?, "agent a did not exit cleanly:\n{}", lab.log("a.log"));
-    assert!(lab.terminate(pid_b)?, "agent b did not exit cleanly:\n{}", lab.log("b.log"));
+    assert!(
+        lab.terminate(pid_a)?,
+        "agent a did not exit cleanly:\n{}",
+        lab.log("a.log")
+    );
+    assert!(
+        lab.terminate(pid_b)?,
+        "agent b did not exit cleanly:\n{}",
+        lab.log("b.log")
+    );
     let links = lab.exec(&ns_a, &["ip", "-o", "link"])?;
     assert!(!links.contains("zm0"), "TUN device left behind: {links}");
     let routes = lab.exec(&ns_a, &["ip", "route"])?;
@@ -249,46 +291,100 @@ fn wireguard_go_interop_ping_and_tcp_both_ways() -> Result<()> {
     // a: wireguard-go, configured with wg. Its UAPI socket path is global, so the
     // interface name is unique per run.
     let wg_if = format!("zwg{}", std::process::id() % 100_000);
-    lab.uapi_sockets.push(PathBuf::from(format!("/var/run/wireguard/{wg_if}.sock")));
-    let wg_go = lab.spawn(&ns_a, &["env", "WG_PROCESS_FOREGROUND=1", "LOG_LEVEL=error", "wireguard-go", "-f", &wg_if], "wg.log")?;
+    lab.uapi_sockets
+        .push(PathBuf::from(format!("/var/run/wireguard/{wg_if}.sock")));
+    let wg_go = lab.spawn(
+        &ns_a,
+        &[
+            "env",
+            "WG_PROCESS_FOREGROUND=1",
+            "LOG_LEVEL=error",
+            "wireguard-go",
+            "-f",
+            &wg_if,
+        ],
+        "wg.log",
+    )?;
     let sock = lab.uapi_sockets[0].clone();
     let deadline = Instant::now() + Duration::from_secs(5);
     while !sock.exists() {
         if Instant::now() > deadline {
-            bail!("wireguard-go did not create {}: {}", sock.display(), lab.log("wg.log"));
+            bail!(
+                "wireguard-go did not create {}: {}",
+                sock.display(),
+                lab.log("wg.log")
+            );
         }
         std::thread::sleep(Duration::from_millis(100));
     }
     let keyfile = lab.dir.path().join("a.key");
     std::fs::write(&keyfile, &ka)?;
-    lab.exec(&ns_a, &[
-        "wg", "set", &wg_if, "private-key", keyfile.to_str().context("path")?, "listen-port", "51820",
-        "peer", &pb, "endpoint", &format!("{ul_b}:51820"), "allowed-ips", "100.64.12.2/32",
-    ])?;
-    lab.exec(&ns_a, &["ip", "addr", "add", "100.64.12.1/32", "dev", &wg_if])?;
+    lab.exec(
+        &ns_a,
+        &[
+            "wg",
+            "set",
+            &wg_if,
+            "private-key",
+            keyfile.to_str().context("path")?,
+            "listen-port",
+            "51820",
+            "peer",
+            &pb,
+            "endpoint",
+            &format!("{ul_b}:51820"),
+            "allowed-ips",
+            "100.64.12.2/32",
+        ],
+    )?;
+    lab.exec(
+        &ns_a,
+        &["ip", "addr", "add", "100.64.12.1/32", "dev", &wg_if],
+    )?;
     lab.exec(&ns_a, &["ip", "link", "set", &wg_if, "mtu", "1420", "up"])?;
-    lab.exec(&ns_a, &["ip", "route", "add", "100.64.12.2/32", "dev", &wg_if])?;
+    lab.exec(
+        &ns_a,
+        &["ip", "route", "add", "100.64.12.2/32", "dev", &wg_if],
+    )?;
 
     // b: zonemesh.
-    let cb = lab.write_agent_config("b.json", &kb, &ul_b, "100.64.12.2", &pa, &ul_a, "100.64.12.1")?;
+    let cb = lab.write_agent_config("b.json", &kb, "100.64.12.2", &pa, &ul_a, "100.64.12.1")?;
     let agent = agent.to_str().context("path")?.to_string();
-    let pid_b = lab.spawn(&ns_b, &[&agent, "tunnel", "--config", cb.to_str().context("path")?], "b.log")?;
+    let pid_b = lab.spawn(
+        &ns_b,
+        &[&agent, "tunnel", "--config", cb.to_str().context("path")?],
+        "b.log",
+    )?;
 
     let r = (|| -> Result<()> {
         lab.ping(&ns_b, "100.64.12.1")?;
         lab.ping(&ns_a, "100.64.12.2")?;
         let hs = lab.exec(&ns_a, &["wg", "show", &wg_if, "latest-handshakes"])?;
-        let t: u64 = hs.split_whitespace().nth(1).context("wg show output")?.parse()?;
+        let t: u64 = hs
+            .split_whitespace()
+            .nth(1)
+            .context("wg show output")?
+            .parse()?;
         assert!(t > 0, "wireguard-go saw no handshake: {hs}");
         let to_zm = lab.tcp(&ns_a, &ns_b, "100.64.12.2")?;
         let to_wg = lab.tcp(&ns_b, &ns_a, "100.64.12.1")?;
-        eprintln!("wireguard-go -> zonemesh {to_zm:.0} Mbit/s, zonemesh -> wireguard-go {to_wg:.0} Mbit/s");
+        eprintln!(
+            "wireguard-go -> zonemesh {to_zm:.0} Mbit/s, zonemesh -> wireguard-go {to_wg:.0} Mbit/s"
+        );
         Ok(())
     })();
     if let Err(e) = r {
-        bail!("{e:#}\n--- wg.log\n{}\n--- b.log\n{}", lab.log("wg.log"), lab.log("b.log"));
+        bail!(
+            "{e:#}\n--- wg.log\n{}\n--- b.log\n{}",
+            lab.log("wg.log"),
+            lab.log("b.log")
+        );
     }
-    assert!(lab.terminate(pid_b)?, "agent did not exit cleanly:\n{}", lab.log("b.log"));
+    assert!(
+        lab.terminate(pid_b)?,
+        "agent did not exit cleanly:\n{}",
+        lab.log("b.log")
+    );
     let _ = wg_go;
     Ok(())
 }

@@ -800,7 +800,7 @@ async fn timers<U: UdpTransport>(shared: Arc<Shared>, udp: Arc<U>, cancel: Cance
             _ = tick.tick() => {}
         }
         ticks += 1;
-        if ticks % (1000 / TIMER_TICK.as_millis() as u64) == 0 {
+        if ticks.is_multiple_of(1000 / TIMER_TICK.as_millis() as u64) {
             shared.rate_limiter.reset_count();
         }
         let table = shared.table.load_full();

@@ -250,7 +250,7 @@ async fn peer_roams_to_a_new_address() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn update_keeps_the_session_and_routes_new_ranges() {
     let net = FakeNet::new();
-    let (mut a, mut b) = pair(&net);
+    let (a, mut b) = pair(&net);
     a.tun.inject.send(ping(&a, &b, b"x")).unwrap();
     next_packet(&mut b.tun).await.unwrap();
     let hs = a.dp.status()[0].last_handshake.unwrap();

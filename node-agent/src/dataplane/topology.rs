@@ -169,7 +169,7 @@ mod tests {
     fn select_peers_fields_and_edge_cases() {
         let me = member("a1", "a", 1, "100.64.1.1");
         // Alone in the mesh, or only same-zone members: no peers.
-        assert!(select_peers(&me, &[me.clone()], &|_| false).is_empty());
+        assert!(select_peers(&me, std::slice::from_ref(&me), &|_| false).is_empty());
         assert!(
             select_peers(
                 &me,
@@ -224,7 +224,8 @@ mod tests {
         let add = |p: &PeerSpec| format!("add {}", p.name);
         let upd = |p: &PeerSpec| format!("update {}", p.name);
         let rm = |p: &PeerSpec| format!("remove {}", p.name);
-        let cases: Vec<(&str, Vec<PeerSpec>, Vec<PeerSpec>, Vec<String>)> = vec![
+        type Case<'a> = (&'a str, Vec<PeerSpec>, Vec<PeerSpec>, Vec<String>);
+        let cases: Vec<Case> = vec![
             ("empty", vec![], vec![], vec![]),
             (
                 "all new",
@@ -299,11 +300,11 @@ mod tests {
         let a = spec("a", 1);
         let mut a2 = a.clone();
         a2.endpoint = Some("198.18.0.3:1".parse().unwrap());
-        match reconcile(&[a2.clone()], &[a.clone()]).as_slice() {
+        match reconcile(std::slice::from_ref(&a2), std::slice::from_ref(&a)).as_slice() {
             [PeerChange::Update(p)] => assert_eq!(p, &a2),
             other => panic!("unexpected {other:?}"),
         }
-        match reconcile(&[], &[a.clone()]).as_slice() {
+        match reconcile(&[], std::slice::from_ref(&a)).as_slice() {
             [PeerChange::Remove { public_key, name }] => {
                 assert_eq!(public_key, &[1; 32]);
                 assert_eq!(name, "a");
