@@ -50,6 +50,11 @@ pub fn run(args: Args) -> Result<ExitCode> {
             tokio::select! {
                 _ = term.recv() => break,
                 _ = int.recv() => break,
+                _ = dp.stopped() => {
+                    tracing::error!("data plane stopped on an I/O error");
+                    dp.shutdown().await;
+                    return Ok(ExitCode::FAILURE);
+                }
                 Some(ev) = events.recv() => log_event(&ev),
                 _ = status.tick(), if args.status_every > 0 => {
                     for p in dp.status() {

@@ -320,6 +320,13 @@ impl DataPlane {
             .collect()
     }
 
+    /// Resolves when the data plane stopped: after [`DataPlane::shutdown`] began, or when
+    /// a task hit a fatal I/O error (the TUN device or the socket went away), in which case
+    /// the caller should shut it down and start a new one.
+    pub async fn stopped(&self) {
+        self.cancel.cancelled().await
+    }
+
     /// Stops every task, then removes the routes and the TUN device it created.
     pub async fn shutdown(mut self) {
         self.cancel.cancel();
@@ -427,7 +434,7 @@ async fn outbound<T: TunDevice, U: UdpTransport>(
             _ = cancel.cancelled() => break,
             r = tun.recv(&mut batch) => match r {
                 Ok(n) => { errors = 0; n }
-                Err(e) if fatal(&e) => { tracing::error!(error = %e, "TUN read failed; outbound stopped"); break }
+                Err(e) if fatal(&e) => { tracing::error!(error = %e, "TUN read failed; data plane stopping"); cancel.cancel(); break }
                 Err(e) => {
                     errors += 1;
                     if errors.is_power_of_two() { tracing::debug!(error = %e, errors, "TUN read error"); }
@@ -543,7 +550,7 @@ async fn inbound<T: TunDevice, U: UdpTransport>(
             _ = cancel.cancelled() => break,
             r = udp.recv(&mut ubatch) => match r {
                 Ok(m) => { errors = 0; m }
-                Err(e) if fatal(&e) => { tracing::error!(error = %e, "UDP receive failed; inbound stopped"); break }
+                Err(e) if fatal(&e) => { tracing::error!(error = %e, "UDP receive failed; data plane stopping"); cancel.cancel(); break }
                 Err(e) => {
                     errors += 1;
                     if errors.is_power_of_two() { tracing::debug!(error = %e, errors, "UDP receive error"); }
@@ -571,7 +578,8 @@ async fn inbound<T: TunDevice, U: UdpTransport>(
                 && let Err(e) = tun.send(&mut tbatch, n).await
             {
                 if fatal(&e) {
-                    tracing::error!(error = %e, "TUN write failed; inbound stopped");
+                    tracing::error!(error = %e, "TUN write failed; data plane stopping");
+                    cancel.cancel();
                     return;
                 }
                 tracing::debug!(error = %e, "TUN write error");

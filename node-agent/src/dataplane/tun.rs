@@ -7,6 +7,7 @@ use super::{DataPlaneConfig, DataPlaneError};
 use ipnet::IpNet;
 use std::io;
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Transmit queue length of the device (the kernel default of 500 drops bursts).
 const TX_QUEUE_LEN: u32 = 10_000;
@@ -16,6 +17,11 @@ pub struct RealTun {
     dev: tun_rs::AsyncDevice,
     /// Most packets one offloaded read can split into.
     max_split: usize,
+    /// Whether the device carries virtio-net headers (offload on).
+    vnet_hdr: bool,
+    /// Cleared when the kernel refuses coalesced writes; packets are then written one by
+    /// one (each with an empty virtio-net header).
+    coalesce: AtomicBool,
 }
 
 impl RealTun {
@@ -54,7 +60,12 @@ impl RealTun {
         );
         let min_segment = usize::from(config.mtu).saturating_sub(60).max(500);
         let max_split = if offload { 65_535 / min_segment + 1 } else { 1 };
-        let tun = RealTun { dev, max_split };
+        let tun = RealTun {
+            dev,
+            max_split,
+            vnet_hdr: offload,
+            coalesce: AtomicBool::new(offload),
+        };
         let mut added = Vec::new();
         for route in &config.routes {
             if let Err(e) = add_route(&config.interface, route) {
@@ -88,10 +99,28 @@ impl TunDevice for RealTun {
 
     async fn send(&self, batch: &mut TunBatch, n: usize) -> io::Result<()> {
         let TunBatch { bufs, gro, .. } = batch;
-        self.dev
-            .send_multiple(gro, &mut bufs[..n], TUN_OFFSET)
-            .await
-            .map(|_| ())
+        if !self.vnet_hdr || self.coalesce.load(Ordering::Relaxed) {
+            return match self
+                .dev
+                .send_multiple(gro, &mut bufs[..n], TUN_OFFSET)
+                .await
+            {
+                Err(e) if self.vnet_hdr && e.raw_os_error() == Some(libc::EINVAL) => {
+                    tracing::warn!(error = %e, "kernel refused coalesced TUN writes; writing packets one by one");
+                    self.coalesce.store(false, Ordering::Relaxed);
+                    Err(e)
+                }
+                r => r.map(|_| ()),
+            };
+        }
+        // Offload on, coalescing off: one write per packet behind an all-zero header
+        // (no GSO, no checksum offload).
+        let start = TUN_OFFSET - tun_rs::VIRTIO_NET_HDR_LEN;
+        for buf in &mut bufs[..n] {
+            buf[start..TUN_OFFSET].fill(0);
+            self.dev.send(&buf[start..]).await?;
+        }
+        Ok(())
     }
 }
 
