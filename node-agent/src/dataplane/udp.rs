@@ -5,7 +5,7 @@ use super::DataPlaneError;
 use super::io::{RecvInfo, UdpBatch, UdpTransport};
 use quinn_udp::{Transmit, UdpSocketState};
 use std::io::{self, IoSliceMut};
-use std::net::{SocketAddr, SocketAddrV4};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use tokio::io::Interest;
 
 /// Socket buffer size asked for (forced past the sysctl limit when we have CAP_NET_ADMIN).
@@ -13,25 +13,27 @@ const SOCKET_BUFFER: usize = 7 << 20;
 /// Most receive buffers used in one `recvmmsg`.
 const MAX_RECV_BUFS: usize = 16;
 
-/// The data plane's UDP socket (IPv4).
+/// The data plane's UDP socket (dual-stack where the host has IPv6).
 pub struct RealUdp {
     sock: tokio::net::UdpSocket,
     state: UdpSocketState,
+    /// Dual-stack IPv6 socket: IPv4 peers are addressed as v4-mapped IPv6.
+    v6: bool,
 }
 
 impl RealUdp {
-    /// Binds `0.0.0.0:port` with large buffers, GSO and GRO.
+    /// Binds `[::]:port` (or `0.0.0.0:port`) with large buffers, GSO and GRO.
     pub fn bind(port: u16) -> Result<Self, DataPlaneError> {
         let err = |source| DataPlaneError::Udp { port, source };
-        let s = socket2::Socket::new(
-            socket2::Domain::IPV4,
-            socket2::Type::DGRAM,
-            Some(socket2::Protocol::UDP),
-        )
-        .map_err(err)?;
-        s.set_nonblocking(true).map_err(err)?;
-        s.bind(&SocketAddr::V4(SocketAddrV4::new([0, 0, 0, 0].into(), port)).into())
-            .map_err(err)?;
+        // Dual-stack first, so peers may have IPv4 or IPv6 endpoints; IPv4 only when the
+        // host has no IPv6.
+        let (s, v6) = match bind_socket(port, true) {
+            Ok(s) => (s, true),
+            Err(e) => {
+                tracing::info!(error = %e, "no dual-stack UDP socket; using IPv4 only");
+                (bind_socket(port, false).map_err(err)?, false)
+            }
+        };
         set_buffers(&s);
         let sock = tokio::net::UdpSocket::from_std(s.into()).map_err(err)?;
         let state = UdpSocketState::new((&sock).into()).map_err(err)?;
@@ -41,13 +43,31 @@ impl RealUdp {
             gro_segments = state.gro_segments(),
             "UDP socket bound"
         );
-        Ok(Self { sock, state })
+        Ok(Self { sock, state, v6 })
     }
 
     /// The bound address.
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         self.sock.local_addr()
     }
+}
+
+fn bind_socket(port: u16, v6: bool) -> io::Result<socket2::Socket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(
+        if v6 { Domain::IPV6 } else { Domain::IPV4 },
+        Type::DGRAM,
+        Some(Protocol::UDP),
+    )?;
+    s.set_nonblocking(true)?;
+    let addr = if v6 {
+        s.set_only_v6(false)?;
+        SocketAddr::V6(SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, port, 0, 0))
+    } else {
+        SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port))
+    };
+    s.bind(&addr.into())?;
+    Ok(s)
 }
 
 fn set_buffers(s: &socket2::Socket) {
@@ -124,8 +144,14 @@ impl RealUdp {
         contents: &[u8],
         segment_size: Option<usize>,
     ) -> io::Result<()> {
+        let destination = match dst {
+            SocketAddr::V4(v4) if self.v6 => {
+                SocketAddr::V6(SocketAddrV6::new(v4.ip().to_ipv6_mapped(), v4.port(), 0, 0))
+            }
+            other => other,
+        };
         let t = Transmit {
-            destination: dst,
+            destination,
             ecn: None,
             contents,
             segment_size,
