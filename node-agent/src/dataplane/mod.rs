@@ -4,6 +4,22 @@
 //! The controller-facing code computes the desired peers with [`select_peers`], diffs them
 //! against [`DataPlane::peers`] with [`reconcile`], and hands the changes to
 //! [`DataPlane::apply`].
+//!
+//! ```no_run
+//! # async fn demo(me: zonemesh_agent::dataplane::MeshMember,
+//! #               members: Vec<zonemesh_agent::dataplane::MeshMember>,
+//! #               config: zonemesh_agent::dataplane::DataPlaneConfig) -> anyhow::Result<()> {
+//! use zonemesh_agent::dataplane::{DataPlane, reconcile, select_peers};
+//! let mut dp = DataPlane::start(config).await?; // TUN + routes + UDP socket
+//! let mut events = dp.take_events().expect("first call"); // unknown keys etc.
+//! // on every mesh snapshot or delta:
+//! let desired = select_peers(&me, &members, &|_zone| false);
+//! dp.apply(reconcile(&desired, &dp.peers()));
+//! for peer in dp.status() { println!("{} {:?}", peer.name, peer.last_handshake); }
+//! # let _ = events.try_recv();
+//! dp.shutdown().await; // stops all tasks, removes the device and routes
+//! # Ok(()) }
+//! ```
 
 mod engine;
 pub mod fake;

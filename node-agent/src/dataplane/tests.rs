@@ -285,3 +285,35 @@ async fn update_keeps_the_session_and_routes_new_ranges() {
     a.dp.shutdown().await;
     b.dp.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_first_handshake_is_retried() {
+    let net = FakeNet::new();
+    let a = node(&net, 1, None, 1);
+    // b's key is known, but nothing listens at its address yet: the first initiation is lost.
+    let b_key: [u8; 32] = rand::random();
+    let b_addr = SocketAddr::from(([198, 18, 0, 2], 51820));
+    let b_spec = PeerSpec {
+        name: "z2/n2".into(),
+        zone: "z2".into(),
+        public_key: public_key(&b_key),
+        endpoint: Some(b_addr),
+        allowed_ips: vec!["100.64.0.2/32".parse().unwrap()],
+        persistent_keepalive: None,
+    };
+    a.dp.apply(vec![PeerChange::Add(b_spec)]);
+    a.tun
+        .inject
+        .send(ipv4_packet(a.ip, [100, 64, 0, 2], b"queued"))
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let mut b = node(&net, 2, Some(b_key), 2);
+    b.dp.apply(vec![PeerChange::Add(spec_of(&a, false))]);
+    // boringtun retries after its 5 s rekey timeout; the queued packet then arrives.
+    let got = tokio::time::timeout(Duration::from_secs(9), b.tun.delivered.recv()).await;
+    assert_eq!(
+        got.ok().flatten().as_deref(),
+        Some(&ipv4_packet(a.ip, [100, 64, 0, 2], b"queued")[..])
+    );
+    assert!(a.dp.status()[0].last_handshake.is_some());
+}
