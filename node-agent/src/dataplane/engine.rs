@@ -29,8 +29,8 @@ use tokio_util::sync::CancellationToken;
 
 /// Packets per TUN read batch (one offloaded super-packet splits into at most ~46).
 const TUN_READ_BATCH: usize = 128;
-/// Packets per TUN write batch.
-const TUN_WRITE_BATCH: usize = 256;
+/// Packets per TUN write batch (each buffer can grow to 64 KiB when segments coalesce).
+const TUN_WRITE_BATCH: usize = 128;
 /// UDP receive buffers per batch; each holds up to 64 GRO-coalesced datagrams.
 const UDP_RECV_BATCH: usize = 8;
 /// Upper bound for the payload of one GSO send (IPv4/UDP headers must still fit in 64 KiB).
@@ -540,7 +540,7 @@ async fn inbound<T: TunDevice, U: UdpTransport>(
     cancel: CancellationToken,
 ) {
     let mut ubatch = UdpBatch::new(UDP_RECV_BATCH);
-    let mut tbatch = TunBatch::new(TUN_WRITE_BATCH, shared.packet_space + WG_OVERHEAD);
+    let mut tbatch = TunBatch::for_writes(TUN_WRITE_BATCH, shared.packet_space + WG_OVERHEAD);
     let mut ctrl: Vec<(SocketAddr, Vec<u8>)> = Vec::new();
     let mut scratch = vec![0u8; (shared.packet_space + WG_OVERHEAD).max(2048)];
     let mut errors = 0u32;

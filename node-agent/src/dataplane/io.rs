@@ -45,6 +45,17 @@ impl TunBatch {
         }
     }
 
+    /// A batch for writes: like [`TunBatch::new`], but every buffer has room to grow to a
+    /// 64 KiB super-packet, which the offloading device needs to coalesce TCP segments
+    /// into one write.
+    pub fn for_writes(count: usize, packet_space: usize) -> Self {
+        let mut b = Self::new(count, packet_space);
+        for buf in &mut b.bufs {
+            buf.reserve_exact(2 * TUN_OFFSET + MAX_UDP_PAYLOAD - buf.len());
+        }
+        b
+    }
+
     /// Number of buffers.
     pub fn capacity(&self) -> usize {
         self.bufs.len()
