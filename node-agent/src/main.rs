@@ -24,6 +24,8 @@ enum Command {
     Identity(cmd::enroll::StateArgs),
     /// Renew this node's certificate now over mutual TLS.
     Renew(cmd::enroll::StateArgs),
+    /// Run the WireGuard data plane from a static JSON config (benchmarks, interop).
+    Tunnel(cmd::tunnel::Args),
 }
 
 fn main() -> ExitCode {
@@ -38,6 +40,7 @@ fn main() -> ExitCode {
         Command::Enroll(args) => cmd::enroll::run_enroll(args),
         Command::Identity(args) => cmd::enroll::run_identity(args),
         Command::Renew(args) => cmd::enroll::run_renew(args),
+        Command::Tunnel(args) => cmd::tunnel::run(args),
     };
     match result {
         Ok(code) => code,
