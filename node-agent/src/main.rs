@@ -24,6 +24,10 @@ enum Command {
     Identity(cmd::enroll::StateArgs),
     /// Renew this node's certificate now over mutual TLS.
     Renew(cmd::enroll::StateArgs),
+    /// Run the agent: WireGuard tunnels to the other zones, driven by the controller.
+    Run(cmd::enroll::RunArgs),
+    /// Show peers, handshakes, bytes and certificate expiry of the running agent.
+    Status(cmd::enroll::StateArgs),
     /// Run the WireGuard data plane from a static JSON config (benchmarks, interop).
     Tunnel(cmd::tunnel::Args),
 }
@@ -40,6 +44,8 @@ fn main() -> ExitCode {
         Command::Enroll(args) => cmd::enroll::run_enroll(args),
         Command::Identity(args) => cmd::enroll::run_identity(args),
         Command::Renew(args) => cmd::enroll::run_renew(args),
+        Command::Run(args) => cmd::enroll::run_agent(args),
+        Command::Status(args) => cmd::enroll::run_status(args),
         Command::Tunnel(args) => cmd::tunnel::run(args),
     };
     match result {

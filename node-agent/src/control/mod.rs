@@ -3,4 +3,6 @@
 
 pub mod client;
 pub mod enroll;
+pub mod meshview;
+pub mod run;
 pub mod state;

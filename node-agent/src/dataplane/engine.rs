@@ -156,7 +156,7 @@ pub struct DataPlane {
     tasks: JoinSet<()>,
     cancel: CancellationToken,
     events: Option<mpsc::Receiver<SecurityEvent>>,
-    teardown: Option<Box<dyn FnOnce() + Send>>,
+    teardown: Option<Box<dyn FnOnce() + Send + Sync>>,
 }
 
 impl std::fmt::Debug for DataPlane {
