@@ -119,7 +119,12 @@ impl Agent {
         let desired = select_peers(&self.me, &members, &|z| view.intra_zone(z));
         let changes = reconcile(&desired, &self.dp.peers());
         for c in &changes {
-            tracing::info!(peer = %c.name(), change = ?std::mem::discriminant(c), "peer change");
+            let kind = match c {
+                crate::dataplane::PeerChange::Add(_) => "add",
+                crate::dataplane::PeerChange::Update(_) => "update",
+                crate::dataplane::PeerChange::Remove { .. } => "remove",
+            };
+            tracing::info!(peer = %c.name(), change = kind, "peer change");
         }
         self.dp.apply(changes);
         self.sync_routes(&view);

@@ -1,0 +1,150 @@
+#!/usr/bin/env bash
+# A zonemesh lab in network namespaces: one controller and three zones of two nodes each,
+# joined by a bridge on the underlay 198.18.100.0/24; overlay 100.64.0.0/10. Root only.
+#
+#   scripts/mesh-lab.sh demo            start everything, show status and pings, clean up on Ctrl-C
+#   scripts/mesh-lab.sh up | down       start / remove the lab
+#   scripts/mesh-lab.sh ctl-stop | ctl-start | agent-stop NODE | agent-start NODE
+#   scripts/mesh-lab.sh enroll NODE ZONE   enroll and start one more node (namespace created)
+#   scripts/mesh-lab.sh x NODE CMD...   run a command inside a node's namespace
+#
+# Env: PFX (namespace prefix, default zml), DIR (state, default /tmp/zonemesh-lab-$PFX),
+#      BIN (directory with zonemesh-controller and zonemesh-agent; default target/release
+#      if built there, else target/debug).
+set -euo pipefail
+PFX=${PFX:-zml}
+DIR=${DIR:-/tmp/zonemesh-lab-$PFX}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+if [ -z "${BIN:-}" ]; then
+  if [ -x "$ROOT/target/release/zonemesh-agent" ]; then BIN=$ROOT/target/release; else BIN=$ROOT/target/debug; fi
+fi
+CTL="$BIN/zonemesh-controller"
+AGENT="$BIN/zonemesh-agent"
+HUB="$PFX-hub"
+CTL_IP=198.18.100.1
+ZONES=(a b c)
+NODES=(1 2)
+
+die() { echo "mesh-lab: $*" >&2; exit 1; }
+[ "$(id -u)" = 0 ] || die "needs root (network namespaces and TUN)"
+
+ns_of() { echo "$PFX-$1"; }
+zone_index() { case "$1" in a) echo 1;; b) echo 2;; c) echo 3;; d) echo 4;; *) die "unknown zone $1";; esac; }
+# Underlay address of node "<zone><n>", e.g. a1 -> 198.18.100.11
+ul_of() { local z=${1:0:1} n=${1:1}; echo "198.18.100.$(( $(zone_index "$z") * 10 + n ))"; }
+ctl() { "$CTL" --data-dir "$DIR/ctl" "$@"; }
+
+add_host_ns() { # name ip
+  local ns; ns=$(ns_of "$1")
+  ip netns add "$ns"
+  ip link add "v$PFX$1" type veth peer name eth0 netns "$ns"
+  ip link set "v$PFX$1" netns "$HUB"
+  ip -n "$HUB" link set "v$PFX$1" master br0 up
+  ip -n "$ns" link set lo up
+  ip -n "$ns" addr add "$2/24" dev eth0
+  ip -n "$ns" link set eth0 up
+}
+
+ctl_start() {
+  ip netns exec "$HUB" "$CTL" --data-dir "$DIR/ctl" serve --grpc-listen "$CTL_IP:7443" \
+    --https-listen "$CTL_IP:8443" --pki-listen "$CTL_IP:8089" --tls-name "$CTL_IP" \
+    >>"$DIR/controller.log" 2>&1 &
+  echo $! > "$DIR/controller.pid"
+  for _ in $(seq 50); do [ -S "$DIR/ctl/admin.sock" ] && return 0; sleep 0.1; done
+  die "controller did not start; see $DIR/controller.log"
+}
+
+ctl_stop() {
+  [ -f "$DIR/controller.pid" ] || return 0
+  kill -TERM "$(cat "$DIR/controller.pid")" 2>/dev/null || true
+  for _ in $(seq 50); do kill -0 "$(cat "$DIR/controller.pid")" 2>/dev/null || break; sleep 0.1; done
+  rm -f "$DIR/controller.pid"
+}
+
+agent_start() { # node
+  local ns; ns=$(ns_of "$1")
+  ip netns exec "$ns" "$AGENT" run --state-dir "$DIR/$1" --interface zm0 --listen-port 51820 \
+    >>"$DIR/$1.log" 2>&1 &
+  echo $! > "$DIR/$1.pid"
+  for _ in $(seq 50); do [ -S "$DIR/$1/agent.sock" ] && return 0; sleep 0.1; done
+  die "agent $1 did not start; see $DIR/$1.log"
+}
+
+agent_stop() { # node
+  [ -f "$DIR/$1.pid" ] || return 0
+  kill -TERM "$(cat "$DIR/$1.pid")" 2>/dev/null || true
+  for _ in $(seq 50); do kill -0 "$(cat "$DIR/$1.pid")" 2>/dev/null || break; sleep 0.1; done
+  rm -f "$DIR/$1.pid"
+}
+
+enroll() { # node zone
+  local node=$1 zone=$2 ul token
+  ul=$(ul_of "$node")
+  ip netns list | grep -qw "$(ns_of "$node")" || add_host_ns "$node" "$ul"
+  token=$(ctl token create --zone "zone-$zone" --ttl 10m | tail -1)
+  ip netns exec "$(ns_of "$node")" "$AGENT" enroll --controller "$CTL_IP:7443" \
+    --ca-fingerprint "$(cat "$DIR/fingerprint")" --token "$token" --state-dir "$DIR/$node" \
+    --name "$node" --zone "zone-$zone" --endpoint "$ul:51820"
+  agent_start "$node"
+}
+
+up() {
+  [ -x "$CTL" ] && [ -x "$AGENT" ] || die "binaries not found in $BIN (cargo build --release --bins)"
+  ip netns list | grep -q "^$HUB" && die "lab $PFX already up (mesh-lab.sh down first)"
+  mkdir -p "$DIR"
+  ip netns add "$HUB"
+  ip -n "$HUB" link set lo up
+  ip -n "$HUB" link add br0 type bridge
+  ip -n "$HUB" addr add "$CTL_IP/24" dev br0
+  ip -n "$HUB" link set br0 up
+  ctl init --trust-domain lab.zonemesh.test | tail -1 > "$DIR/fingerprint"
+  ctl_start
+  local i=1
+  for z in "${ZONES[@]}"; do ctl zone add "zone-$z" --cidr "100.64.$i.0/24" >/dev/null; i=$((i+1)); done
+  for z in "${ZONES[@]}"; do for n in "${NODES[@]}"; do enroll "$z$n" "$z" >/dev/null; done; done
+  echo "lab $PFX up: controller $CTL_IP, nodes ${ZONES[*]/%/1,2} (state in $DIR)"
+}
+
+down() {
+  for p in "$DIR"/*.pid; do [ -f "$p" ] && { kill -TERM "$(cat "$p")" 2>/dev/null || true; }; done
+  sleep 0.5
+  for p in "$DIR"/*.pid; do [ -f "$p" ] && { kill -KILL "$(cat "$p")" 2>/dev/null || true; rm -f "$p"; }; done
+  for ns in $(ip netns list | awk '{print $1}' | grep "^$PFX-" || true); do ip netns del "$ns"; done
+  rm -rf "$DIR"
+}
+
+overlay_of() { python3 -c 'import json,sys;print(json.load(open(sys.argv[1]))["overlay_ip"])' "$DIR/$1/identity.json"; }
+
+demo() {
+  trap 'echo; echo "cleaning up"; down; exit 0' INT TERM
+  up
+  echo "waiting for tunnels..."
+  sleep 2
+  for n in a1 b1 c1; do
+    echo; echo "== zonemesh-agent status ($n)"
+    ip netns exec "$(ns_of $n)" "$AGENT" status --state-dir "$DIR/$n"
+  done
+  echo
+  for pair in "a1 b1" "b2 c1" "c2 a2"; do
+    set -- $pair
+    echo "== ping $1 -> $2 ($(overlay_of "$2"))"
+    ip netns exec "$(ns_of "$1")" ping -c 3 -i 0.2 "$(overlay_of "$2")" | tail -2
+  done
+  echo; echo "nodes:"; ctl node list
+  echo; echo "lab running; press Ctrl-C to stop and clean up"
+  while true; do sleep 3600; done
+}
+
+case "${1:-}" in
+  up) up ;;
+  down) down ;;
+  demo) demo ;;
+  ctl-start) ctl_start ;;
+  ctl-stop) ctl_stop ;;
+  agent-start) agent_start "$2" ;;
+  agent-stop) agent_stop "$2" ;;
+  enroll) enroll "$2" "$3" ;;
+  overlay) overlay_of "$2" ;;
+  x) n=$2; shift 2; ip netns exec "$(ns_of "$n")" "$@" ;;
+  *) sed -n '2,14p' "$0"; exit 64 ;;
+esac
