@@ -134,13 +134,21 @@ pub async fn serve(
         }
     });
     let incoming = tokio_stream::wrappers::ReceiverStream::new(rx).map_ok();
+    // Watch streams never end by themselves: end them so the graceful stop can finish.
+    let closing = {
+        let (mesh, stop) = (mesh.clone(), shutdown.clone());
+        async move {
+            stop.cancelled().await;
+            mesh.close_streams();
+        }
+    };
     let svc = GrpcService { mesh };
     let result = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .add_service(EnrollmentServer::new(svc.clone()).max_decoding_message_size(MAX_MESSAGE))
         .add_service(MeshServer::new(svc).max_decoding_message_size(MAX_MESSAGE))
-        .serve_with_incoming_shutdown(incoming, shutdown.cancelled())
+        .serve_with_incoming_shutdown(incoming, closing)
         .await;
     let _ = accept.await;
     tracker.close();

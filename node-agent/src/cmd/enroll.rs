@@ -120,37 +120,61 @@ pub fn run_agent(a: RunArgs) -> Result<ExitCode> {
         mtu: a.mtu,
     };
     opts.state.identity()?;
-    runtime()?.block_on(zonemesh_agent::control::run::run(opts, tokio_util::sync::CancellationToken::new()))?;
+    runtime()?.block_on(zonemesh_agent::control::run::run(
+        opts,
+        tokio_util::sync::CancellationToken::new(),
+    ))?;
     Ok(ExitCode::SUCCESS)
 }
 
 fn ago(unix: u64) -> String {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     format!("{}s ago", now.saturating_sub(unix))
 }
 
 pub fn run_status(a: StateArgs) -> Result<ExitCode> {
-    let st = runtime()?.block_on(zonemesh_agent::control::run::query_status(&StateDir::new(&a.state_dir)))?;
+    let st = runtime()?.block_on(zonemesh_agent::control::run::query_status(&StateDir::new(
+        &a.state_dir,
+    )))?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&st)?);
         return Ok(ExitCode::SUCCESS);
     }
-    let expiry = humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(st.cert_not_after_unix));
-    println!("node {} ({}), overlay {}, cert {} expires {}", st.spiffe_id, st.zone, st.overlay_ip, st.serial, expiry);
+    let expiry = humantime::format_rfc3339_seconds(
+        std::time::UNIX_EPOCH + std::time::Duration::from_secs(st.cert_not_after_unix),
+    );
+    println!(
+        "node {} ({}), overlay {}, cert {} expires {}",
+        st.spiffe_id, st.zone, st.overlay_ip, st.serial, expiry
+    );
     println!(
         "controller {} {}, mesh version {}",
         st.controller,
-        if st.controller_connected { "connected" } else { "UNREACHABLE (forwarding on last known mesh)" },
+        if st.controller_connected {
+            "connected"
+        } else {
+            "UNREACHABLE (forwarding on last known mesh)"
+        },
         st.mesh_version
     );
-    println!("{:<24} {:<10} {:<22} {:<16} {:>12} {:>12}", "PEER", "ZONE", "ENDPOINT", "HANDSHAKE", "RX BYTES", "TX BYTES");
+    println!(
+        "{:<24} {:<10} {:<22} {:<16} {:>12} {:>12}",
+        "PEER", "ZONE", "ENDPOINT", "HANDSHAKE", "RX BYTES", "TX BYTES"
+    );
     for p in &st.peers {
         println!(
             "{:<24} {:<10} {:<22} {:<16} {:>12} {:>12}",
             p.name,
             p.zone,
-            p.endpoint.map(|e| e.to_string()).unwrap_or_else(|| "-".into()),
-            p.last_handshake_unix.map(ago).unwrap_or_else(|| "never".into()),
+            p.endpoint
+                .map(|e| e.to_string())
+                .unwrap_or_else(|| "-".into()),
+            p.last_handshake_unix
+                .map(ago)
+                .unwrap_or_else(|| "never".into()),
             p.rx_bytes,
             p.tx_bytes
         );

@@ -36,10 +36,22 @@ impl MeshView {
     pub fn apply(&mut self, update: &pb::MeshUpdate) {
         match &update.kind {
             Some(pb::mesh_update::Kind::Snapshot(s)) => {
-                self.peers = s.peers.iter().map(|p| (key(&p.zone, &p.node), p.clone())).collect();
-                self.zones = s.zones.iter().map(|z| (z.name.clone(), z.clone())).collect();
+                self.peers = s
+                    .peers
+                    .iter()
+                    .map(|p| (key(&p.zone, &p.node), p.clone()))
+                    .collect();
+                self.zones = s
+                    .zones
+                    .iter()
+                    .map(|z| (z.name.clone(), z.clone()))
+                    .collect();
                 self.crl_der = s.crl_der.clone();
-                self.blocklist = s.blocklist.iter().map(|b| (b.address.clone(), b.clone())).collect();
+                self.blocklist = s
+                    .blocklist
+                    .iter()
+                    .map(|b| (b.address.clone(), b.clone()))
+                    .collect();
             }
             Some(pb::mesh_update::Kind::Delta(d)) => {
                 for p in &d.upserted {
@@ -83,35 +95,64 @@ impl MeshView {
 
     /// Every peer whose certificate verifies and vouches for its WireGuard key; the rest
     /// are returned as rejections.
-    pub fn verified_members(&self, trust: &TrustStore, now: SystemTime) -> (Vec<MeshMember>, Vec<Rejection>) {
+    pub fn verified_members(
+        &self,
+        trust: &TrustStore,
+        now: SystemTime,
+    ) -> (Vec<MeshMember>, Vec<Rejection>) {
         let mut ok = Vec::new();
         let mut bad = Vec::new();
         for (name, p) in &self.peers {
             match verify_peer(p, trust, &self.crl_der, now) {
                 Ok(m) => ok.push(m),
-                Err(reason) => bad.push(Rejection { peer: name.clone(), reason }),
+                Err(reason) => bad.push(Rejection {
+                    peer: name.clone(),
+                    reason,
+                }),
             }
         }
         (ok, bad)
     }
 }
 
-fn verify_peer(p: &pb::Peer, trust: &TrustStore, crl: &[u8], now: SystemTime) -> Result<MeshMember, String> {
+fn verify_peer(
+    p: &pb::Peer,
+    trust: &TrustStore,
+    crl: &[u8],
+    now: SystemTime,
+) -> Result<MeshMember, String> {
     let mut chain = vec![p.certificate_der.clone()];
     chain.extend(p.chain_der.iter().cloned());
-    let crls = if crl.is_empty() { vec![] } else { vec![crl.to_vec()] };
-    let v = trust.verify_node_chain(&chain, &crls, now).map_err(|e| e.to_string())?;
+    let crls = if crl.is_empty() {
+        vec![]
+    } else {
+        vec![crl.to_vec()]
+    };
+    let v = trust
+        .verify_node_chain(&chain, &crls, now)
+        .map_err(|e| e.to_string())?;
     if v.id.zone != p.zone || v.id.node != p.node {
-        return Err(format!("certificate is for {}/{}, not {}/{}", v.id.zone, v.id.node, p.zone, p.node));
+        return Err(format!(
+            "certificate is for {}/{}, not {}/{}",
+            v.id.zone, v.id.node, p.zone, p.node
+        ));
     }
     let announced = WireGuardKey::from_slice(&p.wg_public_key).map_err(|e| e.to_string())?;
-    v.check_wireguard_key(&announced).map_err(|e| e.to_string())?;
-    let overlay_ip: IpAddr = p.overlay_ip.parse().map_err(|_| format!("bad overlay address {:?}", p.overlay_ip))?;
+    v.check_wireguard_key(&announced)
+        .map_err(|e| e.to_string())?;
+    let overlay_ip: IpAddr = p
+        .overlay_ip
+        .parse()
+        .map_err(|_| format!("bad overlay address {:?}", p.overlay_ip))?;
     Ok(MeshMember {
         name: key(&p.zone, &p.node),
         zone: p.zone.clone(),
         public_key: announced.0,
-        endpoints: p.endpoints.iter().filter_map(|e| e.parse::<SocketAddr>().ok()).collect(),
+        endpoints: p
+            .endpoints
+            .iter()
+            .filter_map(|e| e.parse::<SocketAddr>().ok())
+            .collect(),
         overlay_ip,
     })
 }

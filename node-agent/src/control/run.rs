@@ -7,7 +7,9 @@ use super::client::{self, status_message};
 use super::enroll;
 use super::meshview::{MeshView, Rejection};
 use super::state::{Identity, StateDir, cert_info, write_file};
-use crate::dataplane::{DataPlane, DataPlaneConfig, MeshMember, PeerStatus, SecurityEvent, reconcile, select_peers};
+use crate::dataplane::{
+    DataPlane, DataPlaneConfig, MeshMember, PeerStatus, SecurityEvent, reconcile, select_peers,
+};
 use anyhow::{Context, Result};
 use parking_lot::Mutex;
 use serde::Serialize;
@@ -60,7 +62,9 @@ pub struct PeerStatusRow {
 }
 
 fn unix(t: SystemTime) -> u64 {
-    t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 impl From<PeerStatus> for PeerStatusRow {
@@ -158,18 +162,31 @@ impl Agent {
 
     fn status(&self) -> AgentStatus {
         let view = self.view.lock().clone();
-        let cert = self.opts.state.read_cert().ok().and_then(|c| cert_info(&c).ok());
+        let cert = self
+            .opts
+            .state
+            .read_cert()
+            .ok()
+            .and_then(|c| cert_info(&c).ok());
         AgentStatus {
             node: self.id.node.clone(),
             zone: self.id.zone.clone(),
             spiffe_id: self.id.spiffe_id.clone(),
             overlay_ip: self.id.overlay_ip.clone(),
-            serial: cert.as_ref().map(|c| c.serial_hex.clone()).unwrap_or_default(),
+            serial: cert
+                .as_ref()
+                .map(|c| c.serial_hex.clone())
+                .unwrap_or_default(),
             cert_not_after_unix: cert.map(|c| unix(c.not_after)).unwrap_or(0),
             controller: self.id.controller.clone(),
             controller_connected: self.connected.load(std::sync::atomic::Ordering::Relaxed),
             mesh_version: view.version,
-            rejected_peers: self.reported.lock().iter().map(|r| format!("{}: {}", r.peer, r.reason)).collect(),
+            rejected_peers: self
+                .reported
+                .lock()
+                .iter()
+                .map(|r| format!("{}: {}", r.peer, r.reason))
+                .collect(),
             blocked_sources: view.blocklist.keys().cloned().collect(),
             peers: self.dp.status().into_iter().map(Into::into).collect(),
         }
@@ -177,7 +194,10 @@ impl Agent {
 }
 
 fn ip_route(op: &str, cidr: &str, dev: &str) -> bool {
-    match std::process::Command::new("ip").args(["route", op, cidr, "dev", dev]).status() {
+    match std::process::Command::new("ip")
+        .args(["route", op, cidr, "dev", dev])
+        .status()
+    {
         Ok(s) if s.success() => true,
         Ok(_) | Err(_) => {
             tracing::warn!(cidr, dev, op, "ip route failed");
@@ -189,9 +209,16 @@ fn ip_route(op: &str, cidr: &str, dev: &str) -> bool {
 /// Run until SIGTERM/SIGINT or `shutdown`.
 pub async fn run(opts: RunOptions, shutdown: CancellationToken) -> Result<()> {
     let id = opts.state.identity()?;
-    let trust = TrustStore::new(&id.trust_domain, vec![opts.state.read_ca()?], opts.state.read_chain()?);
+    let trust = TrustStore::new(
+        &id.trust_domain,
+        vec![opts.state.read_ca()?],
+        opts.state.read_chain()?,
+    );
     let wg_private = opts.state.read_wg_key()?;
-    let overlay: IpAddr = id.overlay_ip.parse().context("identity has a bad overlay address")?;
+    let overlay: IpAddr = id
+        .overlay_ip
+        .parse()
+        .context("identity has a bad overlay address")?;
     let me = MeshMember {
         name: format!("{}/{}", id.zone, id.node),
         zone: id.zone.clone(),
@@ -223,13 +250,21 @@ pub async fn run(opts: RunOptions, shutdown: CancellationToken) -> Result<()> {
         events: ev_tx,
     });
     if agent.view.lock().version > 0 {
-        tracing::info!(version = agent.view.lock().version, "forwarding on the saved mesh until the controller answers");
+        tracing::info!(
+            version = agent.view.lock().version,
+            "forwarding on the saved mesh until the controller answers"
+        );
     }
     agent.sync();
 
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(watch_loop(agent.clone(), shutdown.clone()));
-    tasks.spawn(report_loop(agent.clone(), ev_rx, dp_events, shutdown.clone()));
+    tasks.spawn(report_loop(
+        agent.clone(),
+        ev_rx,
+        dp_events,
+        shutdown.clone(),
+    ));
     tasks.spawn(renew_loop(agent.clone(), shutdown.clone()));
     tasks.spawn(status_server(agent.clone(), shutdown.clone()));
     {
@@ -266,7 +301,10 @@ pub async fn run(opts: RunOptions, shutdown: CancellationToken) -> Result<()> {
 
 async fn wait_for_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
         (Ok(mut t), Ok(mut i)) => {
             tokio::select! { _ = t.recv() => {}, _ = i.recv() => {} }
         }
@@ -280,11 +318,15 @@ async fn watch_once(agent: &Agent, shutdown: &CancellationToken) -> Result<()> {
     let mut rpc = pb::mesh_client::MeshClient::new(channel);
     let resume = agent.view.lock().version;
     let mut stream = rpc
-        .watch(pb::WatchRequest { resume_from_version: resume })
+        .watch(pb::WatchRequest {
+            resume_from_version: resume,
+        })
         .await
         .map_err(|s| anyhow::anyhow!("watch refused: {}", status_message(&s)))?
         .into_inner();
-    agent.connected.store(true, std::sync::atomic::Ordering::Relaxed);
+    agent
+        .connected
+        .store(true, std::sync::atomic::Ordering::Relaxed);
     tracing::info!(from = resume, "watching the mesh");
     loop {
         let msg = tokio::select! {
@@ -311,7 +353,9 @@ async fn watch_loop(agent: Arc<Agent>, shutdown: CancellationToken) {
         if let Err(e) = watch_once(&agent, &shutdown).await {
             tracing::warn!(error = %e, retry_in = ?backoff, "controller unreachable; forwarding on the last known mesh");
         }
-        agent.connected.store(false, std::sync::atomic::Ordering::Relaxed);
+        agent
+            .connected
+            .store(false, std::sync::atomic::Ordering::Relaxed);
         if started.elapsed() > Duration::from_secs(30) {
             backoff = Duration::from_millis(500);
         }
@@ -351,8 +395,14 @@ async fn report_loop(
             batch.push(e);
         }
         let send = async {
-            let channel = client::connect(&agent.id.controller, client::mtls_config(&agent.opts.state)?).await?;
-            pb::mesh_client::MeshClient::new(channel).report_events(pb::SecurityEvents { events: batch }).await?;
+            let channel = client::connect(
+                &agent.id.controller,
+                client::mtls_config(&agent.opts.state)?,
+            )
+            .await?;
+            pb::mesh_client::MeshClient::new(channel)
+                .report_events(pb::SecurityEvents { events: batch })
+                .await?;
             anyhow::Ok(())
         };
         if let Err(e) = send.await {
@@ -363,13 +413,28 @@ async fn report_loop(
 
 fn to_pb(e: SecurityEvent) -> pb::SecurityEvent {
     let (kind, source, detail) = match e {
-        SecurityEvent::UnknownPeerKey { public_key, source } => {
-            ("wireguard.unknown_key", source.to_string(), crate::dataplane::key_b64(&public_key))
-        }
-        SecurityEvent::InvalidHandshake { source } => ("wireguard.invalid_handshake", source.to_string(), String::new()),
-        SecurityEvent::SpoofedSource { peer, inner_source } => ("wireguard.spoofed_source", String::new(), format!("{peer} sent {inner_source}")),
+        SecurityEvent::UnknownPeerKey { public_key, source } => (
+            "wireguard.unknown_key",
+            source.to_string(),
+            crate::dataplane::key_b64(&public_key),
+        ),
+        SecurityEvent::InvalidHandshake { source } => (
+            "wireguard.invalid_handshake",
+            source.to_string(),
+            String::new(),
+        ),
+        SecurityEvent::SpoofedSource { peer, inner_source } => (
+            "wireguard.spoofed_source",
+            String::new(),
+            format!("{peer} sent {inner_source}"),
+        ),
     };
-    pb::SecurityEvent { kind: kind.into(), source, detail, at_unix: unix(SystemTime::now()) }
+    pb::SecurityEvent {
+        kind: kind.into(),
+        source,
+        detail,
+        at_unix: unix(SystemTime::now()),
+    }
 }
 
 /// When to renew: 2/3 of the lifetime, minus up to 5% jitter so a fleet does not renew at once.
@@ -382,7 +447,9 @@ fn renew_at(not_before: SystemTime, not_after: SystemTime) -> SystemTime {
 async fn renew_loop(agent: Arc<Agent>, shutdown: CancellationToken) {
     loop {
         let wait = match agent.opts.state.read_cert().and_then(|c| cert_info(&c)) {
-            Ok(info) => renew_at(info.not_before, info.not_after).duration_since(SystemTime::now()).unwrap_or(Duration::ZERO),
+            Ok(info) => renew_at(info.not_before, info.not_after)
+                .duration_since(SystemTime::now())
+                .unwrap_or(Duration::ZERO),
             Err(_) => Duration::from_secs(60),
         };
         tokio::select! {
@@ -429,7 +496,12 @@ pub async fn query_status(state: &StateDir) -> Result<AgentStatus> {
     let path = state.status_socket();
     let mut conn = tokio::net::UnixStream::connect(&path)
         .await
-        .with_context(|| format!("no agent is running on {} (start it with `zonemesh-agent run`)", state.dir.display()))?;
+        .with_context(|| {
+            format!(
+                "no agent is running on {} (start it with `zonemesh-agent run`)",
+                state.dir.display()
+            )
+        })?;
     let mut buf = Vec::new();
     conn.read_to_end(&mut buf).await?;
     let v: serde_json::Value = serde_json::from_slice(&buf).context("bad status reply")?;

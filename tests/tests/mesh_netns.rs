@@ -1,0 +1,233 @@
+//! The product end to end in network namespaces (`scripts/mesh-lab.sh`): a controller and
+//! three zones of two agents. Root only; skipped with a reason otherwise. Build the
+//! binaries first (`cargo build --workspace --bins`).
+
+use anyhow::{Context, Result, bail};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+use zonemesh_tests::{bin, is_root};
+
+struct MeshLab {
+    pfx: String,
+    dir: PathBuf,
+}
+
+impl MeshLab {
+    fn script() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/mesh-lab.sh")
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new("bash");
+        c.arg(Self::script()).args(args);
+        c.env("PFX", &self.pfx).env("DIR", &self.dir);
+        c.env("BIN", bin("zonemesh-agent").parent().expect("bin dir"));
+        c
+    }
+
+    fn run(&self, args: &[&str]) -> Result<String> {
+        let out = self.cmd(args).stdin(Stdio::null()).output()?;
+        if !out.status.success() {
+            bail!(
+                "mesh-lab {args:?} failed: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    fn up(pfx: &str) -> Result<Self> {
+        let lab = Self {
+            pfx: pfx.into(),
+            dir: std::env::temp_dir().join(format!("zonemesh-lab-{pfx}")),
+        };
+        let _ = lab.run(&["down"]);
+        lab.run(&["up"])?;
+        Ok(lab)
+    }
+
+    fn overlay(&self, node: &str) -> Result<String> {
+        Ok(self.run(&["overlay", node])?.trim().to_string())
+    }
+
+    /// One ping attempt.
+    fn ping_once(&self, from: &str, to: &str) -> Result<bool> {
+        let ip = self.overlay(to)?;
+        Ok(self
+            .cmd(&["x", from, "ping", "-c", "1", "-W", "1", &ip])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()?
+            .success())
+    }
+
+    /// Wait until `from` reaches `to` (true) or not (false); returns the time it took.
+    fn wait_ping(&self, from: &str, to: &str, want: bool, limit: Duration) -> Result<Duration> {
+        let start = Instant::now();
+        loop {
+            if self.ping_once(from, to)? == want {
+                return Ok(start.elapsed());
+            }
+            if start.elapsed() > limit {
+                bail!(
+                    "{from} -> {to}: reachability never became {want} within {limit:?}\n{}",
+                    self.logs(from)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn status(&self, node: &str) -> Result<serde_json::Value> {
+        let agent = bin("zonemesh-agent");
+        let dir = self.dir.join(node);
+        let out = self.run(&[
+            "x",
+            node,
+            agent.to_str().context("path")?,
+            "status",
+            "--state-dir",
+            dir.to_str().context("path")?,
+            "--json",
+        ])?;
+        Ok(serde_json::from_str(&out)?)
+    }
+
+    fn peers(&self, node: &str) -> Result<Vec<String>> {
+        let v = self.status(node)?;
+        Ok(v["peers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|p| p["name"].as_str().map(String::from))
+            .collect())
+    }
+
+    fn controller(&self, args: &[&str]) -> Result<String> {
+        let mut c = Command::new(bin("zonemesh-controller"));
+        c.arg("--data-dir").arg(self.dir.join("ctl")).args(args);
+        zonemesh_tests::run_ok(&mut c)
+    }
+
+    fn logs(&self, node: &str) -> String {
+        let tail = |f: &str| {
+            let t = std::fs::read_to_string(self.dir.join(f)).unwrap_or_default();
+            t.lines()
+                .rev()
+                .take(15)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        format!(
+            "--- {node}.log\n{}\n--- controller.log\n{}",
+            tail(&format!("{node}.log")),
+            tail("controller.log")
+        )
+    }
+}
+
+impl Drop for MeshLab {
+    fn drop(&mut self) {
+        let _ = self
+            .cmd(&["down"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+fn skip() -> Option<&'static str> {
+    if !is_root() {
+        return Some("not root (network namespaces and TUN need it)");
+    }
+    if !std::path::Path::new("/dev/net/tun").exists() {
+        return Some("/dev/net/tun missing");
+    }
+    None
+}
+
+#[test]
+fn three_zones_mesh_revocation_outage_and_recovery() -> Result<()> {
+    if let Some(why) = skip() {
+        println!("skipped: {why}");
+        return Ok(());
+    }
+    let lab = MeshLab::up(&format!("zm{}", std::process::id() % 10_000))?;
+    let t = Duration::from_secs(10);
+
+    // Every zone pair, both directions.
+    for (a, b) in [
+        ("a1", "b1"),
+        ("b2", "a2"),
+        ("a2", "c1"),
+        ("c2", "a1"),
+        ("b1", "c2"),
+        ("c1", "b2"),
+    ] {
+        lab.wait_ping(a, b, true, t)
+            .with_context(|| format!("{a} -> {b}"))?;
+    }
+    // Nodes of one zone are not tunnelled to each other.
+    for n in ["a1", "b1", "c1"] {
+        let zone = format!("zone-{}", &n[..1]);
+        let peers = lab.peers(n)?;
+        assert_eq!(peers.len(), 4, "{n} peers: {peers:?}");
+        assert!(
+            peers.iter().all(|p| !p.starts_with(&zone)),
+            "{n} has a same-zone tunnel: {peers:?}"
+        );
+    }
+    assert!(
+        !lab.ping_once("a1", "a2")?,
+        "same-zone traffic must not cross the mesh"
+    );
+
+    // Revoking c2 cuts it off from everyone within about a second.
+    let started = Instant::now();
+    lab.controller(&["node", "revoke", "zone-c/c2"])?;
+    for n in ["a1", "b1", "c1"] {
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while lab.peers(n)?.iter().any(|p| p == "zone-c/c2") {
+            if Instant::now() > deadline {
+                bail!("{n} still has c2 after revocation\n{}", lab.logs(n));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let dropped_in = started.elapsed();
+    println!("revoked node dropped by every agent in {dropped_in:?}");
+    assert!(dropped_in < Duration::from_secs(2), "took {dropped_in:?}");
+    assert!(
+        !lab.ping_once("a1", "c2")? && !lab.ping_once("c2", "b1")?,
+        "revoked node still reachable"
+    );
+
+    // Controller down: tunnels keep working; an agent restarted during the outage restores
+    // its tunnels from its saved mesh.
+    lab.run(&["ctl-stop"])?;
+    lab.wait_ping("a1", "b1", true, t)?;
+    lab.run(&["agent-stop", "b1"])?;
+    lab.run(&["agent-start", "b1"])?;
+    let restored = lab.wait_ping("b1", "c1", true, t)?;
+    lab.wait_ping("a2", "b1", true, t)?;
+    println!("restarted agent restored its tunnels without the controller in {restored:?}");
+    assert_eq!(lab.status("b1")?["controller_connected"], false);
+
+    // The controller returns: changes flow again (a new node in zone c joins).
+    lab.run(&["ctl-start"])?;
+    let enroll_start = Instant::now();
+    lab.run(&["enroll", "c3", "c"])?;
+    let first_ping = lab.wait_ping("a1", "c3", true, Duration::from_secs(15))?;
+    println!(
+        "enrollment to first cross-zone ping: {:?}",
+        enroll_start.elapsed()
+    );
+    let _ = first_ping;
+    lab.wait_ping("c3", "b2", true, t)?;
+    Ok(())
+}
