@@ -137,15 +137,15 @@ fn pem_chain(leaf: &[u8], chain: &[Vec<u8>]) -> String {
 
 impl AdminHandler {
     fn note(&self, kind: &str, subject: &str, detail: String) {
-        if let Some(a) = &self.audit {
-            if let Err(e) = a.record(
+        if let Some(a) = &self.audit
+            && let Err(e) = a.record(
                 AuditEvent::new(kind, "ok")
                     .actor("cli")
                     .subject(subject)
                     .detail(detail),
-            ) {
-                tracing::error!(error = %e, "audit record failed");
-            }
+            )
+        {
+            tracing::error!(error = %e, "audit record failed");
         }
     }
 

@@ -156,11 +156,13 @@ pub async fn serve(
     result.map_err(Into::into)
 }
 
+type ConnResult = fn(TlsConn) -> Result<TlsConn, std::io::Error>;
+
 trait MapOk: Sized {
-    fn map_ok(self) -> futures::stream::Map<Self, fn(TlsConn) -> Result<TlsConn, std::io::Error>>;
+    fn map_ok(self) -> futures::stream::Map<Self, ConnResult>;
 }
 impl MapOk for tokio_stream::wrappers::ReceiverStream<TlsConn> {
-    fn map_ok(self) -> futures::stream::Map<Self, fn(TlsConn) -> Result<TlsConn, std::io::Error>> {
+    fn map_ok(self) -> futures::stream::Map<Self, ConnResult> {
         futures::StreamExt::map(self, Ok)
     }
 }

@@ -542,12 +542,10 @@ impl Mesh {
         let nkey = node_key(&zone.name, &req.node_name);
 
         let _guard = self.change_lock.lock();
-        if let Some(existing) = self.store.node(&nkey)? {
-            if !existing.revoked {
-                return Err(ControllerError::AlreadyExists(format!(
-                    "node {nkey} is already enrolled"
-                )));
-            }
+        if self.store.node(&nkey)?.is_some_and(|n| !n.revoked) {
+            return Err(ControllerError::AlreadyExists(format!(
+                "node {nkey} is already enrolled"
+            )));
         }
         if self
             .store

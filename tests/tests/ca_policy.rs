@@ -447,7 +447,7 @@ fn node_chain_verification_refuses_expired_early_revoked_foreign_and_mismatched(
     let store = ca().trust_store();
 
     let ok = store
-        .verify_node_chain(&chain, &[empty_crl.clone()], at)
+        .verify_node_chain(&chain, std::slice::from_ref(&empty_crl), at)
         .unwrap();
     assert_eq!(ok.id, SpiffeId::new("corp.test", "eu-1", "db-1").unwrap());
     assert_eq!(ok.wg_public_key, wg(9));
@@ -459,11 +459,11 @@ fn node_chain_verification_refuses_expired_early_revoked_foreign_and_mismatched(
     ));
 
     assert!(matches!(
-        store.verify_node_chain(&chain, &[empty_crl.clone()], at + 31 * DAY),
+        store.verify_node_chain(&chain, std::slice::from_ref(&empty_crl), at + 31 * DAY),
         Err(Error::Expired)
     ));
     assert!(matches!(
-        store.verify_node_chain(&chain, &[empty_crl.clone()], at - DAY),
+        store.verify_node_chain(&chain, std::slice::from_ref(&empty_crl), at - DAY),
         Err(Error::NotYetValid)
     ));
     let crl = ca()
@@ -504,7 +504,7 @@ fn node_chain_verification_refuses_expired_early_revoked_foreign_and_mismatched(
         )
         .unwrap();
     let foreign_chain = vec![foreign.der, other.intermediate_cert_der.clone()];
-    let r = store.verify_node_chain(&foreign_chain, &[empty_crl.clone()], at);
+    let r = store.verify_node_chain(&foreign_chain, std::slice::from_ref(&empty_crl), at);
     assert!(matches!(r, Err(Error::UnknownIssuer)), "{r:?}");
 
     // A TLS leaf from the right CA is not a node identity.
@@ -522,7 +522,7 @@ fn node_chain_verification_refuses_expired_early_revoked_foreign_and_mismatched(
         .unwrap();
     let r = store.verify_node_chain(
         &[tls.der, material().intermediate_cert_der.clone()],
-        &[empty_crl.clone()],
+        std::slice::from_ref(&empty_crl),
         at,
     );
     assert!(r.is_err(), "{r:?}");

@@ -6,6 +6,8 @@
 use crate::dataplane::MeshMember;
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
+#[cfg(test)]
+use std::time::Duration;
 use std::time::SystemTime;
 use zonemesh_ca::{TrustStore, WireGuardKey};
 use zonemesh_proto as pb;
@@ -155,4 +157,119 @@ fn verify_peer(
             .collect(),
         overlay_ip,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use zonemesh_ca::{Ca, CaMaterial, NodePolicy, NodeRequest};
+
+    fn peer(
+        ca: &Ca,
+        zone: &str,
+        node: &str,
+        bound: [u8; 32],
+        announced: [u8; 32],
+        key: &rcgen::KeyPair,
+    ) -> pb::Peer {
+        let csr = crate::control::enroll::csr_for(key, node).unwrap();
+        let cert = ca
+            .sign_node_csr(
+                &NodePolicy::default(),
+                &NodeRequest {
+                    csr_der: &csr,
+                    zone,
+                    node,
+                    wg_public_key: WireGuardKey(bound),
+                },
+                SystemTime::now(),
+            )
+            .unwrap();
+        pb::Peer {
+            zone: zone.into(),
+            node: node.into(),
+            certificate_der: cert.der,
+            chain_der: vec![ca.intermediate_der().to_vec()],
+            wg_public_key: announced.to_vec(),
+            endpoints: vec!["198.18.0.2:51820".into()],
+            overlay_ip: "100.64.2.1".into(),
+        }
+    }
+
+    #[test]
+    fn only_peers_whose_certificate_vouches_for_their_key_and_name_are_accepted() {
+        let now = SystemTime::now();
+        let m = CaMaterial::generate("corp.test", now, |_| {}).unwrap();
+        let ca = Ca::from_material(&m).unwrap();
+        let trust = ca.trust_store();
+        let key = zonemesh_ca::generate_rsa_4096().unwrap();
+        let mut view = MeshView {
+            crl_der: ca.crl(&[], 1, now, Duration::from_secs(3600)).unwrap(),
+            ..Default::default()
+        };
+        let honest = peer(&ca, "b", "b1", [1; 32], [1; 32], &key);
+        // A valid certificate, but announcing another WireGuard key: a forged peer.
+        let forged = peer(&ca, "b", "b2", [2; 32], [3; 32], &key);
+        // A valid certificate for b3 presented under the name b4.
+        let mut renamed = peer(&ca, "b", "b3", [4; 32], [4; 32], &key);
+        renamed.node = "b4".into();
+        view.apply(&pb::MeshUpdate {
+            version: 1,
+            kind: Some(pb::mesh_update::Kind::Delta(pb::Delta {
+                upserted: vec![honest, forged, renamed],
+                ..Default::default()
+            })),
+        });
+        let (ok, bad) = view.verified_members(&trust, now);
+        assert_eq!(
+            ok.iter().map(|m| m.name.as_str()).collect::<Vec<_>>(),
+            vec!["b/b1"]
+        );
+        assert_eq!(bad.len(), 2, "{bad:?}");
+        assert!(
+            bad.iter()
+                .any(|r| r.peer == "b/b2" && r.reason.contains("WireGuard key")),
+            "{bad:?}"
+        );
+        assert!(
+            bad.iter()
+                .any(|r| r.peer == "b/b4" && r.reason.contains("b/b3")),
+            "{bad:?}"
+        );
+
+        // Without a CRL nothing is trusted; with the honest peer revoked it is dropped.
+        let mut no_crl = view.clone();
+        no_crl.crl_der.clear();
+        assert!(no_crl.verified_members(&trust, now).0.is_empty());
+        let serial = zonemesh_ca::serial_hex(
+            x509_parser::parse_x509_certificate(&view.peers["b/b1"].certificate_der)
+                .unwrap()
+                .1
+                .raw_serial(),
+        );
+        let crl = ca
+            .crl(
+                &[zonemesh_ca::RevokedEntry {
+                    serial_hex: serial,
+                    revoked_at: now,
+                    reason: zonemesh_ca::RevocationReason::KeyCompromise,
+                }],
+                2,
+                now,
+                Duration::from_secs(3600),
+            )
+            .unwrap();
+        view.apply(&pb::MeshUpdate {
+            version: 2,
+            kind: Some(pb::mesh_update::Kind::Delta(pb::Delta {
+                crl_der: crl,
+                ..Default::default()
+            })),
+        });
+        assert!(view.verified_members(&trust, now).0.is_empty());
+        // The view survives its own persistence format.
+        let mut again = MeshView::default();
+        again.apply(&view.to_update());
+        assert_eq!(again, view);
+    }
 }

@@ -505,5 +505,5 @@ pub async fn query_status(state: &StateDir) -> Result<AgentStatus> {
     let mut buf = Vec::new();
     conn.read_to_end(&mut buf).await?;
     let v: serde_json::Value = serde_json::from_slice(&buf).context("bad status reply")?;
-    Ok(serde_json::from_value(v).context("bad status reply")?)
+    serde_json::from_value(v).context("bad status reply")
 }

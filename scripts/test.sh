@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# zonemesh: every test, from a fresh Debian machine. Run as root (namespace, TUN and
+# interop tests need it; without root they are skipped with a printed reason).
+#
+#   sudo scripts/test.sh          build once, all tests, clippy, smoke benchmarks
+#   FULL_BENCH=1 ...              long benchmarks instead of smoke runs
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PKGS=(openssl wireguard-go wireguard-tools iperf3 iproute2 iputils-ping mtr-tiny nftables
+      testssl.sh oathtool argon2 jq bc chromium python3 procps)
+if [ "$(id -u)" = 0 ]; then
+  missing=()
+  for p in "${PKGS[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+  if [ ${#missing[@]} -gt 0 ]; then
+    echo "== installing ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  fi
+else
+  echo "note: not root; system packages are not installed and root-only tests will skip"
+fi
+
+export CARGO_TERM_COLOR=never
+echo "== build (debug, shared by every step)"
+cargo build --workspace --all-targets --locked
+
+echo "== tests"
+# One thread per test binary keeps the namespace and timing tests from fighting over 2 cores.
+log=$(mktemp)
+cargo test --workspace --locked -- --test-threads=2 --nocapture 2>&1 | tee "$log"
+passed=$(grep -E '^test result:' "$log" | sed -E 's/.* ([0-9]+) passed.*/\1/' | paste -sd+ | bc)
+failed=$(grep -E '^test result:' "$log" | sed -E 's/.* ([0-9]+) failed.*/\1/' | paste -sd+ | bc)
+skipped=$(grep -c '^skipped: ' "$log" || true)
+rm -f "$log"
+
+echo "== clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+echo "== benchmarks ($([ "${FULL_BENCH:-0}" = 1 ] && echo full || echo smoke))"
+[ "${FULL_BENCH:-0}" = 1 ] || export SMOKE=1
+cargo build --release --locked -p zonemesh-agent -p zonemesh-controller --bins
+cargo bench --locked -p zonemesh-ca --bench issuance
+if [ "$(id -u)" = 0 ]; then
+  scripts/bench-dataplane.sh
+else
+  echo "skipped: data plane benchmark needs root"
+fi
+for s in scripts/bench-watch.sh; do [ -x "$s" ] && "$s"; done
+echo "zonemesh tests: ${passed} passed, ${failed} failed (${skipped} of them skipped their body with a printed reason)"
