@@ -73,6 +73,11 @@ pub enum AdminRequest {
     UserDisable {
         email: String,
     },
+    BlockAdd {
+        address: String,
+        secs: u64,
+        reason: String,
+    },
     Audit {
         limit: Option<usize>,
     },
@@ -100,6 +105,7 @@ impl AdminRequest {
                 | Self::TokenCreate { .. }
                 | Self::NodeList
                 | Self::NodeRevoke { .. }
+                | Self::BlockAdd { .. }
         )
     }
 }
@@ -343,6 +349,23 @@ impl AdminHandler {
                 )
                 .map_err(|e| ControllerError::BadRequest(e.to_string()))?;
                 json!({ "human": auth_cli::render_user_added(&added, false), "json": auth_cli::render_user_added(&added, true) })
+            }
+            AdminRequest::BlockAdd {
+                address,
+                secs,
+                reason,
+            } => {
+                let ip: std::net::IpAddr = address.parse().map_err(|_| {
+                    ControllerError::BadRequest(format!("{address:?} is not an IP address"))
+                })?;
+                let until = now + Duration::from_secs(secs.clamp(60, 30 * 86_400));
+                self.mesh()?.block_source(ip, until, &reason)?;
+                self.note(
+                    "source.blocked",
+                    &ip.to_string(),
+                    format!("{reason} (until {})", crate::store::unix(until)),
+                );
+                json!({ "address": ip.to_string(), "until_unix": crate::store::unix(until) })
             }
             AdminRequest::UserList => {
                 let users = self

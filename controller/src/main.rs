@@ -80,6 +80,11 @@ enum Command {
         #[command(subcommand)]
         command: UserCommand,
     },
+    /// Block a source address on every agent (sign-in brute force does this by itself).
+    Block {
+        #[command(subcommand)]
+        command: BlockCommand,
+    },
     /// The append-only audit log of security decisions.
     Audit {
         #[arg(long)]
@@ -87,6 +92,18 @@ enum Command {
         /// Only the newest N entries.
         #[arg(long)]
         limit: Option<usize>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum BlockCommand {
+    /// Put an address on the blocklist pushed to every agent.
+    Add {
+        address: String,
+        #[arg(long = "for", default_value = "1h")]
+        duration: humantime::Duration,
+        #[arg(long, default_value = "blocked by an administrator")]
+        reason: String,
     },
 }
 
@@ -399,6 +416,31 @@ async fn dispatch(cli: Cli) -> Result<()> {
                 "user {} disabled ({} session(s) ended)",
                 s(&v["email"]),
                 v["sessions_ended"]
+            );
+            Ok(())
+        }
+        Command::Block {
+            command:
+                BlockCommand::Add {
+                    address,
+                    duration,
+                    reason,
+                },
+        } => {
+            let v = request(
+                &cli.data_dir,
+                &kek,
+                AdminRequest::BlockAdd {
+                    address,
+                    secs: duration.as_secs(),
+                    reason,
+                },
+            )
+            .await?;
+            println!(
+                "{} blocked on every agent until {}",
+                s(&v["address"]),
+                fmt_unix(v["until_unix"].as_u64().unwrap_or(0))
             );
             Ok(())
         }

@@ -207,6 +207,46 @@ fn three_zones_mesh_revocation_outage_and_recovery() -> Result<()> {
         "revoked node still reachable"
     );
 
+    // A blocked source is dropped by every agent's host firewall within a second or two.
+    let c2_underlay = "198.18.100.32";
+    let ping_underlay = |from: &str, to: &str| -> Result<bool> {
+        Ok(lab
+            .cmd(&["x", from, "ping", "-c", "1", "-W", "1", to])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()?
+            .success())
+    };
+    assert!(
+        ping_underlay("c2", "198.18.100.11")?,
+        "underlay ping before the block"
+    );
+    lab.controller(&[
+        "block",
+        "add",
+        c2_underlay,
+        "--for",
+        "10m",
+        "--reason",
+        "test",
+    ])?;
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while ping_underlay("c2", "198.18.100.11")? || ping_underlay("c2", "198.18.100.21")? {
+        if Instant::now() > deadline {
+            bail!("blocked source still reaches agents\n{}", lab.logs("a1"));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        lab.status("b1")?["blocked_sources"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|v| v == c2_underlay))
+    );
+    assert!(
+        ping_underlay("c1", "198.18.100.11")?,
+        "other sources are not blocked"
+    );
+
     // Controller down: tunnels keep working; an agent restarted during the outage restores
     // its tunnels from its saved mesh.
     lab.run(&["ctl-stop"])?;

@@ -88,6 +88,7 @@ struct Agent {
     dp: DataPlane,
     view: Mutex<MeshView>,
     routes: Mutex<BTreeSet<String>>,
+    blocklist_applied: Mutex<String>,
     reported: Mutex<HashSet<Rejection>>,
     connected: std::sync::atomic::AtomicBool,
     events: mpsc::Sender<pb::SecurityEvent>,
@@ -132,6 +133,49 @@ impl Agent {
         }
         self.dp.apply(changes);
         self.sync_routes(&view);
+        self.sync_blocklist(&view);
+    }
+
+    /// Enforce the controller's blocklist: drop every packet from a blocked source in this
+    /// host's nftables (table `inet zonemesh`, set elements expire by themselves).
+    fn sync_blocklist(&self, view: &MeshView) {
+        let now = unix(SystemTime::now());
+        let mut v4 = Vec::new();
+        let mut v6 = Vec::new();
+        for b in view.blocklist.values().filter(|b| b.until_unix > now) {
+            match b.address.parse::<IpAddr>() {
+                Ok(IpAddr::V4(ip)) => v4.push(format!("{ip} timeout {}s", b.until_unix - now)),
+                Ok(IpAddr::V6(ip)) => v6.push(format!("{ip} timeout {}s", b.until_unix - now)),
+                Err(_) => {}
+            }
+        }
+        let wanted = format!("{v4:?}{v6:?}");
+        let mut last = self.blocklist_applied.lock();
+        if *last == wanted || (last.is_empty() && v4.is_empty() && v6.is_empty()) {
+            return;
+        }
+        let mut script = String::from(
+            "table inet zonemesh {}\nflush table inet zonemesh\ntable inet zonemesh {\n\
+             set blocked4 { type ipv4_addr; flags timeout; }\n\
+             set blocked6 { type ipv6_addr; flags timeout; }\n\
+             chain input { type filter hook input priority -10; policy accept; ip saddr @blocked4 drop; ip6 saddr @blocked6 drop; }\n}\n",
+        );
+        if !v4.is_empty() {
+            script.push_str(&format!(
+                "add element inet zonemesh blocked4 {{ {} }}\n",
+                v4.join(", ")
+            ));
+        }
+        if !v6.is_empty() {
+            script.push_str(&format!(
+                "add element inet zonemesh blocked6 {{ {} }}\n",
+                v6.join(", ")
+            ));
+        }
+        if nft(&script) {
+            tracing::info!(sources = v4.len() + v6.len(), "blocklist applied");
+            *last = wanted;
+        }
     }
 
     fn sync_routes(&self, view: &MeshView) {
@@ -193,6 +237,33 @@ impl Agent {
     }
 }
 
+fn nft(script: &str) -> bool {
+    use std::io::Write;
+    let child = std::process::Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn();
+    let Ok(mut child) = child else {
+        tracing::warn!("nft not available: the blocklist cannot be enforced on this host");
+        return false;
+    };
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = stdin.write_all(script.as_bytes());
+    }
+    match child.wait_with_output() {
+        Ok(o) if o.status.success() => true,
+        Ok(o) => {
+            tracing::warn!(error = %String::from_utf8_lossy(&o.stderr).trim(), "nft refused the blocklist");
+            false
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "nft failed");
+            false
+        }
+    }
+}
+
 fn ip_route(op: &str, cidr: &str, dev: &str) -> bool {
     match std::process::Command::new("ip")
         .args(["route", op, cidr, "dev", dev])
@@ -245,6 +316,7 @@ pub async fn run(opts: RunOptions, shutdown: CancellationToken) -> Result<()> {
         trust,
         dp,
         routes: Mutex::new(BTreeSet::new()),
+        blocklist_applied: Mutex::new(String::new()),
         reported: Mutex::new(HashSet::new()),
         connected: false.into(),
         events: ev_tx,
@@ -289,6 +361,9 @@ pub async fn run(opts: RunOptions, shutdown: CancellationToken) -> Result<()> {
     let routes: Vec<String> = agent.routes.lock().iter().cloned().collect();
     for r in routes {
         ip_route("del", &r, &agent.opts.interface);
+    }
+    if !agent.blocklist_applied.lock().is_empty() {
+        nft("delete table inet zonemesh\n");
     }
     let _ = std::fs::remove_file(agent.opts.state.status_socket());
     match Arc::try_unwrap(agent) {
