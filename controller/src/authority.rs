@@ -207,9 +207,7 @@ impl Authority {
         let cert = self
             .ca
             .sign_tls_csr(&self.tls_policy, csr, names, lifetime, now)?;
-        self.record(&cert, CertKind::Tls, format!("{names:?}"), now)?;
-        self.store.flush()?;
-        Ok(cert)
+        self.record_tls(cert, names, now)
     }
 
     /// Issue a TLS certificate for a key the caller holds and record it durably.
@@ -223,6 +221,15 @@ impl Authority {
         let cert = self
             .ca
             .issue_tls(&self.tls_policy, key, names, lifetime, now)?;
+        self.record_tls(cert, names, now)
+    }
+
+    fn record_tls(
+        &self,
+        cert: IssuedCert,
+        names: &TlsNames,
+        now: SystemTime,
+    ) -> Result<IssuedCert> {
         self.record(&cert, CertKind::Tls, format!("{names:?}"), now)?;
         self.store.flush()?;
         Ok(cert)
