@@ -134,7 +134,10 @@ pub async fn serve(
         }
     });
     let incoming = tokio_stream::wrappers::ReceiverStream::new(rx).map_ok();
-    let svc = GrpcService { mesh };
+    let svc = GrpcService {
+        mesh,
+        shutdown: shutdown.clone(),
+    };
     let result = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
@@ -182,6 +185,8 @@ fn peer_identity(
 #[derive(Clone)]
 struct GrpcService {
     mesh: Arc<Mesh>,
+    /// Ends open Watch streams, which would otherwise hold graceful shutdown up forever.
+    shutdown: CancellationToken,
 }
 
 fn conn<T>(req: &Request<T>) -> Result<PeerConn, Status> {
@@ -230,6 +235,7 @@ struct WatchState {
     last: u64,
     rx: broadcast::Receiver<Arc<pb::MeshUpdate>>,
     cancel: CancellationToken,
+    shutdown: CancellationToken,
     node: String,
 }
 
@@ -311,6 +317,7 @@ impl MeshRpc for GrpcService {
             last: sub.last_version,
             rx: sub.rx,
             cancel: sub.cancel,
+            shutdown: self.shutdown.clone(),
             node: node_key,
         };
         let stream = futures::stream::unfold(state, |mut st| async move {
@@ -319,11 +326,16 @@ impl MeshRpc for GrpcService {
                     tracing::info!(node = %st.node, "watch ended: node revoked");
                     return None;
                 }
+                if st.shutdown.is_cancelled() {
+                    tracing::debug!(node = %st.node, "watch ended: controller shutting down");
+                    return None;
+                }
                 if let Some(u) = st.pending.pop_front() {
                     return Some((Ok(u.as_ref().clone()), st));
                 }
                 let next = tokio::select! {
                     _ = st.cancel.cancelled() => continue,
+                    _ = st.shutdown.cancelled() => continue,
                     r = st.rx.recv() => r,
                 };
                 match next {
