@@ -134,21 +134,16 @@ pub async fn serve(
         }
     });
     let incoming = tokio_stream::wrappers::ReceiverStream::new(rx).map_ok();
-    // Watch streams never end by themselves: end them so the graceful stop can finish.
-    let closing = {
-        let (mesh, stop) = (mesh.clone(), shutdown.clone());
-        async move {
-            stop.cancelled().await;
-            mesh.close_streams();
-        }
+    let svc = GrpcService {
+        mesh,
+        shutdown: shutdown.clone(),
     };
-    let svc = GrpcService { mesh };
     let result = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .add_service(EnrollmentServer::new(svc.clone()).max_decoding_message_size(MAX_MESSAGE))
         .add_service(MeshServer::new(svc).max_decoding_message_size(MAX_MESSAGE))
-        .serve_with_incoming_shutdown(incoming, closing)
+        .serve_with_incoming_shutdown(incoming, shutdown.cancelled())
         .await;
     let _ = accept.await;
     tracker.close();
@@ -192,6 +187,8 @@ fn peer_identity(
 #[derive(Clone)]
 struct GrpcService {
     mesh: Arc<Mesh>,
+    /// Ends open Watch streams, which would otherwise hold graceful shutdown up forever.
+    shutdown: CancellationToken,
 }
 
 fn conn<T>(req: &Request<T>) -> Result<PeerConn, Status> {
@@ -240,6 +237,7 @@ struct WatchState {
     last: u64,
     rx: broadcast::Receiver<Arc<pb::MeshUpdate>>,
     cancel: CancellationToken,
+    shutdown: CancellationToken,
     node: String,
 }
 
@@ -321,6 +319,7 @@ impl MeshRpc for GrpcService {
             last: sub.last_version,
             rx: sub.rx,
             cancel: sub.cancel,
+            shutdown: self.shutdown.clone(),
             node: node_key,
         };
         let stream = futures::stream::unfold(state, |mut st| async move {
@@ -329,11 +328,16 @@ impl MeshRpc for GrpcService {
                     tracing::info!(node = %st.node, "watch ended: node revoked");
                     return None;
                 }
+                if st.shutdown.is_cancelled() {
+                    tracing::debug!(node = %st.node, "watch ended: controller shutting down");
+                    return None;
+                }
                 if let Some(u) = st.pending.pop_front() {
                     return Some((Ok(u.as_ref().clone()), st));
                 }
                 let next = tokio::select! {
                     _ = st.cancel.cancelled() => continue,
+                    _ = st.shutdown.cancelled() => continue,
                     r = st.rx.recv() => r,
                 };
                 match next {

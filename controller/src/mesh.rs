@@ -895,15 +895,6 @@ impl Mesh {
         Ok(node)
     }
 
-    /// End every open Watch stream (shutdown): agents reconnect to the next controller.
-    pub fn close_streams(&self) {
-        for (_, list) in self.streams.lock().drain() {
-            for s in list {
-                s.cancel();
-            }
-        }
-    }
-
     /// Push a freshly signed CRL to every watcher (after `ca revoke` of a non-node serial,
     /// or the periodic refresh).
     pub fn publish_crl(&self) -> Result<u64> {

@@ -102,3 +102,5 @@ pub fn is_root() -> bool {
         .map(|o| o.stdout.starts_with(b"0"))
         .unwrap_or(false)
 }
+
+pub mod cluster;

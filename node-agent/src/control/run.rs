@@ -390,7 +390,8 @@ async fn wait_for_signal() {
 async fn watch_once(agent: &Agent, shutdown: &CancellationToken) -> Result<()> {
     let tls = client::mtls_config(&agent.opts.state)?;
     let channel = client::connect(&agent.id.controller, tls).await?;
-    let mut rpc = pb::mesh_client::MeshClient::new(channel);
+    let mut rpc =
+        pb::mesh_client::MeshClient::new(channel).max_decoding_message_size(256 * 1024 * 1024);
     let resume = agent.view.lock().version;
     let mut stream = rpc
         .watch(pb::WatchRequest {
