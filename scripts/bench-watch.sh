@@ -5,7 +5,7 @@
 #   FLEETS=100,1000,3000 CHANGES=30 scripts/bench-watch.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --release -p zonemesh-controller
+[ -n "${ZONEMESH_CONTROLLER_BIN:-}" ] || cargo build --release -p zonemesh-controller
 # The client side runs in the dev profile (dependencies are opt-level 3 there); only the
 # controller under test needs to be a release build.
 cargo build -p zonemesh-tests --bench watch_fanout
