@@ -547,11 +547,11 @@ impl Mesh {
                 "node {nkey} is already enrolled"
             )));
         }
-        if self
-            .store
-            .nodes()?
-            .iter()
-            .any(|n| !n.revoked && n.wg_public_key == wg.0)
+        if let Some(owner) = self.store.wgkeys.get(wg.0).map_err(store_err)?
+            && self
+                .store
+                .node(&String::from_utf8_lossy(&owner))?
+                .is_some_and(|n| !n.revoked)
         {
             return Err(ControllerError::AlreadyExists(
                 "this WireGuard key belongs to another node".into(),
@@ -617,6 +617,10 @@ impl Mesh {
             revoked: false,
         };
         self.store.put_node(&node)?;
+        self.store
+            .wgkeys
+            .insert(node.wg_public_key, node.key().as_bytes())
+            .map_err(store_err)?;
         let peer = self.peer_of(&node);
         drop(_guard);
         // commit() flushes the token use, serial, allocation and node together.
@@ -878,6 +882,10 @@ impl Mesh {
         self.auth.revoke(&node.serial_hex, reason, now)?;
         node.revoked = true;
         self.store.put_node(&node)?;
+        self.store
+            .wgkeys
+            .remove(node.wg_public_key)
+            .map_err(store_err)?;
         self.commit(pb::Delta {
             removed: vec![pb::PeerRef {
                 zone: node.zone.clone(),

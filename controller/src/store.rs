@@ -117,6 +117,8 @@ pub struct Store {
     pub tokens: sled::Tree,
     pub changes: sled::Tree,
     pub blocks: sled::Tree,
+    /// WireGuard public key → `zone/node`, so enrollment checks key reuse without a scan.
+    pub wgkeys: sled::Tree,
 }
 
 impl std::fmt::Debug for Store {
@@ -173,6 +175,7 @@ impl Store {
             tokens: db.open_tree("tokens")?,
             changes: db.open_tree("changes")?,
             blocks: db.open_tree("blocks")?,
+            wgkeys: db.open_tree("wgkeys")?,
             db,
         })
     }

@@ -208,4 +208,25 @@ fn expired_token_is_refused_and_issues_nothing() {
     mesh.enroll(&req, src, now + Duration::from_secs(60))
         .unwrap();
     assert_eq!(store.nodes().unwrap().len(), 1);
+
+    // A second node may not claim the first node's WireGuard key while it is active, and may
+    // once the first node is revoked.
+    let token2 = mesh
+        .create_token("eu", Duration::from_secs(3600), 2, now)
+        .unwrap();
+    let copycat = zonemesh_proto::EnrollRequest {
+        token: token2.token.clone(),
+        csr_der: zonemesh_agent::control::enroll::csr_for(&key, "copycat").unwrap(),
+        node_name: "copycat".into(),
+        ..req.clone()
+    };
+    let err = mesh.enroll(&copycat, src, now).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("WireGuard key belongs to another node"),
+        "{err}"
+    );
+    mesh.revoke_node("eu/late", zonemesh_ca::RevocationReason::Superseded, now)
+        .unwrap();
+    mesh.enroll(&copycat, src, now).unwrap();
 }
