@@ -73,6 +73,7 @@ pub enum AdminRequest {
     UserDisable {
         email: String,
     },
+    Health,
     BlockAdd {
         address: String,
         secs: u64,
@@ -106,6 +107,7 @@ impl AdminRequest {
                 | Self::NodeList
                 | Self::NodeRevoke { .. }
                 | Self::BlockAdd { .. }
+                | Self::Health
         )
     }
 }
@@ -349,6 +351,19 @@ impl AdminHandler {
                 )
                 .map_err(|e| ControllerError::BadRequest(e.to_string()))?;
                 json!({ "human": auth_cli::render_user_added(&added, false), "json": auth_cli::render_user_added(&added, true) })
+            }
+            AdminRequest::Health => {
+                let mut rows: Vec<Value> = Vec::new();
+                for (node, peers) in self.mesh()?.health() {
+                    for p in peers {
+                        rows.push(json!({ "node": node, "peer": p.peer, "loss": p.loss, "rtt_micros": p.rtt_micros, "reported_unix": p.reported_unix }));
+                    }
+                }
+                rows.sort_by(|a, b| {
+                    (a["node"].as_str(), a["peer"].as_str())
+                        .cmp(&(b["node"].as_str(), b["peer"].as_str()))
+                });
+                json!(rows)
             }
             AdminRequest::BlockAdd {
                 address,

@@ -80,6 +80,11 @@ enum Command {
         #[command(subcommand)]
         command: UserCommand,
     },
+    /// End-to-end loss and latency between nodes, as the agents measure it.
+    Health {
+        #[arg(long)]
+        json: bool,
+    },
     /// Block a source address on every agent (sign-in brute force does this by itself).
     Block {
         #[command(subcommand)]
@@ -442,6 +447,24 @@ async fn dispatch(cli: Cli) -> Result<()> {
                 s(&v["address"]),
                 fmt_unix(v["until_unix"].as_u64().unwrap_or(0))
             );
+            Ok(())
+        }
+        Command::Health { json } => {
+            let v = request(&cli.data_dir, &kek, AdminRequest::Health).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!("{:<24} {:<24} {:>6} {:>10}", "FROM", "TO", "LOSS", "RTT");
+                for r in v.as_array().into_iter().flatten() {
+                    println!(
+                        "{:<24} {:<24} {:>5.0}% {:>8.2}ms",
+                        s(&r["node"]),
+                        s(&r["peer"]),
+                        r["loss"].as_f64().unwrap_or(0.0) * 100.0,
+                        r["rtt_micros"].as_f64().unwrap_or(0.0) / 1000.0
+                    );
+                }
+            }
             Ok(())
         }
         Command::Audit { json, limit } => {

@@ -187,6 +187,36 @@ fn three_zones_mesh_revocation_outage_and_recovery() -> Result<()> {
         "same-zone traffic must not cross the mesh"
     );
 
+    // End-to-end loss and latency are measured through the tunnels and reach the controller.
+    let deadline = Instant::now() + Duration::from_secs(25);
+    loop {
+        let st = lab.status("a1")?;
+        let measured = st["peers"].as_array().into_iter().flatten().all(|p| {
+            p["loss"].as_f64() == Some(0.0) && p["rtt_micros"].as_u64().is_some_and(|r| r > 0)
+        });
+        let matrix: serde_json::Value =
+            serde_json::from_str(&lab.controller(&["health", "--json"])?)?;
+        let reported = matrix
+            .as_array()
+            .is_some_and(|rows| rows.iter().filter(|r| r["node"] == "zone-a/a1").count() == 4);
+        if measured && reported {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("no loss/latency figures: status {st}\nmatrix {matrix}");
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+
+    // ICMP diagnostics work across zones: mtr reaches the far node with no loss.
+    let ip = lab.overlay("c1")?;
+    let report = lab.run(&["x", "a1", "mtr", "-n", "-r", "-c", "3", &ip])?;
+    let last = report.lines().last().unwrap_or_default().to_string();
+    assert!(
+        last.contains(&ip) && last.contains(" 0.0%"),
+        "mtr report:\n{report}"
+    );
+
     // Revoking c2 cuts it off from everyone within about a second.
     let started = Instant::now();
     lab.controller(&["node", "revoke", "zone-c/c2"])?;

@@ -161,12 +161,12 @@ pub fn run_status(a: StateArgs) -> Result<ExitCode> {
         st.mesh_version
     );
     println!(
-        "{:<24} {:<10} {:<22} {:<16} {:>12} {:>12}",
-        "PEER", "ZONE", "ENDPOINT", "HANDSHAKE", "RX BYTES", "TX BYTES"
+        "{:<24} {:<10} {:<22} {:<12} {:>12} {:>12} {:>6} {:>9}",
+        "PEER", "ZONE", "ENDPOINT", "HANDSHAKE", "RX BYTES", "TX BYTES", "LOSS", "RTT"
     );
     for p in &st.peers {
         println!(
-            "{:<24} {:<10} {:<22} {:<16} {:>12} {:>12}",
+            "{:<24} {:<10} {:<22} {:<12} {:>12} {:>12} {:>6} {:>9}",
             p.name,
             p.zone,
             p.endpoint
@@ -176,7 +176,13 @@ pub fn run_status(a: StateArgs) -> Result<ExitCode> {
                 .map(ago)
                 .unwrap_or_else(|| "never".into()),
             p.rx_bytes,
-            p.tx_bytes
+            p.tx_bytes,
+            p.loss
+                .map(|l| format!("{:.0}%", l * 100.0))
+                .unwrap_or_else(|| "-".into()),
+            p.rtt_micros
+                .map(|r| format!("{:.2}ms", f64::from(r) / 1000.0))
+                .unwrap_or_else(|| "-".into()),
         );
     }
     for r in &st.rejected_peers {

@@ -3,6 +3,7 @@
 
 pub mod client;
 pub mod enroll;
+pub mod health;
 pub mod meshview;
 pub mod run;
 pub mod state;

@@ -59,6 +59,12 @@ pub struct PeerStatusRow {
     pub last_handshake_unix: Option<u64>,
     pub rx_bytes: u64,
     pub tx_bytes: u64,
+    /// Share of recent ICMP probes through the tunnel that got no reply.
+    #[serde(default)]
+    pub loss: Option<f32>,
+    /// Round trip of the last probe, microseconds.
+    #[serde(default)]
+    pub rtt_micros: Option<u32>,
 }
 
 fn unix(t: SystemTime) -> u64 {
@@ -76,6 +82,8 @@ impl From<PeerStatus> for PeerStatusRow {
             last_handshake_unix: p.last_handshake.map(unix),
             rx_bytes: p.rx_bytes,
             tx_bytes: p.tx_bytes,
+            loss: None,
+            rtt_micros: None,
         }
     }
 }
@@ -89,6 +97,7 @@ struct Agent {
     view: Mutex<MeshView>,
     routes: Mutex<BTreeSet<String>>,
     blocklist_applied: Mutex<String>,
+    health: super::health::HealthTable,
     reported: Mutex<HashSet<Rejection>>,
     connected: std::sync::atomic::AtomicBool,
     events: mpsc::Sender<pb::SecurityEvent>,
@@ -232,7 +241,27 @@ impl Agent {
                 .map(|r| format!("{}: {}", r.peer, r.reason))
                 .collect(),
             blocked_sources: view.blocklist.keys().cloned().collect(),
-            peers: self.dp.status().into_iter().map(Into::into).collect(),
+            peers: {
+                let ips: std::collections::HashMap<String, IpAddr> = self
+                    .dp
+                    .peers()
+                    .into_iter()
+                    .filter_map(|p| Some((p.name.clone(), p.allowed_ips.first()?.addr())))
+                    .collect();
+                self.dp
+                    .status()
+                    .into_iter()
+                    .map(|p| {
+                        let h = ips.get(&p.name).and_then(|ip| self.health.get(ip));
+                        let mut row = PeerStatusRow::from(p);
+                        if let Some(h) = h.filter(|h| h.probes > 0) {
+                            row.loss = Some(h.loss);
+                            row.rtt_micros = h.rtt_micros;
+                        }
+                        row
+                    })
+                    .collect()
+            },
         }
     }
 }
@@ -317,6 +346,7 @@ pub async fn run(opts: RunOptions, shutdown: CancellationToken) -> Result<()> {
         dp,
         routes: Mutex::new(BTreeSet::new()),
         blocklist_applied: Mutex::new(String::new()),
+        health: super::health::HealthTable::default(),
         reported: Mutex::new(HashSet::new()),
         connected: false.into(),
         events: ev_tx,
@@ -339,6 +369,7 @@ pub async fn run(opts: RunOptions, shutdown: CancellationToken) -> Result<()> {
     ));
     tasks.spawn(renew_loop(agent.clone(), shutdown.clone()));
     tasks.spawn(status_server(agent.clone(), shutdown.clone()));
+    tasks.spawn(health_loop(agent.clone(), shutdown.clone()));
     {
         let stop = shutdown.clone();
         let a = agent.clone();
@@ -510,6 +541,62 @@ fn to_pb(e: SecurityEvent) -> pb::SecurityEvent {
         source,
         detail,
         at_unix: unix(SystemTime::now()),
+    }
+}
+
+/// Probe every peer through its tunnel every 2 s; report the matrix row every 10 s.
+async fn health_loop(agent: Arc<Agent>, shutdown: CancellationToken) {
+    let pinger = match super::health::Pinger::new() {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!(error = %e, "ICMP probes unavailable; no loss/latency figures");
+            return;
+        }
+    };
+    let mut probe = tokio::time::interval(Duration::from_secs(2));
+    let mut report = tokio::time::interval(Duration::from_secs(10));
+    let mut seq: u16 = 0;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = pinger.recv() => {
+                if let Ok((ip, s)) = r {
+                    agent.health.received(ip, s, std::time::Instant::now());
+                }
+            }
+            _ = probe.tick() => {
+                seq = seq.wrapping_add(1);
+                let peers = agent.dp.peers();
+                let ips: Vec<IpAddr> = peers.iter().filter_map(|p| p.allowed_ips.first().map(|n| n.addr())).collect();
+                agent.health.retain(&ips);
+                for ip in ips {
+                    if let IpAddr::V4(v4) = ip {
+                        agent.health.sent(ip, seq, std::time::Instant::now());
+                        let _ = pinger.send(v4, seq).await;
+                    }
+                }
+            }
+            _ = report.tick() => {
+                let rows: Vec<pb::PeerHealth> = agent
+                    .status()
+                    .peers
+                    .into_iter()
+                    .filter_map(|p| Some(pb::PeerHealth { peer: p.name, loss: p.loss?, rtt_micros: p.rtt_micros.unwrap_or(0) }))
+                    .collect();
+                if rows.is_empty() || !agent.connected.load(std::sync::atomic::Ordering::Relaxed) {
+                    continue;
+                }
+                let a = agent.clone();
+                let send = async move {
+                    let channel = client::connect(&a.id.controller, client::mtls_config(&a.opts.state)?).await?;
+                    pb::mesh_client::MeshClient::new(channel).report_health(pb::HealthReport { peers: rows }).await?;
+                    anyhow::Ok(())
+                };
+                if let Err(e) = tokio::time::timeout(Duration::from_secs(5), send).await.unwrap_or_else(|_| Err(anyhow::anyhow!("timeout"))) {
+                    tracing::debug!(error = %e, "health report not delivered");
+                }
+            }
+        }
     }
 }
 
