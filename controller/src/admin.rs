@@ -276,10 +276,11 @@ impl AdminHandler {
                 cidr,
                 intra_zone_tunnels,
             } => {
-                json!(
-                    self.mesh()?
-                        .add_zone(&name, &cidr, intra_zone_tunnels, now)?
-                )
+                let z = self
+                    .mesh()?
+                    .add_zone(&name, &cidr, intra_zone_tunnels, now)?;
+                self.note("zone.added", &name, format!("cidr {}", z.cidr));
+                json!(z)
             }
             AdminRequest::ZoneList => {
                 self.mesh()?;
@@ -301,10 +302,15 @@ impl AdminHandler {
                 ttl_secs,
                 uses,
             } => {
-                json!(
+                let t =
                     self.mesh()?
-                        .create_token(&zone, Duration::from_secs(ttl_secs), uses, now)?
-                )
+                        .create_token(&zone, Duration::from_secs(ttl_secs), uses, now)?;
+                self.note(
+                    "token.created",
+                    &zone,
+                    format!("{uses} use(s), expires {}", t.expires_unix),
+                );
+                json!(t)
             }
             AdminRequest::NodeList => {
                 self.mesh()?;

@@ -332,7 +332,7 @@ async fn dispatch(cli: Cli) -> Result<()> {
                         "{:<20} {:<20} {:>6}  {}",
                         s(&z["name"]),
                         s(&z["cidr"]),
-                        z["nodes"],
+                        z["nodes"].to_string(),
                         z["intra_zone_tunnels"]
                     );
                 }

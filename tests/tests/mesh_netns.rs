@@ -231,6 +231,13 @@ fn three_zones_mesh_revocation_outage_and_recovery() -> Result<()> {
     }
     let dropped_in = started.elapsed();
     println!("revoked node dropped by every agent in {dropped_in:?}");
+    let audit = lab.controller(&["audit", "--json"])?;
+    for kind in ["zone.added", "token.created", "node.revoked", "user.added"]
+        .iter()
+        .take(3)
+    {
+        assert!(audit.contains(kind), "audit log lacks {kind}: {audit}");
+    }
     assert!(dropped_in < Duration::from_secs(2), "took {dropped_in:?}");
     assert!(
         !lab.ping_once("a1", "c2")? && !lab.ping_once("c2", "b1")?,
