@@ -232,10 +232,7 @@ fn three_zones_mesh_revocation_outage_and_recovery() -> Result<()> {
     let dropped_in = started.elapsed();
     println!("revoked node dropped by every agent in {dropped_in:?}");
     let audit = lab.controller(&["audit", "--json"])?;
-    for kind in ["zone.added", "token.created", "node.revoked", "user.added"]
-        .iter()
-        .take(3)
-    {
+    for kind in ["zone.added", "token.created", "node.revoked"] {
         assert!(audit.contains(kind), "audit log lacks {kind}: {audit}");
     }
     assert!(dropped_in < Duration::from_secs(2), "took {dropped_in:?}");
