@@ -35,6 +35,17 @@ fn all_bytes(dir: &Path) -> Vec<u8> {
     out
 }
 
+/// `ca sign-csr` for node `node` in zone eu-1.
+fn sign_csr(dir: &Path, csr: &str, node: &str, wg: &str, out: &str) -> Command {
+    ctl(
+        dir,
+        &[
+            "ca", "sign-csr", "--csr", csr, "--zone", "eu-1", "--node", node, "--wg-key", wg,
+            "--out", out,
+        ],
+    )
+}
+
 /// One line on stderr, non-zero exit.
 fn refused(c: &mut Command, expect: &str) {
     let out = run(c).unwrap();
@@ -110,22 +121,12 @@ fn init_ca_commands_and_bad_input() -> Result<()> {
     let csr = write(tmp.path(), "n.csr", csr_pem(&rsa4096(5)));
     let wg = "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=";
     let node = tmp.path().join("node.pem");
-    let out = run_ok(&mut ctl(
+    let out = run_ok(&mut sign_csr(
         &dir,
-        &[
-            "ca",
-            "sign-csr",
-            "--csr",
-            csr.to_str().unwrap(),
-            "--zone",
-            "eu-1",
-            "--node",
-            "web-1",
-            "--wg-key",
-            wg,
-            "--out",
-            node.to_str().unwrap(),
-        ],
+        csr.to_str().unwrap(),
+        "web-1",
+        wg,
+        node.to_str().unwrap(),
     ))?;
     let serial = out.split_whitespace().nth(2).unwrap().to_string();
     let v = run_ok(&mut openssl(&[
@@ -213,84 +214,20 @@ fn init_ca_commands_and_bad_input() -> Result<()> {
         "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n",
     );
     refused(
-        &mut ctl(
-            &dir,
-            &[
-                "ca",
-                "sign-csr",
-                "--csr",
-                garbage.to_str().unwrap(),
-                "--zone",
-                "eu-1",
-                "--node",
-                "x",
-                "--wg-key",
-                wg,
-                "--out",
-                o,
-            ],
-        ),
+        &mut sign_csr(&dir, garbage.to_str().unwrap(), "x", wg, o),
         "CSR",
     );
     let weak = write(tmp.path(), "weak.csr", csr_pem(&rsa2048(2)));
     refused(
-        &mut ctl(
-            &dir,
-            &[
-                "ca",
-                "sign-csr",
-                "--csr",
-                weak.to_str().unwrap(),
-                "--zone",
-                "eu-1",
-                "--node",
-                "x",
-                "--wg-key",
-                wg,
-                "--out",
-                o,
-            ],
-        ),
+        &mut sign_csr(&dir, weak.to_str().unwrap(), "x", wg, o),
         "RSA-2048 key refused",
     );
     refused(
-        &mut ctl(
-            &dir,
-            &[
-                "ca",
-                "sign-csr",
-                "--csr",
-                csr.to_str().unwrap(),
-                "--zone",
-                "eu-1",
-                "--node",
-                "x",
-                "--wg-key",
-                "short",
-                "--out",
-                o,
-            ],
-        ),
+        &mut sign_csr(&dir, csr.to_str().unwrap(), "x", "short", o),
         "WireGuard",
     );
     refused(
-        &mut ctl(
-            &dir,
-            &[
-                "ca",
-                "sign-csr",
-                "--csr",
-                "/nonexistent.csr",
-                "--zone",
-                "eu-1",
-                "--node",
-                "x",
-                "--wg-key",
-                wg,
-                "--out",
-                o,
-            ],
-        ),
+        &mut sign_csr(&dir, "/nonexistent.csr", "x", wg, o),
         "reading",
     );
     assert!(!out_bad.exists());
