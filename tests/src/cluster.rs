@@ -36,6 +36,28 @@ pub struct Controller {
 }
 
 impl Controller {
+    /// `openssl ocsp` against the controller's responder for a node's stored certificate;
+    /// the response must verify. Returns everything openssl printed.
+    pub fn ocsp_status(&self, state: &Path) -> String {
+        let out = crate::openssl(&["ocsp", "-issuer"])
+            .arg(state.join("chain.pem"))
+            .arg("-cert")
+            .arg(state.join("node.crt"))
+            .args(["-url", &format!("http://{}/ocsp", self.pki)])
+            .arg("-CAfile")
+            .arg(state.join("ca.crt"))
+            .output()
+            .expect("running openssl ocsp");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "openssl ocsp failed: {text}");
+        assert!(text.contains("Response verify OK"), "{text}");
+        text
+    }
+
     /// `init` a new CA in `dir/ctl` (not started yet).
     pub fn init(dir: &Path) -> Result<Self> {
         Self::init_with(dir, bin("zonemesh-controller"))

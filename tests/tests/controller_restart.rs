@@ -10,7 +10,7 @@ use zonemesh_tests::cluster::{
     Controller, NodeCreds, cert_serial, crl_serials, enroll_rpc, enrollment_channel, mesh_channel,
     next_update, wg_key,
 };
-use zonemesh_tests::{openssl, rsa4096};
+use zonemesh_tests::rsa4096;
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -140,19 +140,6 @@ fn too_old_version_gets_a_snapshot() {
     assert_eq!(old.initial[0].version, mesh.version());
 }
 
-fn ocsp_says(ctl: &Controller, state: &Path) -> String {
-    let out = openssl(&["ocsp", "-issuer"])
-        .arg(state.join("chain.pem"))
-        .arg("-cert")
-        .arg(state.join("node.crt"))
-        .args(["-url", &format!("http://{}/ocsp", ctl.pki)])
-        .arg("-CAfile")
-        .arg(state.join("ca.crt"))
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_loses_nothing_acknowledged() {
     let tmp = TempDir::new().unwrap();
@@ -220,8 +207,8 @@ async fn kill_9_loses_nothing_acknowledged() {
             .any(|s| norm(s) == norm(&b_serial)),
         "CRL after kill -9 lacks the revoked serial"
     );
-    assert!(ocsp_says(&ctl, &dirs[1]).contains(": revoked"));
-    assert!(ocsp_says(&ctl, &dirs[0]).contains(": good"));
+    assert!(ctl.ocsp_status(&dirs[1]).contains(": revoked"));
+    assert!(ctl.ocsp_status(&dirs[0]).contains(": good"));
     let b = NodeCreds::from_state_dir(&dirs[1]).unwrap();
     let refused = async {
         let mut s = pb::mesh_client::MeshClient::new(mesh_channel(&ctl.grpc_addr(), &b).await?)

@@ -13,26 +13,6 @@ use zonemesh_tests::openssl;
 
 const WAIT: Duration = Duration::from_secs(10);
 
-fn ocsp_status(ctl: &Controller, state: &Path) -> String {
-    let out = openssl(&["ocsp", "-issuer"])
-        .arg(state.join("chain.pem"))
-        .arg("-cert")
-        .arg(state.join("node.crt"))
-        .args(["-url", &format!("http://{}/ocsp", ctl.pki)])
-        .arg("-CAfile")
-        .arg(state.join("ca.crt"))
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "openssl ocsp failed: {text}");
-    assert!(text.contains("Response verify OK"), "{text}");
-    text
-}
-
 /// `openssl s_client` with the node's certificate; returns (exit ok, everything printed).
 fn s_client(ctl: &Controller, state: &Path) -> (bool, String) {
     let child = openssl(&["s_client", "-connect", &ctl.grpc_addr(), "-alpn", "h2"])
@@ -105,7 +85,7 @@ async fn revoked_node_is_cut_off_everywhere() {
         };
         assert_eq!(s.peers.len(), 2);
     }
-    assert!(ocsp_status(&ctl, &bad_dir).contains("node.crt: good"));
+    assert!(ctl.ocsp_status(&bad_dir).contains("node.crt: good"));
     let (ok, text) = s_client(&ctl, &bad_dir);
     assert!(ok, "s_client before revocation: {text}");
     assert!(!text.contains("alert"), "{text}");
@@ -191,9 +171,9 @@ async fn revoked_node_is_cut_off_everywhere() {
     assert_eq!(s.peers.len(), 1);
     assert_eq!(s.peers[0].node, "good");
 
-    let text = ocsp_status(&ctl, &bad_dir);
+    let text = ctl.ocsp_status(&bad_dir);
     assert!(text.contains("node.crt: revoked"), "{text}");
-    assert!(ocsp_status(&ctl, &good_dir).contains("node.crt: good"));
+    assert!(ctl.ocsp_status(&good_dir).contains("node.crt: good"));
     // The published CRL lists it too.
     let crl = fetch(&format!("http://{}/crl", ctl.pki));
     assert!(crl_serials(&crl).unwrap().contains(&bad_serial));
