@@ -206,6 +206,15 @@ impl Agent {
         }
     }
 
+    /// A Mesh client over mutual TLS with the node's current certificate (read afresh, so a
+    /// renewed certificate is used from the next call on). Snapshots of large meshes exceed
+    /// tonic's default 4 MiB message limit, hence the higher one.
+    async fn mesh_client(&self) -> Result<pb::mesh_client::MeshClient<tonic::transport::Channel>> {
+        let channel =
+            client::connect(&self.id.controller, client::mtls_config(&self.opts.state)?).await?;
+        Ok(pb::mesh_client::MeshClient::new(channel).max_decoding_message_size(256 * 1024 * 1024))
+    }
+
     fn save_view(&self) {
         let bytes = prost::Message::encode_to_vec(&self.view.lock().to_update());
         if let Err(e) = write_file(&self.opts.state.mesh_file(), &bytes, 0o600) {
@@ -419,10 +428,7 @@ async fn wait_for_signal() {
 }
 
 async fn watch_once(agent: &Agent, shutdown: &CancellationToken) -> Result<()> {
-    let tls = client::mtls_config(&agent.opts.state)?;
-    let channel = client::connect(&agent.id.controller, tls).await?;
-    let mut rpc =
-        pb::mesh_client::MeshClient::new(channel).max_decoding_message_size(256 * 1024 * 1024);
+    let mut rpc = agent.mesh_client().await?;
     let resume = agent.view.lock().version;
     let mut stream = rpc
         .watch(pb::WatchRequest {
@@ -502,12 +508,9 @@ async fn report_loop(
             batch.push(e);
         }
         let send = async {
-            let channel = client::connect(
-                &agent.id.controller,
-                client::mtls_config(&agent.opts.state)?,
-            )
-            .await?;
-            pb::mesh_client::MeshClient::new(channel)
+            agent
+                .mesh_client()
+                .await?
                 .report_events(pb::SecurityEvents { events: batch })
                 .await?;
             anyhow::Ok(())
@@ -588,8 +591,7 @@ async fn health_loop(agent: Arc<Agent>, shutdown: CancellationToken) {
                 }
                 let a = agent.clone();
                 let send = async move {
-                    let channel = client::connect(&a.id.controller, client::mtls_config(&a.opts.state)?).await?;
-                    pb::mesh_client::MeshClient::new(channel).report_health(pb::HealthReport { peers: rows }).await?;
+                    a.mesh_client().await?.report_health(pb::HealthReport { peers: rows }).await?;
                     anyhow::Ok(())
                 };
                 if let Err(e) = tokio::time::timeout(Duration::from_secs(5), send).await.unwrap_or_else(|_| Err(anyhow::anyhow!("timeout"))) {
