@@ -308,7 +308,19 @@ async fn admin_needs_totp_codes_from_oathtool_and_nothing_secret_is_stored_or_lo
     shutdown.cancel();
     let _ = task.await;
     drop((state, audit, db));
-    let db = sled::open(&dir).unwrap();
+    // sled's background flusher lets go of the file lock a moment after the last handle.
+    let db = {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match sled::open(&dir) {
+                Ok(db) => break db,
+                Err(_) if std::time::Instant::now() < deadline => {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("reopening the store: {e}"),
+            }
+        }
+    };
     let wrong = UserStore::open(&db, &WebConfig::new(Pepper::generate(1))).unwrap();
     for (email, pw) in [(ADMIN, ADMIN_PW), ("owner@example.com", owner_pw)] {
         let r = wrong
