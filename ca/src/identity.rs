@@ -2,10 +2,6 @@ use crate::error::{Error, Result};
 use base64::Engine;
 use std::fmt;
 
-/// OID of the non-critical private extension that binds a node's WireGuard public key
-/// (an OCTET STRING of 32 bytes) into its certificate.
-pub const WG_KEY_BINDING_OID: &[u64] = &[1, 3, 6, 1, 4, 1, 57264, 1, 1];
-
 /// Check a zone, node or trust-domain label: 1–63 of `a-z 0-9 -` (dots too for trust
 /// domains), not starting or ending with `-` or `.`.
 pub fn validate_label(kind: &str, s: &str, allow_dots: bool) -> Result<()> {

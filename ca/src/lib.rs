@@ -4,6 +4,7 @@
 //! and out as bytes, and the current time is always a parameter. The controller owns the
 //! files, the clock and the network; this crate owns the rules.
 
+mod binding;
 mod crl;
 mod error;
 mod identity;
@@ -12,9 +13,10 @@ mod ocsp;
 mod profiles;
 mod verify;
 
+pub use binding::{LEGACY_WG_KEY_BINDING_OID, WG_KEY_BINDING_OID, is_wg_key_binding};
 pub use crl::{RevocationReason, RevokedEntry};
 pub use error::{Error, Result};
-pub use identity::{SpiffeId, WG_KEY_BINDING_OID, WireGuardKey, validate_label};
+pub use identity::{SpiffeId, WireGuardKey, validate_label};
 pub use keys::{Kek, generate_rsa_2048, generate_rsa_4096, open_sealed, seal};
 pub use ocsp::{CertStatus, OcspOutcome};
 pub use profiles::{

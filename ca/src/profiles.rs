@@ -1,8 +1,9 @@
 //! Certificate profiles. Each profile is one function that sets every field explicitly:
 //! nothing is inherited from rcgen's defaults (whose validity runs from 1975 to 4096).
 
+use crate::binding::{BindingSigner, STAND_IN_OID, put_binding_oid};
 use crate::error::{Error, Result};
-use crate::identity::{SpiffeId, WG_KEY_BINDING_OID, WireGuardKey, validate_label};
+use crate::identity::{SpiffeId, WireGuardKey, validate_label};
 use crate::{keys, to_offset};
 use rcgen::{
     BasicConstraints, CertificateParams, CustomExtension, DistinguishedName, DnType,
@@ -124,7 +125,7 @@ fn node_profile(
     p.use_authority_key_identifier_extension = true;
     p.key_identifier_method = KeyIdMethod::Sha256;
     let content = yasna::construct_der(|w| w.write_bytes(&wg.0));
-    let mut ext = CustomExtension::from_oid_content(WG_KEY_BINDING_OID, content);
+    let mut ext = CustomExtension::from_oid_content(STAND_IN_OID, content);
     ext.set_criticality(false);
     p.custom_extensions = vec![ext];
     Ok(p)
@@ -439,8 +440,12 @@ impl Ca {
         let id = SpiffeId::new(&self.trust_domain, req.zone, req.node)?;
         let spki = parse_csr(req.csr_der, 4096)?;
         let params = node_profile(&id, &req.wg_public_key, now, policy.lifetime)?;
-        let cert = params.signed_by(&spki, &self.issuer)?;
-        Ok(Self::finish(cert, &params))
+        let issuer =
+            Issuer::from_ca_cert_der(&self.intermediate_der, BindingSigner(self.issuer.key()))?;
+        let cert = params.signed_by(&spki, &issuer)?;
+        let mut issued = Self::finish(cert, &params);
+        issued.der = put_binding_oid(&issued.der)?;
+        Ok(issued)
     }
 
     /// Sign a short-lived TLS server certificate for an RSA-2048 key given as a CSR.

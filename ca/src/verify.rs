@@ -1,8 +1,9 @@
 //! Verification of a presented node chain: the one function every part of zonemesh uses
 //! to decide whether a node is who it says it is.
 
+use crate::binding::is_wg_key_binding;
 use crate::error::{Error, Result};
-use crate::identity::{SpiffeId, WG_KEY_BINDING_OID, WireGuardKey};
+use crate::identity::{SpiffeId, WireGuardKey};
 use crate::profiles::serial_hex;
 use rustls_pki_types::{CertificateDer, UnixTime};
 use std::time::SystemTime;
@@ -155,14 +156,12 @@ impl TrustStore {
                         }
                     }
                 }
-                _ if ext
-                    .oid
-                    .iter()
-                    .is_some_and(|it| it.eq(WG_KEY_BINDING_OID.iter().copied())) =>
-                {
+                _ if is_wg_key_binding(&ext.oid) => {
                     let key = yasna::parse_der(ext.value, |r| r.read_bytes())
                         .map_err(|_| bad("malformed WireGuard key binding"))?;
-                    wg = Some(WireGuardKey::from_slice(&key)?);
+                    if wg.replace(WireGuardKey::from_slice(&key)?).is_some() {
+                        return Err(bad("more than one WireGuard key binding"));
+                    }
                 }
                 _ => {}
             }

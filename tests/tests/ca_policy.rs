@@ -153,7 +153,7 @@ fn openssl_verifies_node_and_tls_chains_and_reads_the_profiles() {
             && node_t.contains("TLS Web Server Authentication")
     );
     assert!(
-        node_t.contains("1.3.6.1.4.1.57264.1.1"),
+        node_t.contains(zonemesh_ca::WG_KEY_BINDING_OID),
         "WireGuard binding extension missing: {node_t}"
     );
     assert!(tls_t.contains("DNS:portal.corp.test") && tls_t.contains("IP Address:127.0.0.1"));
@@ -534,4 +534,79 @@ fn node_chain_verification_refuses_expired_early_revoked_foreign_and_mismatched(
         other_domain.verify_node_chain(&chain, &[empty_crl], at),
         Err(Error::NotANodeCertificate(_))
     ));
+}
+
+/// A node certificate signed by our intermediate with the given key-binding extensions, the
+/// way a CA of an earlier release (or a hand-made one) would build it.
+fn node_cert_with_bindings(bindings: &[(&[u64], WireGuardKey)], at: SystemTime) -> Vec<u8> {
+    let int_key = KeyPair::from_pkcs8_der_and_sign_algo(
+        &rustls_pki_types::PrivatePkcs8KeyDer::from(material().intermediate_key_pkcs8.to_vec()),
+        &rcgen::PKCS_RSA_SHA256,
+    )
+    .unwrap();
+    let issuer = rcgen::Issuer::from_ca_cert_der(
+        &rustls_pki_types::CertificateDer::from(material().intermediate_cert_der.clone()),
+        int_key,
+    )
+    .unwrap();
+    let mut p = CertificateParams::default();
+    p.distinguished_name = DistinguishedName::new();
+    p.distinguished_name.push(DnType::CommonName, "old-1");
+    p.is_ca = IsCa::ExplicitNoCa;
+    p.not_before = (at - DAY).into();
+    p.not_after = (at + DAY).into();
+    p.subject_alt_names = vec![SanType::URI(
+        SpiffeId::new("corp.test", "eu-1", "old-1")
+            .unwrap()
+            .uri()
+            .try_into()
+            .unwrap(),
+    )];
+    p.custom_extensions = bindings
+        .iter()
+        .map(|(oid, key)| {
+            rcgen::CustomExtension::from_oid_content(oid, [&[0x04, 32][..], &key.0].concat())
+        })
+        .collect();
+    p.signed_by(&rsa4096(4), &issuer).unwrap().der().to_vec()
+}
+
+#[test]
+fn binding_oid_is_a_uuid_arc_and_certificates_from_before_the_move_still_verify() {
+    let at = now();
+    assert!(WG_KEY_BINDING_OID.starts_with("2.25."));
+    let store = ca().trust_store();
+    let crl = ca().crl(&[], 1, at, DAY).unwrap();
+    let int = material().intermediate_cert_der.clone();
+
+    // Today's certificates carry only the 2.25 OID; openssl reads it (checked above) and so
+    // does x509-parser, with the 128-bit arc intact.
+    let cert = issue_node("db-2", &rsa4096(4), at);
+    let (_, parsed) = X509Certificate::from_der(&cert.der).unwrap();
+    let bindings: Vec<_> = parsed
+        .extensions()
+        .iter()
+        .filter(|e| is_wg_key_binding(&e.oid))
+        .collect();
+    assert_eq!(bindings.len(), 1);
+    assert!(
+        bindings[0].oid.iter().is_none(),
+        "a 128-bit arc does not fit u64 arcs"
+    );
+    let oids: Vec<String> = parsed
+        .extensions()
+        .iter()
+        .map(|e| e.oid.to_id_string())
+        .collect();
+    assert!(
+        !oids.iter().any(|o| o.starts_with("1.3.6.1.4.1.57264")),
+        "{oids:?}"
+    );
+
+    // A certificate from before the move (legacy arc) still verifies, with its key.
+    let legacy = node_cert_with_bindings(&[(LEGACY_WG_KEY_BINDING_OID, wg(7))], at);
+    let v = store
+        .verify_node_chain(&[legacy, int], std::slice::from_ref(&crl), at)
+        .unwrap();
+    assert_eq!(v.wg_public_key, wg(7));
 }

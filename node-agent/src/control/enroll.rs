@@ -77,11 +77,7 @@ fn check_issued(
     let wg_ext = cert
         .extensions()
         .iter()
-        .find(|e| {
-            e.oid
-                .iter()
-                .is_some_and(|it| it.eq(zonemesh_ca::WG_KEY_BINDING_OID.iter().copied()))
-        })
+        .find(|e| zonemesh_ca::is_wg_key_binding(&e.oid))
         .context("certificate carries no WireGuard key binding")?;
     if !wg_ext.value.ends_with(wg_public) {
         bail!("certificate binds a different WireGuard key");
