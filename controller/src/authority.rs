@@ -2,7 +2,9 @@
 //! every serial it issues and every revocation, and the current CRL.
 
 use crate::error::{ControllerError, Result};
-use crate::store::{CertKind, CertRecord, RevocationRecord, Store, encode, from_unix, unix};
+use crate::store::{
+    CertKind, CertRecord, NodeSerial, RevocationRecord, Store, encode, from_unix, unix,
+};
 use arc_swap::ArcSwap;
 use serde::Serialize;
 use std::sync::Arc;
@@ -184,29 +186,45 @@ impl Authority {
         Ok(())
     }
 
-    /// Issue a node certificate and record its serial (the caller flushes with its other writes).
+    /// Remember which node a serial was issued to, so revoking the node revokes it.
+    fn record_owner(&self, owner: &str, cert: &IssuedCert, kind: CertKind) -> Result<()> {
+        self.store.add_node_serial(
+            owner,
+            &NodeSerial {
+                serial_hex: cert.serial_hex.clone(),
+                kind,
+                not_after_unix: unix(cert.not_after),
+            },
+        )?;
+        Ok(())
+    }
+
+    /// Issue a node certificate and record its serial, also under its node (the caller
+    /// flushes with its other writes).
     pub fn issue_node(&self, req: &NodeRequest<'_>, now: SystemTime) -> Result<IssuedCert> {
         let cert = self.ca.sign_node_csr(&self.node_policy, req, now)?;
-        self.record(
-            &cert,
-            CertKind::Node,
-            crate::store::node_key(req.zone, req.node),
-            now,
-        )?;
+        let nkey = crate::store::node_key(req.zone, req.node);
+        self.record(&cert, CertKind::Node, nkey.clone(), now)?;
+        self.record_owner(&nkey, &cert, CertKind::Node)?;
         Ok(cert)
     }
 
-    /// Issue a TLS certificate for a CSR and record it durably.
+    /// Issue a TLS certificate for a CSR and record it durably; with `owner` (a node key)
+    /// it is also recorded as that node's, so revoking the node revokes it.
     pub fn issue_tls_csr(
         &self,
         csr: &[u8],
         names: &TlsNames,
         lifetime: Option<Duration>,
+        owner: Option<&str>,
         now: SystemTime,
     ) -> Result<IssuedCert> {
         let cert = self
             .ca
             .sign_tls_csr(&self.tls_policy, csr, names, lifetime, now)?;
+        if let Some(owner) = owner {
+            self.record_owner(owner, &cert, CertKind::Tls)?;
+        }
         self.record_tls(cert, names, now)
     }
 
@@ -271,6 +289,36 @@ impl Authority {
         self.refresh_crl(now)?;
         self.store.flush()?;
         Ok(())
+    }
+
+    /// Revoke several serials this CA issued with one CRL signature and one flush; serials
+    /// already revoked are left as they are. Returns how many were newly revoked.
+    pub fn revoke_all(
+        &self,
+        serials: &[String],
+        reason: RevocationReason,
+        now: SystemTime,
+    ) -> Result<usize> {
+        let rec = encode(&RevocationRecord {
+            revoked_unix: unix(now),
+            reason_code: reason.code(),
+        });
+        let mut newly = 0;
+        for serial in serials {
+            if self.store.cert(serial)?.is_none() || self.store.revocation(serial)?.is_some() {
+                continue;
+            }
+            self.store
+                .revoked
+                .insert(serial.as_bytes(), rec.clone())
+                .map_err(crate::store::StoreError::from)?;
+            newly += 1;
+        }
+        if newly > 0 {
+            self.refresh_crl(now)?;
+            self.store.flush()?;
+        }
+        Ok(newly)
     }
 
     /// Re-sign the CRL from the revocations in the store.

@@ -24,6 +24,10 @@ use zonemesh_proto::mesh_server::{Mesh as MeshRpc, MeshServer};
 /// Largest gRPC message accepted (a CSR is about 1.6 KiB).
 pub const MAX_MESSAGE: usize = 64 * 1024;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Concurrent HTTP/2 streams per connection (an agent uses a handful).
+pub const MAX_CONCURRENT_STREAMS: u32 = 64;
+/// Largest HTTP/2 header block accepted.
+pub const MAX_HEADER_LIST_SIZE: u32 = 16 * 1024;
 
 /// What tonic attaches to every request of a connection.
 #[derive(Clone, Debug)]
@@ -141,6 +145,8 @@ pub async fn serve(
     let result = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .http2_max_header_list_size(MAX_HEADER_LIST_SIZE)
         .add_service(EnrollmentServer::new(svc.clone()).max_decoding_message_size(MAX_MESSAGE))
         .add_service(MeshServer::new(svc).max_decoding_message_size(MAX_MESSAGE))
         .serve_with_incoming_shutdown(incoming, shutdown.cancelled())
@@ -171,11 +177,11 @@ fn peer_identity(
     let certs = io.get_ref().1.peer_certificates()?;
     let chain: Vec<Vec<u8>> = certs.iter().map(|c| c.to_vec()).collect();
     let auth = mesh.authority();
-    match auth.ca().trust_store().verify_node_chain(
-        &chain,
-        &[auth.crl_der().to_vec()],
-        SystemTime::now(),
-    ) {
+    match auth
+        .ca()
+        .trust_store()
+        .verify_node_chain(&chain, &[auth.crl_der().to_vec()], mesh.now())
+    {
         Ok(v) => Some(Arc::new(v)),
         Err(e) => {
             tracing::info!(error = %e, "client certificate is not a node identity");
@@ -223,9 +229,12 @@ impl Enrollment for GrpcService {
         let source = conn(&req)?.remote.ip();
         let mesh = self.mesh.clone();
         let body = req.into_inner();
-        blocking(move || mesh.enroll(&body, source, SystemTime::now()))
-            .await
-            .map(Response::new)
+        blocking(move || {
+            let now = mesh.now();
+            mesh.enroll(&body, source, now)
+        })
+        .await
+        .map(Response::new)
     }
 }
 
@@ -235,10 +244,40 @@ struct WatchState {
     mesh: Arc<Mesh>,
     pending: std::collections::VecDeque<Arc<pb::MeshUpdate>>,
     last: u64,
+    /// Log entries up to this version are replayed (in chunks) before live changes.
+    replay_to: u64,
     rx: broadcast::Receiver<Arc<pb::MeshUpdate>>,
     cancel: CancellationToken,
+    /// Cancels `cancel` when the stream is dropped, so the Mesh forgets it.
+    _registered: tokio_util::sync::DropGuard,
     shutdown: CancellationToken,
     node: String,
+    /// The stream ends when the client certificate expires.
+    not_after: SystemTime,
+    expiry: crate::clock::Alarm,
+    ended: bool,
+}
+
+impl WatchState {
+    /// Queue the next chunk of the log replay (or the snapshot, if the log moved on).
+    async fn replay_next(&mut self) -> Result<(), Status> {
+        let (mesh, after, upto) = (self.mesh.clone(), self.last, self.replay_to);
+        let chunk = blocking(move || mesh.replay(after, upto)).await?;
+        match chunk {
+            Some(c) if !c.is_empty() => {
+                self.last = c.last().map(|u| u.version).unwrap_or(self.last);
+                self.pending.extend(c);
+            }
+            _ => {
+                let mesh = self.mesh.clone();
+                let snap = blocking(move || mesh.snapshot()).await?;
+                self.last = snap.version;
+                self.replay_to = snap.version;
+                self.pending.push_back(snap);
+            }
+        }
+        Ok(())
+    }
 }
 
 #[tonic::async_trait]
@@ -250,9 +289,12 @@ impl MeshRpc for GrpcService {
         let who = node(&req)?;
         let mesh = self.mesh.clone();
         let csr = req.into_inner().csr_der;
-        blocking(move || mesh.renew(&who, &csr, SystemTime::now()))
-            .await
-            .map(Response::new)
+        blocking(move || {
+            let now = mesh.now();
+            mesh.renew(&who, &csr, crate::mesh::RenewKey::Keep, now)
+        })
+        .await
+        .map(Response::new)
     }
 
     async fn issue_tls_certificate(
@@ -262,9 +304,12 @@ impl MeshRpc for GrpcService {
         let who = node(&req)?;
         let mesh = self.mesh.clone();
         let body = req.into_inner();
-        blocking(move || mesh.issue_tls(&who, &body, SystemTime::now()))
-            .await
-            .map(Response::new)
+        blocking(move || {
+            let now = mesh.now();
+            mesh.issue_tls(&who, &body, now)
+        })
+        .await
+        .map(Response::new)
     }
 
     async fn update_endpoints(
@@ -274,9 +319,12 @@ impl MeshRpc for GrpcService {
         let who = node(&req)?;
         let mesh = self.mesh.clone();
         let body = req.into_inner();
-        blocking(move || mesh.update_endpoints(&who, &body.endpoints))
-            .await
-            .map(|_| Response::new(pb::Ack {}))
+        blocking(move || {
+            let now = mesh.now();
+            mesh.update_endpoints(&who, &body.endpoints, now)
+        })
+        .await
+        .map(|_| Response::new(pb::Ack {}))
     }
 
     async fn report_health(
@@ -285,7 +333,7 @@ impl MeshRpc for GrpcService {
     ) -> Result<Response<pb::Ack>, Status> {
         let who = node(&req)?;
         self.mesh
-            .report_health(&who, req.get_ref(), SystemTime::now())
+            .report_health(&who, req.get_ref(), self.mesh.now())
             .map_err(Status::from)?;
         Ok(Response::new(pb::Ack {}))
     }
@@ -297,33 +345,47 @@ impl MeshRpc for GrpcService {
         let who = node(&req)?;
         let mesh = self.mesh.clone();
         let body = req.into_inner();
-        blocking(move || mesh.report_events(&who, &body, SystemTime::now()))
-            .await
-            .map(|_| Response::new(pb::Ack {}))
+        blocking(move || {
+            let now = mesh.now();
+            mesh.report_events(&who, &body, now)
+        })
+        .await
+        .map(|_| Response::new(pb::Ack {}))
     }
 
     type WatchStream = WatchStream;
 
     async fn watch(&self, req: Request<pb::WatchRequest>) -> Result<Response<WatchStream>, Status> {
         let who = node(&req)?;
-        self.mesh.caller(&who).map_err(Status::from)?;
         let node_key = crate::store::node_key(&who.id.zone, &who.id.node);
         let mesh = self.mesh.clone();
         let resume = req.get_ref().resume_from_version;
-        let nk = node_key.clone();
-        let sub = blocking(move || mesh.subscribe(&nk, resume)).await?;
+        let w = who.clone();
+        let sub = blocking(move || {
+            let now = mesh.now();
+            mesh.watch(&w, resume, now)
+        })
+        .await?;
         tracing::debug!(node = %node_key, from = resume, version = sub.last_version, "watch started");
         let state = WatchState {
             mesh: self.mesh.clone(),
             pending: sub.initial.into(),
             last: sub.last_version,
+            replay_to: sub.replay_to,
             rx: sub.rx,
+            _registered: sub.cancel.clone().drop_guard(),
             cancel: sub.cancel,
             shutdown: self.shutdown.clone(),
             node: node_key,
+            not_after: who.not_after,
+            expiry: self.mesh.clock().alarm(who.not_after),
+            ended: false,
         };
         let stream = futures::stream::unfold(state, |mut st| async move {
             loop {
+                if st.ended {
+                    return None;
+                }
                 if st.cancel.is_cancelled() {
                     tracing::info!(node = %st.node, "watch ended: node revoked");
                     return None;
@@ -332,27 +394,52 @@ impl MeshRpc for GrpcService {
                     tracing::debug!(node = %st.node, "watch ended: controller shutting down");
                     return None;
                 }
+                if st.mesh.now() >= st.not_after {
+                    tracing::info!(node = %st.node, "watch ended: client certificate expired");
+                    st.ended = true;
+                    let status = Status::unauthenticated("certificate has expired");
+                    return Some((Err(status), st));
+                }
                 if let Some(u) = st.pending.pop_front() {
                     return Some((Ok(u.as_ref().clone()), st));
+                }
+                if st.last < st.replay_to {
+                    if let Err(e) = st.replay_next().await {
+                        st.ended = true;
+                        return Some((Err(e), st));
+                    }
+                    continue;
                 }
                 let next = tokio::select! {
                     _ = st.cancel.cancelled() => continue,
                     _ = st.shutdown.cancelled() => continue,
-                    r = st.rx.recv() => r,
+                    _ = &mut st.expiry => None,
+                    r = st.rx.recv() => Some(r),
+                };
+                let Some(next) = next else {
+                    // The loop re-checks the clock (it may have been set back), so re-arm.
+                    st.expiry = st.mesh.clock().alarm(st.not_after);
+                    continue;
                 };
                 match next {
                     Ok(u) if u.version > st.last => {
                         st.last = u.version;
+                        st.replay_to = st.replay_to.max(u.version);
                         return Some((Ok(u.as_ref().clone()), st));
                     }
                     Ok(_) => {}
                     Err(broadcast::error::RecvError::Lagged(_)) => {
-                        match st.mesh.catch_up(st.last) {
-                            Ok(list) => {
-                                st.last = list.last().map(|u| u.version).unwrap_or(st.last);
-                                st.pending.extend(list);
+                        let (mesh, after) = (st.mesh.clone(), st.last);
+                        match blocking(move || mesh.resume_from(after)).await {
+                            Ok(r) => {
+                                st.last = r.last_version;
+                                st.replay_to = r.replay_to;
+                                st.pending.extend(r.initial);
                             }
-                            Err(e) => return Some((Err(Status::from(e)), st)),
+                            Err(e) => {
+                                st.ended = true;
+                                return Some((Err(e), st));
+                            }
                         }
                     }
                     Err(broadcast::error::RecvError::Closed) => return None,

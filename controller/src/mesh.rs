@@ -6,7 +6,9 @@
 //! to all watchers as one shared `Arc`: the cost of a change does not grow with the fleet.
 
 use crate::authority::Authority;
+use crate::clock::{Clock, SystemClock};
 use crate::error::{ControllerError, Result};
+use crate::limits::{FailureWindow, KeyedBuckets, Rate};
 use crate::store::{
     BlockRecord, NodeRecord, Store, StoreError, TokenRecord, ZoneRecord, decode, encode, node_key,
     unix,
@@ -18,7 +20,7 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 use zonemesh_ca::{NodeRequest, RevocationReason, VerifiedNode, WireGuardKey, validate_label};
@@ -26,9 +28,22 @@ use zonemesh_proto as pb;
 
 /// How many past changes are kept for resuming watchers.
 const CHANGE_LOG_LEN: u64 = 4096;
-/// Enrollment failures allowed per source per window before it is rate-limited.
+/// A watcher further behind than this gets the (shared, cached) snapshot instead of a
+/// replay of the log: a replay costs memory per stream, the snapshot does not.
+pub const RESUME_MAX_CHANGES: u64 = 256;
+/// Changes decoded from the log at a time while a watcher replays.
+pub const REPLAY_CHUNK: u64 = 32;
+/// Enrollment failures allowed per (source, token) per window before it is rate-limited;
+/// unknown tokens from one source share one key.
 const ENROLL_FAILURES_PER_WINDOW: u32 = 10;
 const ENROLL_FAILURE_WINDOW: Duration = Duration::from_secs(60);
+/// Most (source, token) keys the enrollment limiter tracks.
+const ENROLL_LIMITER_KEYS: usize = 4096;
+/// Calls an enrolled node may make (per node), and how many nodes are tracked.
+pub const RENEW_RATE: Rate = Rate::new(4, Duration::from_secs(3600));
+pub const ISSUE_TLS_RATE: Rate = Rate::new(30, Duration::from_secs(3600));
+pub const UPDATE_ENDPOINTS_RATE: Rate = Rate::new(6, Duration::from_secs(60));
+const RATE_LIMITED_NODES: usize = 65_536;
 /// Security events from agents about one source before that source is blocked.
 const EVENTS_BEFORE_BLOCK: u32 = 20;
 /// How long an automatic block lasts.
@@ -46,10 +61,30 @@ pub struct CreatedToken {
 
 /// What a Watch stream needs to start.
 pub struct Subscription {
+    /// What to send first: the snapshot, or the first chunk of the replayed log.
     pub initial: Vec<Arc<pb::MeshUpdate>>,
     pub last_version: u64,
+    /// Log entries after `last_version` up to this version are still to be replayed
+    /// (read lazily with [`Mesh::replay`]) before live changes.
+    pub replay_to: u64,
     pub rx: broadcast::Receiver<Arc<pb::MeshUpdate>>,
     pub cancel: CancellationToken,
+}
+
+/// Where a watcher picks up after `after`: see [`Mesh::resume_from`].
+pub struct Resume {
+    pub initial: Vec<Arc<pb::MeshUpdate>>,
+    pub last_version: u64,
+    pub replay_to: u64,
+}
+
+/// Whether a renewal keeps the node's key (the default) or is an explicit key rotation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RenewKey {
+    /// The CSR must carry the public key of the node's current certificate.
+    Keep,
+    /// The node asked to move to a new key.
+    Rotate,
 }
 
 /// Last reported health of a node's peers.
@@ -70,7 +105,12 @@ pub struct Mesh {
     change_lock: Mutex<()>,
     tx: broadcast::Sender<Arc<pb::MeshUpdate>>,
     streams: Mutex<HashMap<String, Vec<CancellationToken>>>,
-    enroll_failures: Mutex<HashMap<IpAddr, (u32, Instant)>>,
+    /// Failed enrollments by (source, token hash); `None` stands for every unknown token.
+    enroll_failures: FailureWindow<(IpAddr, Option<String>)>,
+    renew_limit: KeyedBuckets<String>,
+    issue_tls_limit: KeyedBuckets<String>,
+    update_endpoints_limit: KeyedBuckets<String>,
+    clock: Arc<dyn Clock>,
     event_counts: Mutex<HashMap<IpAddr, u32>>,
     snapshot_cache: Mutex<Option<Arc<pb::MeshUpdate>>>,
     health: Mutex<HashMap<String, Vec<HealthRow>>>,
@@ -135,6 +175,18 @@ fn csr_names(csr_der: &[u8]) -> Vec<String> {
     names
 }
 
+/// Whether a CSR carries the same public key as a certificate.
+fn same_public_key(csr_der: &[u8], cert_der: &[u8]) -> bool {
+    use x509_parser::prelude::{FromDer, X509Certificate, X509CertificationRequest};
+    let (Ok((_, csr)), Ok((_, cert))) = (
+        X509CertificationRequest::from_der(csr_der),
+        X509Certificate::from_der(cert_der),
+    ) else {
+        return false;
+    };
+    csr.certification_request_info.subject_pki.raw == cert.tbs_certificate.subject_pki.raw
+}
+
 fn check_csr_names(csr_der: &[u8], trust_domain: &str, zone: &str, node: &str) -> Result<()> {
     let spiffe = zonemesh_ca::SpiffeId {
         trust_domain: trust_domain.into(),
@@ -155,6 +207,12 @@ fn check_csr_names(csr_der: &[u8], trust_domain: &str, zone: &str, node: &str) -
 impl Mesh {
     /// Start the control plane over an authority and its store.
     pub fn new(auth: Arc<Authority>) -> Result<Arc<Self>> {
+        Self::with_clock(auth, Arc::new(SystemClock))
+    }
+
+    /// The control plane with an explicit clock (Mesh calls check certificate expiry
+    /// against it).
+    pub fn with_clock(auth: Arc<Authority>, clock: Arc<dyn Clock>) -> Result<Arc<Self>> {
         let store = auth.store().clone();
         let version = store.meta_u64("mesh_version")?;
         let (tx, _) = broadcast::channel(1024);
@@ -165,7 +223,15 @@ impl Mesh {
             change_lock: Mutex::new(()),
             tx,
             streams: Mutex::new(HashMap::new()),
-            enroll_failures: Mutex::new(HashMap::new()),
+            enroll_failures: FailureWindow::new(
+                ENROLL_FAILURES_PER_WINDOW,
+                ENROLL_FAILURE_WINDOW,
+                ENROLL_LIMITER_KEYS,
+            ),
+            renew_limit: KeyedBuckets::new(RENEW_RATE, RATE_LIMITED_NODES),
+            issue_tls_limit: KeyedBuckets::new(ISSUE_TLS_RATE, RATE_LIMITED_NODES),
+            update_endpoints_limit: KeyedBuckets::new(UPDATE_ENDPOINTS_RATE, RATE_LIMITED_NODES),
+            clock,
             event_counts: Mutex::new(HashMap::new()),
             snapshot_cache: Mutex::new(None),
             health: Mutex::new(HashMap::new()),
@@ -176,6 +242,21 @@ impl Mesh {
 
     pub fn authority(&self) -> &Arc<Authority> {
         &self.auth
+    }
+
+    /// The clock Mesh calls are checked against.
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.clock
+    }
+
+    /// The current time by [`Mesh::clock`].
+    pub fn now(&self) -> SystemTime {
+        self.clock.now()
+    }
+
+    /// Number of (source, token) keys the enrollment limiter holds.
+    pub fn enroll_limiter_len(&self) -> usize {
+        self.enroll_failures.len()
     }
 
     pub fn version(&self) -> u64 {
@@ -294,15 +375,20 @@ impl Mesh {
         Ok(snap)
     }
 
-    /// Changes after `version`, if the log still holds all of them.
-    fn changes_since(&self, version: u64) -> Result<Option<Vec<Arc<pb::MeshUpdate>>>> {
-        let current = self.version();
-        if version == 0 || version > current {
-            return Ok(None);
-        }
+    /// Up to [`REPLAY_CHUNK`] changes after `after`, at most up to `upto`, or `None` when
+    /// the log no longer holds them all (the watcher then needs a snapshot).
+    pub fn replay(&self, after: u64, upto: u64) -> Result<Option<Vec<Arc<pb::MeshUpdate>>>> {
+        let end = upto.min(after.saturating_add(REPLAY_CHUNK));
         let mut out = Vec::new();
-        let mut expected = version + 1;
-        for item in self.store.changes.range((version + 1).to_be_bytes()..) {
+        let mut expected = after + 1;
+        if expected > end {
+            return Ok(Some(out));
+        }
+        for item in self
+            .store
+            .changes
+            .range(expected.to_be_bytes()..=end.to_be_bytes())
+        {
             let (k, v) = item.map_err(store_err)?;
             let kv = u64::from_be_bytes(k.as_ref().try_into().unwrap_or([0; 8]));
             if kv != expected {
@@ -317,46 +403,75 @@ impl Mesh {
             out.push(Arc::new(update));
             expected += 1;
         }
-        Ok(if expected == current + 1 {
-            Some(out)
-        } else {
-            None
+        Ok((expected == end + 1).then_some(out))
+    }
+
+    /// Where a watcher that has seen `after` picks up: the first chunk of the log when it
+    /// is at most [`RESUME_MAX_CHANGES`] behind and the log reaches, else the snapshot.
+    pub fn resume_from(&self, after: u64) -> Result<Resume> {
+        let current = self.version();
+        if after != 0
+            && after <= current
+            && current - after <= RESUME_MAX_CHANGES
+            && let Some(chunk) = self.replay(after, current)?
+        {
+            let last_version = chunk.last().map(|c| c.version).unwrap_or(after);
+            return Ok(Resume {
+                initial: chunk,
+                last_version,
+                replay_to: current,
+            });
+        }
+        let snap = self.snapshot()?;
+        Ok(Resume {
+            last_version: snap.version,
+            replay_to: snap.version,
+            initial: vec![snap],
         })
     }
 
-    /// Register a Watch stream for `node`: what to send first, then live changes.
-    pub fn subscribe(&self, node: &str, resume_from: u64) -> Result<Subscription> {
-        // Subscribe before reading state so no change falls between the two.
-        let rx = self.tx.subscribe();
-        let (initial, last_version) = match self.changes_since(resume_from)? {
-            Some(changes) => {
-                let last = changes.last().map(|c| c.version).unwrap_or(resume_from);
-                (changes, last)
-            }
-            None => {
-                let snap = self.snapshot()?;
-                let v = snap.version;
-                (vec![snap], v)
-            }
-        };
+    /// Track a Watch stream of `node`, so revoking the node ends it.
+    fn register_stream(&self, node: &str) -> CancellationToken {
         let cancel = CancellationToken::new();
         let mut streams = self.streams.lock();
         let list = streams.entry(node.to_string()).or_default();
         list.retain(|t| !t.is_cancelled());
         list.push(cancel.clone());
-        Ok(Subscription {
-            initial,
-            last_version,
-            rx,
-            cancel,
-        })
+        cancel
     }
 
-    /// Refill a lagging watcher from the log (or a snapshot when the log no longer reaches).
-    pub fn catch_up(&self, after: u64) -> Result<Vec<Arc<pb::MeshUpdate>>> {
-        Ok(match self.changes_since(after)? {
-            Some(c) => c,
-            None => vec![self.snapshot()?],
+    /// Register a Watch stream for `node`: what to send first, then live changes.
+    pub fn subscribe(&self, node: &str, resume_from: u64) -> Result<Subscription> {
+        let cancel = self.register_stream(node);
+        self.subscribe_with(cancel, resume_from)
+    }
+
+    /// Open a Watch stream for the node presenting `who`. The stream is registered before
+    /// the caller is checked, so a revocation racing with this call still ends it.
+    pub fn watch(
+        &self,
+        who: &VerifiedNode,
+        resume_from: u64,
+        now: SystemTime,
+    ) -> Result<Subscription> {
+        let cancel = self.register_stream(&node_key(&who.id.zone, &who.id.node));
+        if let Err(e) = self.caller(who, now) {
+            cancel.cancel();
+            return Err(e);
+        }
+        self.subscribe_with(cancel, resume_from)
+    }
+
+    fn subscribe_with(&self, cancel: CancellationToken, resume_from: u64) -> Result<Subscription> {
+        // Subscribe before reading state so no change falls between the two.
+        let rx = self.tx.subscribe();
+        let r = self.resume_from(resume_from)?;
+        Ok(Subscription {
+            initial: r.initial,
+            last_version: r.last_version,
+            replay_to: r.replay_to,
+            rx,
+            cancel,
         })
     }
 
@@ -466,27 +581,6 @@ impl Mesh {
 
     // ----- enrollment -----
 
-    fn check_enroll_rate(&self, source: IpAddr) -> Result<()> {
-        let mut map = self.enroll_failures.lock();
-        if let Some((count, since)) = map.get(&source) {
-            if since.elapsed() < ENROLL_FAILURE_WINDOW && *count >= ENROLL_FAILURES_PER_WINDOW {
-                return Err(ControllerError::RateLimited(
-                    "too many failed enrollments from this address; try again later".into(),
-                ));
-            }
-            if since.elapsed() >= ENROLL_FAILURE_WINDOW {
-                map.remove(&source);
-            }
-        }
-        Ok(())
-    }
-
-    fn note_enroll_failure(&self, source: IpAddr) {
-        let mut map = self.enroll_failures.lock();
-        let e = map.entry(source).or_insert((0, Instant::now()));
-        e.0 += 1;
-    }
-
     /// Enroll a node with a one-time token. Nothing is issued unless every check passes;
     /// the token use, the serial and the node are durable before this returns.
     pub fn enroll(
@@ -495,10 +589,23 @@ impl Mesh {
         source: IpAddr,
         now: SystemTime,
     ) -> Result<pb::EnrollResponse> {
-        self.check_enroll_rate(source)?;
+        // Keyed by source and token, so one source guessing tokens (say, behind a NAT
+        // shared with real nodes) does not lock out a valid token from the same address.
+        let token_hash = hash_token(&req.token);
+        let known = self
+            .store
+            .tokens
+            .contains_key(&token_hash)
+            .map_err(store_err)?;
+        let limit_key = (source, known.then_some(token_hash));
+        if self.enroll_failures.is_limited(&limit_key, now) {
+            return Err(ControllerError::RateLimited(
+                "too many failed enrollments from this address; try again later".into(),
+            ));
+        }
         let result = self.enroll_inner(req, now);
         if let Err(e) = &result {
-            self.note_enroll_failure(source);
+            self.enroll_failures.note_failure(&limit_key, now);
             tracing::warn!(%source, error = %e, "enrollment refused");
         }
         result
@@ -600,6 +707,7 @@ impl Mesh {
                 .certs
                 .remove(&cert.serial_hex)
                 .map_err(store_err)?;
+            self.store.remove_node_serial(&nkey, &cert.serial_hex)?;
             return Err(ControllerError::Unauthenticated(
                 "enrollment token has already been used".into(),
             ));
@@ -668,8 +776,15 @@ impl Mesh {
 
     // ----- calls from enrolled nodes -----
 
-    /// The caller's current, unrevoked node record.
-    pub fn caller(&self, who: &VerifiedNode) -> Result<NodeRecord> {
+    /// The caller's current, unrevoked node record. Only the node's current certificate
+    /// is accepted (renewal supersedes the previous one, re-enrollment every earlier one),
+    /// only while it is valid at `now`, and only with the WireGuard key the node holds.
+    pub fn caller(&self, who: &VerifiedNode, now: SystemTime) -> Result<NodeRecord> {
+        if who.not_after <= now {
+            return Err(ControllerError::Unauthenticated(
+                "certificate has expired".into(),
+            ));
+        }
         if self.auth.is_revoked(&who.serial_hex) {
             return Err(ControllerError::Unauthenticated(
                 "certificate has been revoked".into(),
@@ -680,35 +795,108 @@ impl Mesh {
             .node(&node_key(&who.id.zone, &who.id.node))?
             .filter(|n| !n.revoked)
             .ok_or_else(|| ControllerError::Unauthenticated("node is not enrolled".into()))?;
+        if node.serial_hex != who.serial_hex {
+            return Err(ControllerError::Unauthenticated(
+                "certificate is not the node's current certificate".into(),
+            ));
+        }
+        if node.wg_public_key != who.wg_public_key.0 {
+            return Err(ControllerError::Unauthenticated(
+                "certificate binds a WireGuard key the node no longer has".into(),
+            ));
+        }
         Ok(node)
     }
 
+    fn rate_limited(what: &str) -> ControllerError {
+        ControllerError::RateLimited(format!(
+            "too many {what} requests from this node; try later"
+        ))
+    }
+
+    /// Forget serials of the node that expired a day ago or more (their revocation no
+    /// longer matters), so the per-node set stays as small as the node's live certificates.
+    fn prune_node_serials(&self, nkey: &str, now: SystemTime) -> Result<()> {
+        let cutoff = unix(now).saturating_sub(86_400);
+        for s in self.store.node_serials(nkey)? {
+            if s.not_after_unix < cutoff {
+                self.store.remove_node_serial(nkey, &s.serial_hex)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A new certificate for the node, for the same key unless `key` is
+    /// [`RenewKey::Rotate`]. The previous certificate is revoked (superseded) once the new
+    /// one is durable.
     pub fn renew(
         &self,
         who: &VerifiedNode,
         csr_der: &[u8],
+        key: RenewKey,
         now: SystemTime,
     ) -> Result<pb::RenewResponse> {
-        let mut node = self.caller(who)?;
-        check_csr_names(csr_der, self.auth.trust_domain(), &node.zone, &node.node)?;
+        let current = self.caller(who, now)?;
+        let nkey = current.key();
+        if !self.renew_limit.allow(&nkey, now) {
+            return Err(Self::rate_limited("renewal"));
+        }
+        check_csr_names(
+            csr_der,
+            self.auth.trust_domain(),
+            &current.zone,
+            &current.node,
+        )?;
+        if key == RenewKey::Keep && !same_public_key(csr_der, &current.cert_der) {
+            return Err(ControllerError::PermissionDenied(
+                "renewal keeps the node's key: this CSR is for a different key".into(),
+            ));
+        }
         let cert = self.auth.issue_node(
             &NodeRequest {
                 csr_der,
-                zone: &node.zone,
-                node: &node.node,
-                wg_public_key: WireGuardKey(node.wg_public_key),
+                zone: &current.zone,
+                node: &current.node,
+                wg_public_key: WireGuardKey(current.wg_public_key),
             },
             now,
         )?;
+        // A revocation or another renewal may have happened meanwhile: only replace the
+        // certificate this call was authorised with.
+        let guard = self.change_lock.lock();
+        let mut node = match self.store.node(&nkey)? {
+            Some(n) if !n.revoked && n.serial_hex == current.serial_hex => n,
+            _ => {
+                drop(guard);
+                self.auth.revoke_all(
+                    std::slice::from_ref(&cert.serial_hex),
+                    RevocationReason::Superseded,
+                    now,
+                )?;
+                return Err(ControllerError::Unauthenticated(
+                    "the node's certificate changed during renewal".into(),
+                ));
+            }
+        };
         node.serial_hex = cert.serial_hex.clone();
         node.cert_der = cert.der.clone();
         node.not_after_unix = unix(cert.not_after);
         self.store.put_node(&node)?;
+        drop(guard);
+        self.prune_node_serials(&nkey, now)?;
+        self.store.flush()?;
+        // The new certificate is durable; the old one stops working now.
+        self.auth.revoke_all(
+            std::slice::from_ref(&current.serial_hex),
+            RevocationReason::Superseded,
+            now,
+        )?;
         self.commit(pb::Delta {
             upserted: vec![self.peer_of(&node)],
+            crl_der: self.auth.crl_der().to_vec(),
             ..Default::default()
         })?;
-        tracing::info!(node = %node.key(), serial = %cert.serial_hex, "node certificate renewed");
+        tracing::info!(node = %nkey, serial = %cert.serial_hex, superseded = %current.serial_hex, "node certificate renewed");
         Ok(pb::RenewResponse {
             certificate_der: cert.der,
             chain_der: self.auth.chain(),
@@ -723,7 +911,10 @@ impl Mesh {
         req: &pb::IssueTlsRequest,
         now: SystemTime,
     ) -> Result<pb::IssueTlsResponse> {
-        let node = self.caller(who)?;
+        let node = self.caller(who, now)?;
+        if !self.issue_tls_limit.allow(&node.key(), now) {
+            return Err(Self::rate_limited("TLS certificate"));
+        }
         let allowed_dns = format!("{}.{}.{}", node.node, node.zone, self.auth.trust_domain());
         for d in &req.dns_names {
             if d != &allowed_dns {
@@ -749,17 +940,25 @@ impl Mesh {
             ips,
         };
         let lifetime = (req.lifetime_secs > 0).then(|| Duration::from_secs(req.lifetime_secs));
-        let cert = self
-            .auth
-            .issue_tls_csr(&req.csr_der, &names, lifetime, now)?;
+        let cert =
+            self.auth
+                .issue_tls_csr(&req.csr_der, &names, lifetime, Some(&node.key()), now)?;
         Ok(pb::IssueTlsResponse {
             certificate_der: cert.der,
             chain_der: self.auth.chain(),
         })
     }
 
-    pub fn update_endpoints(&self, who: &VerifiedNode, endpoints: &[String]) -> Result<()> {
-        let mut node = self.caller(who)?;
+    pub fn update_endpoints(
+        &self,
+        who: &VerifiedNode,
+        endpoints: &[String],
+        now: SystemTime,
+    ) -> Result<()> {
+        let mut node = self.caller(who, now)?;
+        if !self.update_endpoints_limit.allow(&node.key(), now) {
+            return Err(Self::rate_limited("endpoint update"));
+        }
         let parsed = parse_endpoints(endpoints)?;
         if parsed == node.endpoints {
             return Ok(());
@@ -779,7 +978,7 @@ impl Mesh {
         report: &pb::HealthReport,
         now: SystemTime,
     ) -> Result<()> {
-        let node = self.caller(who)?;
+        let node = self.caller(who, now)?;
         let rows = report
             .peers
             .iter()
@@ -808,7 +1007,7 @@ impl Mesh {
         events: &pb::SecurityEvents,
         now: SystemTime,
     ) -> Result<Vec<IpAddr>> {
-        let node = self.caller(who)?;
+        let node = self.caller(who, now)?;
         let mut blocked = Vec::new();
         for ev in events.events.iter().take(1000) {
             tracing::warn!(node = %node.key(), kind = %ev.kind, source = %ev.source, "security event reported by agent");
@@ -863,14 +1062,16 @@ impl Mesh {
 
     // ----- revocation -----
 
-    /// Revoke a node: its certificate goes on the CRL, its open streams end now, and every
-    /// other watcher receives its removal and the new CRL.
+    /// Revoke a node: every certificate it was issued since it enrolled goes on the CRL
+    /// (one signature, one flush), its overlay address is freed, its open streams end now,
+    /// and every other watcher receives its removal and the new CRL.
     pub fn revoke_node(
         &self,
         nkey: &str,
         reason: RevocationReason,
         now: SystemTime,
     ) -> Result<NodeRecord> {
+        let guard = self.change_lock.lock();
         let mut node = self.store.node(nkey)?.ok_or_else(|| {
             ControllerError::NotFound(format!("no node {nkey} (use zone/node, see `node list`)"))
         })?;
@@ -879,12 +1080,32 @@ impl Mesh {
                 "node {nkey} is already revoked"
             )));
         }
-        self.auth.revoke(&node.serial_hex, reason, now)?;
         node.revoked = true;
         self.store.put_node(&node)?;
+        drop(guard);
+        // Renewals that finish after this point see the node revoked and revoke their own
+        // certificate; those that finished before are in the node's serial set.
+        let issued = self.store.node_serials(nkey)?;
+        let mut serials: Vec<String> = issued.iter().map(|s| s.serial_hex.clone()).collect();
+        if !serials.contains(&node.serial_hex) {
+            serials.push(node.serial_hex.clone());
+        }
+        let newly = self.auth.revoke_all(&serials, reason, now)?;
+        for s in &issued {
+            self.store.remove_node_serial(nkey, &s.serial_hex)?;
+        }
         self.store
             .wgkeys
             .remove(node.wg_public_key)
+            .map_err(store_err)?;
+        let _ = self
+            .store
+            .alloc
+            .compare_and_swap(
+                node.overlay_ip.to_string(),
+                Some(nkey.as_bytes()),
+                None as Option<&[u8]>,
+            )
             .map_err(store_err)?;
         self.commit(pb::Delta {
             removed: vec![pb::PeerRef {
@@ -899,7 +1120,7 @@ impl Mesh {
                 s.cancel();
             }
         }
-        tracing::info!(node = %nkey, serial = %node.serial_hex, "node revoked");
+        tracing::info!(node = %nkey, serial = %node.serial_hex, revoked_serials = newly, "node revoked");
         Ok(node)
     }
 

@@ -119,6 +119,17 @@ pub struct Store {
     pub blocks: sled::Tree,
     /// WireGuard public key → `zone/node`, so enrollment checks key reuse without a scan.
     pub wgkeys: sled::Tree,
+    /// `zone/node/serial` → [`NodeSerial`]: every certificate issued to a node since it
+    /// enrolled, so revoking the node revokes all of them.
+    pub node_serials: sled::Tree,
+}
+
+/// A certificate issued to a node (its node certificates and its TLS certificates).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NodeSerial {
+    pub serial_hex: String,
+    pub kind: CertKind,
+    pub not_after_unix: u64,
 }
 
 impl std::fmt::Debug for Store {
@@ -176,6 +187,7 @@ impl Store {
             changes: db.open_tree("changes")?,
             blocks: db.open_tree("blocks")?,
             wgkeys: db.open_tree("wgkeys")?,
+            node_serials: db.open_tree("node_serials")?,
             db,
         })
     }
@@ -244,6 +256,28 @@ impl Store {
 
     pub fn put_node(&self, n: &NodeRecord) -> StoreResult<()> {
         self.nodes.insert(n.key(), encode(n))?;
+        Ok(())
+    }
+
+    /// Remember that `serial` was issued to node `nkey` (flushed by the caller).
+    pub fn add_node_serial(&self, nkey: &str, serial: &NodeSerial) -> StoreResult<()> {
+        self.node_serials
+            .insert(format!("{nkey}/{}", serial.serial_hex), encode(serial))?;
+        Ok(())
+    }
+
+    /// Every serial recorded for node `nkey` (node names contain no `/`).
+    pub fn node_serials(&self, nkey: &str) -> StoreResult<Vec<NodeSerial>> {
+        self.node_serials
+            .scan_prefix(format!("{nkey}/"))
+            .values()
+            .map(|v| decode("node_serials", &v?))
+            .collect()
+    }
+
+    /// Forget one recorded serial of node `nkey`.
+    pub fn remove_node_serial(&self, nkey: &str, serial_hex: &str) -> StoreResult<()> {
+        self.node_serials.remove(format!("{nkey}/{serial_hex}"))?;
         Ok(())
     }
 

@@ -39,10 +39,16 @@ impl Controller {
     /// `openssl ocsp` against the controller's responder for a node's stored certificate;
     /// the response must verify. Returns everything openssl printed.
     pub fn ocsp_status(&self, state: &Path) -> String {
+        self.ocsp_cert_status(state, &state.join("node.crt"))
+    }
+
+    /// `openssl ocsp` for any certificate `cert` (PEM) issued by the intermediate in
+    /// `state/chain.pem`, trusting `state/ca.crt`; the response must verify.
+    pub fn ocsp_cert_status(&self, state: &Path, cert: &Path) -> String {
         let out = crate::openssl(&["ocsp", "-issuer"])
             .arg(state.join("chain.pem"))
             .arg("-cert")
-            .arg(state.join("node.crt"))
+            .arg(cert)
             .args(["-url", &format!("http://{}/ocsp", self.pki)])
             .arg("-CAfile")
             .arg(state.join("ca.crt"))

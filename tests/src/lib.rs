@@ -104,3 +104,4 @@ pub fn is_root() -> bool {
 }
 
 pub mod cluster;
+pub mod inproc;
