@@ -940,10 +940,10 @@ mod tests {
         let (owner, attacker, traveller) = (ip("127.0.0.3"), ip("127.0.0.2"), ip("127.0.0.4"));
         let a = t.start("owner", owner, at(0)).unwrap();
         t.settle(a, Settlement::Success, at(0));
-        let mut now = at(1);
+        let (mut now, mut delay) = (at(1), Duration::ZERO);
         for _ in 0..20 {
-            let o = t.record_failure("owner", attacker, now);
-            now += o.delay;
+            now += delay;
+            delay = t.record_failure("owner", attacker, now).delay;
         }
         // The attacker waits, and so does a source never seen for the account ...
         assert!(matches!(t.check("owner", attacker, now), Gate::Wait(_)));
