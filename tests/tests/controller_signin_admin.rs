@@ -153,7 +153,7 @@ fn throttle_list_clear_and_user_passwd_through_the_cli() {
         curl_sign_in(
             &ctl,
             dir.path(),
-            "127.0.0.4",
+            "127.0.0.3",
             EMAIL,
             "the first long passphrase"
         ),
@@ -163,7 +163,7 @@ fn throttle_list_clear_and_user_passwd_through_the_cli() {
         curl_sign_in(
             &ctl,
             dir.path(),
-            "127.0.0.4",
+            "127.0.0.3",
             EMAIL,
             "the second long passphrase"
         ),
