@@ -477,6 +477,30 @@ impl Throttle {
         let unchanged = a.epoch == self.epoch;
         match how {
             Settlement::Failure => {
+                // The delay runs from when the answer is known, not from the reservation.
+                let cfg = &self.cfg;
+                let refresh = |c: &mut Counter| {
+                    c.last_failure = c.last_failure.max(now);
+                    c.next_allowed = c.next_allowed.max(now + cfg.delay_after(c.failures));
+                };
+                if let Some(c) = self.pairs.get_mut(&(a.account.clone(), a.source)) {
+                    refresh(c);
+                }
+                if let Some(c) = self
+                    .sources
+                    .get_mut(&a.source)
+                    .and_then(|s| s.counter.as_mut())
+                {
+                    refresh(c);
+                }
+                if !a.known_good
+                    && let Some(c) = self
+                        .accounts
+                        .get_mut(&a.account)
+                        .and_then(|s| s.counter.as_mut())
+                {
+                    refresh(c);
+                }
                 let blocked = self.note_failure(&a.account, a.source, now);
                 Some(self.outcome(&a.account, a.source, blocked, now))
             }
