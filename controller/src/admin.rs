@@ -3,7 +3,7 @@
 //! when no controller is running. One handler serves both paths.
 
 use crate::audit::{AuditEvent, AuditLog};
-use crate::auth::{Role, cli as auth_cli};
+use crate::auth::{ClearTarget, Role, cli as auth_cli};
 use crate::authority::Authority;
 use crate::error::ControllerError;
 use crate::mesh::Mesh;
@@ -73,6 +73,15 @@ pub enum AdminRequest {
     UserDisable {
         email: String,
     },
+    UserPasswd {
+        email: String,
+        password: Redacted,
+    },
+    ThrottleList,
+    ThrottleClear {
+        email: Option<String>,
+        source: Option<String>,
+    },
     Health,
     BlockAdd {
         address: String,
@@ -106,6 +115,8 @@ impl AdminRequest {
                 | Self::TokenCreate { .. }
                 | Self::NodeList
                 | Self::NodeRevoke { .. }
+                | Self::ThrottleList
+                | Self::ThrottleClear { .. }
                 | Self::BlockAdd { .. }
                 | Self::Health
         )
@@ -407,6 +418,35 @@ impl AdminHandler {
                 )
                 .map_err(|e| ControllerError::BadRequest(e.to_string()))?;
                 json!({ "email": email, "sessions_ended": ended })
+            }
+            AdminRequest::UserPasswd { email, password } => {
+                let web = self.web()?;
+                let ended = auth_cli::change_password(
+                    web.users(),
+                    web.sessions(),
+                    self.audit_log()?,
+                    &email,
+                    &password.0,
+                    "cli",
+                )
+                .map_err(|e| ControllerError::BadRequest(e.to_string()))?;
+                json!({ "email": crate::auth::normalize_email(&email), "sessions_ended": ended })
+            }
+            AdminRequest::ThrottleList => json!(self.web()?.throttle_list(1000)),
+            AdminRequest::ThrottleClear { email, source } => {
+                let target = match (email, source) {
+                    (Some(e), None) => ClearTarget::Account(e),
+                    (None, Some(s)) => ClearTarget::Source(s.parse().map_err(|_| {
+                        ControllerError::BadRequest(format!("{s:?} is not an IP address"))
+                    })?),
+                    _ => {
+                        return Err(ControllerError::BadRequest(
+                            "give exactly one of --email and --source".into(),
+                        ));
+                    }
+                };
+                let cleared = self.web()?.clear_throttle(&target, "cli");
+                json!({ "target": target, "cleared": cleared })
             }
             AdminRequest::Audit { limit } => {
                 let records = self

@@ -90,6 +90,11 @@ enum Command {
         #[command(subcommand)]
         command: BlockCommand,
     },
+    /// Failed sign-in counters and blocks of the running controller.
+    Throttle {
+        #[command(subcommand)]
+        command: ThrottleCommand,
+    },
     /// The append-only audit log of security decisions.
     Audit {
         #[arg(long)]
@@ -113,6 +118,22 @@ enum BlockCommand {
 }
 
 #[derive(Subcommand, Debug)]
+enum ThrottleCommand {
+    /// Accounts and sources with failed sign-ins, their delays and blocks.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Forget the failures of an account or of a source address (and lift its block).
+    Clear {
+        #[arg(long, conflicts_with = "source", required_unless_present = "source")]
+        email: Option<String>,
+        #[arg(long)]
+        source: Option<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 enum UserCommand {
     /// Add a user; the password is read from a prompt, or from stdin when it is not a terminal.
     Add {
@@ -131,6 +152,11 @@ enum UserCommand {
     },
     /// Disable a user and end their sessions.
     Disable {
+        #[arg(long)]
+        email: String,
+    },
+    /// Set a user's password (read like `user add`) and end their sessions.
+    Passwd {
         #[arg(long)]
         email: String,
     },
@@ -424,6 +450,23 @@ async fn dispatch(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
+        Command::User {
+            command: UserCommand::Passwd { email },
+        } => {
+            let password = read_password()?;
+            let req = AdminRequest::UserPasswd {
+                email,
+                password: admin::Redacted(password.to_string()),
+            };
+            let v = request(&cli.data_dir, &kek, req).await?;
+            println!(
+                "password of {} changed ({} session(s) ended)",
+                s(&v["email"]),
+                v["sessions_ended"]
+            );
+            Ok(())
+        }
+        Command::Throttle { command } => throttle_command(&cli.data_dir, &kek, command).await,
         Command::Block {
             command:
                 BlockCommand::Add {
@@ -489,6 +532,22 @@ async fn dispatch(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+async fn throttle_command(data_dir: &Path, kek: &KekSource, cmd: ThrottleCommand) -> Result<()> {
+    use zonemesh_controller::auth::{ThrottleList, cli::render_throttles};
+    match cmd {
+        ThrottleCommand::List { json } => {
+            let v = request(data_dir, kek, AdminRequest::ThrottleList).await?;
+            let list: ThrottleList = serde_json::from_value(v).context("bad throttle list")?;
+            print!("{}", render_throttles(&list, json));
+        }
+        ThrottleCommand::Clear { email, source } => {
+            let v = request(data_dir, kek, AdminRequest::ThrottleClear { email, source }).await?;
+            println!("cleared {} counter(s) or block(s)", v["cleared"]);
+        }
+    }
+    Ok(())
 }
 
 /// The password, never from argv: a no-echo prompt on a terminal, else the first stdin line.

@@ -21,7 +21,10 @@ pub use password::{
     check_new_password, normalize_email,
 };
 pub use session::{Session, SessionKind, SessionStore};
-pub use throttle::{FailureOutcome, Gate, Throttle, ThrottleConfig};
+pub use throttle::{
+    AttemptGuard, ClearTarget, FailureOutcome, Gate, SharedThrottle, Throttle, ThrottleConfig,
+    ThrottleList, ThrottleRow,
+};
 pub use users::{PasswordCheck, SecondFactor, TotpEnrollment, UserAdded, UserStore, UserSummary};
 
 /// Errors of the auth layer. `Display` never contains a secret.

@@ -8,6 +8,7 @@
 use std::collections::HashSet;
 use std::fmt;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -302,6 +303,8 @@ pub struct PasswordHasher {
     permits: Arc<tokio::sync::Semaphore>,
     queue_timeout: Duration,
     dummy: OnceLock<PasswordHash>,
+    /// Password verifications run through the bounded API.
+    verifications: AtomicU64,
 }
 
 impl PasswordHasher {
@@ -321,6 +324,7 @@ impl PasswordHasher {
             permits: Arc::new(tokio::sync::Semaphore::new(max_concurrent.max(1))),
             queue_timeout,
             dummy: OnceLock::new(),
+            verifications: AtomicU64::new(0),
         }
     }
 
@@ -463,8 +467,11 @@ impl PasswordHasher {
         password: Zeroizing<String>,
         stored: PasswordHash,
     ) -> Result<Verified, AuthError> {
-        self.bounded(move |h| h.verify(&email, &password, &stored))
-            .await?
+        self.bounded(move |h| {
+            h.verifications.fetch_add(1, Ordering::Relaxed);
+            h.verify(&email, &password, &stored)
+        })
+        .await?
     }
 
     /// [`PasswordHasher::hash`] on the blocking pool, at most `max_concurrent` at a time.
@@ -474,6 +481,11 @@ impl PasswordHasher {
         password: Zeroizing<String>,
     ) -> Result<PasswordHash, AuthError> {
         self.bounded(move |h| h.hash(&email, &password)).await?
+    }
+
+    /// Password verifications run so far through [`PasswordHasher::verify_bounded`].
+    pub fn verifications(&self) -> u64 {
+        self.verifications.load(Ordering::Relaxed)
     }
 
     /// Hash permits currently free (for metrics).

@@ -168,6 +168,23 @@ impl SessionStore {
         Ok(n)
     }
 
+    /// End every session of `email` but the one for `keep` (after a password change).
+    pub fn remove_for_user_except(&self, email: &str, keep: &str) -> Result<usize, AuthError> {
+        let keep = token_key(keep);
+        let mut n = 0;
+        for item in self.tree.iter() {
+            let (k, v) = item?;
+            if k.as_ref() != keep.as_slice()
+                && serde_json::from_slice::<Session>(&v).is_ok_and(|s| s.email == email)
+            {
+                self.tree.remove(k)?;
+                n += 1;
+            }
+        }
+        self.tree.flush()?;
+        Ok(n)
+    }
+
     /// Drop expired sessions; returns how many.
     pub fn purge_expired(&self, now: SystemTime) -> Result<usize, AuthError> {
         let mut n = 0;

@@ -105,39 +105,101 @@ pub fn qr_terminal(uri: &str) -> Result<String, AuthError> {
         .build())
 }
 
-/// Fresh recovery codes (`xxxxx-xxxxx`, 50 bits each from a 32-letter alphabet).
+/// The recovery-code alphabet: Crockford's base32 (no i, l, o, u), 32 symbols, so each
+/// character is exactly 5 random bits.
+pub const RECOVERY_ALPHABET: &[u8; 32] = b"0123456789abcdefghjkmnpqrstvwxyz";
+/// Characters per recovery code (50 bits), shown as two groups of five.
+pub const RECOVERY_CODE_CHARS: usize = 10;
+
+/// A recovery code from 64 random bits: each character takes the next 5 bits, so every
+/// symbol is equally likely (no modulo bias).
+pub fn recovery_code_from(bits: u64) -> Zeroizing<String> {
+    let mut s = Zeroizing::new(String::with_capacity(RECOVERY_CODE_CHARS + 1));
+    for i in 0..RECOVERY_CODE_CHARS {
+        if i == 5 {
+            s.push('-');
+        }
+        let idx = ((bits >> (5 * i)) & 31) as usize;
+        s.push(RECOVERY_ALPHABET[idx] as char);
+    }
+    s
+}
+
+/// Fresh recovery codes (`xxxxx-xxxxx`, 50 bits each).
 pub fn generate_recovery_codes() -> Vec<Zeroizing<String>> {
-    const ALPHABET: &[u8] = b"abcdefghjkmnpqrstuvwxyz23456789";
     (0..RECOVERY_CODES)
         .map(|_| {
-            let mut raw = [0u8; 10];
-            rand::fill(&mut raw);
-            let mut s = String::with_capacity(11);
-            for (i, b) in raw.iter().enumerate() {
-                if i == 5 {
-                    s.push('-');
-                }
-                s.push(ALPHABET[(*b as usize) % ALPHABET.len()] as char);
-            }
-            Zeroizing::new(s)
+            let mut raw = Zeroizing::new([0u8; 8]);
+            rand::fill(&mut raw[..]);
+            recovery_code_from(u64::from_le_bytes(*raw))
         })
         .collect()
 }
 
-/// How a recovery code is stored: SHA-256 of the normalised code, hex. The codes carry
-/// 50 random bits and are rate-limited like passwords, so a fast hash is enough.
-pub fn hash_recovery_code(email: &str, code: &str) -> String {
-    let norm: String = code
-        .chars()
-        .filter(|c| c.is_ascii_alphanumeric())
-        .collect::<String>()
-        .to_lowercase();
+/// A typed code as it is hashed: letters and digits only, lower case, with the letters
+/// Crockford's base32 reads as digits mapped to them.
+fn normalize_recovery_code(code: &str) -> Zeroizing<String> {
+    Zeroizing::new(
+        code.chars()
+            .filter(|c| c.is_ascii_alphanumeric())
+            .map(|c| match c.to_ascii_lowercase() {
+                'o' => '0',
+                'i' | 'l' => '1',
+                c => c,
+            })
+            .collect(),
+    )
+}
+
+const RECOVERY_V2: &str = "v2$";
+
+fn recovery_digest(version: &[u8], salt: &[u8], email: &str, norm: &str) -> String {
     let mut h = Sha256::new();
-    h.update(b"zonemesh/recovery-code/v1\0");
+    h.update(version);
+    h.update(salt);
     h.update(super::password::normalize_email(email).as_bytes());
     h.update(b"\0");
     h.update(norm.as_bytes());
     hex::encode(h.finalize())
+}
+
+/// How a recovery code is stored: `v2$<salt>$<hash>`, SHA-256 over a random 16-byte salt of
+/// its own, the account and the normalised code. The codes carry 50 random bits and are
+/// rate-limited like passwords, so a fast hash is enough; the salt makes every stored code
+/// a separate target, even where two users hold the same code.
+pub fn hash_recovery_code(email: &str, code: &str) -> String {
+    let mut salt = [0u8; 16];
+    rand::fill(&mut salt);
+    let norm = normalize_recovery_code(code);
+    format!(
+        "{RECOVERY_V2}{}${}",
+        hex::encode(salt),
+        recovery_digest(b"zonemesh/recovery-code/v2\0", &salt, email, &norm)
+    )
+}
+
+/// Whether `code` matches a stored recovery code: the salted form, or the unsalted hex
+/// SHA-256 of records made before salts.
+pub fn recovery_code_matches(email: &str, code: &str, stored: &str) -> bool {
+    let norm = normalize_recovery_code(code);
+    let expected = match stored.strip_prefix(RECOVERY_V2) {
+        Some(rest) => {
+            let Some((salt, _)) = rest.split_once('$') else {
+                return false;
+            };
+            let Ok(salt) = hex::decode(salt) else {
+                return false;
+            };
+            format!(
+                "{RECOVERY_V2}{}${}",
+                hex::encode(&salt),
+                recovery_digest(b"zonemesh/recovery-code/v2\0", &salt, email, &norm)
+            )
+        }
+        None => recovery_digest(b"zonemesh/recovery-code/v1\0", b"", email, &norm),
+    };
+    aws_lc_rs::constant_time::verify_slices_are_equal(expected.as_bytes(), stored.as_bytes())
+        .is_ok()
 }
 
 #[cfg(test)]
@@ -204,10 +266,82 @@ mod tests {
         let codes = generate_recovery_codes();
         assert_eq!(codes.len(), RECOVERY_CODES);
         let h = hash_recovery_code("a@b.example", &codes[0]);
-        assert_eq!(
-            h,
-            hash_recovery_code("A@B.example", &codes[0].to_uppercase())
+        assert!(recovery_code_matches(
+            "A@B.example",
+            &codes[0].to_uppercase(),
+            &h
+        ));
+        assert!(!recovery_code_matches("a@b.example", &codes[1], &h));
+        assert!(!recovery_code_matches("c@b.example", &codes[0], &h));
+        // Crockford's reading of look-alikes.
+        let h = hash_recovery_code("a@b.example", "01abc-defgh");
+        assert!(recovery_code_matches("a@b.example", "OLABC DEFGH", &h));
+    }
+
+    #[test]
+    fn recovery_alphabet_is_32_symbols_drawn_without_bias() {
+        let set: std::collections::HashSet<u8> = RECOVERY_ALPHABET.iter().copied().collect();
+        assert_eq!(set.len(), 32, "32 distinct symbols: 5 bits each");
+        // Structural: every 5-bit value maps to its own symbol at every position, so a
+        // uniform 64-bit draw gives uniform characters.
+        for pos in 0..RECOVERY_CODE_CHARS {
+            let seen: std::collections::HashSet<char> = (0..32u64)
+                .map(|v| {
+                    let code = recovery_code_from(v << (5 * pos));
+                    code.replace('-', "").chars().nth(pos).unwrap()
+                })
+                .collect();
+            assert_eq!(seen.len(), 32, "position {pos}");
+        }
+        // Statistical: chi-square of 200,000 drawn characters over 32 symbols (31 degrees of
+        // freedom; 75 is beyond p = 1e-5). A 31-symbol alphabet with `byte % 31` gives
+        // several hundred here.
+        let mut counts = std::collections::HashMap::<char, u64>::new();
+        let mut n = 0u64;
+        for _ in 0..2000 {
+            for code in generate_recovery_codes() {
+                for c in code.chars().filter(|c| *c != '-') {
+                    *counts.entry(c).or_default() += 1;
+                    n += 1;
+                }
+            }
+        }
+        assert_eq!(counts.len(), 32, "{counts:?}");
+        let expected = n as f64 / 32.0;
+        let chi2: f64 = counts
+            .values()
+            .map(|&c| (c as f64 - expected).powi(2) / expected)
+            .sum();
+        assert!(
+            chi2 < 75.0,
+            "chi-square {chi2:.1} over {n} characters: {counts:?}"
         );
-        assert_ne!(h, hash_recovery_code("a@b.example", &codes[1]));
+    }
+
+    #[test]
+    fn recovery_hashes_are_salted_per_code() {
+        let code = "abcde-fghjk";
+        let a = hash_recovery_code("alice@example.com", code);
+        let b = hash_recovery_code("bob@example.com", code);
+        let a2 = hash_recovery_code("alice@example.com", code);
+        assert_ne!(
+            a, a2,
+            "the same code for the same user is stored differently"
+        );
+        assert_ne!(a.rsplit('$').next(), b.rsplit('$').next());
+        assert!(a.starts_with("v2$") && a.split('$').nth(1).unwrap().len() == 32);
+        assert!(recovery_code_matches("alice@example.com", code, &a2));
+        assert!(recovery_code_matches("bob@example.com", code, &b));
+        // Records from before salts still verify.
+        let mut h = Sha256::new();
+        h.update(b"zonemesh/recovery-code/v1\0");
+        h.update(b"alice@example.com\0abcdefghjk");
+        let v1 = hex::encode(h.finalize());
+        assert!(recovery_code_matches("alice@example.com", code, &v1));
+        assert!(!recovery_code_matches(
+            "alice@example.com",
+            "abcde-fghjm",
+            &v1
+        ));
     }
 }

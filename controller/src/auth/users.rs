@@ -39,7 +39,8 @@ struct UserRecord {
     disabled: bool,
     created_ms: u64,
     totp: Option<TotpState>,
-    /// SHA-256 hashes of the unused recovery codes.
+    /// Salted SHA-256 hashes of the unused recovery codes (`totp::hash_recovery_code`;
+    /// records from before salts hold unsalted hex, still accepted).
     recovery: Vec<String>,
 }
 
@@ -384,6 +385,28 @@ impl UserStore {
         Ok(())
     }
 
+    /// [`UserStore::set_password`] with the hash on the bounded hashing pool and the write
+    /// on the blocking pool.
+    pub async fn set_password_bounded(
+        self: &Arc<Self>,
+        email: &str,
+        password: Zeroizing<String>,
+    ) -> Result<(), AuthError> {
+        let email = normalize_email(email);
+        check_new_password(&email, &password)?;
+        let hash = self.hasher.hash_bounded(email.clone(), password).await?;
+        let me = Arc::clone(self);
+        tokio::task::spawn_blocking(move || {
+            me.modify(&email, |r| {
+                r.password = hash.clone();
+                Ok(Some(()))
+            })
+            .map(|_| ())
+        })
+        .await
+        .map_err(|e| AuthError::Hash(format!("password store task: {e}")))?
+    }
+
     /// Whether `email` is an enabled user, and with which role.
     pub fn active_role(&self, email: &str) -> Result<Option<Role>, AuthError> {
         Ok(self
@@ -524,13 +547,17 @@ impl UserStore {
                 self.reseal_if_old(&email, st, &secret)?;
                 Ok(Some(()))
             } else {
-                let h = totp::hash_recovery_code(&email, code);
-                let before = r.recovery.len();
-                r.recovery.retain(|x| {
-                    aws_lc_rs::constant_time::verify_slices_are_equal(x.as_bytes(), h.as_bytes())
-                        .is_err()
-                });
-                Ok((r.recovery.len() < before).then_some(()))
+                // Every stored code is checked, so the time does not tell which one matched.
+                let matched: Vec<bool> = r
+                    .recovery
+                    .iter()
+                    .map(|x| totp::recovery_code_matches(&email, code, x))
+                    .collect();
+                let Some(i) = matched.iter().position(|m| *m) else {
+                    return Ok(None);
+                };
+                r.recovery.remove(i);
+                Ok(Some(()))
             }
         });
         match ok {

@@ -6,6 +6,8 @@
 //! - `GET /signin/code`, `POST /signin/code`: TOTP or recovery code step
 //! - `GET /enroll`, `POST /enroll`: TOTP enrollment (mandatory for admins before any session)
 //! - `GET /dashboard`: zones and nodes with certificate expiry
+//! - `GET /account/password`, `POST /account/password`: password change (throttled like
+//!   sign-in; ends the user's other sessions)
 //! - `POST /signout`
 //! - `GET /healthz`, `GET /static/style.css`
 
@@ -28,8 +30,9 @@ use zeroize::Zeroizing;
 use crate::audit::{AuditEvent, AuditLog};
 use crate::auth::session::{csrf_for, csrf_matches, random_token};
 use crate::auth::{
-    AuthError, AuthMetrics, FailureOutcome, Gate, PasswordCheck, Role, SecondFactor, SecuritySink,
-    Session, SessionKind, SessionStore, Throttle, UserStore, WebConfig, normalize_email,
+    AttemptGuard, AuthError, AuthMetrics, ClearTarget, FailureOutcome, Gate, PasswordCheck, Role,
+    SecondFactor, SecuritySink, Session, SessionKind, SessionStore, SharedThrottle, Throttle,
+    ThrottleList, UserStore, WebConfig, normalize_email,
 };
 
 pub use tls::{CertSource, IssuedTls, TlsError, ca_issuer, serve_https, server_config};
@@ -82,7 +85,7 @@ struct Inner {
     users: Arc<UserStore>,
     sessions: Arc<SessionStore>,
     audit: Arc<AuditLog>,
-    throttle: Mutex<Throttle>,
+    throttle: SharedThrottle,
     sink: Arc<dyn SecuritySink>,
     dashboard: Arc<dyn DashboardSource>,
     metrics: Arc<AuthMetrics>,
@@ -113,7 +116,7 @@ impl WebState {
                 users,
                 sessions,
                 audit,
-                throttle: Mutex::new(Throttle::new(cfg.throttle.clone())),
+                throttle: Arc::new(Mutex::new(Throttle::new(cfg.throttle.clone()))),
                 sink,
                 dashboard,
                 metrics: Arc::new(AuthMetrics::default()),
@@ -161,6 +164,29 @@ impl WebState {
                 .actor(actor)
                 .source(ip),
         );
+    }
+
+    /// Live sign-in counters and blocks (`throttle list`), at most `limit` rows.
+    pub fn throttle_list(&self, limit: usize) -> ThrottleList {
+        let now = self.now();
+        self.throttle().list(now, limit)
+    }
+
+    /// Clear the counters of an account or a source (`throttle clear`); audited.
+    pub fn clear_throttle(&self, target: &ClearTarget, actor: &str) -> usize {
+        let target = match target {
+            ClearTarget::Account(a) => ClearTarget::Account(normalize_email(a)),
+            t => t.clone(),
+        };
+        let n = self.throttle().clear(&target);
+        let event = AuditEvent::new("throttle.cleared", "ok")
+            .actor(actor)
+            .detail(format!("{n} counter(s) or block(s) removed"));
+        self.audit(match &target {
+            ClearTarget::Account(a) => event.subject(a),
+            ClearTarget::Source(ip) => event.source(*ip),
+        });
+        n
     }
 
     /// Disable a user and end their sessions; audited.
@@ -226,6 +252,10 @@ pub fn router(state: WebState) -> Router {
         .route("/signin/code", get(code_page).post(code_submit))
         .route("/enroll", get(enroll_page).post(enroll_submit))
         .route("/dashboard", get(dashboard))
+        .route(
+            "/account/password",
+            get(password_page).post(password_submit),
+        )
         .route("/signout", post(signout))
         .route("/healthz", get(|| async { "ok" }))
         .route("/static/style.css", get(style))
@@ -519,17 +549,30 @@ fn gate_refusal(state: &WebState, gate: Gate, now: SystemTime) -> Option<Respons
     }
 }
 
-/// Count a failure against account and source, audit it, and block the source when it
-/// keeps failing across accounts.
+/// Reserve an attempt of `ip` on `account`, or the response refusing it unchecked.
+fn reserve(
+    state: &WebState,
+    account: &str,
+    ip: IpAddr,
+    now: SystemTime,
+) -> Result<AttemptGuard, Response> {
+    Throttle::begin(&state.inner.throttle, account, ip, now).map_err(|gate| {
+        gate_refusal(state, gate, now).unwrap_or_else(|| internal("attempt refused unexplained"))
+    })
+}
+
+/// Settle an attempt as a failure of account and source, audit it, and block the source
+/// when it keeps failing across accounts.
 fn record_failure(
     state: &WebState,
+    attempt: AttemptGuard,
     kind: &str,
     account: &str,
     ip: IpAddr,
     detail: &str,
 ) -> FailureOutcome {
     let now = state.now();
-    let outcome = state.throttle().record_failure(account, ip, now);
+    let outcome = attempt.failure(now);
     // Whatever was typed as an e-mail address goes to the audit log, unless it cannot be
     // one: people do type passwords into the wrong field.
     let subject = if account.contains('@') && !account.contains(char::is_whitespace) {
@@ -590,14 +633,16 @@ async fn signin_submit(
     }
     let email = normalize_email(&form.email);
     let now = state.now();
-    let gate = state.throttle().check(&email, ip, now);
-    if let Some(r) = gate_refusal(&state, gate, now) {
-        return r;
-    }
+    let attempt = match reserve(&state, &email, ip, now) {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
     let password = Zeroizing::new(form.password.clone());
     let checked = match state.inner.users.check_password(&email, password).await {
         Ok(c) => c,
         Err(AuthError::Busy) => {
+            // Nothing was checked: the attempt does not count.
+            attempt.neutral(state.now());
             AuthMetrics::inc(&state.inner.metrics.busy);
             let mut r = (
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -626,7 +671,7 @@ async fn signin_submit(
                 PasswordCheck::Disabled => "disabled account",
                 _ => "wrong password",
             };
-            record_failure(&state, "signin.failure", &email, ip, detail);
+            record_failure(&state, attempt, "signin.failure", &email, ip, detail);
             return signin_form(
                 StatusCode::UNAUTHORIZED,
                 &email,
@@ -645,11 +690,14 @@ async fn signin_submit(
             ) {
                 return internal("audit log unavailable");
             }
-            state.throttle().record_success(&email, ip, now);
+            attempt.success(now);
             AuthMetrics::inc(&state.inner.metrics.signin_success);
             start_session(&state, &email, role, SessionKind::Full, "/dashboard")
         }
         SecondFactor::Totp => {
+            // The password was right; the sign-in completes (and the source becomes known
+            // good) only with the second factor.
+            attempt.neutral(now);
             state.audit(
                 AuditEvent::new("signin.password", "ok")
                     .actor(&email)
@@ -665,6 +713,7 @@ async fn signin_submit(
             )
         }
         SecondFactor::EnrollRequired => {
+            attempt.neutral(now);
             state.audit(
                 AuditEvent::new("signin.password", "ok")
                     .actor(&email)
@@ -714,15 +763,18 @@ async fn code_submit(
         return csrf_refused(&state);
     }
     let now = state.now();
-    let gate = state.throttle().check(&s.email, ip, now);
-    if let Some(r) = gate_refusal(&state, gate, now) {
-        return r;
-    }
-    match state
-        .inner
-        .users
-        .verify_second_factor(&s.email, &form.code, now)
-    {
+    let attempt = match reserve(&state, &s.email, ip, now) {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
+    let (users, email, code) = (
+        state.inner.users.clone(),
+        s.email.clone(),
+        form.code.clone(),
+    );
+    let verified =
+        tokio::task::spawn_blocking(move || users.verify_second_factor(&email, &code, now)).await;
+    match verified.unwrap_or_else(|e| Err(AuthError::Totp(format!("code check task: {e}")))) {
         Ok(true) => {
             if !state.audit(
                 AuditEvent::new("signin.success", "ok")
@@ -733,7 +785,7 @@ async fn code_submit(
                 return internal("audit log unavailable");
             }
             let _ = state.inner.sessions.remove(&token);
-            state.throttle().record_success(&s.email, ip, now);
+            attempt.success(now);
             AuthMetrics::inc(&state.inner.metrics.signin_success);
             start_session(&state, &s.email, s.role, SessionKind::Full, "/dashboard")
         }
@@ -741,6 +793,7 @@ async fn code_submit(
             AuthMetrics::inc(&state.inner.metrics.second_factor_failure);
             record_failure(
                 &state,
+                attempt,
                 "signin.second-factor-failure",
                 &s.email,
                 ip,
@@ -814,12 +867,24 @@ async fn enroll_submit(
         return csrf_refused(&state);
     }
     let now = state.now();
-    let gate = state.throttle().check(&s.email, ip, now);
-    if let Some(r) = gate_refusal(&state, gate, now) {
-        return r;
-    }
-    match state.inner.users.confirm_totp(&s.email, &form.code, now) {
+    let attempt = match reserve(&state, &s.email, ip, now) {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
+    let (users, email, code) = (
+        state.inner.users.clone(),
+        s.email.clone(),
+        form.code.clone(),
+    );
+    let confirmed =
+        tokio::task::spawn_blocking(move || users.confirm_totp(&email, &code, now)).await;
+    match confirmed.unwrap_or_else(|e| Err(AuthError::Totp(format!("code check task: {e}")))) {
         Ok(Some(codes)) => {
+            if s.kind == SessionKind::PendingEnrollment {
+                attempt.success(now);
+            } else {
+                attempt.neutral(now);
+            }
             if !state.audit(
                 AuditEvent::new("totp.enrolled", "ok")
                     .actor(&s.email)
@@ -831,7 +896,6 @@ async fn enroll_submit(
             // A pending enrollment becomes a full session under a new token.
             let (token, extra) = if s.kind == SessionKind::PendingEnrollment {
                 let _ = state.inner.sessions.remove(&token);
-                state.throttle().record_success(&s.email, ip, now);
                 AuthMetrics::inc(&state.inner.metrics.signin_success);
                 state.audit(
                     AuditEvent::new("signin.success", "ok")
@@ -870,6 +934,7 @@ async fn enroll_submit(
             AuthMetrics::inc(&state.inner.metrics.second_factor_failure);
             record_failure(
                 &state,
+                attempt,
                 "totp.enroll-failure",
                 &s.email,
                 ip,
@@ -922,6 +987,160 @@ async fn dashboard(State(state): State<WebState>, headers: HeaderMap) -> Respons
         enrolled,
     ))
     .into_response()
+}
+
+#[derive(Deserialize)]
+struct PasswordForm {
+    csrf: String,
+    current: String,
+    new: String,
+    confirm: String,
+}
+
+impl Drop for PasswordForm {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.current);
+        zeroize::Zeroize::zeroize(&mut self.new);
+        zeroize::Zeroize::zeroize(&mut self.confirm);
+    }
+}
+
+fn full_session(
+    state: &WebState,
+    headers: &HeaderMap,
+) -> Result<(Zeroizing<String>, Session), Response> {
+    match current_session(state, headers) {
+        Some((token, s)) if s.kind == SessionKind::Full => Ok((token, s)),
+        Some((_, s)) if s.kind == SessionKind::PendingEnrollment => {
+            Err(Redirect::to("/enroll").into_response())
+        }
+        Some(_) => Err(Redirect::to("/signin/code").into_response()),
+        None => Err(Redirect::to("/signin").into_response()),
+    }
+}
+
+fn password_view(
+    token: &str,
+    s: &Session,
+    status: StatusCode,
+    error: Option<&str>,
+    done: Option<&str>,
+) -> Response {
+    let csrf = csrf_for(token);
+    let viewer = pages::Viewer {
+        email: &s.email,
+        role: s.role.as_str(),
+        csrf: &csrf,
+    };
+    (status, Html(pages::change_password(&viewer, error, done))).into_response()
+}
+
+async fn password_page(State(state): State<WebState>, headers: HeaderMap) -> Response {
+    match full_session(&state, &headers) {
+        Ok((token, s)) => password_view(&token, &s, StatusCode::OK, None, None),
+        Err(r) => r,
+    }
+}
+
+async fn password_submit(
+    State(state): State<WebState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Form(form): Form<PasswordForm>,
+) -> Response {
+    let ip = peer.ip();
+    let (token, s) = match full_session(&state, &headers) {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    if !csrf_matches(&token, &form.csrf) {
+        return csrf_refused(&state);
+    }
+    if form.new != form.confirm {
+        return password_view(
+            &token,
+            &s,
+            StatusCode::BAD_REQUEST,
+            Some("The two new passwords differ."),
+            None,
+        );
+    }
+    if let Err(e) = crate::auth::check_new_password(&s.email, &form.new) {
+        return password_view(
+            &token,
+            &s,
+            StatusCode::BAD_REQUEST,
+            Some(&e.to_string()),
+            None,
+        );
+    }
+    // The current password is checked like a sign-in: a stolen session must not become a
+    // way to guess it.
+    let now = state.now();
+    let attempt = match reserve(&state, &s.email, ip, now) {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
+    let current = Zeroizing::new(form.current.clone());
+    match state.inner.users.check_password(&s.email, current).await {
+        Ok(PasswordCheck::Ok { .. }) => attempt.neutral(state.now()),
+        Ok(_) => {
+            AuthMetrics::inc(&state.inner.metrics.signin_failure);
+            record_failure(
+                &state,
+                attempt,
+                "user.password-change-failure",
+                &s.email,
+                ip,
+                "wrong current password",
+            );
+            return password_view(
+                &token,
+                &s,
+                StatusCode::UNAUTHORIZED,
+                Some("The current password is wrong."),
+                None,
+            );
+        }
+        Err(AuthError::Busy) => {
+            attempt.neutral(state.now());
+            return password_view(
+                &token,
+                &s,
+                StatusCode::SERVICE_UNAVAILABLE,
+                Some("The server is busy. Try again in a few seconds."),
+                None,
+            );
+        }
+        Err(e) => return internal(e),
+    }
+    let new = Zeroizing::new(form.new.clone());
+    if let Err(e) = state.inner.users.set_password_bounded(&s.email, new).await {
+        return internal(e);
+    }
+    let (sessions, email, keep) = (state.inner.sessions.clone(), s.email.clone(), token.clone());
+    let ended =
+        match tokio::task::spawn_blocking(move || sessions.remove_for_user_except(&email, &keep))
+            .await
+        {
+            Ok(Ok(n)) => n,
+            Ok(Err(e)) => return internal(e),
+            Err(e) => return internal(e),
+        };
+    state.audit(
+        AuditEvent::new("user.password-changed", "ok")
+            .actor(&s.email)
+            .subject(&s.email)
+            .source(ip)
+            .detail(format!("{ended} other sessions ended")),
+    );
+    password_view(
+        &token,
+        &s,
+        StatusCode::OK,
+        None,
+        Some("Your password was changed. Every other session of yours has ended."),
+    )
 }
 
 #[derive(Deserialize)]

@@ -57,7 +57,7 @@ pub struct Viewer<'a> {
 fn layout(title: &str, viewer: Option<&Viewer<'_>>, body: &str) -> String {
     let nav = match viewer {
         Some(v) => format!(
-            r#"<div><span>{} ({})</span> <form method="post" action="/signout" class="inline"><input type="hidden" name="csrf" value="{}"><button type="submit" id="signout">Sign out</button></form></div>"#,
+            r#"<div><span>{} ({})</span> <a href="/account/password" id="change-password">Change password</a> <form method="post" action="/signout" class="inline"><input type="hidden" name="csrf" value="{}"><button type="submit" id="signout">Sign out</button></form></div>"#,
             esc(v.email),
             esc(v.role),
             esc(v.csrf)
@@ -93,6 +93,28 @@ pub fn signin(csrf: &str, email: &str, error: Option<&str>) -> String {
             msg = message("error", error),
             csrf = esc(csrf),
             email = esc(email),
+        ),
+    )
+}
+
+/// The password change form of a signed-in user.
+pub fn change_password(viewer: &Viewer<'_>, error: Option<&str>, done: Option<&str>) -> String {
+    layout(
+        "Change password",
+        Some(viewer),
+        &format!(
+            r#"<div class="card narrow"><h1>Change password</h1>{msg}{ok}
+<form method="post" action="/account/password" id="password-form">
+<input type="hidden" name="csrf" value="{csrf}">
+<label for="current">Current password</label><input type="password" id="current" name="current" autocomplete="current-password" required autofocus>
+<label for="new">New password</label><input type="password" id="new" name="new" autocomplete="new-password" minlength="8" required>
+<label for="confirm">New password again</label><input type="password" id="confirm" name="confirm" autocomplete="new-password" required>
+<p>At least 8 characters; long passphrases are welcome. Changing it signs you out everywhere else.</p>
+<button type="submit" id="change">Change password</button></form>
+<p><a href="/dashboard">Back to the dashboard</a></p></div>"#,
+            msg = message("error", error),
+            ok = message("notice", done),
+            csrf = esc(viewer.csrf),
         ),
     )
 }

@@ -436,3 +436,33 @@ pub fn secret_of(uri: &str) -> String {
     let i = uri.find("secret=").expect("secret in URI") + 7;
     uri[i..].split('&').next().unwrap().to_string()
 }
+
+/// A clock that stands still until the test moves it.
+#[derive(Clone)]
+pub struct ManualClock {
+    base: SystemTime,
+    offset: Arc<Mutex<Duration>>,
+}
+
+impl ManualClock {
+    pub fn new() -> Self {
+        ManualClock {
+            base: SystemTime::now(),
+            offset: Arc::new(Mutex::new(Duration::ZERO)),
+        }
+    }
+
+    /// The clock for `Server::start_with_clock`.
+    pub fn clock(&self) -> zonemesh_controller::web::Clock {
+        let me = self.clone();
+        Arc::new(move || me.now())
+    }
+
+    pub fn now(&self) -> SystemTime {
+        self.base + *self.offset.lock().unwrap()
+    }
+
+    pub fn advance(&self, by: Duration) {
+        *self.offset.lock().unwrap() += by;
+    }
+}
