@@ -138,6 +138,86 @@ pub fn mtls_config_from(
     Ok(cfg)
 }
 
+/// The node's client certificate for mutual TLS, swapped in place on renewal: every
+/// handshake after the swap presents the new certificate, without rebuilding the TLS
+/// configuration or reading files.
+#[derive(Debug)]
+pub struct NodeCertResolver {
+    current: arc_swap::ArcSwap<rustls::sign::CertifiedKey>,
+}
+
+impl NodeCertResolver {
+    /// A resolver presenting `cert_der` (then `chain`) signed with `key_pkcs8`.
+    pub fn new(cert_der: &[u8], chain: &[Vec<u8>], key_pkcs8: &[u8]) -> Result<Self> {
+        Ok(Self {
+            current: arc_swap::ArcSwap::from(certified_key(cert_der, chain, key_pkcs8)?),
+        })
+    }
+
+    /// Present this certificate (for the same key) from the next handshake on.
+    pub fn swap_cert(&self, cert_der: &[u8], chain: &[Vec<u8>]) {
+        let mut certs = vec![CertificateDer::from(cert_der.to_vec())];
+        certs.extend(chain.iter().map(|c| CertificateDer::from(c.clone())));
+        let key = self.current.load().key.clone();
+        self.current
+            .store(Arc::new(rustls::sign::CertifiedKey::new(certs, key)));
+    }
+
+    /// The certificate presented now (DER).
+    pub fn current_cert(&self) -> Vec<u8> {
+        self.current
+            .load()
+            .cert
+            .first()
+            .map(|c| c.to_vec())
+            .unwrap_or_default()
+    }
+}
+
+fn certified_key(
+    cert_der: &[u8],
+    chain: &[Vec<u8>],
+    key_pkcs8: &[u8],
+) -> Result<Arc<rustls::sign::CertifiedKey>> {
+    let mut certs = vec![CertificateDer::from(cert_der.to_vec())];
+    certs.extend(chain.iter().map(|c| CertificateDer::from(c.clone())));
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key_pkcs8.to_vec()));
+    let signer = provider()
+        .key_provider
+        .load_private_key(key)
+        .context("loading the node key")?;
+    Ok(Arc::new(rustls::sign::CertifiedKey::new(certs, signer)))
+}
+
+impl rustls::client::ResolvesClientCert for NodeCertResolver {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[SignatureScheme],
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.current.load_full())
+    }
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// Mutual TLS whose client certificate comes from `resolver`.
+pub fn mtls_config_with(
+    root_der: &[u8],
+    resolver: Arc<NodeCertResolver>,
+) -> Result<rustls::ClientConfig> {
+    let mut roots = RootCertStore::empty();
+    roots
+        .add(CertificateDer::from(root_der.to_vec()))
+        .context("CA root")?;
+    let mut cfg = base_builder()?
+        .with_root_certificates(roots)
+        .with_client_cert_resolver(resolver);
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(cfg)
+}
+
 /// Mutual TLS with the node's stored certificate and key.
 pub fn mtls_config(state: &StateDir) -> Result<rustls::ClientConfig> {
     mtls_config_from(
@@ -150,6 +230,68 @@ pub fn mtls_config(state: &StateDir) -> Result<rustls::ClientConfig> {
 
 /// Open a gRPC channel to `host:port` over the given TLS config.
 pub async fn connect(controller: &str, tls: rustls::ClientConfig) -> Result<Channel> {
+    let (endpoint, connector) = endpoint(controller, tls)?;
+    let channel = endpoint
+        .connect_with_connector(connector)
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot connect to the controller at {controller}: {}",
+                error_chain(&e)
+            )
+        })?;
+    Ok(channel)
+}
+
+/// A gRPC channel to `host:port` that connects on first use and reconnects by itself
+/// after the connection is lost; meant to be kept for the life of the agent.
+pub fn connect_lazy(controller: &str, tls: rustls::ClientConfig) -> Result<Channel> {
+    let (endpoint, connector) = endpoint(controller, tls)?;
+    Ok(endpoint.connect_with_connector_lazy(connector))
+}
+
+/// Dials the controller: TCP, then TLS for the name it was given.
+#[derive(Clone)]
+struct Dial {
+    tls: TlsConnector,
+    server_name: ServerName<'static>,
+    addr: String,
+}
+
+type DialFuture = std::pin::Pin<
+    Box<
+        dyn std::future::Future<
+                Output = std::io::Result<
+                    TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>,
+                >,
+            > + Send,
+    >,
+>;
+
+impl tower::Service<http::Uri> for Dial {
+    type Response = TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
+    type Error = std::io::Error;
+    type Future = DialFuture;
+
+    fn poll_ready(
+        &mut self,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _uri: http::Uri) -> Self::Future {
+        let d = self.clone();
+        Box::pin(async move {
+            let tcp = tokio::net::TcpStream::connect(&d.addr).await?;
+            tcp.set_nodelay(true)?;
+            let tls = d.tls.connect(d.server_name, tcp).await?;
+            Ok(TokioIo::new(tls))
+        })
+    }
+}
+
+fn endpoint(controller: &str, tls: rustls::ClientConfig) -> Result<(Endpoint, Dial)> {
     let (host, _) = controller
         .rsplit_once(':')
         .with_context(|| format!("--controller {controller:?} must be HOST:PORT"))?;
@@ -165,26 +307,14 @@ pub async fn connect(controller: &str, tls: rustls::ClientConfig) -> Result<Chan
         .connect_timeout(Duration::from_secs(10))
         .http2_keep_alive_interval(Duration::from_secs(30))
         .keep_alive_timeout(Duration::from_secs(20));
-    let channel = endpoint
-        .connect_with_connector(tower::service_fn(move |_uri: http::Uri| {
-            let connector = connector.clone();
-            let server_name = server_name.clone();
-            let addr = addr.clone();
-            async move {
-                let tcp = tokio::net::TcpStream::connect(&addr).await?;
-                tcp.set_nodelay(true)?;
-                let tls = connector.connect(server_name, tcp).await?;
-                Ok::<_, std::io::Error>(TokioIo::new(tls))
-            }
-        }))
-        .await
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "cannot connect to the controller at {controller}: {}",
-                error_chain(&e)
-            )
-        })?;
-    Ok(channel)
+    Ok((
+        endpoint,
+        Dial {
+            tls: connector,
+            server_name,
+            addr,
+        },
+    ))
 }
 
 /// All causes of an error on one line (TLS failures hide in the sources).

@@ -171,29 +171,56 @@ pub async fn enroll(state: &StateDir, p: &EnrollParams) -> Result<Identity> {
 /// replaces the old.
 pub async fn renew(state: &StateDir) -> Result<super::state::CertInfo> {
     let id = state.identity()?;
-    let key = KeyPair::from_pkcs8_der_and_sign_algo(
-        &PrivatePkcs8KeyDer::from(state.read_node_key()?.to_vec()),
-        &PKCS_RSA_SHA256,
-    )?;
     let channel = client::connect(&id.controller, client::mtls_config(state)?).await?;
+    Ok(renew_over(state, channel).await?.info)
+}
+
+/// A certificate obtained by renewal, already checked and stored.
+#[derive(Clone, Debug)]
+pub struct Renewed {
+    pub info: super::state::CertInfo,
+    pub cert_der: Vec<u8>,
+    pub chain_der: Vec<Vec<u8>>,
+}
+
+/// Renew over an open mutual-TLS channel; the new certificate is checked, then stored.
+/// The key, the CSR signature and the files are handled on the blocking pool.
+pub async fn renew_over(state: &StateDir, channel: tonic::transport::Channel) -> Result<Renewed> {
+    let st = state.clone();
+    let (id, key, csr, wg_public, root_der) = super::blocking(move || {
+        let id = st.identity()?;
+        let key = KeyPair::from_pkcs8_der_and_sign_algo(
+            &PrivatePkcs8KeyDer::from(st.read_node_key()?.to_vec()),
+            &PKCS_RSA_SHA256,
+        )?;
+        let csr = csr_for(&key, &id.node)?;
+        let wg_secret = x25519_dalek::StaticSecret::from(*st.read_wg_key()?);
+        let wg_public = x25519_dalek::PublicKey::from(&wg_secret).to_bytes();
+        Ok((id, key, csr, wg_public, st.read_ca()?))
+    })
+    .await?;
     let mut rpc = pb::mesh_client::MeshClient::new(channel);
     let resp = rpc
-        .renew(pb::RenewRequest {
-            csr_der: csr_for(&key, &id.node)?,
-        })
+        .renew(pb::RenewRequest { csr_der: csr })
         .await
         .map_err(|s| anyhow::anyhow!("renewal refused: {}", status_message(&s)))?
         .into_inner();
-    let wg_secret = x25519_dalek::StaticSecret::from(*state.read_wg_key()?);
-    let wg_public = x25519_dalek::PublicKey::from(&wg_secret).to_bytes();
     let check = pb::EnrollResponse {
         certificate_der: resp.certificate_der.clone(),
         chain_der: resp.chain_der.clone(),
-        root_der: state.read_ca()?,
+        root_der,
         trust_domain: id.trust_domain.clone(),
         ..Default::default()
     };
     check_issued(&check, &key, &wg_public, &id.ca_fingerprint)?;
-    state.write_cert(&resp.certificate_der, &resp.chain_der)?;
-    cert_info(&resp.certificate_der)
+    let st = state.clone();
+    super::blocking(move || {
+        st.write_cert(&resp.certificate_der, &resp.chain_der)?;
+        Ok(Renewed {
+            info: cert_info(&resp.certificate_der)?,
+            cert_der: resp.certificate_der,
+            chain_der: resp.chain_der,
+        })
+    })
+    .await
 }

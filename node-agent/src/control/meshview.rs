@@ -4,13 +4,16 @@
 //! bound in its certificate.
 
 use crate::dataplane::MeshMember;
-use std::collections::BTreeMap;
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
-#[cfg(test)]
-use std::time::Duration;
-use std::time::SystemTime;
-use zonemesh_ca::{TrustStore, WireGuardKey};
+use std::time::{Duration, SystemTime};
+use zonemesh_ca::{TrustStore, VerifiedNode, WireGuardKey};
 use zonemesh_proto as pb;
+
+/// How long a failed chain check is trusted before it is tried again (a certificate that
+/// was not yet valid may have become valid).
+const RECHECK_FAILURE: Duration = Duration::from_secs(60);
 
 /// The mesh as last received (and persisted).
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -102,10 +105,27 @@ impl MeshView {
         trust: &TrustStore,
         now: SystemTime,
     ) -> (Vec<MeshMember>, Vec<Rejection>) {
+        self.verified_members_cached(trust, now, &mut VerifyCache::default())
+    }
+
+    /// [`MeshView::verified_members`], checking only chains (or CRLs) that changed since
+    /// the results in `cache`. The cache keeps only the peers of this view.
+    pub fn verified_members_cached(
+        &self,
+        trust: &TrustStore,
+        now: SystemTime,
+        cache: &mut VerifyCache,
+    ) -> (Vec<MeshMember>, Vec<Rejection>) {
         let mut ok = Vec::new();
         let mut bad = Vec::new();
+        let crl_hash: [u8; 32] = Sha256::digest(&self.crl_der).into();
+        let mut seen = Vec::with_capacity(self.peers.len());
         for (name, p) in &self.peers {
-            match verify_peer(p, trust, &self.crl_der, now) {
+            let key = ChainKey::of(p, crl_hash);
+            seen.push(key);
+            let chain =
+                cache.chain_verdict(key, now, || verify_chain(p, trust, &self.crl_der, now));
+            match chain.and_then(|v| check_peer(p, &v)) {
                 Ok(m) => ok.push(m),
                 Err(reason) => bad.push(Rejection {
                     peer: name.clone(),
@@ -113,16 +133,96 @@ impl MeshView {
                 }),
             }
         }
+        cache.retain(&seen);
         (ok, bad)
     }
 }
 
-fn verify_peer(
+/// What a chain check depends on: the peer's certificate and chain, and the CRL.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct ChainKey([u8; 32]);
+
+impl ChainKey {
+    fn of(p: &pb::Peer, crl_hash: [u8; 32]) -> Self {
+        let mut h = Sha256::new();
+        for der in std::iter::once(&p.certificate_der).chain(&p.chain_der) {
+            h.update((der.len() as u64).to_be_bytes());
+            h.update(der);
+        }
+        h.update(crl_hash);
+        Self(h.finalize().into())
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Verdict {
+    result: Result<VerifiedNode, String>,
+    checked_at: SystemTime,
+}
+
+/// Results of peer chain checks, keyed by certificate, chain and CRL, so that a change to
+/// one peer (or its endpoints) does not check every chain again. Holds at most one entry
+/// per peer of the last view checked.
+#[derive(Debug, Default)]
+pub struct VerifyCache {
+    verdicts: HashMap<ChainKey, Verdict>,
+    /// Chain checks actually run (not answered from the cache).
+    pub checks: u64,
+}
+
+impl VerifyCache {
+    fn chain_verdict(
+        &mut self,
+        key: ChainKey,
+        now: SystemTime,
+        check: impl FnOnce() -> Result<VerifiedNode, String>,
+    ) -> Result<VerifiedNode, String> {
+        if let Some(v) = self.verdicts.get(&key) {
+            let fresh = now >= v.checked_at
+                && match &v.result {
+                    Ok(node) => now < node.not_after,
+                    Err(_) => now < v.checked_at + RECHECK_FAILURE,
+                };
+            if fresh {
+                return v.result.clone();
+            }
+        }
+        self.checks += 1;
+        let result = check();
+        self.verdicts.insert(
+            key,
+            Verdict {
+                result: result.clone(),
+                checked_at: now,
+            },
+        );
+        result
+    }
+
+    fn retain(&mut self, keys: &[ChainKey]) {
+        if self.verdicts.len() > keys.len() {
+            let keep: std::collections::HashSet<&ChainKey> = keys.iter().collect();
+            self.verdicts.retain(|k, _| keep.contains(k));
+        }
+    }
+
+    /// Number of cached results.
+    pub fn len(&self) -> usize {
+        self.verdicts.len()
+    }
+
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.verdicts.is_empty()
+    }
+}
+
+fn verify_chain(
     p: &pb::Peer,
     trust: &TrustStore,
     crl: &[u8],
     now: SystemTime,
-) -> Result<MeshMember, String> {
+) -> Result<VerifiedNode, String> {
     let mut chain = vec![p.certificate_der.clone()];
     chain.extend(p.chain_der.iter().cloned());
     let crls = if crl.is_empty() {
@@ -130,9 +230,14 @@ fn verify_peer(
     } else {
         vec![crl.to_vec()]
     };
-    let v = trust
+    trust
         .verify_node_chain(&chain, &crls, now)
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| e.to_string())
+}
+
+/// The checks that depend on what the peer claims besides its chain: its name, its
+/// WireGuard key and its overlay address.
+fn check_peer(p: &pb::Peer, v: &VerifiedNode) -> Result<MeshMember, String> {
     if v.id.zone != p.zone || v.id.node != p.node {
         return Err(format!(
             "certificate is for {}/{}, not {}/{}",
@@ -267,6 +372,42 @@ mod tests {
             })),
         });
         assert!(view.verified_members(&trust, now).0.is_empty());
+
+        // With a cache: each chain is checked once; an endpoint change checks nothing, a
+        // new CRL checks every chain again, and peers that left are forgotten.
+        let mut cache = VerifyCache::default();
+        let first = view.verified_members_cached(&trust, now, &mut cache);
+        assert_eq!(cache.checks, 3);
+        let mut moved = view.peers["b/b2"].clone();
+        moved.endpoints = vec!["198.18.0.9:1".into()];
+        view.apply(&pb::MeshUpdate {
+            version: 3,
+            kind: Some(pb::mesh_update::Kind::Delta(pb::Delta {
+                upserted: vec![moved],
+                ..Default::default()
+            })),
+        });
+        assert_eq!(view.verified_members_cached(&trust, now, &mut cache), first);
+        assert_eq!(cache.checks, 3, "an endpoint change checks no chain");
+        let mut fresh_crl = view.clone();
+        fresh_crl.crl_der = ca.crl(&[], 3, now, Duration::from_secs(3600)).unwrap();
+        let (ok, _) = fresh_crl.verified_members_cached(&trust, now, &mut cache);
+        assert_eq!(cache.checks, 6, "a new CRL checks every chain again");
+        assert_eq!(
+            ok.len(),
+            1,
+            "the honest peer is back with a CRL that does not list it"
+        );
+        assert_eq!(cache.len(), 3);
+        fresh_crl.peers.remove("b/b1");
+        fresh_crl.verified_members_cached(&trust, now, &mut cache);
+        assert_eq!(cache.len(), 2, "bounded by the peers of the view");
+        // An accepted chain is checked again once its certificate has expired.
+        let later = now + Duration::from_secs(400 * 24 * 3600);
+        let (ok, bad) = fresh_crl.verified_members_cached(&trust, later, &mut cache);
+        assert!(ok.is_empty() && bad.len() == 2, "{bad:?}");
+        assert_eq!(cache.checks, 8);
+
         // The view survives its own persistence format.
         let mut again = MeshView::default();
         again.apply(&view.to_update());

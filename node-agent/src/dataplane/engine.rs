@@ -8,6 +8,10 @@
 //! Each direction locks a peer once per run of consecutive packets for that peer, not once
 //! per packet, and the peer table itself is read without a lock (`ArcSwap`). Buffers are
 //! allocated once per task; the steady-state path does not allocate.
+//!
+//! The tasks run on a runtime the data plane owns (its own worker threads, I/O driver and
+//! timers), so whatever the caller's runtime is busy with (certificate checks, `ip` and
+//! `nft` calls, fsyncs) never delays a packet.
 
 use super::io::{TUN_OFFSET, TunBatch, TunDevice, UdpBatch, UdpTransport};
 use super::{DataPlaneConfig, DataPlaneError, PeerChange, PeerSpec, PeerStatus, SecurityEvent};
@@ -24,7 +28,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 use tokio::sync::mpsc;
-use tokio::task::JoinSet;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 /// Packets per TUN read batch (one offloaded super-packet splits into at most ~46).
@@ -44,6 +48,9 @@ const HANDSHAKE_RATE_LIMIT: u64 = 200;
 const EVENT_QUEUE: usize = 1024;
 /// Extra room in the per-peer packet space for WireGuard's header and tag.
 const WG_OVERHEAD: usize = 32;
+/// Worker threads of the data plane's own runtime (outbound and inbound run in parallel;
+/// the timer task is light).
+const WORKER_THREADS: usize = 2;
 
 const MSG_INIT: u8 = 1;
 const MSG_RESPONSE: u8 = 2;
@@ -153,7 +160,9 @@ impl Shared {
 /// socket, and the peer set they serve.
 pub struct DataPlane {
     shared: Arc<Shared>,
-    tasks: JoinSet<()>,
+    tasks: Vec<JoinHandle<()>>,
+    /// The runtime the packet tasks run on; shut down with the data plane.
+    runtime: Option<tokio::runtime::Runtime>,
     cancel: CancellationToken,
     events: Option<mpsc::Receiver<SecurityEvent>>,
     teardown: Option<Box<dyn FnOnce() + Send + Sync>>,
@@ -172,29 +181,42 @@ impl DataPlane {
     /// routes, binds the UDP socket and starts forwarding. Needs CAP_NET_ADMIN.
     pub async fn start(config: DataPlaneConfig) -> Result<Self, DataPlaneError> {
         validate(&config)?;
-        let udp = super::udp::RealUdp::bind(config.listen_port)?;
-        let (tun, routes) = super::tun::RealTun::create(&config)?;
+        let runtime = packet_runtime()?;
+        // The socket and the device register with the I/O driver of the runtime current
+        // when they are created: the data plane's own.
+        let (udp, tun, routes) = {
+            let _in_runtime = runtime.enter();
+            let udp = super::udp::RealUdp::bind(config.listen_port)?;
+            let (tun, routes) = super::tun::RealTun::create(&config)?;
+            (udp, tun, routes)
+        };
         let interface = config.interface.clone();
-        let mut dp = Self::start_inner(&config, Arc::new(tun), Arc::new(udp))?;
+        let mut dp = Self::start_inner(&config, runtime, Arc::new(tun), Arc::new(udp))?;
         dp.teardown = Some(Box::new(move || {
             super::tun::delete_routes(&interface, &routes)
         }));
         Ok(dp)
     }
 
-    /// Starts forwarding between the given TUN device and UDP transport (fakes in tests).
-    /// Must be called inside a tokio runtime.
+    /// Starts forwarding between the given TUN device and UDP transport (fakes in tests),
+    /// on the data plane's own runtime.
     pub fn start_with<T: TunDevice, U: UdpTransport>(
         config: DataPlaneConfig,
         tun: T,
         udp: U,
     ) -> Result<Self, DataPlaneError> {
         validate(&config)?;
-        Self::start_inner(&config, Arc::new(tun), Arc::new(udp))
+        Self::start_inner(&config, packet_runtime()?, Arc::new(tun), Arc::new(udp))
+    }
+
+    /// A handle to the runtime the packet tasks run on (latency probes, tests).
+    pub fn runtime_handle(&self) -> Option<tokio::runtime::Handle> {
+        self.runtime.as_ref().map(|r| r.handle().clone())
     }
 
     fn start_inner<T: TunDevice, U: UdpTransport>(
         config: &DataPlaneConfig,
+        runtime: tokio::runtime::Runtime,
         tun: Arc<T>,
         udp: Arc<U>,
     ) -> Result<Self, DataPlaneError> {
@@ -212,18 +234,20 @@ impl DataPlane {
             packet_space: usize::from(config.mtu).max(1280),
         });
         let cancel = CancellationToken::new();
-        let mut tasks = JoinSet::new();
-        tasks.spawn(outbound(
-            shared.clone(),
-            tun.clone(),
-            udp.clone(),
-            cancel.clone(),
-        ));
-        tasks.spawn(inbound(shared.clone(), tun, udp.clone(), cancel.clone()));
-        tasks.spawn(timers(shared.clone(), udp, cancel.clone()));
+        let tasks = vec![
+            runtime.spawn(outbound(
+                shared.clone(),
+                tun.clone(),
+                udp.clone(),
+                cancel.clone(),
+            )),
+            runtime.spawn(inbound(shared.clone(), tun, udp.clone(), cancel.clone())),
+            runtime.spawn(timers(shared.clone(), udp, cancel.clone())),
+        ];
         Ok(Self {
             shared,
             tasks,
+            runtime: Some(runtime),
             cancel,
             events: Some(rx),
             teardown: None,
@@ -330,10 +354,32 @@ impl DataPlane {
     /// Stops every task, then removes the routes and the TUN device it created.
     pub async fn shutdown(mut self) {
         self.cancel.cancel();
-        while let Some(r) = self.tasks.join_next().await {
-            if let Err(e) = r {
+        for task in std::mem::take(&mut self.tasks) {
+            if let Err(e) = task.await {
                 tracing::warn!(error = %e, "data plane task failed");
             }
+        }
+        if let Some(teardown) = self.teardown.take() {
+            // `ip route del`: a subprocess, kept off the caller's async workers.
+            if let Err(e) = tokio::task::spawn_blocking(teardown).await {
+                tracing::warn!(error = %e, "data plane teardown failed");
+            }
+        }
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+impl Drop for DataPlane {
+    fn drop(&mut self) {
+        // Without shutdown(): stop the tasks with their runtime; still undo the routes.
+        self.cancel.cancel();
+        for task in &self.tasks {
+            task.abort();
+        }
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
         }
         if let Some(teardown) = self.teardown.take() {
             teardown();
@@ -341,14 +387,14 @@ impl DataPlane {
     }
 }
 
-impl Drop for DataPlane {
-    fn drop(&mut self) {
-        // Without shutdown(): the JoinSet aborts the tasks; still undo the routes.
-        self.cancel.cancel();
-        if let Some(teardown) = self.teardown.take() {
-            teardown();
-        }
-    }
+/// The data plane's own multi-thread runtime.
+fn packet_runtime() -> Result<tokio::runtime::Runtime, DataPlaneError> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(WORKER_THREADS)
+        .thread_name("zm-dataplane")
+        .enable_all()
+        .build()
+        .map_err(DataPlaneError::Runtime)
 }
 
 fn validate(c: &DataPlaneConfig) -> Result<(), DataPlaneError> {

@@ -22,6 +22,7 @@
 //! ```
 
 mod engine;
+#[cfg(any(test, feature = "testing"))]
 pub mod fake;
 pub mod io;
 pub mod static_config;
@@ -202,6 +203,9 @@ pub enum DataPlaneError {
         /// Cause.
         source: std::io::Error,
     },
+    /// The data plane's own runtime could not be started.
+    #[error("data plane runtime: {0}")]
+    Runtime(#[source] std::io::Error),
     /// Adding a route failed.
     #[error("route {route} via {interface}: {reason}")]
     Route {

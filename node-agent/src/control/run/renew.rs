@@ -1,0 +1,53 @@
+//! Renewal of the node certificate at 2/3 of its life, over the agent's link; the new
+//! certificate is presented from the next handshake on.
+
+use super::super::enroll;
+use super::super::state::cert_info;
+use super::Agent;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use tokio_util::sync::CancellationToken;
+
+/// Deadline of a renewal (the controller signs with RSA-4096).
+const RENEW_DEADLINE: Duration = Duration::from_secs(60);
+/// Wait after a failed renewal.
+const RETRY: Duration = Duration::from_secs(60);
+
+/// When to renew: 2/3 of the lifetime, minus up to 5% jitter so a fleet does not renew at once.
+fn renew_at(not_before: SystemTime, not_after: SystemTime) -> SystemTime {
+    let life = not_after.duration_since(not_before).unwrap_or_default();
+    let jitter = life.mul_f64(rand::random::<f64>() * 0.05);
+    not_before + life * 2 / 3 - jitter
+}
+
+pub(super) async fn renew_loop(agent: Arc<Agent>, shutdown: CancellationToken) {
+    loop {
+        let at = match cert_info(&agent.link.current_cert()) {
+            Ok(info) => renew_at(info.not_before, info.not_after),
+            Err(_) => agent.clock.now() + RETRY,
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = agent.clock.sleep_until(at) => {}
+        }
+        let renewal = enroll::renew_over(&agent.opts.state, agent.link.channel());
+        let result = agent
+            .rpc(&shutdown, RENEW_DEADLINE, renewal)
+            .await
+            .and_then(|r| {
+                agent.link.renewed(&r.cert_der, &r.chain_der)?;
+                Ok(r)
+            });
+        match result {
+            Ok(r) => tracing::info!(serial = %r.info.serial_hex, "node certificate renewed"),
+            Err(_) if shutdown.is_cancelled() => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "renewal failed; retrying in 60 s");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(RETRY) => {}
+                }
+            }
+        }
+    }
+}
