@@ -6,6 +6,7 @@ pub mod auth;
 pub mod authority;
 pub mod error;
 pub mod grpc;
+pub mod listen;
 pub mod mesh;
 pub mod pki_http;
 pub mod secrets;
