@@ -148,12 +148,14 @@ async fn silent_connection_flood_under_1024_files_leaves_crl_signin_and_admin_an
     let pki_src: IpAddr = "127.0.0.2".parse().unwrap();
     let https_src: IpAddr = "127.0.0.3".parse().unwrap();
     let grpc_src: IpAddr = "127.0.0.4".parse().unwrap();
+    let https_tls_src: IpAddr = "127.0.0.5".parse().unwrap();
+    let grpc_tls_src: IpAddr = "127.0.0.6".parse().unwrap();
     let opened = Instant::now();
     let pki = silent_tcp(PKI_FLOOD, pki_src, ctl.pki).await;
     let https_tcp = silent_tcp(HTTPS_FLOOD / 2, https_src, ctl.https).await;
-    let https_tls = silent_tls(HTTPS_FLOOD / 2, https_src, ctl.https, tls.clone()).await;
+    let https_tls = silent_tls(HTTPS_FLOOD / 2, https_tls_src, ctl.https, tls.clone()).await;
     let grpc_tcp = silent_tcp(GRPC_FLOOD / 2, grpc_src, ctl.grpc).await;
-    let grpc_tls = silent_tls(GRPC_FLOOD / 2, grpc_src, ctl.grpc, tls.clone()).await;
+    let grpc_tls = silent_tls(GRPC_FLOOD / 2, grpc_tls_src, ctl.grpc, tls.clone()).await;
     let flooded_in = opened.elapsed();
     eprintln!(
         "open after flood ({flooded_in:?}): pki {} tcp, https {} tcp + {} tls, grpc {} tcp + {} tls",
