@@ -49,8 +49,9 @@ fn fixture() -> Fixture {
 fn request(f: &Fixture, name: &str, issuer: &str, cert: &[&str], extra: &[&str]) -> Vec<u8> {
     let out = f.path(name);
     let mut args = vec!["ocsp", "-issuer", issuer];
-    args.extend_from_slice(cert);
+    // openssl wants the digest before -cert / -serial.
     args.extend_from_slice(extra);
+    args.extend_from_slice(cert);
     args.extend_from_slice(&["-reqout", out.to_str().unwrap()]);
     run_ok(&mut openssl(&args)).unwrap();
     std::fs::read(out).unwrap()
