@@ -18,7 +18,10 @@ pub use crl::{RevocationReason, RevokedEntry};
 pub use error::{Error, Result};
 pub use identity::{SpiffeId, WireGuardKey, validate_label};
 pub use keys::{Kek, generate_rsa_2048, generate_rsa_4096, open_sealed, seal};
-pub use ocsp::{CertStatus, OcspOutcome};
+pub use ocsp::{
+    CertStatus, OCSP_RESPONSE_VALIDITY, OcspOutcome, OcspQuery, ocsp_internal_error,
+    ocsp_malformed, ocsp_unauthorized,
+};
 pub use profiles::{
     Ca, CaMaterial, IssuedCert, NodePolicy, NodeRequest, TlsNames, TlsPolicy, serial_hex,
 };

@@ -186,15 +186,176 @@ fn gtime(t: SystemTime) -> GeneralizedTime {
     GeneralizedTime::from_datetime(to_offset(t))
 }
 
-/// An unsigned error response (malformedRequest = 1, internalError = 2).
+/// An unsigned error response (malformedRequest = 1, internalError = 2, unauthorized = 6).
 fn error_response(status: i64) -> Vec<u8> {
     yasna::construct_der(|w| w.write_sequence(|w| w.next().write_enum(status)))
 }
 
+/// The unsigned `unauthorized` response: this responder does not answer for that
+/// certificate (RFC 6960 §2.3, RFC 5019 §2.2.3). Costs no signature.
+pub fn ocsp_unauthorized() -> Vec<u8> {
+    error_response(6)
+}
+
+/// The unsigned `internalError` response.
+pub fn ocsp_internal_error() -> Vec<u8> {
+    error_response(2)
+}
+
+/// The unsigned `malformedRequest` response.
+pub fn ocsp_malformed() -> Vec<u8> {
+    error_response(1)
+}
+
+/// How long a signed response is valid (its `nextUpdate` minus `thisUpdate`).
+pub const OCSP_RESPONSE_VALIDITY: Duration = RESPONSE_VALIDITY;
+
+/// One certificate asked about in an OCSP request that follows the RFC 5019 profile (one
+/// certificate per request). The response to it depends only on [`OcspQuery::cert_id`],
+/// the status and the time, so it can be signed once and served many times.
+#[derive(Clone, Debug)]
+pub struct OcspQuery {
+    cert_id: Vec<u8>,
+    /// The serial asked about, lowercase hex as in [`serial_hex`].
+    pub serial_hex: String,
+    /// Whether the request names this CA's intermediate as issuer (name and key hash).
+    pub our_issuer: bool,
+    /// Whether the request carried a nonce (a pre-signed response cannot echo it).
+    pub has_nonce: bool,
+}
+
+impl OcspQuery {
+    /// The CertID exactly as asked (DER), echoed in the response: a cache key.
+    pub fn cert_id(&self) -> &[u8] {
+        &self.cert_id
+    }
+}
+
+fn write_single(w: yasna::DERWriter<'_>, raw_id: &[u8], status: &CertStatus, now: SystemTime) {
+    w.write_sequence(|w| {
+        w.next().write_der(raw_id);
+        match status {
+            CertStatus::Good => w
+                .next()
+                .write_tagged_implicit(Tag::context(0), |w| w.write_null()),
+            CertStatus::Unknown => w
+                .next()
+                .write_tagged_implicit(Tag::context(2), |w| w.write_null()),
+            CertStatus::Revoked { at, reason } => {
+                w.next().write_tagged_implicit(Tag::context(1), |w| {
+                    w.write_sequence(|w| {
+                        w.next().write_generalized_time(&gtime(*at));
+                        w.next().write_tagged(Tag::context(0), |w| {
+                            w.write_enum(i64::from(reason.code()))
+                        });
+                    })
+                })
+            }
+        }
+        w.next().write_generalized_time(&gtime(now));
+        w.next().write_tagged(Tag::context(0), |w| {
+            w.write_generalized_time(&gtime(now + RESPONSE_VALIDITY))
+        });
+    });
+}
+
 impl Ca {
-    /// Answer an OCSP request. `lookup` gives the status of a serial (lowercase hex, as in
-    /// [`serial_hex`]) that this CA issued. Malformed requests get an unsigned
-    /// `malformedRequest` response, never a panic.
+    /// Read a one-certificate OCSP request. Anything else (garbage, several certificates)
+    /// is refused with the unsigned response to send back.
+    pub fn ocsp_query(&self, request_der: &[u8]) -> std::result::Result<OcspQuery, Vec<u8>> {
+        let Ok(mut req) = parse_request(request_der) else {
+            return Err(ocsp_malformed());
+        };
+        if req.ids.len() != 1 {
+            return Err(ocsp_malformed());
+        }
+        let Some(id) = req.ids.pop() else {
+            return Err(ocsp_malformed());
+        };
+        Ok(OcspQuery {
+            our_issuer: self
+                .ocsp_ids
+                .matches(&id.hash_alg, &id.name_hash, &id.key_hash),
+            serial_hex: serial_hex(&id.serial),
+            has_nonce: req.nonce_ext.is_some(),
+            cert_id: id.raw,
+        })
+    }
+
+    /// Sign the response for `query` with `status`, valid from `now` for
+    /// [`OCSP_RESPONSE_VALIDITY`], without a nonce (RFC 5019 §2.2.1: a pre-produced
+    /// response).
+    pub fn ocsp_sign(
+        &self,
+        query: &OcspQuery,
+        status: CertStatus,
+        now: SystemTime,
+    ) -> crate::Result<Vec<u8>> {
+        let tbs = self.response_tbs(
+            now,
+            |w| write_single(w.next(), &query.cert_id, &status, now),
+            None,
+        );
+        self.signed_response(&tbs)
+            .ok_or_else(|| crate::Error::Crypto("signing the OCSP response failed".into()))
+    }
+
+    fn response_tbs(
+        &self,
+        now: SystemTime,
+        singles: impl FnOnce(&mut yasna::DERWriterSeq<'_>),
+        nonce: Option<&[u8]>,
+    ) -> Vec<u8> {
+        yasna::construct_der(|w| {
+            w.write_sequence(|w| {
+                // responderID byKey [2]: SHA-1 of the responder's public key.
+                w.next()
+                    .write_tagged(Tag::context(2), |w| w.write_bytes(&self.ocsp_ids.sha1_key));
+                w.next().write_generalized_time(&gtime(now));
+                w.next().write_sequence(singles);
+                if let Some(nonce) = nonce {
+                    w.next().write_tagged(Tag::context(1), |w| {
+                        w.write_sequence(|w| w.next().write_der(nonce))
+                    });
+                }
+            })
+        })
+    }
+
+    fn signed_response(&self, tbs: &[u8]) -> Option<Vec<u8>> {
+        let signature = self.issuer().key().sign(tbs).ok()?;
+        let basic = yasna::construct_der(|w| {
+            w.write_sequence(|w| {
+                w.next().write_der(tbs);
+                w.next().write_sequence(|w| {
+                    w.next()
+                        .write_oid(&ObjectIdentifier::from_slice(OID_SHA256_RSA));
+                    w.next().write_null();
+                });
+                w.next().write_bitvec_bytes(&signature, signature.len() * 8);
+                w.next().write_tagged(Tag::context(0), |w| {
+                    w.write_sequence(|w| w.next().write_der(self.intermediate_der()))
+                });
+            })
+        });
+        Some(yasna::construct_der(|w| {
+            w.write_sequence(|w| {
+                w.next().write_enum(0);
+                w.next().write_tagged(Tag::context(0), |w| {
+                    w.write_sequence(|w| {
+                        w.next()
+                            .write_oid(&ObjectIdentifier::from_slice(OID_OCSP_BASIC));
+                        w.next().write_bytes(&basic);
+                    })
+                });
+            })
+        }))
+    }
+
+    /// Answer an OCSP request, signing a fresh response that echoes its nonce. `lookup`
+    /// gives the status of a serial (lowercase hex, as in [`serial_hex`]) that this CA
+    /// issued. Malformed requests get an unsigned `malformedRequest` response, requests
+    /// naming only other issuers an unsigned `unauthorized`; never a panic.
     pub fn ocsp_respond(
         &self,
         request_der: &[u8],
@@ -208,92 +369,38 @@ impl Ca {
             };
         };
         let mut answered = Vec::with_capacity(req.ids.len());
+        let mut any_ours = false;
         for id in &req.ids {
             let serial = serial_hex(&id.serial);
             let status = if self
                 .ocsp_ids
                 .matches(&id.hash_alg, &id.name_hash, &id.key_hash)
             {
+                any_ours = true;
                 lookup(&serial)
             } else {
                 CertStatus::Unknown
             };
             answered.push((serial, status));
         }
-        let tbs = yasna::construct_der(|w| {
-            w.write_sequence(|w| {
-                // responderID byKey [2]: SHA-1 of the responder's public key.
-                w.next()
-                    .write_tagged(Tag::context(2), |w| w.write_bytes(&self.ocsp_ids.sha1_key));
-                w.next().write_generalized_time(&gtime(now));
-                w.next().write_sequence(|w| {
-                    for (id, (_, status)) in req.ids.iter().zip(&answered) {
-                        w.next().write_sequence(|w| {
-                            w.next().write_der(&id.raw);
-                            match status {
-                                CertStatus::Good => w
-                                    .next()
-                                    .write_tagged_implicit(Tag::context(0), |w| w.write_null()),
-                                CertStatus::Unknown => w
-                                    .next()
-                                    .write_tagged_implicit(Tag::context(2), |w| w.write_null()),
-                                CertStatus::Revoked { at, reason } => {
-                                    w.next().write_tagged_implicit(Tag::context(1), |w| {
-                                        w.write_sequence(|w| {
-                                            w.next().write_generalized_time(&gtime(*at));
-                                            w.next().write_tagged(Tag::context(0), |w| {
-                                                w.write_enum(i64::from(reason.code()))
-                                            });
-                                        })
-                                    })
-                                }
-                            }
-                            w.next().write_generalized_time(&gtime(now));
-                            w.next().write_tagged(Tag::context(0), |w| {
-                                w.write_generalized_time(&gtime(now + RESPONSE_VALIDITY))
-                            });
-                        });
-                    }
-                });
-                if let Some(nonce) = &req.nonce_ext {
-                    w.next().write_tagged(Tag::context(1), |w| {
-                        w.write_sequence(|w| w.next().write_der(nonce))
-                    });
-                }
-            })
-        });
-        let Ok(signature) = self.issuer().key().sign(&tbs) else {
+        if !any_ours {
             return OcspOutcome {
-                response_der: error_response(2),
+                response_der: ocsp_unauthorized(),
                 answered,
             };
-        };
-        let basic = yasna::construct_der(|w| {
-            w.write_sequence(|w| {
-                w.next().write_der(&tbs);
-                w.next().write_sequence(|w| {
-                    w.next()
-                        .write_oid(&ObjectIdentifier::from_slice(OID_SHA256_RSA));
-                    w.next().write_null();
-                });
-                w.next().write_bitvec_bytes(&signature, signature.len() * 8);
-                w.next().write_tagged(Tag::context(0), |w| {
-                    w.write_sequence(|w| w.next().write_der(self.intermediate_der()))
-                });
-            })
-        });
-        let response_der = yasna::construct_der(|w| {
-            w.write_sequence(|w| {
-                w.next().write_enum(0);
-                w.next().write_tagged(Tag::context(0), |w| {
-                    w.write_sequence(|w| {
-                        w.next()
-                            .write_oid(&ObjectIdentifier::from_slice(OID_OCSP_BASIC));
-                        w.next().write_bytes(&basic);
-                    })
-                });
-            })
-        });
+        }
+        let tbs = self.response_tbs(
+            now,
+            |w| {
+                for (id, (_, status)) in req.ids.iter().zip(&answered) {
+                    write_single(w.next(), &id.raw, status, now);
+                }
+            },
+            req.nonce_ext.as_deref(),
+        );
+        let response_der = self
+            .signed_response(&tbs)
+            .unwrap_or_else(|| error_response(2));
         OcspOutcome {
             response_der,
             answered,

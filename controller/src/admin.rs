@@ -474,6 +474,21 @@ impl AdminHandler {
     }
 }
 
+/// Admin connections served at once; more wait in the socket's backlog.
+const MAX_ADMIN_CONNECTIONS: usize = 32;
+/// Time a client has to send its one request line.
+const ADMIN_READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Bind the socket with mode 0600 from the start: created under umask 0o177, so there is
+/// no moment at which another local user could connect before a chmod.
+fn bind_private(path: &Path) -> Result<UnixListener> {
+    use nix::sys::stat::{Mode, umask};
+    let old = umask(Mode::from_bits_truncate(0o177));
+    let bound = UnixListener::bind(path);
+    umask(old);
+    bound.with_context(|| format!("binding {}", path.display()))
+}
+
 /// Listen on the admin socket until shutdown.
 pub async fn serve(
     path: PathBuf,
@@ -481,17 +496,30 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<()> {
     let _ = std::fs::remove_file(&path);
-    let listener =
-        UnixListener::bind(&path).with_context(|| format!("binding {}", path.display()))?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    let listener = bind_private(&path)?;
+    let mode = std::fs::metadata(&path)?.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        bail!("admin socket {} has mode {mode:o}", path.display());
+    }
     let tracker = TaskTracker::new();
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_ADMIN_CONNECTIONS));
+    let mut backoff = crate::listen::AcceptBackoff::new("admin");
     loop {
-        let (stream, _) = tokio::select! {
+        let permit = tokio::select! {
             _ = shutdown.cancelled() => break,
-            r = listener.accept() => match r { Ok(s) => s, Err(e) => { tracing::warn!(error = %e, "admin accept"); continue; } },
+            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
         };
+        let stream = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(e) => { backoff.failed(&e).await; continue; }
+            },
+        };
+        backoff.succeeded();
         let handler = handler.clone();
         tracker.spawn(async move {
+            let _permit = permit;
             if let Err(e) = serve_one(stream, handler).await {
                 tracing::warn!(error = %e, "admin connection");
             }
@@ -506,20 +534,30 @@ pub async fn serve(
 async fn serve_one(stream: UnixStream, handler: Arc<AdminHandler>) -> Result<()> {
     let (r, mut w) = stream.into_split();
     let mut line = String::new();
-    let n = BufReader::new(r)
-        .take(MAX_REQUEST as u64)
-        .read_line(&mut line)
-        .await?;
+    let mut reader = BufReader::new(r).take(MAX_REQUEST as u64);
+    let read = reader.read_line(&mut line);
+    let n = match tokio::time::timeout(ADMIN_READ_TIMEOUT, read).await {
+        Ok(n) => n?,
+        Err(_) => bail!("no request within {}s", ADMIN_READ_TIMEOUT.as_secs()),
+    };
     if n == 0 {
         return Ok(());
     }
-    let resp = match serde_json::from_str::<AdminRequest>(&line) {
-        Ok(req) => tokio::task::spawn_blocking(move || handler.respond(req)).await?,
-        Err(e) => AdminResponse {
+    let resp = if n >= MAX_REQUEST && !line.ends_with('\n') {
+        AdminResponse {
             ok: false,
             result: Value::Null,
-            error: format!("bad admin request: {e}"),
-        },
+            error: format!("admin request larger than {MAX_REQUEST} bytes"),
+        }
+    } else {
+        match serde_json::from_str::<AdminRequest>(&line) {
+            Ok(req) => tokio::task::spawn_blocking(move || handler.respond(req)).await?,
+            Err(e) => AdminResponse {
+                ok: false,
+                result: Value::Null,
+                error: format!("bad admin request: {e}"),
+            },
+        }
     };
     let mut out = serde_json::to_vec(&resp)?;
     out.push(b'\n');

@@ -7,7 +7,9 @@ use crate::store::{
 };
 use arc_swap::ArcSwap;
 use serde::Serialize;
+use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 use x509_parser::prelude::{FromDer, X509Certificate};
 use zonemesh_ca::{
@@ -40,6 +42,68 @@ pub struct Authority {
     pub node_policy: NodePolicy,
     pub tls_policy: TlsPolicy,
     crl: ArcSwap<Vec<u8>>,
+    ocsp: OcspCache,
+}
+
+/// Most OCSP responses kept. Only serials this CA issued are cached (up to four CertID
+/// encodings each), so this is reached only by a very large fleet; then entries are
+/// dropped and signed again on demand.
+const OCSP_CACHE_MAX: usize = 16_384;
+/// A cached response is re-signed once it is this old (half its validity), so relying
+/// parties always get one well before its `nextUpdate`.
+const OCSP_REFRESH: Duration =
+    Duration::from_secs(zonemesh_ca::OCSP_RESPONSE_VALIDITY.as_secs() / 2);
+
+struct CachedOcsp {
+    serial_hex: String,
+    status: CertStatus,
+    produced: SystemTime,
+    der: Arc<Vec<u8>>,
+}
+
+/// Pre-signed OCSP responses, one per CertID asked about, re-signed when the serial's
+/// status changes or the response ages.
+#[derive(Default)]
+struct OcspCache {
+    responses: parking_lot::Mutex<HashMap<Vec<u8>, CachedOcsp>>,
+    /// One signature at a time: a burst for one serial signs once, and OCSP never takes
+    /// more than one core.
+    signing: parking_lot::Mutex<()>,
+    signatures: AtomicU64,
+}
+
+impl OcspCache {
+    fn get(&self, key: &[u8], status: CertStatus, now: SystemTime) -> Option<Arc<Vec<u8>>> {
+        let map = self.responses.lock();
+        let c = map.get(key)?;
+        let fresh = now
+            .duration_since(c.produced)
+            .is_ok_and(|age| age < OCSP_REFRESH);
+        (fresh && c.status == status).then(|| c.der.clone())
+    }
+
+    fn put(&self, key: &[u8], entry: CachedOcsp) {
+        let mut map = self.responses.lock();
+        if map.len() >= OCSP_CACHE_MAX && !map.contains_key(key) {
+            let now = entry.produced;
+            map.retain(|_, c| {
+                now.duration_since(c.produced)
+                    .is_ok_and(|a| a < OCSP_REFRESH)
+            });
+            if map.len() >= OCSP_CACHE_MAX {
+                if let Some(k) = map.keys().next().cloned() {
+                    map.remove(&k);
+                }
+            }
+        }
+        map.insert(key.to_vec(), entry);
+    }
+
+    fn forget(&self, serial_hex: &str) {
+        self.responses
+            .lock()
+            .retain(|_, c| c.serial_hex != serial_hex);
+    }
 }
 
 impl std::fmt::Debug for Authority {
@@ -118,6 +182,7 @@ impl Authority {
             node_policy: NodePolicy::default(),
             tls_policy: TlsPolicy::default(),
             crl: ArcSwap::from_pointee(Vec::new()),
+            ocsp: OcspCache::default(),
         };
         auth.refresh_crl(now)?;
         Ok(auth)
@@ -286,6 +351,7 @@ impl Authority {
             .revoked
             .insert(serial.as_bytes(), encode(&rec))
             .map_err(crate::store::StoreError::from)?;
+        self.ocsp.forget(&serial);
         self.refresh_crl(now)?;
         self.store.flush()?;
         Ok(())
@@ -356,11 +422,54 @@ impl Authority {
         }
     }
 
-    /// Answer an OCSP request.
+    /// Answer an OCSP request (RFC 5019 profile: one certificate per request). Requests
+    /// naming another issuer, or a serial this CA never issued, get an unsigned
+    /// `unauthorized`; the others a response signed once per CertID and status and served
+    /// from the cache until it is half-way to its `nextUpdate`. Nonces are not echoed (a
+    /// pre-signed response cannot carry them). Blocking: signs with the CA key.
     pub fn ocsp(&self, request_der: &[u8], now: SystemTime) -> Vec<u8> {
-        self.ca
-            .ocsp_respond(request_der, |s| self.status(s), now)
-            .response_der
+        let q = match self.ca.ocsp_query(request_der) {
+            Ok(q) => q,
+            Err(refusal) => return refusal,
+        };
+        if !q.our_issuer {
+            return zonemesh_ca::ocsp_unauthorized();
+        }
+        let status = self.status(&q.serial_hex);
+        if status == CertStatus::Unknown {
+            return zonemesh_ca::ocsp_unauthorized();
+        }
+        if let Some(der) = self.ocsp.get(q.cert_id(), status, now) {
+            return der.to_vec();
+        }
+        let _one_at_a_time = self.ocsp.signing.lock();
+        // Another request may have signed it while this one waited.
+        if let Some(der) = self.ocsp.get(q.cert_id(), status, now) {
+            return der.to_vec();
+        }
+        let der = match self.ca.ocsp_sign(&q, status, now) {
+            Ok(d) => Arc::new(d),
+            Err(e) => {
+                tracing::error!(error = %e, "OCSP signing failed");
+                return zonemesh_ca::ocsp_internal_error();
+            }
+        };
+        self.ocsp.signatures.fetch_add(1, Ordering::Relaxed);
+        self.ocsp.put(
+            q.cert_id(),
+            CachedOcsp {
+                serial_hex: q.serial_hex.clone(),
+                status,
+                produced: now,
+                der: der.clone(),
+            },
+        );
+        der.to_vec()
+    }
+
+    /// OCSP responses signed since start (the rest were served from the cache).
+    pub fn ocsp_signatures(&self) -> u64 {
+        self.ocsp.signatures.load(Ordering::Relaxed)
     }
 
     /// Whether a serial is revoked (checked on every Mesh call, beside the handshake CRL check).

@@ -2,19 +2,17 @@
 //! handed to tonic with the verified peer identity attached to every request.
 
 use crate::error::ControllerError;
+use crate::listen::{GuardedIo, GuardedListener, HttpOptions, serve_connection};
 use crate::mesh::Mesh;
 use futures::Stream;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{broadcast, mpsc};
+use tokio::net::TcpStream;
+use tokio::sync::broadcast;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status};
 use zonemesh_ca::VerifiedNode;
 use zonemesh_proto as pb;
@@ -26,8 +24,6 @@ pub const MAX_MESSAGE: usize = 64 * 1024;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Concurrent HTTP/2 streams per connection (an agent uses a handful).
 pub const MAX_CONCURRENT_STREAMS: u32 = 64;
-/// Largest HTTP/2 header block accepted.
-pub const MAX_HEADER_LIST_SIZE: u32 = 16 * 1024;
 
 /// What tonic attaches to every request of a connection.
 #[derive(Clone, Debug)]
@@ -37,142 +33,75 @@ pub struct PeerConn {
     pub node: Option<Arc<VerifiedNode>>,
 }
 
-/// A TLS connection with its verified peer.
-pub struct TlsConn {
-    io: tokio_rustls::server::TlsStream<TcpStream>,
-    info: PeerConn,
-}
-
-impl tonic::transport::server::Connected for TlsConn {
-    type ConnectInfo = PeerConn;
-    fn connect_info(&self) -> PeerConn {
-        self.info.clone()
-    }
-}
-
-impl AsyncRead for TlsConn {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for TlsConn {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
-    }
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
-    }
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-}
-
 /// Serve Enrollment and Mesh on `listener` until `shutdown`; returns once every
-/// connection task has finished.
+/// connection task has finished. Connections are admitted, timed out and served as on the
+/// other listeners (`crate::listen`).
 pub async fn serve(
-    listener: TcpListener,
+    listener: impl Into<GuardedListener>,
     tls: Arc<rustls::ServerConfig>,
     mesh: Arc<Mesh>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let (tx, rx) = mpsc::channel::<TlsConn>(256);
-    let tracker = TaskTracker::new();
+    let mut listener = listener.into();
     let acceptor = TlsAcceptor::from(tls);
-    let accept_mesh = mesh.clone();
-    let accept_shutdown = shutdown.clone();
-    let accept_tracker = tracker.clone();
-    let accept = tracker.spawn(async move {
-        loop {
-            let (tcp, remote) = tokio::select! {
-                _ = accept_shutdown.cancelled() => break,
-                r = listener.accept() => match r {
-                    Ok(c) => c,
-                    Err(e) => { tracing::warn!(error = %e, "accept failed"); continue; }
-                },
-            };
-            let _ = tcp.set_nodelay(true);
-            let acceptor = acceptor.clone();
-            let tx = tx.clone();
-            let mesh = accept_mesh.clone();
-            let stop = accept_shutdown.clone();
-            accept_tracker.spawn(async move {
-                let hs = tokio::select! {
-                    _ = stop.cancelled() => return,
-                    r = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)) => r,
-                };
-                let io = match hs {
-                    Ok(Ok(io)) => io,
-                    Ok(Err(e)) => {
-                        tracing::info!(%remote, error = %e, "TLS handshake refused");
-                        return;
-                    }
-                    Err(_) => return,
-                };
-                let node = peer_identity(&mesh, &io);
-                let _ = tx
-                    .send(TlsConn {
-                        io,
-                        info: PeerConn { remote, node },
-                    })
-                    .await;
-            });
-        }
-    });
-    let incoming = tokio_stream::wrappers::ReceiverStream::new(rx).map_ok();
     let svc = GrpcService {
-        mesh,
+        mesh: mesh.clone(),
         shutdown: shutdown.clone(),
     };
-    let result = tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
-        .http2_max_header_list_size(MAX_HEADER_LIST_SIZE)
-        .add_service(EnrollmentServer::new(svc.clone()).max_decoding_message_size(MAX_MESSAGE))
-        .add_service(MeshServer::new(svc).max_decoding_message_size(MAX_MESSAGE))
-        .serve_with_incoming_shutdown(incoming, shutdown.cancelled())
-        .await;
-    let _ = accept.await;
-    tracker.close();
-    tracker.wait().await;
-    result.map_err(Into::into)
-}
-
-type ConnResult = fn(TlsConn) -> Result<TlsConn, std::io::Error>;
-
-trait MapOk: Sized {
-    fn map_ok(self) -> futures::stream::Map<Self, ConnResult>;
-}
-impl MapOk for tokio_stream::wrappers::ReceiverStream<TlsConn> {
-    fn map_ok(self) -> futures::stream::Map<Self, ConnResult> {
-        futures::StreamExt::map(self, Ok)
+    let app = tonic::service::Routes::new(
+        EnrollmentServer::new(svc.clone()).max_decoding_message_size(MAX_MESSAGE),
+    )
+    .add_service(MeshServer::new(svc).max_decoding_message_size(MAX_MESSAGE))
+    .prepare()
+    .into_axum_router();
+    let mut conns = tokio::task::JoinSet::new();
+    loop {
+        while conns.try_join_next().is_some() {}
+        let (tcp, remote) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            c = listener.accept() => c,
+        };
+        let acceptor = acceptor.clone();
+        let mesh = mesh.clone();
+        let stop = shutdown.clone();
+        let app = app.clone();
+        conns.spawn(async move {
+            let activity = tcp.activity();
+            let hs = tokio::select! {
+                _ = stop.cancelled() => return,
+                r = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)) => r,
+            };
+            let io = match hs {
+                Ok(Ok(io)) => io,
+                Ok(Err(e)) if e.kind() == std::io::ErrorKind::TimedOut => return,
+                Ok(Err(e)) => {
+                    tracing::info!(%remote, error = %e, "TLS handshake refused");
+                    return;
+                }
+                Err(_) => return,
+            };
+            let node = peer_identity(&mesh, &io);
+            let info = PeerConn { remote, node };
+            let opts = HttpOptions {
+                h2_only: true,
+                max_concurrent_streams: MAX_CONCURRENT_STREAMS,
+                keep_alive: Duration::from_secs(30),
+            };
+            if let Err(e) = serve_connection(io, app, info, activity, opts, stop).await {
+                tracing::debug!(%remote, error = %e, "gRPC connection ended with an error");
+            }
+        });
     }
+    drop(listener);
+    crate::listen::drain(conns).await;
+    Ok(())
 }
 
 /// The verified identity of a TLS client (the handshake already checked chain and CRL;
 /// this also reads the zonemesh identity out of it).
 fn peer_identity(
     mesh: &Mesh,
-    io: &tokio_rustls::server::TlsStream<TcpStream>,
+    io: &tokio_rustls::server::TlsStream<GuardedIo<TcpStream>>,
 ) -> Option<Arc<VerifiedNode>> {
     let certs = io.get_ref().1.peer_certificates()?;
     let chain: Vec<Vec<u8>> = certs.iter().map(|c| c.to_vec()).collect();

@@ -8,6 +8,7 @@ pub mod clock;
 pub mod error;
 pub mod grpc;
 pub mod limits;
+pub mod listen;
 pub mod mesh;
 pub mod pki_http;
 pub mod secrets;

@@ -302,13 +302,17 @@ fn one_line(e: &anyhow::Error) -> String {
 async fn dispatch(cli: Cli) -> Result<()> {
     let kek = KekSource::new(&cli.data_dir, cli.kek_file.clone());
     match cli.command {
-        Command::Init { trust_domain } => init(&cli.data_dir, &kek, &trust_domain),
+        Command::Init { trust_domain } => {
+            zonemesh_controller::secrets::private_umask();
+            init(&cli.data_dir, &kek, &trust_domain)
+        }
         Command::Serve {
             grpc_listen,
             https_listen,
             pki_listen,
             tls_names,
         } => {
+            zonemesh_controller::secrets::private_umask();
             let cfg = ServeConfig {
                 data_dir: cli.data_dir.clone(),
                 kek_file: cli.kek_file.clone(),
@@ -599,8 +603,7 @@ fn fmt_unix(secs: u64) -> String {
 fn init(data_dir: &Path, kek: &KekSource, trust_domain: &str) -> Result<()> {
     // zonemesh-controller init must fail before doing anything when a CA exists.
     zonemesh_ca::validate_label("trust domain", trust_domain, true)?;
-    std::fs::create_dir_all(data_dir)
-        .with_context(|| format!("creating {}", data_dir.display()))?;
+    zonemesh_controller::secrets::create_private_dir(data_dir)?;
     let store = open_store(data_dir)?;
     if Authority::exists(&store)? {
         bail!(

@@ -61,14 +61,38 @@ async fn ocsp_get(State(auth): State<Arc<Authority>>, Path(req): Path<String>) -
     }
 }
 
-/// Serve a router over plain HTTP until shutdown.
+/// Serve a router over plain HTTP until shutdown, with the limits and deadlines of
+/// `crate::listen` (a plain `TcpListener` gets the defaults).
 pub async fn serve_plain(
-    listener: tokio::net::TcpListener,
+    listener: impl Into<crate::listen::GuardedListener>,
     app: axum::Router,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<()> {
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await?;
+    let mut listener = listener.into();
+    let mut conns = tokio::task::JoinSet::new();
+    loop {
+        while conns.try_join_next().is_some() {}
+        let (io, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            c = listener.accept() => c,
+        };
+        let activity = io.activity();
+        let opts = crate::listen::HttpOptions {
+            h2_only: false,
+            max_concurrent_streams: 16,
+            keep_alive: std::time::Duration::from_secs(15),
+        };
+        let (app, stop) = (app.clone(), shutdown.clone());
+        conns.spawn(async move {
+            let ext = axum::extract::ConnectInfo(peer);
+            if let Err(e) =
+                crate::listen::serve_connection(io, app, ext, activity, opts, stop).await
+            {
+                tracing::debug!(peer = %peer, error = %e, "PKI connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    crate::listen::drain(conns).await;
     Ok(())
 }

@@ -5,6 +5,7 @@ use crate::admin::{self, AdminHandler};
 use crate::audit::AuditLog;
 use crate::auth::{Pepper, SecuritySink, WebConfig};
 use crate::authority::{Authority, CRL_REFRESH};
+use crate::listen::{self, GuardedListener, ListenerBudget};
 use crate::mesh::Mesh;
 use crate::secrets::KekSource;
 use crate::store::Store;
@@ -40,6 +41,8 @@ impl ServeConfig {
                 self.data_dir.display()
             );
         }
+        crate::secrets::check_private_dir(&self.data_dir, "data directory")?;
+        crate::secrets::check_private_dir(&self.data_dir.join("db"), "database directory")?;
         let mut ports = vec![self.grpc_listen, self.https_listen];
         ports.extend(self.pki_listen);
         for (i, a) in ports.iter().enumerate() {
@@ -83,6 +86,7 @@ async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener> {
 /// Run until SIGTERM/SIGINT or `shutdown`.
 pub async fn run(cfg: ServeConfig, shutdown: CancellationToken) -> Result<()> {
     let names = cfg.validate()?;
+    let fd_limit = listen::raise_fd_limit();
     let kek = KekSource::new(&cfg.data_dir, cfg.kek_file.clone()).load()?;
     let store = Store::open(&cfg.data_dir.join("db"))?;
     let auth = Arc::new(Authority::load(store.clone(), &kek, SystemTime::now())?);
@@ -112,10 +116,28 @@ pub async fn run(cfg: ServeConfig, shutdown: CancellationToken) -> Result<()> {
     mesh.add_crl_listener(verifier.clone());
     let grpc_tls = Arc::new(grpc_server_config(certs.clone(), verifier)?);
 
-    let grpc_listener = bind(cfg.grpc_listen, "gRPC").await?;
-    let https_listener = bind(cfg.https_listen, "HTTPS").await?;
+    let budget = ListenerBudget::from_fd_limit(fd_limit, cfg.pki_listen.is_some());
+    tracing::info!(fd_limit, grpc = ?budget.grpc, https = ?budget.https, pki = ?budget.pki, "connection limits");
+    let guarded = |l, what, limits, timeouts| GuardedListener::new(l, what, limits, timeouts);
+    let grpc_listener = guarded(
+        bind(cfg.grpc_listen, "gRPC").await?,
+        "grpc",
+        budget.grpc,
+        listen::GRPC_TIMEOUTS,
+    );
+    let https_listener = guarded(
+        bind(cfg.https_listen, "HTTPS").await?,
+        "https",
+        budget.https,
+        listen::HTTPS_TIMEOUTS,
+    );
     let pki_listener = match cfg.pki_listen {
-        Some(a) => Some(bind(a, "PKI HTTP").await?),
+        Some(a) => Some(guarded(
+            bind(a, "PKI HTTP").await?,
+            "pki",
+            budget.pki,
+            listen::PKI_TIMEOUTS,
+        )),
         None => None,
     };
     tracing::info!(grpc = %cfg.grpc_listen, https = %cfg.https_listen, pki = ?cfg.pki_listen, version = mesh.version(), "controller serving");

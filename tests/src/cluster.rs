@@ -30,6 +30,8 @@ pub struct Controller {
     pub fingerprint: String,
     /// Which controller binary to run (debug by default; the benchmark uses release).
     pub binary: PathBuf,
+    /// Run `serve` with this `RLIMIT_NOFILE` (soft and hard), as under a stingy init system.
+    pub fd_limit: Option<u64>,
     child: Option<Child>,
     log: PathBuf,
     starts: u32,
@@ -98,6 +100,7 @@ impl Controller {
             pki: addr(free_port()),
             fingerprint,
             binary,
+            fd_limit: None,
             child: None,
             starts: 0,
         })
@@ -118,7 +121,18 @@ impl Controller {
             .create(true)
             .append(true)
             .open(&self.log)?;
-        let child = Command::new(&self.binary)
+        let mut cmd = match self.fd_limit {
+            // prlimit sets the limit on itself and then execs the controller.
+            Some(n) => {
+                let mut c = Command::new("prlimit");
+                c.arg(format!("--nofile={n}:{n}"))
+                    .arg("--")
+                    .arg(&self.binary);
+                c
+            }
+            None => Command::new(&self.binary),
+        };
+        let child = cmd
             .arg("serve")
             .arg("--data-dir")
             .arg(&self.data_dir)

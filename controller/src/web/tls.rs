@@ -6,19 +6,16 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::service::TowerToHyperService;
 use rustls::crypto::CryptoProvider;
 use rustls::crypto::aws_lc_rs::cipher_suite as cs;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
-use tower::ServiceExt as _;
+
+use crate::listen::{GuardedIo, GuardedListener, HttpOptions};
 
 /// Errors of the HTTPS listener.
 #[derive(Debug, thiserror::Error)]
@@ -266,68 +263,45 @@ impl ResolvesServerCert for CertSource {
     }
 }
 
-/// Most connections served at once; more wait in the kernel's accept queue.
-const MAX_CONNECTIONS: usize = 4096;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serve `app` over TLS on `listener` until `shutdown`: stop accepting, let open
 /// connections finish (up to 10 s), then return. Handlers see the peer address as
-/// `ConnectInfo<SocketAddr>`.
+/// `ConnectInfo<SocketAddr>`. A plain `TcpListener` gets default limits; `serve` passes a
+/// [`GuardedListener`] sized from the file-descriptor limit.
 pub async fn serve_https(
-    listener: TcpListener,
+    listener: impl Into<GuardedListener>,
     app: axum::Router,
     certs: Arc<CertSource>,
     shutdown: CancellationToken,
 ) -> Result<(), TlsError> {
+    let mut listener = listener.into();
     let acceptor = TlsAcceptor::from(Arc::new(server_config(certs)?));
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let mut conns = JoinSet::new();
     loop {
         while conns.try_join_next().is_some() {}
-        let permit = tokio::select! {
+        let (io, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
-            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            c = listener.accept() => c,
         };
-        let (tcp, peer) = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(error = %e, "HTTPS accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let app = app.clone();
         let stop = shutdown.clone();
-        conns.spawn(async move {
-            let _permit = permit;
-            serve_connection(acceptor, tcp, peer, app, stop).await;
-        });
+        conns.spawn(serve_connection(acceptor, io, peer, app, stop));
     }
     drop(listener);
-    let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
-        while conns.join_next().await.is_some() {}
-    })
-    .await;
-    if drained.is_err() {
-        conns.abort_all();
-        while conns.join_next().await.is_some() {}
-    }
+    crate::listen::drain(conns).await;
     Ok(())
 }
 
 async fn serve_connection(
     acceptor: TlsAcceptor,
-    tcp: tokio::net::TcpStream,
+    tcp: GuardedIo<tokio::net::TcpStream>,
     peer: SocketAddr,
     app: axum::Router,
     stop: CancellationToken,
 ) {
+    let activity = tcp.activity();
     let tls = tokio::select! {
         _ = stop.cancelled() => return,
         r = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)) => match r {
@@ -339,34 +313,13 @@ async fn serve_connection(
             Err(_) => return,
         },
     };
-    let svc = app.map_request(move |mut req: hyper::Request<hyper::body::Incoming>| {
-        req.extensions_mut()
-            .insert(axum::extract::ConnectInfo(peer));
-        req
-    });
-    let svc = TowerToHyperService::new(svc);
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(10))
-        .max_buf_size(64 * 1024);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(64)
-        .keep_alive_interval(Duration::from_secs(30));
-    let conn = builder.serve_connection(TokioIo::new(tls), svc);
-    tokio::pin!(conn);
-    tokio::select! {
-        r = conn.as_mut() => {
-            if let Err(e) = r {
-                tracing::debug!(peer = %peer, error = %e, "HTTPS connection ended with an error");
-            }
-        }
-        _ = stop.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            let _ = tokio::time::timeout(DRAIN_TIMEOUT, conn).await;
-        }
+    let opts = HttpOptions {
+        h2_only: false,
+        max_concurrent_streams: 64,
+        keep_alive: Duration::from_secs(30),
+    };
+    let ext = axum::extract::ConnectInfo(peer);
+    if let Err(e) = crate::listen::serve_connection(tls, app, ext, activity, opts, stop).await {
+        tracing::debug!(peer = %peer, error = %e, "HTTPS connection ended with an error");
     }
 }
