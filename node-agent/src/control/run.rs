@@ -146,18 +146,14 @@ impl Agent {
     }
 
     /// Enforce the controller's blocklist: drop every packet from a blocked source in this
-    /// host's nftables (table `inet zonemesh`, set elements expire by themselves).
+    /// host's nftables (table `inet zonemesh`, set elements expire by themselves). The sets
+    /// are rewritten whole in one transaction, so a lifted block leaves them at once.
     fn sync_blocklist(&self, view: &MeshView) {
-        let now = unix(SystemTime::now());
-        let mut v4 = Vec::new();
-        let mut v6 = Vec::new();
-        for b in view.blocklist.values().filter(|b| b.until_unix > now) {
-            match b.address.parse::<IpAddr>() {
-                Ok(IpAddr::V4(ip)) => v4.push(format!("{ip} timeout {}s", b.until_unix - now)),
-                Ok(IpAddr::V6(ip)) => v6.push(format!("{ip} timeout {}s", b.until_unix - now)),
-                Err(_) => {}
-            }
-        }
+        let (v4, v6) = super::blocklist::nft_elements(
+            view.blocklist.values(),
+            unix(SystemTime::now()),
+            &self.id.controller,
+        );
         let wanted = format!("{v4:?}{v6:?}");
         let mut last = self.blocklist_applied.lock();
         if *last == wanted || (last.is_empty() && v4.is_empty() && v6.is_empty()) {
