@@ -30,6 +30,8 @@ pub struct Controller {
     pub fingerprint: String,
     /// Which controller binary to run (debug by default; the benchmark uses release).
     pub binary: PathBuf,
+    /// More arguments for `serve` (e.g. `--tls-name`).
+    pub serve_args: Vec<String>,
     child: Option<Child>,
     log: PathBuf,
     starts: u32,
@@ -92,6 +94,7 @@ impl Controller {
             pki: addr(free_port()),
             fingerprint,
             binary,
+            serve_args: Vec::new(),
             child: None,
             starts: 0,
         })
@@ -122,6 +125,7 @@ impl Controller {
             .arg(self.https.to_string())
             .arg("--pki-listen")
             .arg(self.pki.to_string())
+            .args(&self.serve_args)
             .env(
                 "ZONEMESH_LOG",
                 std::env::var("ZONEMESH_LOG").unwrap_or_else(|_| "info".into()),
