@@ -7,8 +7,10 @@
 #   scripts/mesh-lab.sh ctl-stop | ctl-start | agent-stop NODE | agent-start NODE
 #   scripts/mesh-lab.sh enroll NODE ZONE   enroll and start one more node (namespace created)
 #   scripts/mesh-lab.sh x NODE CMD...   run a command inside a node's namespace
+#   scripts/mesh-lab.sh host NAME IP    a bare namespace on the underlay (no credentials)
 #
 # Env: PFX (namespace prefix, default zml), DIR (state, default /tmp/zonemesh-lab-$PFX),
+#      LAB_ZONES (default "a b c"), LAB_NODES (nodes per zone, default "1 2"),
 #      BIN (directory with zonemesh-controller and zonemesh-agent; default target/release
 #      if built there, else target/debug).
 set -euo pipefail
@@ -22,8 +24,9 @@ CTL="$BIN/zonemesh-controller"
 AGENT="$BIN/zonemesh-agent"
 HUB="$PFX-hub"
 CTL_IP=198.18.100.1
-ZONES=(a b c)
-NODES=(1 2)
+# LAB_ZONES / LAB_NODES shrink the lab (e.g. LAB_ZONES="a b" LAB_NODES=1: two agents).
+read -ra ZONES <<< "${LAB_ZONES:-a b c}"
+read -ra NODES <<< "${LAB_NODES:-1 2}"
 
 die() { echo "mesh-lab: $*" >&2; exit 1; }
 [ "$(id -u)" = 0 ] || die "needs root (network namespaces and TUN)"
@@ -145,6 +148,7 @@ case "${1:-}" in
   agent-stop) agent_stop "$2" ;;
   enroll) enroll "$2" "$3" ;;
   overlay) overlay_of "$2" ;;
+  host) add_host_ns "$2" "$3" ;;
   x) n=$2; shift 2; ip netns exec "$(ns_of "$n")" "$@" ;;
-  *) sed -n '2,14p' "$0"; exit 64 ;;
+  *) sed -n '2,16p' "$0"; exit 64 ;;
 esac

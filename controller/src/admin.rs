@@ -88,6 +88,10 @@ pub enum AdminRequest {
         secs: u64,
         reason: String,
     },
+    BlockList,
+    BlockRemove {
+        address: String,
+    },
     Audit {
         limit: Option<usize>,
     },
@@ -118,6 +122,8 @@ impl AdminRequest {
                 | Self::ThrottleList
                 | Self::ThrottleClear { .. }
                 | Self::BlockAdd { .. }
+                | Self::BlockList
+                | Self::BlockRemove { .. }
                 | Self::Health
         )
     }
@@ -152,6 +158,15 @@ fn pem_chain(leaf: &[u8], chain: &[Vec<u8>]) -> String {
         s.push_str(&zonemesh_ca::to_pem("CERTIFICATE", c));
     }
     s
+}
+
+fn parse_ip(address: &str) -> Result<std::net::IpAddr, ControllerError> {
+    address.trim().parse().map_err(|_| {
+        ControllerError::BadRequest(format!(
+            "{} is not an IP address",
+            crate::text::Escaped(crate::text::cap(address, 64))
+        ))
+    })
 }
 
 impl AdminHandler {
@@ -387,17 +402,38 @@ impl AdminHandler {
                 secs,
                 reason,
             } => {
-                let ip: std::net::IpAddr = address.parse().map_err(|_| {
-                    ControllerError::BadRequest(format!("{address:?} is not an IP address"))
-                })?;
+                let ip = parse_ip(&address)?;
                 let until = now + Duration::from_secs(secs.clamp(60, 30 * 86_400));
                 self.mesh()?.block_source(ip, until, &reason)?;
                 self.note(
                     "source.blocked",
-                    &ip.to_string(),
-                    format!("{reason} (until {})", crate::store::unix(until)),
+                    &ip.to_canonical().to_string(),
+                    format!(
+                        "{} (until {})",
+                        crate::text::cap(&reason, 512),
+                        crate::store::unix(until)
+                    ),
                 );
-                json!({ "address": ip.to_string(), "until_unix": crate::store::unix(until) })
+                json!({ "address": ip.to_canonical().to_string(), "until_unix": crate::store::unix(until) })
+            }
+            AdminRequest::BlockList => {
+                let blocks: Vec<Value> = self
+                    .mesh()?
+                    .blocks(now)?
+                    .into_iter()
+                    .map(|b| json!({ "address": b.address.to_string(), "until_unix": b.until_unix, "reason": b.reason }))
+                    .collect();
+                json!(blocks)
+            }
+            AdminRequest::BlockRemove { address } => {
+                let ip = parse_ip(&address)?;
+                let rec = self.mesh()?.unblock_source(ip)?;
+                self.note(
+                    "source.unblocked",
+                    &rec.address.to_string(),
+                    format!("was blocked until {}: {}", rec.until_unix, rec.reason),
+                );
+                json!({ "address": rec.address.to_string() })
             }
             AdminRequest::UserList => {
                 let users = self

@@ -12,6 +12,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+use crate::text::Escaped;
+
 /// Name of the sled tree holding the audit log.
 pub const AUDIT_TREE: &str = "audit";
 
@@ -202,6 +204,8 @@ pub fn render_json(records: &[AuditRecord]) -> String {
 }
 
 /// A human-readable table: time (UTC), kind, outcome, actor, subject, source, detail.
+/// Fields a client chose (an e-mail typed at sign-in) are shown with control characters
+/// escaped, so a record cannot rewrite the operator's terminal.
 pub fn render_human(records: &[AuditRecord]) -> String {
     let mut s = String::new();
     let _ = writeln!(
@@ -216,14 +220,14 @@ pub fn render_human(records: &[AuditRecord]) -> String {
             "{:>6}  {:<24} {:<22} {:<8} {:<28} {:<28} {:<15} {}",
             r.seq,
             format_utc(r.at_unix_ms),
-            e.kind,
-            e.outcome,
-            e.actor.as_deref().unwrap_or("-"),
-            e.subject.as_deref().unwrap_or("-"),
+            Escaped(&e.kind),
+            Escaped(&e.outcome),
+            Escaped(e.actor.as_deref().unwrap_or("-")),
+            Escaped(e.subject.as_deref().unwrap_or("-")),
             e.source
                 .map(|ip| ip.to_string())
                 .unwrap_or_else(|| "-".into()),
-            e.detail.as_deref().unwrap_or(""),
+            Escaped(e.detail.as_deref().unwrap_or("")),
         );
     }
     s

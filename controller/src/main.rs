@@ -12,6 +12,7 @@ use zonemesh_controller::authority::Authority;
 use zonemesh_controller::secrets::{KekSource, write_atomic};
 use zonemesh_controller::serve::{ServeConfig, run};
 use zonemesh_controller::store::{Store, StoreError};
+use zonemesh_controller::text::Escaped;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -85,7 +86,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Block a source address on every agent (sign-in brute force does this by itself).
+    /// Block a source address on every agent (corroborated reports and sign-in brute force
+    /// do this by themselves); list and remove blocks.
     Block {
         #[command(subcommand)]
         command: BlockCommand,
@@ -115,6 +117,13 @@ enum BlockCommand {
         #[arg(long, default_value = "blocked by an administrator")]
         reason: String,
     },
+    /// Addresses blocked now, with until when and why.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Take an address off the blocklist; every agent drops it at once.
+    Remove { address: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -360,8 +369,8 @@ async fn dispatch(cli: Cli) -> Result<()> {
                 for z in v.as_array().into_iter().flatten() {
                     println!(
                         "{:<20} {:<20} {:>6}  {}",
-                        s(&z["name"]),
-                        s(&z["cidr"]),
+                        e(&z["name"]),
+                        e(&z["cidr"]),
                         z["nodes"].to_string(),
                         z["intra_zone_tunnels"]
                     );
@@ -405,9 +414,9 @@ async fn dispatch(cli: Cli) -> Result<()> {
                 for n in v.as_array().into_iter().flatten() {
                     println!(
                         "{:<28} {:<16} {:<34} {:<22} {}",
-                        format!("{}/{}", s(&n["zone"]), s(&n["node"])),
-                        s(&n["overlay_ip"]),
-                        s(&n["serial"]),
+                        format!("{}/{}", e(&n["zone"]), e(&n["node"])),
+                        e(&n["overlay_ip"]),
+                        e(&n["serial"]),
                         fmt_unix(n["not_after_unix"].as_u64().unwrap_or(0)),
                         if n["revoked"].as_bool().unwrap_or(false) {
                             "revoked"
@@ -496,6 +505,32 @@ async fn dispatch(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
+        Command::Block {
+            command: BlockCommand::List { json },
+        } => {
+            let v = request(&cli.data_dir, &kek, AdminRequest::BlockList).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!("{:<40} {:<22} REASON", "ADDRESS", "UNTIL");
+                for b in v.as_array().into_iter().flatten() {
+                    println!(
+                        "{:<40} {:<22} {}",
+                        e(&b["address"]),
+                        fmt_unix(b["until_unix"].as_u64().unwrap_or(0)),
+                        e(&b["reason"])
+                    );
+                }
+            }
+            Ok(())
+        }
+        Command::Block {
+            command: BlockCommand::Remove { address },
+        } => {
+            let v = request(&cli.data_dir, &kek, AdminRequest::BlockRemove { address }).await?;
+            println!("{} unblocked on every agent", e(&v["address"]));
+            Ok(())
+        }
         Command::Health { json } => {
             let v = request(&cli.data_dir, &kek, AdminRequest::Health).await?;
             if json {
@@ -505,8 +540,8 @@ async fn dispatch(cli: Cli) -> Result<()> {
                 for r in v.as_array().into_iter().flatten() {
                     println!(
                         "{:<24} {:<24} {:>5.0}% {:>8.2}ms",
-                        s(&r["node"]),
-                        s(&r["peer"]),
+                        e(&r["node"]),
+                        e(&r["peer"]),
                         r["loss"].as_f64().unwrap_or(0.0) * 100.0,
                         r["rtt_micros"].as_f64().unwrap_or(0.0) / 1000.0
                     );
@@ -594,6 +629,11 @@ fn rpassword_prompt(prompt: &str) -> Result<String> {
 
 fn s(v: &Value) -> &str {
     v.as_str().unwrap_or("")
+}
+
+/// A string field for a terminal table: control characters shown, not interpreted.
+fn e(v: &Value) -> Escaped<'_> {
+    Escaped(s(v))
 }
 
 fn fmt_unix(secs: u64) -> String {

@@ -5,7 +5,9 @@
 //! resume from its last version, also across controller restarts), flushed, and fanned out
 //! to all watchers as one shared `Arc`: the cost of a change does not grow with the fleet.
 
+use crate::audit::{AuditEvent, AuditLog};
 use crate::authority::Authority;
+use crate::blocklist::{self, EventTrust, Evidence, EvidenceConfig, NeverBlock, Noted, ReportRate};
 use crate::clock::{Clock, SystemClock};
 use crate::error::{ControllerError, Result};
 use crate::limits::{FailureWindow, KeyedBuckets, Rate};
@@ -13,14 +15,15 @@ use crate::store::{
     BlockRecord, NodeRecord, Store, StoreError, TokenRecord, ZoneRecord, decode, encode, node_key,
     unix,
 };
+use crate::text::{self, Escaped};
 use base64::Engine;
 use parking_lot::Mutex;
 use sha2::{Digest, Sha256};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 use zonemesh_ca::{NodeRequest, RevocationReason, VerifiedNode, WireGuardKey, validate_label};
@@ -44,8 +47,14 @@ pub const RENEW_RATE: Rate = Rate::new(4, Duration::from_secs(3600));
 pub const ISSUE_TLS_RATE: Rate = Rate::new(30, Duration::from_secs(3600));
 pub const UPDATE_ENDPOINTS_RATE: Rate = Rate::new(6, Duration::from_secs(60));
 const RATE_LIMITED_NODES: usize = 65_536;
-/// Security events from agents about one source before that source is blocked.
-const EVENTS_BEFORE_BLOCK: u32 = 20;
+/// `ReportEvents` calls a node may make at once, and per second sustained.
+const REPORT_BURST: u32 = 20;
+const REPORTS_PER_SEC: f64 = 2.0;
+/// Peers kept per health report, and the longest peer name kept.
+const MAX_HEALTH_ROWS: usize = 1024;
+const MAX_PEER_NAME: usize = 128;
+/// Longest block reason kept.
+const MAX_BLOCK_REASON: usize = 512;
 /// How long an automatic block lasts.
 pub const DEFAULT_BLOCK: Duration = Duration::from_secs(3600);
 const MAX_ENDPOINTS: usize = 8;
@@ -111,7 +120,14 @@ pub struct Mesh {
     issue_tls_limit: KeyedBuckets<String>,
     update_endpoints_limit: KeyedBuckets<String>,
     clock: Arc<dyn Clock>,
-    event_counts: Mutex<HashMap<IpAddr, u32>>,
+    evidence: Mutex<Evidence>,
+    report_rate: Mutex<ReportRate>,
+    /// The controller's own addresses (listeners, TLS names, host addresses when a
+    /// listener is unspecified); never blocked.
+    own_addresses: Mutex<Vec<(IpAddr, String)>>,
+    /// What may not be blocked, rebuilt after node and zone changes.
+    never_block: Mutex<Option<Arc<NeverBlock>>>,
+    audit: std::sync::OnceLock<Arc<AuditLog>>,
     snapshot_cache: Mutex<Option<Arc<pb::MeshUpdate>>>,
     health: Mutex<HashMap<String, Vec<HealthRow>>>,
     block_duration: Duration,
@@ -232,7 +248,11 @@ impl Mesh {
             issue_tls_limit: KeyedBuckets::new(ISSUE_TLS_RATE, RATE_LIMITED_NODES),
             update_endpoints_limit: KeyedBuckets::new(UPDATE_ENDPOINTS_RATE, RATE_LIMITED_NODES),
             clock,
-            event_counts: Mutex::new(HashMap::new()),
+            evidence: Mutex::new(Evidence::new(EvidenceConfig::default())),
+            report_rate: Mutex::new(ReportRate::new(REPORT_BURST, REPORTS_PER_SEC, 65_536)),
+            own_addresses: Mutex::new(Vec::new()),
+            never_block: Mutex::new(None),
+            audit: std::sync::OnceLock::new(),
             snapshot_cache: Mutex::new(None),
             health: Mutex::new(HashMap::new()),
             block_duration: DEFAULT_BLOCK,
@@ -310,6 +330,11 @@ impl Mesh {
         self.store.flush()?;
         self.version.store(v, Ordering::SeqCst);
         *self.snapshot_cache.lock() = None;
+        if let Some(pb::mesh_update::Kind::Delta(d)) = &update.kind
+            && !(d.upserted.is_empty() && d.removed.is_empty() && d.zones.is_empty())
+        {
+            *self.never_block.lock() = None;
+        }
         // No receivers is fine: nobody is watching yet.
         let _ = self.tx.send(update);
         Ok(v)
@@ -606,7 +631,8 @@ impl Mesh {
         let result = self.enroll_inner(req, now);
         if let Err(e) = &result {
             self.enroll_failures.note_failure(&limit_key, now);
-            tracing::warn!(%source, error = %e, "enrollment refused");
+            // The error may quote what the client sent (a zone name, say).
+            tracing::warn!(%source, error = %Escaped(&e.to_string()), "enrollment refused");
         }
         result
     }
@@ -982,9 +1008,9 @@ impl Mesh {
         let rows = report
             .peers
             .iter()
-            .take(10_000)
+            .take(MAX_HEALTH_ROWS)
             .map(|p| HealthRow {
-                peer: p.peer.clone(),
+                peer: text::capped(&p.peer, MAX_PEER_NAME),
                 loss: p.loss,
                 rtt_micros: p.rtt_micros,
                 reported_unix: unix(now),
@@ -999,8 +1025,9 @@ impl Mesh {
         self.health.lock().clone()
     }
 
-    /// Security events from an agent (for example handshakes from unknown keys). A source
-    /// reported often enough is blocked on every agent.
+    /// Security events from an agent. Each is logged; only source-verified kinds about an
+    /// address that may be blocked are counted, and a block needs corroboration from
+    /// several nodes (see [`crate::blocklist`]). Returns the addresses blocked.
     pub fn report_events(
         &self,
         who: &VerifiedNode,
@@ -1008,41 +1035,132 @@ impl Mesh {
         now: SystemTime,
     ) -> Result<Vec<IpAddr>> {
         let node = self.caller(who, now)?;
-        let mut blocked = Vec::new();
-        for ev in events.events.iter().take(1000) {
-            tracing::warn!(node = %node.key(), kind = %ev.kind, source = %ev.source, "security event reported by agent");
-            let Ok(ip) = ev
-                .source
-                .parse::<SocketAddr>()
-                .map(|s| s.ip())
-                .or_else(|_| ev.source.parse::<IpAddr>())
-            else {
+        let reporter = node.key();
+        self.report_rate.lock().take(&reporter, Instant::now())?;
+        let protected = self.never_block()?;
+        // One log line per kind and call, however many events a flood produces.
+        let mut seen: BTreeMap<&str, (u32, &str, &str)> = BTreeMap::new();
+        let mut decisions = Vec::new();
+        for ev in events.events.iter().take(blocklist::MAX_EVENTS_PER_REPORT) {
+            let kind = text::cap(&ev.kind, blocklist::MAX_KIND);
+            let source = text::cap(&ev.source, blocklist::MAX_SOURCE);
+            let e = seen.entry(kind).or_insert((
+                0,
+                source,
+                text::cap(&ev.detail, blocklist::MAX_DETAIL),
+            ));
+            e.0 += 1;
+            if blocklist::classify(kind) != EventTrust::SourceVerified {
+                continue;
+            }
+            let Some(ip) = blocklist::parse_source(source) else {
                 continue;
             };
-            let count = {
-                let mut counts = self.event_counts.lock();
-                let c = counts.entry(ip).or_insert(0);
-                *c += 1;
-                *c
-            };
-            if count == EVENTS_BEFORE_BLOCK {
-                self.block_source(
-                    ip,
-                    now + self.block_duration,
-                    &format!("{count} security events ({}) reported by agents", ev.kind),
-                )?;
-                blocked.push(ip);
+            if protected.reason(ip).is_some() || self.is_blocked(ip, now)? {
+                continue;
+            }
+            if let Noted::Block(c) = self.evidence.lock().note(&reporter, ip, kind, now) {
+                decisions.push(c);
+            }
+        }
+        for (kind, (count, source, detail)) in &seen {
+            let counted = blocklist::classify(kind) == EventTrust::SourceVerified;
+            tracing::info!(
+                node = %reporter,
+                kind = %Escaped(kind),
+                count,
+                source = %Escaped(source),
+                detail = %Escaped(detail),
+                counted,
+                "security events reported by agent"
+            );
+        }
+        let mut blocked = Vec::new();
+        for c in decisions {
+            let evidence = c.describe();
+            let until = now + self.block_duration;
+            match self.block_source(c.address, until, &format!("security events {evidence}")) {
+                Ok(()) => {
+                    self.audit_decision(
+                        AuditEvent::new("source.blocked", "blocked")
+                            .actor("mesh")
+                            .source(c.address)
+                            .detail(format!("{evidence}; until {}", unix(until))),
+                    );
+                    blocked.push(c.address);
+                }
+                Err(e) => tracing::warn!(source = %c.address, error = %e, "block not placed"),
             }
         }
         Ok(blocked)
     }
 
-    /// Put a source on the blocklist carried to every agent.
+    /// Record a decision in the audit log, when one is attached.
+    pub fn audit_decision(&self, event: AuditEvent) {
+        if let Some(a) = self.audit.get()
+            && let Err(e) = a.record(event)
+        {
+            tracing::error!(error = %e, "audit record failed");
+        }
+    }
+
+    /// Write automatic block decisions to `audit` from now on.
+    pub fn attach_audit(&self, audit: Arc<AuditLog>) {
+        let _ = self.audit.set(audit);
+    }
+
+    /// The controller's own addresses, never blocked; `what` names each (e.g. "the
+    /// controller's gRPC address").
+    pub fn set_own_addresses(&self, addresses: Vec<(IpAddr, String)>) {
+        *self.own_addresses.lock() = addresses;
+        *self.never_block.lock() = None;
+    }
+
+    /// Every address that may not be blocked, as of now.
+    pub fn never_block(&self) -> Result<Arc<NeverBlock>> {
+        // Built under the lock, so a commit that invalidates it waits for a build that
+        // read the store before the change.
+        let mut cache = self.never_block.lock();
+        if let Some(nb) = cache.as_ref() {
+            return Ok(nb.clone());
+        }
+        let mut nb = NeverBlock::default();
+        for (ip, what) in self.own_addresses.lock().iter() {
+            nb.add(*ip, what.clone());
+        }
+        for n in self.store.nodes()?.iter().filter(|n| !n.revoked) {
+            nb.add(
+                n.overlay_ip,
+                format!("the overlay address of node {}", n.key()),
+            );
+            for e in &n.endpoints {
+                nb.add(e.ip(), format!("an endpoint of node {}", n.key()));
+            }
+        }
+        for z in self.store.zones()? {
+            nb.add_range(z.cidr, format!("in the overlay range of zone {}", z.name));
+        }
+        let nb = Arc::new(nb);
+        *cache = Some(nb.clone());
+        Ok(nb)
+    }
+
+    fn is_blocked(&self, ip: IpAddr, now: SystemTime) -> Result<bool> {
+        Ok(
+            Store::get::<BlockRecord>(&self.store.blocks, "blocks", ip.to_string())?
+                .is_some_and(|b| b.until_unix > unix(now)),
+        )
+    }
+
+    /// Put a source on the blocklist carried to every agent, unless the never-block policy
+    /// forbids it (then a one-line reason).
     pub fn block_source(&self, ip: IpAddr, until: SystemTime, reason: &str) -> Result<()> {
+        let ip = ip.to_canonical();
+        self.never_block()?.check(ip)?;
         let rec = BlockRecord {
             address: ip,
             until_unix: unix(until),
-            reason: reason.into(),
+            reason: text::capped(reason, MAX_BLOCK_REASON),
         };
         self.store
             .blocks
@@ -1052,12 +1170,68 @@ impl Mesh {
             blocked: vec![pb::BlockedSource {
                 address: ip.to_string(),
                 until_unix: rec.until_unix,
-                reason: rec.reason,
+                reason: rec.reason.clone(),
             }],
             ..Default::default()
         })?;
-        tracing::warn!(source = %ip, until = rec.until_unix, reason, "source blocked");
+        tracing::warn!(source = %ip, until = rec.until_unix, reason = %Escaped(&rec.reason), "source blocked");
         Ok(())
+    }
+
+    /// Take a source off the blocklist; every agent drops it at once.
+    pub fn unblock_source(&self, ip: IpAddr) -> Result<BlockRecord> {
+        let ip = ip.to_canonical();
+        let rec: BlockRecord = Store::get(&self.store.blocks, "blocks", ip.to_string())?
+            .ok_or_else(|| ControllerError::NotFound(format!("{ip} is not blocked")))?;
+        self.store
+            .blocks
+            .remove(ip.to_string())
+            .map_err(store_err)?;
+        self.commit(pb::Delta {
+            unblocked: vec![ip.to_string()],
+            ..Default::default()
+        })?;
+        self.evidence.lock().forget(ip);
+        tracing::info!(source = %ip, "source unblocked");
+        Ok(rec)
+    }
+
+    /// Blocks in force at `now`, soonest to end first. Expired ones are dropped from the
+    /// store on the way.
+    pub fn blocks(&self, now: SystemTime) -> Result<Vec<BlockRecord>> {
+        let mut out = Vec::new();
+        for rec in Store::all::<BlockRecord>(&self.store.blocks, "blocks")? {
+            if rec.until_unix > unix(now) {
+                out.push(rec);
+            } else {
+                self.store
+                    .blocks
+                    .remove(rec.address.to_string())
+                    .map_err(store_err)?;
+            }
+        }
+        out.sort_by_key(|b| (b.until_unix, b.address));
+        Ok(out)
+    }
+
+    /// Lift blocks that the never-block policy forbids (placed before it existed, or
+    /// naming a node enrolled since); returns the addresses lifted.
+    pub fn lift_forbidden_blocks(&self) -> Result<Vec<IpAddr>> {
+        let nb = self.never_block()?;
+        let mut lifted = Vec::new();
+        for rec in Store::all::<BlockRecord>(&self.store.blocks, "blocks")? {
+            if let Some(why) = nb.reason(rec.address) {
+                self.unblock_source(rec.address)?;
+                self.audit_decision(
+                    AuditEvent::new("source.unblocked", "ok")
+                        .actor("controller")
+                        .source(rec.address)
+                        .detail(format!("never blocked: it is {why}")),
+                );
+                lifted.push(rec.address);
+            }
+        }
+        Ok(lifted)
     }
 
     // ----- revocation -----

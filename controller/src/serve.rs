@@ -2,9 +2,10 @@
 //! HTTPS side, the PKI endpoints and the admin socket, stopped cleanly by SIGTERM/SIGINT.
 
 use crate::admin::{self, AdminHandler};
-use crate::audit::AuditLog;
+use crate::audit::{AuditEvent, AuditLog};
 use crate::auth::{Pepper, SecuritySink, WebConfig};
 use crate::authority::{Authority, CRL_REFRESH};
+use crate::error::ControllerError;
 use crate::listen::{self, GuardedListener, ListenerBudget};
 use crate::mesh::Mesh;
 use crate::secrets::KekSource;
@@ -32,6 +33,53 @@ pub struct ServeConfig {
 }
 
 impl ServeConfig {
+    /// The controller's own addresses, which no block may name: the listen addresses and
+    /// IP TLS names, and every address of this host when a listener is unspecified.
+    pub fn own_addresses(&self) -> Vec<(IpAddr, String)> {
+        let mut out = Vec::new();
+        let mut unspecified = false;
+        let mut listeners = vec![(self.grpc_listen, "gRPC"), (self.https_listen, "HTTPS")];
+        listeners.extend(self.pki_listen.map(|a| (a, "PKI HTTP")));
+        for (addr, what) in listeners {
+            if addr.ip().is_unspecified() {
+                unspecified = true;
+            } else {
+                out.push((addr.ip(), format!("the controller's {what} address")));
+            }
+        }
+        for ip in self
+            .tls_names
+            .iter()
+            .filter_map(|n| n.parse::<IpAddr>().ok())
+        {
+            out.push((ip, "a TLS name of the controller".to_string()));
+        }
+        if unspecified {
+            match nix::ifaddrs::getifaddrs() {
+                Ok(addrs) => {
+                    for a in addrs {
+                        let ip = a.address.as_ref().and_then(|s| {
+                            s.as_sockaddr_in()
+                                .map(|v4| IpAddr::V4(v4.ip()))
+                                .or_else(|| s.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip())))
+                        });
+                        if let Some(ip) = ip {
+                            out.push((
+                                ip,
+                                format!(
+                                    "an address of the controller's host ({})",
+                                    a.interface_name
+                                ),
+                            ));
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot list this host's addresses"),
+            }
+        }
+        out
+    }
+
     /// Check the configuration completely; returns the names for the TLS certificate.
     pub fn validate(&self) -> Result<TlsNames> {
         if !self.data_dir.join("db").exists() {
@@ -96,11 +144,12 @@ pub async fn run(cfg: ServeConfig, shutdown: CancellationToken) -> Result<()> {
     let web_cfg = WebConfig::new(pepper);
     web_cfg.validate()?;
     let audit = Arc::new(AuditLog::open(store.db())?);
+    mesh.attach_audit(audit.clone());
     let web_state = WebState::new(
         &web_cfg,
         store.db(),
         audit.clone(),
-        mesh.clone(),
+        Arc::new(MeshSink(mesh.clone())),
         Arc::new(StoreDashboard(store.clone())),
     )?;
 
@@ -141,6 +190,14 @@ pub async fn run(cfg: ServeConfig, shutdown: CancellationToken) -> Result<()> {
         None => None,
     };
     tracing::info!(grpc = %cfg.grpc_listen, https = %cfg.https_listen, pki = ?cfg.pki_listen, version = mesh.version(), "controller serving");
+    mesh.set_own_addresses(cfg.own_addresses());
+    let lifted = {
+        let m = mesh.clone();
+        tokio::task::spawn_blocking(move || m.lift_forbidden_blocks()).await??
+    };
+    for ip in lifted {
+        tracing::warn!(source = %ip, "block lifted: the address may never be blocked");
+    }
 
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(crate::grpc::serve(
@@ -261,11 +318,32 @@ pub fn pepper_path(data_dir: &std::path::Path) -> PathBuf {
     data_dir.join("secrets").join("pepper")
 }
 
-/// Sign-in blocks go on the mesh blocklist, which every agent receives.
-impl SecuritySink for Mesh {
+/// Sign-in blocks go on the mesh blocklist, which every agent receives, under the same
+/// never-block policy as every other block (a sign-in flood through a reverse proxy on
+/// loopback blocks it for sign-in only).
+pub struct MeshSink(pub Arc<Mesh>);
+
+impl SecuritySink for MeshSink {
     fn source_blocked(&self, ip: IpAddr, until: SystemTime, reason: &str) {
-        if let Err(e) = self.block_source(ip, until, reason) {
-            tracing::error!(error = %e, source = %ip, "could not publish block");
+        let mesh = self.0.clone();
+        let reason = reason.to_string();
+        let place = move || match mesh.block_source(ip, until, &reason) {
+            Ok(()) => {}
+            Err(ControllerError::PermissionDenied(why)) => {
+                tracing::warn!(source = %ip, reason = %why, "sign-in block not pushed to agents");
+                mesh.audit_decision(
+                    AuditEvent::new("source.block_refused", "denied")
+                        .actor("controller")
+                        .source(ip)
+                        .detail(why),
+                );
+            }
+            Err(e) => tracing::error!(error = %e, source = %ip, "could not publish block"),
+        };
+        // The store flushes: keep it off the async workers that call this.
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => drop(rt.spawn_blocking(place)),
+            Err(_) => place(),
         }
     }
 }

@@ -32,6 +32,8 @@ pub struct Controller {
     pub binary: PathBuf,
     /// Run `serve` with this `RLIMIT_NOFILE` (soft and hard), as under a stingy init system.
     pub fd_limit: Option<u64>,
+    /// More arguments for `serve` (e.g. `--tls-name`).
+    pub serve_args: Vec<String>,
     child: Option<Child>,
     log: PathBuf,
     starts: u32,
@@ -101,6 +103,7 @@ impl Controller {
             fingerprint,
             binary,
             fd_limit: None,
+            serve_args: Vec::new(),
             child: None,
             starts: 0,
         })
@@ -142,6 +145,7 @@ impl Controller {
             .arg(self.https.to_string())
             .arg("--pki-listen")
             .arg(self.pki.to_string())
+            .args(&self.serve_args)
             .env(
                 "ZONEMESH_LOG",
                 std::env::var("ZONEMESH_LOG").unwrap_or_else(|_| "info".into()),

@@ -163,7 +163,7 @@ pub fn render_users(users: &[UserSummary], json: bool) -> String {
     for u in users {
         s.push_str(&format!(
             "{:<36} {:<13} {:<9} {:<6} {:<9} {}\n",
-            u.email,
+            crate::text::Escaped(&u.email),
             u.role.as_str(),
             if u.disabled { "disabled" } else { "active" },
             if u.totp_confirmed { "yes" } else { "no" },

@@ -612,6 +612,17 @@ fn record_failure(
     outcome
 }
 
+/// The account a sign-in names, as the throttle, the audit log and the password check see
+/// it. Nothing longer than an e-mail address can be is kept: all such attempts count
+/// against one placeholder that no account can have.
+fn signin_account(typed: &str) -> String {
+    let email = normalize_email(crate::text::cap(typed, 4 * crate::text::MAX_EMAIL));
+    if email.len() > crate::text::MAX_EMAIL {
+        return "(over-long e-mail address)".into();
+    }
+    email
+}
+
 fn unix_ms(t: SystemTime) -> u64 {
     t.duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
@@ -631,7 +642,7 @@ async fn signin_submit(
     if !csrf_matches(&secret, &form.csrf) {
         return csrf_refused(&state);
     }
-    let email = normalize_email(&form.email);
+    let email = signin_account(&form.email);
     let now = state.now();
     let attempt = match reserve(&state, &email, ip, now) {
         Ok(a) => a,

@@ -154,14 +154,29 @@ pub fn sync_routes(
     }
 }
 
-/// Enforce the controller's blocklist: drop every packet from a blocked source. The set is
-/// replaced only when it changed (entries expire in the firewall by themselves).
-pub fn sync_blocklist(fx: &dyn HostEffects, host: &mut HostState, view: &MeshView, now: u64) {
+/// Enforce the controller's blocklist: drop every packet from a blocked source, except the
+/// addresses this node needs whatever the controller says (see `blocklist::never_dropped`).
+/// The set is replaced whole, only when it changed (entries expire in the firewall by
+/// themselves), so a lifted block leaves it at once.
+pub fn sync_blocklist(
+    fx: &dyn HostEffects,
+    host: &mut HostState,
+    view: &MeshView,
+    now: u64,
+    controller: &str,
+) {
     let mut wanted: Vec<(IpAddr, u64)> = view
         .blocklist
         .values()
         .filter(|b| b.until_unix > now)
-        .filter_map(|b| Some((b.address.parse::<IpAddr>().ok()?, b.until_unix)))
+        .filter_map(|b| Some((b.address.parse::<IpAddr>().ok()?.to_canonical(), b.until_unix)))
+        .filter(|(ip, _)| match super::blocklist::never_dropped(*ip, controller) {
+            Some(why) => {
+                tracing::debug!(source = %ip, why, "ignoring a block of an address this node needs");
+                false
+            }
+            None => true,
+        })
         .collect();
     wanted.sort();
     if wanted == host.blocklist && (host.blocklist_installed || wanted.is_empty()) {
@@ -314,10 +329,10 @@ mod tests {
         let zones = [("a", "100.64.1.0/24"), ("b", "100.64.2.0/24")];
         let v = view(&[("198.51.100.7", 1_100), ("198.51.100.8", 900)], &zones);
         sync_routes(&fx, &mut host, &v, "a", "zm0");
-        sync_blocklist(&fx, &mut host, &v, 1_000);
+        sync_blocklist(&fx, &mut host, &v, 1_000, "198.18.100.1:7443");
         // The same view a second later: nothing to do (entries expire by themselves).
         sync_routes(&fx, &mut host, &v, "a", "zm0");
-        sync_blocklist(&fx, &mut host, &v, 1_001);
+        sync_blocklist(&fx, &mut host, &v, 1_001, "198.18.100.1:7443");
         assert_eq!(
             fx.calls(),
             vec![
@@ -331,7 +346,7 @@ mod tests {
         // A zone goes, a block is removed: one route delete, one firewall replacement.
         let v = view(&[], &zones[..1]);
         sync_routes(&fx, &mut host, &v, "a", "zm0");
-        sync_blocklist(&fx, &mut host, &v, 1_002);
+        sync_blocklist(&fx, &mut host, &v, 1_002, "198.18.100.1:7443");
         assert_eq!(
             fx.calls()[2..],
             [

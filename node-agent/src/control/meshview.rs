@@ -74,6 +74,9 @@ impl MeshView {
                 for b in &d.blocked {
                     self.blocklist.insert(b.address.clone(), b.clone());
                 }
+                for a in &d.unblocked {
+                    self.blocklist.remove(a);
+                }
             }
             None => {}
         }

@@ -2,6 +2,7 @@
 //! controller (pinned at enrollment, mutual TLS afterwards), enrollment and renewal, and
 //! the run loop with what it acts on (host effects, clock).
 
+pub mod blocklist;
 pub mod client;
 pub mod clock;
 pub mod effects;

@@ -84,7 +84,7 @@ impl Agent {
             &self.id.zone,
             &self.opts.interface,
         );
-        effects::sync_blocklist(&*self.effects, host, &view, unix(now));
+        effects::sync_blocklist(&*self.effects, host, &view, unix(now), &self.id.controller);
         self.counters.syncs.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(version = view.version, "mesh applied");
     }
