@@ -747,7 +747,7 @@ impl Throttle {
                 }
             }
             for (k, s) in &self.sources {
-                if !s.in_flight && !s.blocked_until.is_some_and(|u| u > now) {
+                if !s.in_flight && s.blocked_until.is_none_or(|u| u <= now) {
                     let f = s.counter.as_ref().map_or(0, |c| c.failures);
                     victims.push((f, Key::Source(*k)));
                 }

@@ -555,9 +555,12 @@ fn reserve(
     account: &str,
     ip: IpAddr,
     now: SystemTime,
-) -> Result<AttemptGuard, Response> {
+) -> Result<AttemptGuard, Box<Response>> {
     Throttle::begin(&state.inner.throttle, account, ip, now).map_err(|gate| {
-        gate_refusal(state, gate, now).unwrap_or_else(|| internal("attempt refused unexplained"))
+        Box::new(
+            gate_refusal(state, gate, now)
+                .unwrap_or_else(|| internal("attempt refused unexplained")),
+        )
     })
 }
 
@@ -646,7 +649,7 @@ async fn signin_submit(
     let now = state.now();
     let attempt = match reserve(&state, &email, ip, now) {
         Ok(a) => a,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let password = Zeroizing::new(form.password.clone());
     let checked = match state.inner.users.check_password(&email, password).await {
@@ -776,7 +779,7 @@ async fn code_submit(
     let now = state.now();
     let attempt = match reserve(&state, &s.email, ip, now) {
         Ok(a) => a,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let (users, email, code) = (
         state.inner.users.clone(),
@@ -880,7 +883,7 @@ async fn enroll_submit(
     let now = state.now();
     let attempt = match reserve(&state, &s.email, ip, now) {
         Ok(a) => a,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let (users, email, code) = (
         state.inner.users.clone(),
@@ -1019,14 +1022,14 @@ impl Drop for PasswordForm {
 fn full_session(
     state: &WebState,
     headers: &HeaderMap,
-) -> Result<(Zeroizing<String>, Session), Response> {
+) -> Result<(Zeroizing<String>, Session), Box<Response>> {
     match current_session(state, headers) {
         Some((token, s)) if s.kind == SessionKind::Full => Ok((token, s)),
         Some((_, s)) if s.kind == SessionKind::PendingEnrollment => {
-            Err(Redirect::to("/enroll").into_response())
+            Err(Box::new(Redirect::to("/enroll").into_response()))
         }
-        Some(_) => Err(Redirect::to("/signin/code").into_response()),
-        None => Err(Redirect::to("/signin").into_response()),
+        Some(_) => Err(Box::new(Redirect::to("/signin/code").into_response())),
+        None => Err(Box::new(Redirect::to("/signin").into_response())),
     }
 }
 
@@ -1049,7 +1052,7 @@ fn password_view(
 async fn password_page(State(state): State<WebState>, headers: HeaderMap) -> Response {
     match full_session(&state, &headers) {
         Ok((token, s)) => password_view(&token, &s, StatusCode::OK, None, None),
-        Err(r) => r,
+        Err(r) => *r,
     }
 }
 
@@ -1062,7 +1065,7 @@ async fn password_submit(
     let ip = peer.ip();
     let (token, s) = match full_session(&state, &headers) {
         Ok(v) => v,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     if !csrf_matches(&token, &form.csrf) {
         return csrf_refused(&state);
@@ -1090,7 +1093,7 @@ async fn password_submit(
     let now = state.now();
     let attempt = match reserve(&state, &s.email, ip, now) {
         Ok(a) => a,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let current = Zeroizing::new(form.current.clone());
     match state.inner.users.check_password(&s.email, current).await {
