@@ -136,5 +136,11 @@ pub fn grpc_server_config(
         .with_client_cert_verifier(client_verifier)
         .with_cert_resolver(certs);
     cfg.alpn_protocols = vec![b"h2".to_vec()];
+    // No resumption: a resumed session carries the client certificate of the session it
+    // resumes, so a node that renewed (its old serial revoked as superseded) or was revoked
+    // would be identified by a stale certificate. Every connection gets a full handshake
+    // with the CRL check.
+    cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    cfg.send_tls13_tickets = 0;
     Ok(cfg)
 }

@@ -215,6 +215,8 @@ pub fn mtls_config_with(
         .with_root_certificates(roots)
         .with_client_cert_resolver(resolver);
     cfg.alpn_protocols = vec![b"h2".to_vec()];
+    // The certificate changes on renewal; a resumed session would present the old one.
+    cfg.resumption = rustls::client::Resumption::disabled();
     Ok(cfg)
 }
 
