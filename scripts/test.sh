@@ -28,7 +28,7 @@ cargo build --workspace --all-targets --locked
 echo "== tests"
 # One thread per test binary keeps the namespace and timing tests from fighting over 2 cores.
 log=$(mktemp)
-cargo test --workspace --locked -- --test-threads=2 --nocapture 2>&1 | tee "$log"
+cargo test --workspace --locked --no-fail-fast -- --test-threads=2 --nocapture 2>&1 | tee "$log"
 passed=$(grep -E '^test result:' "$log" | sed -E 's/.* ([0-9]+) passed.*/\1/' | paste -sd+ | bc)
 failed=$(grep -E '^test result:' "$log" | sed -E 's/.* ([0-9]+) failed.*/\1/' | paste -sd+ | bc)
 skipped=$(grep -c '^skipped: ' "$log" || true)

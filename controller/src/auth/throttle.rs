@@ -242,14 +242,7 @@ pub struct Throttle {
 pub const MAX_ACCOUNT_KEY: usize = 256;
 
 fn account_key(account: &str) -> &str {
-    if account.len() <= MAX_ACCOUNT_KEY {
-        return account;
-    }
-    let mut end = MAX_ACCOUNT_KEY;
-    while !account.is_char_boundary(end) {
-        end -= 1;
-    }
-    &account[..end]
+    crate::text::cap(account, MAX_ACCOUNT_KEY)
 }
 
 fn unix(t: SystemTime) -> u64 {
