@@ -9,135 +9,25 @@ use crate::error::ControllerError;
 use crate::mesh::Mesh;
 use crate::web::WebState;
 use anyhow::{Context, Result, bail};
-use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use zonemesh_ca::{NodeRequest, RevocationReason, TlsNames, WireGuardKey};
 
+pub mod client;
+pub mod local;
+pub mod proto;
+
+use proto::*;
+pub use proto::{AdminReply, AdminRequest, AdminResponse, Redacted};
+
 /// Largest admin request line.
 const MAX_REQUEST: usize = 256 * 1024;
-
-/// One admin command.
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(tag = "cmd", rename_all = "kebab-case")]
-pub enum AdminRequest {
-    CaShow,
-    CaExport {
-        intermediate: bool,
-    },
-    CaSignCsr {
-        csr_der: Vec<u8>,
-        zone: String,
-        node: String,
-        wg_key: String,
-    },
-    CaIssueTls {
-        dns: Vec<String>,
-        ips: Vec<String>,
-        lifetime_secs: Option<u64>,
-    },
-    CaRevoke {
-        serial: String,
-        reason: String,
-    },
-    CaCrl,
-    ZoneAdd {
-        name: String,
-        cidr: String,
-        intra_zone_tunnels: bool,
-    },
-    ZoneList,
-    TokenCreate {
-        zone: String,
-        ttl_secs: u64,
-        uses: u32,
-    },
-    NodeList,
-    NodeRevoke {
-        node: String,
-        reason: String,
-    },
-    UserAdd {
-        email: String,
-        role: String,
-        password: Redacted,
-    },
-    UserList,
-    UserDisable {
-        email: String,
-    },
-    UserPasswd {
-        email: String,
-        password: Redacted,
-    },
-    ThrottleList,
-    ThrottleClear {
-        email: Option<String>,
-        source: Option<String>,
-    },
-    Health,
-    BlockAdd {
-        address: String,
-        secs: u64,
-        reason: String,
-    },
-    BlockList,
-    BlockRemove {
-        address: String,
-    },
-    Audit {
-        limit: Option<usize>,
-    },
-}
-
-/// A secret carried in an admin request: serialised as is over the 0600 socket, never
-/// shown by `Debug`.
-#[derive(Clone, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct Redacted(pub String);
-
-impl std::fmt::Debug for Redacted {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("<redacted>")
-    }
-}
-
-impl AdminRequest {
-    /// Commands that change or read live mesh state need the running controller.
-    pub fn needs_server(&self) -> bool {
-        matches!(
-            self,
-            Self::ZoneAdd { .. }
-                | Self::ZoneList
-                | Self::TokenCreate { .. }
-                | Self::NodeList
-                | Self::NodeRevoke { .. }
-                | Self::ThrottleList
-                | Self::ThrottleClear { .. }
-                | Self::BlockAdd { .. }
-                | Self::BlockList
-                | Self::BlockRemove { .. }
-                | Self::Health
-        )
-    }
-}
-
-/// The reply: a result value or a one-line error.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct AdminResponse {
-    pub ok: bool,
-    #[serde(default)]
-    pub result: Value,
-    #[serde(default)]
-    pub error: String,
-}
 
 /// Path of the admin socket in a data directory.
 pub fn socket_path(data_dir: &Path) -> PathBuf {
@@ -202,19 +92,33 @@ impl AdminHandler {
     }
 
     /// Run one command (blocking: RSA and flushes happen here).
-    pub fn handle(&self, req: AdminRequest) -> Result<Value, ControllerError> {
+    pub fn handle(&self, req: AdminRequest) -> Result<AdminReply, ControllerError> {
         let now = SystemTime::now();
         Ok(match req {
-            AdminRequest::CaShow => {
-                json!({ "trust_domain": self.auth.trust_domain(), "certificates": self.auth.info() })
-            }
+            AdminRequest::CaShow => AdminReply::CaShow(CaShow {
+                certificates: self
+                    .auth
+                    .info()
+                    .into_iter()
+                    .map(|c| CaCert {
+                        role: c.role.to_string(),
+                        subject: c.subject,
+                        sha256: c.sha256,
+                        not_after: c.not_after,
+                        key_bits: c.key_bits,
+                    })
+                    .collect(),
+                trust_domain: self.auth.trust_domain().to_string(),
+            }),
             AdminRequest::CaExport { intermediate } => {
                 let der = if intermediate {
                     self.auth.ca().intermediate_der()
                 } else {
                     self.auth.ca().root_der()
                 };
-                json!({ "pem": zonemesh_ca::to_pem("CERTIFICATE", der) })
+                AdminReply::Pem(Pem {
+                    pem: zonemesh_ca::to_pem("CERTIFICATE", der),
+                })
             }
             AdminRequest::CaSignCsr {
                 csr_der,
@@ -233,7 +137,10 @@ impl AdminHandler {
                     now,
                 )?;
                 self.auth.store().flush()?;
-                json!({ "serial": cert.serial_hex, "pem": pem_chain(&cert.der, &self.auth.chain()) })
+                AdminReply::CaSigned(CaSigned {
+                    pem: pem_chain(&cert.der, &self.auth.chain()),
+                    serial: cert.serial_hex,
+                })
             }
             AdminRequest::CaIssueTls {
                 dns,
@@ -255,10 +162,10 @@ impl AdminHandler {
                     lifetime_secs.map(Duration::from_secs),
                     now,
                 )?;
-                json!({
-                    "serial": cert.serial_hex,
-                    "chain_pem": pem_chain(&cert.der, &self.auth.chain()),
-                    "key_pem": zonemesh_ca::to_pem("PRIVATE KEY", &key.serialize_der()),
+                AdminReply::CaTlsIssued(CaTlsIssued {
+                    chain_pem: pem_chain(&cert.der, &self.auth.chain()),
+                    key_pem: Redacted(zonemesh_ca::to_pem("PRIVATE KEY", &key.serialize_der())),
+                    serial: cert.serial_hex,
                 })
             }
             AdminRequest::CaRevoke { serial, reason } => {
@@ -292,11 +199,13 @@ impl AdminHandler {
                     &serial_norm,
                     format!("reason {}", reason.as_str()),
                 );
-                json!({ "revoked": serial_norm })
+                AdminReply::CaRevoked(CaRevoked {
+                    revoked: serial_norm,
+                })
             }
-            AdminRequest::CaCrl => {
-                json!({ "pem": zonemesh_ca::to_pem("X509 CRL", &self.auth.crl_der()) })
-            }
+            AdminRequest::CaCrl => AdminReply::Pem(Pem {
+                pem: zonemesh_ca::to_pem("X509 CRL", &self.auth.crl_der()),
+            }),
             AdminRequest::ZoneAdd {
                 name,
                 cidr,
@@ -306,22 +215,34 @@ impl AdminHandler {
                     .mesh()?
                     .add_zone(&name, &cidr, intra_zone_tunnels, now)?;
                 self.note("zone.added", &name, format!("cidr {}", z.cidr));
-                json!(z)
+                AdminReply::ZoneAdded(ZoneAdded {
+                    name: z.name,
+                    cidr: z.cidr.to_string(),
+                    intra_zone_tunnels: z.intra_zone_tunnels,
+                })
             }
             AdminRequest::ZoneList => {
                 self.mesh()?;
                 let nodes = self.auth.store().nodes()?;
-                let zones: Vec<Value> = self
+                let zones = self
                     .auth
                     .store()
                     .zones()?
                     .into_iter()
                     .map(|z| {
-                        let count = nodes.iter().filter(|n| n.zone == z.name && !n.revoked).count();
-                        json!({ "name": z.name, "cidr": z.cidr.to_string(), "intra_zone_tunnels": z.intra_zone_tunnels, "nodes": count })
+                        let count = nodes
+                            .iter()
+                            .filter(|n| n.zone == z.name && !n.revoked)
+                            .count();
+                        ZoneRow {
+                            cidr: z.cidr.to_string(),
+                            intra_zone_tunnels: z.intra_zone_tunnels,
+                            name: z.name,
+                            nodes: count,
+                        }
                     })
                     .collect();
-                json!(zones)
+                AdminReply::ZoneList(zones)
             }
             AdminRequest::TokenCreate {
                 zone,
@@ -336,35 +257,46 @@ impl AdminHandler {
                     &zone,
                     format!("{uses} use(s), expires {}", t.expires_unix),
                 );
-                json!(t)
+                AdminReply::TokenCreated(TokenCreated {
+                    token: Redacted(t.token),
+                    zone: t.zone,
+                    expires_unix: t.expires_unix,
+                    uses: t.uses,
+                })
             }
             AdminRequest::NodeList => {
                 self.mesh()?;
-                let nodes: Vec<Value> = self
+                let nodes = self
                     .auth
                     .store()
                     .nodes()?
                     .into_iter()
-                    .map(|n| {
-                        json!({
-                            "zone": n.zone, "node": n.node, "overlay_ip": n.overlay_ip.to_string(),
-                            "serial": n.serial_hex, "not_after_unix": n.not_after_unix, "revoked": n.revoked,
-                            "endpoints": n.endpoints.iter().map(ToString::to_string).collect::<Vec<_>>(),
-                            "wg_public_key": WireGuardKey(n.wg_public_key).to_base64(),
-                        })
+                    .map(|n| NodeRow {
+                        endpoints: n.endpoints.iter().map(ToString::to_string).collect(),
+                        node: n.node,
+                        not_after_unix: n.not_after_unix,
+                        overlay_ip: n.overlay_ip.to_string(),
+                        revoked: n.revoked,
+                        serial: n.serial_hex,
+                        wg_public_key: WireGuardKey(n.wg_public_key).to_base64(),
+                        zone: n.zone,
                     })
                     .collect();
-                json!(nodes)
+                AdminReply::NodeList(nodes)
             }
             AdminRequest::NodeRevoke { node, reason } => {
                 let reason: RevocationReason = reason.parse()?;
-                let n = self.mesh()?.revoke_node(&node, reason, now)?;
+                let mesh = self.mesh()?;
+                let n = mesh.revoke_node(&self.resolve_node(&node)?, reason, now)?;
                 self.note(
                     "node.revoked",
                     &n.key(),
                     format!("serial {} reason {}", n.serial_hex, reason.as_str()),
                 );
-                json!({ "node": n.key(), "serial": n.serial_hex })
+                AdminReply::NodeRevoked(NodeRevoked {
+                    node: n.key(),
+                    serial: n.serial_hex,
+                })
             }
             AdminRequest::UserAdd {
                 email,
@@ -382,20 +314,28 @@ impl AdminHandler {
                     "cli",
                 )
                 .map_err(|e| ControllerError::BadRequest(e.to_string()))?;
-                json!({ "human": auth_cli::render_user_added(&added, false), "json": auth_cli::render_user_added(&added, true) })
+                AdminReply::UserAdded(UserAdded {
+                    email: added.email.clone(),
+                    role: added.role,
+                    otpauth_uri: added.otpauth_uri.as_ref().map(|u| Redacted(u.to_string())),
+                    qr_terminal: added.qr_terminal.clone().map(Redacted),
+                })
             }
             AdminRequest::Health => {
-                let mut rows: Vec<Value> = Vec::new();
+                let mut rows = Vec::new();
                 for (node, peers) in self.mesh()?.health() {
                     for p in peers {
-                        rows.push(json!({ "node": node, "peer": p.peer, "loss": p.loss, "rtt_micros": p.rtt_micros, "reported_unix": p.reported_unix }));
+                        rows.push(HealthRow {
+                            loss: p.loss,
+                            node: node.clone(),
+                            peer: p.peer,
+                            reported_unix: p.reported_unix,
+                            rtt_micros: p.rtt_micros,
+                        });
                     }
                 }
-                rows.sort_by(|a, b| {
-                    (a["node"].as_str(), a["peer"].as_str())
-                        .cmp(&(b["node"].as_str(), b["peer"].as_str()))
-                });
-                json!(rows)
+                rows.sort_by(|a, b| (&a.node, &a.peer).cmp(&(&b.node, &b.peer)));
+                AdminReply::Health(rows)
             }
             AdminRequest::BlockAdd {
                 address,
@@ -414,16 +354,24 @@ impl AdminHandler {
                         crate::store::unix(until)
                     ),
                 );
-                json!({ "address": ip.to_canonical().to_string(), "until_unix": crate::store::unix(until) })
+                AdminReply::BlockAdded(BlockRow {
+                    address: ip.to_canonical().to_string(),
+                    reason,
+                    until_unix: crate::store::unix(until),
+                })
             }
             AdminRequest::BlockList => {
-                let blocks: Vec<Value> = self
+                let blocks = self
                     .mesh()?
                     .blocks(now)?
                     .into_iter()
-                    .map(|b| json!({ "address": b.address.to_string(), "until_unix": b.until_unix, "reason": b.reason }))
+                    .map(|b| BlockRow {
+                        address: b.address.to_string(),
+                        reason: b.reason,
+                        until_unix: b.until_unix,
+                    })
                     .collect();
-                json!(blocks)
+                AdminReply::BlockList(blocks)
             }
             AdminRequest::BlockRemove { address } => {
                 let ip = parse_ip(&address)?;
@@ -433,7 +381,9 @@ impl AdminHandler {
                     &rec.address.to_string(),
                     format!("was blocked until {}: {}", rec.until_unix, rec.reason),
                 );
-                json!({ "address": rec.address.to_string() })
+                AdminReply::BlockRemoved(BlockRemoved {
+                    address: rec.address.to_string(),
+                })
             }
             AdminRequest::UserList => {
                 let users = self
@@ -441,7 +391,7 @@ impl AdminHandler {
                     .users()
                     .list_users()
                     .map_err(|e| ControllerError::Internal(e.to_string()))?;
-                json!({ "human": auth_cli::render_users(&users, false), "json": auth_cli::render_users(&users, true) })
+                AdminReply::UserList(users)
             }
             AdminRequest::UserDisable { email } => {
                 let web = self.web()?;
@@ -453,7 +403,10 @@ impl AdminHandler {
                     "cli",
                 )
                 .map_err(|e| ControllerError::BadRequest(e.to_string()))?;
-                json!({ "email": email, "sessions_ended": ended })
+                AdminReply::UserSessionsEnded(UserSessionsEnded {
+                    email: crate::auth::normalize_email(&email),
+                    sessions_ended: ended,
+                })
             }
             AdminRequest::UserPasswd { email, password } => {
                 let web = self.web()?;
@@ -466,9 +419,12 @@ impl AdminHandler {
                     "cli",
                 )
                 .map_err(|e| ControllerError::BadRequest(e.to_string()))?;
-                json!({ "email": crate::auth::normalize_email(&email), "sessions_ended": ended })
+                AdminReply::UserSessionsEnded(UserSessionsEnded {
+                    email: crate::auth::normalize_email(&email),
+                    sessions_ended: ended,
+                })
             }
-            AdminRequest::ThrottleList => json!(self.web()?.throttle_list(1000)),
+            AdminRequest::ThrottleList => AdminReply::ThrottleList(self.web()?.throttle_list(1000)),
             AdminRequest::ThrottleClear { email, source } => {
                 let target = match (email, source) {
                     (Some(e), None) => ClearTarget::Account(e),
@@ -482,30 +438,53 @@ impl AdminHandler {
                     }
                 };
                 let cleared = self.web()?.clear_throttle(&target, "cli");
-                json!({ "target": target, "cleared": cleared })
+                AdminReply::ThrottleCleared(ThrottleCleared { target, cleared })
             }
             AdminRequest::Audit { limit } => {
                 let records = self
                     .audit_log()?
                     .list(limit)
                     .map_err(|e| ControllerError::Internal(e.to_string()))?;
-                json!({ "human": crate::audit::render(&records, false), "json": crate::audit::render(&records, true) })
+                AdminReply::Audit(records)
             }
         })
     }
 
     fn respond(&self, req: AdminRequest) -> AdminResponse {
         match self.handle(req) {
-            Ok(result) => AdminResponse {
-                ok: true,
-                result,
-                error: String::new(),
-            },
-            Err(e) => AdminResponse {
-                ok: false,
-                result: Value::Null,
-                error: e.to_string(),
-            },
+            Ok(reply) => AdminResponse::ok(reply),
+            Err(e) => AdminResponse::err(e.to_string()),
+        }
+    }
+
+    /// `zone/node` as given, or the one node of that name across zones. An ambiguous name
+    /// is refused with its candidates; an unknown one is left for the lookup to refuse.
+    fn resolve_node(&self, name: &str) -> Result<String, ControllerError> {
+        if name.contains('/') {
+            return Ok(name.to_string());
+        }
+        let same_name: Vec<_> = self
+            .auth
+            .store()
+            .nodes()?
+            .into_iter()
+            .filter(|n| n.node == name)
+            .collect();
+        // A revoked namesake in another zone does not make an active node ambiguous.
+        let active: Vec<_> = same_name.iter().filter(|n| !n.revoked).collect();
+        let candidates: Vec<String> = if active.is_empty() {
+            same_name.iter().map(|n| n.key()).collect()
+        } else {
+            active.iter().map(|n| n.key()).collect()
+        };
+        match candidates.as_slice() {
+            [] => Ok(name.to_string()),
+            [one] => Ok(one.clone()),
+            many => Err(ControllerError::BadRequest(format!(
+                "node name {} is ambiguous: {} (give zone/node)",
+                crate::text::Escaped(name),
+                crate::text::escape(&many.join(", "))
+            ))),
         }
     }
 }
@@ -580,51 +559,15 @@ async fn serve_one(stream: UnixStream, handler: Arc<AdminHandler>) -> Result<()>
         return Ok(());
     }
     let resp = if n >= MAX_REQUEST && !line.ends_with('\n') {
-        AdminResponse {
-            ok: false,
-            result: Value::Null,
-            error: format!("admin request larger than {MAX_REQUEST} bytes"),
-        }
+        AdminResponse::err(format!("admin request larger than {MAX_REQUEST} bytes"))
     } else {
         match serde_json::from_str::<AdminRequest>(&line) {
             Ok(req) => tokio::task::spawn_blocking(move || handler.respond(req)).await?,
-            Err(e) => AdminResponse {
-                ok: false,
-                result: Value::Null,
-                error: format!("bad admin request: {e}"),
-            },
+            Err(e) => AdminResponse::err(format!("bad admin request: {e}")),
         }
     };
     let mut out = serde_json::to_vec(&resp)?;
     out.push(b'\n');
     w.write_all(&out).await?;
     Ok(())
-}
-
-use tokio::io::AsyncReadExt;
-
-/// Send one command to a running controller; `Ok(None)` when none is listening.
-pub async fn call(data_dir: &Path, req: &AdminRequest) -> Result<Option<AdminResponse>> {
-    let path = socket_path(data_dir);
-    let stream = match UnixStream::connect(&path).await {
-        Ok(s) => s,
-        Err(e)
-            if matches!(
-                e.kind(),
-                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
-            ) =>
-        {
-            return Ok(None);
-        }
-        Err(e) => bail!("cannot reach the controller at {}: {e}", path.display()),
-    };
-    let (r, mut w) = stream.into_split();
-    let mut line = serde_json::to_vec(req)?;
-    line.push(b'\n');
-    w.write_all(&line).await?;
-    let mut resp = String::new();
-    BufReader::new(r).read_line(&mut resp).await?;
-    Ok(Some(
-        serde_json::from_str(&resp).context("bad reply from the controller")?,
-    ))
 }
