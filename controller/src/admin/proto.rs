@@ -336,3 +336,269 @@ impl AdminResponse {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::AuditEvent;
+    use crate::auth::ThrottleRow;
+    use std::collections::BTreeSet;
+
+    fn s(v: &str) -> String {
+        v.to_string()
+    }
+
+    /// One request of every kind.
+    fn requests() -> Vec<AdminRequest> {
+        use AdminRequest as R;
+        vec![
+            R::CaShow,
+            R::CaExport { intermediate: true },
+            R::CaSignCsr {
+                csr_der: vec![0x30, 0x82, 0, 1],
+                zone: s("eu"),
+                node: s("n1"),
+                wg_key: s("AAAA"),
+            },
+            R::CaIssueTls {
+                dns: vec![s("a.example")],
+                ips: vec![s("127.0.0.1")],
+                lifetime_secs: Some(3600),
+            },
+            R::CaRevoke {
+                serial: s("0a:bc"),
+                reason: s("key-compromise"),
+            },
+            R::CaCrl,
+            R::ZoneAdd {
+                name: s("eu"),
+                cidr: s("100.64.1.0/24"),
+                intra_zone_tunnels: true,
+            },
+            R::ZoneList,
+            R::TokenCreate {
+                zone: s("eu"),
+                ttl_secs: 60,
+                uses: 2,
+            },
+            R::NodeList,
+            R::NodeRevoke {
+                node: s("n1"),
+                reason: s("unspecified"),
+            },
+            R::UserAdd {
+                email: s("ops@example.com"),
+                role: s("admin"),
+                password: Redacted(s("correct horse")),
+            },
+            R::UserList,
+            R::UserDisable {
+                email: s("ops@example.com"),
+            },
+            R::UserPasswd {
+                email: s("ops@example.com"),
+                password: Redacted(s("battery staple")),
+            },
+            R::ThrottleList,
+            R::ThrottleClear {
+                email: None,
+                source: Some(s("127.0.0.2")),
+            },
+            R::Health,
+            R::BlockAdd {
+                address: s("192.0.2.1"),
+                secs: 600,
+                reason: s("scan"),
+            },
+            R::BlockList,
+            R::BlockRemove {
+                address: s("192.0.2.1"),
+            },
+            R::Audit { limit: Some(5) },
+        ]
+    }
+
+    /// One reply of every kind.
+    fn replies() -> Vec<AdminReply> {
+        use AdminReply as R;
+        let block = BlockRow {
+            address: s("192.0.2.1"),
+            reason: s("scan"),
+            until_unix: 1_700_000_600,
+        };
+        vec![
+            R::CaShow(CaShow {
+                certificates: vec![CaCert {
+                    role: s("root"),
+                    subject: s("CN=zonemesh root"),
+                    sha256: s("ab:cd"),
+                    not_after: s("2046-01-01T00:00:00Z"),
+                    key_bits: 4096,
+                }],
+                trust_domain: s("example.org"),
+            }),
+            R::Pem(Pem {
+                pem: s("-----BEGIN X509 CRL-----\n"),
+            }),
+            R::CaSigned(CaSigned {
+                serial: s("0abc"),
+                pem: s("-----BEGIN CERTIFICATE-----\n"),
+            }),
+            R::CaTlsIssued(CaTlsIssued {
+                serial: s("0abd"),
+                chain_pem: s("chain"),
+                key_pem: Redacted(s("key")),
+            }),
+            R::CaRevoked(CaRevoked { revoked: s("0abc") }),
+            R::ZoneAdded(ZoneAdded {
+                name: s("eu"),
+                cidr: s("100.64.1.0/24"),
+                intra_zone_tunnels: false,
+            }),
+            R::ZoneList(vec![ZoneRow {
+                cidr: s("100.64.1.0/24"),
+                intra_zone_tunnels: true,
+                name: s("eu"),
+                nodes: 3,
+            }]),
+            R::TokenCreated(TokenCreated {
+                token: Redacted(s("zmt_secret")),
+                zone: s("eu"),
+                expires_unix: 1_700_000_000,
+                uses: 1,
+            }),
+            R::NodeList(vec![NodeRow {
+                endpoints: vec![s("192.0.2.7:51820")],
+                node: s("n1"),
+                not_after_unix: 1_700_086_400,
+                overlay_ip: s("100.64.1.2"),
+                revoked: false,
+                serial: s("0abc"),
+                wg_public_key: s("AAAA"),
+                zone: s("eu"),
+            }]),
+            R::NodeRevoked(NodeRevoked {
+                node: s("eu/n1"),
+                serial: s("0abc"),
+            }),
+            R::UserAdded(UserAdded {
+                email: s("ops@example.com"),
+                role: Role::Admin,
+                otpauth_uri: Some(Redacted(s("otpauth://totp/x"))),
+                qr_terminal: Some(Redacted(s("██"))),
+            }),
+            R::UserList(vec![UserSummary {
+                email: s("ops@example.com"),
+                role: Role::PortalOwner,
+                disabled: true,
+                totp_confirmed: false,
+                recovery_codes_left: 0,
+                created_unix_ms: 1_700_000_000_123,
+            }]),
+            R::UserSessionsEnded(UserSessionsEnded {
+                email: s("ops@example.com"),
+                sessions_ended: 2,
+            }),
+            R::ThrottleList(ThrottleList {
+                rows: vec![ThrottleRow {
+                    account: Some(s("ops@example.com")),
+                    source: Some("127.0.0.2".parse().unwrap()),
+                    failures: 4,
+                    last_failure_unix: 1_700_000_000,
+                    wait_secs: 2,
+                    blocked_until_unix: Some(1_700_000_900),
+                }],
+                left_off: 1,
+                in_flight: 0,
+            }),
+            R::ThrottleCleared(ThrottleCleared {
+                target: ClearTarget::Source("127.0.0.2".parse().unwrap()),
+                cleared: 3,
+            }),
+            R::Health(vec![HealthRow {
+                loss: 0.25,
+                node: s("eu/n1"),
+                peer: s("us/n2"),
+                reported_unix: 1_700_000_000,
+                rtt_micros: 1234,
+            }]),
+            R::BlockAdded(block.clone()),
+            R::BlockList(vec![block]),
+            R::BlockRemoved(BlockRemoved {
+                address: s("192.0.2.1"),
+            }),
+            R::Audit(vec![AuditRecord {
+                seq: 1,
+                at_unix_ms: 1_700_000_000_000,
+                event: AuditEvent::new("node.revoked", "ok")
+                    .actor("cli")
+                    .subject("eu/n1"),
+            }]),
+        ]
+    }
+
+    /// Every variant name serde knows for an enum, from the error for an unknown one.
+    fn wire_names<T: serde::de::DeserializeOwned + std::fmt::Debug>(
+        probe: &str,
+    ) -> BTreeSet<String> {
+        let err = serde_json::from_str::<T>(probe).unwrap_err().to_string();
+        let list = err
+            .split("expected one of ")
+            .nth(1)
+            .unwrap_or_else(|| panic!("no variant list in {err}"));
+        list.split(", ")
+            .map(|n| {
+                n.trim_matches(|c: char| c == '`' || c.is_whitespace())
+                    .to_string()
+            })
+            .map(|n| n.split('`').next().unwrap_or_default().to_string())
+            .collect()
+    }
+
+    #[test]
+    fn every_request_round_trips() {
+        let all = wire_names::<AdminRequest>(r#"{"cmd":"no-such-command"}"#);
+        let mut seen = BTreeSet::new();
+        for req in requests() {
+            let line = serde_json::to_string(&req).unwrap();
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+            seen.insert(v["cmd"].as_str().unwrap().to_string());
+            let back: AdminRequest = serde_json::from_str(&line).unwrap();
+            assert_eq!(back, req, "{line}");
+        }
+        assert_eq!(seen, all, "every request kind needs a case in requests()");
+    }
+
+    #[test]
+    fn every_reply_round_trips() {
+        let all = wire_names::<AdminReply>(r#"{"reply":"no-such-reply","data":null}"#);
+        let mut seen = BTreeSet::new();
+        for reply in replies() {
+            seen.insert(reply.kind().to_string());
+            let resp = AdminResponse::ok(reply.clone());
+            let line = serde_json::to_string(&resp).unwrap();
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+            assert_eq!(
+                v["result"]["reply"],
+                reply.kind(),
+                "kind() matches the wire name"
+            );
+            let back: AdminResponse = serde_json::from_str(&line).unwrap();
+            assert_eq!(back, resp, "{line}");
+            assert_eq!(back.into_result(), Ok(reply));
+        }
+        assert_eq!(seen, all, "every reply kind needs a case in replies()");
+        let err = AdminResponse::err("no such zone");
+        let back: AdminResponse =
+            serde_json::from_str(&serde_json::to_string(&err).unwrap()).unwrap();
+        assert_eq!(back.into_result(), Err("no such zone".to_string()));
+    }
+
+    #[test]
+    fn secrets_stay_out_of_debug() {
+        let req = &requests()[11];
+        assert!(!format!("{req:?}").contains("correct horse"));
+        let tok = &replies()[7];
+        assert!(!format!("{tok:?}").contains("zmt_secret"));
+    }
+}

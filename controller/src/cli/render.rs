@@ -378,4 +378,28 @@ mod tests {
             )
         );
     }
+
+    #[test]
+    fn an_account_typed_at_sign_in_cannot_drive_the_terminal() {
+        let list = throttles(
+            &ThrottleList {
+                rows: vec![crate::auth::ThrottleRow {
+                    account: Some("\u{1b}[2Jevil@example.com".into()),
+                    source: Some("127.0.0.2".parse().unwrap()),
+                    failures: 4,
+                    last_failure_unix: 1_700_000_000,
+                    wait_secs: 2,
+                    blocked_until_unix: None,
+                }],
+                left_off: 3,
+                in_flight: 0,
+            },
+            false,
+        );
+        assert!(
+            list.contains("127.0.0.2") && list.contains("\\x1b[2Jevil") && !list.contains('\u{1b}'),
+            "{list}"
+        );
+        assert!(list.ends_with("(3 more not shown)\n"), "{list}");
+    }
 }
