@@ -3,7 +3,6 @@
 //! when no controller is running. One handler serves both paths.
 
 use crate::audit::{AuditEvent, AuditLog};
-use crate::auth::{ClearTarget, Role, cli as auth_cli};
 use crate::authority::Authority;
 use crate::error::ControllerError;
 use crate::mesh::Mesh;
@@ -17,13 +16,14 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use zonemesh_ca::{NodeRequest, RevocationReason, TlsNames, WireGuardKey};
 
+mod ca_cmds;
 pub mod client;
 pub mod local;
+mod mesh_cmds;
 pub mod proto;
+mod user_cmds;
 
-use proto::*;
 pub use proto::{AdminReply, AdminRequest, AdminResponse, Redacted};
 
 /// Largest admin request line.
@@ -40,23 +40,6 @@ pub struct AdminHandler {
     pub mesh: Option<Arc<Mesh>>,
     pub audit: Option<Arc<AuditLog>>,
     pub web: Option<WebState>,
-}
-
-fn pem_chain(leaf: &[u8], chain: &[Vec<u8>]) -> String {
-    let mut s = zonemesh_ca::to_pem("CERTIFICATE", leaf);
-    for c in chain {
-        s.push_str(&zonemesh_ca::to_pem("CERTIFICATE", c));
-    }
-    s
-}
-
-fn parse_ip(address: &str) -> Result<std::net::IpAddr, ControllerError> {
-    address.trim().parse().map_err(|_| {
-        ControllerError::BadRequest(format!(
-            "{} is not an IP address",
-            crate::text::Escaped(crate::text::cap(address, 64))
-        ))
-    })
 }
 
 impl AdminHandler {
@@ -93,361 +76,57 @@ impl AdminHandler {
 
     /// Run one command (blocking: RSA and flushes happen here).
     pub fn handle(&self, req: AdminRequest) -> Result<AdminReply, ControllerError> {
+        use AdminRequest as R;
         let now = SystemTime::now();
-        Ok(match req {
-            AdminRequest::CaShow => AdminReply::CaShow(CaShow {
-                certificates: self
-                    .auth
-                    .info()
-                    .into_iter()
-                    .map(|c| CaCert {
-                        role: c.role.to_string(),
-                        subject: c.subject,
-                        sha256: c.sha256,
-                        not_after: c.not_after,
-                        key_bits: c.key_bits,
-                    })
-                    .collect(),
-                trust_domain: self.auth.trust_domain().to_string(),
-            }),
-            AdminRequest::CaExport { intermediate } => {
-                let der = if intermediate {
-                    self.auth.ca().intermediate_der()
-                } else {
-                    self.auth.ca().root_der()
-                };
-                AdminReply::Pem(Pem {
-                    pem: zonemesh_ca::to_pem("CERTIFICATE", der),
-                })
-            }
-            AdminRequest::CaSignCsr {
+        match req {
+            R::CaShow => self.ca_show(),
+            R::CaExport { intermediate } => self.ca_export(intermediate),
+            R::CaSignCsr {
                 csr_der,
                 zone,
                 node,
                 wg_key,
-            } => {
-                let wg = WireGuardKey::from_base64(&wg_key)?;
-                let cert = self.auth.issue_node(
-                    &NodeRequest {
-                        csr_der: &csr_der,
-                        zone: &zone,
-                        node: &node,
-                        wg_public_key: wg,
-                    },
-                    now,
-                )?;
-                self.auth.store().flush()?;
-                AdminReply::CaSigned(CaSigned {
-                    pem: pem_chain(&cert.der, &self.auth.chain()),
-                    serial: cert.serial_hex,
-                })
-            }
-            AdminRequest::CaIssueTls {
+            } => self.ca_sign_csr(csr_der, zone, node, wg_key, now),
+            R::CaIssueTls {
                 dns,
                 ips,
                 lifetime_secs,
-            } => {
-                let ips = ips
-                    .iter()
-                    .map(|i| {
-                        i.parse().map_err(|_| {
-                            ControllerError::BadRequest(format!("{i:?} is not an IP address"))
-                        })
-                    })
-                    .collect::<Result<Vec<_>, _>>()?;
-                let key = zonemesh_ca::generate_rsa_2048()?;
-                let cert = self.auth.issue_tls_key(
-                    &key,
-                    &TlsNames { dns, ips },
-                    lifetime_secs.map(Duration::from_secs),
-                    now,
-                )?;
-                AdminReply::CaTlsIssued(CaTlsIssued {
-                    chain_pem: pem_chain(&cert.der, &self.auth.chain()),
-                    key_pem: Redacted(zonemesh_ca::to_pem("PRIVATE KEY", &key.serialize_der())),
-                    serial: cert.serial_hex,
-                })
-            }
-            AdminRequest::CaRevoke { serial, reason } => {
-                let reason: RevocationReason = reason.parse()?;
-                let serial_norm = serial.trim().to_ascii_lowercase().replace(':', "");
-                let node = self
-                    .auth
-                    .store()
-                    .nodes()?
-                    .into_iter()
-                    .find(|n| n.serial_hex == serial_norm && !n.revoked);
-                match (&self.mesh, node) {
-                    (Some(mesh), Some(n)) => {
-                        mesh.revoke_node(&n.key(), reason, now)?;
-                    }
-                    (mesh, node) => {
-                        self.auth.revoke(&serial, reason, now)?;
-                        if let Some(n) = node {
-                            let mut n = n.clone();
-                            n.revoked = true;
-                            self.auth.store().put_node(&n)?;
-                            self.auth.store().flush()?;
-                        }
-                        if let Some(mesh) = mesh {
-                            mesh.publish_crl()?;
-                        }
-                    }
-                }
-                self.note(
-                    "certificate.revoked",
-                    &serial_norm,
-                    format!("reason {}", reason.as_str()),
-                );
-                AdminReply::CaRevoked(CaRevoked {
-                    revoked: serial_norm,
-                })
-            }
-            AdminRequest::CaCrl => AdminReply::Pem(Pem {
-                pem: zonemesh_ca::to_pem("X509 CRL", &self.auth.crl_der()),
-            }),
-            AdminRequest::ZoneAdd {
+            } => self.ca_issue_tls(dns, ips, lifetime_secs, now),
+            R::CaRevoke { serial, reason } => self.ca_revoke(serial, reason, now),
+            R::CaCrl => self.ca_crl(),
+            R::ZoneAdd {
                 name,
                 cidr,
                 intra_zone_tunnels,
-            } => {
-                let z = self
-                    .mesh()?
-                    .add_zone(&name, &cidr, intra_zone_tunnels, now)?;
-                self.note("zone.added", &name, format!("cidr {}", z.cidr));
-                AdminReply::ZoneAdded(ZoneAdded {
-                    name: z.name,
-                    cidr: z.cidr.to_string(),
-                    intra_zone_tunnels: z.intra_zone_tunnels,
-                })
-            }
-            AdminRequest::ZoneList => {
-                self.mesh()?;
-                let nodes = self.auth.store().nodes()?;
-                let zones = self
-                    .auth
-                    .store()
-                    .zones()?
-                    .into_iter()
-                    .map(|z| {
-                        let count = nodes
-                            .iter()
-                            .filter(|n| n.zone == z.name && !n.revoked)
-                            .count();
-                        ZoneRow {
-                            cidr: z.cidr.to_string(),
-                            intra_zone_tunnels: z.intra_zone_tunnels,
-                            name: z.name,
-                            nodes: count,
-                        }
-                    })
-                    .collect();
-                AdminReply::ZoneList(zones)
-            }
-            AdminRequest::TokenCreate {
+            } => self.zone_add(name, cidr, intra_zone_tunnels, now),
+            R::ZoneList => self.zone_list(),
+            R::TokenCreate {
                 zone,
                 ttl_secs,
                 uses,
-            } => {
-                let t =
-                    self.mesh()?
-                        .create_token(&zone, Duration::from_secs(ttl_secs), uses, now)?;
-                self.note(
-                    "token.created",
-                    &zone,
-                    format!("{uses} use(s), expires {}", t.expires_unix),
-                );
-                AdminReply::TokenCreated(TokenCreated {
-                    token: Redacted(t.token),
-                    zone: t.zone,
-                    expires_unix: t.expires_unix,
-                    uses: t.uses,
-                })
-            }
-            AdminRequest::NodeList => {
-                self.mesh()?;
-                let nodes = self
-                    .auth
-                    .store()
-                    .nodes()?
-                    .into_iter()
-                    .map(|n| NodeRow {
-                        endpoints: n.endpoints.iter().map(ToString::to_string).collect(),
-                        node: n.node,
-                        not_after_unix: n.not_after_unix,
-                        overlay_ip: n.overlay_ip.to_string(),
-                        revoked: n.revoked,
-                        serial: n.serial_hex,
-                        wg_public_key: WireGuardKey(n.wg_public_key).to_base64(),
-                        zone: n.zone,
-                    })
-                    .collect();
-                AdminReply::NodeList(nodes)
-            }
-            AdminRequest::NodeRevoke { node, reason } => {
-                let reason: RevocationReason = reason.parse()?;
-                let mesh = self.mesh()?;
-                let n = mesh.revoke_node(&self.resolve_node(&node)?, reason, now)?;
-                self.note(
-                    "node.revoked",
-                    &n.key(),
-                    format!("serial {} reason {}", n.serial_hex, reason.as_str()),
-                );
-                AdminReply::NodeRevoked(NodeRevoked {
-                    node: n.key(),
-                    serial: n.serial_hex,
-                })
-            }
-            AdminRequest::UserAdd {
+            } => self.token_create(zone, ttl_secs, uses, now),
+            R::NodeList => self.node_list(),
+            R::NodeRevoke { node, reason } => self.node_revoke(node, reason, now),
+            R::UserAdd {
                 email,
                 role,
                 password,
-            } => {
-                let role: Role = role.parse().map_err(ControllerError::BadRequest)?;
-                let web = self.web()?;
-                let added = auth_cli::add_user(
-                    web.users(),
-                    self.audit_log()?,
-                    &email,
-                    role,
-                    &password.0,
-                    "cli",
-                )
-                .map_err(|e| ControllerError::BadRequest(e.to_string()))?;
-                AdminReply::UserAdded(UserAdded {
-                    email: added.email.clone(),
-                    role: added.role,
-                    otpauth_uri: added.otpauth_uri.as_ref().map(|u| Redacted(u.to_string())),
-                    qr_terminal: added.qr_terminal.clone().map(Redacted),
-                })
-            }
-            AdminRequest::Health => {
-                let mut rows = Vec::new();
-                for (node, peers) in self.mesh()?.health() {
-                    for p in peers {
-                        rows.push(HealthRow {
-                            loss: p.loss,
-                            node: node.clone(),
-                            peer: p.peer,
-                            reported_unix: p.reported_unix,
-                            rtt_micros: p.rtt_micros,
-                        });
-                    }
-                }
-                rows.sort_by(|a, b| (&a.node, &a.peer).cmp(&(&b.node, &b.peer)));
-                AdminReply::Health(rows)
-            }
-            AdminRequest::BlockAdd {
+            } => self.user_add(email, role, password),
+            R::Health => self.health(),
+            R::BlockAdd {
                 address,
                 secs,
                 reason,
-            } => {
-                let ip = parse_ip(&address)?;
-                let until = now + Duration::from_secs(secs.clamp(60, 30 * 86_400));
-                self.mesh()?.block_source(ip, until, &reason)?;
-                self.note(
-                    "source.blocked",
-                    &ip.to_canonical().to_string(),
-                    format!(
-                        "{} (until {})",
-                        crate::text::cap(&reason, 512),
-                        crate::store::unix(until)
-                    ),
-                );
-                AdminReply::BlockAdded(BlockRow {
-                    address: ip.to_canonical().to_string(),
-                    reason,
-                    until_unix: crate::store::unix(until),
-                })
-            }
-            AdminRequest::BlockList => {
-                let blocks = self
-                    .mesh()?
-                    .blocks(now)?
-                    .into_iter()
-                    .map(|b| BlockRow {
-                        address: b.address.to_string(),
-                        reason: b.reason,
-                        until_unix: b.until_unix,
-                    })
-                    .collect();
-                AdminReply::BlockList(blocks)
-            }
-            AdminRequest::BlockRemove { address } => {
-                let ip = parse_ip(&address)?;
-                let rec = self.mesh()?.unblock_source(ip)?;
-                self.note(
-                    "source.unblocked",
-                    &rec.address.to_string(),
-                    format!("was blocked until {}: {}", rec.until_unix, rec.reason),
-                );
-                AdminReply::BlockRemoved(BlockRemoved {
-                    address: rec.address.to_string(),
-                })
-            }
-            AdminRequest::UserList => {
-                let users = self
-                    .web()?
-                    .users()
-                    .list_users()
-                    .map_err(|e| ControllerError::Internal(e.to_string()))?;
-                AdminReply::UserList(users)
-            }
-            AdminRequest::UserDisable { email } => {
-                let web = self.web()?;
-                let ended = auth_cli::disable_user(
-                    web.users(),
-                    web.sessions(),
-                    self.audit_log()?,
-                    &email,
-                    "cli",
-                )
-                .map_err(|e| ControllerError::BadRequest(e.to_string()))?;
-                AdminReply::UserSessionsEnded(UserSessionsEnded {
-                    email: crate::auth::normalize_email(&email),
-                    sessions_ended: ended,
-                })
-            }
-            AdminRequest::UserPasswd { email, password } => {
-                let web = self.web()?;
-                let ended = auth_cli::change_password(
-                    web.users(),
-                    web.sessions(),
-                    self.audit_log()?,
-                    &email,
-                    &password.0,
-                    "cli",
-                )
-                .map_err(|e| ControllerError::BadRequest(e.to_string()))?;
-                AdminReply::UserSessionsEnded(UserSessionsEnded {
-                    email: crate::auth::normalize_email(&email),
-                    sessions_ended: ended,
-                })
-            }
-            AdminRequest::ThrottleList => AdminReply::ThrottleList(self.web()?.throttle_list(1000)),
-            AdminRequest::ThrottleClear { email, source } => {
-                let target = match (email, source) {
-                    (Some(e), None) => ClearTarget::Account(e),
-                    (None, Some(s)) => ClearTarget::Source(s.parse().map_err(|_| {
-                        ControllerError::BadRequest(format!("{s:?} is not an IP address"))
-                    })?),
-                    _ => {
-                        return Err(ControllerError::BadRequest(
-                            "give exactly one of --email and --source".into(),
-                        ));
-                    }
-                };
-                let cleared = self.web()?.clear_throttle(&target, "cli");
-                AdminReply::ThrottleCleared(ThrottleCleared { target, cleared })
-            }
-            AdminRequest::Audit { limit } => {
-                let records = self
-                    .audit_log()?
-                    .list(limit)
-                    .map_err(|e| ControllerError::Internal(e.to_string()))?;
-                AdminReply::Audit(records)
-            }
-        })
+            } => self.block_add(address, secs, reason, now),
+            R::BlockList => self.block_list(now),
+            R::BlockRemove { address } => self.block_remove(address),
+            R::UserList => self.user_list(),
+            R::UserDisable { email } => self.user_disable(email),
+            R::UserPasswd { email, password } => self.user_passwd(email, password),
+            R::ThrottleList => self.throttle_list(),
+            R::ThrottleClear { email, source } => self.throttle_clear(email, source),
+            R::Audit { limit } => self.audit(limit),
+        }
     }
 
     fn respond(&self, req: AdminRequest) -> AdminResponse {
