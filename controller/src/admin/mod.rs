@@ -1,6 +1,8 @@
 //! Admin commands. The CLI sends each as one JSON line over the running controller's Unix
 //! socket (`<data-dir>/admin.sock`, mode 0600); CA commands also run directly on the store
-//! when no controller is running. One handler serves both paths.
+//! when no controller is running. One handler serves both paths. The request and reply
+//! types are in `proto`, the client side in `client` and `local`, the commands themselves in
+//! `ca_cmds`, `mesh_cmds` and `user_cmds`; how replies print is `crate::cli`.
 
 use crate::audit::{AuditEvent, AuditLog};
 use crate::authority::Authority;
