@@ -5,14 +5,11 @@
 //! JSON. There is deliberately no update or delete API. Every record is flushed to disk
 //! before `record` returns: a security decision must survive a crash.
 
-use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
-
-use crate::text::Escaped;
 
 /// Name of the sled tree holding the audit log.
 pub const AUDIT_TREE: &str = "audit";
@@ -182,57 +179,6 @@ fn decode_seq(k: &[u8]) -> u64 {
     u64::from_be_bytes(b)
 }
 
-/// Render records for `zonemesh-controller audit`: one line per record, or JSON lines when
-/// `json` is set (one object per line, oldest first).
-pub fn render(records: &[AuditRecord], json: bool) -> String {
-    if json {
-        return render_json(records);
-    }
-    render_human(records)
-}
-
-/// One JSON object per line.
-pub fn render_json(records: &[AuditRecord]) -> String {
-    let mut s = String::new();
-    for r in records {
-        // Serialising a struct of strings and numbers cannot fail.
-        let line = serde_json::to_string(r).unwrap_or_default();
-        s.push_str(&line);
-        s.push('\n');
-    }
-    s
-}
-
-/// A human-readable table: time (UTC), kind, outcome, actor, subject, source, detail.
-/// Fields a client chose (an e-mail typed at sign-in) are shown with control characters
-/// escaped, so a record cannot rewrite the operator's terminal.
-pub fn render_human(records: &[AuditRecord]) -> String {
-    let mut s = String::new();
-    let _ = writeln!(
-        s,
-        "{:>6}  {:<24} {:<22} {:<8} {:<28} {:<28} {:<15} DETAIL",
-        "SEQ", "TIME (UTC)", "KIND", "OUTCOME", "ACTOR", "SUBJECT", "SOURCE"
-    );
-    for r in records {
-        let e = &r.event;
-        let _ = writeln!(
-            s,
-            "{:>6}  {:<24} {:<22} {:<8} {:<28} {:<28} {:<15} {}",
-            r.seq,
-            format_utc(r.at_unix_ms),
-            Escaped(&e.kind),
-            Escaped(&e.outcome),
-            Escaped(e.actor.as_deref().unwrap_or("-")),
-            Escaped(e.subject.as_deref().unwrap_or("-")),
-            e.source
-                .map(|ip| ip.to_string())
-                .unwrap_or_else(|| "-".into()),
-            Escaped(e.detail.as_deref().unwrap_or("")),
-        );
-    }
-    s
-}
-
 /// `YYYY-MM-DDTHH:MM:SS.mmmZ` for a Unix time in milliseconds.
 pub fn format_utc(unix_ms: u64) -> String {
     let secs = (unix_ms / 1000) as i64;
@@ -281,9 +227,9 @@ mod tests {
         let last = log.list(Some(1)).unwrap();
         assert_eq!(last.len(), 1);
         assert_eq!(last[0].seq, 3);
-        let human = render(&all, false);
+        let human = crate::cli::render::audit(&all, false);
         assert!(human.contains("source.blocked") && human.contains("127.0.0.2"));
-        let json = render(&all, true);
+        let json = crate::cli::render::audit(&all, true);
         assert_eq!(json.lines().count(), 3);
         let parsed: AuditRecord = serde_json::from_str(json.lines().next().unwrap()).unwrap();
         assert_eq!(parsed, all[0]);

@@ -5,6 +5,7 @@ pub mod audit;
 pub mod auth;
 pub mod authority;
 pub mod blocklist;
+pub mod cli;
 pub mod clock;
 pub mod error;
 pub mod grpc;

@@ -1,12 +1,12 @@
-//! What `zonemesh-controller user add/list/disable` does, audited, and how it prints
-//! (human and `--json`). The binary only parses arguments, reads the password and calls these.
+//! What `zonemesh-controller user add/disable/passwd` does, audited, and how the CLI reads
+//! a password. How replies print is `crate::cli::render`.
 
 use std::io::BufRead;
 
 use zeroize::Zeroizing;
 
-use super::{AuthError, Role, SessionStore, ThrottleList, UserAdded, UserStore, UserSummary};
-use crate::audit::{AuditEvent, AuditLog, format_utc};
+use super::{AuthError, Role, SessionStore, UserAdded, UserStore};
+use crate::audit::{AuditEvent, AuditLog};
 
 /// Add a user and record `user.added` in the audit log.
 pub fn add_user(
@@ -80,43 +80,6 @@ pub fn change_password(
     Ok(ended)
 }
 
-/// An account name as typed at sign-in, safe for a terminal: control characters escaped,
-/// at most 80 characters.
-fn printable(s: &str) -> String {
-    let mut out: String = s.chars().take(80).flat_map(char::escape_default).collect();
-    if s.chars().count() > 80 {
-        out.push('…');
-    }
-    out
-}
-
-/// What `throttle list` prints.
-pub fn render_throttles(list: &ThrottleList, json: bool) -> String {
-    if json {
-        return format!("{}\n", serde_json::to_string(list).unwrap_or_default());
-    }
-    let mut s = format!(
-        "{:<36} {:<40} {:>8} {:>8}  {}\n",
-        "ACCOUNT", "SOURCE", "FAILURES", "WAIT", "BLOCKED UNTIL (UTC)"
-    );
-    for r in &list.rows {
-        s.push_str(&format!(
-            "{:<36} {:<40} {:>8} {:>7}s  {}\n",
-            r.account.as_deref().map_or("*".into(), printable),
-            r.source
-                .map_or("(sources not known good)".into(), |ip| ip.to_string()),
-            r.failures,
-            r.wait_secs,
-            r.blocked_until_unix
-                .map_or(String::new(), |u| format_utc(u.saturating_mul(1000)))
-        ));
-    }
-    if list.left_off > 0 {
-        s.push_str(&format!("({} more not shown)\n", list.left_off));
-    }
-    s
-}
-
 /// Read a password from `input` (stdin when it is not a terminal): the first line, without
 /// its line ending. Nothing else is trimmed: spaces are part of a password.
 pub fn read_password_line(mut input: impl BufRead) -> std::io::Result<Zeroizing<String>> {
@@ -126,52 +89,22 @@ pub fn read_password_line(mut input: impl BufRead) -> std::io::Result<Zeroizing<
     Ok(Zeroizing::new(trimmed))
 }
 
-/// What `user add` prints: for admins the otpauth URI and the QR code to scan, and the
-/// reminder that the first code must be entered on the enrollment page.
-pub fn render_user_added(added: &UserAdded, json: bool) -> String {
-    if json {
-        let v = serde_json::json!({
-            "email": added.email,
-            "role": added.role,
-            "otpauth_uri": added.otpauth_uri.as_ref().map(|u| u.as_str()),
-            "totp_confirmation": if added.otpauth_uri.is_some() { "pending: sign in and enter the first code on the enrollment page" } else { "not enrolled" },
-        });
-        return format!("{v}\n");
+/// The password, never from argv: a no-echo prompt (asked twice) on a terminal, else the
+/// first line of stdin.
+pub fn read_password() -> std::io::Result<Zeroizing<String>> {
+    use std::io::IsTerminal;
+    if !std::io::stdin().is_terminal() {
+        return read_password_line(std::io::stdin().lock());
     }
-    let mut s = format!("added {} ({})\n", added.email, added.role);
-    if let (Some(uri), Some(qr)) = (&added.otpauth_uri, &added.qr_terminal) {
-        s.push_str(
-            "\nScan this with Google Authenticator, Microsoft Authenticator or any TOTP app:\n\n",
-        );
-        s.push_str(qr);
-        s.push_str("\n\nor add it by URI:\n  ");
-        s.push_str(uri);
-        s.push_str("\n\nThen sign in: the first code confirms the enrollment. Until then this admin gets no session.\n");
-    }
-    s
-}
-
-/// What `user list` prints.
-pub fn render_users(users: &[UserSummary], json: bool) -> String {
-    if json {
-        return format!("{}\n", serde_json::to_string(users).unwrap_or_default());
-    }
-    let mut s = format!(
-        "{:<36} {:<13} {:<9} {:<6} {:<9} {}\n",
-        "EMAIL", "ROLE", "STATUS", "TOTP", "RECOVERY", "CREATED (UTC)"
-    );
-    for u in users {
-        s.push_str(&format!(
-            "{:<36} {:<13} {:<9} {:<6} {:<9} {}\n",
-            crate::text::Escaped(&u.email),
-            u.role.as_str(),
-            if u.disabled { "disabled" } else { "active" },
-            if u.totp_confirmed { "yes" } else { "no" },
-            u.recovery_codes_left,
-            format_utc(u.created_unix_ms)
+    let first = Zeroizing::new(rpassword::prompt_password("password: ")?);
+    let again = Zeroizing::new(rpassword::prompt_password("again:    ")?);
+    if *first != *again {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "the two passwords differ",
         ));
     }
-    s
+    Ok(first)
 }
 
 #[cfg(test)]
@@ -282,16 +215,10 @@ mod tests {
         let pw = read_password_line(&b"  spaces count too  \r\nignored"[..]).unwrap();
         assert_eq!(&*pw, "  spaces count too  ");
         let added = add_user(&users, &audit, "Ops@Example.com", Role::Admin, &pw, "cli").unwrap();
-        let human = render_user_added(&added, false);
-        assert!(human.contains("otpauth://totp/") && human.contains("enrollment"));
-        let json: serde_json::Value =
-            serde_json::from_str(&render_user_added(&added, true)).unwrap();
-        assert_eq!(json["role"], "admin");
+        assert!(added.otpauth_uri.is_some() && added.qr_terminal.is_some());
         disable_user(&users, &sessions, &audit, "ops@example.com", "cli").unwrap();
         let list = users.list_users().unwrap();
-        assert!(render_users(&list, false).contains("disabled"));
-        let parsed: Vec<UserSummary> = serde_json::from_str(&render_users(&list, true)).unwrap();
-        assert_eq!(parsed, list);
+        assert!(list[0].disabled);
         let kinds: Vec<String> = audit
             .list(None)
             .unwrap()
@@ -299,25 +226,6 @@ mod tests {
             .map(|r| r.event.kind)
             .collect();
         assert_eq!(kinds, vec!["user.added", "user.disabled"]);
-        let list = render_throttles(
-            &ThrottleList {
-                rows: vec![crate::auth::ThrottleRow {
-                    account: Some("\u{1b}[2Jevil@example.com".into()),
-                    source: Some("127.0.0.2".parse().unwrap()),
-                    failures: 4,
-                    last_failure_unix: 1_700_000_000,
-                    wait_secs: 2,
-                    blocked_until_unix: None,
-                }],
-                left_off: 0,
-                in_flight: 0,
-            },
-            false,
-        );
-        assert!(
-            list.contains("127.0.0.2") && !list.contains('\u{1b}'),
-            "{list}"
-        );
         // The audit log never holds the password.
         assert!(
             !audit

@@ -1,0 +1,152 @@
+//! The CA commands: `ca show/export/sign-csr/issue-tls/revoke/crl`.
+
+use super::AdminHandler;
+use super::proto::*;
+use crate::error::ControllerError;
+use std::time::{Duration, SystemTime};
+use zonemesh_ca::{NodeRequest, RevocationReason, TlsNames, WireGuardKey};
+
+impl AdminHandler {
+    /// `ca show`
+    pub(super) fn ca_show(&self) -> Result<AdminReply, ControllerError> {
+        Ok(AdminReply::CaShow(CaShow {
+            certificates: self
+                .auth
+                .info()
+                .into_iter()
+                .map(|c| CaCert {
+                    role: c.role.to_string(),
+                    subject: c.subject,
+                    sha256: c.sha256,
+                    not_after: c.not_after,
+                    key_bits: c.key_bits,
+                })
+                .collect(),
+            trust_domain: self.auth.trust_domain().to_string(),
+        }))
+    }
+
+    /// `ca export`
+    pub(super) fn ca_export(&self, intermediate: bool) -> Result<AdminReply, ControllerError> {
+        let der = if intermediate {
+            self.auth.ca().intermediate_der()
+        } else {
+            self.auth.ca().root_der()
+        };
+        Ok(AdminReply::Pem(Pem {
+            pem: zonemesh_ca::to_pem("CERTIFICATE", der),
+        }))
+    }
+
+    /// `ca sign-csr`: a node certificate for a CSR made elsewhere
+    pub(super) fn ca_sign_csr(
+        &self,
+        csr_der: Vec<u8>,
+        zone: String,
+        node: String,
+        wg_key: String,
+        now: SystemTime,
+    ) -> Result<AdminReply, ControllerError> {
+        let wg = WireGuardKey::from_base64(&wg_key)?;
+        let cert = self.auth.issue_node(
+            &NodeRequest {
+                csr_der: &csr_der,
+                zone: &zone,
+                node: &node,
+                wg_public_key: wg,
+            },
+            now,
+        )?;
+        self.auth.store().flush()?;
+        Ok(AdminReply::CaSigned(CaSigned {
+            pem: pem_chain(&cert.der, &self.auth.chain()),
+            serial: cert.serial_hex,
+        }))
+    }
+
+    /// `ca issue-tls`: a fresh RSA-2048 key and its TLS server certificate
+    pub(super) fn ca_issue_tls(
+        &self,
+        dns: Vec<String>,
+        ips: Vec<String>,
+        lifetime_secs: Option<u64>,
+        now: SystemTime,
+    ) -> Result<AdminReply, ControllerError> {
+        let ips = ips
+            .iter()
+            .map(|i| {
+                i.parse()
+                    .map_err(|_| ControllerError::BadRequest(format!("{i:?} is not an IP address")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let key = zonemesh_ca::generate_rsa_2048()?;
+        let cert = self.auth.issue_tls_key(
+            &key,
+            &TlsNames { dns, ips },
+            lifetime_secs.map(Duration::from_secs),
+            now,
+        )?;
+        Ok(AdminReply::CaTlsIssued(CaTlsIssued {
+            chain_pem: pem_chain(&cert.der, &self.auth.chain()),
+            key_pem: Redacted(zonemesh_ca::to_pem("PRIVATE KEY", &key.serialize_der())),
+            serial: cert.serial_hex,
+        }))
+    }
+
+    /// `ca revoke`: through the mesh when the serial is a live node's, so its peers drop it
+    pub(super) fn ca_revoke(
+        &self,
+        serial: String,
+        reason: String,
+        now: SystemTime,
+    ) -> Result<AdminReply, ControllerError> {
+        let reason: RevocationReason = reason.parse()?;
+        let serial_norm = serial.trim().to_ascii_lowercase().replace(':', "");
+        let node = self
+            .auth
+            .store()
+            .nodes()?
+            .into_iter()
+            .find(|n| n.serial_hex == serial_norm && !n.revoked);
+        match (&self.mesh, node) {
+            (Some(mesh), Some(n)) => {
+                mesh.revoke_node(&n.key(), reason, now)?;
+            }
+            (mesh, node) => {
+                self.auth.revoke(&serial, reason, now)?;
+                if let Some(n) = node {
+                    let mut n = n.clone();
+                    n.revoked = true;
+                    self.auth.store().put_node(&n)?;
+                    self.auth.store().flush()?;
+                }
+                if let Some(mesh) = mesh {
+                    mesh.publish_crl()?;
+                }
+            }
+        }
+        self.note(
+            "certificate.revoked",
+            &serial_norm,
+            format!("reason {}", reason.as_str()),
+        );
+        Ok(AdminReply::CaRevoked(CaRevoked {
+            revoked: serial_norm,
+        }))
+    }
+
+    /// `ca crl`
+    pub(super) fn ca_crl(&self) -> Result<AdminReply, ControllerError> {
+        Ok(AdminReply::Pem(Pem {
+            pem: zonemesh_ca::to_pem("X509 CRL", &self.auth.crl_der()),
+        }))
+    }
+}
+
+fn pem_chain(leaf: &[u8], chain: &[Vec<u8>]) -> String {
+    let mut s = zonemesh_ca::to_pem("CERTIFICATE", leaf);
+    for c in chain {
+        s.push_str(&zonemesh_ca::to_pem("CERTIFICATE", c));
+    }
+    s
+}

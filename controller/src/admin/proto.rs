@@ -1,0 +1,604 @@
+//! The admin protocol: one JSON line with an [`AdminRequest`] from the CLI, one JSON line
+//! with an [`AdminResponse`] back. Both ends use these types; nothing reads a reply by
+//! string keys, and nothing here decides how a reply is shown (that is `crate::cli`).
+
+use crate::audit::AuditRecord;
+use crate::auth::{ClearTarget, Role, ThrottleList, UserSummary};
+use serde::{Deserialize, Serialize};
+
+/// One admin command.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "kebab-case")]
+pub enum AdminRequest {
+    CaShow,
+    CaExport {
+        intermediate: bool,
+    },
+    CaSignCsr {
+        csr_der: Vec<u8>,
+        zone: String,
+        node: String,
+        wg_key: String,
+    },
+    CaIssueTls {
+        dns: Vec<String>,
+        ips: Vec<String>,
+        lifetime_secs: Option<u64>,
+    },
+    CaRevoke {
+        serial: String,
+        reason: String,
+    },
+    CaCrl,
+    ZoneAdd {
+        name: String,
+        cidr: String,
+        intra_zone_tunnels: bool,
+    },
+    ZoneList,
+    TokenCreate {
+        zone: String,
+        ttl_secs: u64,
+        uses: u32,
+    },
+    NodeList,
+    /// `node` is `zone/node`, or a node name that is unique across zones.
+    NodeRevoke {
+        node: String,
+        reason: String,
+    },
+    UserAdd {
+        email: String,
+        role: String,
+        password: Redacted,
+    },
+    UserList,
+    UserDisable {
+        email: String,
+    },
+    UserPasswd {
+        email: String,
+        password: Redacted,
+    },
+    ThrottleList,
+    ThrottleClear {
+        email: Option<String>,
+        source: Option<String>,
+    },
+    Health,
+    BlockAdd {
+        address: String,
+        secs: u64,
+        reason: String,
+    },
+    BlockList,
+    BlockRemove {
+        address: String,
+    },
+    Audit {
+        limit: Option<usize>,
+    },
+}
+
+/// A secret carried over the 0600 socket (a password, an otpauth URI): serialised as is,
+/// never shown by `Debug`.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Redacted(pub String);
+
+impl std::fmt::Debug for Redacted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl AdminRequest {
+    /// Commands that change or read live mesh state need the running controller.
+    pub fn needs_server(&self) -> bool {
+        matches!(
+            self,
+            Self::ZoneAdd { .. }
+                | Self::ZoneList
+                | Self::TokenCreate { .. }
+                | Self::NodeList
+                | Self::NodeRevoke { .. }
+                | Self::ThrottleList
+                | Self::ThrottleClear { .. }
+                | Self::BlockAdd { .. }
+                | Self::BlockList
+                | Self::BlockRemove { .. }
+                | Self::Health
+        )
+    }
+}
+
+/// The typed result of one command. Field order and names are what `--json` prints.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "reply", content = "data", rename_all = "kebab-case")]
+pub enum AdminReply {
+    CaShow(CaShow),
+    /// `ca export`, `ca crl`.
+    Pem(Pem),
+    CaSigned(CaSigned),
+    CaTlsIssued(CaTlsIssued),
+    CaRevoked(CaRevoked),
+    ZoneAdded(ZoneAdded),
+    ZoneList(Vec<ZoneRow>),
+    TokenCreated(TokenCreated),
+    NodeList(Vec<NodeRow>),
+    NodeRevoked(NodeRevoked),
+    UserAdded(UserAdded),
+    UserList(Vec<UserSummary>),
+    /// `user disable`, `user passwd`.
+    UserSessionsEnded(UserSessionsEnded),
+    ThrottleList(ThrottleList),
+    ThrottleCleared(ThrottleCleared),
+    Health(Vec<HealthRow>),
+    BlockAdded(BlockRow),
+    BlockList(Vec<BlockRow>),
+    BlockRemoved(BlockRemoved),
+    Audit(Vec<AuditRecord>),
+}
+
+impl AdminReply {
+    /// The variant's wire name, for "unexpected reply" errors.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::CaShow(_) => "ca-show",
+            Self::Pem(_) => "pem",
+            Self::CaSigned(_) => "ca-signed",
+            Self::CaTlsIssued(_) => "ca-tls-issued",
+            Self::CaRevoked(_) => "ca-revoked",
+            Self::ZoneAdded(_) => "zone-added",
+            Self::ZoneList(_) => "zone-list",
+            Self::TokenCreated(_) => "token-created",
+            Self::NodeList(_) => "node-list",
+            Self::NodeRevoked(_) => "node-revoked",
+            Self::UserAdded(_) => "user-added",
+            Self::UserList(_) => "user-list",
+            Self::UserSessionsEnded(_) => "user-sessions-ended",
+            Self::ThrottleList(_) => "throttle-list",
+            Self::ThrottleCleared(_) => "throttle-cleared",
+            Self::Health(_) => "health",
+            Self::BlockAdded(_) => "block-added",
+            Self::BlockList(_) => "block-list",
+            Self::BlockRemoved(_) => "block-removed",
+            Self::Audit(_) => "audit",
+        }
+    }
+}
+
+/// `ca show`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CaShow {
+    pub certificates: Vec<CaCert>,
+    pub trust_domain: String,
+}
+
+/// One CA certificate in `ca show`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CaCert {
+    pub role: String,
+    pub subject: String,
+    pub sha256: String,
+    pub not_after: String,
+    pub key_bits: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pem {
+    pub pem: String,
+}
+
+/// `ca sign-csr`: the certificate followed by the intermediate.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CaSigned {
+    pub serial: String,
+    pub pem: String,
+}
+
+/// `ca issue-tls`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CaTlsIssued {
+    pub serial: String,
+    pub chain_pem: String,
+    pub key_pem: Redacted,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CaRevoked {
+    pub revoked: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ZoneAdded {
+    pub name: String,
+    pub cidr: String,
+    pub intra_zone_tunnels: bool,
+}
+
+/// One row of `zone list`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ZoneRow {
+    pub cidr: String,
+    pub intra_zone_tunnels: bool,
+    pub name: String,
+    /// Active (not revoked) nodes.
+    pub nodes: usize,
+}
+
+/// `token create`: the token is shown once.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenCreated {
+    pub token: Redacted,
+    pub zone: String,
+    pub expires_unix: u64,
+    pub uses: u32,
+}
+
+/// One row of `node list`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRow {
+    pub endpoints: Vec<String>,
+    pub node: String,
+    pub not_after_unix: u64,
+    pub overlay_ip: String,
+    pub revoked: bool,
+    pub serial: String,
+    pub wg_public_key: String,
+    pub zone: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRevoked {
+    /// `zone/node`.
+    pub node: String,
+    pub serial: String,
+}
+
+/// `user add`: for admins the otpauth URI (it holds the TOTP secret) and its QR code.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserAdded {
+    pub email: String,
+    pub role: Role,
+    pub otpauth_uri: Option<Redacted>,
+    pub qr_terminal: Option<Redacted>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserSessionsEnded {
+    pub email: String,
+    pub sessions_ended: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ThrottleCleared {
+    pub target: ClearTarget,
+    pub cleared: usize,
+}
+
+/// One row of `health`: what `node` measured towards `peer`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HealthRow {
+    pub loss: f32,
+    pub node: String,
+    pub peer: String,
+    pub reported_unix: u64,
+    pub rtt_micros: u32,
+}
+
+/// A blocked source address (`block add`, `block list`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockRow {
+    pub address: String,
+    pub reason: String,
+    pub until_unix: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockRemoved {
+    pub address: String,
+}
+
+/// The reply line: the typed result, or a one-line error.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AdminResponse {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<AdminReply>,
+    #[serde(default)]
+    pub error: String,
+}
+
+impl AdminResponse {
+    pub fn ok(reply: AdminReply) -> Self {
+        Self {
+            ok: true,
+            result: Some(reply),
+            error: String::new(),
+        }
+    }
+
+    pub fn err(error: impl Into<String>) -> Self {
+        Self {
+            ok: false,
+            result: None,
+            error: error.into(),
+        }
+    }
+
+    /// The reply, or the controller's error message.
+    pub fn into_result(self) -> Result<AdminReply, String> {
+        match (self.ok, self.result) {
+            (true, Some(r)) => Ok(r),
+            (true, None) => Err("the controller sent an empty reply".into()),
+            (false, _) => Err(self.error),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::AuditEvent;
+    use crate::auth::ThrottleRow;
+    use std::collections::BTreeSet;
+
+    fn s(v: &str) -> String {
+        v.to_string()
+    }
+
+    /// One request of every kind.
+    fn requests() -> Vec<AdminRequest> {
+        use AdminRequest as R;
+        vec![
+            R::CaShow,
+            R::CaExport { intermediate: true },
+            R::CaSignCsr {
+                csr_der: vec![0x30, 0x82, 0, 1],
+                zone: s("eu"),
+                node: s("n1"),
+                wg_key: s("AAAA"),
+            },
+            R::CaIssueTls {
+                dns: vec![s("a.example")],
+                ips: vec![s("127.0.0.1")],
+                lifetime_secs: Some(3600),
+            },
+            R::CaRevoke {
+                serial: s("0a:bc"),
+                reason: s("key-compromise"),
+            },
+            R::CaCrl,
+            R::ZoneAdd {
+                name: s("eu"),
+                cidr: s("100.64.1.0/24"),
+                intra_zone_tunnels: true,
+            },
+            R::ZoneList,
+            R::TokenCreate {
+                zone: s("eu"),
+                ttl_secs: 60,
+                uses: 2,
+            },
+            R::NodeList,
+            R::NodeRevoke {
+                node: s("n1"),
+                reason: s("unspecified"),
+            },
+            R::UserAdd {
+                email: s("ops@example.com"),
+                role: s("admin"),
+                password: Redacted(s("correct horse")),
+            },
+            R::UserList,
+            R::UserDisable {
+                email: s("ops@example.com"),
+            },
+            R::UserPasswd {
+                email: s("ops@example.com"),
+                password: Redacted(s("battery staple")),
+            },
+            R::ThrottleList,
+            R::ThrottleClear {
+                email: None,
+                source: Some(s("127.0.0.2")),
+            },
+            R::Health,
+            R::BlockAdd {
+                address: s("192.0.2.1"),
+                secs: 600,
+                reason: s("scan"),
+            },
+            R::BlockList,
+            R::BlockRemove {
+                address: s("192.0.2.1"),
+            },
+            R::Audit { limit: Some(5) },
+        ]
+    }
+
+    /// One reply of every kind.
+    fn replies() -> Vec<AdminReply> {
+        use AdminReply as R;
+        let block = BlockRow {
+            address: s("192.0.2.1"),
+            reason: s("scan"),
+            until_unix: 1_700_000_600,
+        };
+        vec![
+            R::CaShow(CaShow {
+                certificates: vec![CaCert {
+                    role: s("root"),
+                    subject: s("CN=zonemesh root"),
+                    sha256: s("ab:cd"),
+                    not_after: s("2046-01-01T00:00:00Z"),
+                    key_bits: 4096,
+                }],
+                trust_domain: s("example.org"),
+            }),
+            R::Pem(Pem {
+                pem: s("-----BEGIN X509 CRL-----\n"),
+            }),
+            R::CaSigned(CaSigned {
+                serial: s("0abc"),
+                pem: s("-----BEGIN CERTIFICATE-----\n"),
+            }),
+            R::CaTlsIssued(CaTlsIssued {
+                serial: s("0abd"),
+                chain_pem: s("chain"),
+                key_pem: Redacted(s("key")),
+            }),
+            R::CaRevoked(CaRevoked { revoked: s("0abc") }),
+            R::ZoneAdded(ZoneAdded {
+                name: s("eu"),
+                cidr: s("100.64.1.0/24"),
+                intra_zone_tunnels: false,
+            }),
+            R::ZoneList(vec![ZoneRow {
+                cidr: s("100.64.1.0/24"),
+                intra_zone_tunnels: true,
+                name: s("eu"),
+                nodes: 3,
+            }]),
+            R::TokenCreated(TokenCreated {
+                token: Redacted(s("zmt_secret")),
+                zone: s("eu"),
+                expires_unix: 1_700_000_000,
+                uses: 1,
+            }),
+            R::NodeList(vec![NodeRow {
+                endpoints: vec![s("192.0.2.7:51820")],
+                node: s("n1"),
+                not_after_unix: 1_700_086_400,
+                overlay_ip: s("100.64.1.2"),
+                revoked: false,
+                serial: s("0abc"),
+                wg_public_key: s("AAAA"),
+                zone: s("eu"),
+            }]),
+            R::NodeRevoked(NodeRevoked {
+                node: s("eu/n1"),
+                serial: s("0abc"),
+            }),
+            R::UserAdded(UserAdded {
+                email: s("ops@example.com"),
+                role: Role::Admin,
+                otpauth_uri: Some(Redacted(s("otpauth://totp/x"))),
+                qr_terminal: Some(Redacted(s("██"))),
+            }),
+            R::UserList(vec![UserSummary {
+                email: s("ops@example.com"),
+                role: Role::PortalOwner,
+                disabled: true,
+                totp_confirmed: false,
+                recovery_codes_left: 0,
+                created_unix_ms: 1_700_000_000_123,
+            }]),
+            R::UserSessionsEnded(UserSessionsEnded {
+                email: s("ops@example.com"),
+                sessions_ended: 2,
+            }),
+            R::ThrottleList(ThrottleList {
+                rows: vec![ThrottleRow {
+                    account: Some(s("ops@example.com")),
+                    source: Some("127.0.0.2".parse().unwrap()),
+                    failures: 4,
+                    last_failure_unix: 1_700_000_000,
+                    wait_secs: 2,
+                    blocked_until_unix: Some(1_700_000_900),
+                }],
+                left_off: 1,
+                in_flight: 0,
+            }),
+            R::ThrottleCleared(ThrottleCleared {
+                target: ClearTarget::Source("127.0.0.2".parse().unwrap()),
+                cleared: 3,
+            }),
+            R::Health(vec![HealthRow {
+                loss: 0.25,
+                node: s("eu/n1"),
+                peer: s("us/n2"),
+                reported_unix: 1_700_000_000,
+                rtt_micros: 1234,
+            }]),
+            R::BlockAdded(block.clone()),
+            R::BlockList(vec![block]),
+            R::BlockRemoved(BlockRemoved {
+                address: s("192.0.2.1"),
+            }),
+            R::Audit(vec![AuditRecord {
+                seq: 1,
+                at_unix_ms: 1_700_000_000_000,
+                event: AuditEvent::new("node.revoked", "ok")
+                    .actor("cli")
+                    .subject("eu/n1"),
+            }]),
+        ]
+    }
+
+    /// Every variant name serde knows for an enum, from the error for an unknown one.
+    fn wire_names<T: serde::de::DeserializeOwned + std::fmt::Debug>(
+        probe: &str,
+    ) -> BTreeSet<String> {
+        let err = serde_json::from_str::<T>(probe).unwrap_err().to_string();
+        let list = err
+            .split("expected one of ")
+            .nth(1)
+            .unwrap_or_else(|| panic!("no variant list in {err}"));
+        list.split(", ")
+            .map(|n| {
+                n.trim_matches(|c: char| c == '`' || c.is_whitespace())
+                    .to_string()
+            })
+            .map(|n| n.split('`').next().unwrap_or_default().to_string())
+            .collect()
+    }
+
+    #[test]
+    fn every_request_round_trips() {
+        let all = wire_names::<AdminRequest>(r#"{"cmd":"no-such-command"}"#);
+        let mut seen = BTreeSet::new();
+        for req in requests() {
+            let line = serde_json::to_string(&req).unwrap();
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+            seen.insert(v["cmd"].as_str().unwrap().to_string());
+            let back: AdminRequest = serde_json::from_str(&line).unwrap();
+            assert_eq!(back, req, "{line}");
+        }
+        assert_eq!(seen, all, "every request kind needs a case in requests()");
+    }
+
+    #[test]
+    fn every_reply_round_trips() {
+        let all = wire_names::<AdminReply>(r#"{"reply":"no-such-reply","data":null}"#);
+        let mut seen = BTreeSet::new();
+        for reply in replies() {
+            seen.insert(reply.kind().to_string());
+            let resp = AdminResponse::ok(reply.clone());
+            let line = serde_json::to_string(&resp).unwrap();
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+            assert_eq!(
+                v["result"]["reply"],
+                reply.kind(),
+                "kind() matches the wire name"
+            );
+            let back: AdminResponse = serde_json::from_str(&line).unwrap();
+            assert_eq!(back, resp, "{line}");
+            assert_eq!(back.into_result(), Ok(reply));
+        }
+        assert_eq!(seen, all, "every reply kind needs a case in replies()");
+        let err = AdminResponse::err("no such zone");
+        let back: AdminResponse =
+            serde_json::from_str(&serde_json::to_string(&err).unwrap()).unwrap();
+        assert_eq!(back.into_result(), Err("no such zone".to_string()));
+    }
+
+    #[test]
+    fn secrets_stay_out_of_debug() {
+        let req = &requests()[11];
+        assert!(!format!("{req:?}").contains("correct horse"));
+        let tok = &replies()[7];
+        assert!(!format!("{tok:?}").contains("zmt_secret"));
+    }
+}

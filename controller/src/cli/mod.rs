@@ -1,0 +1,271 @@
+//! The command line: arguments (clap), where each command runs, and how its reply is shown.
+//! The binary only parses arguments and calls [`run`].
+
+use clap::{Parser, Subcommand};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+mod commands;
+pub mod init;
+pub mod render;
+
+pub use commands::run;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "zonemesh-controller",
+    version,
+    about = "zonemesh controller: internal CA and mesh control plane"
+)]
+pub struct Cli {
+    /// Data directory (sled store, admin socket, secrets).
+    #[arg(
+        long,
+        global = true,
+        default_value = "/var/lib/zonemesh",
+        env = "ZONEMESH_DATA_DIR"
+    )]
+    pub data_dir: PathBuf,
+    /// Key-encryption key file (default <data-dir>/secrets/kek; or set ZONEMESH_KEK).
+    #[arg(long, global = true)]
+    pub kek_file: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Create the CA (RSA-4096 root and intermediate) in a new data directory.
+    Init {
+        #[arg(long)]
+        trust_domain: String,
+    },
+    /// Run the controller.
+    Serve {
+        #[arg(long, default_value = "127.0.0.1:7443")]
+        grpc_listen: SocketAddr,
+        #[arg(long, default_value = "127.0.0.1:8443")]
+        https_listen: SocketAddr,
+        /// Plain-HTTP listener for /crl and /ocsp (signed data; relying parties need no TLS).
+        #[arg(long)]
+        pki_listen: Option<SocketAddr>,
+        /// DNS names / IPs for the controller's TLS certificate (default: localhost and the listen IPs).
+        #[arg(long = "tls-name")]
+        tls_names: Vec<String>,
+    },
+    /// CA operations.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
+    /// Zones.
+    Zone {
+        #[command(subcommand)]
+        command: ZoneCommand,
+    },
+    /// Enrollment tokens.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+    /// Enrolled nodes.
+    Node {
+        #[command(subcommand)]
+        command: NodeCommand,
+    },
+    /// Users of the admin and portal pages.
+    User {
+        #[command(subcommand)]
+        command: UserCommand,
+    },
+    /// End-to-end loss and latency between nodes, as the agents measure it.
+    Health {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Block a source address on every agent (corroborated reports and sign-in brute force
+    /// do this by themselves); list and remove blocks.
+    Block {
+        #[command(subcommand)]
+        command: BlockCommand,
+    },
+    /// Failed sign-in counters and blocks of the running controller.
+    Throttle {
+        #[command(subcommand)]
+        command: ThrottleCommand,
+    },
+    /// The append-only audit log of security decisions.
+    Audit {
+        #[arg(long)]
+        json: bool,
+        /// Only the newest N entries.
+        #[arg(long)]
+        limit: Option<usize>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BlockCommand {
+    /// Put an address on the blocklist pushed to every agent.
+    Add {
+        address: String,
+        #[arg(long = "for", default_value = "1h")]
+        duration: humantime::Duration,
+        #[arg(long, default_value = "blocked by an administrator")]
+        reason: String,
+    },
+    /// Addresses blocked now, with until when and why.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Take an address off the blocklist; every agent drops it at once.
+    Remove { address: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ThrottleCommand {
+    /// Accounts and sources with failed sign-ins, their delays and blocks.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Forget the failures of an account or of a source address (and lift its block).
+    Clear {
+        #[arg(long, conflicts_with = "source", required_unless_present = "source")]
+        email: Option<String>,
+        #[arg(long)]
+        source: Option<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum UserCommand {
+    /// Add a user; the password is read from a prompt, or from stdin when it is not a terminal.
+    Add {
+        #[arg(long)]
+        email: String,
+        /// admin or portal-owner.
+        #[arg(long)]
+        role: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List users.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Disable a user and end their sessions.
+    Disable {
+        #[arg(long)]
+        email: String,
+    },
+    /// Set a user's password (read like `user add`) and end their sessions.
+    Passwd {
+        #[arg(long)]
+        email: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CaCommand {
+    /// Subjects, fingerprints and expiry of the CA certificates.
+    Show {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the root or intermediate certificate as PEM.
+    Export {
+        #[arg(
+            long,
+            conflicts_with = "intermediate",
+            required_unless_present = "intermediate"
+        )]
+        root: bool,
+        #[arg(long)]
+        intermediate: bool,
+    },
+    /// Sign a node CSR (RSA-4096) and write certificate + intermediate as PEM.
+    SignCsr {
+        #[arg(long)]
+        csr: PathBuf,
+        #[arg(long)]
+        zone: String,
+        #[arg(long)]
+        node: String,
+        /// The node's WireGuard public key (base64).
+        #[arg(long)]
+        wg_key: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Issue a short-lived TLS server certificate with a fresh RSA-2048 key.
+    IssueTls {
+        #[arg(long)]
+        dns: Vec<String>,
+        #[arg(long)]
+        ip: Vec<String>,
+        /// e.g. 24h, 3d (at most the configured maximum, 7d by default).
+        #[arg(long)]
+        lifetime: Option<humantime::Duration>,
+        #[arg(long)]
+        out_dir: PathBuf,
+    },
+    /// Revoke a certificate by serial.
+    Revoke {
+        #[arg(long)]
+        serial: String,
+        #[arg(long, default_value = "unspecified")]
+        reason: String,
+    },
+    /// Print the current CRL as PEM.
+    Crl,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ZoneCommand {
+    /// Add a zone with its overlay range.
+    Add {
+        name: String,
+        #[arg(long)]
+        cidr: String,
+        /// Tunnel between nodes of this zone too (default: only to other zones).
+        #[arg(long)]
+        intra_zone_tunnels: bool,
+    },
+    /// List zones.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TokenCommand {
+    /// Create an enrollment token (printed once, alone on the last line).
+    Create {
+        #[arg(long)]
+        zone: String,
+        #[arg(long, default_value = "1h")]
+        ttl: humantime::Duration,
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum NodeCommand {
+    /// List nodes.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a node (zone/node, or its bare name when unique across zones): cut off at its
+    /// next handshake, removed from every peer.
+    Revoke {
+        node: String,
+        #[arg(long, default_value = "unspecified")]
+        reason: String,
+    },
+}
