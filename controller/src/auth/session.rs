@@ -14,6 +14,7 @@ use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
 use super::{AuthError, Role};
+use crate::durable::Flusher;
 
 /// Name of the sled tree holding sessions.
 pub const SESSIONS_TREE: &str = "auth_sessions";
@@ -82,6 +83,7 @@ pub fn random_token() -> Zeroizing<String> {
 /// Sessions over sled.
 pub struct SessionStore {
     tree: sled::Tree,
+    flusher: Flusher,
     idle: Duration,
     absolute: Duration,
 }
@@ -89,15 +91,60 @@ pub struct SessionStore {
 impl SessionStore {
     /// Open the session tree with the given timeouts.
     pub fn open(db: &sled::Db, idle: Duration, absolute: Duration) -> Result<Self, AuthError> {
+        Self::open_with(&Flusher::new(db.clone()), idle, absolute)
+    }
+
+    /// Open the session tree of the flusher's database; writes are made durable through
+    /// `flusher`, shared with the other writers of that database.
+    pub fn open_with(
+        flusher: &Flusher,
+        idle: Duration,
+        absolute: Duration,
+    ) -> Result<Self, AuthError> {
         Ok(Self {
-            tree: db.open_tree(SESSIONS_TREE)?,
+            tree: flusher.db().open_tree(SESSIONS_TREE)?,
+            flusher: flusher.clone(),
             idle,
             absolute,
         })
     }
 
-    /// Create a session; returns the token for the cookie.
+    /// Create a session and wait, without holding an async worker, until it is on disk;
+    /// returns the token for the cookie.
+    pub async fn create_durable(
+        &self,
+        email: &str,
+        role: Role,
+        kind: SessionKind,
+        now: SystemTime,
+    ) -> Result<Zeroizing<String>, AuthError> {
+        let token = self.insert(email, role, kind, now)?;
+        self.flusher.flush().await?;
+        Ok(token)
+    }
+
+    /// End the session for `token` and wait, without holding an async worker, until that
+    /// is on disk.
+    pub async fn remove_durable(&self, token: &str) -> Result<(), AuthError> {
+        self.tree.remove(token_key(token))?;
+        self.flusher.flush().await?;
+        Ok(())
+    }
+
+    /// Create a session (blocking contexts); returns the token for the cookie.
     pub fn create(
+        &self,
+        email: &str,
+        role: Role,
+        kind: SessionKind,
+        now: SystemTime,
+    ) -> Result<Zeroizing<String>, AuthError> {
+        let token = self.insert(email, role, kind, now)?;
+        self.flusher.flush_blocking()?;
+        Ok(token)
+    }
+
+    fn insert(
         &self,
         email: &str,
         role: Role,
@@ -114,7 +161,6 @@ impl SessionStore {
         };
         self.tree
             .insert(token_key(&token), serde_json::to_vec(&s)?)?;
-        self.tree.flush()?;
         Ok(token)
     }
 
@@ -147,10 +193,10 @@ impl SessionStore {
         Ok(Some(s))
     }
 
-    /// End the session for `token`.
+    /// End the session for `token` (blocking contexts).
     pub fn remove(&self, token: &str) -> Result<(), AuthError> {
         self.tree.remove(token_key(token))?;
-        self.tree.flush()?;
+        self.flusher.flush_blocking()?;
         Ok(())
     }
 
@@ -164,7 +210,7 @@ impl SessionStore {
                 n += 1;
             }
         }
-        self.tree.flush()?;
+        self.flusher.flush_blocking()?;
         Ok(n)
     }
 
@@ -181,7 +227,7 @@ impl SessionStore {
                 n += 1;
             }
         }
-        self.tree.flush()?;
+        self.flusher.flush_blocking()?;
         Ok(n)
     }
 

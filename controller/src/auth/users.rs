@@ -17,6 +17,7 @@ use super::password::{
     PasswordHash, PasswordHasher, Pepper, Verified, check_new_password, normalize_email,
 };
 use super::{AuthError, Role, WebConfig, totp};
+use crate::durable::Flusher;
 
 /// Name of the sled tree holding users.
 pub const USERS_TREE: &str = "auth_users";
@@ -146,6 +147,7 @@ pub fn validate_email(email: &str) -> Result<String, AuthError> {
 /// Users over sled.
 pub struct UserStore {
     tree: sled::Tree,
+    flusher: Flusher,
     hasher: Arc<PasswordHasher>,
     pepper: Pepper,
     previous: Vec<Pepper>,
@@ -155,6 +157,12 @@ pub struct UserStore {
 impl UserStore {
     /// Open the user tree of `db` with `cfg` (validated here).
     pub fn open(db: &sled::Db, cfg: &WebConfig) -> Result<Self, AuthError> {
+        Self::open_with(&Flusher::new(db.clone()), cfg)
+    }
+
+    /// Open the user tree of the flusher's database with `cfg` (validated here); writes
+    /// are made durable through `flusher`, shared with the other writers of that database.
+    pub fn open_with(flusher: &Flusher, cfg: &WebConfig) -> Result<Self, AuthError> {
         cfg.validate()?;
         let hasher = Arc::new(PasswordHasher::new(
             cfg.argon2,
@@ -164,7 +172,8 @@ impl UserStore {
             cfg.hash_queue_timeout,
         ));
         Ok(Self {
-            tree: db.open_tree(USERS_TREE)?,
+            tree: flusher.db().open_tree(USERS_TREE)?,
+            flusher: flusher.clone(),
             hasher,
             pepper: cfg.pepper.clone(),
             previous: cfg.previous_peppers.clone(),
@@ -205,7 +214,7 @@ impl UserStore {
                 .compare_and_swap(email.as_bytes(), Some(&old), Some(new))?
                 .is_ok()
             {
-                self.tree.flush()?;
+                self.flusher.flush_blocking()?;
                 return Ok(Some(out));
             }
         }
@@ -324,7 +333,7 @@ impl UserStore {
         if swapped.is_err() {
             return Err(AuthError::UserExists(email));
         }
-        self.tree.flush()?;
+        self.flusher.flush_blocking()?;
         Ok(UserAdded {
             email,
             role,
@@ -396,7 +405,7 @@ impl UserStore {
         check_new_password(&email, &password)?;
         let hash = self.hasher.hash_bounded(email.clone(), password).await?;
         let me = Arc::clone(self);
-        tokio::task::spawn_blocking(move || {
+        crate::blocking::run(move || {
             me.modify(&email, |r| {
                 r.password = hash.clone();
                 Ok(Some(()))
@@ -404,7 +413,6 @@ impl UserStore {
             .map(|_| ())
         })
         .await
-        .map_err(|e| AuthError::Hash(format!("password store task: {e}")))?
     }
 
     /// Whether `email` is an enabled user, and with which role.

@@ -94,20 +94,23 @@ struct Inner {
 }
 
 impl WebState {
-    /// Open users and sessions in `db` with `cfg` (validated here) and wire the audit log,
-    /// the block sink and the dashboard's data source.
+    /// Open users and sessions with `cfg` (validated here) in the audit log's database
+    /// (`_db`, kept for the callers' signature), sharing the audit log's durable writer,
+    /// and wire the block sink and the dashboard's data source.
     pub fn new(
         cfg: &WebConfig,
-        db: &sled::Db,
+        _db: &sled::Db,
         audit: Arc<AuditLog>,
         sink: Arc<dyn SecuritySink>,
         dashboard: Arc<dyn DashboardSource>,
     ) -> Result<Self, AuthError> {
-        let users = Arc::new(UserStore::open(db, cfg)?);
+        // One durable writer for the audit log, users and sessions: their flushes are shared.
+        let flusher = audit.flusher().clone();
+        let users = Arc::new(UserStore::open_with(&flusher, cfg)?);
         // Make the dummy hash now, so the first unknown account costs what every other does.
         users.hasher().dummy();
-        let sessions = Arc::new(SessionStore::open(
-            db,
+        let sessions = Arc::new(SessionStore::open_with(
+            &flusher,
             cfg.session_idle_timeout,
             cfg.session_absolute_timeout,
         )?);
@@ -233,8 +236,20 @@ impl WebState {
             .unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Audit from a blocking context (the admin socket's handlers).
     fn audit(&self, event: AuditEvent) -> bool {
         match self.inner.audit.record_at(event, self.now()) {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::error!(error = %e, "audit record failed");
+                false
+            }
+        }
+    }
+
+    /// Audit from a handler: durable before the reply, without holding an async worker.
+    async fn audit_durable(&self, event: AuditEvent) -> bool {
+        match self.inner.audit.record_durable(event, self.now()).await {
             Ok(_) => true,
             Err(e) => {
                 tracing::error!(error = %e, "audit record failed");
@@ -402,14 +417,19 @@ fn current_session(state: &WebState, headers: &HeaderMap) -> Option<(Zeroizing<S
     }
 }
 
-fn start_session(
+async fn start_session(
     state: &WebState,
     email: &str,
     role: Role,
     kind: SessionKind,
     to: &str,
 ) -> Response {
-    match state.inner.sessions.create(email, role, kind, state.now()) {
+    match state
+        .inner
+        .sessions
+        .create_durable(email, role, kind, state.now())
+        .await
+    {
         Ok(token) => {
             let age = match kind {
                 SessionKind::Full => state.inner.absolute_timeout,
@@ -566,7 +586,7 @@ fn reserve(
 
 /// Settle an attempt as a failure of account and source, audit it, and block the source
 /// when it keeps failing across accounts.
-fn record_failure(
+async fn record_failure(
     state: &WebState,
     attempt: AttemptGuard,
     kind: &str,
@@ -583,17 +603,19 @@ fn record_failure(
     } else {
         "(not an e-mail address)"
     };
-    state.audit(
-        AuditEvent::new(kind, "denied")
-            .subject(subject)
-            .source(ip)
-            .detail(format!(
-                "{detail}; account failures {}, source failures {}, next attempt after {} ms",
-                outcome.account_failures,
-                outcome.source_failures,
-                outcome.delay.as_millis()
-            )),
-    );
+    state
+        .audit_durable(
+            AuditEvent::new(kind, "denied")
+                .subject(subject)
+                .source(ip)
+                .detail(format!(
+                    "{detail}; account failures {}, source failures {}, next attempt after {} ms",
+                    outcome.account_failures,
+                    outcome.source_failures,
+                    outcome.delay.as_millis()
+                )),
+        )
+        .await;
     tracing::info!(source = %ip, account_failures = outcome.account_failures, source_failures = outcome.source_failures, "{kind}");
     if let Some(until) = outcome.blocked_until {
         AuthMetrics::inc(&state.inner.metrics.sources_blocked);
@@ -601,14 +623,16 @@ fn record_failure(
             "{} failed sign-ins across accounts",
             state.throttle().config().block_after_failures
         );
-        state.audit(
-            AuditEvent::new("source.blocked", "blocked")
-                .source(ip)
-                .detail(format!(
-                    "{reason}; until {}",
-                    crate::audit::format_utc(unix_ms(until))
-                )),
-        );
+        state
+            .audit_durable(
+                AuditEvent::new("source.blocked", "blocked")
+                    .source(ip)
+                    .detail(format!(
+                        "{reason}; until {}",
+                        crate::audit::format_utc(unix_ms(until))
+                    )),
+            )
+            .await;
         tracing::warn!(source = %ip, "source blocked after repeated failed sign-ins");
         state.inner.sink.source_blocked(ip, until, &reason);
     }
@@ -685,7 +709,7 @@ async fn signin_submit(
                 PasswordCheck::Disabled => "disabled account",
                 _ => "wrong password",
             };
-            record_failure(&state, attempt, "signin.failure", &email, ip, detail);
+            record_failure(&state, attempt, "signin.failure", &email, ip, detail).await;
             return signin_form(
                 StatusCode::UNAUTHORIZED,
                 &email,
@@ -696,28 +720,33 @@ async fn signin_submit(
     };
     match second {
         SecondFactor::None => {
-            if !state.audit(
-                AuditEvent::new("signin.success", "ok")
-                    .actor(&email)
-                    .source(ip)
-                    .detail("password"),
-            ) {
+            if !state
+                .audit_durable(
+                    AuditEvent::new("signin.success", "ok")
+                        .actor(&email)
+                        .source(ip)
+                        .detail("password"),
+                )
+                .await
+            {
                 return internal("audit log unavailable");
             }
             attempt.success(now);
             AuthMetrics::inc(&state.inner.metrics.signin_success);
-            start_session(&state, &email, role, SessionKind::Full, "/dashboard")
+            start_session(&state, &email, role, SessionKind::Full, "/dashboard").await
         }
         SecondFactor::Totp => {
             // The password was right; the sign-in completes (and the source becomes known
             // good) only with the second factor.
             attempt.neutral(now);
-            state.audit(
-                AuditEvent::new("signin.password", "ok")
-                    .actor(&email)
-                    .source(ip)
-                    .detail("second factor pending"),
-            );
+            state
+                .audit_durable(
+                    AuditEvent::new("signin.password", "ok")
+                        .actor(&email)
+                        .source(ip)
+                        .detail("second factor pending"),
+                )
+                .await;
             start_session(
                 &state,
                 &email,
@@ -725,15 +754,18 @@ async fn signin_submit(
                 SessionKind::PendingSecondFactor,
                 "/signin/code",
             )
+            .await
         }
         SecondFactor::EnrollRequired => {
             attempt.neutral(now);
-            state.audit(
-                AuditEvent::new("signin.password", "ok")
-                    .actor(&email)
-                    .source(ip)
-                    .detail("TOTP enrollment required, no session before it"),
-            );
+            state
+                .audit_durable(
+                    AuditEvent::new("signin.password", "ok")
+                        .actor(&email)
+                        .source(ip)
+                        .detail("TOTP enrollment required, no session before it"),
+                )
+                .await;
             start_session(
                 &state,
                 &email,
@@ -741,6 +773,7 @@ async fn signin_submit(
                 SessionKind::PendingEnrollment,
                 "/enroll",
             )
+            .await
         }
     }
 }
@@ -790,18 +823,21 @@ async fn code_submit(
         tokio::task::spawn_blocking(move || users.verify_second_factor(&email, &code, now)).await;
     match verified.unwrap_or_else(|e| Err(AuthError::Totp(format!("code check task: {e}")))) {
         Ok(true) => {
-            if !state.audit(
-                AuditEvent::new("signin.success", "ok")
-                    .actor(&s.email)
-                    .source(ip)
-                    .detail("password + second factor"),
-            ) {
+            if !state
+                .audit_durable(
+                    AuditEvent::new("signin.success", "ok")
+                        .actor(&s.email)
+                        .source(ip)
+                        .detail("password + second factor"),
+                )
+                .await
+            {
                 return internal("audit log unavailable");
             }
-            let _ = state.inner.sessions.remove(&token);
+            let _ = state.inner.sessions.remove_durable(&token).await;
             attempt.success(now);
             AuthMetrics::inc(&state.inner.metrics.signin_success);
-            start_session(&state, &s.email, s.role, SessionKind::Full, "/dashboard")
+            start_session(&state, &s.email, s.role, SessionKind::Full, "/dashboard").await
         }
         Ok(false) => {
             AuthMetrics::inc(&state.inner.metrics.second_factor_failure);
@@ -812,7 +848,8 @@ async fn code_submit(
                 &s.email,
                 ip,
                 "wrong, reused or expired code",
-            );
+            )
+            .await;
             (
                 StatusCode::UNAUTHORIZED,
                 Html(pages::second_factor(
@@ -899,24 +936,29 @@ async fn enroll_submit(
             } else {
                 attempt.neutral(now);
             }
-            if !state.audit(
-                AuditEvent::new("totp.enrolled", "ok")
-                    .actor(&s.email)
-                    .source(ip),
-            ) {
+            if !state
+                .audit_durable(
+                    AuditEvent::new("totp.enrolled", "ok")
+                        .actor(&s.email)
+                        .source(ip),
+                )
+                .await
+            {
                 return internal("audit log unavailable");
             }
             let codes: Vec<String> = codes.iter().map(|c| c.to_string()).collect();
             // A pending enrollment becomes a full session under a new token.
             let (token, extra) = if s.kind == SessionKind::PendingEnrollment {
-                let _ = state.inner.sessions.remove(&token);
+                let _ = state.inner.sessions.remove_durable(&token).await;
                 AuthMetrics::inc(&state.inner.metrics.signin_success);
-                state.audit(
-                    AuditEvent::new("signin.success", "ok")
-                        .actor(&s.email)
-                        .source(ip)
-                        .detail("password + TOTP enrollment"),
-                );
+                state
+                    .audit_durable(
+                        AuditEvent::new("signin.success", "ok")
+                            .actor(&s.email)
+                            .source(ip)
+                            .detail("password + TOTP enrollment"),
+                    )
+                    .await;
                 match state
                     .inner
                     .sessions
@@ -953,7 +995,8 @@ async fn enroll_submit(
                 &s.email,
                 ip,
                 "wrong code at enrollment",
-            );
+            )
+            .await;
             enroll_view(
                 &state,
                 &token,
@@ -1107,7 +1150,8 @@ async fn password_submit(
                 &s.email,
                 ip,
                 "wrong current password",
-            );
+            )
+            .await;
             return password_view(
                 &token,
                 &s,
@@ -1141,13 +1185,15 @@ async fn password_submit(
             Ok(Err(e)) => return internal(e),
             Err(e) => return internal(e),
         };
-    state.audit(
-        AuditEvent::new("user.password-changed", "ok")
-            .actor(&s.email)
-            .subject(&s.email)
-            .source(ip)
-            .detail(format!("{ended} other sessions ended")),
-    );
+    state
+        .audit_durable(
+            AuditEvent::new("user.password-changed", "ok")
+                .actor(&s.email)
+                .subject(&s.email)
+                .source(ip)
+                .detail(format!("{ended} other sessions ended")),
+        )
+        .await;
     password_view(
         &token,
         &s,
@@ -1174,13 +1220,15 @@ async fn signout(
     if !csrf_matches(&token, &form.csrf) {
         return csrf_refused(&state);
     }
-    if let Err(e) = state.inner.sessions.remove(&token) {
+    if let Err(e) = state.inner.sessions.remove_durable(&token).await {
         return internal(e);
     }
-    state.audit(
-        AuditEvent::new("signout", "ok")
-            .actor(&s.email)
-            .source(peer.ip()),
-    );
+    state
+        .audit_durable(
+            AuditEvent::new("signout", "ok")
+                .actor(&s.email)
+                .source(peer.ip()),
+        )
+        .await;
     ([clear_cookie(SESSION_COOKIE)], Redirect::to("/signin")).into_response()
 }
