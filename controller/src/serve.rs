@@ -143,7 +143,7 @@ pub async fn run(cfg: ServeConfig, shutdown: CancellationToken) -> Result<()> {
     let pepper = Pepper::from_env_or_file(Some(&pepper_path(&cfg.data_dir)))?;
     let web_cfg = WebConfig::new(pepper);
     web_cfg.validate()?;
-    let audit = Arc::new(AuditLog::open(store.db())?);
+    let audit = Arc::new(AuditLog::open_with(store.flusher())?);
     mesh.attach_audit(audit.clone());
     let web_state = WebState::new(
         &web_cfg,

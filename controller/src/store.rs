@@ -22,6 +22,8 @@ pub enum StoreError {
     Corrupt { tree: &'static str, err: String },
     #[error("transaction conflict, retry")]
     Conflict,
+    #[error(transparent)]
+    Flush(#[from] crate::durable::FlushError),
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;
@@ -107,6 +109,8 @@ pub struct BlockRecord {
 #[derive(Clone)]
 pub struct Store {
     db: sled::Db,
+    /// The one durable writer of this database (group commit).
+    flusher: crate::durable::Flusher,
     pub meta: sled::Tree,
     pub ca: sled::Tree,
     pub certs: sled::Tree,
@@ -188,6 +192,7 @@ impl Store {
             blocks: db.open_tree("blocks")?,
             wgkeys: db.open_tree("wgkeys")?,
             node_serials: db.open_tree("node_serials")?,
+            flusher: crate::durable::Flusher::new(db.clone()),
             db,
         })
     }
@@ -197,9 +202,15 @@ impl Store {
         &self.db
     }
 
-    /// Make every write so far durable.
+    /// The database's durable writer, shared by every module that writes to it.
+    pub fn flusher(&self) -> &crate::durable::Flusher {
+        &self.flusher
+    }
+
+    /// Make every write so far durable (blocking contexts; one flush shared with every
+    /// caller waiting at the same time).
     pub fn flush(&self) -> StoreResult<()> {
-        self.db.flush()?;
+        self.flusher.flush_blocking()?;
         Ok(())
     }
 
