@@ -193,7 +193,7 @@ pub async fn run(cfg: ServeConfig, shutdown: CancellationToken) -> Result<()> {
     mesh.set_own_addresses(cfg.own_addresses());
     let lifted = {
         let m = mesh.clone();
-        tokio::task::spawn_blocking(move || m.lift_forbidden_blocks()).await??
+        crate::blocking::run(move || m.lift_forbidden_blocks()).await?
     };
     for ip in lifted {
         tracing::warn!(source = %ip, "block lifted: the address may never be blocked");
@@ -256,11 +256,11 @@ pub async fn run(cfg: ServeConfig, shutdown: CancellationToken) -> Result<()> {
                     _ = tokio::time::sleep(CRL_REFRESH) => {}
                 }
                 let m = mesh.clone();
-                let r = tokio::task::spawn_blocking(move || {
+                let r = crate::blocking::run(move || {
                     m.authority().refresh_crl(SystemTime::now())?;
                     m.publish_crl()
                 })
-                .await?;
+                .await;
                 if let Err(e) = r {
                     tracing::error!(error = %e, "CRL refresh failed");
                 }

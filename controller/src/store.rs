@@ -142,10 +142,9 @@ impl std::fmt::Debug for Store {
     }
 }
 
+/// Seconds since the Unix epoch (0 before it): the controller's one Unix-time helper.
 pub fn unix(t: SystemTime) -> u64 {
-    t.duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    zonemesh_ca::unix_secs(t)
 }
 
 pub fn from_unix(s: u64) -> SystemTime {

@@ -5,7 +5,7 @@
 //! second-factor or enrollment page. CSRF tokens are derived from the session token, so
 //! the database alone cannot forge them either.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
@@ -44,9 +44,7 @@ pub struct Session {
 }
 
 fn ms(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    zonemesh_ca::unix_millis(t)
 }
 
 fn token_key(token: &str) -> [u8; 32] {

@@ -651,9 +651,7 @@ fn signin_account(typed: &str) -> String {
 }
 
 fn unix_ms(t: SystemTime) -> u64 {
-    t.duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    zonemesh_ca::unix_millis(t)
 }
 
 async fn signin_submit(
@@ -820,8 +818,8 @@ async fn code_submit(
         form.code.clone(),
     );
     let verified =
-        tokio::task::spawn_blocking(move || users.verify_second_factor(&email, &code, now)).await;
-    match verified.unwrap_or_else(|e| Err(AuthError::Totp(format!("code check task: {e}")))) {
+        crate::blocking::run(move || users.verify_second_factor(&email, &code, now)).await;
+    match verified {
         Ok(true) => {
             if !state
                 .audit_durable(
@@ -927,9 +925,8 @@ async fn enroll_submit(
         s.email.clone(),
         form.code.clone(),
     );
-    let confirmed =
-        tokio::task::spawn_blocking(move || users.confirm_totp(&email, &code, now)).await;
-    match confirmed.unwrap_or_else(|e| Err(AuthError::Totp(format!("code check task: {e}")))) {
+    let confirmed = crate::blocking::run(move || users.confirm_totp(&email, &code, now)).await;
+    match confirmed {
         Ok(Some(codes)) => {
             if s.kind == SessionKind::PendingEnrollment {
                 attempt.success(now);
@@ -1178,11 +1175,8 @@ async fn password_submit(
     }
     let (sessions, email, keep) = (state.inner.sessions.clone(), s.email.clone(), token.clone());
     let ended =
-        match tokio::task::spawn_blocking(move || sessions.remove_for_user_except(&email, &keep))
-            .await
-        {
-            Ok(Ok(n)) => n,
-            Ok(Err(e)) => return internal(e),
+        match crate::blocking::run(move || sessions.remove_for_user_except(&email, &keep)).await {
+            Ok(n) => n,
             Err(e) => return internal(e),
         };
     state
