@@ -28,6 +28,8 @@ pub enum ControllerError {
     Blocking(#[from] crate::blocking::BlockingError),
     #[error(transparent)]
     Audit(#[from] crate::audit::AuditError),
+    #[error("CRL update: {0}")]
+    CrlUpdate(#[source] crate::tls::TlsSetupError),
 }
 
 pub type Result<T, E = ControllerError> = std::result::Result<T, E>;

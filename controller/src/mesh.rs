@@ -330,7 +330,7 @@ impl Mesh {
         if !delta.crl_der.is_empty() {
             for l in self.crl_listeners.lock().iter() {
                 l.update_crl(&delta.crl_der)
-                    .map_err(|e| ControllerError::Internal(format!("CRL update: {e}")))?;
+                    .map_err(ControllerError::CrlUpdate)?;
             }
         }
         let guard = self.change_lock.lock();
@@ -471,7 +471,7 @@ impl Mesh {
             let update: pb::MeshUpdate = prost::Message::decode(v.as_ref()).map_err(|e| {
                 ControllerError::Store(StoreError::Corrupt {
                     tree: "changes",
-                    err: e.to_string(),
+                    err: Box::new(e),
                 })
             })?;
             out.push(Arc::new(update));

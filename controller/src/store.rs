@@ -19,7 +19,11 @@ pub enum StoreError {
     )]
     Locked,
     #[error("corrupt record in {tree}: {err}")]
-    Corrupt { tree: &'static str, err: String },
+    Corrupt {
+        tree: &'static str,
+        #[source]
+        err: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error("transaction conflict, retry")]
     Conflict,
     #[error(transparent)]
@@ -158,7 +162,7 @@ pub fn encode<T: Serialize>(v: &T) -> Vec<u8> {
 pub fn decode<T: DeserializeOwned>(tree: &'static str, bytes: &[u8]) -> StoreResult<T> {
     serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
         tree,
-        err: e.to_string(),
+        err: Box::new(e),
     })
 }
 

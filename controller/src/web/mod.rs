@@ -448,17 +448,48 @@ async fn start_session(
     }
 }
 
-fn internal(e: impl std::fmt::Display) -> Response {
-    tracing::error!(error = %e, "admin request failed");
-    (
-        StatusCode::INTERNAL_SERVER_ERROR,
-        Html(pages::notice(
-            "Something went wrong",
-            "The request could not be completed. Try again.",
-            Some(("/", "Home")),
-        )),
-    )
-        .into_response()
+/// The HTTPS side's one failure type: the cause is logged with its chain, the caller sees
+/// a generic page (no internal detail).
+#[derive(Debug, thiserror::Error)]
+pub enum WebError {
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    #[error(transparent)]
+    Audit(#[from] crate::audit::AuditError),
+    #[error("{0}")]
+    Unavailable(&'static str),
+}
+
+impl From<&'static str> for WebError {
+    fn from(what: &'static str) -> Self {
+        WebError::Unavailable(what)
+    }
+}
+
+impl IntoResponse for WebError {
+    fn into_response(self) -> Response {
+        let mut chain = self.to_string();
+        let mut cause = std::error::Error::source(&self);
+        while let Some(c) = cause {
+            chain.push_str(": ");
+            chain.push_str(&c.to_string());
+            cause = c.source();
+        }
+        tracing::error!(error = %chain, "admin request failed");
+        (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Html(pages::notice(
+                "Something went wrong",
+                "The request could not be completed. Try again.",
+                Some(("/", "Home")),
+            )),
+        )
+            .into_response()
+    }
+}
+
+fn internal(e: impl Into<WebError>) -> Response {
+    e.into().into_response()
 }
 
 fn csrf_refused(state: &WebState) -> Response {
