@@ -58,6 +58,8 @@ const MAX_BLOCK_REASON: usize = 512;
 /// How long an automatic block lasts.
 pub const DEFAULT_BLOCK: Duration = Duration::from_secs(3600);
 const MAX_ENDPOINTS: usize = 8;
+/// Watch streams kept open per node; a newer one ends the oldest (an agent has one).
+pub const MAX_STREAMS_PER_NODE: usize = 8;
 
 /// A created token, shown to the operator once.
 #[derive(Debug, serde::Serialize)]
@@ -114,6 +116,8 @@ pub struct Mesh {
     change_lock: Mutex<()>,
     tx: broadcast::Sender<Arc<pb::MeshUpdate>>,
     streams: Mutex<HashMap<String, Vec<CancellationToken>>>,
+    /// Keys of `streams` after its last sweep of ended streams.
+    live_stream_nodes: std::sync::atomic::AtomicUsize,
     /// Failed enrollments by (source, token hash); `None` stands for every unknown token.
     enroll_failures: FailureWindow<(IpAddr, Option<String>)>,
     renew_limit: KeyedBuckets<String>,
@@ -271,6 +275,7 @@ impl Mesh {
             change_lock: Mutex::new(()),
             tx,
             streams: Mutex::new(HashMap::new()),
+            live_stream_nodes: std::sync::atomic::AtomicUsize::new(0),
             enroll_failures: FailureWindow::new(
                 ENROLL_FAILURES_PER_WINDOW,
                 ENROLL_FAILURE_WINDOW,
@@ -508,10 +513,33 @@ impl Mesh {
     fn register_stream(&self, node: &str) -> CancellationToken {
         let cancel = CancellationToken::new();
         let mut streams = self.streams.lock();
+        // Nodes whose streams have all ended are forgotten, so the map holds only nodes
+        // with a live stream (each one a node with a certificate from this CA).
+        if streams.len() >= 2 * self.live_stream_nodes.load(Ordering::Relaxed).max(64) {
+            streams.retain(|_, list| {
+                list.retain(|t| !t.is_cancelled());
+                !list.is_empty()
+            });
+            self.live_stream_nodes
+                .store(streams.len(), Ordering::Relaxed);
+        }
         let list = streams.entry(node.to_string()).or_default();
         list.retain(|t| !t.is_cancelled());
+        while list.len() >= MAX_STREAMS_PER_NODE {
+            list.remove(0).cancel();
+        }
         list.push(cancel.clone());
         cancel
+    }
+
+    /// Watch streams registered and not ended, over all nodes (bounded: at most
+    /// [`MAX_STREAMS_PER_NODE`] per node).
+    pub fn registered_streams(&self) -> usize {
+        self.streams
+            .lock()
+            .values()
+            .map(|l| l.iter().filter(|t| !t.is_cancelled()).count())
+            .sum()
     }
 
     /// Register a Watch stream for `node`: what to send first, then live changes.
@@ -1340,6 +1368,7 @@ impl Mesh {
                 s.cancel();
             }
         }
+        self.health.lock().remove(nkey);
         tracing::info!(node = %nkey, serial = %node.serial_hex, revoked_serials = newly, "node revoked");
         Ok(node)
     }

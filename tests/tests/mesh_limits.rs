@@ -584,3 +584,22 @@ fn block_commits_while_an_enrollment_is_signing() {
     // Both changes are in the log, in order.
     assert_eq!(plane.mesh.version(), v0 + 2);
 }
+
+/// A node opening Watch streams without end keeps at most `MAX_STREAMS_PER_NODE`
+/// registered: the oldest are ended, so the per-node token list stays bounded.
+#[test]
+fn watch_stream_registrations_stay_bounded_under_a_flood() {
+    use zonemesh_controller::mesh::MAX_STREAMS_PER_NODE;
+    let plane = Plane::new().unwrap();
+    let n = plane.enroll("eu", "flood", 4, wg_key(44)).unwrap();
+    let mut subs = vec![];
+    for _ in 0..1000 {
+        subs.push(plane.mesh.watch(&n.who, 0, plane.mesh.now()).unwrap());
+    }
+    assert!(plane.mesh.registered_streams() <= MAX_STREAMS_PER_NODE);
+    // The newest streams stay open; the superseded ones were ended.
+    assert!(!subs.last().unwrap().cancel.is_cancelled());
+    assert!(subs[0].cancel.is_cancelled());
+    let open = subs.iter().filter(|s| !s.cancel.is_cancelled()).count();
+    assert_eq!(open, MAX_STREAMS_PER_NODE);
+}
