@@ -102,6 +102,13 @@ pub fn renew_at(
         .unwrap_or(at)
 }
 
+/// Convert a `SystemTime` to the `time` crate's UTC date, truncated to whole seconds
+/// (DER times carry no fractions in our profiles).
+pub(crate) fn to_offset(t: std::time::SystemTime) -> time::OffsetDateTime {
+    time::OffsetDateTime::from_unix_timestamp(unix_secs(t) as i64)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
+}
+
 #[cfg(test)]
 mod schedule_tests {
     use super::renew_at;
@@ -120,11 +127,4 @@ mod schedule_tests {
         // A certificate that ends before it starts is renewed at once.
         assert_eq!(renew_at(na, nb, 0.5), na);
     }
-}
-
-/// Convert a `SystemTime` to the `time` crate's UTC date, truncated to whole seconds
-/// (DER times carry no fractions in our profiles).
-pub(crate) fn to_offset(t: std::time::SystemTime) -> time::OffsetDateTime {
-    time::OffsetDateTime::from_unix_timestamp(unix_secs(t) as i64)
-        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
 }

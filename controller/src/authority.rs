@@ -90,10 +90,10 @@ impl OcspCache {
                 now.duration_since(c.produced)
                     .is_ok_and(|a| a < OCSP_REFRESH)
             });
-            if map.len() >= OCSP_CACHE_MAX {
-                if let Some(k) = map.keys().next().cloned() {
-                    map.remove(&k);
-                }
+            if map.len() >= OCSP_CACHE_MAX
+                && let Some(k) = map.keys().next().cloned()
+            {
+                map.remove(&k);
             }
         }
         map.insert(key.to_vec(), entry);

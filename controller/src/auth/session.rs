@@ -266,7 +266,7 @@ mod tests {
         let db = sled::open(dir.path()).unwrap();
         let store =
             SessionStore::open(&db, Duration::from_secs(60), Duration::from_secs(300)).unwrap();
-        let t0 = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let t0 = std::time::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
         let tok = store
             .create("a@example.com", Role::Admin, SessionKind::Full, t0)
             .unwrap();

@@ -636,7 +636,7 @@ mod tests {
             "the enrollment page shows the secret the CLI printed"
         );
         let secret = totp_rs::Secret::try_from_base32(&*enr.secret_base32).unwrap();
-        let now = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let now = std::time::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
         let code = totp::code_at(&secret, 1_700_000_000);
         let stale = totp::code_at(&secret, 1_700_000_000 - 90);
         assert!(
