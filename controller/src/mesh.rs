@@ -112,7 +112,8 @@ pub struct Mesh {
     auth: Arc<Authority>,
     store: Store,
     version: AtomicU64,
-    /// Serialises changes so versions reach the log and the broadcast in order.
+    /// Serialises writes to the change log so versions are assigned in order; the flush
+    /// and the broadcast happen after it is released (see `Mesh::commit`).
     change_lock: Mutex<()>,
     tx: broadcast::Sender<Arc<pb::MeshUpdate>>,
     streams: Mutex<HashMap<String, Vec<CancellationToken>>>,
@@ -330,7 +331,9 @@ impl Mesh {
         self.crl_listeners.lock().push(v);
     }
 
-    /// Record one change durably, then fan it out. Returns its version.
+    /// Record one change durably, then fan it out. Returns its version. The change lock
+    /// covers only the log write; the flush (shared with concurrent writers) runs after it,
+    /// and changes are broadcast in version order once durable.
     fn commit(&self, delta: pb::Delta) -> Result<u64> {
         if !delta.crl_der.is_empty() {
             for l in self.crl_listeners.lock().iter() {
