@@ -191,6 +191,13 @@ impl SessionStore {
         Ok(Some(s))
     }
 
+    /// Drop the session for `token` without waiting for the disk (for sessions that are
+    /// refused whether or not the removal survives a crash).
+    pub fn forget(&self, token: &str) -> Result<(), AuthError> {
+        self.tree.remove(token_key(token))?;
+        Ok(())
+    }
+
     /// End the session for `token` (blocking contexts).
     pub fn remove(&self, token: &str) -> Result<(), AuthError> {
         self.tree.remove(token_key(token))?;

@@ -411,7 +411,9 @@ fn current_session(state: &WebState, headers: &HeaderMap) -> Option<(Zeroizing<S
     match state.inner.users.active_role(&s.email) {
         Ok(Some(_)) => Some((token, s)),
         _ => {
-            let _ = state.inner.sessions.remove(&token);
+            // No flush on the request path: a session of a disabled or deleted user is
+            // refused on every request anyway, durable removal or not.
+            let _ = state.inner.sessions.forget(&token);
             None
         }
     }
