@@ -167,14 +167,20 @@ impl Authority {
                 })
         };
         let root = get("root_cert")?;
-        let trust_domain = String::from_utf8(get("trust_domain")?)
-            .map_err(|_| ControllerError::Internal("bad trust domain".into()))?;
-        let int_cert = get("int_cert")?;
-        let int_key = open_sealed(kek, INT_KEY_LABEL, &get("int_key_sealed")?).map_err(|_| {
-            ControllerError::PermissionDenied(
-                "cannot unseal the CA key: wrong key-encryption key".into(),
-            )
+        let trust_domain = String::from_utf8(get("trust_domain")?).map_err(|e| {
+            crate::store::StoreError::Corrupt {
+                tree: "meta",
+                err: Box::new(e),
+            }
         })?;
+        let int_cert = get("int_cert")?;
+        let int_key =
+            open_sealed(kek, INT_KEY_LABEL, &get("int_key_sealed")?).map_err(|e| match e {
+                zonemesh_ca::Error::Unseal => ControllerError::PermissionDenied(
+                    "cannot unseal the CA key: wrong key-encryption key".into(),
+                ),
+                other => ControllerError::Ca(other),
+            })?;
         let ca = Ca::load(&trust_domain, &root, &int_cert, &int_key)?;
         let auth = Self {
             store,
