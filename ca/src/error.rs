@@ -28,8 +28,8 @@ pub enum Error {
     Revoked,
     #[error("certificate was not issued by a trusted zonemesh CA")]
     UnknownIssuer,
-    #[error("certificate chain rejected: {0}")]
-    Chain(String),
+    #[error("certificate chain rejected: {0:?}")]
+    Chain(#[source] webpki::Error),
     #[error("certificate is not a zonemesh node identity: {0}")]
     NotANodeCertificate(String),
     #[error("WireGuard key does not match the key bound in the node certificate")]
@@ -42,4 +42,6 @@ pub enum Error {
     Rcgen(#[from] rcgen::Error),
     #[error("cryptographic operation failed: {0}")]
     Crypto(String),
+    #[error("cryptographic operation failed: {0}")]
+    AwsLc(#[from] aws_lc_rs::error::Unspecified),
 }

@@ -65,9 +65,7 @@ const SEAL_VERSION: u8 = 1;
 /// Encrypt `plaintext` with AES-256-GCM under the KEK. `label` is authenticated, so a
 /// sealed root key cannot be swapped in where the intermediate key is expected.
 pub fn seal(kek: &Kek, label: &str, plaintext: &[u8]) -> Result<Vec<u8>> {
-    let key = LessSafeKey::new(
-        UnboundKey::new(&AES_256_GCM, &kek.0).map_err(|e| Error::Crypto(e.to_string()))?,
-    );
+    let key = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &kek.0)?);
     let mut nonce = [0u8; NONCE_LEN];
     rand::fill(&mut nonce);
     let mut buf = plaintext.to_vec();
@@ -75,8 +73,7 @@ pub fn seal(kek: &Kek, label: &str, plaintext: &[u8]) -> Result<Vec<u8>> {
         Nonce::assume_unique_for_key(nonce),
         Aad::from(label.as_bytes()),
         &mut buf,
-    )
-    .map_err(|e| Error::Crypto(e.to_string()))?;
+    )?;
     let mut out = Vec::with_capacity(1 + NONCE_LEN + buf.len());
     out.push(SEAL_VERSION);
     out.extend_from_slice(&nonce);
@@ -90,9 +87,7 @@ pub fn open_sealed(kek: &Kek, label: &str, sealed: &[u8]) -> Result<Zeroizing<Ve
     if sealed.len() < 1 + NONCE_LEN + 16 || sealed[0] != SEAL_VERSION {
         return Err(Error::Unseal);
     }
-    let key = LessSafeKey::new(
-        UnboundKey::new(&AES_256_GCM, &kek.0).map_err(|e| Error::Crypto(e.to_string()))?,
-    );
+    let key = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &kek.0)?);
     let nonce: [u8; NONCE_LEN] = sealed[1..1 + NONCE_LEN]
         .try_into()
         .map_err(|_| Error::Unseal)?;

@@ -75,10 +75,31 @@ pub fn pem_blocks(label: &str, pem: &str) -> Result<Vec<Vec<u8>>> {
 }
 
 /// Convert a `SystemTime` to seconds since the Unix epoch (0 for times before it).
-pub(crate) fn unix_secs(t: std::time::SystemTime) -> u64 {
+pub fn unix_secs(t: std::time::SystemTime) -> u64 {
     t.duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+/// Convert a `SystemTime` to milliseconds since the Unix epoch (0 for times before it).
+pub fn unix_millis(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// When to renew a certificate valid from `not_before` to `not_after`: at 2/3 of its
+/// lifetime, earlier by up to 1/20 of the lifetime as `jitter` (0.0..=1.0, clamped) goes
+/// from 0 to 1, so a fleet does not renew at once. The one renewal schedule of zonemesh.
+pub fn renew_at(
+    not_before: std::time::SystemTime,
+    not_after: std::time::SystemTime,
+    jitter: f64,
+) -> std::time::SystemTime {
+    let life = not_after.duration_since(not_before).unwrap_or_default();
+    let at = not_before + life * 2 / 3;
+    at.checked_sub(life.mul_f64(jitter.clamp(0.0, 1.0) / 20.0))
+        .unwrap_or(at)
 }
 
 /// Convert a `SystemTime` to the `time` crate's UTC date, truncated to whole seconds
@@ -86,4 +107,24 @@ pub(crate) fn unix_secs(t: std::time::SystemTime) -> u64 {
 pub(crate) fn to_offset(t: std::time::SystemTime) -> time::OffsetDateTime {
     time::OffsetDateTime::from_unix_timestamp(unix_secs(t) as i64)
         .unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
+}
+
+#[cfg(test)]
+mod schedule_tests {
+    use super::renew_at;
+    use std::time::{Duration, UNIX_EPOCH};
+
+    #[test]
+    fn renewal_is_at_two_thirds_with_at_most_a_twentieth_of_jitter() {
+        let nb = UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let na = nb + Duration::from_secs(30 * 86_400);
+        assert_eq!(renew_at(nb, na, 0.0), nb + Duration::from_secs(20 * 86_400));
+        assert_eq!(
+            renew_at(nb, na, 1.0),
+            nb + Duration::from_secs(20 * 86_400) - Duration::from_secs(30 * 86_400 / 20)
+        );
+        assert_eq!(renew_at(nb, na, 7.0), renew_at(nb, na, 1.0));
+        // A certificate that ends before it starts is renewed at once.
+        assert_eq!(renew_at(na, nb, 0.5), na);
+    }
 }

@@ -52,7 +52,7 @@ fn map_webpki(e: webpki::Error) -> Error {
         webpki::Error::UnknownIssuer | webpki::Error::InvalidSignatureForPublicKey => {
             Error::UnknownIssuer
         }
-        other => Error::Chain(format!("{other:?}")),
+        other => Error::Chain(other),
     }
 }
 

@@ -2,14 +2,17 @@
 //! revocations), kept in the sled tree `audit`.
 //!
 //! Keys are big-endian `u64` sequence numbers, so iteration order is write order; values are
-//! JSON. There is deliberately no update or delete API. Every record is flushed to disk
-//! before `record` returns: a security decision must survive a crash.
+//! JSON. There is deliberately no update or delete API. Every record is on disk before
+//! `record`/`record_durable` returns (through the shared group-commit [`Flusher`]): a
+//! security decision must survive a crash, and is durable before the action's reply.
 
 use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
+
+use crate::durable::{FlushError, Flusher};
 
 /// Name of the sled tree holding the audit log.
 pub const AUDIT_TREE: &str = "audit";
@@ -23,6 +26,8 @@ pub enum AuditError {
     Encoding(#[from] serde_json::Error),
     #[error("audit sequence {0} already written (the log is append-only)")]
     Duplicate(u64),
+    #[error("audit flush: {0}")]
+    Flush(#[from] FlushError),
 }
 
 /// Result alias for the audit log.
@@ -102,12 +107,19 @@ impl AuditRecord {
 pub struct AuditLog {
     tree: sled::Tree,
     next_seq: Mutex<u64>,
+    flusher: Flusher,
 }
 
 impl AuditLog {
-    /// Open (or create) the audit tree in `db`.
+    /// Open (or create) the audit tree in `db`, with a flusher of its own.
     pub fn open(db: &sled::Db) -> Result<Self> {
-        let tree = db.open_tree(AUDIT_TREE)?;
+        Self::open_with(&Flusher::new(db.clone()))
+    }
+
+    /// Open (or create) the audit tree in the flusher's database; records are made
+    /// durable through `flusher`, shared with the other writers of that database.
+    pub fn open_with(flusher: &Flusher) -> Result<Self> {
+        let tree = flusher.db().open_tree(AUDIT_TREE)?;
         let next = match tree.last()? {
             Some((k, _)) => decode_seq(&k) + 1,
             None => 1,
@@ -115,7 +127,13 @@ impl AuditLog {
         Ok(Self {
             tree,
             next_seq: Mutex::new(next),
+            flusher: flusher.clone(),
         })
+    }
+
+    /// The durable writer this log flushes through.
+    pub fn flusher(&self) -> &Flusher {
+        &self.flusher
     }
 
     /// Append `event`, stamped with the current time, and flush it to disk.
@@ -123,8 +141,24 @@ impl AuditLog {
         self.record_at(event, SystemTime::now()).map(|_| ())
     }
 
-    /// Append `event` stamped with `now` and flush it; returns the sequence number.
+    /// Append `event` stamped with `now` and flush it; returns the sequence number. For
+    /// blocking contexts; async code uses [`AuditLog::record_durable`].
     pub fn record_at(&self, event: AuditEvent, now: SystemTime) -> Result<u64> {
+        let seq = self.append_at(event, now)?;
+        self.flusher.flush_blocking()?;
+        Ok(seq)
+    }
+
+    /// Append `event` stamped with `now` and wait, without holding an async worker, until
+    /// it is on disk (one flush shared with every writer waiting at the same time).
+    pub async fn record_durable(&self, event: AuditEvent, now: SystemTime) -> Result<u64> {
+        let seq = self.append_at(event, now)?;
+        self.flusher.flush().await?;
+        Ok(seq)
+    }
+
+    /// Append `event` without waiting for the disk: the caller flushes before it replies.
+    fn append_at(&self, event: AuditEvent, now: SystemTime) -> Result<u64> {
         let at_unix_ms = now
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
@@ -142,8 +176,6 @@ impl AuditLog {
             .compare_and_swap(seq.to_be_bytes(), None as Option<&[u8]>, Some(value))?
             .map_err(|_| AuditError::Duplicate(seq))?;
         *next = seq + 1;
-        drop(next);
-        self.tree.flush()?;
         Ok(seq)
     }
 

@@ -167,14 +167,20 @@ impl Authority {
                 })
         };
         let root = get("root_cert")?;
-        let trust_domain = String::from_utf8(get("trust_domain")?)
-            .map_err(|_| ControllerError::Internal("bad trust domain".into()))?;
-        let int_cert = get("int_cert")?;
-        let int_key = open_sealed(kek, INT_KEY_LABEL, &get("int_key_sealed")?).map_err(|_| {
-            ControllerError::PermissionDenied(
-                "cannot unseal the CA key: wrong key-encryption key".into(),
-            )
+        let trust_domain = String::from_utf8(get("trust_domain")?).map_err(|e| {
+            crate::store::StoreError::Corrupt {
+                tree: "meta",
+                err: Box::new(e),
+            }
         })?;
+        let int_cert = get("int_cert")?;
+        let int_key =
+            open_sealed(kek, INT_KEY_LABEL, &get("int_key_sealed")?).map_err(|e| match e {
+                zonemesh_ca::Error::Unseal => ControllerError::PermissionDenied(
+                    "cannot unseal the CA key: wrong key-encryption key".into(),
+                ),
+                other => ControllerError::Ca(other),
+            })?;
         let ca = Ca::load(&trust_domain, &root, &int_cert, &int_key)?;
         let auth = Self {
             store,
@@ -267,11 +273,29 @@ impl Authority {
     /// Issue a node certificate and record its serial, also under its node (the caller
     /// flushes with its other writes).
     pub fn issue_node(&self, req: &NodeRequest<'_>, now: SystemTime) -> Result<IssuedCert> {
-        let cert = self.ca.sign_node_csr(&self.node_policy, req, now)?;
-        let nkey = crate::store::node_key(req.zone, req.node);
-        self.record(&cert, CertKind::Node, nkey.clone(), now)?;
-        self.record_owner(&nkey, &cert, CertKind::Node)?;
+        let cert = self.sign_node(req, now)?;
+        self.record_node(req.zone, req.node, &cert, now)?;
         Ok(cert)
+    }
+
+    /// Sign a node certificate without recording it (the RSA signature, taken outside any
+    /// lock); a certificate that is handed out must first go through [`Self::record_node`].
+    pub fn sign_node(&self, req: &NodeRequest<'_>, now: SystemTime) -> Result<IssuedCert> {
+        Ok(self.ca.sign_node_csr(&self.node_policy, req, now)?)
+    }
+
+    /// Record a node certificate from [`Self::sign_node`] by serial and under its node
+    /// (the caller flushes with its other writes).
+    pub fn record_node(
+        &self,
+        zone: &str,
+        node: &str,
+        cert: &IssuedCert,
+        now: SystemTime,
+    ) -> Result<()> {
+        let nkey = crate::store::node_key(zone, node);
+        self.record(cert, CertKind::Node, nkey.clone(), now)?;
+        self.record_owner(&nkey, cert, CertKind::Node)
     }
 
     /// Issue a TLS certificate for a CSR and record it durably; with `owner` (a node key)

@@ -24,6 +24,12 @@ pub enum ControllerError {
     RateLimited(String),
     #[error("{0}")]
     Internal(String),
+    #[error(transparent)]
+    Blocking(#[from] crate::blocking::BlockingError),
+    #[error(transparent)]
+    Audit(#[from] crate::audit::AuditError),
+    #[error("CRL update: {0}")]
+    CrlUpdate(#[source] crate::tls::TlsSetupError),
 }
 
 pub type Result<T, E = ControllerError> = std::result::Result<T, E>;

@@ -143,10 +143,7 @@ fn node<T>(req: &Request<T>) -> Result<Arc<VerifiedNode>, Status> {
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, ControllerError> + Send + 'static,
 ) -> Result<T, Status> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|_| Status::internal("internal error"))?
-        .map_err(Status::from)
+    crate::blocking::run(f).await.map_err(Status::from)
 }
 
 #[tonic::async_trait]

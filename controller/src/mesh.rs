@@ -58,6 +58,8 @@ const MAX_BLOCK_REASON: usize = 512;
 /// How long an automatic block lasts.
 pub const DEFAULT_BLOCK: Duration = Duration::from_secs(3600);
 const MAX_ENDPOINTS: usize = 8;
+/// Watch streams kept open per node; a newer one ends the oldest (an agent has one).
+pub const MAX_STREAMS_PER_NODE: usize = 8;
 
 /// A created token, shown to the operator once.
 #[derive(Debug, serde::Serialize)]
@@ -110,10 +112,13 @@ pub struct Mesh {
     auth: Arc<Authority>,
     store: Store,
     version: AtomicU64,
-    /// Serialises changes so versions reach the log and the broadcast in order.
+    /// Serialises writes to the change log so versions are assigned in order; the flush
+    /// and the broadcast happen after it is released (see `Mesh::commit`).
     change_lock: Mutex<()>,
     tx: broadcast::Sender<Arc<pb::MeshUpdate>>,
     streams: Mutex<HashMap<String, Vec<CancellationToken>>>,
+    /// Keys of `streams` after its last sweep of ended streams.
+    live_stream_nodes: std::sync::atomic::AtomicUsize,
     /// Failed enrollments by (source, token hash); `None` stands for every unknown token.
     enroll_failures: FailureWindow<(IpAddr, Option<String>)>,
     renew_limit: KeyedBuckets<String>,
@@ -132,7 +137,18 @@ pub struct Mesh {
     health: Mutex<HashMap<String, Vec<HealthRow>>>,
     block_duration: Duration,
     crl_listeners: Mutex<Vec<Arc<crate::tls::CrlClientVerifier>>>,
+    /// Wraps the enrollment signature (tests slow it down to show it runs outside the
+    /// change lock); `None` signs directly.
+    sign_hook: Option<Arc<SignHook>>,
+    /// Committed changes written to the log but not yet published, by version.
+    unpublished: Mutex<std::collections::BTreeMap<u64, Arc<pb::MeshUpdate>>>,
+    /// The last version written to the log (under the change lock); `version` is the
+    /// last one flushed and broadcast.
+    appended: AtomicU64,
 }
+
+/// Runs just before the enrollment signature; see [`Mesh::with_sign_hook`].
+pub type SignHook = dyn Fn() + Send + Sync;
 
 impl std::fmt::Debug for Mesh {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -229,6 +245,24 @@ impl Mesh {
     /// The control plane with an explicit clock (Mesh calls check certificate expiry
     /// against it).
     pub fn with_clock(auth: Arc<Authority>, clock: Arc<dyn Clock>) -> Result<Arc<Self>> {
+        Self::build(auth, clock, None)
+    }
+
+    /// The control plane with `hook` run before every enrollment signature (a test slows
+    /// the signature down with it, to show what else may run meanwhile).
+    pub fn with_sign_hook(
+        auth: Arc<Authority>,
+        clock: Arc<dyn Clock>,
+        hook: Arc<SignHook>,
+    ) -> Result<Arc<Self>> {
+        Self::build(auth, clock, Some(hook))
+    }
+
+    fn build(
+        auth: Arc<Authority>,
+        clock: Arc<dyn Clock>,
+        sign_hook: Option<Arc<SignHook>>,
+    ) -> Result<Arc<Self>> {
         let store = auth.store().clone();
         let version = store.meta_u64("mesh_version")?;
         let (tx, _) = broadcast::channel(1024);
@@ -236,9 +270,13 @@ impl Mesh {
             auth,
             store,
             version: AtomicU64::new(version),
+            appended: AtomicU64::new(version),
+            unpublished: Mutex::new(std::collections::BTreeMap::new()),
+            sign_hook,
             change_lock: Mutex::new(()),
             tx,
             streams: Mutex::new(HashMap::new()),
+            live_stream_nodes: std::sync::atomic::AtomicUsize::new(0),
             enroll_failures: FailureWindow::new(
                 ENROLL_FAILURES_PER_WINDOW,
                 ENROLL_FAILURE_WINDOW,
@@ -293,16 +331,18 @@ impl Mesh {
         self.crl_listeners.lock().push(v);
     }
 
-    /// Record one change durably, then fan it out. Returns its version.
+    /// Record one change durably, then fan it out. Returns its version. The change lock
+    /// covers only the log write; the flush (shared with concurrent writers) runs after it,
+    /// and changes are broadcast in version order once durable.
     fn commit(&self, delta: pb::Delta) -> Result<u64> {
         if !delta.crl_der.is_empty() {
             for l in self.crl_listeners.lock().iter() {
                 l.update_crl(&delta.crl_der)
-                    .map_err(|e| ControllerError::Internal(format!("CRL update: {e}")))?;
+                    .map_err(ControllerError::CrlUpdate)?;
             }
         }
-        let _guard = self.change_lock.lock();
-        let v = self.version.load(Ordering::SeqCst) + 1;
+        let guard = self.change_lock.lock();
+        let v = self.appended.load(Ordering::SeqCst) + 1;
         let update = Arc::new(pb::MeshUpdate {
             version: v,
             kind: Some(pb::mesh_update::Kind::Delta(delta)),
@@ -327,17 +367,34 @@ impl Mesh {
                     .map_err(store_err)?;
             }
         }
+        self.appended.store(v, Ordering::SeqCst);
+        self.unpublished.lock().insert(v, update);
+        drop(guard);
+        // The flush runs outside the change lock (and is shared with every writer waiting
+        // at the same time); it covers this version and every earlier one.
         self.store.flush()?;
-        self.version.store(v, Ordering::SeqCst);
-        *self.snapshot_cache.lock() = None;
-        if let Some(pb::mesh_update::Kind::Delta(d)) = &update.kind
-            && !(d.upserted.is_empty() && d.removed.is_empty() && d.zones.is_empty())
-        {
-            *self.never_block.lock() = None;
-        }
-        // No receivers is fine: nobody is watching yet.
-        let _ = self.tx.send(update);
+        self.publish_upto(v);
         Ok(v)
+    }
+
+    /// Broadcast, in version order, every durable change up to `v` not yet published.
+    fn publish_upto(&self, v: u64) {
+        let mut pending = self.unpublished.lock();
+        while let Some(entry) = pending.first_entry() {
+            if *entry.key() > v {
+                break;
+            }
+            let (version, update) = entry.remove_entry();
+            self.version.store(version, Ordering::SeqCst);
+            *self.snapshot_cache.lock() = None;
+            if let Some(pb::mesh_update::Kind::Delta(d)) = &update.kind
+                && !(d.upserted.is_empty() && d.removed.is_empty() && d.zones.is_empty())
+            {
+                *self.never_block.lock() = None;
+            }
+            // No receivers is fine: nobody is watching yet.
+            let _ = self.tx.send(update);
+        }
     }
 
     fn peer_of(&self, n: &NodeRecord) -> pb::Peer {
@@ -422,7 +479,7 @@ impl Mesh {
             let update: pb::MeshUpdate = prost::Message::decode(v.as_ref()).map_err(|e| {
                 ControllerError::Store(StoreError::Corrupt {
                     tree: "changes",
-                    err: e.to_string(),
+                    err: Box::new(e),
                 })
             })?;
             out.push(Arc::new(update));
@@ -459,10 +516,33 @@ impl Mesh {
     fn register_stream(&self, node: &str) -> CancellationToken {
         let cancel = CancellationToken::new();
         let mut streams = self.streams.lock();
+        // Nodes whose streams have all ended are forgotten, so the map holds only nodes
+        // with a live stream (each one a node with a certificate from this CA).
+        if streams.len() >= 2 * self.live_stream_nodes.load(Ordering::Relaxed).max(64) {
+            streams.retain(|_, list| {
+                list.retain(|t| !t.is_cancelled());
+                !list.is_empty()
+            });
+            self.live_stream_nodes
+                .store(streams.len(), Ordering::Relaxed);
+        }
         let list = streams.entry(node.to_string()).or_default();
         list.retain(|t| !t.is_cancelled());
+        while list.len() >= MAX_STREAMS_PER_NODE {
+            list.remove(0).cancel();
+        }
         list.push(cancel.clone());
         cancel
+    }
+
+    /// Watch streams registered and not ended, over all nodes (bounded: at most
+    /// [`MAX_STREAMS_PER_NODE`] per node).
+    pub fn registered_streams(&self) -> usize {
+        self.streams
+            .lock()
+            .values()
+            .map(|l| l.iter().filter(|t| !t.is_cancelled()).count())
+            .sum()
     }
 
     /// Register a Watch stream for `node`: what to send first, then live changes.
@@ -674,6 +754,19 @@ impl Mesh {
         )?;
         let nkey = node_key(&zone.name, &req.node_name);
 
+        // The RSA signature is the slow part: take it before the change lock, then check
+        // again under the lock everything that must hold atomically with the writes.
+        let node_req = NodeRequest {
+            csr_der: &req.csr_der,
+            zone: &zone.name,
+            node: &req.node_name,
+            wg_public_key: wg,
+        };
+        if let Some(hook) = &self.sign_hook {
+            hook();
+        }
+        let cert = self.auth.sign_node(&node_req, now)?;
+
         let _guard = self.change_lock.lock();
         if self.store.node(&nkey)?.is_some_and(|n| !n.revoked) {
             return Err(ControllerError::AlreadyExists(format!(
@@ -690,32 +783,19 @@ impl Mesh {
                 "this WireGuard key belongs to another node".into(),
             ));
         }
+        if self.store.zone(&zone.name)?.is_none() {
+            return Err(ControllerError::NotFound(
+                "the token's zone no longer exists".into(),
+            ));
+        }
         let overlay_ip = self.allocate_ip(&zone, &nkey)?;
-        let cert = match self.auth.issue_node(
-            &NodeRequest {
-                csr_der: &req.csr_der,
-                zone: &zone.name,
-                node: &req.node_name,
-                wg_public_key: wg,
-            },
-            now,
-        ) {
-            Ok(c) => c,
-            Err(e) => {
-                self.store
-                    .alloc
-                    .remove(overlay_ip.to_string())
-                    .map_err(store_err)?;
-                return Err(e);
-            }
-        };
         // Consume one use atomically; a concurrent enrollment with the last use loses here.
         let consumed = self
             .store
             .tokens
             .fetch_and_update(&key, |old| {
                 let mut rec: TokenRecord = decode("tokens", old?).ok()?;
-                if rec.uses_left == 0 {
+                if rec.uses_left == 0 || rec.expires_unix <= unix(now) {
                     return None;
                 }
                 rec.uses_left -= 1;
@@ -723,21 +803,18 @@ impl Mesh {
             })
             .map_err(store_err)?
             .and_then(|old| decode::<TokenRecord>("tokens", &old).ok())
-            .is_some_and(|old| old.uses_left > 0);
+            .is_some_and(|old| old.uses_left > 0 && old.expires_unix > unix(now));
         if !consumed {
             self.store
                 .alloc
                 .remove(overlay_ip.to_string())
                 .map_err(store_err)?;
-            self.store
-                .certs
-                .remove(&cert.serial_hex)
-                .map_err(store_err)?;
-            self.store.remove_node_serial(&nkey, &cert.serial_hex)?;
             return Err(ControllerError::Unauthenticated(
                 "enrollment token has already been used".into(),
             ));
         }
+        self.auth
+            .record_node(&zone.name, &req.node_name, &cert, now)?;
         let node = NodeRecord {
             zone: zone.name.clone(),
             node: req.node_name.clone(),
@@ -1294,6 +1371,7 @@ impl Mesh {
                 s.cancel();
             }
         }
+        self.health.lock().remove(nkey);
         tracing::info!(node = %nkey, serial = %node.serial_hex, revoked_serials = newly, "node revoked");
         Ok(node)
     }

@@ -37,9 +37,12 @@ fn ocsp_reply(auth: &Authority, der: &[u8]) -> Response {
 
 async fn ocsp_post(State(auth): State<Arc<Authority>>, body: Bytes) -> Response {
     let auth2 = auth.clone();
-    match tokio::task::spawn_blocking(move || ocsp_reply(&auth2, &body)).await {
+    match crate::blocking::run_infallible(move || ocsp_reply(&auth2, &body)).await {
         Ok(r) => r,
-        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "OCSP request failed");
+            StatusCode::INTERNAL_SERVER_ERROR.into_response()
+        }
     }
 }
 
@@ -55,9 +58,12 @@ async fn ocsp_get(State(auth): State<Arc<Authority>>, Path(req): Path<String>) -
     if der.len() > MAX_OCSP_REQUEST {
         return StatusCode::PAYLOAD_TOO_LARGE.into_response();
     }
-    match tokio::task::spawn_blocking(move || ocsp_reply(&auth, &der)).await {
+    match crate::blocking::run_infallible(move || ocsp_reply(&auth, &der)).await {
         Ok(r) => r,
-        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "OCSP request failed");
+            StatusCode::INTERNAL_SERVER_ERROR.into_response()
+        }
     }
 }
 

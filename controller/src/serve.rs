@@ -143,7 +143,7 @@ pub async fn run(cfg: ServeConfig, shutdown: CancellationToken) -> Result<()> {
     let pepper = Pepper::from_env_or_file(Some(&pepper_path(&cfg.data_dir)))?;
     let web_cfg = WebConfig::new(pepper);
     web_cfg.validate()?;
-    let audit = Arc::new(AuditLog::open(store.db())?);
+    let audit = Arc::new(AuditLog::open_with(store.flusher())?);
     mesh.attach_audit(audit.clone());
     let web_state = WebState::new(
         &web_cfg,
@@ -193,7 +193,7 @@ pub async fn run(cfg: ServeConfig, shutdown: CancellationToken) -> Result<()> {
     mesh.set_own_addresses(cfg.own_addresses());
     let lifted = {
         let m = mesh.clone();
-        tokio::task::spawn_blocking(move || m.lift_forbidden_blocks()).await??
+        crate::blocking::run(move || m.lift_forbidden_blocks()).await?
     };
     for ip in lifted {
         tracing::warn!(source = %ip, "block lifted: the address may never be blocked");
@@ -256,11 +256,11 @@ pub async fn run(cfg: ServeConfig, shutdown: CancellationToken) -> Result<()> {
                     _ = tokio::time::sleep(CRL_REFRESH) => {}
                 }
                 let m = mesh.clone();
-                let r = tokio::task::spawn_blocking(move || {
+                let r = crate::blocking::run(move || {
                     m.authority().refresh_crl(SystemTime::now())?;
                     m.publish_crl()
                 })
-                .await?;
+                .await;
                 if let Err(e) = r {
                     tracing::error!(error = %e, "CRL refresh failed");
                 }

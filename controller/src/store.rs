@@ -19,9 +19,15 @@ pub enum StoreError {
     )]
     Locked,
     #[error("corrupt record in {tree}: {err}")]
-    Corrupt { tree: &'static str, err: String },
+    Corrupt {
+        tree: &'static str,
+        #[source]
+        err: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error("transaction conflict, retry")]
     Conflict,
+    #[error(transparent)]
+    Flush(#[from] crate::durable::FlushError),
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;
@@ -107,6 +113,8 @@ pub struct BlockRecord {
 #[derive(Clone)]
 pub struct Store {
     db: sled::Db,
+    /// The one durable writer of this database (group commit).
+    flusher: crate::durable::Flusher,
     pub meta: sled::Tree,
     pub ca: sled::Tree,
     pub certs: sled::Tree,
@@ -138,10 +146,9 @@ impl std::fmt::Debug for Store {
     }
 }
 
+/// Seconds since the Unix epoch (0 before it): the controller's one Unix-time helper.
 pub fn unix(t: SystemTime) -> u64 {
-    t.duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    zonemesh_ca::unix_secs(t)
 }
 
 pub fn from_unix(s: u64) -> SystemTime {
@@ -155,7 +162,7 @@ pub fn encode<T: Serialize>(v: &T) -> Vec<u8> {
 pub fn decode<T: DeserializeOwned>(tree: &'static str, bytes: &[u8]) -> StoreResult<T> {
     serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
         tree,
-        err: e.to_string(),
+        err: Box::new(e),
     })
 }
 
@@ -188,6 +195,7 @@ impl Store {
             blocks: db.open_tree("blocks")?,
             wgkeys: db.open_tree("wgkeys")?,
             node_serials: db.open_tree("node_serials")?,
+            flusher: crate::durable::Flusher::new(db.clone()),
             db,
         })
     }
@@ -197,9 +205,15 @@ impl Store {
         &self.db
     }
 
-    /// Make every write so far durable.
+    /// The database's durable writer, shared by every module that writes to it.
+    pub fn flusher(&self) -> &crate::durable::Flusher {
+        &self.flusher
+    }
+
+    /// Make every write so far durable (blocking contexts; one flush shared with every
+    /// caller waiting at the same time).
     pub fn flush(&self) -> StoreResult<()> {
-        self.db.flush()?;
+        self.flusher.flush_blocking()?;
         Ok(())
     }
 

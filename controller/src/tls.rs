@@ -4,7 +4,6 @@
 
 use crate::authority::Authority;
 use crate::web::tls::{CertSource, IssuedTls};
-use anyhow::{Context, Result};
 use arc_swap::ArcSwap;
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::pki_types::{CertificateDer, UnixTime};
@@ -22,12 +21,31 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(p)
 }
 
+/// Why the controller's TLS plumbing could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsSetupError {
+    #[error(transparent)]
+    Ca(#[from] zonemesh_ca::Error),
+    #[error(transparent)]
+    Issue(#[from] Box<crate::error::ControllerError>),
+    #[error("adding CA root: {0}")]
+    Root(#[source] rustls::Error),
+    #[error(transparent)]
+    Rustls(#[from] rustls::Error),
+    #[error("client verifier: {0}")]
+    Verifier(#[from] rustls::server::VerifierBuilderError),
+}
+
+type Result<T, E = TlsSetupError> = std::result::Result<T, E>;
+
 /// Issue the controller's own TLS certificate from its CA (recorded like every other
 /// serial). The chain ends with the root so an enrolling agent can match it against its
 /// pinned fingerprint.
 pub fn issue_own(auth: &Authority, names: &TlsNames, now: SystemTime) -> Result<IssuedTls> {
     let key = zonemesh_ca::generate_rsa_2048()?;
-    let cert = auth.issue_tls_key(&key, names, None, now)?;
+    let cert = auth
+        .issue_tls_key(&key, names, None, now)
+        .map_err(Box::new)?;
     let mut chain = vec![cert.der];
     chain.extend(auth.chain());
     chain.push(auth.ca().root_der().to_vec());
@@ -54,7 +72,7 @@ impl CrlClientVerifier {
         for r in roots_der {
             roots
                 .add(CertificateDer::from(r.clone()))
-                .context("adding CA root")?;
+                .map_err(TlsSetupError::Root)?;
         }
         let roots = Arc::new(roots);
         let inner = Self::build(&roots, crl_der)?;

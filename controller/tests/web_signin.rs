@@ -750,3 +750,89 @@ async fn sessions_end_after_idle_and_absolute_timeouts() {
     );
     server.stop().await;
 }
+
+/// The HTTPS side stays responsive while wrong sign-ins and audit writes pile up: every
+/// audit record is durable through one group-commit writer that waits off the async
+/// workers, so `/healthz` answers quickly, and the records cost far fewer flushes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthz_stays_fast_during_failed_sign_ins_and_audit_writes() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use zonemesh_controller::audit::AuditEvent;
+    let server = Server::start(|c| {
+        c.throttle.free_failures = 1_000_000;
+        c.throttle.block_after_failures = 1_000_000;
+    })
+    .await;
+    server
+        .state
+        .users()
+        .add_user(
+            "flood@example.com",
+            Role::PortalOwner,
+            "a passphrase for the flood test",
+        )
+        .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let written = Arc::new(AtomicU64::new(0));
+    let mut load = vec![];
+    for k in 0..6u8 {
+        let mut c = server.client(&format!("127.0.4.{}", k + 1));
+        let stop = stop.clone();
+        load.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let r = c.sign_in("flood@example.com", &format!("wrong {k}")).await;
+                // Refused, or told to wait (the per-account delay still applies).
+                assert!(matches!(r.status, 401 | 429), "{}", r.status);
+            }
+        }));
+    }
+    for k in 0..32u32 {
+        let (audit, stop, written) = (server.audit.clone(), stop.clone(), written.clone());
+        load.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                audit
+                    .record_durable(
+                        AuditEvent::new("test.flood", "ok").detail(format!("writer {k}")),
+                        SystemTime::now(),
+                    )
+                    .await
+                    .unwrap();
+                written.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let flushes_before = server.audit.flusher().flushes();
+    let written_before = written.load(Ordering::Relaxed);
+    let mut probe = server.client("127.0.5.1");
+    let mut worst = Duration::ZERO;
+    let t0 = std::time::Instant::now();
+    let mut probes = 0;
+    while t0.elapsed() < Duration::from_secs(3) {
+        let t = std::time::Instant::now();
+        let r = probe.get("/healthz").await;
+        worst = worst.max(t.elapsed());
+        assert_eq!(r.body, "ok");
+        probes += 1;
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for t in load {
+        t.await.unwrap();
+    }
+    let records = written.load(Ordering::Relaxed) - written_before;
+    let flushes = server.audit.flusher().flushes() - flushes_before;
+    println!("{probes} health probes, worst {worst:?}; {records} audit records, {flushes} flushes");
+    assert!(records > 100, "only {records} audit records were written");
+    assert!(
+        flushes * 2 < records,
+        "{records} concurrent audit records took {flushes} flushes"
+    );
+    // Generous for a shared 2-core machine running debug code; a worker blocked on
+    // flushes or hashes shows up as whole seconds.
+    assert!(
+        worst < Duration::from_millis(750),
+        "/healthz took {worst:?}"
+    );
+    server.stop().await;
+}

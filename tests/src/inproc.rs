@@ -79,6 +79,18 @@ impl Plane {
     /// `init` a controller data directory and open it here; `prepare` may write to the
     /// store before the Mesh reads it.
     pub fn new_with(prepare: impl FnOnce(&Store)) -> Result<Self> {
+        Self::build(prepare, None)
+    }
+
+    /// A plane whose Mesh runs `hook` just before every enrollment signature.
+    pub fn with_sign_hook(hook: Arc<zonemesh_controller::mesh::SignHook>) -> Result<Self> {
+        Self::build(|_| {}, Some(hook))
+    }
+
+    fn build(
+        prepare: impl FnOnce(&Store),
+        hook: Option<Arc<zonemesh_controller::mesh::SignHook>>,
+    ) -> Result<Self> {
         let dir = TempDir::new()?;
         let ctl = Controller::init(dir.path())?;
         let store = Store::open(&ctl.data_dir.join("db"))?;
@@ -86,7 +98,11 @@ impl Plane {
         let auth = Arc::new(Authority::load(store.clone(), &kek, SystemTime::now())?);
         prepare(&store);
         let clock = TestClock::new();
-        let mesh = Mesh::with_clock(auth.clone(), Arc::new(SharedClock(clock.clone())))?;
+        let shared = Arc::new(SharedClock(clock.clone()));
+        let mesh = match hook {
+            Some(h) => Mesh::with_sign_hook(auth.clone(), shared, h)?,
+            None => Mesh::with_clock(auth.clone(), shared)?,
+        };
         let fingerprint = ctl.fingerprint.clone();
         // The data directory stays (in `dir`); the controller process never ran.
         drop(ctl);

@@ -537,3 +537,69 @@ fn hpack_literal(headers: &[(&str, &str)]) -> Vec<u8> {
     }
     out
 }
+
+/// The RSA-4096 enrollment signature is taken outside the change lock: a block (which
+/// commits a change and flushes) completes while an enrollment is still signing.
+#[test]
+fn block_commits_while_an_enrollment_is_signing() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let signing = Arc::new(AtomicBool::new(false));
+    let (started_tx, started_rx) = std::sync::mpsc::channel::<()>();
+    let started_tx = std::sync::Mutex::new(Some(started_tx));
+    let hook_flag = signing.clone();
+    let plane = Arc::new(
+        Plane::with_sign_hook(Arc::new(move || {
+            hook_flag.store(true, Ordering::SeqCst);
+            if let Some(tx) = started_tx.lock().unwrap().take() {
+                let _ = tx.send(());
+            }
+            std::thread::sleep(Duration::from_millis(1500));
+            hook_flag.store(false, Ordering::SeqCst);
+        }))
+        .unwrap(),
+    );
+    let p = plane.clone();
+    let enrolling = std::thread::spawn(move || p.enroll("eu", "slow", 3, wg_key(40)).unwrap());
+    started_rx.recv_timeout(Duration::from_secs(60)).unwrap();
+    assert!(signing.load(Ordering::SeqCst));
+    let v0 = plane.mesh.version();
+    let t = std::time::Instant::now();
+    plane
+        .mesh
+        .block_source(
+            "203.0.113.7".parse().unwrap(),
+            SystemTime::now() + Duration::from_secs(600),
+            "test",
+        )
+        .unwrap();
+    assert!(
+        signing.load(Ordering::SeqCst),
+        "block_source waited for the enrollment signature ({:?})",
+        t.elapsed()
+    );
+    assert_eq!(plane.mesh.version(), v0 + 1);
+    let n = enrolling.join().unwrap();
+    assert!(plane.store.node("eu/slow").unwrap().is_some());
+    drop(n);
+    // Both changes are in the log, in order.
+    assert_eq!(plane.mesh.version(), v0 + 2);
+}
+
+/// A node opening Watch streams without end keeps at most `MAX_STREAMS_PER_NODE`
+/// registered: the oldest are ended, so the per-node token list stays bounded.
+#[test]
+fn watch_stream_registrations_stay_bounded_under_a_flood() {
+    use zonemesh_controller::mesh::MAX_STREAMS_PER_NODE;
+    let plane = Plane::new().unwrap();
+    let n = plane.enroll("eu", "flood", 4, wg_key(44)).unwrap();
+    let mut subs = vec![];
+    for _ in 0..1000 {
+        subs.push(plane.mesh.watch(&n.who, 0, plane.mesh.now()).unwrap());
+    }
+    assert!(plane.mesh.registered_streams() <= MAX_STREAMS_PER_NODE);
+    // The newest streams stay open; the superseded ones were ended.
+    assert!(!subs.last().unwrap().cancel.is_cancelled());
+    assert!(subs[0].cancel.is_cancelled());
+    let open = subs.iter().filter(|s| !s.cancel.is_cancelled()).count();
+    assert_eq!(open, MAX_STREAMS_PER_NODE);
+}

@@ -52,6 +52,10 @@ pub enum AuthError {
     NoSuchUser(String),
     #[error("too many sign-ins in progress, try again shortly")]
     Busy,
+    #[error("flush: {0}")]
+    Flush(#[from] crate::durable::FlushError),
+    #[error(transparent)]
+    Blocking(#[from] crate::blocking::BlockingError),
 }
 
 /// What a user may do.

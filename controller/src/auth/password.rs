@@ -451,12 +451,11 @@ impl PasswordHasher {
             .map_err(|_| AuthError::Busy)?
             .map_err(|_| AuthError::Busy)?;
         let me = Arc::clone(self);
-        let r = tokio::task::spawn_blocking(move || {
+        let r = crate::blocking::run_infallible(move || {
             let _permit = permit;
             f(&me)
         })
-        .await
-        .map_err(|e| AuthError::Hash(format!("hash task: {e}")))?;
+        .await?;
         Ok(r)
     }
 

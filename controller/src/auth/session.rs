@@ -5,7 +5,7 @@
 //! second-factor or enrollment page. CSRF tokens are derived from the session token, so
 //! the database alone cannot forge them either.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
@@ -14,6 +14,7 @@ use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
 use super::{AuthError, Role};
+use crate::durable::Flusher;
 
 /// Name of the sled tree holding sessions.
 pub const SESSIONS_TREE: &str = "auth_sessions";
@@ -43,9 +44,7 @@ pub struct Session {
 }
 
 fn ms(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    zonemesh_ca::unix_millis(t)
 }
 
 fn token_key(token: &str) -> [u8; 32] {
@@ -82,6 +81,7 @@ pub fn random_token() -> Zeroizing<String> {
 /// Sessions over sled.
 pub struct SessionStore {
     tree: sled::Tree,
+    flusher: Flusher,
     idle: Duration,
     absolute: Duration,
 }
@@ -89,15 +89,60 @@ pub struct SessionStore {
 impl SessionStore {
     /// Open the session tree with the given timeouts.
     pub fn open(db: &sled::Db, idle: Duration, absolute: Duration) -> Result<Self, AuthError> {
+        Self::open_with(&Flusher::new(db.clone()), idle, absolute)
+    }
+
+    /// Open the session tree of the flusher's database; writes are made durable through
+    /// `flusher`, shared with the other writers of that database.
+    pub fn open_with(
+        flusher: &Flusher,
+        idle: Duration,
+        absolute: Duration,
+    ) -> Result<Self, AuthError> {
         Ok(Self {
-            tree: db.open_tree(SESSIONS_TREE)?,
+            tree: flusher.db().open_tree(SESSIONS_TREE)?,
+            flusher: flusher.clone(),
             idle,
             absolute,
         })
     }
 
-    /// Create a session; returns the token for the cookie.
+    /// Create a session and wait, without holding an async worker, until it is on disk;
+    /// returns the token for the cookie.
+    pub async fn create_durable(
+        &self,
+        email: &str,
+        role: Role,
+        kind: SessionKind,
+        now: SystemTime,
+    ) -> Result<Zeroizing<String>, AuthError> {
+        let token = self.insert(email, role, kind, now)?;
+        self.flusher.flush().await?;
+        Ok(token)
+    }
+
+    /// End the session for `token` and wait, without holding an async worker, until that
+    /// is on disk.
+    pub async fn remove_durable(&self, token: &str) -> Result<(), AuthError> {
+        self.tree.remove(token_key(token))?;
+        self.flusher.flush().await?;
+        Ok(())
+    }
+
+    /// Create a session (blocking contexts); returns the token for the cookie.
     pub fn create(
+        &self,
+        email: &str,
+        role: Role,
+        kind: SessionKind,
+        now: SystemTime,
+    ) -> Result<Zeroizing<String>, AuthError> {
+        let token = self.insert(email, role, kind, now)?;
+        self.flusher.flush_blocking()?;
+        Ok(token)
+    }
+
+    fn insert(
         &self,
         email: &str,
         role: Role,
@@ -114,7 +159,6 @@ impl SessionStore {
         };
         self.tree
             .insert(token_key(&token), serde_json::to_vec(&s)?)?;
-        self.tree.flush()?;
         Ok(token)
     }
 
@@ -147,10 +191,17 @@ impl SessionStore {
         Ok(Some(s))
     }
 
-    /// End the session for `token`.
+    /// Drop the session for `token` without waiting for the disk (for sessions that are
+    /// refused whether or not the removal survives a crash).
+    pub fn forget(&self, token: &str) -> Result<(), AuthError> {
+        self.tree.remove(token_key(token))?;
+        Ok(())
+    }
+
+    /// End the session for `token` (blocking contexts).
     pub fn remove(&self, token: &str) -> Result<(), AuthError> {
         self.tree.remove(token_key(token))?;
-        self.tree.flush()?;
+        self.flusher.flush_blocking()?;
         Ok(())
     }
 
@@ -164,7 +215,7 @@ impl SessionStore {
                 n += 1;
             }
         }
-        self.tree.flush()?;
+        self.flusher.flush_blocking()?;
         Ok(n)
     }
 
@@ -181,7 +232,7 @@ impl SessionStore {
                 n += 1;
             }
         }
-        self.tree.flush()?;
+        self.flusher.flush_blocking()?;
         Ok(n)
     }
 
@@ -222,7 +273,7 @@ mod tests {
         let db = sled::open(dir.path()).unwrap();
         let store =
             SessionStore::open(&db, Duration::from_secs(60), Duration::from_secs(300)).unwrap();
-        let t0 = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let t0 = std::time::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
         let tok = store
             .create("a@example.com", Role::Admin, SessionKind::Full, t0)
             .unwrap();

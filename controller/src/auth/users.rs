@@ -6,7 +6,7 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
@@ -17,6 +17,7 @@ use super::password::{
     PasswordHash, PasswordHasher, Pepper, Verified, check_new_password, normalize_email,
 };
 use super::{AuthError, Role, WebConfig, totp};
+use crate::durable::Flusher;
 
 /// Name of the sled tree holding users.
 pub const USERS_TREE: &str = "auth_users";
@@ -115,15 +116,11 @@ impl fmt::Debug for TotpEnrollment {
 }
 
 fn now_ms(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    zonemesh_ca::unix_millis(t)
 }
 
 fn unix_secs(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    zonemesh_ca::unix_secs(t)
 }
 
 /// Check an e-mail address well enough to be an account name and an otpauth label.
@@ -146,6 +143,7 @@ pub fn validate_email(email: &str) -> Result<String, AuthError> {
 /// Users over sled.
 pub struct UserStore {
     tree: sled::Tree,
+    flusher: Flusher,
     hasher: Arc<PasswordHasher>,
     pepper: Pepper,
     previous: Vec<Pepper>,
@@ -155,6 +153,12 @@ pub struct UserStore {
 impl UserStore {
     /// Open the user tree of `db` with `cfg` (validated here).
     pub fn open(db: &sled::Db, cfg: &WebConfig) -> Result<Self, AuthError> {
+        Self::open_with(&Flusher::new(db.clone()), cfg)
+    }
+
+    /// Open the user tree of the flusher's database with `cfg` (validated here); writes
+    /// are made durable through `flusher`, shared with the other writers of that database.
+    pub fn open_with(flusher: &Flusher, cfg: &WebConfig) -> Result<Self, AuthError> {
         cfg.validate()?;
         let hasher = Arc::new(PasswordHasher::new(
             cfg.argon2,
@@ -164,7 +168,8 @@ impl UserStore {
             cfg.hash_queue_timeout,
         ));
         Ok(Self {
-            tree: db.open_tree(USERS_TREE)?,
+            tree: flusher.db().open_tree(USERS_TREE)?,
+            flusher: flusher.clone(),
             hasher,
             pepper: cfg.pepper.clone(),
             previous: cfg.previous_peppers.clone(),
@@ -205,7 +210,7 @@ impl UserStore {
                 .compare_and_swap(email.as_bytes(), Some(&old), Some(new))?
                 .is_ok()
             {
-                self.tree.flush()?;
+                self.flusher.flush_blocking()?;
                 return Ok(Some(out));
             }
         }
@@ -324,7 +329,7 @@ impl UserStore {
         if swapped.is_err() {
             return Err(AuthError::UserExists(email));
         }
-        self.tree.flush()?;
+        self.flusher.flush_blocking()?;
         Ok(UserAdded {
             email,
             role,
@@ -396,7 +401,7 @@ impl UserStore {
         check_new_password(&email, &password)?;
         let hash = self.hasher.hash_bounded(email.clone(), password).await?;
         let me = Arc::clone(self);
-        tokio::task::spawn_blocking(move || {
+        crate::blocking::run(move || {
             me.modify(&email, |r| {
                 r.password = hash.clone();
                 Ok(Some(()))
@@ -404,7 +409,6 @@ impl UserStore {
             .map(|_| ())
         })
         .await
-        .map_err(|e| AuthError::Hash(format!("password store task: {e}")))?
     }
 
     /// Whether `email` is an enabled user, and with which role.
@@ -632,7 +636,7 @@ mod tests {
             "the enrollment page shows the secret the CLI printed"
         );
         let secret = totp_rs::Secret::try_from_base32(&*enr.secret_base32).unwrap();
-        let now = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let now = std::time::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
         let code = totp::code_at(&secret, 1_700_000_000);
         let stale = totp::code_at(&secret, 1_700_000_000 - 90);
         assert!(

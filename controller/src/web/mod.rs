@@ -94,20 +94,23 @@ struct Inner {
 }
 
 impl WebState {
-    /// Open users and sessions in `db` with `cfg` (validated here) and wire the audit log,
-    /// the block sink and the dashboard's data source.
+    /// Open users and sessions with `cfg` (validated here) in the audit log's database
+    /// (`_db`, kept for the callers' signature), sharing the audit log's durable writer,
+    /// and wire the block sink and the dashboard's data source.
     pub fn new(
         cfg: &WebConfig,
-        db: &sled::Db,
+        _db: &sled::Db,
         audit: Arc<AuditLog>,
         sink: Arc<dyn SecuritySink>,
         dashboard: Arc<dyn DashboardSource>,
     ) -> Result<Self, AuthError> {
-        let users = Arc::new(UserStore::open(db, cfg)?);
+        // One durable writer for the audit log, users and sessions: their flushes are shared.
+        let flusher = audit.flusher().clone();
+        let users = Arc::new(UserStore::open_with(&flusher, cfg)?);
         // Make the dummy hash now, so the first unknown account costs what every other does.
         users.hasher().dummy();
-        let sessions = Arc::new(SessionStore::open(
-            db,
+        let sessions = Arc::new(SessionStore::open_with(
+            &flusher,
             cfg.session_idle_timeout,
             cfg.session_absolute_timeout,
         )?);
@@ -233,8 +236,20 @@ impl WebState {
             .unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Audit from a blocking context (the admin socket's handlers).
     fn audit(&self, event: AuditEvent) -> bool {
         match self.inner.audit.record_at(event, self.now()) {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::error!(error = %e, "audit record failed");
+                false
+            }
+        }
+    }
+
+    /// Audit from a handler: durable before the reply, without holding an async worker.
+    async fn audit_durable(&self, event: AuditEvent) -> bool {
+        match self.inner.audit.record_durable(event, self.now()).await {
             Ok(_) => true,
             Err(e) => {
                 tracing::error!(error = %e, "audit record failed");
@@ -396,20 +411,27 @@ fn current_session(state: &WebState, headers: &HeaderMap) -> Option<(Zeroizing<S
     match state.inner.users.active_role(&s.email) {
         Ok(Some(_)) => Some((token, s)),
         _ => {
-            let _ = state.inner.sessions.remove(&token);
+            // No flush on the request path: a session of a disabled or deleted user is
+            // refused on every request anyway, durable removal or not.
+            let _ = state.inner.sessions.forget(&token);
             None
         }
     }
 }
 
-fn start_session(
+async fn start_session(
     state: &WebState,
     email: &str,
     role: Role,
     kind: SessionKind,
     to: &str,
 ) -> Response {
-    match state.inner.sessions.create(email, role, kind, state.now()) {
+    match state
+        .inner
+        .sessions
+        .create_durable(email, role, kind, state.now())
+        .await
+    {
         Ok(token) => {
             let age = match kind {
                 SessionKind::Full => state.inner.absolute_timeout,
@@ -428,17 +450,48 @@ fn start_session(
     }
 }
 
-fn internal(e: impl std::fmt::Display) -> Response {
-    tracing::error!(error = %e, "admin request failed");
-    (
-        StatusCode::INTERNAL_SERVER_ERROR,
-        Html(pages::notice(
-            "Something went wrong",
-            "The request could not be completed. Try again.",
-            Some(("/", "Home")),
-        )),
-    )
-        .into_response()
+/// The HTTPS side's one failure type: the cause is logged with its chain, the caller sees
+/// a generic page (no internal detail).
+#[derive(Debug, thiserror::Error)]
+pub enum WebError {
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    #[error(transparent)]
+    Audit(#[from] crate::audit::AuditError),
+    #[error("{0}")]
+    Unavailable(&'static str),
+}
+
+impl From<&'static str> for WebError {
+    fn from(what: &'static str) -> Self {
+        WebError::Unavailable(what)
+    }
+}
+
+impl IntoResponse for WebError {
+    fn into_response(self) -> Response {
+        let mut chain = self.to_string();
+        let mut cause = std::error::Error::source(&self);
+        while let Some(c) = cause {
+            chain.push_str(": ");
+            chain.push_str(&c.to_string());
+            cause = c.source();
+        }
+        tracing::error!(error = %chain, "admin request failed");
+        (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Html(pages::notice(
+                "Something went wrong",
+                "The request could not be completed. Try again.",
+                Some(("/", "Home")),
+            )),
+        )
+            .into_response()
+    }
+}
+
+fn internal(e: impl Into<WebError>) -> Response {
+    e.into().into_response()
 }
 
 fn csrf_refused(state: &WebState) -> Response {
@@ -566,7 +619,7 @@ fn reserve(
 
 /// Settle an attempt as a failure of account and source, audit it, and block the source
 /// when it keeps failing across accounts.
-fn record_failure(
+async fn record_failure(
     state: &WebState,
     attempt: AttemptGuard,
     kind: &str,
@@ -583,17 +636,19 @@ fn record_failure(
     } else {
         "(not an e-mail address)"
     };
-    state.audit(
-        AuditEvent::new(kind, "denied")
-            .subject(subject)
-            .source(ip)
-            .detail(format!(
-                "{detail}; account failures {}, source failures {}, next attempt after {} ms",
-                outcome.account_failures,
-                outcome.source_failures,
-                outcome.delay.as_millis()
-            )),
-    );
+    state
+        .audit_durable(
+            AuditEvent::new(kind, "denied")
+                .subject(subject)
+                .source(ip)
+                .detail(format!(
+                    "{detail}; account failures {}, source failures {}, next attempt after {} ms",
+                    outcome.account_failures,
+                    outcome.source_failures,
+                    outcome.delay.as_millis()
+                )),
+        )
+        .await;
     tracing::info!(source = %ip, account_failures = outcome.account_failures, source_failures = outcome.source_failures, "{kind}");
     if let Some(until) = outcome.blocked_until {
         AuthMetrics::inc(&state.inner.metrics.sources_blocked);
@@ -601,14 +656,16 @@ fn record_failure(
             "{} failed sign-ins across accounts",
             state.throttle().config().block_after_failures
         );
-        state.audit(
-            AuditEvent::new("source.blocked", "blocked")
-                .source(ip)
-                .detail(format!(
-                    "{reason}; until {}",
-                    crate::audit::format_utc(unix_ms(until))
-                )),
-        );
+        state
+            .audit_durable(
+                AuditEvent::new("source.blocked", "blocked")
+                    .source(ip)
+                    .detail(format!(
+                        "{reason}; until {}",
+                        crate::audit::format_utc(unix_ms(until))
+                    )),
+            )
+            .await;
         tracing::warn!(source = %ip, "source blocked after repeated failed sign-ins");
         state.inner.sink.source_blocked(ip, until, &reason);
     }
@@ -627,9 +684,7 @@ fn signin_account(typed: &str) -> String {
 }
 
 fn unix_ms(t: SystemTime) -> u64 {
-    t.duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    zonemesh_ca::unix_millis(t)
 }
 
 async fn signin_submit(
@@ -685,7 +740,7 @@ async fn signin_submit(
                 PasswordCheck::Disabled => "disabled account",
                 _ => "wrong password",
             };
-            record_failure(&state, attempt, "signin.failure", &email, ip, detail);
+            record_failure(&state, attempt, "signin.failure", &email, ip, detail).await;
             return signin_form(
                 StatusCode::UNAUTHORIZED,
                 &email,
@@ -696,28 +751,33 @@ async fn signin_submit(
     };
     match second {
         SecondFactor::None => {
-            if !state.audit(
-                AuditEvent::new("signin.success", "ok")
-                    .actor(&email)
-                    .source(ip)
-                    .detail("password"),
-            ) {
+            if !state
+                .audit_durable(
+                    AuditEvent::new("signin.success", "ok")
+                        .actor(&email)
+                        .source(ip)
+                        .detail("password"),
+                )
+                .await
+            {
                 return internal("audit log unavailable");
             }
             attempt.success(now);
             AuthMetrics::inc(&state.inner.metrics.signin_success);
-            start_session(&state, &email, role, SessionKind::Full, "/dashboard")
+            start_session(&state, &email, role, SessionKind::Full, "/dashboard").await
         }
         SecondFactor::Totp => {
             // The password was right; the sign-in completes (and the source becomes known
             // good) only with the second factor.
             attempt.neutral(now);
-            state.audit(
-                AuditEvent::new("signin.password", "ok")
-                    .actor(&email)
-                    .source(ip)
-                    .detail("second factor pending"),
-            );
+            state
+                .audit_durable(
+                    AuditEvent::new("signin.password", "ok")
+                        .actor(&email)
+                        .source(ip)
+                        .detail("second factor pending"),
+                )
+                .await;
             start_session(
                 &state,
                 &email,
@@ -725,15 +785,18 @@ async fn signin_submit(
                 SessionKind::PendingSecondFactor,
                 "/signin/code",
             )
+            .await
         }
         SecondFactor::EnrollRequired => {
             attempt.neutral(now);
-            state.audit(
-                AuditEvent::new("signin.password", "ok")
-                    .actor(&email)
-                    .source(ip)
-                    .detail("TOTP enrollment required, no session before it"),
-            );
+            state
+                .audit_durable(
+                    AuditEvent::new("signin.password", "ok")
+                        .actor(&email)
+                        .source(ip)
+                        .detail("TOTP enrollment required, no session before it"),
+                )
+                .await;
             start_session(
                 &state,
                 &email,
@@ -741,6 +804,7 @@ async fn signin_submit(
                 SessionKind::PendingEnrollment,
                 "/enroll",
             )
+            .await
         }
     }
 }
@@ -787,21 +851,24 @@ async fn code_submit(
         form.code.clone(),
     );
     let verified =
-        tokio::task::spawn_blocking(move || users.verify_second_factor(&email, &code, now)).await;
-    match verified.unwrap_or_else(|e| Err(AuthError::Totp(format!("code check task: {e}")))) {
+        crate::blocking::run(move || users.verify_second_factor(&email, &code, now)).await;
+    match verified {
         Ok(true) => {
-            if !state.audit(
-                AuditEvent::new("signin.success", "ok")
-                    .actor(&s.email)
-                    .source(ip)
-                    .detail("password + second factor"),
-            ) {
+            if !state
+                .audit_durable(
+                    AuditEvent::new("signin.success", "ok")
+                        .actor(&s.email)
+                        .source(ip)
+                        .detail("password + second factor"),
+                )
+                .await
+            {
                 return internal("audit log unavailable");
             }
-            let _ = state.inner.sessions.remove(&token);
+            let _ = state.inner.sessions.remove_durable(&token).await;
             attempt.success(now);
             AuthMetrics::inc(&state.inner.metrics.signin_success);
-            start_session(&state, &s.email, s.role, SessionKind::Full, "/dashboard")
+            start_session(&state, &s.email, s.role, SessionKind::Full, "/dashboard").await
         }
         Ok(false) => {
             AuthMetrics::inc(&state.inner.metrics.second_factor_failure);
@@ -812,7 +879,8 @@ async fn code_submit(
                 &s.email,
                 ip,
                 "wrong, reused or expired code",
-            );
+            )
+            .await;
             (
                 StatusCode::UNAUTHORIZED,
                 Html(pages::second_factor(
@@ -890,33 +958,37 @@ async fn enroll_submit(
         s.email.clone(),
         form.code.clone(),
     );
-    let confirmed =
-        tokio::task::spawn_blocking(move || users.confirm_totp(&email, &code, now)).await;
-    match confirmed.unwrap_or_else(|e| Err(AuthError::Totp(format!("code check task: {e}")))) {
+    let confirmed = crate::blocking::run(move || users.confirm_totp(&email, &code, now)).await;
+    match confirmed {
         Ok(Some(codes)) => {
             if s.kind == SessionKind::PendingEnrollment {
                 attempt.success(now);
             } else {
                 attempt.neutral(now);
             }
-            if !state.audit(
-                AuditEvent::new("totp.enrolled", "ok")
-                    .actor(&s.email)
-                    .source(ip),
-            ) {
+            if !state
+                .audit_durable(
+                    AuditEvent::new("totp.enrolled", "ok")
+                        .actor(&s.email)
+                        .source(ip),
+                )
+                .await
+            {
                 return internal("audit log unavailable");
             }
             let codes: Vec<String> = codes.iter().map(|c| c.to_string()).collect();
             // A pending enrollment becomes a full session under a new token.
             let (token, extra) = if s.kind == SessionKind::PendingEnrollment {
-                let _ = state.inner.sessions.remove(&token);
+                let _ = state.inner.sessions.remove_durable(&token).await;
                 AuthMetrics::inc(&state.inner.metrics.signin_success);
-                state.audit(
-                    AuditEvent::new("signin.success", "ok")
-                        .actor(&s.email)
-                        .source(ip)
-                        .detail("password + TOTP enrollment"),
-                );
+                state
+                    .audit_durable(
+                        AuditEvent::new("signin.success", "ok")
+                            .actor(&s.email)
+                            .source(ip)
+                            .detail("password + TOTP enrollment"),
+                    )
+                    .await;
                 match state
                     .inner
                     .sessions
@@ -953,7 +1025,8 @@ async fn enroll_submit(
                 &s.email,
                 ip,
                 "wrong code at enrollment",
-            );
+            )
+            .await;
             enroll_view(
                 &state,
                 &token,
@@ -1107,7 +1180,8 @@ async fn password_submit(
                 &s.email,
                 ip,
                 "wrong current password",
-            );
+            )
+            .await;
             return password_view(
                 &token,
                 &s,
@@ -1134,20 +1208,19 @@ async fn password_submit(
     }
     let (sessions, email, keep) = (state.inner.sessions.clone(), s.email.clone(), token.clone());
     let ended =
-        match tokio::task::spawn_blocking(move || sessions.remove_for_user_except(&email, &keep))
-            .await
-        {
-            Ok(Ok(n)) => n,
-            Ok(Err(e)) => return internal(e),
+        match crate::blocking::run(move || sessions.remove_for_user_except(&email, &keep)).await {
+            Ok(n) => n,
             Err(e) => return internal(e),
         };
-    state.audit(
-        AuditEvent::new("user.password-changed", "ok")
-            .actor(&s.email)
-            .subject(&s.email)
-            .source(ip)
-            .detail(format!("{ended} other sessions ended")),
-    );
+    state
+        .audit_durable(
+            AuditEvent::new("user.password-changed", "ok")
+                .actor(&s.email)
+                .subject(&s.email)
+                .source(ip)
+                .detail(format!("{ended} other sessions ended")),
+        )
+        .await;
     password_view(
         &token,
         &s,
@@ -1174,13 +1247,15 @@ async fn signout(
     if !csrf_matches(&token, &form.csrf) {
         return csrf_refused(&state);
     }
-    if let Err(e) = state.inner.sessions.remove(&token) {
+    if let Err(e) = state.inner.sessions.remove_durable(&token).await {
         return internal(e);
     }
-    state.audit(
-        AuditEvent::new("signout", "ok")
-            .actor(&s.email)
-            .source(peer.ip()),
-    );
+    state
+        .audit_durable(
+            AuditEvent::new("signout", "ok")
+                .actor(&s.email)
+                .source(peer.ip()),
+        )
+        .await;
     ([clear_cookie(SESSION_COOKIE)], Redirect::to("/signin")).into_response()
 }

@@ -191,13 +191,11 @@ impl CertSource {
             .unwrap_or_default()
     }
 
-    /// When to renew: 2/3 of the way through the lifetime, minus up to 1/20 of it as jitter.
+    /// When to renew: zonemesh's one schedule ([`zonemesh_ca::renew_at`]: 2/3 of the way
+    /// through the lifetime, minus up to 1/20 of it as jitter).
     pub fn renew_at(&self, jitter_fraction: f64) -> SystemTime {
         let (start, end) = self.lifetime();
-        let life = end.duration_since(start).unwrap_or_default();
-        let at = start + life.mul_f64(2.0 / 3.0);
-        at.checked_sub(life.mul_f64(jitter_fraction.clamp(0.0, 1.0) / 20.0))
-            .unwrap_or(at)
+        zonemesh_ca::renew_at(start, end, jitter_fraction)
     }
 
     /// Renew the certificate at 2/3 of its life until `shutdown`. `issue(now)` makes a new
@@ -252,9 +250,7 @@ impl CertSource {
 }
 
 fn ms(t: SystemTime) -> u64 {
-    t.duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    zonemesh_ca::unix_millis(t)
 }
 
 impl ResolvesServerCert for CertSource {

@@ -91,9 +91,7 @@ impl RunDeps {
 const RPC_DEADLINE: Duration = Duration::from_secs(15);
 
 pub(crate) fn unix(t: SystemTime) -> u64 {
-    t.duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    zonemesh_ca::unix_secs(t)
 }
 
 #[derive(Debug, Default)]

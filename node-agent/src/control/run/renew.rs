@@ -13,11 +13,9 @@ const RENEW_DEADLINE: Duration = Duration::from_secs(60);
 /// Wait after a failed renewal.
 const RETRY: Duration = Duration::from_secs(60);
 
-/// When to renew: 2/3 of the lifetime, minus up to 5% jitter so a fleet does not renew at once.
+/// When to renew: zonemesh's one schedule (2/3 of the lifetime, minus up to 5% jitter).
 fn renew_at(not_before: SystemTime, not_after: SystemTime) -> SystemTime {
-    let life = not_after.duration_since(not_before).unwrap_or_default();
-    let jitter = life.mul_f64(rand::random::<f64>() * 0.05);
-    not_before + life * 2 / 3 - jitter
+    zonemesh_ca::renew_at(not_before, not_after, rand::random::<f64>())
 }
 
 pub(super) async fn renew_loop(agent: Arc<Agent>, shutdown: CancellationToken) {
