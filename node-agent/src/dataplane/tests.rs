@@ -6,7 +6,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-const WAIT: Duration = Duration::from_secs(5);
+// Generous: a handshake under a loaded 2-core CI box can take seconds; success returns at once.
+const WAIT: Duration = Duration::from_secs(15);
 
 struct Node {
     dp: DataPlane,
