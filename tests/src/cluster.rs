@@ -40,6 +40,58 @@ pub struct Controller {
 }
 
 impl Controller {
+    /// One password sign-in to the HTTPS side through curl from the loopback address
+    /// `source` (cookies in `dir`, the root written to `dir/root.pem` when missing); returns
+    /// the HTTP status.
+    pub fn curl_sign_in(&self, dir: &Path, source: &str, email: &str, password: &str) -> u16 {
+        let root = dir.join("root.pem");
+        if !root.exists() {
+            let pem = self
+                .admin_ok(&["ca", "export", "--root"])
+                .expect("ca export --root");
+            std::fs::write(&root, pem).expect("write root.pem");
+        }
+        let jar = dir.join(format!("jar-{source}"));
+        let base = format!("https://{}", self.https);
+        let curl = |extra: &[&str]| {
+            let out = Command::new("curl")
+                .args(["-sS", "--max-time", "20", "--interface", source, "--cacert"])
+                .arg(dir.join("root.pem"))
+                .arg("-c")
+                .arg(&jar)
+                .arg("-b")
+                .arg(&jar)
+                .args(extra)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "curl: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8(out.stdout).unwrap()
+        };
+        let page = curl(&[&format!("{base}/signin")]);
+        let i = page.find("name=\"csrf\" value=\"").expect("csrf field") + 19;
+        let csrf = page[i..].split('"').next().unwrap().to_string();
+        let code = curl(&[
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-H",
+            &format!("Origin: {base}"),
+            "--data-urlencode",
+            &format!("csrf={csrf}"),
+            "--data-urlencode",
+            &format!("email={email}"),
+            "--data-urlencode",
+            &format!("password={password}"),
+            &format!("{base}/signin"),
+        ]);
+        code.trim().parse().unwrap()
+    }
+
     /// `openssl ocsp` against the controller's responder for a node's stored certificate;
     /// the response must verify. Returns everything openssl printed.
     pub fn ocsp_status(&self, state: &Path) -> String {

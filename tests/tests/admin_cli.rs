@@ -101,50 +101,10 @@ fn admin_with_stdin(ctl: &Controller, args: &[&str], stdin: &str) -> String {
 
 /// One wrong sign-in from 127.0.0.1, so `throttle list` has a row.
 fn wrong_sign_in(ctl: &Controller, dir: &Path) {
-    std::fs::write(
-        dir.join("root.pem"),
-        ctl.admin_ok(&["ca", "export", "--root"]).unwrap(),
-    )
-    .unwrap();
-    let jar = dir.join("jar");
-    let base = format!("https://{}", ctl.https);
-    let curl = |extra: &[&str]| {
-        let out = Command::new("curl")
-            .args(["-sS", "--max-time", "20", "--cacert"])
-            .arg(dir.join("root.pem"))
-            .arg("-c")
-            .arg(&jar)
-            .arg("-b")
-            .arg(&jar)
-            .args(extra)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    };
-    let page = curl(&[&format!("{base}/signin")]);
-    let i = page.find("name=\"csrf\" value=\"").expect("csrf field") + 19;
-    let csrf = page[i..].split('"').next().unwrap().to_string();
-    let code = curl(&[
-        "-o",
-        "/dev/null",
-        "-w",
-        "%{http_code}",
-        "-H",
-        &format!("Origin: {base}"),
-        "--data-urlencode",
-        &format!("csrf={csrf}"),
-        "--data-urlencode",
-        &format!("email={EMAIL}"),
-        "--data-urlencode",
-        "password=not the password",
-        &format!("{base}/signin"),
-    ]);
-    assert_eq!(code.trim(), "401");
+    assert_eq!(
+        ctl.curl_sign_in(dir, "127.0.0.1", EMAIL, "not the password"),
+        401
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

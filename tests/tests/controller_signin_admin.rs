@@ -4,7 +4,6 @@
 //! user's sessions. All of it audited.
 
 use std::io::Write;
-use std::path::Path;
 use std::process::{Command, Stdio};
 use zonemesh_tests::cluster::Controller;
 
@@ -37,49 +36,6 @@ fn admin_with_stdin(c: &Controller, args: &[&str], stdin: &str) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-/// One sign-in through curl from `source`; returns the HTTP status.
-fn curl_sign_in(c: &Controller, dir: &Path, source: &str, email: &str, password: &str) -> u16 {
-    let jar = dir.join(format!("jar-{source}"));
-    let base = format!("https://{}", c.https);
-    let curl = |extra: &[&str]| {
-        let out = Command::new("curl")
-            .args(["-sS", "--max-time", "20", "--interface", source, "--cacert"])
-            .arg(dir.join("root.pem"))
-            .arg("-c")
-            .arg(&jar)
-            .arg("-b")
-            .arg(&jar)
-            .args(extra)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "curl: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    };
-    let page = curl(&[&format!("{base}/signin")]);
-    let i = page.find("name=\"csrf\" value=\"").expect("csrf field") + 19;
-    let csrf = page[i..].split('"').next().unwrap().to_string();
-    let code = curl(&[
-        "-o",
-        "/dev/null",
-        "-w",
-        "%{http_code}",
-        "-H",
-        &format!("Origin: {base}"),
-        "--data-urlencode",
-        &format!("csrf={csrf}"),
-        "--data-urlencode",
-        &format!("email={email}"),
-        "--data-urlencode",
-        &format!("password={password}"),
-        &format!("{base}/signin"),
-    ]);
-    code.trim().parse().unwrap()
-}
-
 #[test]
 fn throttle_list_clear_and_user_passwd_through_the_cli() {
     let dir = tempfile::tempdir().unwrap();
@@ -92,25 +48,19 @@ fn throttle_list_clear_and_user_passwd_through_the_cli() {
         "the first long passphrase\n",
     );
     assert_eq!(
-        curl_sign_in(
-            &ctl,
-            dir.path(),
-            "127.0.0.3",
-            EMAIL,
-            "the first long passphrase"
-        ),
+        ctl.curl_sign_in(dir.path(), "127.0.0.3", EMAIL, "the first long passphrase"),
         303
     );
 
     // Four wrong passwords from the attacker: the default schedule's free failures and one.
     for i in 0..4 {
         assert_eq!(
-            curl_sign_in(&ctl, dir.path(), ATTACKER, EMAIL, &format!("guess {i}")),
+            ctl.curl_sign_in(dir.path(), ATTACKER, EMAIL, &format!("guess {i}")),
             401
         );
     }
     assert_eq!(
-        curl_sign_in(&ctl, dir.path(), ATTACKER, EMAIL, "guess 5"),
+        ctl.curl_sign_in(dir.path(), ATTACKER, EMAIL, "guess 5"),
         429
     );
     let list: serde_json::Value =
@@ -150,23 +100,11 @@ fn throttle_list_clear_and_user_passwd_through_the_cli() {
     );
     assert!(out.contains("1 session(s) ended"), "{out}");
     assert_eq!(
-        curl_sign_in(
-            &ctl,
-            dir.path(),
-            "127.0.0.3",
-            EMAIL,
-            "the first long passphrase"
-        ),
+        ctl.curl_sign_in(dir.path(), "127.0.0.3", EMAIL, "the first long passphrase"),
         401
     );
     assert_eq!(
-        curl_sign_in(
-            &ctl,
-            dir.path(),
-            "127.0.0.3",
-            EMAIL,
-            "the second long passphrase"
-        ),
+        ctl.curl_sign_in(dir.path(), "127.0.0.3", EMAIL, "the second long passphrase"),
         303
     );
     let audit = ctl.admin_ok(&["audit", "--json"]).unwrap();
