@@ -314,6 +314,37 @@ pub(super) struct CodeForm {
     code: String,
 }
 
+/// What a second-factor form (code or TOTP enrollment) has once its opening checks pass.
+struct CodeStep {
+    token: Zeroizing<String>,
+    session: Session,
+    attempt: AttemptGuard,
+    now: SystemTime,
+}
+
+/// The opening both second-factor forms share: the session the form needs, its CSRF
+/// token, then an attempt reserved before any code is checked.
+fn code_step(
+    state: &WebState,
+    ip: IpAddr,
+    headers: &HeaderMap,
+    need: Need,
+    csrf: &str,
+) -> Result<CodeStep, Box<Response>> {
+    let (token, session) = super::session::session(state, headers, need)?;
+    if !csrf_matches(&token, csrf) {
+        return Err(Box::new(csrf_refused(state)));
+    }
+    let now = state.now();
+    let attempt = reserve(state, &session.email, ip, now)?;
+    Ok(CodeStep {
+        token,
+        session,
+        attempt,
+        now,
+    })
+}
+
 pub(super) async fn code_page(State(state): State<WebState>, headers: HeaderMap) -> Response {
     match session(&state, &headers, Need::CodePage) {
         Ok((token, _)) => Html(pages::second_factor(&csrf_for(&token), None)).into_response(),
@@ -328,16 +359,13 @@ pub(super) async fn code_submit(
     Form(form): Form<CodeForm>,
 ) -> Response {
     let ip = peer.ip();
-    let (token, s) = match session(&state, &headers, Need::CodeForm) {
-        Ok(v) => v,
-        Err(r) => return *r,
-    };
-    if !csrf_matches(&token, &form.csrf) {
-        return csrf_refused(&state);
-    }
-    let now = state.now();
-    let attempt = match reserve(&state, &s.email, ip, now) {
-        Ok(a) => a,
+    let CodeStep {
+        token,
+        session: s,
+        attempt,
+        now,
+    } = match code_step(&state, ip, &headers, Need::CodeForm, &form.csrf) {
+        Ok(step) => step,
         Err(r) => return *r,
     };
     let (users, email, code) = (
@@ -428,16 +456,13 @@ pub(super) async fn enroll_submit(
     Form(form): Form<CodeForm>,
 ) -> Response {
     let ip = peer.ip();
-    let (token, s) = match session(&state, &headers, Need::EnrollForm) {
-        Ok(v) => v,
-        Err(r) => return *r,
-    };
-    if !csrf_matches(&token, &form.csrf) {
-        return csrf_refused(&state);
-    }
-    let now = state.now();
-    let attempt = match reserve(&state, &s.email, ip, now) {
-        Ok(a) => a,
+    let CodeStep {
+        token,
+        session: s,
+        attempt,
+        now,
+    } = match code_step(&state, ip, &headers, Need::EnrollForm, &form.csrf) {
+        Ok(step) => step,
         Err(r) => return *r,
     };
     let (users, email, code) = (
