@@ -233,7 +233,7 @@ async fn chromium_signs_in_with_totp_and_sees_the_dashboard() {
     for cmd in ["chromium", "chromedriver", "oathtool"] {
         if !have(cmd) {
             eprintln!(
-                "SKIP: {cmd} is not installed (apt-get install -y chromium chromium-driver oathtool)"
+                "skipped: {cmd} is not installed (apt-get install -y chromium chromium-driver oathtool)"
             );
             return;
         }

@@ -70,7 +70,7 @@ fn base32_decode(s: &str) -> Vec<u8> {
 async fn admin_needs_totp_codes_from_oathtool_and_nothing_secret_is_stored_or_logged() {
     let logs = logs();
     if !have("oathtool") {
-        eprintln!("SKIP: oathtool is not installed");
+        eprintln!("skipped: oathtool is not installed");
         return;
     }
     let server = Server::start(|_| {}).await;
@@ -339,7 +339,7 @@ async fn admin_needs_totp_codes_from_oathtool_and_nothing_secret_is_stored_or_lo
 #[tokio::test]
 async fn oathtool_codes_skew_and_replay() {
     if !have("oathtool") {
-        eprintln!("SKIP: oathtool is not installed");
+        eprintln!("skipped: oathtool is not installed");
         return;
     }
     let dir = tempfile::tempdir().unwrap();

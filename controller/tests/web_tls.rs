@@ -51,7 +51,7 @@ fn cipher_of(text: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn protocols_and_suites_seen_by_openssl() {
     if !have("openssl") {
-        eprintln!("SKIP: openssl is not installed");
+        eprintln!("skipped: openssl is not installed");
         return;
     }
     let server = Server::start(|_| {}).await;
@@ -170,7 +170,7 @@ async fn protocols_and_suites_seen_by_openssl() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn testssl_finds_no_weak_protocol_or_suite() {
     if !have("testssl") {
-        eprintln!("SKIP: testssl (Debian package testssl.sh) is not installed");
+        eprintln!("skipped: testssl (Debian package testssl.sh) is not installed");
         return;
     }
     let server = Server::start(|_| {}).await;
