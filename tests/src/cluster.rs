@@ -307,6 +307,33 @@ impl Controller {
         )
     }
 
+    /// An admin command that reads `stdin` (a password, say) and must succeed; returns stdout.
+    pub fn admin_with_stdin(&self, args: &[&str], stdin: &str) -> String {
+        use std::io::Write as _;
+        let mut child = Command::new(&self.binary)
+            .args(args)
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn the admin command");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(stdin.as_bytes())
+            .expect("write stdin");
+        let out = child.wait_with_output().expect("admin command output");
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("utf-8 output")
+    }
+
     /// `zone add NAME --cidr CIDR`.
     pub fn zone_add(&self, name: &str, cidr: &str) -> Result<()> {
         self.admin_ok(&["zone", "add", name, "--cidr", cidr])

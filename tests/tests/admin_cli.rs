@@ -2,9 +2,7 @@
 //! and values as its table, and `node revoke` takes a bare node name when it is unique.
 
 use serde_json::Value;
-use std::io::Write;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use tempfile::TempDir;
 use zonemesh_proto as pb;
 use zonemesh_tests::cluster::{Controller, enroll_rpc, enrollment_channel, mesh_channel, wg_key};
@@ -74,31 +72,6 @@ fn check_list(table: &str, rows: &[Value], fields: impl Fn(&Value) -> Vec<String
     }
 }
 
-fn admin_with_stdin(ctl: &Controller, args: &[&str], stdin: &str) -> String {
-    let mut child = Command::new(&ctl.binary)
-        .args(args)
-        .arg("--data-dir")
-        .arg(&ctl.data_dir)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
 /// One wrong sign-in from 127.0.0.1, so `throttle list` has a row.
 fn wrong_sign_in(ctl: &Controller, dir: &Path) {
     assert_eq!(
@@ -154,8 +127,7 @@ async fn json_and_tables_agree_and_bare_node_names_resolve() {
         .unwrap();
     ctl.admin_ok(&["block", "add", "192.0.2.9", "--reason", "scanning us"])
         .unwrap();
-    admin_with_stdin(
-        &ctl,
+    ctl.admin_with_stdin(
         &["user", "add", "--email", EMAIL, "--role", "portal-owner"],
         "a long enough passphrase here\n",
     );

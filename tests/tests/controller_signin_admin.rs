@@ -3,38 +3,10 @@
 //! `throttle clear --source` clears it, and `user passwd` replaces a password and ends the
 //! user's sessions. All of it audited.
 
-use std::io::Write;
-use std::process::{Command, Stdio};
 use zonemesh_tests::cluster::Controller;
 
 const EMAIL: &str = "ops@corp.test";
 const ATTACKER: &str = "127.0.0.2";
-
-/// An admin command that reads a password on stdin.
-fn admin_with_stdin(c: &Controller, args: &[&str], stdin: &str) -> String {
-    let mut child = Command::new(&c.binary)
-        .args(args)
-        .arg("--data-dir")
-        .arg(&c.data_dir)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
 
 #[test]
 fn throttle_list_clear_and_user_passwd_through_the_cli() {
@@ -42,8 +14,7 @@ fn throttle_list_clear_and_user_passwd_through_the_cli() {
     let mut ctl = Controller::start_new(dir.path()).unwrap();
     let root = ctl.admin_ok(&["ca", "export", "--root"]).unwrap();
     std::fs::write(dir.path().join("root.pem"), root).unwrap();
-    admin_with_stdin(
-        &ctl,
+    ctl.admin_with_stdin(
         &["user", "add", "--email", EMAIL, "--role", "portal-owner"],
         "the first long passphrase\n",
     );
@@ -93,8 +64,7 @@ fn throttle_list_clear_and_user_passwd_through_the_cli() {
     assert!(!ctl.admin(&["throttle", "clear"]).unwrap().status.success());
 
     // The operator sets a new password: the old one stops working, the new one works.
-    let out = admin_with_stdin(
-        &ctl,
+    let out = ctl.admin_with_stdin(
         &["user", "passwd", "--email", EMAIL],
         "the second long passphrase\n",
     );
