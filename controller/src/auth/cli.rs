@@ -44,11 +44,22 @@ pub fn disable_user(
 ) -> Result<usize, AuthError> {
     let email = super::normalize_email(email);
     users.disable_user(&email)?;
-    let ended = sessions.remove_for_user(&email)?;
+    end_sessions_audited(sessions, audit, &email, actor, "user.disabled")
+}
+
+/// End every session of `email` and record `kind` with how many ended.
+fn end_sessions_audited(
+    sessions: &SessionStore,
+    audit: &AuditLog,
+    email: &str,
+    actor: &str,
+    kind: &str,
+) -> Result<usize, AuthError> {
+    let ended = sessions.remove_for_user(email)?;
     if let Err(e) = audit.record(
-        AuditEvent::new("user.disabled", "ok")
+        AuditEvent::new(kind, "ok")
             .actor(actor)
-            .subject(&email)
+            .subject(email)
             .detail(format!("{ended} sessions ended")),
     ) {
         tracing::error!(error = %e, "audit record failed");
@@ -68,16 +79,7 @@ pub fn change_password(
 ) -> Result<usize, AuthError> {
     let email = super::normalize_email(email);
     users.set_password(&email, password)?;
-    let ended = sessions.remove_for_user(&email)?;
-    if let Err(e) = audit.record(
-        AuditEvent::new("user.password-changed", "ok")
-            .actor(actor)
-            .subject(&email)
-            .detail(format!("{ended} sessions ended")),
-    ) {
-        tracing::error!(error = %e, "audit record failed");
-    }
-    Ok(ended)
+    end_sessions_audited(sessions, audit, &email, actor, "user.password-changed")
 }
 
 /// Read a password from `input` (stdin when it is not a terminal): the first line, without
