@@ -7,7 +7,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     tonic_prost_build::configure()
-        .skip_debug(["zonemesh.v1.EnrollRequest"])
+        .skip_debug(["zonemesh.v1.EnrollRequest", "zonemesh.v1.DomainCertificate"])
         .compile_protos(&["proto/zonemesh.proto"], &["proto"])?;
     println!("cargo:rerun-if-changed=proto/zonemesh.proto");
     Ok(())

@@ -165,6 +165,7 @@ impl Enrollment for GrpcService {
 }
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::MeshUpdate, Status>> + Send>>;
+type EdgeStream = Pin<Box<dyn Stream<Item = Result<pb::EdgeUpdate, Status>> + Send>>;
 
 struct WatchState {
     mesh: Arc<Mesh>,
@@ -277,6 +278,22 @@ impl MeshRpc for GrpcService {
         })
         .await
         .map(|_| Response::new(pb::Ack {}))
+    }
+
+    type WatchEdgeStream = EdgeStream;
+
+    async fn watch_edge(
+        &self,
+        _req: Request<pb::EdgeHello>,
+    ) -> Result<Response<EdgeStream>, Status> {
+        Err(Status::unimplemented("portal certificate deployment is not built yet"))
+    }
+
+    async fn report_deployment(
+        &self,
+        _req: Request<pb::DeploymentReport>,
+    ) -> Result<Response<pb::Ack>, Status> {
+        Err(Status::unimplemented("portal certificate deployment is not built yet"))
     }
 
     type WatchStream = WatchStream;

@@ -118,77 +118,7 @@ pub fn write_secret_file(path: &Path, contents: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// Write a file atomically: a fresh temporary file beside it (random name, created
-/// exclusively, never through a symlink), fsync, rename, fsync of the directory.
+/// Write a file atomically with `mode` (the shared writer in `zonemesh-deploy`).
 pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("out");
-    // A name nobody can predict, opened O_EXCL|O_NOFOLLOW: a link planted beside the target
-    // by another local user can neither redirect nor truncate anything.
-    let (tmp, mut f) = (|| {
-        let mut last = None;
-        for _ in 0..8 {
-            let tmp = dir.join(format!(".{name}.{:016x}.tmp", rand::random::<u64>()));
-            match std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .custom_flags(libc::O_NOFOLLOW)
-                .mode(mode)
-                .open(&tmp)
-            {
-                Ok(f) => return Ok((tmp, f)),
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => last = Some(e),
-                Err(e) => return Err(e),
-            }
-        }
-        Err(last.unwrap_or_else(|| std::io::Error::other("no temporary name")))
-    })()
-    .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
-    let result = (|| {
-        f.write_all(contents)?;
-        f.sync_all()?;
-        drop(f);
-        std::fs::rename(&tmp, path)?;
-        std::fs::File::open(dir)?.sync_all()
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result.with_context(|| format!("writing {}", path.display()))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn write_atomic_never_follows_a_planted_symlink() {
-        let d = tempfile::tempdir().unwrap();
-        let victim = d.path().join("victim");
-        std::fs::write(&victim, b"precious").unwrap();
-        let target = d.path().join("state.json");
-        // Every name an attacker could predict from the old scheme, pointing at the victim.
-        for n in [
-            format!(".state.json.tmp{}", std::process::id()),
-            ".state.json.tmp".to_string(),
-        ] {
-            std::os::unix::fs::symlink(&victim, d.path().join(n)).unwrap();
-        }
-        write_atomic(&target, b"new contents", 0o600).unwrap();
-        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
-        assert_eq!(std::fs::read(&target).unwrap(), b"new contents");
-        let meta = std::fs::symlink_metadata(&target).unwrap();
-        assert!(meta.file_type().is_file());
-        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
-        // Only the target and the planted links remain: no temporary file left behind.
-        let names: Vec<_> = std::fs::read_dir(d.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .filter(|n| n.ends_with(".tmp") && !n.starts_with(".state.json.tmp"))
-            .collect();
-        assert!(names.is_empty(), "{names:?}");
-    }
+    Ok(zonemesh_deploy::write_atomic(path, contents, mode)?)
 }

@@ -13,3 +13,15 @@ impl std::fmt::Debug for EnrollRequest {
             .finish_non_exhaustive()
     }
 }
+
+impl std::fmt::Debug for DomainCertificate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The domain's private key is a secret: never print it.
+        f.debug_struct("DomainCertificate")
+            .field("domain", &self.domain)
+            .field("serial_hex", &self.serial_hex)
+            .field("not_after_unix", &self.not_after_unix)
+            .field("chain_len", &self.chain_der.len())
+            .finish_non_exhaustive()
+    }
+}

@@ -3,8 +3,7 @@
 
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 use x509_parser::prelude::{FromDer, X509Certificate};
@@ -171,44 +170,7 @@ pub fn cert_info(der: &[u8]) -> Result<CertInfo> {
     })
 }
 
-/// Write a file atomically (temporary file, fsync, rename, directory fsync) with `mode`.
-/// The temporary file has a random name and is created exclusively without following
-/// symlinks, so nothing planted in the directory can redirect the write.
+/// Write a file atomically with `mode` (the shared writer in `zonemesh-deploy`).
 pub fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
-    let dir = path.parent().context("path has no parent")?;
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("f");
-    let mut created = None;
-    for _ in 0..8 {
-        let tmp = dir.join(format!(".{name}.{:016x}.tmp", rand::random::<u64>()));
-        match std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .custom_flags(libc::O_NOFOLLOW)
-            .mode(mode)
-            .open(&tmp)
-        {
-            Ok(f) => {
-                created = Some((tmp, f));
-                break;
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(e) => {
-                return Err(e)
-                    .with_context(|| format!("creating a temporary file for {}", path.display()));
-            }
-        }
-    }
-    let (tmp, mut f) =
-        created.with_context(|| format!("no free temporary name for {}", path.display()))?;
-    let r = (|| -> std::io::Result<()> {
-        f.write_all(contents)?;
-        f.sync_all()?;
-        drop(f);
-        std::fs::rename(&tmp, path)?;
-        std::fs::File::open(dir)?.sync_all()
-    })();
-    if r.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    r.with_context(|| format!("writing {}", path.display()))
+    Ok(zonemesh_deploy::write_atomic(path, contents, mode)?)
 }
