@@ -105,3 +105,17 @@ pub fn is_root() -> bool {
 
 pub mod cluster;
 pub mod inproc;
+pub mod janitor;
+pub mod pebble;
+
+/// True when `cmd` is on the PATH.
+pub fn have(cmd: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {cmd}")])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+pub mod edge;
+pub mod nginx;
+pub mod tlsprobe;
