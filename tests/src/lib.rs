@@ -116,6 +116,7 @@ pub fn have(cmd: &str) -> bool {
         .status()
         .is_ok_and(|s| s.success())
 }
+pub mod browser;
 pub mod edge;
 pub mod nginx;
 pub mod tlsprobe;

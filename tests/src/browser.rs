@@ -1,0 +1,204 @@
+//! Headless Chromium driven over WebDriver (chromedriver), blocking, for black-box tests
+//! of the controller's pages. The test CA is not in Chromium's store, so certificate errors
+//! are accepted here; other tests check the chains.
+
+use anyhow::{Context, Result, bail};
+use serde_json::{Value, json};
+use std::io::{Read as _, Write as _};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
+
+/// Why a browser test cannot run here, or `None`.
+pub fn skip_reason() -> Option<String> {
+    for tool in ["chromium", "chromedriver"] {
+        if !crate::have(tool) {
+            return Some(format!("{tool} not installed"));
+        }
+    }
+    None
+}
+
+/// A chromedriver with one Chromium session; both stop on drop.
+pub struct Browser {
+    child: Child,
+    addr: SocketAddr,
+    session: String,
+    _profile: tempfile::TempDir,
+}
+
+fn call(addr: SocketAddr, method: &str, path: &str, body: Option<&Value>) -> Result<Value> {
+    let body = body.map(Value::to_string).unwrap_or_default();
+    let mut s = TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut out = Vec::new();
+    s.read_to_end(&mut out)?;
+    let text = String::from_utf8_lossy(&out);
+    let (_, body) = text.split_once("\r\n\r\n").context("WebDriver answer")?;
+    // chromedriver answers with Content-Length; a chunked body would start with its size.
+    let start = body.find('{').unwrap_or(0);
+    let end = body.rfind('}').map_or(body.len(), |i| i + 1);
+    Ok(serde_json::from_str(&body[start..end]).unwrap_or(Value::Null))
+}
+
+impl Browser {
+    /// Start chromedriver and a headless Chromium session.
+    pub fn start() -> Result<Self> {
+        let port = crate::cluster::free_port();
+        let child = Command::new("chromedriver")
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("spawning chromedriver")?;
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(addr).is_err() {
+            if Instant::now() > deadline {
+                bail!("chromedriver did not start");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let profile = tempfile::tempdir()?;
+        let caps = json!({"capabilities": {"alwaysMatch": {
+            "browserName": "chrome",
+            "acceptInsecureCerts": true,
+            "goog:chromeOptions": {"binary": "/usr/bin/chromium", "args": [
+                "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                "--no-first-run", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
+                format!("--user-data-dir={}", profile.path().display()),
+            ]}
+        }}});
+        let mut me = Self {
+            child,
+            addr,
+            session: String::new(),
+            _profile: profile,
+        };
+        let v = call(addr, "POST", "/session", Some(&caps))?;
+        me.session = v["value"]["sessionId"]
+            .as_str()
+            .with_context(|| format!("WebDriver session: {v}"))?
+            .to_string();
+        Ok(me)
+    }
+
+    fn cmd(&self, method: &str, path: &str, body: Option<Value>) -> Result<Value> {
+        let v = call(
+            self.addr,
+            method,
+            &format!("/session/{}{path}", self.session),
+            body.as_ref(),
+        )?;
+        if v["value"].get("error").is_some() {
+            bail!("WebDriver {method} {path}: {v}");
+        }
+        Ok(v["value"].clone())
+    }
+
+    /// Navigate to `url`.
+    pub fn goto(&self, url: &str) -> Result<()> {
+        self.cmd("POST", "/url", Some(json!({ "url": url })))
+            .map(drop)
+    }
+
+    /// The current URL.
+    pub fn url(&self) -> Result<String> {
+        Ok(self
+            .cmd("GET", "/url", None)?
+            .as_str()
+            .unwrap_or_default()
+            .to_string())
+    }
+
+    /// The page's HTML.
+    pub fn source(&self) -> Result<String> {
+        Ok(self
+            .cmd("GET", "/source", None)?
+            .as_str()
+            .unwrap_or_default()
+            .to_string())
+    }
+
+    /// Run a script, returning its value.
+    pub fn script(&self, js: &str) -> Result<Value> {
+        self.cmd(
+            "POST",
+            "/execute/sync",
+            Some(json!({"script": js, "args": []})),
+        )
+    }
+
+    fn find_by(&self, using: &str, value: &str) -> Result<String> {
+        let v = self.cmd(
+            "POST",
+            "/element",
+            Some(json!({"using": using, "value": value})),
+        )?;
+        Ok(v[ELEMENT].as_str().context("element id")?.to_string())
+    }
+
+    /// Type into the element matching a CSS selector (cleared first).
+    pub fn type_into(&self, css: &str, text: &str) -> Result<()> {
+        let e = self.find_by("css selector", css)?;
+        self.cmd("POST", &format!("/element/{e}/clear"), Some(json!({})))?;
+        self.cmd(
+            "POST",
+            &format!("/element/{e}/value"),
+            Some(json!({ "text": text })),
+        )
+        .map(drop)
+    }
+
+    /// Click the element matching a CSS selector.
+    pub fn click(&self, css: &str) -> Result<()> {
+        let e = self.find_by("css selector", css)?;
+        self.cmd("POST", &format!("/element/{e}/click"), Some(json!({})))
+            .map(drop)
+    }
+
+    /// Click the element matching an XPath expression.
+    pub fn click_xpath(&self, xpath: &str) -> Result<()> {
+        let e = self.find_by("xpath", xpath)?;
+        self.cmd("POST", &format!("/element/{e}/click"), Some(json!({})))
+            .map(drop)
+    }
+
+    /// Wait until the page is loaded at a URL whose path ends in `suffix`.
+    pub fn wait_url(&self, suffix: &str, within: Duration) -> Result<()> {
+        let deadline = Instant::now() + within;
+        loop {
+            let ready = self.script("return document.readyState")? == json!("complete");
+            let url = self.url()?;
+            if ready && url.trim_end_matches('/').ends_with(suffix) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("page never reached *{suffix} (at {url})");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = call(
+            self.addr,
+            "DELETE",
+            &format!("/session/{}", self.session),
+            None,
+        );
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
