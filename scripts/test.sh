@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PKGS=(openssl wireguard-go wireguard-tools iperf3 iproute2 iputils-ping mtr-tiny nftables
-      testssl.sh oathtool argon2 jq bc chromium chromium-driver python3 procps)
+      testssl.sh oathtool argon2 jq bc chromium chromium-driver python3 procps pebble nginx lego)
 if [ "$(id -u)" = 0 ]; then
   missing=()
   for p in "${PKGS[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
@@ -43,6 +43,7 @@ if [ "${FULL_BENCH:-0}" = 1 ]; then
   cargo bench --locked -p zonemesh-ca --bench issuance
   if [ "$(id -u)" = 0 ]; then scripts/bench-dataplane.sh; else echo "skipped: data plane benchmark needs root"; fi
   scripts/bench-watch.sh
+  scripts/bench-deploy.sh
 else
   # Smoke runs reuse the debug build (dependencies are optimised there too): they show the
   # benchmarks work and print their ratios; the figures that count come from FULL_BENCH=1.
@@ -56,6 +57,7 @@ else
     echo "skipped: data plane benchmark needs root"
   fi
   ZONEMESH_CONTROLLER_BIN="$target/debug/zonemesh-controller" scripts/bench-watch.sh
+  scripts/bench-deploy.sh
 fi
 # Tests that skipped their body (not root, tool missing) printed "skipped: <reason>" above.
 echo "tests: $((passed - skipped)) passed, ${failed} failed, ${skipped} skipped"

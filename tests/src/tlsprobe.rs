@@ -87,11 +87,25 @@ impl ServerCertVerifier for Recorder {
 
 /// A client configuration that records instead of verifying, without session resumption
 /// (every handshake is a full one). Returns the recorder's OCSP slot too.
-pub fn recording_config() -> (
-    Arc<rustls::ClientConfig>,
-    Arc<dyn Fn() -> Vec<u8> + Send + Sync>,
-) {
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+pub fn recording_config() -> (Arc<rustls::ClientConfig>, OcspSlot) {
+    recording_config_with(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+/// Reads the OCSP response the last handshake of a recording configuration received.
+pub type OcspSlot = Arc<dyn Fn() -> Vec<u8> + Send + Sync>;
+
+/// The same with X25519 as the only key exchange, so a server that also offers a
+/// post-quantum hybrid does the same work as one that does not (handshake benchmarks).
+pub fn x25519_config() -> Arc<rustls::ClientConfig> {
+    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+    provider.kx_groups = vec![rustls::crypto::aws_lc_rs::kx_group::X25519];
+    recording_config_with(provider).0
+}
+
+fn recording_config_with(
+    provider: rustls::crypto::CryptoProvider,
+) -> (Arc<rustls::ClientConfig>, OcspSlot) {
+    let provider = Arc::new(provider);
     let rec = Arc::new(Recorder {
         ocsp: Mutex::new(Vec::new()),
         provider: provider.clone(),

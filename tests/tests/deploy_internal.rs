@@ -642,9 +642,8 @@ fn chromium_portal_owner_presses_deploy_certificate_and_sees_it_deployed() -> Re
             bail!("domain row: {row}\n{}", lab.logs());
         }
         std::thread::sleep(Duration::from_millis(500));
-        if !b.url()?.ends_with("/domains") {
-            b.goto(&format!("{base}/domains"))?;
-        } else if pressed.elapsed() > Duration::from_secs(5) {
+        // Give the page's own updates a few seconds, then reload it.
+        if !b.url()?.ends_with("/domains") || pressed.elapsed() > Duration::from_secs(5) {
             b.goto(&format!("{base}/domains"))?;
         }
     }
