@@ -17,8 +17,6 @@
 use anyhow::{Context, Result, bail};
 use std::net::SocketAddr;
 use std::process::Command;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use zonemesh_tests::edge::{EDGE_ZONE, EdgeLab, LabOptions, WebSession};
 use zonemesh_tests::nginx::{Nginx, Site};
@@ -197,45 +195,6 @@ fn deploy_bench(lab: &EdgeLab, s: &WebSession, rounds: usize) -> Result<Option<D
     Ok(Some(o))
 }
 
-/// Full handshakes per second against `addr` from `conc` concurrent clients for `dur`.
-async fn handshake_rate(
-    addr: SocketAddr,
-    sni: &'static str,
-    conc: usize,
-    dur: Duration,
-) -> Result<(f64, u64)> {
-    let connector = tokio_rustls::TlsConnector::from(tlsprobe::x25519_config());
-    let ok = Arc::new(AtomicU64::new(0));
-    let failed = Arc::new(AtomicU64::new(0));
-    let deadline = tokio::time::Instant::now() + dur;
-    let mut tasks = tokio::task::JoinSet::new();
-    let start = Instant::now();
-    for _ in 0..conc {
-        let (connector, ok, failed) = (connector.clone(), ok.clone(), failed.clone());
-        tasks.spawn(async move {
-            while tokio::time::Instant::now() < deadline {
-                let name = rustls::pki_types::ServerName::try_from(sni).expect("name");
-                let r = tokio::time::timeout(Duration::from_secs(5), async {
-                    let tcp = tokio::net::TcpStream::connect(addr).await?;
-                    tcp.set_nodelay(true)?;
-                    connector.connect(name, tcp).await
-                })
-                .await;
-                match r {
-                    Ok(Ok(_)) => ok.fetch_add(1, Ordering::Relaxed),
-                    _ => failed.fetch_add(1, Ordering::Relaxed),
-                };
-            }
-        });
-    }
-    while tasks.join_next().await.is_some() {}
-    let n = ok.load(Ordering::Relaxed);
-    Ok((
-        n as f64 / start.elapsed().as_secs_f64(),
-        failed.load(Ordering::Relaxed),
-    ))
-}
-
 fn handshake_bench(lab: &EdgeLab, secs: u64) -> Result<()> {
     if !zonemesh_tests::nginx::installed() {
         println!("skipped: handshake benchmark (nginx not installed)");
@@ -300,8 +259,8 @@ fn handshake_bench(lab: &EdgeLab, secs: u64) -> Result<()> {
     let (mut ours, mut theirs) = (Vec::new(), Vec::new());
     // Alternate so that neither side gets the quieter moments of a shared machine.
     for _ in 0..2 {
-        ours.push(rt.block_on(handshake_rate(edge.https(), NAME, conc, dur / 2))?);
-        theirs.push(rt.block_on(handshake_rate(nginx_addr, NAME, conc, dur / 2))?);
+        ours.push(rt.block_on(tlsprobe::handshake_rate(edge.https(), NAME, conc, dur / 2))?);
+        theirs.push(rt.block_on(tlsprobe::handshake_rate(nginx_addr, NAME, conc, dur / 2))?);
     }
     let rate = |v: &[(f64, u64)]| v.iter().map(|x| x.0).sum::<f64>() / v.len() as f64;
     let fails = |v: &[(f64, u64)]| v.iter().map(|x| x.1).sum::<u64>();

@@ -39,14 +39,26 @@ fn call(addr: SocketAddr, method: &str, path: &str, body: Option<&Value>) -> Res
          Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     )?;
-    let mut out = Vec::new();
-    s.read_to_end(&mut out)?;
-    let text = String::from_utf8_lossy(&out);
-    let (_, body) = text.split_once("\r\n\r\n").context("WebDriver answer")?;
-    // chromedriver answers with Content-Length; a chunked body would start with its size.
-    let start = body.find('{').unwrap_or(0);
-    let end = body.rfind('}').map_or(body.len(), |i| i + 1);
-    Ok(serde_json::from_str(&body[start..end]).unwrap_or(Value::Null))
+    // chromedriver keeps the connection open: read the head, then Content-Length bytes.
+    let mut r = std::io::BufReader::new(s);
+    let mut len = 0usize;
+    loop {
+        let mut line = String::new();
+        if std::io::BufRead::read_line(&mut r, &mut line)? == 0 {
+            bail!("WebDriver closed the connection");
+        }
+        if line == "\r\n" {
+            break;
+        }
+        if let Some((k, v)) = line.split_once(':')
+            && k.eq_ignore_ascii_case("content-length")
+        {
+            len = v.trim().parse().context("Content-Length")?;
+        }
+    }
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body)?;
+    Ok(serde_json::from_slice(&body).unwrap_or(Value::Null))
 }
 
 impl Browser {

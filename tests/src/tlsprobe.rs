@@ -9,8 +9,9 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// What the server sent.
 #[derive(Debug, Clone)]
@@ -168,4 +169,44 @@ pub fn get(addr: SocketAddr, sni: &str, path: &str) -> Result<String> {
     let mut out = Vec::new();
     let _ = s.read_to_end(&mut out);
     Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
+/// Full handshakes per second against `addr` from `conc` concurrent clients for `dur`
+/// (X25519, no resumption); returns the rate and the number of failed attempts.
+pub async fn handshake_rate(
+    addr: SocketAddr,
+    sni: &'static str,
+    conc: usize,
+    dur: Duration,
+) -> Result<(f64, u64)> {
+    let connector = tokio_rustls::TlsConnector::from(x25519_config());
+    let ok = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let deadline = tokio::time::Instant::now() + dur;
+    let mut tasks = tokio::task::JoinSet::new();
+    let start = Instant::now();
+    for _ in 0..conc {
+        let (connector, ok, failed) = (connector.clone(), ok.clone(), failed.clone());
+        tasks.spawn(async move {
+            while tokio::time::Instant::now() < deadline {
+                let name = rustls::pki_types::ServerName::try_from(sni).expect("name");
+                let r = tokio::time::timeout(Duration::from_secs(5), async {
+                    let tcp = tokio::net::TcpStream::connect(addr).await?;
+                    tcp.set_nodelay(true)?;
+                    connector.connect(name, tcp).await
+                })
+                .await;
+                match r {
+                    Ok(Ok(_)) => ok.fetch_add(1, Ordering::Relaxed),
+                    _ => failed.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+    let n = ok.load(Ordering::Relaxed);
+    Ok((
+        n as f64 / start.elapsed().as_secs_f64(),
+        failed.load(Ordering::Relaxed),
+    ))
 }
