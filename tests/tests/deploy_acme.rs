@@ -245,8 +245,7 @@ fn one_press_gets_a_pebble_certificate_served_by_every_edge_and_the_upstream_pag
             &format!("http://{}/hello", e.ip),
         ]))?;
         assert!(
-            (redirect.starts_with("301") || redirect.starts_with("308"))
-                && redirect.contains(&format!("https://{name}/hello")),
+            redirect.starts_with('3') && redirect.contains(&format!("https://{name}/hello")),
             "{redirect}"
         );
     }
