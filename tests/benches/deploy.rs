@@ -18,7 +18,7 @@ use anyhow::{Context, Result, bail};
 use std::net::SocketAddr;
 use std::process::Command;
 use std::time::{Duration, Instant};
-use zonemesh_tests::edge::{EDGE_ZONE, EdgeLab, LabOptions, WebSession};
+use zonemesh_tests::edge::{EDGE_ZONE, EdgeLab, LabOptions, WebSession, norm_serial};
 use zonemesh_tests::nginx::{Nginx, Site};
 use zonemesh_tests::{run_ok, tlsprobe};
 
@@ -35,20 +35,11 @@ fn median(v: &mut [Duration]) -> Duration {
     v.get(v.len() / 2).copied().unwrap_or_default()
 }
 
-fn norm(serial: &str) -> String {
-    let s: String = serial
-        .chars()
-        .filter(char::is_ascii_hexdigit)
-        .collect::<String>()
-        .to_ascii_lowercase();
-    s.trim_start_matches('0').to_string()
-}
-
 fn serial_at(addr: SocketAddr, sni: &str) -> Option<String> {
     tlsprobe::fetch(addr, sni)
         .and_then(|s| s.serial())
         .ok()
-        .map(|s| norm(&s))
+        .map(|s| norm_serial(&s))
 }
 
 /// One press; returns the time until every edge serves a certificate other than the one
@@ -86,7 +77,7 @@ fn press_to_served(lab: &EdgeLab, s: &WebSession, name: &str) -> Result<Duration
     }
     let took = done.iter().flatten().map(|d| d.0).max().unwrap_or_default();
     let d = s.domain(name)?.json()?;
-    let want = norm(d["serial_hex"].as_str().unwrap_or_default());
+    let want = norm_serial(d["serial_hex"].as_str().unwrap_or_default());
     for (i, x) in done.iter().flatten().enumerate() {
         if x.1 != want {
             bail!(
@@ -221,7 +212,7 @@ fn handshake_bench(lab: &EdgeLab, secs: u64) -> Result<()> {
         );
         if let Ok(der) = der
             && zonemesh_tests::cluster::cert_serial(&der)
-                .map(|s| norm(&s))
+                .map(|s| norm_serial(&s))
                 .ok()
                 == Some(served.clone())
         {

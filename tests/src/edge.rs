@@ -93,7 +93,8 @@ impl Edge {
 }
 
 /// Where the lab's edges send proxied requests: a small HTTP/1.1 server in the test process
-/// that answers every request with a page naming the path and host it was asked for.
+/// that answers every request with a page naming the request line, its Host and its
+/// X-Forwarded-Host.
 pub struct Upstream {
     pub addr: SocketAddr,
     /// Requests seen (request lines).
@@ -137,7 +138,7 @@ fn serve_upstream(conn: TcpStream, log: &Mutex<Vec<String>>) -> Result<()> {
             return Ok(());
         }
         let request = line.trim_end().to_string();
-        let (mut host, mut len) = (String::new(), 0usize);
+        let (mut host, mut fwd, mut len) = (String::new(), String::new(), 0usize);
         loop {
             let mut h = String::new();
             if r.read_line(&mut h)? == 0 {
@@ -150,6 +151,7 @@ fn serve_upstream(conn: TcpStream, log: &Mutex<Vec<String>>) -> Result<()> {
             if let Some((k, v)) = h.split_once(':') {
                 match k.trim().to_ascii_lowercase().as_str() {
                     "host" => host = v.trim().to_string(),
+                    "x-forwarded-host" => fwd = v.trim().to_string(),
                     "content-length" => len = v.trim().parse().unwrap_or(0),
                     _ => {}
                 }
@@ -162,8 +164,9 @@ fn serve_upstream(conn: TcpStream, log: &Mutex<Vec<String>>) -> Result<()> {
         {
             l.push(request.clone());
         }
-        let page =
-            format!("<html><body>{UPSTREAM_MARKER} host={host} request={request}</body></html>\n");
+        let page = format!(
+            "<html><body>{UPSTREAM_MARKER} host={host} forwarded-host={fwd} request={request}</body></html>\n"
+        );
         write!(
             w,
             "HTTP/1.1 200 OK\r\ncontent-type: text/html\r\ncontent-length: {}\r\n\r\n{page}",
@@ -462,7 +465,7 @@ impl EdgeLab {
         for e in &self.edges {
             loop {
                 let got = crate::tlsprobe::fetch(e.https(), sni).and_then(|s| s.serial());
-                if got.as_deref().ok() == Some(serial) {
+                if got.as_deref().ok().map(norm_serial) == Some(norm_serial(serial)) {
                     break;
                 }
                 if start.elapsed() > within {
@@ -497,7 +500,10 @@ impl EdgeLab {
     /// Sign in as `email` over curl (a cookie jar of its own); the session is then used for
     /// the pages and the API.
     pub fn sign_in(&self, email: &str, password: &str) -> Result<WebSession> {
-        let dir = self.dir.join("sessions").join(email);
+        // A cookie jar per sign-in: tests of a shared lab sign in at the same time.
+        static SESSIONS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = SESSIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = self.dir.join("sessions").join(format!("{email}-{n}"));
         std::fs::create_dir_all(&dir)?;
         let code = self.ctl.curl_sign_in(&dir, "127.0.0.1", email, password);
         if code != 303 && code != 302 {
@@ -642,4 +648,23 @@ pub fn pem_certs(text: &str) -> Vec<String> {
         rest = &rest[end..];
     }
     out
+}
+
+/// The certificates of the chain `openssl s_client -showcerts` printed (leaf first), not
+/// the ones inside a printed OCSP response.
+pub fn s_client_chain(text: &str) -> Vec<String> {
+    let from = text.find("Certificate chain").unwrap_or(text.len());
+    pem_certs(&text[from..])
+}
+
+/// A serial as lowercase hex without separators or leading zeros, so serials from
+/// openssl, the controller and DER integers (which may start with 00) compare equal.
+pub fn norm_serial(serial: &str) -> String {
+    let s: String = serial
+        .chars()
+        .filter(char::is_ascii_hexdigit)
+        .collect::<String>()
+        .to_ascii_lowercase();
+    let t = s.trim_start_matches('0');
+    if t.is_empty() { "0".into() } else { t.into() }
 }

@@ -184,9 +184,12 @@ impl Pebble {
         ]))
     }
 
-    /// Make the mock DNS answer `host` (A) with `addrs`.
+    /// Make the mock DNS answer `host` (A) with `addrs` only (`add-a` appends, so the old
+    /// answers are cleared first).
     pub fn map_a(&self, host: &str, addrs: &[&str]) -> Result<()> {
-        let body = serde_json::json!({"host": format!("{host}."), "addresses": addrs});
+        let fqdn = format!("{host}.");
+        self.dns_post("/clear-a", &serde_json::json!({ "host": fqdn }).to_string())?;
+        let body = serde_json::json!({"host": fqdn, "addresses": addrs});
         self.dns_post("/add-a", &body.to_string()).map(drop)
     }
 

@@ -14,7 +14,9 @@ use std::path::Path;
 use std::process::Command;
 use std::sync::LazyLock;
 use std::time::{Duration, Instant};
-use zonemesh_tests::edge::{EDGE_ZONE, EMPTY_ZONE, EdgeLab, LabOptions, UPSTREAM_MARKER, s_client};
+use zonemesh_tests::edge::{
+    EDGE_ZONE, EMPTY_ZONE, EdgeLab, LabOptions, UPSTREAM_MARKER, norm_serial, s_client,
+};
 use zonemesh_tests::nginx::{Nginx, Site};
 use zonemesh_tests::{browser, openssl, run, run_ok, tlsprobe};
 
@@ -157,29 +159,17 @@ fn deploy_cli(lab: &EdgeLab, name: &str) -> Result<String> {
     assert_eq!(d["edges_total"], lab.edges.len(), "{d}");
     assert_eq!(d["edges_serving"], lab.edges.len(), "{d}");
     // Exit 0 means served on every edge already: no waiting here.
-    lab.wait_served(name, &norm(&serial), Duration::from_secs(1))?;
-    Ok(norm(&serial))
-}
-
-/// Serials compared as lowercase hex without leading zero bytes' ambiguity: strip
-/// separators and leading zeros.
-fn norm(serial: &str) -> String {
-    let s: String = serial
-        .chars()
-        .filter(char::is_ascii_hexdigit)
-        .collect::<String>()
-        .to_ascii_lowercase();
-    let t = s.trim_start_matches('0');
-    if t.is_empty() { "0".into() } else { t.into() }
+    lab.wait_served(name, &norm_serial(&serial), Duration::from_secs(1))?;
+    Ok(norm_serial(&serial))
 }
 
 fn served_serial(addr: SocketAddr, sni: &str) -> Result<String> {
-    Ok(norm(&tlsprobe::fetch(addr, sni)?.serial()?))
+    Ok(norm_serial(&tlsprobe::fetch(addr, sni)?.serial()?))
 }
 
 /// The serial `openssl s_client` sees (leaf), through `openssl x509`.
 fn openssl_serial(s_client_out: &str) -> Result<String> {
-    let leaf = zonemesh_tests::edge::pem_certs(s_client_out)
+    let leaf = zonemesh_tests::edge::s_client_chain(s_client_out)
         .into_iter()
         .next()
         .with_context(|| format!("no certificate from s_client:\n{s_client_out}"))?;
@@ -192,7 +182,7 @@ fn openssl_serial(s_client_out: &str) -> Result<String> {
         "-in",
         p.to_str().context("path")?,
     ]))?;
-    Ok(norm(out.trim().trim_start_matches("serial=")))
+    Ok(norm_serial(out.trim().trim_start_matches("serial=")))
 }
 
 fn cert_status(s_client_out: &str) -> Option<&str> {
@@ -232,7 +222,7 @@ fn internal_certificate_staples_good_then_revoked_within_10s_of_ca_revoke() -> R
         assert_eq!(cert_status(&text), Some("good"), "{}:\n{text}", e.name);
         assert_eq!(openssl_serial(&text)?, serial);
         // RSA-2048 / SHA-256 from our CA, with our responder in the AIA.
-        let leaf = &zonemesh_tests::edge::pem_certs(&text)[0];
+        let leaf = &zonemesh_tests::edge::s_client_chain(&text)[0];
         let dir = tempfile::tempdir()?;
         let p = zonemesh_tests::write(dir.path(), "leaf.pem", leaf);
         let x = run_ok(&mut openssl(&[
@@ -353,7 +343,7 @@ fn hot_swap_keeps_an_open_connection_and_new_connections_get_the_new_certificate
         body.contains(UPSTREAM_MARKER) && body.contains("/before-swap"),
         "{body}"
     );
-    let held_serial = norm(&zonemesh_tests::cluster::cert_serial(
+    let held_serial = norm_serial(&zonemesh_tests::cluster::cert_serial(
         tls.conn.peer_certificates().context("peer certificates")?[0].as_ref(),
     )?);
     assert_eq!(held_serial, old);
@@ -641,7 +631,7 @@ fn chromium_portal_owner_presses_deploy_certificate_and_sees_it_deployed() -> Re
     }
     let d = lab.domain(name)?;
     assert_eq!(d["state"], "deployed", "{d}");
-    let serial = norm(d["serial_hex"].as_str().context("serial")?);
+    let serial = norm_serial(d["serial_hex"].as_str().context("serial")?);
     lab.wait_served(name, &serial, Duration::from_secs(5))?;
     Ok(())
 }
