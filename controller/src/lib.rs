@@ -8,6 +8,7 @@ pub mod blocking;
 pub mod blocklist;
 pub mod cli;
 pub mod clock;
+pub mod domains;
 pub mod durable;
 pub mod error;
 pub mod grpc;
