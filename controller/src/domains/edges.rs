@@ -77,7 +77,10 @@ impl EdgeHub {
     /// Forget `edge`'s stream when it is `cancel`'s (a replaced stream leaves the new one).
     pub fn close(&self, edge: &str, cancel: &CancellationToken) {
         let mut map = self.streams.lock();
-        if map.get(edge).is_some_and(|s| s.cancel.is_cancelled() || &s.cancel == cancel) {
+        if map
+            .get(edge)
+            .is_some_and(|s| s.cancel.is_cancelled() || &s.cancel == cancel)
+        {
             map.remove(edge);
         }
     }
@@ -117,11 +120,7 @@ impl EdgeHub {
     }
 
     /// Start answering a challenge: remembered for snapshots and pushed to the zones.
-    pub fn add_challenge(
-        &self,
-        token: &str,
-        c: OpenChallenge,
-    ) -> Result<(), &'static str> {
+    pub fn add_challenge(&self, token: &str, c: OpenChallenge) -> Result<(), &'static str> {
         let update = pb::EdgeUpdate {
             challenges: vec![pb::Challenge {
                 domain: c.domain.clone(),
@@ -224,7 +223,10 @@ mod tests {
         let us = hub.open("us/e1", "us");
         let zones = vec!["eu".to_string()];
         assert_eq!(hub.push(&zones, &cert_update("a.example")), 1);
-        assert_eq!(eu.rx.try_recv().unwrap().certificates[0].domain, "a.example");
+        assert_eq!(
+            eu.rx.try_recv().unwrap().certificates[0].domain,
+            "a.example"
+        );
         for _ in 0..EDGE_STREAM_QUEUE {
             hub.push(&zones, &cert_update("a.example"));
         }
@@ -258,7 +260,10 @@ mod tests {
             hub.add_challenge(&format!("t{i}"), c("a.example")).unwrap();
         }
         assert!(hub.add_challenge("one-more", c("a.example")).is_err());
-        assert!(!hub.challenge_ready("b.example", "t1", "eu/e1"), "wrong domain");
+        assert!(
+            !hub.challenge_ready("b.example", "t1", "eu/e1"),
+            "wrong domain"
+        );
         assert!(hub.challenge_ready("a.example", "t1", "eu/e1"));
         assert_eq!(hub.ready_count("t1"), 1);
         assert_eq!(hub.challenges_for("eu").len(), MAX_CHALLENGES);

@@ -225,7 +225,13 @@ impl ChallengeResponder for EdgeResponder {
     }
 }
 
-fn set_progress(d: &Arc<Domains>, name: &str, id: u64, state: DomainState, detail: String) -> impl Future<Output = Result<(), String>> + use<> {
+fn set_progress(
+    d: &Arc<Domains>,
+    name: &str,
+    id: u64,
+    state: DomainState,
+    detail: String,
+) -> impl Future<Output = Result<(), String>> + use<> {
     let (d, name) = (d.clone(), name.to_string());
     async move {
         blocking(move || {
@@ -390,7 +396,12 @@ impl Domains {
     }
 }
 
-async fn wait_deployed(d: &Arc<Domains>, name: &str, id: u64, serial: &str) -> Result<String, String> {
+async fn wait_deployed(
+    d: &Arc<Domains>,
+    name: &str,
+    id: u64,
+    serial: &str,
+) -> Result<String, String> {
     let deadline = tokio::time::Instant::now() + d.cfg.deploy_wait;
     let mut changed = d.hub.subscribe();
     let mut shown = None;
@@ -406,7 +417,9 @@ async fn wait_deployed(d: &Arc<Domains>, name: &str, id: u64, serial: &str) -> R
             shown = Some(detail.clone());
         }
         if let Some((edge, why)) = t.failed {
-            return Err(format!("edge {edge} could not install serial {serial}: {why}"));
+            return Err(format!(
+                "edge {edge} could not install serial {serial}: {why}"
+            ));
         }
         if t.total == 0 {
             let rec = d.detail(name).map_err(|e| e.to_string())?;
@@ -499,8 +512,21 @@ async fn run_job(d: Arc<Domains>, name: String, shutdown: CancellationToken) {
         let renewal = job.cause == JobCause::Renewal;
         match outcome {
             Ok(detail) => {
-                finish(&d, &name, job.id, DomainState::Deployed, detail.clone(), None, None).await;
-                let kind = if renewal { "domain.renewed" } else { "domain.deployed" };
+                finish(
+                    &d,
+                    &name,
+                    job.id,
+                    DomainState::Deployed,
+                    detail.clone(),
+                    None,
+                    None,
+                )
+                .await;
+                let kind = if renewal {
+                    "domain.renewed"
+                } else {
+                    "domain.deployed"
+                };
                 d.audit_durable(
                     AuditEvent::new(kind, "ok")
                         .actor(job.actor.as_str())
@@ -514,8 +540,21 @@ async fn run_job(d: Arc<Domains>, name: String, shutdown: CancellationToken) {
             Err(reason) if n >= d.cfg.attempts => {
                 let retry = renewal.then(|| unix(d.now() + d.cfg.renewal_retry));
                 let detail = format!("failed after {n} attempt(s): {reason}");
-                finish(&d, &name, job.id, DomainState::Failed, detail, Some(reason.clone()), retry).await;
-                let kind = if renewal { "domain.renewal_failed" } else { "domain.deploy_failed" };
+                finish(
+                    &d,
+                    &name,
+                    job.id,
+                    DomainState::Failed,
+                    detail,
+                    Some(reason.clone()),
+                    retry,
+                )
+                .await;
+                let kind = if renewal {
+                    "domain.renewal_failed"
+                } else {
+                    "domain.deploy_failed"
+                };
                 d.audit_durable(
                     AuditEvent::new(kind, "failed")
                         .actor(job.actor.as_str())

@@ -467,7 +467,9 @@ impl Domains {
                 continue;
             }
             if let Some(c) = &d.cert {
-                snapshot.certificates.push(self.certificate_message(&d.name, c)?);
+                snapshot
+                    .certificates
+                    .push(self.certificate_message(&d.name, c)?);
             }
         }
         snapshot.challenges = self.hub.challenges_for(&node.zone);
@@ -505,9 +507,7 @@ impl Domains {
             .domain(&domain)?
             .filter(|d| d.edge_zones.contains(&node.zone))
             .ok_or_else(|| {
-                ControllerError::PermissionDenied(format!(
-                    "this node is not an edge of {domain}"
-                ))
+                ControllerError::PermissionDenied(format!("this node is not an edge of {domain}"))
             })?;
         if self.store.edge(&key)?.is_none() {
             return Err(ControllerError::PermissionDenied(
@@ -527,7 +527,12 @@ impl Domains {
             Ok(s @ (State::Serving | State::Failed)) => {
                 let report = ReportRecord {
                     serial_hex: clip(&r.serial_hex),
-                    state: if s == State::Serving { "serving" } else { "failed" }.into(),
+                    state: if s == State::Serving {
+                        "serving"
+                    } else {
+                        "failed"
+                    }
+                    .into(),
                     detail: clip(&r.detail),
                     staple: clip(&r.staple),
                     at_unix: unix(self.now()),
