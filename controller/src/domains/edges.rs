@@ -227,7 +227,7 @@ mod tests {
             eu.rx.try_recv().unwrap().certificates[0].domain,
             "a.example"
         );
-        for _ in 0..EDGE_STREAM_QUEUE {
+        for _ in 0..=EDGE_STREAM_QUEUE {
             hub.push(&zones, &cert_update("a.example"));
         }
         assert!(eu.cancel.is_cancelled(), "a full queue ends the stream");

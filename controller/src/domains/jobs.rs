@@ -459,7 +459,27 @@ async fn attempt(d: &Arc<Domains>, name: &str, id: u64) -> Result<String, String
         .and_then(|j| j.issued_serial.clone())
         .filter(|s| rec.cert.as_ref().is_some_and(|c| &c.serial_hex == s));
     let serial = match already {
-        Some(s) => s,
+        Some(s) => {
+            // A retry or a resumed job: hand the issued certificate out again (an edge that
+            // failed may succeed now; one that missed it while disconnected gets it).
+            if let Some(c) = &rec.cert {
+                let (d2, name2, c2) = (d.clone(), name.to_string(), c.clone());
+                let msg = blocking(move || {
+                    // An earlier attempt's failures are answered by this one's reports.
+                    d2.store.clear_failed_reports(&name2, &c2.serial_hex)?;
+                    d2.certificate_message(&name2, &c2)
+                })
+                .await?;
+                d.hub.push(
+                    &rec.edge_zones,
+                    &pb::EdgeUpdate {
+                        certificates: vec![msg],
+                        ..Default::default()
+                    },
+                );
+            }
+            s
+        }
         None => {
             let bundle = issue(d, &rec, id).await?;
             let serial = bundle.serial_hex.clone();
@@ -512,16 +532,6 @@ async fn run_job(d: Arc<Domains>, name: String, shutdown: CancellationToken) {
         let renewal = job.cause == JobCause::Renewal;
         match outcome {
             Ok(detail) => {
-                finish(
-                    &d,
-                    &name,
-                    job.id,
-                    DomainState::Deployed,
-                    detail.clone(),
-                    None,
-                    None,
-                )
-                .await;
                 let kind = if renewal {
                     "domain.renewed"
                 } else {
@@ -534,22 +544,22 @@ async fn run_job(d: Arc<Domains>, name: String, shutdown: CancellationToken) {
                         .detail(format!("job {}: {detail}", job.id)),
                 )
                 .await;
+                finish(
+                    &d,
+                    &name,
+                    job.id,
+                    DomainState::Deployed,
+                    detail.clone(),
+                    None,
+                    None,
+                )
+                .await;
                 tracing::info!(domain = %name, job = job.id, "{detail}");
                 return;
             }
             Err(reason) if n >= d.cfg.attempts => {
                 let retry = renewal.then(|| unix(d.now() + d.cfg.renewal_retry));
                 let detail = format!("failed after {n} attempt(s): {reason}");
-                finish(
-                    &d,
-                    &name,
-                    job.id,
-                    DomainState::Failed,
-                    detail,
-                    Some(reason.clone()),
-                    retry,
-                )
-                .await;
                 let kind = if renewal {
                     "domain.renewal_failed"
                 } else {
@@ -560,6 +570,16 @@ async fn run_job(d: Arc<Domains>, name: String, shutdown: CancellationToken) {
                         .actor(job.actor.as_str())
                         .subject(&name)
                         .detail(format!("job {}: {reason}", job.id)),
+                )
+                .await;
+                finish(
+                    &d,
+                    &name,
+                    job.id,
+                    DomainState::Failed,
+                    detail,
+                    Some(reason.clone()),
+                    retry,
                 )
                 .await;
                 tracing::warn!(domain = %name, job = job.id, %reason, "domain job failed");

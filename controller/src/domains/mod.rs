@@ -555,3 +555,6 @@ impl Domains {
         jobs::run(self, shutdown).await
     }
 }
+
+#[cfg(test)]
+mod tests;

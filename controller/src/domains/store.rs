@@ -260,6 +260,18 @@ impl DomainStore {
         Ok(())
     }
 
+    /// Forget the failures edges reported for `serial` of `domain`.
+    pub fn clear_failed_reports(&self, domain: &str, serial: &str) -> StoreResult<()> {
+        for kv in self.reports.scan_prefix(format!("{domain}\0")) {
+            let (k, v) = kv?;
+            let r: ReportRecord = decode("domain_reports", &v)?;
+            if r.serial_hex == serial && r.state == "failed" {
+                self.reports.remove(k)?;
+            }
+        }
+        Ok(())
+    }
+
     pub fn report(&self, domain: &str, edge: &str) -> StoreResult<Option<ReportRecord>> {
         Store::get(&self.reports, "domain_reports", report_key(domain, edge))
     }

@@ -42,12 +42,12 @@ fn json_error(status: StatusCode, msg: &str) -> Response {
     (status, axum::Json(json!({ "error": msg }))).into_response()
 }
 
-fn domains_of(state: &WebState) -> Result<Arc<Domains>, Response> {
+fn domains_of(state: &WebState) -> Result<Arc<Domains>, Box<Response>> {
     state.inner.domains.get().cloned().ok_or_else(|| {
-        json_error(
+        Box::new(json_error(
             StatusCode::SERVICE_UNAVAILABLE,
             "domains are not available on this controller",
-        )
+        ))
     })
 }
 
@@ -74,7 +74,7 @@ async fn page(State(state): State<WebState>, headers: HeaderMap) -> Response {
     };
     let d = match domains_of(&state) {
         Ok(d) => d,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let rows = match crate::blocking::run(move || d.list()).await {
         Ok(rows) => rows,
@@ -131,18 +131,18 @@ async fn allowed(
     state: &WebState,
     headers: &HeaderMap,
     name: String,
-) -> Result<(Arc<Domains>, Session, String, zeroize::Zeroizing<String>), Response> {
-    let (token, s) = session(state, headers, Need::Full).map_err(|r| *r)?;
+) -> Result<(Arc<Domains>, Session, String, zeroize::Zeroizing<String>), Box<Response>> {
+    let (token, s) = session(state, headers, Need::Full)?;
     let d = domains_of(state)?;
     let d2 = d.clone();
     let owner = crate::blocking::run(move || d2.owner(&name).map(|o| (o, name)))
         .await
-        .map_err(controller_error)?;
+        .map_err(|e| Box::new(controller_error(e)))?;
     if !may_see(&s, &owner.0) {
-        return Err(json_error(
+        return Err(Box::new(json_error(
             StatusCode::FORBIDDEN,
             "this domain belongs to another owner",
-        ));
+        )));
     }
     Ok((d, s, owner.1, token))
 }
@@ -154,7 +154,7 @@ async fn api_get(
 ) -> Response {
     let (d, _, name, _) = match allowed(&state, &headers, name).await {
         Ok(v) => v,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     match crate::blocking::run(move || d.detail(&name)).await {
         Ok(detail) => axum::Json(detail).into_response(),
@@ -202,7 +202,7 @@ async fn api_deploy(
                     )
                     .await;
             }
-            return r;
+            return *r;
         }
     };
     let actor = s.email.clone();
