@@ -122,7 +122,7 @@ pub fn responder_url(cert_der: &[u8]) -> Result<Option<String>, OcspError> {
 
 fn parse_cert(der: &[u8]) -> Result<X509Certificate<'_>, OcspError> {
     match X509Certificate::from_der(der) {
-        Ok((rest, c)) if rest.is_empty() => Ok(c),
+        Ok(([], c)) => Ok(c),
         Ok(_) => Err(OcspError::Certificate("trailing data".into())),
         Err(e) => Err(OcspError::Certificate(e.to_string())),
     }

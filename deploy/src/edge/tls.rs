@@ -105,7 +105,7 @@ pub(crate) fn check_bundle(b: &CertBundle, now: SystemTime) -> Result<Checked, E
     let mut parsed = Vec::with_capacity(b.chain_der.len());
     for (i, der) in b.chain_der.iter().enumerate() {
         match X509Certificate::from_der(der) {
-            Ok((rest, c)) if rest.is_empty() => parsed.push(c),
+            Ok(([], c)) => parsed.push(c),
             Ok(_) => return Err(refuse(d, format!("certificate {i}: trailing data"))),
             Err(e) => return Err(refuse(d, format!("certificate {i}: {e}"))),
         }
