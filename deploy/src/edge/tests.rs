@@ -355,6 +355,7 @@ async fn send(
         .header("x-forwarded-for", "203.0.113.9")
         .body(Full::new(Bytes::from_static(body.as_bytes())))
         .unwrap();
+    s.ready().await.unwrap();
     let resp = s.send_request(req).await.unwrap();
     let (parts, body) = resp.into_parts();
     let body = body.collect().await.unwrap().to_bytes();
