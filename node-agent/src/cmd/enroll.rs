@@ -241,5 +241,27 @@ pub fn run_status(a: StateArgs) -> Result<ExitCode> {
     for r in &st.rejected_peers {
         println!("refused: {r}");
     }
+    if !st.edge.is_empty() {
+        println!(
+            "{:<32} {:<34} {:<22} STAPLE",
+            "EDGE DOMAIN", "SERIAL", "EXPIRES"
+        );
+    }
+    for d in &st.edge {
+        let expiry = humantime::format_rfc3339_seconds(
+            std::time::UNIX_EPOCH + std::time::Duration::from_secs(d.not_after_unix),
+        );
+        println!(
+            "{:<32} {:<34} {:<22} {}{}",
+            d.domain,
+            d.serial,
+            expiry.to_string(),
+            d.staple,
+            d.files_error
+                .as_ref()
+                .map(|e| format!("; files: {e}"))
+                .unwrap_or_default()
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }

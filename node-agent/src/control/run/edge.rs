@@ -12,6 +12,7 @@
 use super::super::client::status_message;
 use super::{Agent, RPC_DEADLINE};
 use anyhow::Result;
+use futures::StreamExt;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,6 +23,8 @@ use zonemesh_proto as pb;
 
 use pb::deployment_report::State;
 
+/// Bundles of one update installed concurrently.
+const INSTALLS_AT_ONCE: usize = 8;
 /// Most domains whose last report is remembered (an edge serves at most this many).
 const MAX_REMEMBERED: usize = zonemesh_deploy::edge::MAX_DOMAINS;
 
@@ -103,9 +106,23 @@ pub(super) async fn apply_update(edge: &Edge, u: pb::EdgeUpdate) -> Vec<pb::Depl
         r.token = c.token.clone();
         reports.push(r);
     }
-    for cert in u.certificates {
-        reports.push(install_and_check(edge, CertBundle::from(cert)).await);
+    // One bundle per domain (the last one given), several installs at once: a snapshot
+    // of many domains with a slow OCSP responder is not paid for one after the other.
+    let mut last: HashMap<String, usize> = HashMap::new();
+    for (i, c) in u.certificates.iter().enumerate() {
+        last.insert(c.domain.clone(), i);
     }
+    let bundles = u
+        .certificates
+        .into_iter()
+        .enumerate()
+        .filter(|(i, c)| last.get(&c.domain) == Some(i))
+        .map(|(_, c)| CertBundle::from(c));
+    let installed: Vec<_> = futures::stream::iter(bundles.map(|b| install_and_check(edge, b)))
+        .buffered(INSTALLS_AT_ONCE)
+        .collect()
+        .await;
+    reports.extend(installed);
     reports
 }
 

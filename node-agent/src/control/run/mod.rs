@@ -19,7 +19,7 @@ mod sync;
 #[cfg(test)]
 mod tests;
 
-pub use status::{AgentStatus, PeerStatusRow, SyncCounters, query_status};
+pub use status::{AgentStatus, EdgeDomainRow, PeerStatusRow, SyncCounters, query_status};
 
 use super::clock::{Clock, SystemClock};
 use super::effects::{HostEffects, SystemEffects};
@@ -129,7 +129,11 @@ pub(crate) struct Agent {
     counters: Counters,
     /// Bumped whenever an update brings a CRL other than the one held.
     crl_changes: tokio::sync::watch::Sender<u64>,
+    /// The edge's per-domain status, for `status` (with `--edge-*`).
+    edge_status: Option<tokio::sync::watch::Receiver<EdgeStatusMap>>,
 }
+
+type EdgeStatusMap = std::collections::BTreeMap<String, zonemesh_deploy::edge::DomainStatus>;
 
 /// A started agent, with the receivers of the data plane's and its own security events.
 type Started = (
@@ -224,6 +228,7 @@ impl Agent {
             events: ev_tx,
             counters: Counters::default(),
             crl_changes: tokio::sync::watch::Sender::new(0),
+            edge_status: None,
         };
         Ok((agent, dp_events, ev_rx))
     }
@@ -259,7 +264,8 @@ pub async fn run_with(opts: RunOptions, deps: RunDeps, shutdown: CancellationTok
         )),
         None => None,
     };
-    let (agent, dp_events, ev_rx) = Agent::start(opts, deps).await?;
+    let (mut agent, dp_events, ev_rx) = Agent::start(opts, deps).await?;
+    agent.edge_status = edge.as_ref().map(|e| e.status());
     let agent = Arc::new(agent);
     let saved = agent.view.lock().version;
     if saved > 0 {
