@@ -100,24 +100,29 @@ impl Staple {
     }
 }
 
-/// The responder named in a certificate's Authority Information Access, if any.
+/// The responder named in a certificate's Authority Information Access, if any (the
+/// first `http://` one when there are several).
 ///
 /// # Errors
 /// The certificate does not parse.
 pub fn responder_url(cert_der: &[u8]) -> Result<Option<String>, OcspError> {
     let cert = parse_cert(cert_der)?;
+    let mut urls = Vec::new();
     for ext in cert.extensions() {
         if let ParsedExtension::AuthorityInfoAccess(aia) = ext.parsed_extension() {
             for ad in &aia.accessdescs {
                 if ad.access_method.to_id_string() == OID_AD_OCSP
                     && let x509_parser::extensions::GeneralName::URI(uri) = &ad.access_location
                 {
-                    return Ok(Some((*uri).to_string()));
+                    urls.push((*uri).to_string());
                 }
             }
         }
     }
-    Ok(None)
+    let http = urls.iter().position(|u| u.starts_with("http://"));
+    Ok(http
+        .or((!urls.is_empty()).then_some(0))
+        .map(|i| urls.swap_remove(i)))
 }
 
 fn parse_cert(der: &[u8]) -> Result<X509Certificate<'_>, OcspError> {

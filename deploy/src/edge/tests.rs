@@ -1053,3 +1053,103 @@ async fn a_configuration_that_cannot_work_is_refused_before_binding() {
         assert!(e.to_string().contains(expect), "{e}");
     }
 }
+
+/// Re-sign the `tbsResponseData` of `response` with `key`, carrying `cert`: a response
+/// from a delegated responder.
+fn resign(response: &[u8], key: &KeyPair, cert: &[u8]) -> Vec<u8> {
+    use rcgen::SigningKey;
+    use yasna::Tag;
+    let basic = yasna::parse_der(response, |r| {
+        r.read_sequence(|r| {
+            r.next().read_enum()?;
+            r.next().read_tagged(Tag::context(0), |r| {
+                r.read_sequence(|r| {
+                    r.next().read_oid()?;
+                    r.next().read_bytes()
+                })
+            })
+        })
+    })
+    .unwrap();
+    let tbs = yasna::parse_der(&basic, |r| {
+        r.read_sequence(|r| {
+            let tbs = r.next().read_der()?;
+            r.next().read_der()?;
+            r.next().read_bitvec_bytes()?;
+            r.read_optional(|r| r.read_der())?;
+            Ok(tbs)
+        })
+    })
+    .unwrap();
+    let sig = key.sign(&tbs).unwrap();
+    let oid = |c: &[u64]| yasna::models::ObjectIdentifier::from_slice(c);
+    let basic = yasna::construct_der(|w| {
+        w.write_sequence(|w| {
+            w.next().write_der(&tbs);
+            w.next().write_sequence(|w| {
+                w.next().write_oid(&oid(&[1, 2, 840, 113549, 1, 1, 11]));
+                w.next().write_null();
+            });
+            w.next().write_bitvec_bytes(&sig, sig.len() * 8);
+            w.next().write_tagged(Tag::context(0), |w| {
+                w.write_sequence(|w| w.next().write_der(cert))
+            });
+        })
+    });
+    yasna::construct_der(|w| {
+        w.write_sequence(|w| {
+            w.next().write_enum(0);
+            w.next().write_tagged(Tag::context(0), |w| {
+                w.write_sequence(|w| {
+                    w.next().write_oid(&oid(&[1, 3, 6, 1, 5, 5, 7, 48, 1, 1]));
+                    w.next().write_bytes(&basic);
+                })
+            });
+        })
+    })
+}
+
+#[test]
+fn a_delegated_responder_is_accepted_only_with_the_ocsp_signing_usage() {
+    let p = pki();
+    let b = leaf(
+        "dele.edge.test",
+        &["dele.edge.test"],
+        0,
+        Some("http://127.0.0.1:1/ocsp"),
+    );
+    let t = OcspTarget::new(&b.chain_der[0], &b.chain_der[1])
+        .unwrap()
+        .unwrap();
+    let now = SystemTime::now();
+    let genuine = p
+        .main
+        .ca
+        .ocsp_respond(&t.request_der(), |_| zonemesh_ca::CertStatus::Good, now)
+        .response_der;
+    let responder = |eku: Vec<ExtendedKeyUsagePurpose>, issuer: &Issuer<'static, KeyPair>| {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "delegated OCSP responder");
+        params.not_before = (now - Duration::from_secs(60)).into();
+        params.not_after = (now + Duration::from_secs(3600)).into();
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = eku;
+        params.signed_by(&p.keys[1], issuer).unwrap().der().to_vec()
+    };
+    let delegated = responder(vec![ExtendedKeyUsagePurpose::OcspSigning], &p.main.issuer);
+    let ok = resign(&genuine, &p.keys[1], &delegated);
+    assert_eq!(t.check_response(&ok, now).unwrap().status, CertStatus::Good);
+    let no_eku = responder(vec![ExtendedKeyUsagePurpose::ServerAuth], &p.main.issuer);
+    let e = t
+        .check_response(&resign(&genuine, &p.keys[1], &no_eku), now)
+        .unwrap_err();
+    assert!(e.to_string().contains("not for OCSP signing"), "{e}");
+    let foreign = responder(vec![ExtendedKeyUsagePurpose::OcspSigning], &p.other.issuer);
+    let e = t
+        .check_response(&resign(&genuine, &p.keys[1], &foreign), now)
+        .unwrap_err();
+    assert!(e.to_string().contains("not issued by the issuer"), "{e}");
+}
