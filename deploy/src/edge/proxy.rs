@@ -187,7 +187,7 @@ impl Proxy {
             h.insert(header::HOST, v);
         }
         // We are the first proxy: what a client claims in these is not passed on.
-        if let Ok(v) = HeaderValue::from_str(&peer.ip().to_string()) {
+        if let Ok(v) = HeaderValue::from_str(&peer.ip().to_canonical().to_string()) {
             h.insert(HeaderName::from_static("x-forwarded-for"), v);
         }
         h.insert(
