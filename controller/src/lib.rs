@@ -21,6 +21,7 @@ pub mod blocking;
 pub mod cli;
 pub mod clock;
 pub mod core;
+pub mod domains;
 pub mod error;
 pub mod listen;
 pub mod secrets;
