@@ -283,6 +283,7 @@ fn main() -> Result<()> {
     for _ in 1..EDGES {
         lab.add_edge(false, None)?;
     }
+    lab.wait_edges_connected(Duration::from_secs(30))?;
     println!(
         "deploy benchmark lab ({EDGES} edges) up in {:?}",
         t.elapsed()

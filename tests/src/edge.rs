@@ -383,6 +383,20 @@ impl EdgeLab {
         Ok(())
     }
 
+    /// Wait until the controller counts every lab edge as an edge of the edge zone (each
+    /// has opened WatchEdge), seen through a sentinel domain that is never deployed.
+    pub fn wait_edges_connected(&self, within: Duration) -> Result<Duration> {
+        const SENTINEL: &str = "edges-ready.lab.test";
+        let start = Instant::now();
+        if self.domain(SENTINEL).is_err() {
+            let owner = "lab-sentinel@lab.test";
+            self.add_domain(SENTINEL, "internal", owner, EDGE_ZONE)?;
+        }
+        let n = self.edges.len();
+        self.wait_domain(SENTINEL, within, |d| d["edges_total"] == n)?;
+        Ok(start.elapsed())
+    }
+
     /// Stop an edge's agent (SIGTERM, then KILL after 5 s).
     pub fn stop_agent(&self, edge: &Edge) {
         let child = edge.child.lock().ok().and_then(|mut c| c.take());

@@ -32,7 +32,11 @@ fn setup() -> Result<EdgeLab> {
     lab.add_user(BOB, "portal-owner", PASSWORD);
     lab.add_edge(false, None)?;
     lab.add_edge(false, None)?;
-    println!("lab up in {:?}", t.elapsed());
+    let waited = lab.wait_edges_connected(Duration::from_secs(30))?;
+    println!(
+        "lab up in {:?} (edges connected {waited:?} after the last start)",
+        t.elapsed()
+    );
     Ok(lab)
 }
 
@@ -190,6 +194,16 @@ fn one_press_gets_a_pebble_certificate_served_by_every_edge_and_the_upstream_pag
     assert_eq!(d["edges_serving"], lab.edges.len(), "{d}");
     assert!(d["job"].is_object(), "{d}");
     let serial = norm_serial(d["serial_hex"].as_str().context("serial_hex")?);
+    // pebble names no OCSP responder: served unstapled, and the domain says so.
+    assert!(
+        d["staple"].as_str().is_some_and(|s| s != "stapled"),
+        "staple state of a certificate without an OCSP URL: {d}"
+    );
+    let status = s_client(lab.edges[0].https(), name, true)?;
+    assert!(
+        status.contains("OCSP response: no response sent"),
+        "{status}"
+    );
 
     let pebble_root = write(
         &lab.dir,

@@ -83,7 +83,11 @@ fn setup() -> Result<Shared> {
     let reload = nginx.as_ref().map(Nginx::reload_command);
     lab.add_edge(true, reload.as_deref())?;
     lab.add_edge(false, None)?;
-    println!("lab up in {:?}", t.elapsed());
+    let waited = lab.wait_edges_connected(Duration::from_secs(30))?;
+    println!(
+        "lab up in {:?} (edges connected {waited:?} after the last start)",
+        t.elapsed()
+    );
     Ok(Shared {
         lab,
         nginx,
@@ -203,6 +207,18 @@ fn internal_certificate_staples_good_then_revoked_within_10s_of_ca_revoke() -> R
     let serial = deploy_new(lab, name)?;
     let d = lab.domain(name)?;
     assert_eq!(d["issuer"], "internal");
+    // 24 hours by default.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    let left = d["not_after_unix"]
+        .as_u64()
+        .context("not_after_unix")?
+        .saturating_sub(now);
+    assert!(
+        (23 * 3600..=24 * 3600 + 600).contains(&left),
+        "lifetime left {left} s: {d}"
+    );
     let serial_hex = d["serial_hex"].as_str().context("serial")?.to_string();
     for e in &lab.edges {
         // The staple is fetched after the certificate is installed: wait for it briefly.
