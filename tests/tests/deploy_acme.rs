@@ -304,9 +304,12 @@ fn failed_challenge_shows_pebbles_reason_on_the_page_and_in_domain_list_and_the_
     let a = alice.deploy(name)?;
     assert_eq!(a.status, 202, "{}", a.body);
 
+    // pebble's own words: its ACME problem type and what its validation saw.
     let reason_ok = |e: &str| {
         let e = e.to_ascii_lowercase();
-        e.contains("refused") || e.contains(&nowhere) || e.contains("connect")
+        e.contains("urn:ietf:params:acme:error:connection")
+            && e.contains(&format!("{nowhere}:80"))
+            && e.contains("connection refused")
     };
     let d = wait_api(lab, &alice, name, Duration::from_secs(60), |d| {
         d["state"] == "failed" && d["error"].as_str().is_some_and(reason_ok)
