@@ -178,7 +178,8 @@ fn serve_upstream(conn: TcpStream, log: &Mutex<Vec<String>>) -> Result<()> {
 
 /// How the lab is built.
 pub struct LabOptions {
-    /// 198.19.<tag>.0/24 and the namespace names; unique per test file.
+    /// 198.19.<tag>.0/24 and the namespace names; unique per test file (in use: 21
+    /// `deploy_internal`, 22 `deploy_acme`, 23 the deploy benchmark).
     pub tag: u8,
     /// Point the controller at a pebble started for the lab.
     pub acme: bool,
