@@ -83,7 +83,7 @@ async fn an_edge_gets_its_zones_certificate_reports_serving_and_is_cut_off_when_
         files: false,
     };
     let mut eu_stream = eu_client
-        .watch_edge(hello.clone())
+        .watch_edge(hello)
         .await
         .unwrap()
         .into_inner();
