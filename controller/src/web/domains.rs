@@ -285,3 +285,17 @@ const DOMAINS_JS: &str = r#""use strict";
   });
 })();
 "#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_csrf_token_comes_from_the_header_or_the_form_field() {
+        let mut h = HeaderMap::new();
+        assert_eq!(submitted_csrf(&h, b"a=1&csrf=abc_-9&b=2"), "abc_-9");
+        assert_eq!(submitted_csrf(&h, b"a=1"), "");
+        h.insert("x-csrf-token", "from-header".parse().unwrap());
+        assert_eq!(submitted_csrf(&h, b"csrf=from-form"), "from-header");
+    }
+}
