@@ -14,10 +14,10 @@
 
 mod account;
 mod domains;
+pub mod https;
 pub mod pages;
 mod session;
 mod signin;
-pub mod tls;
 
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
@@ -39,7 +39,8 @@ use account::{dashboard, password_page, password_submit, signout};
 use session::Need;
 use signin::{code_page, code_submit, enroll_page, enroll_submit, signin_page, signin_submit};
 
-pub use tls::{CertSource, IssuedTls, TlsError, ca_issuer, serve_https, server_config};
+pub use crate::tls::{CertSource, IssuedTls, TlsError, ca_issuer};
+pub use https::{serve_https, server_config};
 
 /// Session cookie (`__Host-` prefix: Secure, Path=/, no Domain).
 pub const SESSION_COOKIE: &str = "__Host-zm_session";
