@@ -165,6 +165,65 @@ async fn deploy_endpoint_checks_csrf_answers_202_joins_and_refuses_other_owners(
         404
     );
 
+    // A portal owner may add an acme domain of her own, never an internal one.
+    let add = |issuer: &'static str, name: &'static str| {
+        let csrf = csrf.clone();
+        (issuer, name, csrf)
+    };
+    let (issuer, name, c) = add("internal", "inside.alice.test");
+    let r = alice
+        .post(
+            "/domains",
+            &[
+                ("csrf", &c),
+                ("name", name),
+                ("issuer", issuer),
+                ("zones", "eu"),
+            ],
+        )
+        .await;
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert!(r.body.contains("Only an administrator"), "{}", r.body);
+    assert!(d.detail(name).is_err(), "not added");
+    let (issuer, name, c) = add("acme", "shop.alice.test");
+    let r = alice
+        .post(
+            "/domains",
+            &[
+                ("csrf", &c),
+                ("name", name),
+                ("issuer", issuer),
+                ("owner", BOB),
+                ("zones", "eu"),
+            ],
+        )
+        .await;
+    assert!(
+        r.status == 303 || r.status == 302,
+        "{} {}",
+        r.status,
+        r.body
+    );
+    let added = d.detail(name).unwrap().domain;
+    assert_eq!(
+        added.owner, ALICE,
+        "a portal owner's domain is hers, whatever the form says"
+    );
+    assert_eq!(added.issuer, IssuerKind::Acme);
+    let r = alice
+        .post(
+            "/domains",
+            &[
+                ("csrf", "forged"),
+                ("name", "x.alice.test"),
+                ("issuer", "acme"),
+                ("zones", "eu"),
+            ],
+        )
+        .await;
+    assert_eq!(r.status, 403);
+    assert!(d.detail("x.alice.test").is_err());
+
     // Signed out: sent to sign in, nothing started.
     let mut stranger = server.client("127.0.0.5");
     let r = stranger.post(&path, &[("csrf", &csrf)]).await;
