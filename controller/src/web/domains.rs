@@ -209,16 +209,17 @@ fn render(viewer: &Viewer<'_>, rows: &[DomainView], admin: bool, message: Option
             .unwrap_or_else(|| "-".into());
         let _ = write!(
             t,
-            r#"<tr data-domain="{name}"><td class="mono">{name}</td><td>{issuer}</td><td class="state">{state}</td><td class="mono serial">{serial}</td><td class="expiry">{expiry}</td><td class="bad error">{error}</td><td><form method="post" action="/api/domains/{name}/deploy-certificate" class="inline deploy-form"><input type="hidden" name="csrf" value="{csrf}"><button type="submit" class="deploy" data-domain="{name}">Deploy Certificate</button></form></td></tr>"#,
+            r#"<tr data-domain="{name}"><td class="mono">{name}</td><td>{issuer}</td><td class="state">{state}</td><td class="mono serial">{serial}</td><td class="expiry">{expiry}</td><td class="staple">{staple}</td><td class="bad error">{error}</td><td><form method="post" action="/api/domains/{name}/deploy-certificate" class="inline deploy-form"><input type="hidden" name="csrf" value="{csrf}"><button type="submit" class="deploy" data-domain="{name}">Deploy Certificate</button></form></td></tr>"#,
             issuer = d.issuer.as_str(),
             state = esc(&crate::cli::render::domain_state(d)),
             serial = esc(d.serial_hex.as_deref().unwrap_or("-")),
             error = esc(d.error.as_deref().unwrap_or("")),
+            staple = esc(d.staple.as_deref().unwrap_or("-")),
             csrf = esc(viewer.csrf),
         );
     }
     if rows.is_empty() {
-        t.push_str(r#"<tr><td colspan="7">No domains yet.</td></tr>"#);
+        t.push_str(r#"<tr><td colspan="8">No domains yet.</td></tr>"#);
     }
     layout(
         "Domains",
@@ -226,7 +227,7 @@ fn render(viewer: &Viewer<'_>, rows: &[DomainView], admin: bool, message: Option
         &format!(
             r#"<div class="card"><h1>Domains</h1>{msg}
 <p>Deploy Certificate issues a certificate for the domain and puts it on every edge of its zones.</p>
-<table id="domains" data-csrf="{csrf}"><thead><tr><th>Domain</th><th>Issuer</th><th>State</th><th>Serial</th><th>Expires</th><th>Error</th><th></th></tr></thead><tbody>{t}</tbody></table>
+<table id="domains" data-csrf="{csrf}"><thead><tr><th>Domain</th><th>Issuer</th><th>State</th><th>Serial</th><th>Expires</th><th>OCSP staple</th><th>Error</th><th></th></tr></thead><tbody>{t}</tbody></table>
 <p id="progress" class="notice" hidden></p>
 <p><a href="/dashboard">Back to the dashboard</a></p></div>{add}
 <script src="/static/domains.js"></script>"#,
@@ -359,6 +360,7 @@ const DOMAINS_JS: &str = r#""use strict";
     r.querySelector(".state").textContent = st;
     r.querySelector(".serial").textContent = d.serial_hex || "-";
     r.querySelector(".expiry").textContent = d.not_after_unix ? new Date(d.not_after_unix * 1000).toISOString().replace(".000", "") : "-";
+    r.querySelector(".staple").textContent = d.staple || "-";
     r.querySelector(".error").textContent = d.error || "";
   }
   function follow(name, job) {
