@@ -20,6 +20,7 @@ mod sync;
 mod tests;
 
 pub use status::{AgentStatus, EdgeDomainRow, PeerStatusRow, SyncCounters, query_status};
+pub use zonemesh_deploy::edge::EdgeConfig;
 
 use super::clock::{Clock, SystemClock};
 use super::effects::{HostEffects, SystemEffects};
@@ -49,7 +50,7 @@ pub struct RunOptions {
     pub listen_port: u16,
     pub mtu: u16,
     /// Serve portal domains (`--edge-*`), validated before anything binds.
-    pub edge: Option<zonemesh_deploy::edge::EdgeConfig>,
+    pub edge: Option<EdgeConfig>,
 }
 
 /// Starts the data plane for a configuration.
