@@ -1,23 +1,34 @@
 //! zonemesh controller: the internal CA, the control plane and the admin side.
+//!
+//! Layers, each importing only from the ones above it:
+//! - [`core`]: the authority (CA and its records), the mesh state machine, the store and
+//!   the audit log, with the limits and blocklist policy they enforce.
+//! - [`tls`]: the listeners' TLS plumbing (suites, the controller's renewing certificate,
+//!   the CRL-checking client verifier).
+//! - [`api`]: the machine-facing entry points over the core: gRPC for agents, the admin
+//!   socket for the CLI, OCSP and CRL over HTTP.
+//! - [`auth`] and [`web`]: users, passwords, TOTP, sessions and the sign-in throttle, and
+//!   the HTTPS pages built on them.
+//! - [`serve`] and [`cli`]: wiring a running controller together, and the command line.
+//!
+//! Shared by every layer: [`error`], [`blocking`], [`clock`], [`listen`], [`secrets`],
+//! [`text`]. The old flat paths (`crate::mesh`, `crate::grpc`, ...) stay available as
+//! re-exports.
 
-pub mod admin;
-pub mod audit;
+pub mod api;
 pub mod auth;
-pub mod authority;
 pub mod blocking;
-pub mod blocklist;
 pub mod cli;
 pub mod clock;
-pub mod durable;
+pub mod core;
+pub mod domains;
 pub mod error;
-pub mod grpc;
-pub mod limits;
 pub mod listen;
-pub mod mesh;
-pub mod pki_http;
 pub mod secrets;
 pub mod serve;
-pub mod store;
 pub mod text;
 pub mod tls;
 pub mod web;
+
+pub use crate::api::{admin, grpc, pki_http};
+pub use crate::core::{audit, authority, blocklist, durable, limits, mesh, store};

@@ -1,7 +1,7 @@
 //! How replies are shown: every list as one table (cells escaped) or as `--json`, both from
 //! the same typed reply.
 
-use crate::admin::proto::{BlockRow, CaShow, HealthRow, NodeRow, UserAdded, ZoneRow};
+use crate::admin::proto::{BlockRow, CaShow, DomainView, HealthRow, NodeRow, UserAdded, ZoneRow};
 use crate::audit::{AuditRecord, format_utc};
 use crate::auth::{ThrottleList, UserSummary};
 use crate::text::Escaped;
@@ -323,6 +323,48 @@ pub fn user_added(added: &UserAdded, json: bool) -> String {
         s.push_str("\n\nThen sign in: the first code confirms the enrollment. Until then this admin gets no session.\n");
     }
     s
+}
+
+/// A domain's state as the table shows it: `deployed 3/3`, `deploying 1/3`, `failed`.
+pub fn domain_state(d: &DomainView) -> String {
+    use crate::domains::DomainState as S;
+    match d.state {
+        S::Deploying | S::Deployed => {
+            format!("{} {}/{}", d.state.as_str(), d.edges_serving, d.edges_total)
+        }
+        _ => d.state.as_str().to_string(),
+    }
+}
+
+pub fn domains(rows: &[DomainView], json: bool) -> String {
+    if json {
+        return pretty(&rows);
+    }
+    let cols = [
+        Col::left("DOMAIN", 28),
+        Col::left("ISSUER", 9),
+        Col::left("OWNER", 24),
+        Col::left("STATE", 14),
+        Col::left("SERIAL", 34),
+        Col::left("EXPIRES", 21),
+        Col::left("STAPLE", 13),
+        Col::last("ERROR"),
+    ];
+    table(
+        &cols,
+        rows.iter().map(|d| {
+            [
+                d.name.clone(),
+                d.issuer.as_str().to_string(),
+                d.owner.clone(),
+                domain_state(d),
+                d.serial_hex.clone().unwrap_or_else(|| "-".into()),
+                d.not_after_unix.map(fmt_unix).unwrap_or_else(|| "-".into()),
+                d.staple.clone().unwrap_or_else(|| "-".into()),
+                d.error.clone().unwrap_or_default(),
+            ]
+        }),
+    )
 }
 
 #[cfg(test)]

@@ -9,13 +9,15 @@
 //! - `GET /account/password`, `POST /account/password`: password change (throttled like
 //!   sign-in; ends the user's other sessions)
 //! - `POST /signout`
+//! - `GET /domains` and `/api/domains/...`: portal domains (see `domains`)
 //! - `GET /healthz`, `GET /static/style.css`
 
 mod account;
+mod domains;
+pub mod https;
 pub mod pages;
 mod session;
 mod signin;
-pub mod tls;
 
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
@@ -37,7 +39,8 @@ use account::{dashboard, password_page, password_submit, signout};
 use session::Need;
 use signin::{code_page, code_submit, enroll_page, enroll_submit, signin_page, signin_submit};
 
-pub use tls::{CertSource, IssuedTls, TlsError, ca_issuer, serve_https, server_config};
+pub use crate::tls::{CertSource, IssuedTls, TlsError, ca_issuer};
+pub use https::{serve_https, server_config};
 
 /// Session cookie (`__Host-` prefix: Secure, Path=/, no Domain).
 pub const SESSION_COOKIE: &str = "__Host-zm_session";
@@ -45,7 +48,7 @@ pub const SESSION_COOKIE: &str = "__Host-zm_session";
 pub const SIGNIN_COOKIE: &str = "__Host-zm_signin";
 
 /// The content security policy of every response: nothing but our own stylesheet.
-pub const CSP: &str = "default-src 'none'; style-src 'self'; img-src 'self' data:; form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
+pub const CSP: &str = "default-src 'none'; script-src 'self'; connect-src 'self'; style-src 'self'; img-src 'self' data:; form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
 
 /// A zone as the dashboard lists it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -93,6 +96,8 @@ struct Inner {
     metrics: Arc<AuthMetrics>,
     clock: Clock,
     absolute_timeout: Duration,
+    /// Portal domains, attached by `serve` (the Domains page answers 503 without).
+    domains: std::sync::OnceLock<Arc<crate::domains::Domains>>,
 }
 
 impl WebState {
@@ -127,6 +132,7 @@ impl WebState {
                 metrics: Arc::new(AuthMetrics::default()),
                 clock: Arc::new(SystemTime::now),
                 absolute_timeout: cfg.session_absolute_timeout,
+                domains: std::sync::OnceLock::new(),
             }),
         })
     }
@@ -138,6 +144,11 @@ impl WebState {
         Self {
             inner: Arc::new(Inner { clock, ..inner }),
         }
+    }
+
+    /// Serve the Domains page and its endpoints from `domains`.
+    pub fn attach_domains(&self, domains: Arc<crate::domains::Domains>) {
+        let _ = self.inner.domains.set(domains);
     }
 
     /// The user store (the CLI and admin socket use it too).
@@ -276,6 +287,7 @@ pub fn router(state: WebState) -> Router {
         .route("/signout", post(signout))
         .route("/healthz", get(|| async { "ok" }))
         .route("/static/style.css", get(style))
+        .merge(domains::routes())
         .fallback(not_found)
         .layer(middleware::from_fn(same_origin_posts))
         .layer(DefaultBodyLimit::max(16 * 1024))

@@ -1,23 +1,22 @@
-//! The HTTPS listener: rustls with TLS 1.2/1.3 and forward-secret AEAD suites only, a
-//! certificate that renews itself at 2/3 of its life, and hyper serving the axum router.
+//! The controller's own server certificates: what the CA hands out ([`IssuedTls`]) and a
+//! source that serves the current one and renews it at 2/3 of its life ([`CertSource`]).
+//! Both the HTTPS and the gRPC listener serve through one.
 
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
 use rustls::crypto::CryptoProvider;
-use rustls::crypto::aws_lc_rs::cipher_suite as cs;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-use tokio::task::JoinSet;
-use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
-use crate::listen::{GuardedIo, GuardedListener, HttpOptions};
+use super::{TlsSetupError, provider};
+use crate::core::authority::Authority;
+use zonemesh_ca::TlsNames;
 
-/// Errors of the HTTPS listener.
+/// Errors of the controller's TLS listeners and certificates.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     #[error("TLS: {0}")]
@@ -67,40 +66,6 @@ pub fn ca_issuer(
             not_after: cert.not_after,
         })
     }
-}
-
-/// The cipher suites offered: TLS 1.3's AEAD suites and, for TLS 1.2, ECDHE with AES-GCM
-/// or ChaCha20-Poly1305 only. No static RSA key exchange, no CBC, nothing without
-/// forward secrecy.
-pub fn cipher_suites() -> Vec<rustls::SupportedCipherSuite> {
-    vec![
-        cs::TLS13_AES_256_GCM_SHA384,
-        cs::TLS13_AES_128_GCM_SHA256,
-        cs::TLS13_CHACHA20_POLY1305_SHA256,
-        cs::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
-        cs::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
-        cs::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
-        cs::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
-        cs::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
-        cs::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256,
-    ]
-}
-
-fn provider() -> Arc<CryptoProvider> {
-    let mut p = rustls::crypto::aws_lc_rs::default_provider();
-    p.cipher_suites = cipher_suites();
-    Arc::new(p)
-}
-
-/// The rustls server configuration of the admin listener.
-pub fn server_config(certs: Arc<CertSource>) -> Result<rustls::ServerConfig, TlsError> {
-    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
-        .with_no_client_auth()
-        .with_cert_resolver(certs);
-    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    cfg.ignore_client_order = true;
-    Ok(cfg)
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -259,63 +224,24 @@ impl ResolvesServerCert for CertSource {
     }
 }
 
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Serve `app` over TLS on `listener` until `shutdown`: stop accepting, let open
-/// connections finish (up to 10 s), then return. Handlers see the peer address as
-/// `ConnectInfo<SocketAddr>`. A plain `TcpListener` gets default limits; `serve` passes a
-/// [`GuardedListener`] sized from the file-descriptor limit.
-pub async fn serve_https(
-    listener: impl Into<GuardedListener>,
-    app: axum::Router,
-    certs: Arc<CertSource>,
-    shutdown: CancellationToken,
-) -> Result<(), TlsError> {
-    let mut listener = listener.into();
-    let acceptor = TlsAcceptor::from(Arc::new(server_config(certs)?));
-    let mut conns = JoinSet::new();
-    loop {
-        while conns.try_join_next().is_some() {}
-        let (io, peer) = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            c = listener.accept() => c,
-        };
-        let acceptor = acceptor.clone();
-        let app = app.clone();
-        let stop = shutdown.clone();
-        conns.spawn(serve_connection(acceptor, io, peer, app, stop));
-    }
-    drop(listener);
-    crate::listen::drain(conns).await;
-    Ok(())
-}
-
-async fn serve_connection(
-    acceptor: TlsAcceptor,
-    tcp: GuardedIo<tokio::net::TcpStream>,
-    peer: SocketAddr,
-    app: axum::Router,
-    stop: CancellationToken,
-) {
-    let activity = tcp.activity();
-    let tls = tokio::select! {
-        _ = stop.cancelled() => return,
-        r = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)) => match r {
-            Ok(Ok(t)) => t,
-            Ok(Err(e)) => {
-                tracing::debug!(peer = %peer, error = %e, "TLS handshake refused");
-                return;
-            }
-            Err(_) => return,
-        },
-    };
-    let opts = HttpOptions {
-        h2_only: false,
-        max_concurrent_streams: 64,
-        keep_alive: Duration::from_secs(30),
-    };
-    let ext = axum::extract::ConnectInfo(peer);
-    if let Err(e) = crate::listen::serve_connection(tls, app, ext, activity, opts, stop).await {
-        tracing::debug!(peer = %peer, error = %e, "HTTPS connection ended with an error");
-    }
+/// Issue the controller's own TLS certificate from its CA (recorded like every other
+/// serial). The chain ends with the root so an enrolling agent can match it against its
+/// pinned fingerprint.
+pub fn issue_own(
+    auth: &Authority,
+    names: &TlsNames,
+    now: SystemTime,
+) -> Result<IssuedTls, TlsSetupError> {
+    let key = zonemesh_ca::generate_rsa_2048()?;
+    let cert = auth
+        .issue_tls_key(&key, names, None, now)
+        .map_err(Box::new)?;
+    let mut chain = vec![cert.der];
+    chain.extend(auth.chain());
+    chain.push(auth.ca().root_der().to_vec());
+    Ok(IssuedTls {
+        chain_der: chain,
+        key_pkcs8: zeroize::Zeroizing::new(key.serialize_der()),
+        not_after: cert.not_after,
+    })
 }

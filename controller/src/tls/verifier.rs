@@ -1,9 +1,8 @@
-//! TLS for the gRPC listener: the controller's own short-lived certificate from its CA
-//! (served through the same renewing `CertSource` as the admin side) and a client verifier
-//! that checks the current CRL on every handshake.
+//! TLS for the gRPC listener: a client verifier that checks the current CRL on every
+//! handshake, and the server configuration serving the controller's own certificate
+//! through the same renewing [`CertSource`] as the HTTPS side.
 
-use crate::authority::Authority;
-use crate::web::tls::{CertSource, IssuedTls};
+use super::{CertSource, provider};
 use arc_swap::ArcSwap;
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::pki_types::{CertificateDer, UnixTime};
@@ -11,15 +10,6 @@ use rustls::server::WebPkiClientVerifier;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme};
 use std::sync::Arc;
-use std::time::SystemTime;
-use zonemesh_ca::TlsNames;
-
-/// aws-lc-rs restricted to the forward-secret AEAD suites of the admin listener.
-pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    let mut p = rustls::crypto::aws_lc_rs::default_provider();
-    p.cipher_suites = crate::web::tls::cipher_suites();
-    Arc::new(p)
-}
 
 /// Why the controller's TLS plumbing could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -37,24 +27,6 @@ pub enum TlsSetupError {
 }
 
 type Result<T, E = TlsSetupError> = std::result::Result<T, E>;
-
-/// Issue the controller's own TLS certificate from its CA (recorded like every other
-/// serial). The chain ends with the root so an enrolling agent can match it against its
-/// pinned fingerprint.
-pub fn issue_own(auth: &Authority, names: &TlsNames, now: SystemTime) -> Result<IssuedTls> {
-    let key = zonemesh_ca::generate_rsa_2048()?;
-    let cert = auth
-        .issue_tls_key(&key, names, None, now)
-        .map_err(Box::new)?;
-    let mut chain = vec![cert.der];
-    chain.extend(auth.chain());
-    chain.push(auth.ca().root_der().to_vec());
-    Ok(IssuedTls {
-        chain_der: chain,
-        key_pkcs8: zeroize::Zeroizing::new(key.serialize_der()),
-        not_after: cert.not_after,
-    })
-}
 
 /// Verifies client certificates against the CA roots and the current CRL. The CRL is
 /// replaced in place after every revocation, so the next handshake already sees it.

@@ -1,0 +1,238 @@
+//! The control plane's state machine: zones, tokens, enrollment, renewal, revocation and
+//! the versioned stream of mesh changes that every agent watches.
+//!
+//! Each change is computed once, written to the change log (so a reconnecting agent can
+//! resume from its last version, also across controller restarts), flushed, and fanned out
+//! to all watchers as one shared `Arc`: the cost of a change does not grow with the fleet.
+//!
+//! This file holds the state and its limits; each job is one file: recording a change
+//! (`commit`), watch streams (`watch`), zones and tokens (`zones`), enrollment (`enroll`,
+//! with the CSR checks in `csr`), calls from enrolled nodes (`node_calls`), source blocks
+//! (`blocks`) and revocation (`revoke`).
+
+mod blocks;
+mod commit;
+mod csr;
+mod enroll;
+mod node_calls;
+mod revoke;
+mod watch;
+mod zones;
+
+pub use node_calls::{HealthRow, RenewKey};
+pub use watch::{Resume, Subscription};
+pub use zones::CreatedToken;
+
+use crate::audit::AuditLog;
+use crate::authority::Authority;
+use crate::blocklist::{Evidence, EvidenceConfig, NeverBlock, ReportRate};
+use crate::clock::{Clock, SystemClock};
+use crate::error::{ControllerError, Result};
+use crate::limits::{FailureWindow, KeyedBuckets, Rate};
+use crate::store::{Store, StoreError};
+use parking_lot::Mutex;
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+use zonemesh_proto as pb;
+
+/// How many past changes are kept for resuming watchers.
+const CHANGE_LOG_LEN: u64 = 4096;
+/// A watcher further behind than this gets the (shared, cached) snapshot instead of a
+/// replay of the log: a replay costs memory per stream, the snapshot does not.
+pub const RESUME_MAX_CHANGES: u64 = 256;
+/// Changes decoded from the log at a time while a watcher replays.
+pub const REPLAY_CHUNK: u64 = 32;
+/// Enrollment failures allowed per (source, token) per window before it is rate-limited;
+/// unknown tokens from one source share one key.
+const ENROLL_FAILURES_PER_WINDOW: u32 = 10;
+const ENROLL_FAILURE_WINDOW: Duration = Duration::from_secs(60);
+/// Most (source, token) keys the enrollment limiter tracks.
+const ENROLL_LIMITER_KEYS: usize = 4096;
+/// Calls an enrolled node may make (per node), and how many nodes are tracked.
+pub const RENEW_RATE: Rate = Rate::new(4, Duration::from_secs(3600));
+pub const ISSUE_TLS_RATE: Rate = Rate::new(30, Duration::from_secs(3600));
+pub const UPDATE_ENDPOINTS_RATE: Rate = Rate::new(6, Duration::from_secs(60));
+const RATE_LIMITED_NODES: usize = 65_536;
+/// `ReportEvents` calls a node may make at once, and per second sustained.
+const REPORT_BURST: u32 = 20;
+const REPORTS_PER_SEC: f64 = 2.0;
+/// Peers kept per health report, and the longest peer name kept.
+const MAX_HEALTH_ROWS: usize = 1024;
+const MAX_PEER_NAME: usize = 128;
+/// Longest block reason kept.
+const MAX_BLOCK_REASON: usize = 512;
+/// How long an automatic block lasts.
+pub const DEFAULT_BLOCK: Duration = Duration::from_secs(3600);
+const MAX_ENDPOINTS: usize = 8;
+/// Watch streams kept open per node; a newer one ends the oldest (an agent has one).
+pub const MAX_STREAMS_PER_NODE: usize = 8;
+
+/// The control plane.
+pub struct Mesh {
+    auth: Arc<Authority>,
+    store: Store,
+    version: AtomicU64,
+    /// Serialises writes to the change log so versions are assigned in order; the flush
+    /// and the broadcast happen after it is released (see `Mesh::commit`).
+    change_lock: Mutex<()>,
+    tx: broadcast::Sender<Arc<pb::MeshUpdate>>,
+    streams: Mutex<HashMap<String, Vec<CancellationToken>>>,
+    /// Keys of `streams` after its last sweep of ended streams.
+    live_stream_nodes: std::sync::atomic::AtomicUsize,
+    /// Failed enrollments by (source, token hash); `None` stands for every unknown token.
+    enroll_failures: FailureWindow<(IpAddr, Option<String>)>,
+    renew_limit: KeyedBuckets<String>,
+    issue_tls_limit: KeyedBuckets<String>,
+    update_endpoints_limit: KeyedBuckets<String>,
+    clock: Arc<dyn Clock>,
+    evidence: Mutex<Evidence>,
+    report_rate: Mutex<ReportRate>,
+    /// The controller's own addresses (listeners, TLS names, host addresses when a
+    /// listener is unspecified); never blocked.
+    own_addresses: Mutex<Vec<(IpAddr, String)>>,
+    /// What may not be blocked, rebuilt after node and zone changes.
+    never_block: Mutex<Option<Arc<NeverBlock>>>,
+    audit: std::sync::OnceLock<Arc<AuditLog>>,
+    snapshot_cache: Mutex<Option<Arc<pb::MeshUpdate>>>,
+    health: Mutex<HashMap<String, Vec<HealthRow>>>,
+    block_duration: Duration,
+    crl_listeners: Mutex<Vec<Arc<crate::tls::CrlClientVerifier>>>,
+    /// Wraps the enrollment signature (tests slow it down to show it runs outside the
+    /// change lock); `None` signs directly.
+    sign_hook: Option<Arc<SignHook>>,
+    /// Committed changes written to the log but not yet published, by version.
+    unpublished: Mutex<std::collections::BTreeMap<u64, Arc<pb::MeshUpdate>>>,
+    /// The last version written to the log (under the change lock); `version` is the
+    /// last one flushed and broadcast.
+    appended: AtomicU64,
+}
+
+/// Runs just before the enrollment signature; see [`Mesh::with_sign_hook`].
+pub type SignHook = dyn Fn() + Send + Sync;
+
+impl std::fmt::Debug for Mesh {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mesh")
+            .field("version", &self.version)
+            .finish_non_exhaustive()
+    }
+}
+
+fn store_err(e: sled::Error) -> ControllerError {
+    ControllerError::Store(StoreError::Db(e))
+}
+
+fn hash_token(token: &str) -> String {
+    hex::encode(Sha256::digest(token.trim().as_bytes()))
+}
+
+fn parse_endpoints(list: &[String]) -> Result<Vec<SocketAddr>> {
+    if list.len() > MAX_ENDPOINTS {
+        return Err(ControllerError::BadRequest(format!(
+            "at most {MAX_ENDPOINTS} endpoints"
+        )));
+    }
+    list.iter()
+        .map(|e| {
+            e.parse::<SocketAddr>()
+                .map_err(|_| ControllerError::BadRequest(format!("endpoint {e:?} is not IP:PORT")))
+        })
+        .collect()
+}
+
+impl Mesh {
+    /// Start the control plane over an authority and its store.
+    pub fn new(auth: Arc<Authority>) -> Result<Arc<Self>> {
+        Self::with_clock(auth, Arc::new(SystemClock))
+    }
+
+    /// The control plane with an explicit clock (Mesh calls check certificate expiry
+    /// against it).
+    pub fn with_clock(auth: Arc<Authority>, clock: Arc<dyn Clock>) -> Result<Arc<Self>> {
+        Self::build(auth, clock, None)
+    }
+
+    /// The control plane with `hook` run before every enrollment signature (a test slows
+    /// the signature down with it, to show what else may run meanwhile).
+    pub fn with_sign_hook(
+        auth: Arc<Authority>,
+        clock: Arc<dyn Clock>,
+        hook: Arc<SignHook>,
+    ) -> Result<Arc<Self>> {
+        Self::build(auth, clock, Some(hook))
+    }
+
+    fn build(
+        auth: Arc<Authority>,
+        clock: Arc<dyn Clock>,
+        sign_hook: Option<Arc<SignHook>>,
+    ) -> Result<Arc<Self>> {
+        let store = auth.store().clone();
+        let version = store.meta_u64("mesh_version")?;
+        let (tx, _) = broadcast::channel(1024);
+        Ok(Arc::new(Self {
+            auth,
+            store,
+            version: AtomicU64::new(version),
+            appended: AtomicU64::new(version),
+            unpublished: Mutex::new(std::collections::BTreeMap::new()),
+            sign_hook,
+            change_lock: Mutex::new(()),
+            tx,
+            streams: Mutex::new(HashMap::new()),
+            live_stream_nodes: std::sync::atomic::AtomicUsize::new(0),
+            enroll_failures: FailureWindow::new(
+                ENROLL_FAILURES_PER_WINDOW,
+                ENROLL_FAILURE_WINDOW,
+                ENROLL_LIMITER_KEYS,
+            ),
+            renew_limit: KeyedBuckets::new(RENEW_RATE, RATE_LIMITED_NODES),
+            issue_tls_limit: KeyedBuckets::new(ISSUE_TLS_RATE, RATE_LIMITED_NODES),
+            update_endpoints_limit: KeyedBuckets::new(UPDATE_ENDPOINTS_RATE, RATE_LIMITED_NODES),
+            clock,
+            evidence: Mutex::new(Evidence::new(EvidenceConfig::default())),
+            report_rate: Mutex::new(ReportRate::new(REPORT_BURST, REPORTS_PER_SEC, 65_536)),
+            own_addresses: Mutex::new(Vec::new()),
+            never_block: Mutex::new(None),
+            audit: std::sync::OnceLock::new(),
+            snapshot_cache: Mutex::new(None),
+            health: Mutex::new(HashMap::new()),
+            block_duration: DEFAULT_BLOCK,
+            crl_listeners: Mutex::new(Vec::new()),
+        }))
+    }
+
+    pub fn authority(&self) -> &Arc<Authority> {
+        &self.auth
+    }
+
+    /// The clock Mesh calls are checked against.
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.clock
+    }
+
+    /// The current time by [`Mesh::clock`].
+    pub fn now(&self) -> SystemTime {
+        self.clock.now()
+    }
+
+    /// Number of (source, token) keys the enrollment limiter holds.
+    pub fn enroll_limiter_len(&self) -> usize {
+        self.enroll_failures.len()
+    }
+
+    pub fn version(&self) -> u64 {
+        self.version.load(Ordering::SeqCst)
+    }
+
+    /// Number of open Watch streams.
+    pub fn watchers(&self) -> usize {
+        self.tx.receiver_count()
+    }
+}

@@ -1,0 +1,10 @@
+//! The controller's core: the authority, the mesh state machine, the store and the audit
+//! log. Nothing here knows which API or page a request came from.
+
+pub mod audit;
+pub mod authority;
+pub mod blocklist;
+pub mod durable;
+pub mod limits;
+pub mod mesh;
+pub mod store;
