@@ -1205,3 +1205,68 @@ async fn silent_connections_are_closed_and_each_source_is_capped() {
     stop.cancel();
     edge.join().await;
 }
+
+#[derive(Debug)]
+struct TestClock(Mutex<SystemTime>);
+
+impl EdgeClock for TestClock {
+    fn now(&self) -> SystemTime {
+        *self.0.lock()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_last_good_staple_is_served_until_it_expires_then_dropped() {
+    let r = responder(&pki().main.ca).await;
+    let clock = Arc::new(TestClock(Mutex::new(SystemTime::now())));
+    let stop = CancellationToken::new();
+    let edge = Edge::start(
+        EdgeConfig {
+            https: Some("127.0.0.1:0".parse().unwrap()),
+            upstream: Some("http://127.0.0.1:9".into()),
+            clock: clock.clone(),
+            ..Default::default()
+        },
+        stop.clone(),
+    )
+    .await
+    .unwrap();
+    let b = leaf("expiry.edge.test", &["expiry.edge.test"], 2, Some(&r.url));
+    let installed = edge.install(b.clone()).await.unwrap();
+    assert!(matches!(installed.staple, StapleState::Stapled { .. }));
+
+    // The responder fails: the staple in hand is still served, and still "stapled".
+    r.failing.store(true, Ordering::SeqCst);
+    edge.refresh_staples();
+    wait_for("a failed refresh", Duration::from_secs(10), || {
+        r.hits.load(Ordering::SeqCst) >= 2
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        edge.probe("expiry.edge.test")
+            .await
+            .unwrap()
+            .staple
+            .is_some()
+    );
+    assert!(matches!(
+        edge.status().borrow()["expiry.edge.test"].staple,
+        StapleState::Stapled { .. }
+    ));
+
+    // Past its nextUpdate (one hour): dropped, served unstapled, and said so.
+    *clock.0.lock() += Duration::from_secs(2 * 3600);
+    edge.refresh_staples();
+    let mut status = edge.status();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        status.wait_for(|s| matches!(s["expiry.edge.test"].staple, StapleState::Unavailable(_))),
+    )
+    .await
+    .expect("the expired staple is dropped")
+    .unwrap();
+    assert_eq!(edge.probe("expiry.edge.test").await.unwrap().staple, None);
+    stop.cancel();
+    edge.join().await;
+}

@@ -260,9 +260,12 @@ pub async fn run_with(opts: RunOptions, deps: RunDeps, shutdown: CancellationTok
     let icmp_probes = deps.icmp_probes;
     // The edge binds first: a port in use fails the start before the data plane exists.
     let edge = match opts.edge.clone() {
-        Some(cfg) => Some(Arc::new(
-            zonemesh_deploy::edge::Edge::start(cfg, shutdown.clone()).await?,
-        )),
+        Some(mut cfg) => {
+            cfg.clock = Arc::new(edge::AgentClock(deps.clock.clone()));
+            Some(Arc::new(
+                zonemesh_deploy::edge::Edge::start(cfg, shutdown.clone()).await?,
+            ))
+        }
         None => None,
     };
     let (mut agent, dp_events, ev_rx) = Agent::start(opts, deps).await?;
