@@ -144,6 +144,13 @@ struct EdgeWatch {
     shutdown: CancellationToken,
 }
 
+impl Drop for EdgeWatch {
+    /// A stream the client dropped leaves the hub too.
+    fn drop(&mut self) {
+        self.end();
+    }
+}
+
 impl EdgeWatch {
     fn end(&self) {
         let key = crate::store::node_key(&self.who.id.zone, &self.who.id.node);

@@ -444,4 +444,39 @@ mod tests {
         );
         assert!(list.ends_with("(3 more not shown)\n"), "{list}");
     }
+
+    #[test]
+    fn a_domain_row_shows_its_state_with_the_edges_and_dashes_for_what_it_lacks() {
+        use crate::domains::{DomainState, DomainView, IssuerKind};
+        let mut d = DomainView {
+            name: "portal.example.com".into(),
+            issuer: IssuerKind::Acme,
+            owner: "o@example.com".into(),
+            edge_zones: vec!["eu".into()],
+            state: DomainState::Deploying,
+            edges_serving: 1,
+            edges_total: 3,
+            serial_hex: None,
+            not_after_unix: None,
+            error: None,
+            staple: None,
+        };
+        let t = domains(std::slice::from_ref(&d), false);
+        let line = t.lines().nth(1).unwrap();
+        assert!(
+            line.contains("deploying 1/3") && line.contains(" - "),
+            "{line}"
+        );
+        d.state = DomainState::Failed;
+        d.error = Some("urn:ietf:params:acme:error:connection: refused\x1b[2J".into());
+        let t = domains(std::slice::from_ref(&d), false);
+        let line = t.lines().nth(1).unwrap();
+        assert!(
+            line.contains("failed ") && !line.contains("failed 1/3"),
+            "{line}"
+        );
+        assert!(!line.contains('\x1b'), "escaped: {line}");
+        let json: Vec<serde_json::Value> = serde_json::from_str(&domains(&[d], true)).unwrap();
+        assert_eq!(json[0]["state"], "failed");
+    }
 }

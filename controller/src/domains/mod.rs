@@ -524,6 +524,11 @@ impl Domains {
                     ));
                 }
             }
+            // A failure without a serial is about a challenge the edge could not hold:
+            // logged, and it leaves the edge's report on the certificate alone.
+            Ok(State::Failed) if r.serial_hex.is_empty() => {
+                tracing::warn!(edge = %key, domain = %rec.name, detail = %crate::text::Escaped(&clip(&r.detail)), "edge could not hold an HTTP-01 challenge");
+            }
             Ok(s @ (State::Serving | State::Failed)) => {
                 let report = ReportRecord {
                     serial_hex: clip(&r.serial_hex),

@@ -121,11 +121,24 @@ struct Seen {
     certificates: Vec<(String, String, usize)>,
 }
 
+/// HTTP-01 responses a fake edge holds.
+type Tokens = Arc<Mutex<std::collections::HashMap<String, String>>>;
+
 /// An edge on the stream API: installs what it gets and reports like the agent does.
 fn fake_edge(
     d: &Arc<Domains>,
     node: NodeRecord,
     answer: Answer,
+) -> (Arc<Mutex<Seen>>, tokio::task::JoinHandle<()>) {
+    fake_edge_with(d, node, answer, Tokens::default())
+}
+
+/// [`fake_edge`], answering HTTP-01 from `tokens`.
+fn fake_edge_with(
+    d: &Arc<Domains>,
+    node: NodeRecord,
+    answer: Answer,
+    tokens: Tokens,
 ) -> (Arc<Mutex<Seen>>, tokio::task::JoinHandle<()>) {
     let seen = Arc::new(Mutex::new(Seen::default()));
     let (d, s) = (d.clone(), seen.clone());
@@ -148,6 +161,25 @@ fn fake_edge(
                     None => return,
                 },
             };
+            for t in u.cleared_tokens {
+                tokens.lock().remove(&t);
+            }
+            for ch in u.challenges {
+                tokens
+                    .lock()
+                    .insert(ch.token.clone(), ch.key_authorization.clone());
+                let r = pb::DeploymentReport {
+                    domain: ch.domain,
+                    state: pb::deployment_report::State::ChallengeReady as i32,
+                    token: ch.token,
+                    ..Default::default()
+                };
+                let (d, n) = (d.clone(), node.clone());
+                tokio::task::spawn_blocking(move || d.report(&n, &r))
+                    .await
+                    .unwrap()
+                    .unwrap();
+            }
             for c in u.certificates {
                 s.lock().certificates.push((
                     c.domain.clone(),
@@ -490,4 +522,121 @@ async fn renewal_at_two_thirds_and_a_failed_renewal_keeps_the_current_certificat
     stop.cancel();
     runner.await.unwrap();
     drop(f.dir);
+}
+
+/// The edge's HTTP-01 listener: `/.well-known/acme-challenge/<token>` from `tokens`.
+async fn serve_http01(listener: tokio::net::TcpListener, tokens: Tokens) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    loop {
+        let Ok((mut s, _)) = listener.accept().await else {
+            return;
+        };
+        let mut buf = vec![0u8; 4096];
+        let n = s.read(&mut buf).await.unwrap_or(0);
+        let req = String::from_utf8_lossy(&buf[..n]).to_string();
+        let path = req.split_whitespace().nth(1).unwrap_or("").to_string();
+        let token = path
+            .strip_prefix("/.well-known/acme-challenge/")
+            .unwrap_or("");
+        let found = tokens.lock().get(token).cloned();
+        let resp = match found {
+            Some(b) => format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{b}",
+                b.len()
+            ),
+            None => {
+                "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".into()
+            }
+        };
+        let _ = s.write_all(resp.as_bytes()).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acme_through_the_edges_with_pebble_and_a_refused_challenge_keeps_the_certificate() {
+    use zonemesh_deploy::testing::{Pebble, installed};
+    if !installed("pebble") || !installed("pebble-challtestsrv") {
+        println!("skipped: pebble not installed");
+        return;
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let pebble = Pebble::start(listener.local_addr().unwrap().port());
+    let tokens = Tokens::default();
+    let http01 = tokio::spawn(serve_http01(listener, tokens.clone()));
+    let f = Fixture::new();
+    let d = f.domains(|c| {
+        let mut acme = zonemesh_deploy::acme::AcmeConfig::new(pebble.directory.clone());
+        acme.extra_roots = vec![pebble.tls_root.clone()];
+        acme.contact_email = Some("ops@domains.test".into());
+        acme.order_timeout = Duration::from_secs(60);
+        c.acme = Some(acme);
+        c.attempts = 1;
+    });
+    const SHOP: &str = "shop.domains.test";
+    d.add(
+        SHOP,
+        Issuer::Acme,
+        "owner@example.test",
+        &["eu".into()],
+        "cli",
+    )
+    .unwrap();
+    let (seen, _t) = fake_edge_with(&d, f.node("eu", "e1"), Answer::FailFirst(0), tokens.clone());
+    until("edge", || d.hub().connected() == 1).await;
+    let stop = CancellationToken::new();
+    let runner = tokio::spawn(d.clone().run(stop.clone()));
+
+    d.deploy(SHOP, "owner@example.test").unwrap();
+    until("deployed", || {
+        state_of(&d, SHOP).domain.state == DomainState::Deployed
+    })
+    .await;
+    let v = state_of(&d, SHOP);
+    let serial = v.domain.serial_hex.clone().unwrap();
+    assert!(
+        seen.lock()
+            .certificates
+            .iter()
+            .any(|(_, s, _)| s == &serial)
+    );
+    assert!(
+        tokens.lock().is_empty(),
+        "the edge was told to drop the token"
+    );
+    let rec = d.store.domain(SHOP).unwrap().unwrap();
+    assert!(rec.order_url.is_none(), "the finished order is forgotten");
+    let chain = rec.cert.unwrap().chain_der;
+    let (_, leaf) = x509_parser::parse_x509_certificate(&chain[0]).unwrap();
+    assert!(
+        leaf.issuer().to_string().to_lowercase().contains("pebble"),
+        "{}",
+        leaf.issuer()
+    );
+    assert!(
+        d.store.acme_account(&f.kek).unwrap().is_some(),
+        "the account is stored sealed"
+    );
+
+    // Nothing answers HTTP-01 any more: pebble's reason shows, the certificate stays.
+    http01.abort();
+    let _ = http01.await;
+    d.deploy(SHOP, "owner@example.test").unwrap();
+    until("failed", || {
+        state_of(&d, SHOP).domain.state == DomainState::Failed
+    })
+    .await;
+    let v = state_of(&d, SHOP);
+    let err = v.domain.error.unwrap();
+    assert!(
+        err.contains("urn:ietf:params:acme:error:connection") && err.contains("connection refused"),
+        "{err}"
+    );
+    assert_eq!(
+        v.domain.serial_hex.as_deref(),
+        Some(serial.as_str()),
+        "the previous certificate stays"
+    );
+    assert_eq!(v.domain.edges_serving, 1);
+    stop.cancel();
+    runner.await.unwrap();
 }

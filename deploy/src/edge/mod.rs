@@ -51,8 +51,24 @@ pub const OCSP_TIMEOUT: Duration = Duration::from_secs(5);
 /// Deadline of [`Edge::probe`].
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Where the edge reads the time: certificate validity and OCSP freshness.
+pub trait EdgeClock: Send + Sync + std::fmt::Debug + 'static {
+    /// The current time.
+    fn now(&self) -> SystemTime;
+}
+
+/// The system clock.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SystemEdgeClock;
+
+impl EdgeClock for SystemEdgeClock {
+    fn now(&self) -> SystemTime {
+        SystemTime::now()
+    }
+}
+
 /// What the edge serves and where.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct EdgeConfig {
     /// The HTTPS listener; needs `upstream`.
     pub https: Option<SocketAddr>,
@@ -66,6 +82,22 @@ pub struct EdgeConfig {
     pub limits: ListenerLimits,
     /// Deadlines towards the upstream.
     pub upstream_timeouts: UpstreamTimeouts,
+    /// The time (timers still run on tokio's clock).
+    pub clock: Arc<dyn EdgeClock>,
+}
+
+impl Default for EdgeConfig {
+    fn default() -> Self {
+        Self {
+            https: None,
+            http: None,
+            upstream: None,
+            files: None,
+            limits: ListenerLimits::default(),
+            upstream_timeouts: UpstreamTimeouts::default(),
+            clock: Arc::new(SystemEdgeClock),
+        }
+    }
 }
 
 impl EdgeConfig {
@@ -251,6 +283,7 @@ pub(crate) struct Shared {
     challenges: Mutex<HashMap<String, Challenge>>,
     staple_wake: Notify,
     ocsp: OcspClient,
+    clock: Arc<dyn EdgeClock>,
     files: Option<FilesWriter>,
     /// One file write and reload at a time.
     files_lock: tokio::sync::Mutex<()>,
@@ -354,6 +387,7 @@ impl Edge {
             challenges: Mutex::new(HashMap::new()),
             staple_wake: Notify::new(),
             ocsp: OcspClient::new(OCSP_TIMEOUT),
+            clock: config.clock.clone(),
             files,
             files_lock: tokio::sync::Mutex::new(()),
         });
@@ -422,7 +456,7 @@ impl Edge {
     /// [`EdgeError::BadBundle`] (nothing changed), [`EdgeError::TooMany`], or
     /// [`EdgeError::Files`] (the HTTPS side serves the new certificate already).
     pub async fn install(&self, bundle: CertBundle) -> Result<Installed, EdgeError> {
-        let now = SystemTime::now();
+        let now = self.shared.clock.now();
         let b = bundle.clone();
         let checked = tokio::task::spawn_blocking(move || tls::check_bundle(&b, now)).await??;
         let domain = bundle.domain.clone();
@@ -453,7 +487,7 @@ impl Edge {
         let (staple, staple_state, last_error) = match &target {
             Ok(None) => (None, StapleState::NoResponder, None),
             Err(e) => (None, StapleState::Unavailable(e.clone()), Some(e.clone())),
-            Ok(Some(t)) => match staple::fetch_checked(&self.shared.ocsp, t).await {
+            Ok(Some(t)) => match staple::fetch_checked(&self.shared, t).await {
                 Ok(s) => {
                     let state = staple::state_of(&s);
                     (Some(s), state, None)
@@ -462,7 +496,7 @@ impl Edge {
             },
         };
         let staple_der = staple.as_ref().map(|s| s.der.clone());
-        let now = SystemTime::now();
+        let now = self.shared.clock.now();
         let next_fetch = match (&target, &staple) {
             (Ok(Some(_)), Some(s)) => Some(now + s.refresh_in(now)),
             (Ok(Some(_)), None) => Some(now + staple::backoff(1)),
@@ -606,7 +640,7 @@ impl Edge {
 
     /// Fetch every staple again now (a certificate may just have been revoked).
     pub fn refresh_staples(&self) {
-        let now = SystemTime::now();
+        let now = self.shared.clock.now();
         let mut guard = self.shared.domains.lock();
         for e in guard.0.values_mut() {
             if !matches!(e.target, Ok(Some(_))) {

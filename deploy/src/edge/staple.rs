@@ -4,7 +4,7 @@
 //! expired without a replacement. Fetches run concurrently, one at most per domain.
 
 use super::{Shared, StapleState};
-use crate::ocsp::{CertStatus, OcspClient, OcspTarget, Staple};
+use crate::ocsp::{CertStatus, OcspTarget, Staple};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio::task::JoinSet;
@@ -24,10 +24,10 @@ pub(super) fn backoff(failures: u32) -> Duration {
 }
 
 /// Fetch and check one response; an `unknown` status is not stapled.
-pub(super) async fn fetch_checked(ocsp: &OcspClient, t: &OcspTarget) -> Result<Staple, String> {
-    let der = ocsp.fetch(t).await.map_err(|e| e.to_string())?;
+pub(super) async fn fetch_checked(shared: &Shared, t: &OcspTarget) -> Result<Staple, String> {
+    let der = shared.ocsp.fetch(t).await.map_err(|e| e.to_string())?;
     let staple = t
-        .check_response(&der, SystemTime::now())
+        .check_response(&der, shared.clock.now())
         .map_err(|e| e.to_string())?;
     if staple.status == CertStatus::Unknown {
         return Err("the responder does not know this certificate".into());
@@ -148,8 +148,8 @@ fn apply(
 }
 
 async fn fetch_one(shared: Arc<Shared>, d: Due) {
-    let result = fetch_checked(&shared.ocsp, &d.target).await;
-    let changed = apply(&shared, &d, result, SystemTime::now());
+    let result = fetch_checked(&shared, &d.target).await;
+    let changed = apply(&shared, &d, result, shared.clock.now());
     shared.staple_wake.notify_one();
     if let Some(der) = changed {
         shared.write_staple_file(&d.domain, Some(der)).await;
@@ -159,7 +159,7 @@ async fn fetch_one(shared: Arc<Shared>, d: Due) {
 pub(super) async fn staple_loop(shared: Arc<Shared>, shutdown: CancellationToken) {
     let mut work = JoinSet::new();
     loop {
-        let (due, expired, sleep) = scan(&shared, SystemTime::now());
+        let (due, expired, sleep) = scan(&shared, shared.clock.now());
         for d in due {
             work.spawn(fetch_one(shared.clone(), d));
         }

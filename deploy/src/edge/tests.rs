@@ -1153,3 +1153,120 @@ fn a_delegated_responder_is_accepted_only_with_the_ocsp_signing_usage() {
         .unwrap_err();
     assert!(e.to_string().contains("not issued by the issuer"), "{e}");
 }
+
+/// Whether the edge closes `tcp` within `within` (EOF or reset on read).
+async fn closed_within(tcp: &mut TcpStream, within: Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut b = [0u8; 16];
+    matches!(
+        tokio::time::timeout(within, tcp.read(&mut b)).await,
+        Ok(Ok(0)) | Ok(Err(_))
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connections_are_closed_and_each_source_is_capped() {
+    let stop = CancellationToken::new();
+    let edge = Edge::start(
+        EdgeConfig {
+            https: Some("127.0.0.1:0".parse().unwrap()),
+            upstream: Some("http://127.0.0.1:9".into()),
+            limits: ListenerLimits {
+                max_conns: 8,
+                max_per_source: 2,
+                first_request: Duration::from_millis(500),
+                idle: Duration::from_millis(500),
+            },
+            ..Default::default()
+        },
+        stop.clone(),
+    )
+    .await
+    .unwrap();
+    let addr = edge.https_addr().unwrap();
+    let mut a = TcpStream::connect(addr).await.unwrap();
+    let mut b = TcpStream::connect(addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // A third from the same source is closed at once.
+    let mut c = TcpStream::connect(addr).await.unwrap();
+    assert!(closed_within(&mut c, Duration::from_millis(300)).await);
+    // The two silent ones (no TLS handshake ever) go at the first-request deadline.
+    let started = Instant::now();
+    assert!(closed_within(&mut a, Duration::from_secs(3)).await);
+    assert!(closed_within(&mut b, Duration::from_secs(3)).await);
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "{:?}",
+        started.elapsed()
+    );
+    // Their places are free again.
+    let mut d = TcpStream::connect(addr).await.unwrap();
+    assert!(!closed_within(&mut d, Duration::from_millis(200)).await);
+    stop.cancel();
+    edge.join().await;
+}
+
+#[derive(Debug)]
+struct TestClock(Mutex<SystemTime>);
+
+impl EdgeClock for TestClock {
+    fn now(&self) -> SystemTime {
+        *self.0.lock()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_last_good_staple_is_served_until_it_expires_then_dropped() {
+    let r = responder(&pki().main.ca).await;
+    let clock = Arc::new(TestClock(Mutex::new(SystemTime::now())));
+    let stop = CancellationToken::new();
+    let edge = Edge::start(
+        EdgeConfig {
+            https: Some("127.0.0.1:0".parse().unwrap()),
+            upstream: Some("http://127.0.0.1:9".into()),
+            clock: clock.clone(),
+            ..Default::default()
+        },
+        stop.clone(),
+    )
+    .await
+    .unwrap();
+    let b = leaf("expiry.edge.test", &["expiry.edge.test"], 2, Some(&r.url));
+    let installed = edge.install(b.clone()).await.unwrap();
+    assert!(matches!(installed.staple, StapleState::Stapled { .. }));
+
+    // The responder fails: the staple in hand is still served, and still "stapled".
+    r.failing.store(true, Ordering::SeqCst);
+    edge.refresh_staples();
+    wait_for("a failed refresh", Duration::from_secs(10), || {
+        r.hits.load(Ordering::SeqCst) >= 2
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        edge.probe("expiry.edge.test")
+            .await
+            .unwrap()
+            .staple
+            .is_some()
+    );
+    assert!(matches!(
+        edge.status().borrow()["expiry.edge.test"].staple,
+        StapleState::Stapled { .. }
+    ));
+
+    // Past its nextUpdate (one hour): dropped, served unstapled, and said so.
+    *clock.0.lock() += Duration::from_secs(2 * 3600);
+    edge.refresh_staples();
+    let mut status = edge.status();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        status.wait_for(|s| matches!(s["expiry.edge.test"].staple, StapleState::Unavailable(_))),
+    )
+    .await
+    .expect("the expired staple is dropped")
+    .unwrap();
+    assert_eq!(edge.probe("expiry.edge.test").await.unwrap().staple, None);
+    stop.cancel();
+    edge.join().await;
+}

@@ -265,3 +265,75 @@ pub fn run_status(a: StateArgs) -> Result<ExitCode> {
     }
     Ok(ExitCode::SUCCESS)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_args(flags: &[&str]) -> RunArgs {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            run: RunArgs,
+        }
+        let mut argv = vec!["run", "--state-dir", "/nonexistent"];
+        argv.extend_from_slice(flags);
+        <Cli as clap::Parser>::try_parse_from(argv).unwrap().run
+    }
+
+    #[test]
+    fn edge_flags_that_do_not_fit_together_are_refused_with_the_reason() {
+        assert!(run_args(&[]).edge().unwrap().is_none());
+        for (flags, reason) in [
+            (
+                &["--edge-reload", "true"][..],
+                "--edge-reload needs --edge-files",
+            ),
+            (
+                &["--edge-https", "127.0.0.1:443"][..],
+                "needs --edge-upstream",
+            ),
+            (
+                &["--edge-upstream", "http://127.0.0.1:8080"][..],
+                "needs --edge-https",
+            ),
+            (&["--edge-http", "127.0.0.1:80"][..], "--edge-http needs"),
+            (
+                &[
+                    "--edge-https",
+                    "127.0.0.1:443",
+                    "--edge-upstream",
+                    "https://x",
+                ][..],
+                "only http://",
+            ),
+        ] {
+            let e = run_args(flags).edge().unwrap_err().to_string();
+            assert!(e.contains(reason), "{flags:?}: {e}");
+        }
+        let both = run_args(&[
+            "--edge-https",
+            "127.0.0.1:443",
+            "--edge-http",
+            "127.0.0.1:80",
+            "--edge-upstream",
+            "http://127.0.0.1:8080",
+            "--edge-files",
+            "/srv/certs",
+            "--edge-reload",
+            "nginx -s reload",
+        ])
+        .edge()
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            both.files.unwrap().reload.as_deref(),
+            Some("nginx -s reload")
+        );
+        let files_only = run_args(&["--edge-files", "/srv/certs"])
+            .edge()
+            .unwrap()
+            .unwrap();
+        assert!(files_only.https.is_none() && files_only.upstream.is_none());
+    }
+}

@@ -20,6 +20,7 @@ mod sync;
 mod tests;
 
 pub use status::{AgentStatus, EdgeDomainRow, PeerStatusRow, SyncCounters, query_status};
+pub use zonemesh_deploy::edge::EdgeConfig;
 
 use super::clock::{Clock, SystemClock};
 use super::effects::{HostEffects, SystemEffects};
@@ -49,7 +50,7 @@ pub struct RunOptions {
     pub listen_port: u16,
     pub mtu: u16,
     /// Serve portal domains (`--edge-*`), validated before anything binds.
-    pub edge: Option<zonemesh_deploy::edge::EdgeConfig>,
+    pub edge: Option<EdgeConfig>,
 }
 
 /// Starts the data plane for a configuration.
@@ -259,9 +260,12 @@ pub async fn run_with(opts: RunOptions, deps: RunDeps, shutdown: CancellationTok
     let icmp_probes = deps.icmp_probes;
     // The edge binds first: a port in use fails the start before the data plane exists.
     let edge = match opts.edge.clone() {
-        Some(cfg) => Some(Arc::new(
-            zonemesh_deploy::edge::Edge::start(cfg, shutdown.clone()).await?,
-        )),
+        Some(mut cfg) => {
+            cfg.clock = Arc::new(edge::AgentClock(deps.clock.clone()));
+            Some(Arc::new(
+                zonemesh_deploy::edge::Edge::start(cfg, shutdown.clone()).await?,
+            ))
+        }
         None => None,
     };
     let (mut agent, dp_events, ev_rx) = Agent::start(opts, deps).await?;
