@@ -82,11 +82,7 @@ async fn an_edge_gets_its_zones_certificate_reports_serving_and_is_cut_off_when_
         https: true,
         files: false,
     };
-    let mut eu_stream = eu_client
-        .watch_edge(hello)
-        .await
-        .unwrap()
-        .into_inner();
+    let mut eu_stream = eu_client.watch_edge(hello).await.unwrap().into_inner();
     let mut us_stream = us_client.watch_edge(hello).await.unwrap().into_inner();
     let snap = next(&mut eu_stream, Duration::from_secs(10)).await.unwrap();
     assert!(snap.snapshot && snap.certificates.is_empty(), "{snap:?}");
