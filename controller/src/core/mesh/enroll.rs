@@ -43,11 +43,7 @@ impl Mesh {
         result
     }
 
-    fn enroll_inner(
-        &self,
-        req: &pb::EnrollRequest,
-        now: SystemTime,
-    ) -> Result<pb::EnrollResponse> {
+    fn enroll_inner(&self, req: &pb::EnrollRequest, now: SystemTime) -> Result<pb::EnrollResponse> {
         let key = hash_token(&req.token);
         let token: TokenRecord =
             Store::get(&self.store.tokens, "tokens", &key)?.ok_or_else(|| {

@@ -182,11 +182,7 @@ impl Mesh {
         self.subscribe_with(cancel, resume_from)
     }
 
-    fn subscribe_with(
-        &self,
-        cancel: CancellationToken,
-        resume_from: u64,
-    ) -> Result<Subscription> {
+    fn subscribe_with(&self, cancel: CancellationToken, resume_from: u64) -> Result<Subscription> {
         // Subscribe before reading state so no change falls between the two.
         let rx = self.tx.subscribe();
         let r = self.resume_from(resume_from)?;
