@@ -22,8 +22,11 @@ pub enum ControllerError {
     PermissionDenied(String),
     #[error("{0}")]
     RateLimited(String),
-    #[error("{0}")]
-    Internal(String),
+    /// A command needs a part this controller was started without.
+    #[error("{0} unavailable")]
+    Unavailable(&'static str),
+    #[error(transparent)]
+    Auth(#[from] crate::auth::AuthError),
     #[error(transparent)]
     Blocking(#[from] crate::blocking::BlockingError),
     #[error(transparent)]

@@ -141,8 +141,9 @@ fn parse_endpoints(list: &[String]) -> Result<Vec<SocketAddr>> {
     }
     list.iter()
         .map(|e| {
-            e.parse::<SocketAddr>()
-                .map_err(|_| ControllerError::BadRequest(format!("endpoint {e:?} is not IP:PORT")))
+            e.parse::<SocketAddr>().map_err(|err| {
+                ControllerError::BadRequest(format!("endpoint {e:?} is not IP:PORT: {err}"))
+            })
         })
         .collect()
 }
