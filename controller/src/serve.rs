@@ -147,7 +147,6 @@ pub async fn run(cfg: ServeConfig, shutdown: CancellationToken) -> Result<()> {
     mesh.attach_audit(audit.clone());
     let web_state = WebState::new(
         &web_cfg,
-        store.db(),
         audit.clone(),
         Arc::new(MeshSink(mesh.clone())),
         Arc::new(StoreDashboard(store.clone())),

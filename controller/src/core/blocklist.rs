@@ -62,7 +62,7 @@ pub fn parse_source(source: &str) -> Option<IpAddr> {
 }
 
 /// Why an address can never be blocked by its kind alone, if it cannot.
-pub fn special_address(ip: IpAddr) -> Option<&'static str> {
+fn special_address(ip: IpAddr) -> Option<&'static str> {
     match ip.to_canonical() {
         IpAddr::V4(v4) => {
             if v4.is_unspecified() || v4.octets()[0] == 0 {
