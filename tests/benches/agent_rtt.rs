@@ -215,6 +215,8 @@ struct Figures {
     upd_n: usize,
     enrolled_in: Duration,
     applied_in: Option<Duration>,
+    /// New peers the agent held when the wait ended.
+    held: usize,
 }
 
 fn measure(label: &str, bin: &Path, peers: usize, concurrency: usize) -> Result<Figures> {
@@ -321,8 +323,11 @@ fn measure_up(label: &str, bin: &Path, peers: usize, concurrency: usize) -> Resu
         bail!("{label}: enrollment flood failed: {line:?}");
     }
     let mut applied_in = None;
+    let mut held = 0;
     while t0.elapsed() < APPLY_TIMEOUT {
-        if agent_peers(bin, "a1").is_some_and(|n| n > peers) {
+        // b1 and every enrolled node.
+        held = agent_peers(bin, "a1").unwrap_or(held);
+        if held > peers {
             applied_in = Some(t0.elapsed());
             break;
         }
@@ -351,6 +356,7 @@ fn measure_up(label: &str, bin: &Path, peers: usize, concurrency: usize) -> Resu
         upd_n: upd.len(),
         enrolled_in,
         applied_in,
+        held: held.saturating_sub(1),
     })
 }
 
@@ -456,7 +462,7 @@ fn main() -> Result<()> {
         println!("-- {label}: {}", dir.display());
         let f = measure(&label, &dir, peers, concurrency)?;
         println!(
-            "   idle p50 {:.3} ms p99 {:.3} ms ({} lost of {}); during update p50 {:.3} ms p99 {:.3} ms max {:.1} ms ({} lost of {}); enrolled in {:.1} s, agent held every peer after {}",
+            "   idle p50 {:.3} ms p99 {:.3} ms ({} lost of {}); during update p50 {:.3} ms p99 {:.3} ms max {:.1} ms ({} lost of {}); enrolled in {:.1} s, agent held every peer after {} ({} of {peers} new peers at the end)",
             f.idle_p50,
             f.idle_p99,
             f.idle_lost,
@@ -467,7 +473,8 @@ fn main() -> Result<()> {
             f.upd_lost,
             f.upd_n,
             f.enrolled_in.as_secs_f64(),
-            secs(f.applied_in)
+            secs(f.applied_in),
+            f.held
         );
         all.push(f);
     }
@@ -500,7 +507,7 @@ fn main() -> Result<()> {
     if let [anchor, rest @ ..] = all.as_slice() {
         for f in rest {
             println!(
-                "ratio {}/{} (anchor measured in this run): update p50 {:.2}, update p99 {:.2}, idle p99 {:.2}",
+                "ratio {}/{} (anchor measured in this run): update p50 {:.3}, update p99 {:.3}, idle p99 {:.3}",
                 f.label,
                 anchor.label,
                 f.upd_p50 / anchor.upd_p50,
