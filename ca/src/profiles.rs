@@ -131,6 +131,57 @@ fn node_profile(
     Ok(p)
 }
 
+/// `id-pe-authorityInfoAccess` (RFC 5280 4.2.2.1).
+const AIA_OID: &[u64] = &[1, 3, 6, 1, 5, 5, 7, 1, 1];
+/// `id-ad-ocsp`.
+const AD_OCSP: &[u64] = &[1, 3, 6, 1, 5, 5, 7, 48, 1];
+
+/// An Authority Information Access extension naming one OCSP responder.
+fn aia_ocsp(url: &str) -> Result<CustomExtension> {
+    if !(url.starts_with("http://") || url.starts_with("https://")) || !url.is_ascii() {
+        return Err(Error::BadInput(format!(
+            "OCSP responder URL must be an http(s) URL, got {url:?}"
+        )));
+    }
+    let content = yasna::construct_der(|w| {
+        w.write_sequence(|w| {
+            w.next().write_sequence(|w| {
+                w.next()
+                    .write_oid(&yasna::models::ObjectIdentifier::from_slice(AD_OCSP));
+                // GeneralName uniformResourceIdentifier: [6] IMPLICIT IA5String.
+                w.next()
+                    .write_tagged_implicit(yasna::Tag::context(6), |w| w.write_ia5_string(url));
+            });
+        });
+    });
+    let mut ext = CustomExtension::from_oid_content(AIA_OID, content);
+    ext.set_criticality(false);
+    Ok(ext)
+}
+
+/// The portal profile: a TLS server leaf for exactly one DNS name (the portal's domain),
+/// serverAuth only, with the controller's OCSP responder in its AIA so edges can staple.
+fn portal_profile(
+    domain: &str,
+    ocsp_url: &str,
+    now: SystemTime,
+    lifetime: Duration,
+) -> Result<CertificateParams> {
+    let names = TlsNames {
+        dns: vec![domain.to_string()],
+        ips: vec![],
+    };
+    names.validate()?;
+    if domain.starts_with("*.") {
+        return Err(Error::Name(format!(
+            "portal domain {domain:?} must not be a wildcard"
+        )));
+    }
+    let mut p = tls_profile(&names, now, lifetime)?;
+    p.custom_extensions = vec![aia_ocsp(ocsp_url)?];
+    Ok(p)
+}
+
 fn tls_profile(names: &TlsNames, now: SystemTime, lifetime: Duration) -> Result<CertificateParams> {
     let mut p = CertificateParams::default();
     let cn = names
@@ -161,6 +212,24 @@ fn tls_profile(names: &TlsNames, now: SystemTime, lifetime: Duration) -> Result<
     p.key_identifier_method = KeyIdMethod::Sha256;
     p.custom_extensions = vec![];
     Ok(p)
+}
+
+/// The lifetime a TLS leaf gets: the policy's default when none is asked for, never
+/// more than its maximum, never less than a minute.
+fn check_tls_lifetime(policy: &TlsPolicy, lifetime: Option<Duration>) -> Result<Duration> {
+    let lifetime = lifetime.unwrap_or(policy.default_lifetime);
+    if lifetime > policy.max_lifetime {
+        return Err(Error::LifetimeTooLong {
+            requested_secs: lifetime.as_secs(),
+            max_secs: policy.max_lifetime.as_secs(),
+        });
+    }
+    if lifetime < Duration::from_secs(60) {
+        return Err(Error::BadInput(
+            "TLS certificate lifetime must be at least 60 s".into(),
+        ));
+    }
+    Ok(lifetime)
 }
 
 /// Policy for node certificates.
@@ -478,6 +547,33 @@ impl Ca {
         self.issue_tls_for(policy, &spki, names, lifetime, now)
     }
 
+    /// Issue a portal certificate for `domain` (RSA-2048 key the caller generated, which
+    /// is checked), valid for `lifetime` (default and maximum from `policy`), with
+    /// `ocsp_url` as its OCSP responder.
+    pub fn issue_portal(
+        &self,
+        policy: &TlsPolicy,
+        key: &KeyPair,
+        domain: &str,
+        ocsp_url: &str,
+        lifetime: Option<Duration>,
+        now: SystemTime,
+    ) -> Result<IssuedCert> {
+        let spki_der = key.subject_public_key_info();
+        let spki = SubjectPublicKeyInfo::from_der(&spki_der)?;
+        let (_, parsed) = x509_parser::x509::SubjectPublicKeyInfo::from_der(&spki_der)
+            .map_err(|e| Error::KeyPolicy(e.to_string()))?;
+        if parsed.parsed().ok().as_ref().and_then(rsa_bits) != Some(2048) {
+            return Err(Error::KeyPolicy(
+                "portal certificates use RSA-2048 keys".into(),
+            ));
+        }
+        let lifetime = check_tls_lifetime(policy, lifetime)?;
+        let params = portal_profile(domain, ocsp_url, now, lifetime)?;
+        let cert = params.signed_by(&spki, &self.issuer)?;
+        Ok(Self::finish(cert, &params))
+    }
+
     fn issue_tls_for(
         &self,
         policy: &TlsPolicy,
@@ -487,18 +583,7 @@ impl Ca {
         now: SystemTime,
     ) -> Result<IssuedCert> {
         names.validate()?;
-        let lifetime = lifetime.unwrap_or(policy.default_lifetime);
-        if lifetime > policy.max_lifetime {
-            return Err(Error::LifetimeTooLong {
-                requested_secs: lifetime.as_secs(),
-                max_secs: policy.max_lifetime.as_secs(),
-            });
-        }
-        if lifetime < Duration::from_secs(60) {
-            return Err(Error::BadInput(
-                "TLS certificate lifetime must be at least 60 s".into(),
-            ));
-        }
+        let lifetime = check_tls_lifetime(policy, lifetime)?;
         let params = tls_profile(names, now, lifetime)?;
         let cert = params.signed_by(spki, &self.issuer)?;
         Ok(Self::finish(cert, &params))

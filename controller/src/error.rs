@@ -22,6 +22,9 @@ pub enum ControllerError {
     PermissionDenied(String),
     #[error("{0}")]
     RateLimited(String),
+    /// A certificate an issuer handed back does not parse.
+    #[error("issued certificate: {0}")]
+    IssuedCertificate(#[source] x509_parser::nom::Err<x509_parser::error::X509Error>),
     /// A command needs a part this controller was started without.
     #[error("{0} unavailable")]
     Unavailable(&'static str),

@@ -30,6 +30,15 @@ pub struct ServeConfig {
     pub https_listen: SocketAddr,
     pub pki_listen: Option<SocketAddr>,
     pub tls_names: Vec<String>,
+    /// The ACME server's directory (`--acme-directory`).
+    pub acme_directory: Option<String>,
+    /// Extra roots for the ACME server's HTTPS (`--acme-root`, PEM).
+    pub acme_root: Option<PathBuf>,
+    /// The ACME account's contact (`--acme-email`).
+    pub acme_email: Option<String>,
+    /// Where relying parties reach the PKI listener (`--pki-url`), for the OCSP URL in
+    /// internal portal certificates.
+    pub pki_url: Option<String>,
 }
 
 impl ServeConfig {
@@ -131,6 +140,66 @@ async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener> {
         .with_context(|| format!("cannot listen on {addr} ({what})"))
 }
 
+impl ServeConfig {
+    /// The OCSP responder URL put in internal portal certificates: `--pki-url` (with
+    /// `/ocsp` appended unless given), else the PKI listener, else the HTTPS listener.
+    pub fn ocsp_url(&self) -> String {
+        if let Some(u) = &self.pki_url {
+            let u = u.trim_end_matches('/');
+            return if u.ends_with("/ocsp") {
+                u.to_string()
+            } else {
+                format!("{u}/ocsp")
+            };
+        }
+        let host = |a: SocketAddr| {
+            if a.ip().is_unspecified() {
+                let name = self
+                    .tls_names
+                    .first()
+                    .cloned()
+                    .unwrap_or_else(|| "localhost".into());
+                format!("{name}:{}", a.port())
+            } else {
+                a.to_string()
+            }
+        };
+        match self.pki_listen {
+            Some(a) => format!("http://{}/ocsp", host(a)),
+            None => format!("https://{}/ocsp", host(self.https_listen)),
+        }
+    }
+
+    /// The ACME settings, with the extra roots read (a bad file is a configuration error).
+    pub fn acme(&self) -> Result<Option<zonemesh_deploy::acme::AcmeConfig>> {
+        let Some(dir) = &self.acme_directory else {
+            if self.acme_root.is_some() || self.acme_email.is_some() {
+                bail!("--acme-root and --acme-email need --acme-directory");
+            }
+            return Ok(None);
+        };
+        if !dir.starts_with("https://") {
+            bail!("--acme-directory {dir} must be an https:// URL");
+        }
+        let mut cfg = zonemesh_deploy::acme::AcmeConfig::new(dir.clone());
+        cfg.contact_email = self.acme_email.clone();
+        if let Some(p) = &self.acme_root {
+            let pem = std::fs::read_to_string(p)
+                .with_context(|| format!("--acme-root {}", p.display()))?;
+            let roots = zonemesh_ca::pem_blocks("CERTIFICATE", &pem)
+                .with_context(|| format!("--acme-root {}", p.display()))?;
+            if roots.is_empty() {
+                bail!("--acme-root {} holds no CERTIFICATE", p.display());
+            }
+            cfg.extra_roots = roots
+                .into_iter()
+                .map(rustls_pki_types::CertificateDer::from)
+                .collect();
+        }
+        Ok(Some(cfg))
+    }
+}
+
 /// Run until SIGTERM/SIGINT or `shutdown`.
 pub async fn run(cfg: ServeConfig, shutdown: CancellationToken) -> Result<()> {
     let names = cfg.validate()?;
@@ -138,13 +207,19 @@ pub async fn run(cfg: ServeConfig, shutdown: CancellationToken) -> Result<()> {
     let kek = KekSource::new(&cfg.data_dir, cfg.kek_file.clone()).load()?;
     let store = Store::open(&cfg.data_dir.join("db"))?;
     let auth = Arc::new(Authority::load(store.clone(), &kek, SystemTime::now())?);
-    drop(kek);
+    let acme = cfg.acme()?;
     let mesh = Mesh::new(auth.clone())?;
     let pepper = Pepper::from_env_or_file(Some(&pepper_path(&cfg.data_dir)))?;
     let web_cfg = WebConfig::new(pepper);
     web_cfg.validate()?;
     let audit = Arc::new(AuditLog::open_with(store.flusher())?);
     mesh.attach_audit(audit.clone());
+    let domains = {
+        let mut dc = crate::domains::DomainsConfig::new(cfg.ocsp_url());
+        dc.acme = acme;
+        crate::domains::Domains::new(auth.clone(), &kek, dc, Some(audit.clone()))?
+    };
+    drop(kek);
     let web_state = WebState::new(
         &web_cfg,
         audit.clone(),
@@ -199,12 +274,21 @@ pub async fn run(cfg: ServeConfig, shutdown: CancellationToken) -> Result<()> {
     }
 
     let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(crate::grpc::serve(
+    tasks.spawn(crate::grpc::serve_with_domains(
         grpc_listener,
         grpc_tls,
         mesh.clone(),
+        Some(domains.clone()),
         shutdown.clone(),
     ));
+    {
+        let (d, stop) = (domains.clone(), shutdown.clone());
+        tasks.spawn(async move {
+            d.run(stop).await;
+            Ok(())
+        });
+    }
+    web_state.attach_domains(domains.clone());
     let https_app = web::router(web_state.clone()).merge(crate::pki_http::router(auth.clone()));
     {
         let (certs, stop) = (certs.clone(), shutdown.clone());
@@ -224,6 +308,7 @@ pub async fn run(cfg: ServeConfig, shutdown: CancellationToken) -> Result<()> {
         mesh: Some(mesh.clone()),
         audit: Some(audit.clone()),
         web: Some(web_state.clone()),
+        domains: Some(domains.clone()),
     });
     tasks.spawn(admin::serve(
         admin::socket_path(&cfg.data_dir),

@@ -69,7 +69,10 @@ mod tests {
             not_after_unix: 1,
         };
         let s = format!("{b:?} {:?}", pb::DomainCertificate::from(&b));
-        assert!(!s.contains("SECRETKEYBYTES") && !s.contains("83, 69, 67"), "{s}");
+        assert!(
+            !s.contains("SECRETKEYBYTES") && !s.contains("83, 69, 67"),
+            "{s}"
+        );
         let back = CertBundle::from(pb::DomainCertificate::from(&b));
         assert_eq!(back.key_pkcs8_der.as_slice(), b"SECRETKEYBYTES");
     }

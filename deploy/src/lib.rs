@@ -19,6 +19,8 @@ pub mod edge;
 pub mod files;
 pub mod internal;
 pub mod ocsp;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use atomic::write_atomic;
 pub use bundle::CertBundle;

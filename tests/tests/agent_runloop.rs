@@ -122,6 +122,7 @@ async fn enroll_watch_revoke_renew_without_root() {
         interface: "zmt0".into(),
         listen_port: 51820,
         mtu: 1420,
+        edge: None,
     };
     let stop = CancellationToken::new();
     let agent = tokio::spawn(run_with(opts, deps, stop.clone()));

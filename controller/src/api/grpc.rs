@@ -1,6 +1,7 @@
 //! The gRPC listener: TLS accepted here (so the CRL is checked on every handshake), then
 //! handed to tonic with the verified peer identity attached to every request.
 
+use crate::domains::Domains;
 use crate::error::ControllerError;
 use crate::listen::{GuardedIo, GuardedListener, HttpOptions, serve_connection};
 use crate::mesh::Mesh;
@@ -42,10 +43,22 @@ pub async fn serve(
     mesh: Arc<Mesh>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    serve_with_domains(listener, tls, mesh, None, shutdown).await
+}
+
+/// [`serve`], with the portal domains behind WatchEdge and ReportDeployment.
+pub async fn serve_with_domains(
+    listener: impl Into<GuardedListener>,
+    tls: Arc<rustls::ServerConfig>,
+    mesh: Arc<Mesh>,
+    domains: Option<Arc<Domains>>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let mut listener = listener.into();
     let acceptor = TlsAcceptor::from(tls);
     let svc = GrpcService {
         mesh: mesh.clone(),
+        domains,
         shutdown: shutdown.clone(),
     };
     let app = tonic::service::Routes::new(
@@ -119,9 +132,44 @@ fn peer_identity(
     }
 }
 
+/// How often an open edge stream re-checks that its node is still current.
+const EDGE_RECHECK: Duration = Duration::from_secs(3);
+
+struct EdgeWatch {
+    mesh: Arc<Mesh>,
+    domains: Arc<Domains>,
+    who: Arc<VerifiedNode>,
+    first: Option<pb::EdgeUpdate>,
+    sub: crate::domains::edges::EdgeStream,
+    shutdown: CancellationToken,
+}
+
+impl Drop for EdgeWatch {
+    /// A stream the client dropped leaves the hub too.
+    fn drop(&mut self) {
+        self.end();
+    }
+}
+
+impl EdgeWatch {
+    fn end(&self) {
+        let key = crate::store::node_key(&self.who.id.zone, &self.who.id.node);
+        self.domains.hub().close(&key, &self.sub.cancel);
+    }
+}
+
+impl GrpcService {
+    fn domains(&self) -> Result<&Arc<Domains>, Status> {
+        self.domains
+            .as_ref()
+            .ok_or_else(|| Status::unavailable("portal domains are not served here"))
+    }
+}
+
 #[derive(Clone)]
 struct GrpcService {
     mesh: Arc<Mesh>,
+    domains: Option<Arc<Domains>>,
     /// Ends open Watch streams, which would otherwise hold graceful shutdown up forever.
     shutdown: CancellationToken,
 }
@@ -284,16 +332,73 @@ impl MeshRpc for GrpcService {
 
     async fn watch_edge(
         &self,
-        _req: Request<pb::EdgeHello>,
+        req: Request<pb::EdgeHello>,
     ) -> Result<Response<EdgeStream>, Status> {
-        Err(Status::unimplemented("portal certificate deployment is not built yet"))
+        let who = node(&req)?;
+        let domains = self.domains()?;
+        let (mesh, d, w) = (self.mesh.clone(), domains.clone(), who.clone());
+        let hello = req.into_inner();
+        let domains = domains.clone();
+        let (snapshot, sub) = blocking(move || {
+            let node = mesh.caller(&w, mesh.now())?;
+            d.open_edge(&node, &hello)
+        })
+        .await?;
+        let state = EdgeWatch {
+            mesh: self.mesh.clone(),
+            domains,
+            who,
+            first: Some(snapshot),
+            sub,
+            shutdown: self.shutdown.clone(),
+        };
+        let stream = futures::stream::unfold(state, |mut st| async move {
+            if let Some(s) = st.first.take() {
+                return Some((Ok(s), st));
+            }
+            loop {
+                let next = tokio::select! {
+                    _ = st.shutdown.cancelled() => None,
+                    _ = st.sub.cancel.cancelled() => None,
+                    _ = tokio::time::sleep(EDGE_RECHECK) => Some(None),
+                    u = st.sub.rx.recv() => u.map(Some),
+                };
+                match next {
+                    None => {
+                        st.end();
+                        return None;
+                    }
+                    Some(Some(u)) => return Some((Ok(u), st)),
+                    // The node is re-checked now and then, so a revoked or expired node's
+                    // stream (and the keys it would carry) ends.
+                    Some(None) => {
+                        let (mesh, w) = (st.mesh.clone(), st.who.clone());
+                        if let Err(e) = blocking(move || mesh.caller(&w, mesh.now())).await {
+                            tracing::info!(node = %st.who.id.node, zone = %st.who.id.zone, "edge stream ended: {}", e.message());
+                            st.end();
+                            return None;
+                        }
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn report_deployment(
         &self,
-        _req: Request<pb::DeploymentReport>,
+        req: Request<pb::DeploymentReport>,
     ) -> Result<Response<pb::Ack>, Status> {
-        Err(Status::unimplemented("portal certificate deployment is not built yet"))
+        let who = node(&req)?;
+        let d = self.domains()?.clone();
+        let mesh = self.mesh.clone();
+        let body = req.into_inner();
+        blocking(move || {
+            let node = mesh.caller(&who, mesh.now())?;
+            d.report(&node, &body)
+        })
+        .await
+        .map(|_| Response::new(pb::Ack {}))
     }
 
     type WatchStream = WatchStream;

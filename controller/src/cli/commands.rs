@@ -38,6 +38,10 @@ pub async fn run(cli: Cli) -> Result<()> {
             https_listen,
             pki_listen,
             tls_names,
+            acme_directory,
+            acme_root,
+            acme_email,
+            pki_url,
         } => {
             crate::secrets::private_umask();
             let cfg = ServeConfig {
@@ -47,6 +51,10 @@ pub async fn run(cli: Cli) -> Result<()> {
                 https_listen,
                 pki_listen,
                 tls_names,
+                acme_directory,
+                acme_root,
+                acme_email,
+                pki_url,
             };
             serve(cfg, tokio_util::sync::CancellationToken::new()).await
         }
@@ -162,6 +170,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::Domain { command } => super::domain::run(dir, &kek, command).await,
         Command::Audit { json, limit } => {
             let records = expect!(ask(AdminRequest::Audit { limit }).await?, Audit);
             print!("{}", render::audit(&records, json));

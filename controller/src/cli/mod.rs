@@ -6,10 +6,12 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 mod commands;
+mod domain;
 pub mod init;
 pub mod render;
 
 pub use commands::run;
+pub use domain::DomainCommand;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -52,6 +54,19 @@ pub enum Command {
         /// DNS names / IPs for the controller's TLS certificate (default: localhost and the listen IPs).
         #[arg(long = "tls-name")]
         tls_names: Vec<String>,
+        /// ACME server directory URL for `acme` domains (e.g. https://acme.example/dir).
+        #[arg(long)]
+        acme_directory: Option<String>,
+        /// PEM file of extra roots to trust for the ACME server's HTTPS.
+        #[arg(long)]
+        acme_root: Option<PathBuf>,
+        /// Contact e-mail of the controller's ACME account.
+        #[arg(long)]
+        acme_email: Option<String>,
+        /// URL at which relying parties reach the PKI listener (default http://<pki-listen>);
+        /// internal portal certificates name <URL>/ocsp as their OCSP responder.
+        #[arg(long)]
+        pki_url: Option<String>,
     },
     /// CA operations.
     Ca {
@@ -93,6 +108,11 @@ pub enum Command {
     Throttle {
         #[command(subcommand)]
         command: ThrottleCommand,
+    },
+    /// Portal domains: their certificates (ACME or the internal CA) and the edges serving them.
+    Domain {
+        #[command(subcommand)]
+        command: DomainCommand,
     },
     /// The append-only audit log of security decisions.
     Audit {

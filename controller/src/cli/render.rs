@@ -1,7 +1,7 @@
 //! How replies are shown: every list as one table (cells escaped) or as `--json`, both from
 //! the same typed reply.
 
-use crate::admin::proto::{BlockRow, CaShow, HealthRow, NodeRow, UserAdded, ZoneRow};
+use crate::admin::proto::{BlockRow, CaShow, DomainView, HealthRow, NodeRow, UserAdded, ZoneRow};
 use crate::audit::{AuditRecord, format_utc};
 use crate::auth::{ThrottleList, UserSummary};
 use crate::text::Escaped;
@@ -325,6 +325,48 @@ pub fn user_added(added: &UserAdded, json: bool) -> String {
     s
 }
 
+/// A domain's state as the table shows it: `deployed 3/3`, `deploying 1/3`, `failed`.
+pub fn domain_state(d: &DomainView) -> String {
+    use crate::domains::DomainState as S;
+    match d.state {
+        S::Deploying | S::Deployed => {
+            format!("{} {}/{}", d.state.as_str(), d.edges_serving, d.edges_total)
+        }
+        _ => d.state.as_str().to_string(),
+    }
+}
+
+pub fn domains(rows: &[DomainView], json: bool) -> String {
+    if json {
+        return pretty(&rows);
+    }
+    let cols = [
+        Col::left("DOMAIN", 28),
+        Col::left("ISSUER", 9),
+        Col::left("OWNER", 24),
+        Col::left("STATE", 14),
+        Col::left("SERIAL", 34),
+        Col::left("EXPIRES", 21),
+        Col::left("STAPLE", 13),
+        Col::last("ERROR"),
+    ];
+    table(
+        &cols,
+        rows.iter().map(|d| {
+            [
+                d.name.clone(),
+                d.issuer.as_str().to_string(),
+                d.owner.clone(),
+                domain_state(d),
+                d.serial_hex.clone().unwrap_or_else(|| "-".into()),
+                d.not_after_unix.map(fmt_unix).unwrap_or_else(|| "-".into()),
+                d.staple.clone().unwrap_or_else(|| "-".into()),
+                d.error.clone().unwrap_or_default(),
+            ]
+        }),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -401,5 +443,40 @@ mod tests {
             "{list}"
         );
         assert!(list.ends_with("(3 more not shown)\n"), "{list}");
+    }
+
+    #[test]
+    fn a_domain_row_shows_its_state_with_the_edges_and_dashes_for_what_it_lacks() {
+        use crate::domains::{DomainState, DomainView, IssuerKind};
+        let mut d = DomainView {
+            name: "portal.example.com".into(),
+            issuer: IssuerKind::Acme,
+            owner: "o@example.com".into(),
+            edge_zones: vec!["eu".into()],
+            state: DomainState::Deploying,
+            edges_serving: 1,
+            edges_total: 3,
+            serial_hex: None,
+            not_after_unix: None,
+            error: None,
+            staple: None,
+        };
+        let t = domains(std::slice::from_ref(&d), false);
+        let line = t.lines().nth(1).unwrap();
+        assert!(
+            line.contains("deploying 1/3") && line.contains(" - "),
+            "{line}"
+        );
+        d.state = DomainState::Failed;
+        d.error = Some("urn:ietf:params:acme:error:connection: refused\x1b[2J".into());
+        let t = domains(std::slice::from_ref(&d), false);
+        let line = t.lines().nth(1).unwrap();
+        assert!(
+            line.contains("failed ") && !line.contains("failed 1/3"),
+            "{line}"
+        );
+        assert!(!line.contains('\x1b'), "escaped: {line}");
+        let json: Vec<serde_json::Value> = serde_json::from_str(&domains(&[d], true)).unwrap();
+        assert_eq!(json[0]["state"], "failed");
     }
 }

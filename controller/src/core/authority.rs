@@ -331,6 +331,13 @@ impl Authority {
         self.record_tls(cert, names, now)
     }
 
+    /// Record a portal certificate the internal issuer made (flushed before it returns).
+    pub fn record_portal(&self, cert: &IssuedCert, domain: &str, now: SystemTime) -> Result<()> {
+        self.record(cert, CertKind::Tls, format!("portal {domain}"), now)?;
+        self.store.flush()?;
+        Ok(())
+    }
+
     fn record_tls(
         &self,
         cert: IssuedCert,

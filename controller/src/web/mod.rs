@@ -9,9 +9,11 @@
 //! - `GET /account/password`, `POST /account/password`: password change (throttled like
 //!   sign-in; ends the user's other sessions)
 //! - `POST /signout`
+//! - `GET /domains` and `/api/domains/...`: portal domains (see `domains`)
 //! - `GET /healthz`, `GET /static/style.css`
 
 mod account;
+mod domains;
 pub mod https;
 pub mod pages;
 mod session;
@@ -46,7 +48,7 @@ pub const SESSION_COOKIE: &str = "__Host-zm_session";
 pub const SIGNIN_COOKIE: &str = "__Host-zm_signin";
 
 /// The content security policy of every response: nothing but our own stylesheet.
-pub const CSP: &str = "default-src 'none'; style-src 'self'; img-src 'self' data:; form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
+pub const CSP: &str = "default-src 'none'; script-src 'self'; connect-src 'self'; style-src 'self'; img-src 'self' data:; form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
 
 /// A zone as the dashboard lists it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -94,6 +96,8 @@ struct Inner {
     metrics: Arc<AuthMetrics>,
     clock: Clock,
     absolute_timeout: Duration,
+    /// Portal domains, attached by `serve` (the Domains page answers 503 without).
+    domains: std::sync::OnceLock<Arc<crate::domains::Domains>>,
 }
 
 impl WebState {
@@ -126,6 +130,7 @@ impl WebState {
                 metrics: Arc::new(AuthMetrics::default()),
                 clock: Arc::new(SystemTime::now),
                 absolute_timeout: cfg.session_absolute_timeout,
+                domains: std::sync::OnceLock::new(),
             }),
         })
     }
@@ -137,6 +142,11 @@ impl WebState {
         Self {
             inner: Arc::new(Inner { clock, ..inner }),
         }
+    }
+
+    /// Serve the Domains page and its endpoints from `domains`.
+    pub fn attach_domains(&self, domains: Arc<crate::domains::Domains>) {
+        let _ = self.inner.domains.set(domains);
     }
 
     /// The user store (the CLI and admin socket use it too).
@@ -275,6 +285,7 @@ pub fn router(state: WebState) -> Router {
         .route("/signout", post(signout))
         .route("/healthz", get(|| async { "ok" }))
         .route("/static/style.css", get(style))
+        .merge(domains::routes())
         .fallback(not_found)
         .layer(middleware::from_fn(same_origin_posts))
         .layer(DefaultBodyLimit::max(16 * 1024))

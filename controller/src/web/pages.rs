@@ -1,4 +1,5 @@
-//! Server-rendered HTML of the admin pages. No JavaScript; the only stylesheet is served
+//! Server-rendered HTML of the admin pages. No inline script (the Domains page loads a
+//! served file); the only stylesheet is served
 //! from `/static/style.css` so the content security policy can forbid inline styles.
 
 use std::fmt::Write as _;
@@ -54,10 +55,10 @@ pub struct Viewer<'a> {
     pub csrf: &'a str,
 }
 
-fn layout(title: &str, viewer: Option<&Viewer<'_>>, body: &str) -> String {
+pub(super) fn layout(title: &str, viewer: Option<&Viewer<'_>>, body: &str) -> String {
     let nav = match viewer {
         Some(v) => format!(
-            r#"<div><span>{} ({})</span> <a href="/account/password" id="change-password">Change password</a> <form method="post" action="/signout" class="inline"><input type="hidden" name="csrf" value="{}"><button type="submit" id="signout">Sign out</button></form></div>"#,
+            r#"<div><span>{} ({})</span> <a href="/domains" id="domains-link">Domains</a> <a href="/account/password" id="change-password">Change password</a> <form method="post" action="/signout" class="inline"><input type="hidden" name="csrf" value="{}"><button type="submit" id="signout">Sign out</button></form></div>"#,
             esc(v.email),
             esc(v.role),
             esc(v.csrf)

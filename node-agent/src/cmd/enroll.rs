@@ -110,14 +110,67 @@ pub struct RunArgs {
     pub listen_port: u16,
     #[arg(long, default_value_t = 1420)]
     pub mtu: u16,
+    /// Serve this node's portal domains over HTTPS on ADDR (needs --edge-upstream).
+    #[arg(long, value_name = "ADDR")]
+    pub edge_https: Option<std::net::SocketAddr>,
+    /// Answer ACME HTTP-01 challenges and redirect to HTTPS on ADDR.
+    #[arg(long, value_name = "ADDR")]
+    pub edge_http: Option<std::net::SocketAddr>,
+    /// Where the HTTPS listener proxies requests: http://host:port[/prefix].
+    #[arg(long, value_name = "URL")]
+    pub edge_upstream: Option<String>,
+    /// Write DIR/<domain>/{fullchain.pem,privkey.pem,ocsp.der} for a local nginx or HAProxy.
+    #[arg(long, value_name = "DIR")]
+    pub edge_files: Option<PathBuf>,
+    /// Run with `sh -c` after the files changed (needs --edge-files).
+    #[arg(long, value_name = "CMD")]
+    pub edge_reload: Option<String>,
+}
+
+impl RunArgs {
+    /// The edge configuration the `--edge-*` flags ask for, checked; `None` without them.
+    fn edge(&self) -> Result<Option<zonemesh_deploy::edge::EdgeConfig>> {
+        if self.edge_reload.is_some() && self.edge_files.is_none() {
+            anyhow::bail!("--edge-reload needs --edge-files");
+        }
+        if self.edge_http.is_some() && self.edge_https.is_none() && self.edge_files.is_none() {
+            anyhow::bail!("--edge-http needs --edge-https or --edge-files (it redirects to HTTPS)");
+        }
+        if self.edge_https.is_none() && self.edge_upstream.is_some() {
+            anyhow::bail!("--edge-upstream needs --edge-https");
+        }
+        if self.edge_https.is_some() && self.edge_upstream.is_none() {
+            anyhow::bail!("--edge-https needs --edge-upstream (where requests are proxied)");
+        }
+        if self.edge_https.is_none() && self.edge_http.is_none() && self.edge_files.is_none() {
+            return Ok(None);
+        }
+        let cfg = zonemesh_deploy::edge::EdgeConfig {
+            https: self.edge_https,
+            http: self.edge_http,
+            upstream: self.edge_upstream.clone(),
+            files: self
+                .edge_files
+                .clone()
+                .map(|dir| zonemesh_deploy::files::FilesConfig {
+                    dir,
+                    reload: self.edge_reload.clone(),
+                }),
+            ..Default::default()
+        };
+        cfg.validate()?;
+        Ok(Some(cfg))
+    }
 }
 
 pub fn run_agent(a: RunArgs) -> Result<ExitCode> {
+    let edge = a.edge()?;
     let opts = zonemesh_agent::control::run::RunOptions {
         state: StateDir::new(&a.state_dir),
         interface: a.interface,
         listen_port: a.listen_port,
         mtu: a.mtu,
+        edge,
     };
     opts.state.identity()?;
     runtime()?.block_on(zonemesh_agent::control::run::run(
@@ -188,5 +241,99 @@ pub fn run_status(a: StateArgs) -> Result<ExitCode> {
     for r in &st.rejected_peers {
         println!("refused: {r}");
     }
+    if !st.edge.is_empty() {
+        println!(
+            "{:<32} {:<34} {:<22} STAPLE",
+            "EDGE DOMAIN", "SERIAL", "EXPIRES"
+        );
+    }
+    for d in &st.edge {
+        let expiry = humantime::format_rfc3339_seconds(
+            std::time::UNIX_EPOCH + std::time::Duration::from_secs(d.not_after_unix),
+        );
+        println!(
+            "{:<32} {:<34} {:<22} {}{}",
+            d.domain,
+            d.serial,
+            expiry.to_string(),
+            d.staple,
+            d.files_error
+                .as_ref()
+                .map(|e| format!("; files: {e}"))
+                .unwrap_or_default()
+        );
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_args(flags: &[&str]) -> RunArgs {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            run: RunArgs,
+        }
+        let mut argv = vec!["run", "--state-dir", "/nonexistent"];
+        argv.extend_from_slice(flags);
+        <Cli as clap::Parser>::try_parse_from(argv).unwrap().run
+    }
+
+    #[test]
+    fn edge_flags_that_do_not_fit_together_are_refused_with_the_reason() {
+        assert!(run_args(&[]).edge().unwrap().is_none());
+        for (flags, reason) in [
+            (
+                &["--edge-reload", "true"][..],
+                "--edge-reload needs --edge-files",
+            ),
+            (
+                &["--edge-https", "127.0.0.1:443"][..],
+                "needs --edge-upstream",
+            ),
+            (
+                &["--edge-upstream", "http://127.0.0.1:8080"][..],
+                "needs --edge-https",
+            ),
+            (&["--edge-http", "127.0.0.1:80"][..], "--edge-http needs"),
+            (
+                &[
+                    "--edge-https",
+                    "127.0.0.1:443",
+                    "--edge-upstream",
+                    "https://x",
+                ][..],
+                "only http://",
+            ),
+        ] {
+            let e = run_args(flags).edge().unwrap_err().to_string();
+            assert!(e.contains(reason), "{flags:?}: {e}");
+        }
+        let both = run_args(&[
+            "--edge-https",
+            "127.0.0.1:443",
+            "--edge-http",
+            "127.0.0.1:80",
+            "--edge-upstream",
+            "http://127.0.0.1:8080",
+            "--edge-files",
+            "/srv/certs",
+            "--edge-reload",
+            "nginx -s reload",
+        ])
+        .edge()
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            both.files.unwrap().reload.as_deref(),
+            Some("nginx -s reload")
+        );
+        let files_only = run_args(&["--edge-files", "/srv/certs"])
+            .edge()
+            .unwrap()
+            .unwrap();
+        assert!(files_only.https.is_none() && files_only.upstream.is_none());
+    }
 }

@@ -80,5 +80,6 @@ fn offline_handler(data_dir: &Path, kek: &KekSource) -> Result<AdminHandler> {
         mesh: None,
         audit: Some(audit),
         web,
+        domains: None,
     })
 }

@@ -21,6 +21,7 @@ use tokio_util::task::TaskTracker;
 
 mod ca_cmds;
 pub mod client;
+mod domain_cmds;
 pub mod local;
 mod mesh_cmds;
 pub mod proto;
@@ -42,6 +43,8 @@ pub struct AdminHandler {
     pub mesh: Option<Arc<Mesh>>,
     pub audit: Option<Arc<AuditLog>>,
     pub web: Option<WebState>,
+    /// Portal domains (only in a running controller).
+    pub domains: Option<Arc<crate::domains::Domains>>,
 }
 
 impl AdminHandler {
@@ -128,6 +131,16 @@ impl AdminHandler {
             R::ThrottleList => self.throttle_list(),
             R::ThrottleClear { email, source } => self.throttle_clear(email, source),
             R::Audit { limit } => self.audit(limit),
+            R::DomainAdd {
+                name,
+                issuer,
+                owner,
+                edge_zones,
+            } => self.domain_add(name, issuer, owner, edge_zones),
+            R::DomainList => self.domain_list(),
+            R::DomainDeploy { name } => self.domain_deploy(name),
+            R::DomainStatus { name } => self.domain_status(name),
+            R::DomainRemove { name } => self.domain_remove(name),
         }
     }
 

@@ -4,6 +4,7 @@
 
 use crate::audit::AuditRecord;
 use crate::auth::{ClearTarget, Role, ThrottleList, UserSummary};
+pub use crate::domains::{DomainDetail, DomainView, JobView};
 use serde::{Deserialize, Serialize};
 
 /// One admin command.
@@ -78,6 +79,24 @@ pub enum AdminRequest {
     Audit {
         limit: Option<usize>,
     },
+    DomainAdd {
+        name: String,
+        issuer: String,
+        owner: String,
+        edge_zones: Vec<String>,
+    },
+    DomainList,
+    /// Start the domain's deploy job, or join the running one.
+    DomainDeploy {
+        name: String,
+    },
+    /// The domain and its latest job (what `domain deploy` polls).
+    DomainStatus {
+        name: String,
+    },
+    DomainRemove {
+        name: String,
+    },
 }
 
 /// A secret carried over the 0600 socket (a password, an otpauth URI): serialised as is,
@@ -108,6 +127,11 @@ impl AdminRequest {
                 | Self::BlockList
                 | Self::BlockRemove { .. }
                 | Self::Health
+                | Self::DomainAdd { .. }
+                | Self::DomainList
+                | Self::DomainDeploy { .. }
+                | Self::DomainStatus { .. }
+                | Self::DomainRemove { .. }
         )
     }
 }
@@ -138,6 +162,17 @@ pub enum AdminReply {
     BlockList(Vec<BlockRow>),
     BlockRemoved(BlockRemoved),
     Audit(Vec<AuditRecord>),
+    DomainAdded(DomainView),
+    DomainList(Vec<DomainView>),
+    /// `domain deploy`, and each poll of its job.
+    Domain(DomainDetail),
+    DomainRemoved(DomainRemoved),
+}
+
+/// `domain remove`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DomainRemoved {
+    pub name: String,
 }
 
 impl AdminReply {
@@ -164,6 +199,10 @@ impl AdminReply {
             Self::BlockList(_) => "block-list",
             Self::BlockRemoved(_) => "block-removed",
             Self::Audit(_) => "audit",
+            Self::DomainAdded(_) => "domain-added",
+            Self::DomainList(_) => "domain-list",
+            Self::Domain(_) => "domain",
+            Self::DomainRemoved(_) => "domain-removed",
         }
     }
 }
@@ -415,6 +454,22 @@ mod tests {
                 address: s("192.0.2.1"),
             },
             R::Audit { limit: Some(5) },
+            R::DomainAdd {
+                name: s("portal.example.com"),
+                issuer: s("acme"),
+                owner: s("owner@example.com"),
+                edge_zones: vec![s("eu"), s("us")],
+            },
+            R::DomainList,
+            R::DomainDeploy {
+                name: s("portal.example.com"),
+            },
+            R::DomainStatus {
+                name: s("portal.example.com"),
+            },
+            R::DomainRemove {
+                name: s("portal.example.com"),
+            },
         ]
     }
 
@@ -527,6 +582,27 @@ mod tests {
             R::BlockRemoved(BlockRemoved {
                 address: s("192.0.2.1"),
             }),
+            R::DomainAdded(domain()),
+            R::DomainList(vec![domain(), {
+                let mut d = domain();
+                d.state = crate::domains::DomainState::Failed;
+                d.serial_hex = None;
+                d.not_after_unix = None;
+                d.error = Some(s("urn:ietf:params:acme:error:connection: refused"));
+                d.staple = None;
+                d
+            }]),
+            R::Domain(DomainDetail {
+                domain: domain(),
+                job: Some(JobView {
+                    id: 7,
+                    state: crate::domains::DomainState::Deploying,
+                    detail: s("2/3 edges serve serial 0abc"),
+                }),
+            }),
+            R::DomainRemoved(DomainRemoved {
+                name: s("portal.example.com"),
+            }),
             R::Audit(vec![AuditRecord {
                 seq: 1,
                 at_unix_ms: 1_700_000_000_000,
@@ -535,6 +611,55 @@ mod tests {
                     .subject("eu/n1"),
             }]),
         ]
+    }
+
+    fn domain() -> DomainView {
+        DomainView {
+            name: s("portal.example.com"),
+            issuer: crate::domains::IssuerKind::Internal,
+            owner: s("owner@example.com"),
+            edge_zones: vec![s("eu")],
+            state: crate::domains::DomainState::Deployed,
+            edges_serving: 3,
+            edges_total: 3,
+            serial_hex: Some(s("0abc")),
+            not_after_unix: Some(1_700_086_400),
+            error: None,
+            staple: Some(s("stapled")),
+        }
+    }
+
+    #[test]
+    fn a_domain_is_the_agreed_json_object() {
+        let v = serde_json::to_value(domain()).unwrap();
+        let keys: Vec<&str> = v.as_object().unwrap().keys().map(|k| k.as_str()).collect();
+        let mut want = vec![
+            "name",
+            "issuer",
+            "owner",
+            "edge_zones",
+            "state",
+            "edges_serving",
+            "edges_total",
+            "serial_hex",
+            "not_after_unix",
+            "error",
+            "staple",
+        ];
+        let mut got = keys.clone();
+        got.sort_unstable();
+        want.sort_unstable();
+        assert_eq!(got, want);
+        assert_eq!(v["issuer"], "internal");
+        assert_eq!(v["state"], "deployed");
+        assert!(v["error"].is_null());
+        let detail = serde_json::to_value(DomainDetail {
+            domain: domain(),
+            job: None,
+        })
+        .unwrap();
+        assert_eq!(detail["name"], "portal.example.com");
+        assert!(detail["job"].is_null());
     }
 
     /// Every variant name serde knows for an enum, from the error for an unknown one.

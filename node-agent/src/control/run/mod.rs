@@ -5,9 +5,11 @@
 //!
 //! One task per job, each in its own module: the Watch stream and the coalescing sync of
 //! the data plane and host ([`sync`]), renewal ([`renew`]), security events ([`events`]),
-//! ICMP probes ([`probe`]) and the status socket ([`status`]). What the loop acts on is
-//! injected ([`RunDeps`]): the data plane, the host's routes and firewall, and the clock.
+//! ICMP probes ([`probe`]), the status socket ([`status`]) and, with `--edge-*`, the
+//! portal edge ([`edge`]). What the loop acts on is injected ([`RunDeps`]): the data plane,
+//! the host's routes and firewall, and the clock.
 
+mod edge;
 mod events;
 mod link;
 mod probe;
@@ -17,7 +19,8 @@ mod sync;
 #[cfg(test)]
 mod tests;
 
-pub use status::{AgentStatus, PeerStatusRow, SyncCounters, query_status};
+pub use status::{AgentStatus, EdgeDomainRow, PeerStatusRow, SyncCounters, query_status};
+pub use zonemesh_deploy::edge::EdgeConfig;
 
 use super::clock::{Clock, SystemClock};
 use super::effects::{HostEffects, SystemEffects};
@@ -46,6 +49,8 @@ pub struct RunOptions {
     pub interface: String,
     pub listen_port: u16,
     pub mtu: u16,
+    /// Serve portal domains (`--edge-*`), validated before anything binds.
+    pub edge: Option<EdgeConfig>,
 }
 
 /// Starts the data plane for a configuration.
@@ -123,7 +128,13 @@ pub(crate) struct Agent {
     connected: AtomicBool,
     events: mpsc::Sender<pb::SecurityEvent>,
     counters: Counters,
+    /// Bumped whenever an update brings a CRL other than the one held.
+    crl_changes: tokio::sync::watch::Sender<u64>,
+    /// The edge's per-domain status, for `status` (with `--edge-*`).
+    edge_status: Option<tokio::sync::watch::Receiver<EdgeStatusMap>>,
 }
+
+type EdgeStatusMap = std::collections::BTreeMap<String, zonemesh_deploy::edge::DomainStatus>;
 
 /// A started agent, with the receivers of the data plane's and its own security events.
 type Started = (
@@ -217,6 +228,8 @@ impl Agent {
             connected: false.into(),
             events: ev_tx,
             counters: Counters::default(),
+            crl_changes: tokio::sync::watch::Sender::new(0),
+            edge_status: None,
         };
         Ok((agent, dp_events, ev_rx))
     }
@@ -245,7 +258,18 @@ pub async fn run(opts: RunOptions, shutdown: CancellationToken) -> Result<()> {
 /// Run on the given data plane, host effects and clock until SIGTERM/SIGINT or `shutdown`.
 pub async fn run_with(opts: RunOptions, deps: RunDeps, shutdown: CancellationToken) -> Result<()> {
     let icmp_probes = deps.icmp_probes;
-    let (agent, dp_events, ev_rx) = Agent::start(opts, deps).await?;
+    // The edge binds first: a port in use fails the start before the data plane exists.
+    let edge = match opts.edge.clone() {
+        Some(mut cfg) => {
+            cfg.clock = Arc::new(edge::AgentClock(deps.clock.clone()));
+            Some(Arc::new(
+                zonemesh_deploy::edge::Edge::start(cfg, shutdown.clone()).await?,
+            ))
+        }
+        None => None,
+    };
+    let (mut agent, dp_events, ev_rx) = Agent::start(opts, deps).await?;
+    agent.edge_status = edge.as_ref().map(|e| e.status());
     let agent = Arc::new(agent);
     let saved = agent.view.lock().version;
     if saved > 0 {
@@ -271,6 +295,14 @@ pub async fn run_with(opts: RunOptions, deps: RunDeps, shutdown: CancellationTok
     if icmp_probes {
         tasks.spawn(probe::health_loop(agent.clone(), shutdown.clone()));
     }
+    if let Some(e) = &edge {
+        tasks.spawn(edge::edge_loop(agent.clone(), e.clone(), shutdown.clone()));
+        tasks.spawn(edge::staple_refresh_loop(
+            agent.clone(),
+            e.clone(),
+            shutdown.clone(),
+        ));
+    }
     {
         let stop = shutdown.clone();
         let a = agent.clone();
@@ -288,6 +320,9 @@ pub async fn run_with(opts: RunOptions, deps: RunDeps, shutdown: CancellationTok
             tracing::error!(error = %e, "agent task failed");
             shutdown.cancel();
         }
+    }
+    if let Some(e) = &edge {
+        e.join().await;
     }
     let _ = std::fs::remove_file(agent.opts.state.status_socket());
     // Blocking work started by a task that has ended may still hold the agent briefly.

@@ -31,6 +31,21 @@ pub struct AgentStatus {
     /// How much work mesh updates caused.
     #[serde(default)]
     pub sync: SyncCounters,
+    /// The portal domains this edge serves (empty without `--edge-*`).
+    #[serde(default)]
+    pub edge: Vec<EdgeDomainRow>,
+}
+
+/// One portal domain served by this edge.
+#[derive(Clone, Debug, Default, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct EdgeDomainRow {
+    pub domain: String,
+    pub serial: String,
+    pub not_after_unix: u64,
+    /// `stapled`, `revoked`, `no-responder`, `pending` or `unavailable: <reason>`.
+    pub staple: String,
+    /// The last failure writing its files or reloading, if the last attempt failed.
+    pub files_error: Option<String>,
 }
 
 /// Mesh updates received and the work they caused, since the agent started.
@@ -136,6 +151,22 @@ impl Agent {
                 })
                 .collect(),
             sync: self.sync_counters(),
+            edge: self
+                .edge_status
+                .as_ref()
+                .map(|w| {
+                    w.borrow()
+                        .iter()
+                        .map(|(d, st)| EdgeDomainRow {
+                            domain: d.clone(),
+                            serial: st.serial_hex.clone(),
+                            not_after_unix: st.not_after_unix,
+                            staple: st.staple.to_string(),
+                            files_error: st.files_error.clone(),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
         }
     }
 }

@@ -30,7 +30,20 @@ impl Agent {
     /// Take one update from the controller: into the view, then wake the sync and save
     /// tasks (which fold whatever arrived meanwhile into one pass).
     pub(super) fn receive(&self, update: &pb::MeshUpdate) {
-        self.view.lock().apply(update);
+        let crl = match &update.kind {
+            Some(pb::mesh_update::Kind::Snapshot(s)) => Some(&s.crl_der),
+            Some(pb::mesh_update::Kind::Delta(d)) if !d.crl_der.is_empty() => Some(&d.crl_der),
+            _ => None,
+        };
+        let crl_changed = {
+            let mut view = self.view.lock();
+            let changed = crl.is_some_and(|c| *c != view.crl_der);
+            view.apply(update);
+            changed
+        };
+        if crl_changed {
+            self.crl_changes.send_modify(|g| *g += 1);
+        }
         self.counters.updates.fetch_add(1, Ordering::Relaxed);
         self.unsaved.store(true, Ordering::Release);
         self.sync_wanted.notify_one();

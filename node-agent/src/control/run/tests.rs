@@ -161,6 +161,7 @@ async fn start_agent(
         interface: format!("zmt{}", n.overlay[2]),
         listen_port: 51820,
         mtu: 1420,
+        edge: None,
     };
     let (agent, _dp_events, _own_events) = Agent::start(opts, deps).await.expect("agent");
     let agent = Arc::new(agent);
@@ -507,4 +508,42 @@ async fn packet_path_does_not_stall_while_a_large_update_is_applied() {
     );
     ra.stop().await;
     rb.stop().await;
+}
+
+/// The edge refetches its OCSP staples when the mesh brings a new CRL: only a CRL other
+/// than the one held counts as new.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_crl_from_the_watch_stream_is_signalled_once() {
+    let kit = kit();
+    let tmp = tempfile::TempDir::new().unwrap();
+    let a = kit.node("a", "a1", 1);
+    let net = FakeNet::new();
+    let effects = Arc::new(RecordingEffects::default());
+    let (run, _tun) = start_agent(kit.state(tmp.path(), &a), &a, &net, effects).await;
+    let crl_changes = run.agent.crl_changes.subscribe();
+    let zones = vec![zone("a", "100.64.1.0/24")];
+    run.agent
+        .receive(&snapshot(1, vec![kit.peer(&a)], zones.clone(), &kit.crl));
+    assert_eq!(*crl_changes.borrow(), 1);
+    // The same CRL again (a reconnect's snapshot), and a delta without one: no change.
+    run.agent
+        .receive(&snapshot(2, vec![kit.peer(&a)], zones, &kit.crl));
+    run.agent.receive(&pb::MeshUpdate {
+        version: 3,
+        kind: Some(pb::mesh_update::Kind::Delta(pb::Delta::default())),
+    });
+    assert_eq!(*crl_changes.borrow(), 1);
+    let newer = kit
+        .ca
+        .crl(&[], 2, SystemTime::now(), Duration::from_secs(3600))
+        .unwrap();
+    run.agent.receive(&pb::MeshUpdate {
+        version: 4,
+        kind: Some(pb::mesh_update::Kind::Delta(pb::Delta {
+            crl_der: newer,
+            ..Default::default()
+        })),
+    });
+    assert_eq!(*crl_changes.borrow(), 2);
+    run.stop().await;
 }

@@ -1,1 +1,0 @@
-//! (agent side; being built.)
