@@ -42,6 +42,7 @@ if [ "${FULL_BENCH:-0}" = 1 ]; then
   cargo build --release --locked -p zonemesh-agent -p zonemesh-controller --bins
   cargo bench --locked -p zonemesh-ca --bench issuance
   if [ "$(id -u)" = 0 ]; then scripts/bench-dataplane.sh; else echo "skipped: data plane benchmark needs root"; fi
+  scripts/bench-agent-rtt.sh
   scripts/bench-watch.sh
   scripts/bench-deploy.sh
 else
@@ -53,6 +54,7 @@ else
   cargo bench --locked --profile dev -p zonemesh-ca --bench issuance
   if [ "$(id -u)" = 0 ]; then
     ZM_BIN="$target/debug/zonemesh-agent" scripts/bench-dataplane.sh
+    BIN="$target/debug" scripts/bench-agent-rtt.sh
   else
     echo "skipped: data plane benchmark needs root"
   fi

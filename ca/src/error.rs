@@ -3,13 +3,24 @@ use thiserror::Error;
 /// Result alias for the CA library.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// Why a CSR could not be read.
+#[derive(Debug, Error)]
+pub enum CsrError {
+    #[error("{0}")]
+    Der(#[from] x509_parser::nom::Err<x509_parser::error::X509Error>),
+    #[error("trailing data after the CSR")]
+    TrailingData,
+    #[error("public key: {0}")]
+    PublicKey(#[source] x509_parser::error::X509Error),
+}
+
 /// Everything the CA can refuse or fail at. Messages are written for the operator.
 #[derive(Debug, Error)]
 pub enum Error {
     #[error("invalid input: {0}")]
     BadInput(String),
     #[error("CSR is not valid DER or PEM: {0}")]
-    CsrParse(String),
+    CsrParse(#[from] CsrError),
     #[error("CSR signature does not verify")]
     CsrSignature,
     #[error("key refused: {0}")]
@@ -40,8 +51,8 @@ pub enum Error {
     Unseal,
     #[error("certificate generation failed: {0}")]
     Rcgen(#[from] rcgen::Error),
-    #[error("cryptographic operation failed: {0}")]
-    Crypto(String),
+    #[error("signing the OCSP response failed: {0}")]
+    OcspSign(#[source] rcgen::Error),
     #[error("cryptographic operation failed: {0}")]
     AwsLc(#[from] aws_lc_rs::error::Unspecified),
 }

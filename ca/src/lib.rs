@@ -15,7 +15,7 @@ mod verify;
 
 pub use binding::{LEGACY_WG_KEY_BINDING_OID, WG_KEY_BINDING_OID, is_wg_key_binding};
 pub use crl::{RevocationReason, RevokedEntry};
-pub use error::{Error, Result};
+pub use error::{CsrError, Error, Result};
 pub use identity::{SpiffeId, WireGuardKey, validate_label};
 pub use keys::{Kek, generate_rsa_2048, generate_rsa_4096, open_sealed, seal};
 pub use ocsp::{

@@ -296,8 +296,7 @@ impl Ca {
             |w| write_single(w.next(), &query.cert_id, &status, now),
             None,
         );
-        self.signed_response(&tbs)
-            .ok_or_else(|| crate::Error::Crypto("signing the OCSP response failed".into()))
+        self.signed_response(&tbs).map_err(crate::Error::OcspSign)
     }
 
     fn response_tbs(
@@ -322,8 +321,8 @@ impl Ca {
         })
     }
 
-    fn signed_response(&self, tbs: &[u8]) -> Option<Vec<u8>> {
-        let signature = self.issuer().key().sign(tbs).ok()?;
+    fn signed_response(&self, tbs: &[u8]) -> Result<Vec<u8>, rcgen::Error> {
+        let signature = self.issuer().key().sign(tbs)?;
         let basic = yasna::construct_der(|w| {
             w.write_sequence(|w| {
                 w.next().write_der(tbs);
@@ -338,7 +337,7 @@ impl Ca {
                 });
             })
         });
-        Some(yasna::construct_der(|w| {
+        Ok(yasna::construct_der(|w| {
             w.write_sequence(|w| {
                 w.next().write_enum(0);
                 w.next().write_tagged(Tag::context(0), |w| {
@@ -400,7 +399,8 @@ impl Ca {
         );
         let response_der = self
             .signed_response(&tbs)
-            .unwrap_or_else(|| error_response(2));
+            // An unsigned internalError (2) is the answer a responder that cannot sign gives.
+            .unwrap_or_else(|_| error_response(2));
         OcspOutcome {
             response_der,
             answered,

@@ -2,7 +2,7 @@
 //! nothing is inherited from rcgen's defaults (whose validity runs from 1975 to 4096).
 
 use crate::binding::{BindingSigner, STAND_IN_OID, put_binding_oid};
-use crate::error::{Error, Result};
+use crate::error::{CsrError, Error, Result};
 use crate::identity::{SpiffeId, WireGuardKey, validate_label};
 use crate::{keys, to_offset};
 use rcgen::{
@@ -381,15 +381,12 @@ fn rsa_bits(public_key: &PublicKey<'_>) -> Option<usize> {
 }
 
 fn parse_csr(csr_der: &[u8], want_bits: usize) -> Result<SubjectPublicKeyInfo> {
-    let (rest, csr) =
-        X509CertificationRequest::from_der(csr_der).map_err(|e| Error::CsrParse(e.to_string()))?;
+    let (rest, csr) = X509CertificationRequest::from_der(csr_der).map_err(CsrError::Der)?;
     if !rest.is_empty() {
-        return Err(Error::CsrParse("trailing data after the CSR".into()));
+        return Err(CsrError::TrailingData.into());
     }
     let spki = &csr.certification_request_info.subject_pki;
-    let parsed = spki
-        .parsed()
-        .map_err(|e| Error::CsrParse(format!("public key: {e}")))?;
+    let parsed = spki.parsed().map_err(CsrError::PublicKey)?;
     match rsa_bits(&parsed) {
         Some(bits) if bits == want_bits => {}
         Some(bits) => {

@@ -6,13 +6,6 @@
 #[error("blocking task failed: {0}")]
 pub struct BlockingError(#[from] pub tokio::task::JoinError);
 
-impl BlockingError {
-    /// Whether the task panicked (rather than being cancelled at shutdown).
-    pub fn is_panic(&self) -> bool {
-        self.0.is_panic()
-    }
-}
-
 /// Run `f` on the blocking pool and wait for it. A panic or cancellation comes back as
 /// [`BlockingError`] with its cause, convertible into the caller's own error type.
 pub async fn run<T, E>(f: impl FnOnce() -> Result<T, E> + Send + 'static) -> Result<T, E>

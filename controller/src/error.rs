@@ -22,8 +22,14 @@ pub enum ControllerError {
     PermissionDenied(String),
     #[error("{0}")]
     RateLimited(String),
-    #[error("{0}")]
-    Internal(String),
+    /// A certificate an issuer handed back does not parse.
+    #[error("issued certificate: {0}")]
+    IssuedCertificate(#[source] x509_parser::nom::Err<x509_parser::error::X509Error>),
+    /// A command needs a part this controller was started without.
+    #[error("{0} unavailable")]
+    Unavailable(&'static str),
+    #[error(transparent)]
+    Auth(#[from] crate::auth::AuthError),
     #[error(transparent)]
     Blocking(#[from] crate::blocking::BlockingError),
     #[error(transparent)]

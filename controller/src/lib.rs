@@ -3,6 +3,8 @@
 //! Layers, each importing only from the ones above it:
 //! - [`core`]: the authority (CA and its records), the mesh state machine, the store and
 //!   the audit log, with the limits and blocklist policy they enforce.
+//! - [`domains`]: portal domains and their certificate jobs, over the core's store and
+//!   authority.
 //! - [`tls`]: the listeners' TLS plumbing (suites, the controller's renewing certificate,
 //!   the CRL-checking client verifier).
 //! - [`api`]: the machine-facing entry points over the core: gRPC for agents, the admin

@@ -222,7 +222,6 @@ pub async fn run(cfg: ServeConfig, shutdown: CancellationToken) -> Result<()> {
     drop(kek);
     let web_state = WebState::new(
         &web_cfg,
-        store.db(),
         audit.clone(),
         Arc::new(MeshSink(mesh.clone())),
         Arc::new(StoreDashboard(store.clone())),

@@ -37,9 +37,21 @@ pub enum AuthError {
     #[error("record encoding: {0}")]
     Encoding(#[from] serde_json::Error),
     #[error("password hashing: {0}")]
-    Hash(String),
+    Hash(#[source] argon2::Error),
+    #[error("unsupported password hash {alg} v{version}")]
+    UnsupportedHash { alg: String, version: u32 },
+    #[error("stored {what} is not valid base64: {source}")]
+    StoredEncoding {
+        what: &'static str,
+        #[source]
+        source: base64::DecodeError,
+    },
     #[error("TOTP: {0}")]
-    Totp(String),
+    Totp(#[source] totp_rs::TotpError),
+    #[error("QR code: {0}")]
+    QrCode(#[source] qrcode::types::QrError),
+    #[error("TOTP is already enrolled")]
+    TotpAlreadyEnrolled,
     #[error("sealing: {0}")]
     Seal(#[from] zonemesh_ca::Error),
     #[error("password refused: {0}")]

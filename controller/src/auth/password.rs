@@ -252,11 +252,6 @@ fn common_passwords() -> &'static HashSet<&'static str> {
     })
 }
 
-/// Number of entries in the shipped common-password list.
-pub fn common_password_count() -> usize {
-    common_passwords().len()
-}
-
 /// Check a password a person chooses against NIST SP 800-63B: length counted in Unicode
 /// characters, no composition rules, no truncation, refused when common or contextual.
 pub fn check_new_password(email: &str, password: &str) -> Result<(), PasswordRejected> {
@@ -353,14 +348,14 @@ impl PasswordHasher {
             .t_cost(cost.t)
             .p_cost(cost.p)
             .output_len(HASH_LEN)
-            .data(AssociatedData::new(&season).map_err(|e| AuthError::Hash(e.to_string()))?)
+            .data(AssociatedData::new(&season).map_err(AuthError::Hash)?)
             .build()
-            .map_err(|e| AuthError::Hash(e.to_string()))?;
+            .map_err(AuthError::Hash)?;
         let a2 =
             Argon2::new_with_secret(&pepper.bytes, Algorithm::Argon2id, Version::V0x13, params)
-                .map_err(|e| AuthError::Hash(e.to_string()))?;
+                .map_err(AuthError::Hash)?;
         a2.hash_password_into(password, salt, out)
-            .map_err(|e| AuthError::Hash(e.to_string()))
+            .map_err(AuthError::Hash)
     }
 
     /// Hash `password` for `email` with a fresh salt (blocking; runs one Argon2id).
@@ -401,17 +396,23 @@ impl PasswordHasher {
             return Ok(Verified::Mismatch);
         };
         if stored.alg != "argon2id" || stored.v != 0x13 {
-            return Err(AuthError::Hash(format!(
-                "unsupported password hash {} v{}",
-                stored.alg, stored.v
-            )));
+            return Err(AuthError::UnsupportedHash {
+                alg: stored.alg.clone(),
+                version: stored.v,
+            });
         }
         let salt = B64
             .decode(&stored.salt)
-            .map_err(|e| AuthError::Hash(format!("salt: {e}")))?;
+            .map_err(|source| AuthError::StoredEncoding {
+                what: "password salt",
+                source,
+            })?;
         let expected = B64
             .decode(&stored.hash)
-            .map_err(|e| AuthError::Hash(format!("hash: {e}")))?;
+            .map_err(|source| AuthError::StoredEncoding {
+                what: "password hash",
+                source,
+            })?;
         let mut out = Zeroizing::new(vec![0u8; expected.len().max(4)]);
         Self::raw(
             stored.cost(),
@@ -537,7 +538,7 @@ mod tests {
             check_new_password("a@b.example", &"x".repeat(1025)),
             Err(PasswordRejected::TooLong)
         );
-        assert!(common_password_count() >= 10_000);
+        assert!(common_passwords().len() >= 10_000);
     }
 
     #[test]

@@ -36,7 +36,7 @@ fn totp(secret: &[u8], issuer: &str, account: &str) -> Result<Totp, AuthError> {
         .with_issuer(Some(issuer))
         .with_account_name(account)
         .build()
-        .map_err(|e| AuthError::Totp(e.to_string()))
+        .map_err(AuthError::Totp)
 }
 
 /// Check `code` at `now_unix`; returns the matched step when it is within ±1 step and
@@ -74,14 +74,12 @@ pub fn otpauth_uri(
     account: &str,
 ) -> Result<Zeroizing<String>, AuthError> {
     let t = totp(secret, issuer, account)?;
-    Ok(Zeroizing::new(
-        t.to_url().map_err(|e| AuthError::Totp(e.to_string()))?,
-    ))
+    Ok(Zeroizing::new(t.to_url().map_err(AuthError::Totp)?))
 }
 
 /// The URI as an inline SVG QR code (no XML prolog, so it can sit inside HTML).
 pub fn qr_svg(uri: &str) -> Result<String, AuthError> {
-    let code = QrCode::new(uri.as_bytes()).map_err(|e| AuthError::Totp(e.to_string()))?;
+    let code = QrCode::new(uri.as_bytes()).map_err(AuthError::QrCode)?;
     let svg = code
         .render::<svg::Color<'_>>()
         .min_dimensions(240, 240)
@@ -96,7 +94,7 @@ pub fn qr_svg(uri: &str) -> Result<String, AuthError> {
 
 /// The URI as a QR code drawn with Unicode half blocks, for a terminal.
 pub fn qr_terminal(uri: &str) -> Result<String, AuthError> {
-    let code = QrCode::new(uri.as_bytes()).map_err(|e| AuthError::Totp(e.to_string()))?;
+    let code = QrCode::new(uri.as_bytes()).map_err(AuthError::QrCode)?;
     Ok(code
         .render::<unicode::Dense1x2>()
         .dark_color(unicode::Dense1x2::Light)

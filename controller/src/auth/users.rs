@@ -124,7 +124,7 @@ fn unix_secs(t: SystemTime) -> u64 {
 }
 
 /// Check an e-mail address well enough to be an account name and an otpauth label.
-pub fn validate_email(email: &str) -> Result<String, AuthError> {
+fn validate_email(email: &str) -> Result<String, AuthError> {
     let e = normalize_email(email);
     let bad = || AuthError::InvalidEmail(email.chars().take(80).collect());
     let (local, domain) = e.split_once('@').ok_or_else(bad)?;
@@ -258,7 +258,10 @@ impl UserStore {
             })?;
         let sealed = B64
             .decode(&st.sealed)
-            .map_err(|e| AuthError::Totp(format!("sealed secret: {e}")))?;
+            .map_err(|source| AuthError::StoredEncoding {
+                what: "TOTP secret",
+                source,
+            })?;
         Ok(zonemesh_ca::open_sealed(
             &pepper.sealing_key(),
             &Self::seal_label(email),
@@ -287,7 +290,7 @@ impl UserStore {
     }
 
     /// [`UserStore::add_user`] with the time given.
-    pub fn add_user_at(
+    fn add_user_at(
         &self,
         email: &str,
         role: Role,
@@ -363,16 +366,6 @@ impl UserStore {
         let email = normalize_email(email);
         self.modify(&email, |r| {
             r.disabled = true;
-            Ok(Some(()))
-        })?;
-        Ok(())
-    }
-
-    /// Enable a disabled user again.
-    pub fn enable_user(&self, email: &str) -> Result<(), AuthError> {
-        let email = normalize_email(email);
-        self.modify(&email, |r| {
-            r.disabled = false;
             Ok(Some(()))
         })?;
         Ok(())
@@ -471,7 +464,7 @@ impl UserStore {
             .load(&email)?
             .ok_or_else(|| AuthError::NoSuchUser(email.clone()))?;
         match &rec.totp {
-            Some(t) if t.confirmed => Err(AuthError::Totp("TOTP is already enrolled".into())),
+            Some(t) if t.confirmed => Err(AuthError::TotpAlreadyEnrolled),
             Some(t) => self.enrollment_for(&email, &self.open_secret(&email, t)?),
             None => {
                 let secret = totp::generate_secret();

@@ -361,8 +361,8 @@ impl Authority {
             .trim_start_matches("0x")
             .replace(':', "")
             .to_ascii_lowercase();
-        let serial = zonemesh_ca::serial_hex(&hex::decode(&serial).map_err(|_| {
-            ControllerError::BadRequest(format!("serial {serial_hex:?} is not hex"))
+        let serial = zonemesh_ca::serial_hex(&hex::decode(&serial).map_err(|e| {
+            ControllerError::BadRequest(format!("serial {serial_hex:?} is not hex: {e}"))
         })?);
         if self.store.cert(&serial)?.is_none() {
             return Err(ControllerError::NotFound(format!(

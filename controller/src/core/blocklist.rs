@@ -10,10 +10,11 @@
 //!   distinct nodes, and one node can get only a bounded number of addresses blocked.
 
 use crate::error::{ControllerError, Result};
+use crate::limits::{BoundedKeys, WhenFull, WindowCount, Windowed};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 /// Events of one `ReportEvents` call that are looked at; the rest are dropped.
 pub const MAX_EVENTS_PER_REPORT: usize = 256;
@@ -61,7 +62,7 @@ pub fn parse_source(source: &str) -> Option<IpAddr> {
 }
 
 /// Why an address can never be blocked by its kind alone, if it cannot.
-pub fn special_address(ip: IpAddr) -> Option<&'static str> {
+fn special_address(ip: IpAddr) -> Option<&'static str> {
     match ip.to_canonical() {
         IpAddr::V4(v4) => {
             if v4.is_unspecified() || v4.octets()[0] == 0 {
@@ -179,9 +180,7 @@ const KINDS_KEPT: usize = 4;
 
 #[derive(Clone, Debug)]
 struct Tally {
-    count: u32,
-    since: SystemTime,
-    last: SystemTime,
+    events: WindowCount,
     kinds: BTreeSet<String>,
 }
 
@@ -189,6 +188,16 @@ struct Tally {
 struct AddressEvidence {
     by: BTreeMap<String, Tally>,
     last: SystemTime,
+}
+
+impl Windowed for AddressEvidence {
+    type Policy = Duration;
+    fn is_live(&self, window: &Duration, now: SystemTime) -> bool {
+        age(now, self.last) < *window
+    }
+    fn touched(&self) -> SystemTime {
+        self.last
+    }
 }
 
 #[derive(Clone, Debug, Default)]
@@ -250,7 +259,10 @@ pub enum Noted {
 #[derive(Debug)]
 pub struct Evidence {
     cfg: EvidenceConfig,
-    addresses: HashMap<IpAddr, AddressEvidence>,
+    /// At most `max_addresses`; the least recently reported goes first.
+    addresses: BoundedKeys<IpAddr, AddressEvidence>,
+    /// Keyed by enrolled node (authenticated callers only), each bounded by
+    /// `addresses_per_reporter` and `blocks_per_reporter`.
     reporters: HashMap<String, ReporterState>,
 }
 
@@ -262,8 +274,8 @@ impl Evidence {
     /// An empty record with thresholds `cfg`.
     pub fn new(cfg: EvidenceConfig) -> Self {
         Self {
+            addresses: BoundedKeys::new(cfg.window, cfg.max_addresses, WhenFull::EvictOldest),
             cfg,
-            addresses: HashMap::new(),
             reporters: HashMap::new(),
         }
     }
@@ -281,38 +293,38 @@ impl Evidence {
             .addresses
             .get(&ip)
             .and_then(|a| a.by.get(reporter))
-            .is_some_and(|t| age(now, t.last) < window);
+            .is_some_and(|t| age(now, t.events.last()) < window);
         if !known {
             let named = self.reporters.get(reporter).map_or(0, |r| r.named.len());
             if named >= self.cfg.addresses_per_reporter {
                 return Noted::Ignored("this node already reports too many addresses");
             }
-            if !self.addresses.contains_key(&ip) && self.addresses.len() >= self.cfg.max_addresses {
-                self.evict_one(now);
+        }
+        // An evicting map always makes room.
+        if let Ok(dropped) = self.addresses.make_room(&ip, now) {
+            for (gone, a) in dropped {
+                self.unname(gone, &a);
             }
         }
-        let entry = self.addresses.entry(ip).or_insert_with(|| AddressEvidence {
+        let Ok(entry) = self.addresses.entry(ip, now, || AddressEvidence {
             by: BTreeMap::new(),
             last: now,
-        });
+        }) else {
+            return Noted::Ignored("too many addresses under count");
+        };
         entry.last = now;
         let tally = entry
             .by
             .entry(reporter.to_string())
             .or_insert_with(|| Tally {
-                count: 0,
-                since: now,
-                last: now,
+                events: WindowCount::new(now),
                 kinds: BTreeSet::new(),
             });
-        if age(now, tally.since) >= window {
+        if !tally.events.is_open(window, now) {
             // A new window for this node and address: it counts once per window.
-            tally.count = 0;
-            tally.since = now;
             tally.kinds.clear();
         }
-        tally.count = tally.count.saturating_add(1);
-        tally.last = now;
+        tally.events.note(window, now);
         if tally.kinds.len() < KINDS_KEPT {
             tally.kinds.insert(kind.to_string());
         }
@@ -327,8 +339,7 @@ impl Evidence {
             .by
             .iter()
             .filter(|(node, t)| {
-                t.count >= self.cfg.events_per_reporter
-                    && age(now, t.since) < window
+                t.events.count(window, now) >= self.cfg.events_per_reporter
                     && self
                         .reporters
                         .get(*node)
@@ -336,7 +347,7 @@ impl Evidence {
             })
             .map(|(node, t)| Witness {
                 node: node.clone(),
-                events: t.count,
+                events: t.events.count(window, now),
                 kinds: t.kinds.iter().cloned().collect(),
             })
             .collect();
@@ -361,10 +372,15 @@ impl Evidence {
     /// Drop everything known about `ip` (it was blocked, or an administrator unblocked it).
     pub fn forget(&mut self, ip: IpAddr) {
         if let Some(a) = self.addresses.remove(&ip) {
-            for node in a.by.keys() {
-                if let Some(r) = self.reporters.get_mut(node) {
-                    r.named.remove(&ip);
-                }
+            self.unname(ip, &a);
+        }
+    }
+
+    /// Take `ip` off the sets of the nodes that reported it (its evidence is gone).
+    fn unname(&mut self, ip: IpAddr, a: &AddressEvidence) {
+        for node in a.by.keys() {
+            if let Some(r) = self.reporters.get_mut(node) {
+                r.named.remove(&ip);
             }
         }
     }
@@ -389,7 +405,7 @@ impl Evidence {
             };
             let live =
                 a.by.get(reporter)
-                    .is_some_and(|t| age(now, t.last) < window);
+                    .is_some_and(|t| age(now, t.events.last()) < window);
             if !live {
                 a.by.remove(reporter);
                 if a.by.is_empty() {
@@ -401,82 +417,6 @@ impl Evidence {
         if r.named.is_empty() && r.blocked.is_empty() {
             self.reporters.remove(reporter);
         }
-    }
-
-    /// Make room: drop the least recently reported address.
-    fn evict_one(&mut self, now: SystemTime) {
-        let window = self.cfg.window;
-        let stale: Vec<IpAddr> = self
-            .addresses
-            .iter()
-            .filter(|(_, a)| age(now, a.last) >= window)
-            .map(|(ip, _)| *ip)
-            .collect();
-        if !stale.is_empty() {
-            for ip in stale {
-                self.forget(ip);
-            }
-            return;
-        }
-        if let Some(ip) = self
-            .addresses
-            .iter()
-            .min_by_key(|(_, a)| a.last)
-            .map(|(ip, _)| *ip)
-        {
-            self.forget(ip);
-        }
-    }
-}
-
-/// Per-node budget of `ReportEvents` calls (a token bucket per node), bounded in size.
-#[derive(Debug)]
-pub struct ReportRate {
-    burst: f64,
-    per_sec: f64,
-    buckets: HashMap<String, (f64, Instant)>,
-    max_nodes: usize,
-}
-
-impl ReportRate {
-    /// `burst` calls at once, `per_sec` sustained, for at most `max_nodes` nodes at a time.
-    pub fn new(burst: u32, per_sec: f64, max_nodes: usize) -> Self {
-        Self {
-            burst: f64::from(burst),
-            per_sec,
-            buckets: HashMap::new(),
-            max_nodes,
-        }
-    }
-
-    /// Take one call from `node`'s budget.
-    pub fn take(&mut self, node: &str, now: Instant) -> Result<()> {
-        if !self.buckets.contains_key(node) && self.buckets.len() >= self.max_nodes {
-            // Full buckets carry no state worth keeping.
-            let (burst, per_sec) = (self.burst, self.per_sec);
-            self.buckets.retain(|_, (tokens, at)| {
-                *tokens + now.saturating_duration_since(*at).as_secs_f64() * per_sec < burst
-            });
-            if self.buckets.len() >= self.max_nodes {
-                return Err(ControllerError::RateLimited(
-                    "too many security reports; try again later".into(),
-                ));
-            }
-        }
-        let (tokens, at) = self
-            .buckets
-            .entry(node.to_string())
-            .or_insert((self.burst, now));
-        *tokens = (*tokens + now.saturating_duration_since(*at).as_secs_f64() * self.per_sec)
-            .min(self.burst);
-        *at = now;
-        if *tokens < 1.0 {
-            return Err(ControllerError::RateLimited(
-                "too many security reports from this node; try again later".into(),
-            ));
-        }
-        *tokens -= 1.0;
-        Ok(())
     }
 }
 
@@ -717,21 +657,5 @@ mod tests {
         // After the window everything a node named expires on its next report.
         ev.note("a/a1", ip("198.18.9.9"), "ssh.auth_failure", at(2000));
         assert_eq!(ev.reporters["a/a1"].named.len(), 1);
-    }
-
-    #[test]
-    fn report_rate_is_per_node_and_refills() {
-        let mut r = ReportRate::new(3, 1.0, 2);
-        let t0 = Instant::now();
-        for _ in 0..3 {
-            r.take("a/a1", t0).unwrap();
-        }
-        assert!(r.take("a/a1", t0).is_err());
-        r.take("b/b1", t0).unwrap();
-        // The map is full with two nodes that both hold state: a third is refused.
-        assert!(r.take("c/c1", t0).is_err());
-        r.take("a/a1", t0 + Duration::from_secs(1)).unwrap();
-        // Once both buckets are full again they are pruned and c1 gets in.
-        r.take("c/c1", t0 + Duration::from_secs(10)).unwrap();
     }
 }

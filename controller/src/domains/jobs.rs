@@ -301,7 +301,7 @@ async fn install(d: &Arc<Domains>, name: &str, id: u64, bundle: CertBundle) -> R
     let (d2, name2) = (d.clone(), name.to_string());
     let (rec, msg) = blocking(move || {
         let (_, leaf) = x509_parser::parse_x509_certificate(&bundle.chain_der[0])
-            .map_err(|e| ControllerError::Internal(format!("issued certificate: {e}")))?;
+            .map_err(ControllerError::IssuedCertificate)?;
         let cert = StoredCert {
             chain_der: bundle.chain_der.clone(),
             key_sealed: super::store::seal_key(&d2.kek, &name2, &bundle.key_pkcs8_der)?,

@@ -101,12 +101,10 @@ struct Inner {
 }
 
 impl WebState {
-    /// Open users and sessions with `cfg` (validated here) in the audit log's database
-    /// (`_db`, kept for the callers' signature), sharing the audit log's durable writer,
-    /// and wire the block sink and the dashboard's data source.
+    /// Open users and sessions with `cfg` (validated here) in the audit log's database,
+    /// sharing its durable writer, and wire the block sink and the dashboard's data source.
     pub fn new(
         cfg: &WebConfig,
-        _db: &sled::Db,
         audit: Arc<AuditLog>,
         sink: Arc<dyn SecuritySink>,
         dashboard: Arc<dyn DashboardSource>,

@@ -437,7 +437,7 @@ fn enroll_view(
             )),
         )
             .into_response(),
-        Err(AuthError::Totp(_)) => Redirect::to("/dashboard").into_response(),
+        Err(AuthError::TotpAlreadyEnrolled) => Redirect::to("/dashboard").into_response(),
         Err(e) => internal(e),
     }
 }

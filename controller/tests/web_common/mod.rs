@@ -142,14 +142,8 @@ impl Server {
         tune(&mut cfg);
         let audit = Arc::new(AuditLog::open(&db).unwrap());
         let sink = Arc::new(RecordingSink::default());
-        let state = WebState::new(
-            &cfg,
-            &db,
-            audit.clone(),
-            sink.clone(),
-            Arc::new(FakeDashboard),
-        )
-        .unwrap();
+        let state =
+            WebState::new(&cfg, audit.clone(), sink.clone(), Arc::new(FakeDashboard)).unwrap();
         let state = match clock {
             Some(c) => state.with_clock(c),
             None => state,

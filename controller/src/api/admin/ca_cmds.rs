@@ -75,8 +75,9 @@ impl AdminHandler {
         let ips = ips
             .iter()
             .map(|i| {
-                i.parse()
-                    .map_err(|_| ControllerError::BadRequest(format!("{i:?} is not an IP address")))
+                i.parse().map_err(|e| {
+                    ControllerError::BadRequest(format!("{i:?} is not an IP address: {e}"))
+                })
             })
             .collect::<Result<Vec<_>, _>>()?;
         let key = zonemesh_ca::generate_rsa_2048()?;

@@ -69,7 +69,6 @@ fn offline_handler(data_dir: &Path, kek: &KekSource) -> Result<AdminHandler> {
     let web = match Pepper::from_env_or_file(Some(&pepper_path(data_dir))) {
         Ok(pepper) => Some(WebState::new(
             &WebConfig::new(pepper),
-            store.db(),
             audit.clone(),
             Arc::new(NoSecuritySink),
             Arc::new(StoreDashboard(store.clone())),

@@ -194,9 +194,9 @@ impl AdminHandler {
 }
 
 fn parse_ip(address: &str) -> Result<std::net::IpAddr, ControllerError> {
-    address.trim().parse().map_err(|_| {
+    address.trim().parse().map_err(|e| {
         ControllerError::BadRequest(format!(
-            "{} is not an IP address",
+            "{} is not an IP address: {e}",
             crate::text::Escaped(crate::text::cap(address, 64))
         ))
     })

@@ -64,13 +64,13 @@ impl AdminHandler {
     fn web(&self) -> Result<&WebState, ControllerError> {
         self.web
             .as_ref()
-            .ok_or_else(|| ControllerError::Internal("user store unavailable".into()))
+            .ok_or_else(|| ControllerError::Unavailable("user store"))
     }
 
     fn audit_log(&self) -> Result<&Arc<AuditLog>, ControllerError> {
         self.audit
             .as_ref()
-            .ok_or_else(|| ControllerError::Internal("audit log unavailable".into()))
+            .ok_or_else(|| ControllerError::Unavailable("audit log"))
     }
 
     fn mesh(&self) -> Result<&Arc<Mesh>, ControllerError> {

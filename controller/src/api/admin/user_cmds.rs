@@ -22,8 +22,7 @@ impl AdminHandler {
             role,
             &password.0,
             "cli",
-        )
-        .map_err(|e| ControllerError::BadRequest(e.to_string()))?;
+        )?;
         Ok(AdminReply::UserAdded(UserAdded {
             email: added.email.clone(),
             role: added.role,
@@ -34,11 +33,7 @@ impl AdminHandler {
 
     /// `user list`
     pub(super) fn user_list(&self) -> Result<AdminReply, ControllerError> {
-        let users = self
-            .web()?
-            .users()
-            .list_users()
-            .map_err(|e| ControllerError::Internal(e.to_string()))?;
+        let users = self.web()?.users().list_users()?;
         Ok(AdminReply::UserList(users))
     }
 
@@ -51,8 +46,7 @@ impl AdminHandler {
             self.audit_log()?,
             &email,
             "cli",
-        )
-        .map_err(|e| ControllerError::BadRequest(e.to_string()))?;
+        )?;
         Ok(AdminReply::UserSessionsEnded(UserSessionsEnded {
             email: crate::auth::normalize_email(&email),
             sessions_ended: ended,
@@ -73,8 +67,7 @@ impl AdminHandler {
             &email,
             &password.0,
             "cli",
-        )
-        .map_err(|e| ControllerError::BadRequest(e.to_string()))?;
+        )?;
         Ok(AdminReply::UserSessionsEnded(UserSessionsEnded {
             email: crate::auth::normalize_email(&email),
             sessions_ended: ended,
@@ -92,18 +85,17 @@ impl AdminHandler {
         email: Option<String>,
         source: Option<String>,
     ) -> Result<AdminReply, ControllerError> {
-        let target =
-            match (email, source) {
-                (Some(e), None) => ClearTarget::Account(e),
-                (None, Some(s)) => ClearTarget::Source(s.parse().map_err(|_| {
-                    ControllerError::BadRequest(format!("{s:?} is not an IP address"))
-                })?),
-                _ => {
-                    return Err(ControllerError::BadRequest(
-                        "give exactly one of --email and --source".into(),
-                    ));
-                }
-            };
+        let target = match (email, source) {
+            (Some(e), None) => ClearTarget::Account(e),
+            (None, Some(s)) => ClearTarget::Source(s.parse().map_err(|e| {
+                ControllerError::BadRequest(format!("{s:?} is not an IP address: {e}"))
+            })?),
+            _ => {
+                return Err(ControllerError::BadRequest(
+                    "give exactly one of --email and --source".into(),
+                ));
+            }
+        };
         let cleared = self.web()?.clear_throttle(&target, "cli");
         Ok(AdminReply::ThrottleCleared(ThrottleCleared {
             target,
@@ -113,10 +105,7 @@ impl AdminHandler {
 
     /// `audit`
     pub(super) fn audit(&self, limit: Option<usize>) -> Result<AdminReply, ControllerError> {
-        let records = self
-            .audit_log()?
-            .list(limit)
-            .map_err(|e| ControllerError::Internal(e.to_string()))?;
+        let records = self.audit_log()?.list(limit)?;
         Ok(AdminReply::Audit(records))
     }
 }

@@ -5,12 +5,13 @@ use super::{MAX_BLOCK_REASON, Mesh, store_err};
 use crate::audit::{AuditEvent, AuditLog};
 use crate::blocklist::{self, EventTrust, NeverBlock, Noted};
 use crate::error::{ControllerError, Result};
+use crate::limits::Refused;
 use crate::store::{BlockRecord, Store, encode, unix};
 use crate::text::{self, Escaped};
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::SystemTime;
 use zonemesh_ca::VerifiedNode;
 use zonemesh_proto as pb;
 
@@ -26,7 +27,16 @@ impl Mesh {
     ) -> Result<Vec<IpAddr>> {
         let node = self.caller(who, now)?;
         let reporter = node.key();
-        self.report_rate.lock().take(&reporter, Instant::now())?;
+        self.report_rate
+            .take(&reporter, now)
+            .map_err(|refused| match refused {
+                Refused::Full => ControllerError::RateLimited(
+                    "too many security reports; try again later".into(),
+                ),
+                Refused::Empty => ControllerError::RateLimited(
+                    "too many security reports from this node; try again later".into(),
+                ),
+            })?;
         let protected = self.never_block()?;
         // One log line per kind and call, however many events a flood produces.
         let mut seen: BTreeMap<&str, (u32, &str, &str)> = BTreeMap::new();

@@ -25,10 +25,10 @@ pub use zones::CreatedToken;
 
 use crate::audit::AuditLog;
 use crate::authority::Authority;
-use crate::blocklist::{Evidence, EvidenceConfig, NeverBlock, ReportRate};
+use crate::blocklist::{Evidence, EvidenceConfig, NeverBlock};
 use crate::clock::{Clock, SystemClock};
 use crate::error::{ControllerError, Result};
-use crate::limits::{FailureWindow, KeyedBuckets, Rate};
+use crate::limits::{FailureWindow, KeyedBuckets, Rate, WhenFull};
 use crate::store::{Store, StoreError};
 use parking_lot::Mutex;
 use sha2::{Digest, Sha256};
@@ -59,9 +59,10 @@ pub const RENEW_RATE: Rate = Rate::new(4, Duration::from_secs(3600));
 pub const ISSUE_TLS_RATE: Rate = Rate::new(30, Duration::from_secs(3600));
 pub const UPDATE_ENDPOINTS_RATE: Rate = Rate::new(6, Duration::from_secs(60));
 const RATE_LIMITED_NODES: usize = 65_536;
-/// `ReportEvents` calls a node may make at once, and per second sustained.
-const REPORT_BURST: u32 = 20;
-const REPORTS_PER_SEC: f64 = 2.0;
+/// `ReportEvents` calls a node may make: 20 at once, 2 per second sustained; at most
+/// [`RATE_LIMITED_NODES`] nodes hold a budget, and a new one is refused while all of them
+/// are still refilling (flooding the map cannot reset a node's budget).
+pub const REPORT_RATE: Rate = Rate::new(20, Duration::from_secs(10));
 /// Peers kept per health report, and the longest peer name kept.
 const MAX_HEALTH_ROWS: usize = 1024;
 const MAX_PEER_NAME: usize = 128;
@@ -92,7 +93,7 @@ pub struct Mesh {
     update_endpoints_limit: KeyedBuckets<String>,
     clock: Arc<dyn Clock>,
     evidence: Mutex<Evidence>,
-    report_rate: Mutex<ReportRate>,
+    report_rate: KeyedBuckets<String>,
     /// The controller's own addresses (listeners, TLS names, host addresses when a
     /// listener is unspecified); never blocked.
     own_addresses: Mutex<Vec<(IpAddr, String)>>,
@@ -140,8 +141,9 @@ fn parse_endpoints(list: &[String]) -> Result<Vec<SocketAddr>> {
     }
     list.iter()
         .map(|e| {
-            e.parse::<SocketAddr>()
-                .map_err(|_| ControllerError::BadRequest(format!("endpoint {e:?} is not IP:PORT")))
+            e.parse::<SocketAddr>().map_err(|err| {
+                ControllerError::BadRequest(format!("endpoint {e:?} is not IP:PORT: {err}"))
+            })
         })
         .collect()
 }
@@ -197,7 +199,11 @@ impl Mesh {
             update_endpoints_limit: KeyedBuckets::new(UPDATE_ENDPOINTS_RATE, RATE_LIMITED_NODES),
             clock,
             evidence: Mutex::new(Evidence::new(EvidenceConfig::default())),
-            report_rate: Mutex::new(ReportRate::new(REPORT_BURST, REPORTS_PER_SEC, 65_536)),
+            report_rate: KeyedBuckets::with_policy(
+                REPORT_RATE,
+                RATE_LIMITED_NODES,
+                WhenFull::RefuseNew,
+            ),
             own_addresses: Mutex::new(Vec::new()),
             never_block: Mutex::new(None),
             audit: std::sync::OnceLock::new(),

@@ -180,9 +180,9 @@ impl Mesh {
         }
         let mut ips = Vec::new();
         for ip in &req.ip_addresses {
-            let parsed: IpAddr = ip
-                .parse()
-                .map_err(|_| ControllerError::BadRequest(format!("{ip:?} is not an IP address")))?;
+            let parsed: IpAddr = ip.parse().map_err(|e| {
+                ControllerError::BadRequest(format!("{ip:?} is not an IP address: {e}"))
+            })?;
             if parsed != node.overlay_ip {
                 return Err(ControllerError::PermissionDenied(format!(
                     "{ip} is not this node's overlay address"

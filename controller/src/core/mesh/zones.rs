@@ -26,8 +26,8 @@ impl Mesh {
         now: SystemTime,
     ) -> Result<ZoneRecord> {
         validate_label("zone", name, false)?;
-        let cidr: ipnet::IpNet = cidr.parse().map_err(|_| {
-            ControllerError::BadRequest(format!("{cidr:?} is not a CIDR (e.g. 100.64.1.0/24)"))
+        let cidr: ipnet::IpNet = cidr.parse().map_err(|e| {
+            ControllerError::BadRequest(format!("{cidr:?} is not a CIDR (e.g. 100.64.1.0/24): {e}"))
         })?;
         if cidr.trunc() != cidr {
             return Err(ControllerError::BadRequest(format!(
