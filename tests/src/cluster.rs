@@ -424,6 +424,26 @@ impl Controller {
     }
 }
 
+impl Controller {
+    /// Enroll `name` over gRPC with `token`, the pooled RSA-4096 key `slot` and the
+    /// WireGuard key of `slot`; returns its mTLS credentials.
+    pub async fn enroll_pooled(&self, token: &str, name: &str, slot: usize) -> NodeCreds {
+        let ch = enrollment_channel(&self.grpc_addr(), &self.fingerprint)
+            .await
+            .unwrap();
+        enroll_rpc(ch, token, name, &crate::rsa4096(slot), wg_key(slot as u64))
+            .await
+            .unwrap()
+            .0
+    }
+
+    /// [`Controller::enroll_pooled`] with a fresh one-use token for `zone`.
+    pub async fn enroll_in_zone(&self, zone: &str, name: &str, slot: usize) -> NodeCreds {
+        let token = self.token(zone, 1).unwrap();
+        self.enroll_pooled(&token, name, slot).await
+    }
+}
+
 impl Drop for Controller {
     fn drop(&mut self) {
         self.kill9();

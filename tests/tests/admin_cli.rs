@@ -5,27 +5,9 @@ use serde_json::Value;
 use std::path::Path;
 use tempfile::TempDir;
 use zonemesh_proto as pb;
-use zonemesh_tests::cluster::{Controller, enroll_rpc, enrollment_channel, mesh_channel, wg_key};
-use zonemesh_tests::rsa4096;
+use zonemesh_tests::cluster::{Controller, mesh_channel};
 
 const EMAIL: &str = "ops@corp.test";
-
-/// Enroll `name` into `zone` with a cached key; returns its mTLS credentials.
-async fn enroll(
-    ctl: &Controller,
-    zone: &str,
-    name: &str,
-    slot: usize,
-) -> zonemesh_tests::cluster::NodeCreds {
-    let ch = enrollment_channel(&ctl.grpc_addr(), &ctl.fingerprint)
-        .await
-        .unwrap();
-    let token = ctl.token(zone, 1).unwrap();
-    enroll_rpc(ch, &token, name, &rsa4096(slot), wg_key(slot as u64))
-        .await
-        .unwrap()
-        .0
-}
 
 /// The table's data lines (everything after the title line).
 fn data_lines(table: &str) -> Vec<&str> {
@@ -86,9 +68,9 @@ async fn json_and_tables_agree_and_bare_node_names_resolve() {
     let ctl = Controller::start_new(tmp.path()).unwrap();
     ctl.zone_add("eu", "100.64.1.0/24").unwrap();
     ctl.zone_add("us", "100.64.2.0/24").unwrap();
-    let a_eu = enroll(&ctl, "eu", "a", 0).await;
-    enroll(&ctl, "us", "a", 1).await;
-    enroll(&ctl, "eu", "solo", 2).await;
+    let a_eu = ctl.enroll_in_zone("eu", "a", 0).await;
+    ctl.enroll_in_zone("us", "a", 1).await;
+    ctl.enroll_in_zone("eu", "solo", 2).await;
 
     // Bare names: ambiguous fails with the candidates, unique revokes.
     let out = ctl.admin(&["node", "revoke", "a"]).unwrap();

@@ -16,10 +16,8 @@ use std::time::{Duration, Instant, SystemTime};
 use tempfile::TempDir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use zonemesh_proto as pb;
-use zonemesh_tests::cluster::{
-    Controller, NodeCreds, enroll_rpc, enrollment_channel, mesh_channel, next_update, wg_key,
-};
-use zonemesh_tests::{bin, is_root, rsa4096};
+use zonemesh_tests::cluster::{Controller, NodeCreds, mesh_channel, next_update};
+use zonemesh_tests::{bin, is_root};
 
 /// An address of the controller besides its loopback listeners (one of its TLS names).
 const CTL_NAME_IP: &str = "198.18.7.1";
@@ -45,12 +43,7 @@ async fn enroll(
     slot: usize,
     endpoint: &str,
 ) -> NodeCreds {
-    let ch = enrollment_channel(&ctl.grpc_addr(), &ctl.fingerprint)
-        .await
-        .unwrap();
-    let (creds, _) = enroll_rpc(ch, token, name, &rsa4096(slot), wg_key(slot as u64))
-        .await
-        .unwrap();
+    let creds = ctl.enroll_pooled(token, name, slot).await;
     mesh(ctl, &creds)
         .await
         .update_endpoints(pb::UpdateEndpointsRequest {

@@ -7,10 +7,8 @@ use std::time::{Duration, Instant, SystemTime};
 use tempfile::TempDir;
 use zonemesh_proto as pb;
 use zonemesh_tests::cluster::{
-    Controller, NodeCreds, cert_serial, crl_serials, enroll_rpc, enrollment_channel, mesh_channel,
-    next_update, wg_key,
+    Controller, NodeCreds, cert_serial, crl_serials, mesh_channel, next_update,
 };
-use zonemesh_tests::rsa4096;
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -22,16 +20,6 @@ async fn watch(ctl: &Controller, creds: &NodeCreds, from: u64) -> tonic::Streami
         .await
         .unwrap()
         .into_inner()
-}
-
-async fn enroll(ctl: &Controller, token: &str, name: &str, slot: usize) -> NodeCreds {
-    let ch = enrollment_channel(&ctl.grpc_addr(), &ctl.fingerprint)
-        .await
-        .unwrap();
-    enroll_rpc(ch, token, name, &rsa4096(slot), wg_key(slot as u64))
-        .await
-        .unwrap()
-        .0
 }
 
 fn kind(u: &pb::MeshUpdate) -> &'static str {
@@ -48,7 +36,7 @@ async fn watch_resumes_from_its_version_after_a_restart() {
     let mut ctl = Controller::start_new(tmp.path()).unwrap();
     ctl.zone_add("eu", "100.64.1.0/24").unwrap();
     let token = ctl.token("eu", 2).unwrap();
-    let me = enroll(&ctl, &token, "watcher", 1).await;
+    let me = ctl.enroll_pooled(&token, "watcher", 1).await;
 
     let mut w = watch(&ctl, &me, 0).await;
     let snap = next_update(&mut w, WAIT).await.unwrap().unwrap();
@@ -68,7 +56,7 @@ async fn watch_resumes_from_its_version_after_a_restart() {
 
     // Changes while the watcher was away.
     ctl.zone_add("missed", "100.64.3.0/24").unwrap();
-    let other = enroll(&ctl, &token, "other", 2).await;
+    let other = ctl.enroll_pooled(&token, "other", 2).await;
 
     // Resuming gets exactly the changes after `last_seen`, as deltas, in order.
     let mut w = watch(&ctl, &me, last_seen).await;
@@ -244,7 +232,7 @@ async fn sigterm_exits_zero_promptly_and_removes_the_admin_socket() {
     let mut ctl = Controller::start_new(tmp.path()).unwrap();
     ctl.zone_add("eu", "100.64.1.0/24").unwrap();
     let token = ctl.token("eu", 1).unwrap();
-    let me = enroll(&ctl, &token, "held", 3).await;
+    let me = ctl.enroll_pooled(&token, "held", 3).await;
     // An open Watch stream must not hold the shutdown up.
     let mut w = watch(&ctl, &me, 0).await;
     next_update(&mut w, WAIT).await.unwrap().unwrap();

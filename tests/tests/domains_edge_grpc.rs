@@ -6,26 +6,9 @@ use std::process::Command;
 use std::time::Duration;
 use tempfile::TempDir;
 use zonemesh_proto as pb;
-use zonemesh_tests::cluster::{Controller, enroll_rpc, enrollment_channel, mesh_channel, wg_key};
-use zonemesh_tests::rsa4096;
+use zonemesh_tests::cluster::{Controller, mesh_channel};
 
 const DOMAIN: &str = "portal.grpc.test";
-
-async fn enroll(
-    ctl: &Controller,
-    zone: &str,
-    name: &str,
-    slot: usize,
-) -> zonemesh_tests::cluster::NodeCreds {
-    let ch = enrollment_channel(&ctl.grpc_addr(), &ctl.fingerprint)
-        .await
-        .unwrap();
-    let token = ctl.token(zone, 1).unwrap();
-    enroll_rpc(ch, &token, name, &rsa4096(slot), wg_key(slot as u64))
-        .await
-        .unwrap()
-        .0
-}
 
 async fn next(
     s: &mut tonic::Streaming<pb::EdgeUpdate>,
@@ -44,8 +27,8 @@ async fn an_edge_gets_its_zones_certificate_reports_serving_and_is_cut_off_when_
     let ctl = Controller::start_new(tmp.path()).unwrap();
     ctl.zone_add("eu", "100.64.1.0/24").unwrap();
     ctl.zone_add("us", "100.64.2.0/24").unwrap();
-    let eu = enroll(&ctl, "eu", "edge1", 0).await;
-    let us = enroll(&ctl, "us", "edge2", 1).await;
+    let eu = ctl.enroll_in_zone("eu", "edge1", 0).await;
+    let us = ctl.enroll_in_zone("us", "edge2", 1).await;
     ctl.admin_ok(&[
         "domain",
         "add",
