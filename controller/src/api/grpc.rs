@@ -194,6 +194,31 @@ async fn blocking<T: Send + 'static>(
     crate::blocking::run(f).await.map_err(Status::from)
 }
 
+impl GrpcService {
+    /// A node's unary call: its verified identity, the request body and the mesh's clock,
+    /// run on the blocking pool (RSA signing, sled flushes).
+    async fn node_call<B, T>(
+        &self,
+        req: Request<B>,
+        f: impl FnOnce(&Mesh, &VerifiedNode, B, SystemTime) -> Result<T, ControllerError>
+        + Send
+        + 'static,
+    ) -> Result<T, Status>
+    where
+        B: Send + 'static,
+        T: Send + 'static,
+    {
+        let who = node(&req)?;
+        let mesh = self.mesh.clone();
+        let body = req.into_inner();
+        blocking(move || {
+            let now = mesh.now();
+            f(&mesh, &who, body, now)
+        })
+        .await
+    }
+}
+
 #[tonic::async_trait]
 impl Enrollment for GrpcService {
     async fn enroll(
@@ -261,12 +286,8 @@ impl MeshRpc for GrpcService {
         &self,
         req: Request<pb::RenewRequest>,
     ) -> Result<Response<pb::RenewResponse>, Status> {
-        let who = node(&req)?;
-        let mesh = self.mesh.clone();
-        let csr = req.into_inner().csr_der;
-        blocking(move || {
-            let now = mesh.now();
-            mesh.renew(&who, &csr, crate::mesh::RenewKey::Keep, now)
+        self.node_call(req, |mesh, who, body, now| {
+            mesh.renew(who, &body.csr_der, crate::mesh::RenewKey::Keep, now)
         })
         .await
         .map(Response::new)
@@ -276,27 +297,17 @@ impl MeshRpc for GrpcService {
         &self,
         req: Request<pb::IssueTlsRequest>,
     ) -> Result<Response<pb::IssueTlsResponse>, Status> {
-        let who = node(&req)?;
-        let mesh = self.mesh.clone();
-        let body = req.into_inner();
-        blocking(move || {
-            let now = mesh.now();
-            mesh.issue_tls(&who, &body, now)
-        })
-        .await
-        .map(Response::new)
+        self.node_call(req, |mesh, who, body, now| mesh.issue_tls(who, &body, now))
+            .await
+            .map(Response::new)
     }
 
     async fn update_endpoints(
         &self,
         req: Request<pb::UpdateEndpointsRequest>,
     ) -> Result<Response<pb::Ack>, Status> {
-        let who = node(&req)?;
-        let mesh = self.mesh.clone();
-        let body = req.into_inner();
-        blocking(move || {
-            let now = mesh.now();
-            mesh.update_endpoints(&who, &body.endpoints, now)
+        self.node_call(req, |mesh, who, body, now| {
+            mesh.update_endpoints(who, &body.endpoints, now)
         })
         .await
         .map(|_| Response::new(pb::Ack {}))
@@ -317,12 +328,8 @@ impl MeshRpc for GrpcService {
         &self,
         req: Request<pb::SecurityEvents>,
     ) -> Result<Response<pb::Ack>, Status> {
-        let who = node(&req)?;
-        let mesh = self.mesh.clone();
-        let body = req.into_inner();
-        blocking(move || {
-            let now = mesh.now();
-            mesh.report_events(&who, &body, now)
+        self.node_call(req, |mesh, who, body, now| {
+            mesh.report_events(who, &body, now)
         })
         .await
         .map(|_| Response::new(pb::Ack {}))
@@ -389,13 +396,9 @@ impl MeshRpc for GrpcService {
         &self,
         req: Request<pb::DeploymentReport>,
     ) -> Result<Response<pb::Ack>, Status> {
-        let who = node(&req)?;
         let d = self.domains()?.clone();
-        let mesh = self.mesh.clone();
-        let body = req.into_inner();
-        blocking(move || {
-            let node = mesh.caller(&who, mesh.now())?;
-            d.report(&node, &body)
+        self.node_call(req, move |mesh, who, body, now| {
+            d.report(&mesh.caller(who, now)?, &body)
         })
         .await
         .map(|_| Response::new(pb::Ack {}))
