@@ -437,6 +437,41 @@ impl Controller {
             .0
     }
 
+    /// Enroll `node` into `zone` with the agent library, into a new state directory `dir`
+    /// that already holds the pooled RSA-4096 key `slot` (so enrollment generates none),
+    /// announcing `endpoint`.
+    pub async fn enroll_agent(
+        &self,
+        dir: &Path,
+        zone: &str,
+        node: &str,
+        slot: usize,
+        endpoint: &str,
+    ) -> (
+        zonemesh_agent::control::state::StateDir,
+        zonemesh_agent::control::state::Identity,
+    ) {
+        use zonemesh_agent::control::enroll::{EnrollParams, enroll};
+        let state = zonemesh_agent::control::state::StateDir::new(dir);
+        state.create().unwrap();
+        zonemesh_agent::control::state::write_file(
+            &state.node_key(),
+            zonemesh_ca::to_pem("PRIVATE KEY", &crate::rsa4096(slot).serialize_der()).as_bytes(),
+            0o600,
+        )
+        .unwrap();
+        let params = EnrollParams {
+            controller: self.grpc_addr(),
+            ca_fingerprint: self.fingerprint.clone(),
+            token: self.token(zone, 1).unwrap(),
+            node: node.into(),
+            zone: None,
+            endpoints: vec![endpoint.into()],
+        };
+        let id = enroll(&state, &params).await.unwrap();
+        (state, id)
+    }
+
     /// [`Controller::enroll_pooled`] with a fresh one-use token for `zone`.
     pub async fn enroll_in_zone(&self, zone: &str, name: &str, slot: usize) -> NodeCreds {
         let token = self.token(zone, 1).unwrap();

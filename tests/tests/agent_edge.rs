@@ -7,7 +7,6 @@
 //! within 10 seconds through the Watch stream's CRL.
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 use tempfile::TempDir;
@@ -15,30 +14,16 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 use zonemesh_agent::control::clock::ManualClock;
 use zonemesh_agent::control::effects::recording::RecordingEffects;
-use zonemesh_agent::control::enroll::{EnrollParams, enroll};
 use zonemesh_agent::control::run::{
     AgentStatus, EdgeConfig, RunDeps, RunOptions, query_status, run_with,
 };
-use zonemesh_agent::control::state::{StateDir, write_file};
+use zonemesh_agent::control::state::StateDir;
 use zonemesh_agent::dataplane::DataPlane;
 use zonemesh_agent::dataplane::fake::{FakeNet, FakeTun};
 use zonemesh_tests::cluster::{Controller, free_port};
-use zonemesh_tests::rsa4096;
 
 const WAIT: Duration = Duration::from_secs(30);
 const DOMAIN: &str = "portal.edge.test";
-
-fn state_with_key(dir: &Path, slot: usize) -> StateDir {
-    let st = StateDir::new(dir);
-    st.create().unwrap();
-    write_file(
-        &st.node_key(),
-        zonemesh_ca::to_pem("PRIVATE KEY", &rsa4096(slot).serialize_der()).as_bytes(),
-        0o600,
-    )
-    .unwrap();
-    st
-}
 
 /// A loopback upstream answering every request with one page and closing.
 async fn upstream() -> SocketAddr {
@@ -168,21 +153,10 @@ async fn deploy_is_served_stapled_and_a_revocation_reaches_the_staple() {
     ])
     .unwrap();
 
-    let state = state_with_key(&tmp.path().join("e1"), 0);
     let endpoint = "198.18.0.9:51820";
-    enroll(
-        &state,
-        &EnrollParams {
-            controller: ctl.grpc_addr(),
-            ca_fingerprint: ctl.fingerprint.clone(),
-            token: ctl.token("edge", 1).unwrap(),
-            node: "e1".into(),
-            zone: None,
-            endpoints: vec![endpoint.into()],
-        },
-    )
-    .await
-    .unwrap();
+    let (state, _) = ctl
+        .enroll_agent(&tmp.path().join("e1"), "edge", "e1", 0, endpoint)
+        .await;
     let root_der = state.read_ca().unwrap();
 
     let net = FakeNet::new();

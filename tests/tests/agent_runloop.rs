@@ -3,35 +3,20 @@
 //! see a revoked peer go, renew when the clock says so, and keep watching on the renewed
 //! certificate.
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 use tempfile::TempDir;
 use tokio_util::sync::CancellationToken;
 use zonemesh_agent::control::clock::ManualClock;
 use zonemesh_agent::control::effects::recording::RecordingEffects;
-use zonemesh_agent::control::enroll::{EnrollParams, enroll};
 use zonemesh_agent::control::run::{AgentStatus, RunDeps, RunOptions, query_status, run_with};
-use zonemesh_agent::control::state::{StateDir, cert_info, write_file};
+use zonemesh_agent::control::state::{StateDir, cert_info};
 use zonemesh_agent::dataplane::DataPlane;
 use zonemesh_agent::dataplane::fake::{FakeNet, FakeTun};
 use zonemesh_tests::cluster::{Controller, enroll_rpc, enrollment_channel, wg_key};
 use zonemesh_tests::rsa4096;
 
 const WAIT: Duration = Duration::from_secs(20);
-
-/// A state directory holding a pooled node key, so enrollment generates none.
-fn state_with_key(dir: &Path, slot: usize) -> StateDir {
-    let st = StateDir::new(dir);
-    st.create().unwrap();
-    write_file(
-        &st.node_key(),
-        zonemesh_ca::to_pem("PRIVATE KEY", &rsa4096(slot).serialize_der()).as_bytes(),
-        0o600,
-    )
-    .unwrap();
-    st
-}
 
 async fn status_until(
     state: &StateDir,
@@ -82,21 +67,10 @@ async fn enroll_watch_revoke_renew_without_root() {
     ctl.zone_add("us", "100.64.2.0/24").unwrap();
 
     // Enroll with the agent library.
-    let state = state_with_key(&tmp.path().join("a"), 0);
     let endpoint = "198.18.0.1:51820";
-    let id = enroll(
-        &state,
-        &EnrollParams {
-            controller: ctl.grpc_addr(),
-            ca_fingerprint: ctl.fingerprint.clone(),
-            token: ctl.token("eu", 1).unwrap(),
-            node: "a".into(),
-            zone: None,
-            endpoints: vec![endpoint.into()],
-        },
-    )
-    .await
-    .unwrap();
+    let (state, id) = ctl
+        .enroll_agent(&tmp.path().join("a"), "eu", "a", 0, endpoint)
+        .await;
     assert_eq!(id.zone, "eu");
 
     // Run on fakes.
