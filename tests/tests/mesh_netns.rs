@@ -3,153 +3,9 @@
 //! binaries first (`cargo build --workspace --bins`).
 
 use anyhow::{Context, Result, bail};
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
-use zonemesh_tests::{bin, is_root};
-
-struct MeshLab {
-    pfx: String,
-    dir: PathBuf,
-}
-
-impl MeshLab {
-    fn script() -> PathBuf {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/mesh-lab.sh")
-    }
-
-    fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new("bash");
-        c.arg(Self::script()).args(args);
-        c.env("PFX", &self.pfx).env("DIR", &self.dir);
-        c.env("BIN", bin("zonemesh-agent").parent().expect("bin dir"));
-        c
-    }
-
-    fn run(&self, args: &[&str]) -> Result<String> {
-        let out = self.cmd(args).stdin(Stdio::null()).output()?;
-        if !out.status.success() {
-            bail!(
-                "mesh-lab {args:?} failed: {}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    }
-
-    fn up(pfx: &str) -> Result<Self> {
-        let lab = Self {
-            pfx: pfx.into(),
-            dir: std::env::temp_dir().join(format!("zonemesh-lab-{pfx}")),
-        };
-        let _ = lab.run(&["down"]);
-        lab.run(&["up"])?;
-        Ok(lab)
-    }
-
-    fn overlay(&self, node: &str) -> Result<String> {
-        Ok(self.run(&["overlay", node])?.trim().to_string())
-    }
-
-    /// One ping attempt.
-    fn ping_once(&self, from: &str, to: &str) -> Result<bool> {
-        let ip = self.overlay(to)?;
-        Ok(self
-            .cmd(&["x", from, "ping", "-c", "1", "-W", "1", &ip])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()?
-            .success())
-    }
-
-    /// Wait until `from` reaches `to` (true) or not (false); returns the time it took.
-    fn wait_ping(&self, from: &str, to: &str, want: bool, limit: Duration) -> Result<Duration> {
-        let start = Instant::now();
-        loop {
-            if self.ping_once(from, to)? == want {
-                return Ok(start.elapsed());
-            }
-            if start.elapsed() > limit {
-                bail!(
-                    "{from} -> {to}: reachability never became {want} within {limit:?}\n{}",
-                    self.logs(from)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    fn status(&self, node: &str) -> Result<serde_json::Value> {
-        let agent = bin("zonemesh-agent");
-        let dir = self.dir.join(node);
-        let out = self.run(&[
-            "x",
-            node,
-            agent.to_str().context("path")?,
-            "status",
-            "--state-dir",
-            dir.to_str().context("path")?,
-            "--json",
-        ])?;
-        Ok(serde_json::from_str(&out)?)
-    }
-
-    fn peers(&self, node: &str) -> Result<Vec<String>> {
-        let v = self.status(node)?;
-        Ok(v["peers"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|p| p["name"].as_str().map(String::from))
-            .collect())
-    }
-
-    fn controller(&self, args: &[&str]) -> Result<String> {
-        let mut c = Command::new(bin("zonemesh-controller"));
-        c.arg("--data-dir").arg(self.dir.join("ctl")).args(args);
-        zonemesh_tests::run_ok(&mut c)
-    }
-
-    fn logs(&self, node: &str) -> String {
-        let tail = |f: &str| {
-            let t = std::fs::read_to_string(self.dir.join(f)).unwrap_or_default();
-            t.lines()
-                .rev()
-                .take(15)
-                .collect::<Vec<_>>()
-                .into_iter()
-                .rev()
-                .collect::<Vec<_>>()
-                .join("\n")
-        };
-        format!(
-            "--- {node}.log\n{}\n--- controller.log\n{}",
-            tail(&format!("{node}.log")),
-            tail("controller.log")
-        )
-    }
-}
-
-impl Drop for MeshLab {
-    fn drop(&mut self) {
-        let _ = self
-            .cmd(&["down"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-    }
-}
-
-fn skip() -> Option<&'static str> {
-    if !is_root() {
-        return Some("not root (network namespaces and TUN need it)");
-    }
-    if !std::path::Path::new("/dev/net/tun").exists() {
-        return Some("/dev/net/tun missing");
-    }
-    None
-}
+use zonemesh_tests::meshlab::{MeshLab, skip_reason as skip};
 
 #[test]
 fn three_zones_mesh_revocation_outage_and_recovery() -> Result<()> {
@@ -196,7 +52,7 @@ fn three_zones_mesh_revocation_outage_and_recovery() -> Result<()> {
         });
         let matrix: serde_json::Value =
             serde_json::from_str(&lab.controller(&["health", "--json"])?)?;
-        let reported = matrix
+        let reported = matrix["pairs"]
             .as_array()
             .is_some_and(|rows| rows.iter().filter(|r| r["node"] == "zone-a/a1").count() == 4);
         if measured && reported {
