@@ -13,8 +13,8 @@
 //!   the HTTPS pages built on them.
 //! - [`serve`] and [`cli`]: wiring a running controller together, and the command line.
 //!
-//! Shared by every layer: [`error`], [`blocking`], [`clock`], [`listen`], [`secrets`],
-//! [`text`]. The old flat paths (`crate::mesh`, `crate::grpc`, ...) stay available as
+//! Shared by every layer: [`error`], [`blocking`], [`clock`], [`listen`], [`metrics`],
+//! [`secrets`], [`text`]. The old flat paths (`crate::mesh`, `crate::grpc`, ...) stay available as
 //! re-exports.
 
 pub mod api;
@@ -26,6 +26,7 @@ pub mod core;
 pub mod domains;
 pub mod error;
 pub mod listen;
+pub mod metrics;
 pub mod secrets;
 pub mod serve;
 pub mod text;

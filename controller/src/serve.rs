@@ -39,6 +39,8 @@ pub struct ServeConfig {
     /// Where relying parties reach the PKI listener (`--pki-url`), for the OCSP URL in
     /// internal portal certificates.
     pub pki_url: Option<String>,
+    /// Plain-HTTP listener for `GET /metrics` (`--metrics-listen`); off when `None`.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl ServeConfig {
@@ -49,6 +51,7 @@ impl ServeConfig {
         let mut unspecified = false;
         let mut listeners = vec![(self.grpc_listen, "gRPC"), (self.https_listen, "HTTPS")];
         listeners.extend(self.pki_listen.map(|a| (a, "PKI HTTP")));
+        listeners.extend(self.metrics_listen.map(|a| (a, "metrics")));
         for (addr, what) in listeners {
             if addr.ip().is_unspecified() {
                 unspecified = true;
@@ -102,6 +105,7 @@ impl ServeConfig {
         crate::secrets::check_private_dir(&self.data_dir.join("db"), "database directory")?;
         let mut ports = vec![self.grpc_listen, self.https_listen];
         ports.extend(self.pki_listen);
+        ports.extend(self.metrics_listen);
         for (i, a) in ports.iter().enumerate() {
             if ports[..i].contains(a) {
                 bail!("listen address {a} is used twice");
@@ -224,7 +228,7 @@ pub async fn run(cfg: ServeConfig, shutdown: CancellationToken) -> Result<()> {
         &web_cfg,
         audit.clone(),
         Arc::new(MeshSink(mesh.clone())),
-        Arc::new(StoreDashboard(store.clone())),
+        Arc::new(MeshDashboard(StoreDashboard(store.clone()), mesh.clone())),
     )?;
 
     let issue = {
@@ -263,6 +267,16 @@ pub async fn run(cfg: ServeConfig, shutdown: CancellationToken) -> Result<()> {
         )),
         None => None,
     };
+    // Scrapers are few: the PKI listener's admission and deadlines.
+    let metrics_listener = match cfg.metrics_listen {
+        Some(a) => Some(guarded(
+            bind(a, "metrics").await?,
+            "metrics",
+            budget.pki,
+            listen::PKI_TIMEOUTS,
+        )),
+        None => None,
+    };
     tracing::info!(grpc = %cfg.grpc_listen, https = %cfg.https_listen, pki = ?cfg.pki_listen, version = mesh.version(), "controller serving");
     mesh.set_own_addresses(cfg.own_addresses());
     let lifted = {
@@ -295,6 +309,19 @@ pub async fn run(cfg: ServeConfig, shutdown: CancellationToken) -> Result<()> {
         tasks.spawn(
             async move { Ok(web::serve_https(https_listener, https_app, certs, stop).await?) },
         );
+    }
+    if let Some(l) = metrics_listener {
+        let metrics = mesh.metrics().clone();
+        metrics.attach_source(Arc::new(ControllerSample {
+            mesh: mesh.clone(),
+            web: web_state.clone(),
+        }));
+        tracing::info!(metrics = ?cfg.metrics_listen, "serving /metrics");
+        tasks.spawn(crate::pki_http::serve_plain(
+            l,
+            crate::metrics::router(metrics),
+            shutdown.clone(),
+        ));
     }
     if let Some(l) = pki_listener {
         tasks.spawn(crate::pki_http::serve_plain(
@@ -466,5 +493,66 @@ impl DashboardSource for StoreDashboard {
                 revoked: n.revoked,
             })
             .collect()
+    }
+}
+
+/// What `/metrics` reads at scrape time: the mesh, its store and the web side's sign-in
+/// counters.
+struct ControllerSample {
+    mesh: Arc<Mesh>,
+    web: WebState,
+}
+
+impl crate::metrics::SampleSource for ControllerSample {
+    fn sample(&self) -> crate::metrics::Sample {
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = self.mesh.now();
+        let signin = self.web.metrics();
+        let health = self.mesh.health_matrix(now).unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "health matrix unavailable for metrics");
+            Default::default()
+        });
+        crate::metrics::Sample {
+            mesh_version: self.mesh.version(),
+            watch_streams: self.mesh.watchers() as u64,
+            nodes_enrolled: health.nodes.len() as u64,
+            blocks_active: self.mesh.blocks(now).map(|b| b.len() as u64).unwrap_or(0),
+            signin_success: signin.signin_success.load(Relaxed),
+            signin_failure: signin.signin_failure.load(Relaxed),
+            signin_throttled: signin.throttled.load(Relaxed),
+            pairs: health
+                .pairs
+                .iter()
+                .map(|p| crate::metrics::PairHealth {
+                    node: p.node.clone(),
+                    peer: p.peer.clone(),
+                    loss: f64::from(p.loss),
+                    rtt_seconds: p.rtt_micros.map(|us| f64::from(us) / 1e6),
+                    age_seconds: p.age_secs as f64,
+                })
+                .collect(),
+        }
+    }
+}
+
+/// The dashboard of a running controller: the store's zones and nodes, and the mesh's
+/// health matrix for the heat map.
+pub struct MeshDashboard(pub StoreDashboard, pub Arc<Mesh>);
+
+impl DashboardSource for MeshDashboard {
+    fn zones(&self) -> Vec<ZoneRow> {
+        self.0.zones()
+    }
+    fn nodes(&self) -> Vec<NodeRow> {
+        self.0.nodes()
+    }
+    fn health(&self) -> Option<crate::mesh::HealthMatrix> {
+        match self.1.health_matrix(self.1.now()) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                tracing::warn!(error = %e, "health matrix unavailable for the dashboard");
+                None
+            }
+        }
     }
 }

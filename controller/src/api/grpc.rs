@@ -230,7 +230,9 @@ impl Enrollment for GrpcService {
         let body = req.into_inner();
         blocking(move || {
             let now = mesh.now();
-            mesh.enroll(&body, source, now)
+            let r = mesh.enroll(&body, source, now);
+            mesh.metrics().enrollment(r.is_ok());
+            r
         })
         .await
         .map(Response::new)

@@ -42,6 +42,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             acme_root,
             acme_email,
             pki_url,
+            metrics_listen,
         } => {
             crate::secrets::private_umask();
             let cfg = ServeConfig {
@@ -55,6 +56,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                 acme_root,
                 acme_email,
                 pki_url,
+                metrics_listen,
             };
             serve(cfg, tokio_util::sync::CancellationToken::new()).await
         }

@@ -67,6 +67,9 @@ pub enum Command {
         /// internal portal certificates name <URL>/ocsp as their OCSP responder.
         #[arg(long)]
         pki_url: Option<String>,
+        /// Plain-HTTP listener for Prometheus' `GET /metrics` (off by default).
+        #[arg(long)]
+        metrics_listen: Option<SocketAddr>,
     },
     /// CA operations.
     Ca {

@@ -1,7 +1,9 @@
 //! How replies are shown: every list as one table (cells escaped) or as `--json`, both from
 //! the same typed reply.
 
-use crate::admin::proto::{BlockRow, CaShow, DomainView, HealthRow, NodeRow, UserAdded, ZoneRow};
+use crate::admin::proto::{
+    BlockRow, CaShow, DomainView, HealthMatrix, NodeRow, UserAdded, ZoneRow,
+};
 use crate::audit::{AuditRecord, format_utc};
 use crate::auth::{ThrottleList, UserSummary};
 use crate::text::Escaped;
@@ -157,24 +159,31 @@ pub fn blocks(rows: &[BlockRow], json: bool) -> String {
     )
 }
 
-pub fn health(rows: &[HealthRow], json: bool) -> String {
+/// `health`: one line per reported pair (the JSON also has the zone summaries and the
+/// worst pairs, as on the dashboard).
+pub fn health(m: &HealthMatrix, json: bool) -> String {
     if json {
-        return pretty(&rows);
+        return pretty(m);
     }
     let cols = [
         Col::left("FROM", 24),
         Col::left("TO", 24),
         Col::right("LOSS", 6),
         Col::right("RTT", 10),
+        Col::last("AGE"),
     ];
     table(
         &cols,
-        rows.iter().map(|r| {
+        m.pairs.iter().map(|r| {
             [
                 r.node.clone(),
                 r.peer.clone(),
                 format!("{:.0}%", f64::from(r.loss) * 100.0),
-                format!("{:.2}ms", f64::from(r.rtt_micros) / 1000.0),
+                r.rtt_micros.map_or_else(
+                    || "-".to_string(),
+                    |us| format!("{:.2}ms", f64::from(us) / 1000.0),
+                ),
+                format!("{}s{}", r.age_secs, if r.stale { " stale" } else { "" }),
             ]
         }),
     )
@@ -403,19 +412,25 @@ mod tests {
             )
         );
         let h = health(
-            &[HealthRow {
-                loss: 0.25,
-                node: "eu/a".into(),
-                peer: "eu/b".into(),
-                reported_unix: 1,
-                rtt_micros: 1234,
-            }],
+            &HealthMatrix {
+                pairs: vec![crate::admin::proto::PairHealth {
+                    loss: 0.25,
+                    node: "eu/a".into(),
+                    peer: "eu/b".into(),
+                    reported_unix: 1,
+                    rtt_micros: Some(1234),
+                    age_secs: 70,
+                    stale: true,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
             false,
         );
         assert_eq!(
             h.lines().nth(1).unwrap(),
             format!(
-                "{:<24} {:<24} {:>5.0}% {:>8.2}ms",
+                "{:<24} {:<24} {:>5.0}% {:>8.2}ms 70s stale",
                 "eu/a", "eu/b", 25.0, 1.234
             )
         );

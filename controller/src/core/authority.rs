@@ -43,6 +43,8 @@ pub struct Authority {
     pub tls_policy: TlsPolicy,
     crl: ArcSwap<Vec<u8>>,
     ocsp: OcspCache,
+    /// Counts issued and revoked certificates; shared with the rest of the controller.
+    metrics: crate::metrics::Metrics,
 }
 
 /// Most OCSP responses kept. Only serials this CA issued are cached (up to four CertID
@@ -189,6 +191,7 @@ impl Authority {
             tls_policy: TlsPolicy::default(),
             crl: ArcSwap::from_pointee(Vec::new()),
             ocsp: OcspCache::default(),
+            metrics: crate::metrics::Metrics::new(),
         };
         auth.refresh_crl(now)?;
         Ok(auth)
@@ -196,6 +199,11 @@ impl Authority {
 
     pub fn ca(&self) -> &Ca {
         &self.ca
+    }
+
+    /// The controller's metrics (the authority counts certificates in them).
+    pub fn metrics(&self) -> &crate::metrics::Metrics {
+        &self.metrics
     }
 
     pub fn store(&self) -> &Store {
@@ -295,7 +303,10 @@ impl Authority {
     ) -> Result<()> {
         let nkey = crate::store::node_key(zone, node);
         self.record(cert, CertKind::Node, nkey.clone(), now)?;
-        self.record_owner(&nkey, cert, CertKind::Node)
+        self.record_owner(&nkey, cert, CertKind::Node)?;
+        self.metrics
+            .certificate_issued(crate::metrics::CertKind::Node);
+        Ok(())
     }
 
     /// Issue a TLS certificate for a CSR and record it durably; with `owner` (a node key)
@@ -335,6 +346,8 @@ impl Authority {
     pub fn record_portal(&self, cert: &IssuedCert, domain: &str, now: SystemTime) -> Result<()> {
         self.record(cert, CertKind::Tls, format!("portal {domain}"), now)?;
         self.store.flush()?;
+        self.metrics
+            .certificate_issued(crate::metrics::CertKind::Portal);
         Ok(())
     }
 
@@ -346,6 +359,8 @@ impl Authority {
     ) -> Result<IssuedCert> {
         self.record(&cert, CertKind::Tls, format!("{names:?}"), now)?;
         self.store.flush()?;
+        self.metrics
+            .certificate_issued(crate::metrics::CertKind::Tls);
         Ok(cert)
     }
 
@@ -385,6 +400,7 @@ impl Authority {
         self.ocsp.forget(&serial);
         self.refresh_crl(now)?;
         self.store.flush()?;
+        self.metrics.certificates_revoked(1);
         Ok(())
     }
 
@@ -414,6 +430,7 @@ impl Authority {
         if newly > 0 {
             self.refresh_crl(now)?;
             self.store.flush()?;
+            self.metrics.certificates_revoked(newly as u64);
         }
         Ok(newly)
     }

@@ -21,10 +21,11 @@ pub(super) async fn dashboard(State(state): State<WebState>, headers: HeaderMap)
         Err(r) => return *r,
     };
     // Zones and nodes are the mesh operators' business; portal owners do not see them.
-    let (zones, nodes) = if s.role == Role::Admin {
-        (state.inner.dashboard.zones(), state.inner.dashboard.nodes())
+    let (zones, nodes, health) = if s.role == Role::Admin {
+        let d = &state.inner.dashboard;
+        (d.zones(), d.nodes(), d.health())
     } else {
-        (vec![], vec![])
+        (vec![], vec![], None)
     };
     let enrolled = state
         .inner
@@ -42,6 +43,7 @@ pub(super) async fn dashboard(State(state): State<WebState>, headers: HeaderMap)
         &viewer,
         &zones,
         &nodes,
+        health.as_ref(),
         state.now(),
         enrolled,
     ))

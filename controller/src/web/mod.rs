@@ -14,6 +14,7 @@
 
 mod account;
 mod domains;
+mod health;
 pub mod https;
 pub mod pages;
 mod session;
@@ -75,6 +76,10 @@ pub trait DashboardSource: Send + Sync {
     fn zones(&self) -> Vec<ZoneRow>;
     /// All nodes.
     fn nodes(&self) -> Vec<NodeRow>;
+    /// The loss and latency matrix for the heat map; `None` shows no map.
+    fn health(&self) -> Option<crate::mesh::HealthMatrix> {
+        None
+    }
 }
 
 /// The clock the handlers read; tests may inject another.

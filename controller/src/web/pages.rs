@@ -30,6 +30,15 @@ code,.mono{font-family:ui-monospace,monospace;word-break:break-all}
 .bad{color:#8a1c1c;font-weight:600}
 .warn{color:#8a5a00;font-weight:600}
 ul.codes{columns:2;font-family:ui-monospace,monospace;font-size:1.1rem}
+.scroll{overflow-x:auto}
+table.heat{width:auto}
+table.heat th,table.heat td{text-align:center;font-size:.85rem;padding:.3rem .45rem;border:1px solid #e1e6eb;white-space:nowrap}
+.h-ok{background:#d9f2e1;color:#14532d}
+.h-warn{background:#fdf0c4;color:#713f12}
+.h-bad{background:#f9d0d0;color:#8a1c1c;font-weight:600}
+.h-stale{background:#e7e9ec;color:#5b6675;font-style:italic}
+.h-none{background:#fff;color:#9aa5b1}
+.h-self{background:#f4f6f8;color:#9aa5b1}
 "#;
 
 /// Escape text for HTML element content and attribute values.
@@ -224,11 +233,13 @@ fn remaining(until: SystemTime, now: SystemTime) -> String {
     }
 }
 
-/// The dashboard: zones, and nodes with their certificate expiry.
+/// The dashboard: zones, nodes with their certificate expiry, and the loss and latency
+/// heat map.
 pub fn dashboard(
     viewer: &Viewer<'_>,
     zones: &[ZoneRow],
     nodes: &[NodeRow],
+    health: Option<&crate::mesh::HealthMatrix>,
     now: SystemTime,
     totp_enrolled: bool,
 ) -> String {
@@ -305,7 +316,8 @@ pub fn dashboard(
         &format!(
             r#"<h1 id="dashboard-title">Dashboard</h1>{totp}
 <div class="card"><h2>Zones</h2><table id="zones"><thead><tr><th>Zone</th><th>Network</th><th>Nodes</th></tr></thead><tbody>{z}</tbody></table></div>
-<div class="card"><h2>Nodes</h2><table id="nodes"><thead><tr><th>Zone</th><th>Node</th><th>Overlay IP</th><th>Certificate serial</th><th>Certificate expiry (UTC)</th><th>Status</th></tr></thead><tbody>{n}</tbody></table></div>"#
+<div class="card"><h2>Nodes</h2><table id="nodes"><thead><tr><th>Zone</th><th>Node</th><th>Overlay IP</th><th>Certificate serial</th><th>Certificate expiry (UTC)</th><th>Status</th></tr></thead><tbody>{n}</tbody></table></div>{heat}"#,
+            heat = health.map(super::health::card).unwrap_or_default(),
         ),
     )
 }

@@ -125,6 +125,9 @@ pub struct RunArgs {
     /// Run with `sh -c` after the files changed (needs --edge-files).
     #[arg(long, value_name = "CMD")]
     pub edge_reload: Option<String>,
+    /// Serve Prometheus' `GET /metrics` on ADDR (plain HTTP; off by default).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 impl RunArgs {
@@ -171,6 +174,7 @@ pub fn run_agent(a: RunArgs) -> Result<ExitCode> {
         listen_port: a.listen_port,
         mtu: a.mtu,
         edge,
+        metrics_listen: a.metrics_listen,
     };
     opts.state.identity()?;
     runtime()?.block_on(zonemesh_agent::control::run::run(

@@ -9,6 +9,7 @@ pub mod effects;
 pub mod enroll;
 pub mod health;
 pub mod meshview;
+pub mod metrics;
 pub mod run;
 pub mod state;
 

@@ -13,6 +13,7 @@
 //! timers), so whatever the caller's runtime is busy with (certificate checks, `ip` and
 //! `nft` calls, fsyncs) never delays a packet.
 
+use super::InboundCounts;
 use super::io::{TUN_OFFSET, TunBatch, TunDevice, UdpBatch, UdpTransport};
 use super::{DataPlaneConfig, DataPlaneError, PeerChange, PeerSpec, PeerStatus, SecurityEvent};
 use arc_swap::ArcSwap;
@@ -117,6 +118,7 @@ impl PeerTable {
 }
 
 struct Shared {
+    counters: super::DataPlaneCounters,
     table: ArcSwap<PeerTable>,
     secret: x25519::StaticSecret,
     public: x25519::PublicKey,
@@ -224,6 +226,7 @@ impl DataPlane {
         let public = x25519::PublicKey::from(&secret);
         let (tx, rx) = mpsc::channel(EVENT_QUEUE);
         let shared = Arc::new(Shared {
+            counters: super::DataPlaneCounters::default(),
             table: ArcSwap::from_pointee(PeerTable::default()),
             rate_limiter: Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT)),
             secret,
@@ -320,6 +323,11 @@ impl DataPlane {
             .iter()
             .map(|p| lock(&p.state).spec.clone())
             .collect()
+    }
+
+    /// Packets moved and dropped since the data plane started.
+    pub fn counters(&self) -> super::DataPlaneStats {
+        self.shared.counters.snapshot()
     }
 
     /// Live state of every peer.
@@ -529,14 +537,17 @@ fn encrypt_batch(
     let table = shared.table.load();
     let mut cursor = 0usize;
     let mut i = 0usize;
+    let mut unroutable = 0u64;
     while i < n {
         let Some(dst) = Tunn::dst_address(batch.packet(i)) else {
+            unroutable += 1;
             i += 1;
             continue;
         };
         let Some(peer) = table.route(dst) else {
             // No peer for this destination: dropped (the kernel only routes our
             // overlay ranges here).
+            unroutable += 1;
             i += 1;
             continue;
         };
@@ -570,6 +581,8 @@ fn encrypt_batch(
             }
         }
     }
+    // Once per batch: the packet path takes no lock and shares no counter per packet.
+    shared.counters.add_outbound(n as u64, unroutable);
 }
 
 /// Position in a received UDP batch.
@@ -677,6 +690,7 @@ fn decrypt_batch(
     let space = tbatch.packet_space;
     let mut n = 0usize;
     let mut held: Held<'_> = None;
+    let mut seen = InboundCounts::default();
     while cursor.buf < m {
         let info = ubatch.info[cursor.buf];
         if cursor.off >= info.len {
@@ -686,6 +700,8 @@ fn decrypt_batch(
         }
         if n == tbatch.capacity() {
             release(&mut held, scratch, ctrl);
+            seen.delivered = n as u64;
+            shared.counters.add_inbound(&seen);
             return (n, false);
         }
         let stride = if info.stride == 0 {
@@ -697,7 +713,9 @@ fn decrypt_batch(
         let d = &ubatch.bufs[cursor.buf][cursor.off..end];
         cursor.off = end;
         let src = info.addr;
+        seen.datagrams += 1;
         if d.len() < 16 || d[1..4] != [0, 0, 0] {
+            seen.malformed += 1;
             continue;
         }
         let idx_at = match d[0] {
@@ -708,13 +726,17 @@ fn decrypt_batch(
             }
             MSG_RESPONSE => 8,
             MSG_COOKIE | MSG_DATA => 4,
-            _ => continue,
+            _ => {
+                seen.malformed += 1;
+                continue;
+            }
         };
         let receiver = u32::from_le_bytes([d[idx_at], d[idx_at + 1], d[idx_at + 2], d[idx_at + 3]]);
         let peer_index = receiver >> 8;
         if held.as_ref().map(|(i, _)| *i) != Some(peer_index) {
             release(&mut held, scratch, ctrl);
             let Some(peer) = table.by_index.get(&peer_index) else {
+                seen.unknown_session += 1;
                 continue;
             };
             held = Some((peer_index, lock(&peer.state)));
@@ -724,6 +746,7 @@ fn decrypt_batch(
         };
         if d[0] == MSG_DATA {
             if d.len() - 16 > space {
+                seen.malformed += 1;
                 continue;
             }
             let buf = &mut tbatch.bufs[n];
@@ -743,6 +766,7 @@ fn decrypt_batch(
                         tbatch.sizes[n] = len;
                         n += 1;
                     } else if let Some(ip) = inner_src {
+                        seen.spoofed += 1;
                         shared.report(SecurityEvent::SpoofedSource {
                             peer: st.spec.name.clone(),
                             inner_source: ip,
@@ -754,7 +778,10 @@ fn decrypt_batch(
                     ctrl.push((src, p.to_vec()));
                     roam(st, src);
                 }
-                TunnResult::Err(e) => tracing::trace!(error = ?e, "data packet rejected"),
+                TunnResult::Err(e) => {
+                    seen.rejected += 1;
+                    tracing::trace!(error = ?e, "data packet rejected")
+                }
             }
         } else {
             match st.tunn.decapsulate(Some(src.ip()), d, scratch) {
@@ -774,6 +801,8 @@ fn decrypt_batch(
         }
     }
     release(&mut held, scratch, ctrl);
+    seen.delivered = n as u64;
+    shared.counters.add_inbound(&seen);
     (n, true)
 }
 

@@ -118,22 +118,10 @@ impl AdminHandler {
         }))
     }
 
-    /// `health`, sorted by node and peer
+    /// `health`: the matrix of enrolled pairs, sorted by node and peer
     pub(super) fn health(&self) -> Result<AdminReply, ControllerError> {
-        let mut rows = Vec::new();
-        for (node, peers) in self.mesh()?.health() {
-            for p in peers {
-                rows.push(HealthRow {
-                    loss: p.loss,
-                    node: node.clone(),
-                    peer: p.peer,
-                    reported_unix: p.reported_unix,
-                    rtt_micros: p.rtt_micros,
-                });
-            }
-        }
-        rows.sort_by(|a, b| (&a.node, &a.peer).cmp(&(&b.node, &b.peer)));
-        Ok(AdminReply::Health(rows))
+        let mesh = self.mesh()?;
+        Ok(AdminReply::Health(mesh.health_matrix(mesh.now())?))
     }
 
     /// `block add`: between one minute and 30 days

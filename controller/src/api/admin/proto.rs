@@ -157,7 +157,7 @@ pub enum AdminReply {
     UserSessionsEnded(UserSessionsEnded),
     ThrottleList(ThrottleList),
     ThrottleCleared(ThrottleCleared),
-    Health(Vec<HealthRow>),
+    Health(HealthMatrix),
     BlockAdded(BlockRow),
     BlockList(Vec<BlockRow>),
     BlockRemoved(BlockRemoved),
@@ -316,15 +316,9 @@ pub struct ThrottleCleared {
     pub cleared: usize,
 }
 
-/// One row of `health`: what `node` measured towards `peer`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct HealthRow {
-    pub loss: f32,
-    pub node: String,
-    pub peer: String,
-    pub reported_unix: u64,
-    pub rtt_micros: u32,
-}
+/// `health`: the matrix of enrolled pairs, zone summaries and the worst pairs, the same
+/// view the dashboard's heat map shows.
+pub use crate::mesh::{HealthMatrix, PairHealth, ZoneHealth};
 
 /// A blocked source address (`block add`, `block list`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -570,13 +564,32 @@ mod tests {
                 target: ClearTarget::Source("127.0.0.2".parse().unwrap()),
                 cleared: 3,
             }),
-            R::Health(vec![HealthRow {
-                loss: 0.25,
-                node: s("eu/n1"),
-                peer: s("us/n2"),
-                reported_unix: 1_700_000_000,
-                rtt_micros: 1234,
-            }]),
+            R::Health(HealthMatrix {
+                stale_after_secs: 60,
+                zones: vec![s("eu"), s("us")],
+                nodes: vec![s("eu/n1"), s("us/n2")],
+                pairs: vec![PairHealth {
+                    node: s("eu/n1"),
+                    zone: s("eu"),
+                    peer: s("us/n2"),
+                    peer_zone: s("us"),
+                    loss: 0.25,
+                    rtt_micros: Some(1234),
+                    reported_unix: 1_700_000_000,
+                    age_secs: 3,
+                    stale: false,
+                }],
+                zone_pairs: vec![ZoneHealth {
+                    zone: s("eu"),
+                    peer_zone: s("us"),
+                    pairs: 1,
+                    stale_pairs: 0,
+                    mean_loss: 0.25,
+                    max_loss: 0.25,
+                    mean_rtt_micros: None,
+                }],
+                worst: vec![],
+            }),
             R::BlockAdded(block.clone()),
             R::BlockList(vec![block]),
             R::BlockRemoved(BlockRemoved {

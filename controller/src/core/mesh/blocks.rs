@@ -44,6 +44,7 @@ impl Mesh {
         for ev in events.events.iter().take(blocklist::MAX_EVENTS_PER_REPORT) {
             let kind = text::cap(&ev.kind, blocklist::MAX_KIND);
             let source = text::cap(&ev.source, blocklist::MAX_SOURCE);
+            self.metrics().security_event(kind);
             let e = seen.entry(kind).or_insert((
                 0,
                 source,
@@ -175,6 +176,7 @@ impl Mesh {
             ..Default::default()
         })?;
         tracing::warn!(source = %ip, until = rec.until_unix, reason = %Escaped(&rec.reason), "source blocked");
+        self.metrics().block_added();
         Ok(())
     }
 
@@ -193,6 +195,7 @@ impl Mesh {
         })?;
         self.evidence.lock().forget(ip);
         tracing::info!(source = %ip, "source unblocked");
+        self.metrics().block_removed();
         Ok(rec)
     }
 
@@ -203,11 +206,14 @@ impl Mesh {
         for rec in Store::all::<BlockRecord>(&self.store.blocks, "blocks")? {
             if rec.until_unix > unix(now) {
                 out.push(rec);
-            } else {
-                self.store
-                    .blocks
-                    .remove(rec.address.to_string())
-                    .map_err(store_err)?;
+            } else if self
+                .store
+                .blocks
+                .remove(rec.address.to_string())
+                .map_err(store_err)?
+                .is_some()
+            {
+                self.metrics().blocks_expired(1);
             }
         }
         out.sort_by_key(|b| (b.until_unix, b.address));

@@ -14,11 +14,13 @@ mod blocks;
 mod commit;
 mod csr;
 mod enroll;
+mod health;
 mod node_calls;
 mod revoke;
 mod watch;
 mod zones;
 
+pub use health::{HealthMatrix, PairHealth, STALE_AFTER, ZoneHealth};
 pub use node_calls::{HealthRow, RenewKey};
 pub use watch::{Resume, Subscription};
 pub use zones::CreatedToken;
@@ -216,6 +218,11 @@ impl Mesh {
 
     pub fn authority(&self) -> &Arc<Authority> {
         &self.auth
+    }
+
+    /// The controller's metrics (shared with the authority).
+    pub fn metrics(&self) -> &crate::metrics::Metrics {
+        self.auth.metrics()
     }
 
     /// The clock Mesh calls are checked against.

@@ -14,6 +14,7 @@ mod events;
 mod link;
 mod probe;
 mod renew;
+mod scrape;
 mod status;
 mod sync;
 #[cfg(test)]
@@ -51,6 +52,8 @@ pub struct RunOptions {
     pub mtu: u16,
     /// Serve portal domains (`--edge-*`), validated before anything binds.
     pub edge: Option<EdgeConfig>,
+    /// Serve `GET /metrics` on this address (`--metrics-listen`); off when `None`.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// Starts the data plane for a configuration.
@@ -268,6 +271,10 @@ pub async fn run_with(opts: RunOptions, deps: RunDeps, shutdown: CancellationTok
         }
         None => None,
     };
+    let metrics_listener = match opts.metrics_listen {
+        Some(a) => Some(super::metrics::bind(a).await?),
+        None => None,
+    };
     let (mut agent, dp_events, ev_rx) = Agent::start(opts, deps).await?;
     agent.edge_status = edge.as_ref().map(|e| e.status());
     let agent = Arc::new(agent);
@@ -294,6 +301,14 @@ pub async fn run_with(opts: RunOptions, deps: RunDeps, shutdown: CancellationTok
     tasks.spawn(status::status_server(agent.clone(), shutdown.clone()));
     if icmp_probes {
         tasks.spawn(probe::health_loop(agent.clone(), shutdown.clone()));
+    }
+    if let Some(l) = metrics_listener {
+        tracing::info!(metrics = ?l.local_addr().ok(), "serving /metrics");
+        let a = agent.clone();
+        let metrics = Arc::new(super::metrics::AgentMetrics::new(Arc::new(move || {
+            a.metrics_sample()
+        })));
+        tasks.spawn(super::metrics::serve(l, metrics, shutdown.clone()));
     }
     if let Some(e) = &edge {
         tasks.spawn(edge::edge_loop(agent.clone(), e.clone(), shutdown.clone()));

@@ -1,0 +1,430 @@
+//! The agent's `GET /metrics` (`run --metrics-listen ADDR`, off by default): per-peer
+//! handshake age, bytes, loss and round trip, the data plane's packets and drops, the
+//! Watch link and the blocklist, in the Prometheus/OpenMetrics text format.
+//!
+//! Everything is read at scrape time from an [`AgentSample`] the run loop builds, so the
+//! per-peer series are exactly the current peers (a peer that leaves the mesh leaves the
+//! output) and nothing is kept between scrapes. The listener is small and bounded: a few
+//! connections at once, HTTP/1 only, a deadline on the request head and on the whole
+//! connection.
+
+use crate::dataplane::DataPlaneStats;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Registry;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// The `Content-Type` of the exposition.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// The `Content-Type` of the Prometheus text format (for clients that do not ask for
+/// OpenMetrics, and for `promtool check metrics`).
+pub const PROMETHEUS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// The OpenMetrics exposition in the Prometheus text format: a counter family is named
+/// with its `_total` suffix in `# HELP` and `# TYPE`, and there is no `# EOF`.
+pub fn prometheus_text(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len() + 16 * counters.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|p| {
+            let rest = line.strip_prefix(p)?;
+            let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+            counters
+                .contains(name)
+                .then(|| format!("{p}{name}_total {tail}"))
+        });
+        out.push_str(renamed.as_deref().unwrap_or(line));
+        out.push('\n');
+    }
+    out
+}
+
+/// Whether a request's `Accept` header asks for OpenMetrics.
+pub fn wants_openmetrics(accept: Option<&str>) -> bool {
+    accept.is_some_and(|a| a.contains("application/openmetrics-text"))
+}
+/// Connections served at once; more wait in the kernel's backlog.
+const MAX_CONNS: usize = 8;
+/// Time for the request head to arrive.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest life of one connection (a scrape takes milliseconds).
+const CONN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// One current peer as the agent sees it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PeerSample {
+    /// `zone/node`.
+    pub name: String,
+    /// Seconds since the last completed handshake; `None` before the first.
+    pub handshake_age_secs: Option<f64>,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+    /// Share of recent probes lost; `None` before the first probe.
+    pub loss: Option<f64>,
+    pub rtt_seconds: Option<f64>,
+}
+
+/// The agent's state at scrape time.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct AgentSample {
+    pub watch_connected: bool,
+    pub mesh_version: u64,
+    pub blocked_sources: u64,
+    pub mesh_updates: u64,
+    pub syncs: u64,
+    pub cert_not_after_unix: u64,
+    pub dataplane: DataPlaneStats,
+    pub peers: Vec<PeerSample>,
+}
+
+/// Builds the sample (called on each scrape, on the blocking pool).
+pub type SampleFn = dyn Fn() -> AgentSample + Send + Sync;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PeerLabels {
+    peer_zone: String,
+    peer: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DirectionLabel {
+    direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+struct Scrape(Arc<SampleFn>);
+
+impl std::fmt::Debug for Scrape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Scrape")
+    }
+}
+
+fn peer_labels(name: &str) -> PeerLabels {
+    let (zone, node) = name.split_once('/').unwrap_or(("", name));
+    PeerLabels {
+        peer_zone: zone.to_string(),
+        peer: node.to_string(),
+    }
+}
+
+impl Collector for Scrape {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let s = (self.0)();
+        let gauge = |v: u64| ConstGauge::new(i64::try_from(v).unwrap_or(i64::MAX));
+        let gauges = [
+            (
+                "watch_connected",
+                "1 while the Watch stream to the controller is up.",
+                u64::from(s.watch_connected),
+            ),
+            (
+                "mesh_version",
+                "Version of the mesh the agent holds.",
+                s.mesh_version,
+            ),
+            (
+                "blocked_sources",
+                "Source addresses on the blocklist the agent enforces.",
+                s.blocked_sources,
+            ),
+            (
+                "certificate_not_after",
+                "Expiry of the node certificate, Unix seconds.",
+                s.cert_not_after_unix,
+            ),
+            (
+                "peers",
+                "Peers configured in the data plane.",
+                s.peers.len() as u64,
+            ),
+        ];
+        for (name, help, v) in gauges {
+            let g = gauge(v);
+            g.encode(encoder.encode_descriptor(name, help, None, g.metric_type())?)?;
+        }
+        let counters = [
+            (
+                "mesh_updates",
+                "Updates received on the Watch stream.",
+                s.mesh_updates,
+            ),
+            (
+                "syncs",
+                "Passes that brought the data plane and host in line with the mesh.",
+                s.syncs,
+            ),
+        ];
+        for (name, help, v) in counters {
+            let c = ConstCounter::new(v);
+            c.encode(encoder.encode_descriptor(name, help, None, c.metric_type())?)?;
+        }
+
+        let d = &s.dataplane;
+        let mut packets = encoder.encode_descriptor(
+            "dataplane_packets",
+            "Packets the data plane handled: tun (read from the TUN device), udp (datagrams received), delivered (decrypted to the TUN device).",
+            None,
+            MetricType::Counter,
+        )?;
+        for (direction, v) in [
+            ("tun", d.tun_packets),
+            ("udp", d.udp_datagrams),
+            ("delivered", d.delivered_packets),
+        ] {
+            ConstCounter::new(v).encode(packets.encode_family(&DirectionLabel { direction })?)?;
+        }
+        let mut drops = encoder.encode_descriptor(
+            "dataplane_drops",
+            "Packets the data plane dropped, by reason.",
+            None,
+            MetricType::Counter,
+        )?;
+        for (reason, v) in [
+            ("no_route", d.dropped_no_route),
+            ("malformed", d.dropped_malformed),
+            ("unknown_session", d.dropped_unknown_session),
+            ("rejected", d.dropped_rejected),
+            ("spoofed_source", d.dropped_spoofed),
+        ] {
+            ConstCounter::new(v).encode(drops.encode_family(&ReasonLabel { reason })?)?;
+        }
+
+        type Value = fn(&PeerSample) -> Option<f64>;
+        let gauges: [(&str, &str, Value); 3] = [
+            (
+                "peer_handshake_age_seconds",
+                "Seconds since the last completed handshake with the peer.",
+                |p| p.handshake_age_secs,
+            ),
+            (
+                "peer_loss_ratio",
+                "Share of recent ICMP probes through the tunnel to the peer that were lost.",
+                |p| p.loss,
+            ),
+            (
+                "peer_rtt_seconds",
+                "Round trip of the last answered probe to the peer.",
+                |p| p.rtt_seconds,
+            ),
+        ];
+        for (name, help, value) in gauges {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for p in &s.peers {
+                if let Some(v) = value(p) {
+                    ConstGauge::new(v).encode(family.encode_family(&peer_labels(&p.name))?)?;
+                }
+            }
+        }
+        type Count = fn(&PeerSample) -> u64;
+        let counters: [(&str, &str, Count); 2] = [
+            (
+                "peer_rx_bytes",
+                "Payload bytes received from the peer.",
+                |p| p.rx_bytes,
+            ),
+            ("peer_tx_bytes", "Payload bytes sent to the peer.", |p| {
+                p.tx_bytes
+            }),
+        ];
+        for (name, help, value) in counters {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for p in &s.peers {
+                ConstCounter::new(value(p)).encode(family.encode_family(&peer_labels(&p.name))?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The agent's metrics registry over a sample function.
+pub struct AgentMetrics {
+    registry: Registry,
+}
+
+impl std::fmt::Debug for AgentMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AgentMetrics")
+    }
+}
+
+impl AgentMetrics {
+    pub fn new(sample: Arc<SampleFn>) -> Self {
+        let mut registry = Registry::with_prefix("zonemesh_agent");
+        registry.register_collector(Box::new(Scrape(sample)));
+        Self { registry }
+    }
+
+    /// The text exposition; runs the sample function.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+fn answer(
+    metrics: &Arc<AgentMetrics>,
+    req: &http::Request<hyper::body::Incoming>,
+) -> impl Future<Output = http::Response<String>> + use<> {
+    let ok = req.method() == http::Method::GET && req.uri().path() == "/metrics";
+    let om = wants_openmetrics(
+        req.headers()
+            .get(http::header::ACCEPT)
+            .and_then(|v| v.to_str().ok()),
+    );
+    let m = metrics.clone();
+    async move {
+        let reply = |status: http::StatusCode, ctype: &str, body: String| {
+            let mut r = http::Response::new(body);
+            *r.status_mut() = status;
+            if let Ok(v) = http::HeaderValue::from_str(ctype) {
+                r.headers_mut().insert(http::header::CONTENT_TYPE, v);
+            }
+            r
+        };
+        if !ok {
+            return reply(
+                http::StatusCode::NOT_FOUND,
+                "text/plain",
+                "only GET /metrics\n".into(),
+            );
+        }
+        match tokio::task::spawn_blocking(move || m.encode()).await {
+            Ok(text) if om => reply(http::StatusCode::OK, CONTENT_TYPE, text),
+            Ok(text) => reply(
+                http::StatusCode::OK,
+                PROMETHEUS_CONTENT_TYPE,
+                prometheus_text(&text),
+            ),
+            Err(e) => {
+                tracing::error!(error = %e, "metrics scrape failed");
+                reply(
+                    http::StatusCode::INTERNAL_SERVER_ERROR,
+                    "text/plain",
+                    "scrape failed\n".into(),
+                )
+            }
+        }
+    }
+}
+
+/// Bind `addr` (a failure is a start-up error).
+pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    use anyhow::Context;
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} (--metrics-listen)"))
+}
+
+/// Serve `GET /metrics` on `listener` until `shutdown`; connections are joined before it
+/// returns.
+pub async fn serve(listener: TcpListener, metrics: Arc<AgentMetrics>, shutdown: CancellationToken) {
+    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNS));
+    let mut conns = tokio::task::JoinSet::new();
+    loop {
+        while conns.try_join_next().is_some() {}
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            p = permits.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            a = listener.accept() => match a {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::debug!(error = %e, "metrics accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let (m, stop) = (metrics.clone(), shutdown.clone());
+        conns.spawn(async move {
+            let _permit = permit;
+            let svc = hyper::service::service_fn(move |req| {
+                let fut = answer(&m, &req);
+                async move { Ok::<_, std::convert::Infallible>(fut.await) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .keep_alive(false)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
+            tokio::select! {
+                r = tokio::time::timeout(CONN_TIMEOUT, conn) => match r {
+                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "metrics connection failed"),
+                    Err(_) => tracing::debug!(%peer, "metrics connection timed out"),
+                    Ok(Ok(())) => {}
+                },
+                _ = stop.cancelled() => {}
+            }
+        });
+    }
+    conns.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn current_peers_and_counters_are_exposed() {
+        let sample = AgentSample {
+            watch_connected: true,
+            mesh_version: 7,
+            blocked_sources: 3,
+            dataplane: DataPlaneStats {
+                tun_packets: 10,
+                dropped_no_route: 1,
+                ..Default::default()
+            },
+            peers: vec![PeerSample {
+                name: "z2/b".into(),
+                handshake_age_secs: Some(4.0),
+                rx_bytes: 100,
+                tx_bytes: 200,
+                loss: Some(0.3),
+                rtt_seconds: Some(0.002),
+            }],
+            ..Default::default()
+        };
+        let m = AgentMetrics::new(Arc::new(move || sample.clone()));
+        let text = m.encode();
+        for line in [
+            "zonemesh_agent_watch_connected 1",
+            "zonemesh_agent_mesh_version 7",
+            "zonemesh_agent_blocked_sources 3",
+            "zonemesh_agent_dataplane_packets_total{direction=\"tun\"} 10",
+            "zonemesh_agent_dataplane_drops_total{reason=\"no_route\"} 1",
+            "zonemesh_agent_peer_loss_ratio{peer_zone=\"z2\",peer=\"b\"} 0.3",
+            "zonemesh_agent_peer_handshake_age_seconds{peer_zone=\"z2\",peer=\"b\"} 4.0",
+            "zonemesh_agent_peer_tx_bytes_total{peer_zone=\"z2\",peer=\"b\"} 200",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in\n{text}");
+        }
+        assert!(text.ends_with("# EOF\n"));
+    }
+}
