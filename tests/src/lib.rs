@@ -108,6 +108,7 @@ pub mod inproc;
 pub mod janitor;
 pub mod meshlab;
 pub mod pebble;
+pub mod webcurl;
 
 /// True when `cmd` is on the PATH.
 pub fn have(cmd: &str) -> bool {
