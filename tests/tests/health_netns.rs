@@ -45,8 +45,11 @@ fn pairs() -> Vec<(&'static str, &'static str, bool)> {
     out
 }
 
-/// `(node, peer)` → `(loss, stale)` from `health --json`.
-fn matrix(lab: &MeshLab) -> Result<(BTreeMap<(String, String), (f64, bool)>, Value)> {
+/// `(node, peer)` → `(loss, stale)`.
+type Pairs = BTreeMap<(String, String), (f64, bool)>;
+
+/// The pairs of `health --json`, and the whole reply.
+fn matrix(lab: &MeshLab) -> Result<(Pairs, Value)> {
     let v: Value = serde_json::from_str(&lab.controller(&["health", "--json"])?)?;
     let mut m = BTreeMap::new();
     for p in v["pairs"].as_array().context("pairs")? {

@@ -20,7 +20,7 @@ mod revoke;
 mod watch;
 mod zones;
 
-pub use health::{HealthMatrix, PairHealth, STALE_AFTER, ZoneHealth};
+pub use health::{HealthMatrix, PairHealth, STALE_AFTER, ZoneHealth, matrix as health_view};
 pub use node_calls::{HealthRow, RenewKey};
 pub use watch::{Resume, Subscription};
 pub use zones::CreatedToken;
