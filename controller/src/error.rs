@@ -35,7 +35,7 @@ pub enum ControllerError {
     #[error(transparent)]
     Audit(#[from] crate::audit::AuditError),
     #[error("CRL update: {0}")]
-    CrlUpdate(#[source] crate::tls::TlsSetupError),
+    CrlUpdate(#[source] crate::core::mesh::CrlListenerError),
 }
 
 pub type Result<T, E = ControllerError> = std::result::Result<T, E>;

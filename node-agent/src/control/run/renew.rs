@@ -26,7 +26,7 @@ pub(super) async fn renew_loop(agent: Arc<Agent>, shutdown: CancellationToken) {
         };
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = agent.clock.sleep_until(at) => {}
+            _ = agent.clock.alarm(at) => {}
         }
         let renewal = enroll::renew_over(&agent.opts.state, agent.link.channel());
         let result = agent
