@@ -4,9 +4,9 @@
 //!
 //! Everything is read at scrape time from an [`AgentSample`] the run loop builds, so the
 //! per-peer series are exactly the current peers (a peer that leaves the mesh leaves the
-//! output) and nothing is kept between scrapes. The listener is small and bounded: a few
-//! connections at once, HTTP/1 only, a deadline on the request head and on the whole
-//! connection.
+//! output) and nothing is kept between scrapes. The listener is the shared one
+//! (`zonemesh_deploy::listen`): a few connections at once and from one source, a deadline
+//! for the first request and for idle connections.
 
 use crate::dataplane::DataPlaneStats;
 use prometheus_client::collector::Collector;
@@ -57,12 +57,17 @@ pub fn prometheus_text(openmetrics: &str) -> String {
 pub fn wants_openmetrics(accept: Option<&str>) -> bool {
     accept.is_some_and(|a| a.contains("application/openmetrics-text"))
 }
-/// Connections served at once; more wait in the kernel's backlog.
-const MAX_CONNS: usize = 8;
-/// Time for the request head to arrive.
-const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
-/// Longest life of one connection (a scrape takes milliseconds).
-const CONN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Connections at once, in total and from one source (scrapers are few).
+const LIMITS: zonemesh_deploy::listen::ConnLimits = zonemesh_deploy::listen::ConnLimits {
+    max_conns: 16,
+    max_per_source: 4,
+};
+/// The controller's PKI listener's deadlines: the first request within 10 s of accept, an
+/// idle connection closed after 15 s.
+const TIMEOUTS: zonemesh_deploy::listen::Timeouts = zonemesh_deploy::listen::Timeouts {
+    first_request: zonemesh_deploy::listen::FIRST_REQUEST_TIMEOUT,
+    idle: Duration::from_secs(15),
+};
 
 /// One current peer as the agent sees it.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -336,54 +341,42 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
         .with_context(|| format!("cannot listen on {addr} (--metrics-listen)"))
 }
 
-/// Serve `GET /metrics` on `listener` until `shutdown`; connections are joined before it
-/// returns.
+/// Serve `GET /metrics` on `listener` until `shutdown`, with the admission and deadlines
+/// of the shared listener module; connections are drained before it returns.
 pub async fn serve(listener: TcpListener, metrics: Arc<AgentMetrics>, shutdown: CancellationToken) {
-    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNS));
+    use zonemesh_deploy::listen::{self, GuardedListener, HttpOptions, TrackedBody};
+    let mut listener = GuardedListener::new(listener, "metrics", LIMITS, TIMEOUTS);
     let mut conns = tokio::task::JoinSet::new();
     loop {
         while conns.try_join_next().is_some() {}
-        let permit = tokio::select! {
+        let (io, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
-            p = permits.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break,
-            },
+            c = listener.accept() => c,
         };
-        let (stream, peer) = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            a = listener.accept() => match a {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::debug!(error = %e, "metrics accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
+        let activity = io.activity();
         let (m, stop) = (metrics.clone(), shutdown.clone());
         conns.spawn(async move {
-            let _permit = permit;
             let svc = hyper::service::service_fn(move |req| {
+                // Counted in flight until the body is sent: the idle deadline waits for it.
+                let guard = activity.begin();
                 let fut = answer(&m, &req);
-                async move { Ok::<_, std::convert::Infallible>(fut.await) }
+                async move {
+                    let resp = fut.await;
+                    Ok::<_, std::convert::Infallible>(resp.map(|b| TrackedBody::new(b, guard)))
+                }
             });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
-                .keep_alive(false)
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
-            tokio::select! {
-                r = tokio::time::timeout(CONN_TIMEOUT, conn) => match r {
-                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "metrics connection failed"),
-                    Err(_) => tracing::debug!(%peer, "metrics connection timed out"),
-                    Ok(Ok(())) => {}
-                },
-                _ = stop.cancelled() => {}
+            let opts = HttpOptions {
+                h2_only: false,
+                max_concurrent_streams: 4,
+                keep_alive: Duration::from_secs(15),
+            };
+            if let Err(e) = listen::serve_connection(io, svc, opts, stop).await {
+                tracing::debug!(%peer, error = %e, "metrics connection ended with an error");
             }
         });
     }
-    conns.shutdown().await;
+    drop(listener);
+    listen::drain(conns).await;
 }
 
 #[cfg(test)]
