@@ -51,6 +51,8 @@ pub struct RunOptions {
     pub mtu: u16,
     /// Serve portal domains (`--edge-*`), validated before anything binds.
     pub edge: Option<EdgeConfig>,
+    /// Replace the node key on every N-th renewal (0: never).
+    pub rotate_key_every: u32,
 }
 
 /// Starts the data plane for a configuration.
