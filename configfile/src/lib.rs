@@ -165,8 +165,8 @@ pub fn expand_with(
 /// and bash, zsh and fish completions into `out/completions`.
 pub fn write_docs(cmd: Command, out: &Path) -> std::io::Result<()> {
     use clap_complete::Shell;
-    let mut cmd = cmd;
-    cmd.build();
+    // No pages or completions for clap's own `help` subcommands.
+    let mut cmd = without_help_subcommands(cmd);
     let man = out.join("man");
     std::fs::create_dir_all(&man)?;
     clap_mangen::generate_to(cmd.clone(), &man)?;
@@ -177,6 +177,18 @@ pub fn write_docs(cmd: Command, out: &Path) -> std::io::Result<()> {
         clap_complete::generate_to(shell, &mut cmd, &name, &comp)?;
     }
     Ok(())
+}
+
+fn without_help_subcommands(cmd: Command) -> Command {
+    let names: Vec<String> = cmd
+        .get_subcommands()
+        .map(|s| s.get_name().to_string())
+        .collect();
+    let mut cmd = cmd.disable_help_subcommand(true);
+    for n in names {
+        cmd = cmd.mut_subcommand(n, without_help_subcommands);
+    }
+    cmd
 }
 
 struct File<'a> {

@@ -205,6 +205,14 @@ fn docs_cover_every_visible_subcommand_and_three_shells() {
         let text = std::fs::read_to_string(dir.path().join("man").join(page)).unwrap();
         assert!(text.contains(".TH"), "{page}");
     }
+    let pages: Vec<String> = std::fs::read_dir(dir.path().join("man"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        !pages.iter().any(|p| p.contains("help")),
+        "no pages for clap's help subcommands: {pages:?}"
+    );
     for f in ["tool.bash", "_tool", "tool.fish"] {
         assert!(dir.path().join("completions").join(f).exists(), "{f}");
     }
