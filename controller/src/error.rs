@@ -37,7 +37,7 @@ pub enum ControllerError {
     #[error("backup: {0}")]
     Backup(#[from] crate::core::backup::BackupError),
     #[error("CRL update: {0}")]
-    CrlUpdate(#[source] crate::tls::TlsSetupError),
+    CrlUpdate(#[source] crate::core::mesh::CrlListenerError),
 }
 
 pub type Result<T, E = ControllerError> = std::result::Result<T, E>;

@@ -6,6 +6,8 @@
 //!
 //! - [`bundle`]: a domain's certificate chain and key, as issued and as sent to the edges.
 //! - [`atomic`]: the one atomic file writer every zonemesh binary uses.
+//! - [`clock`]: the one clock every zonemesh component reads, injected in tests.
+//! - [`listen`]: admission, backoff and deadlines shared by every zonemesh TCP listener.
 //! - [`acme`]: the RFC 8555 issuer (controller side).
 //! - [`internal`]: the internal-CA issuer (controller side).
 //! - [`edge`]: the TLS edge: SNI, hot swap, HTTP-01, HSTS, reverse proxy (agent side).
@@ -15,9 +17,11 @@
 pub mod acme;
 pub mod atomic;
 pub mod bundle;
+pub mod clock;
 pub mod edge;
 pub mod files;
 pub mod internal;
+pub mod listen;
 pub mod ocsp;
 #[cfg(feature = "testing")]
 pub mod testing;

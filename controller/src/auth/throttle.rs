@@ -14,12 +14,14 @@
 //! Pure state with the time passed in; the web layer holds it behind a mutex and turns its
 //! answers into responses, audit records and `SecuritySink` calls.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashSet, VecDeque};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
+
+use crate::limits::{BoundedKeys, Full, WhenFull, Windowed};
 
 /// Tuning of delays and blocks.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -40,8 +42,10 @@ pub struct ThrottleConfig {
     pub block_window: Duration,
     /// How long a block lasts.
     pub block_duration: Duration,
-    /// Bound on tracked accounts, sources and account/source pairs, so a flood of made-up
-    /// names or addresses cannot exhaust memory.
+    /// Bound on tracked accounts, sources and account/source pairs (a third each), so a
+    /// flood of made-up names or addresses cannot exhaust memory. Each is a
+    /// [`BoundedKeys`] map: the entries with the fewest failures go first, and attempts in
+    /// flight, blocks and known-good sources are never evicted.
     pub max_tracked: usize,
     /// Sources remembered per account as known good (the most recent sign-ins).
     pub known_good_per_account: usize,
@@ -117,6 +121,86 @@ struct Counter {
     failures: u32,
     last_failure: SystemTime,
     next_allowed: SystemTime,
+}
+
+/// How long the throttle's state means something: the policy its maps judge entries by.
+#[derive(Clone, Copy, Debug)]
+struct Memory {
+    failures: Duration,
+    known_good: Duration,
+    block_window: Duration,
+}
+
+fn within(t: SystemTime, now: SystemTime, d: Duration) -> bool {
+    now.duration_since(t).unwrap_or_default() < d
+}
+
+fn failures_of(c: Option<&Counter>) -> u64 {
+    c.map_or(0, |c| c.failures.into())
+}
+
+impl Windowed for Counter {
+    type Policy = Memory;
+    fn is_live(&self, m: &Memory, now: SystemTime) -> bool {
+        within(self.last_failure, now, m.failures)
+    }
+    fn touched(&self) -> SystemTime {
+        self.last_failure
+    }
+    fn weight(&self) -> u64 {
+        self.failures.into()
+    }
+}
+
+impl Windowed for SourceState {
+    type Policy = Memory;
+    fn is_live(&self, m: &Memory, now: SystemTime) -> bool {
+        self.pinned(m, now)
+            || self.counter.as_ref().is_some_and(|c| c.is_live(m, now))
+            || self
+                .recent
+                .back()
+                .is_some_and(|(t, _)| within(*t, now, m.block_window))
+    }
+    fn touched(&self) -> SystemTime {
+        let last = self.recent.back().map(|(t, _)| *t);
+        self.counter
+            .as_ref()
+            .map(|c| c.last_failure)
+            .max(last)
+            .unwrap_or(SystemTime::UNIX_EPOCH)
+    }
+    fn weight(&self) -> u64 {
+        failures_of(self.counter.as_ref())
+    }
+    fn pinned(&self, _: &Memory, now: SystemTime) -> bool {
+        self.in_flight || self.blocked_until.is_some_and(|u| u > now)
+    }
+}
+
+impl Windowed for AccountState {
+    type Policy = Memory;
+    fn is_live(&self, m: &Memory, now: SystemTime) -> bool {
+        self.pinned(m, now) || self.counter.as_ref().is_some_and(|c| c.is_live(m, now))
+    }
+    fn touched(&self) -> SystemTime {
+        let good = self.known_good.back().map(|(_, t)| *t);
+        self.counter
+            .as_ref()
+            .map(|c| c.last_failure)
+            .max(good)
+            .unwrap_or(SystemTime::UNIX_EPOCH)
+    }
+    fn weight(&self) -> u64 {
+        failures_of(self.counter.as_ref())
+    }
+    fn pinned(&self, m: &Memory, now: SystemTime) -> bool {
+        self.in_flight
+            || self
+                .known_good
+                .iter()
+                .any(|(_, t)| within(*t, now, m.known_good))
+    }
 }
 
 #[derive(Clone, Debug, Default)]
@@ -229,9 +313,9 @@ pub struct ThrottleList {
 #[derive(Debug)]
 pub struct Throttle {
     cfg: ThrottleConfig,
-    accounts: HashMap<String, AccountState>,
-    pairs: HashMap<(String, IpAddr), Counter>,
-    sources: HashMap<IpAddr, SourceState>,
+    accounts: BoundedKeys<String, AccountState>,
+    pairs: BoundedKeys<(String, IpAddr), Counter>,
+    sources: BoundedKeys<IpAddr, SourceState>,
     in_flight: usize,
     /// Bumped by every clear, so an attempt reserved before it does not restore old counters.
     epoch: u64,
@@ -256,11 +340,17 @@ fn ceil_secs(d: Duration) -> u64 {
 impl Throttle {
     /// Empty state with `cfg`.
     pub fn new(cfg: ThrottleConfig) -> Self {
+        let memory = Memory {
+            failures: cfg.failure_memory,
+            known_good: cfg.known_good_memory,
+            block_window: cfg.block_window,
+        };
+        let each = cfg.max_tracked / 3;
         Self {
+            accounts: BoundedKeys::new(memory, each, WhenFull::EvictOldest),
+            pairs: BoundedKeys::new(memory, each, WhenFull::EvictOldest),
+            sources: BoundedKeys::new(memory, each, WhenFull::EvictOldest),
             cfg,
-            accounts: HashMap::new(),
-            pairs: HashMap::new(),
-            sources: HashMap::new(),
             in_flight: 0,
             epoch: 0,
         }
@@ -332,33 +422,52 @@ impl Throttle {
         }
     }
 
+    /// Make room for the entries `source` trying `account` needs; refused when a map holds
+    /// only entries that must stay (attempts in flight, blocks, known-good sources).
+    fn make_room(
+        &mut self,
+        account: &str,
+        source: IpAddr,
+        known_good: bool,
+        now: SystemTime,
+    ) -> Result<(), Full> {
+        self.pairs.make_room(&(account.to_string(), source), now)?;
+        self.sources.make_room(&source, now)?;
+        if !known_good {
+            self.accounts.make_room(&account.to_string(), now)?;
+        }
+        Ok(())
+    }
+
     /// Count one failure on the counters that apply to `source` trying `account`; returns
-    /// what they were before.
+    /// what they were before. Nothing changes when the maps have no room.
+    #[allow(clippy::type_complexity)]
     fn bump_all(
         &mut self,
         account: &str,
         source: IpAddr,
         known_good: bool,
         now: SystemTime,
-    ) -> (Option<Counter>, Option<Counter>, Option<Counter>) {
-        self.prune(now);
+    ) -> Result<(Option<Counter>, Option<Counter>, Option<Counter>), Full> {
+        self.make_room(account, source, known_good, now)?;
         let key = (account.to_string(), source);
         let prev_pair = self.pairs.get(&key).cloned();
         let pair = self.bump(prev_pair.clone(), now);
-        self.pairs.insert(key, pair);
+        self.pairs.insert(key, pair, now)?;
         let prev_source = self.sources.get(&source).and_then(|s| s.counter.clone());
         let c = self.bump(prev_source.clone(), now);
-        self.sources.entry(source).or_default().counter = Some(c);
+        self.sources
+            .entry(source, now, SourceState::default)?
+            .counter = Some(c);
         let mut prev_account = None;
         if !known_good {
             prev_account = self.accounts.get(account).and_then(|a| a.counter.clone());
             let c = self.bump(prev_account.clone(), now);
             self.accounts
-                .entry(account.to_string())
-                .or_default()
+                .entry(account.to_string(), now, AccountState::default)?
                 .counter = Some(c);
         }
-        (prev_account, prev_pair, prev_source)
+        Ok((prev_account, prev_pair, prev_source))
     }
 
     /// Note a failure in the source's window; block the source when it keeps failing
@@ -370,7 +479,9 @@ impl Throttle {
         now: SystemTime,
     ) -> Option<SystemTime> {
         let cfg = &self.cfg;
-        let src = self.sources.entry(source).or_default();
+        let Ok(src) = self.sources.entry(source, now, SourceState::default) else {
+            return None;
+        };
         src.recent.push_back((now, account.to_string()));
         while src
             .recent
@@ -428,14 +539,17 @@ impl Throttle {
             refused => return Err(refused),
         }
         let known_good = self.is_known_good(account, source, now);
-        let (prev_account, prev_pair, prev_source) =
-            self.bump_all(account, source, known_good, now);
-        self.sources.entry(source).or_default().in_flight = true;
-        if !known_good {
-            self.accounts
-                .entry(account.to_string())
-                .or_default()
-                .in_flight = true;
+        // Full of entries that must stay: as busy as a source with an attempt in flight.
+        let busy = |_: Full| Gate::Wait(IN_FLIGHT_RETRY);
+        let (prev_account, prev_pair, prev_source) = self
+            .bump_all(account, source, known_good, now)
+            .map_err(busy)?;
+        // bump_all made both entries: marking them cannot fail.
+        if let Some(s) = self.sources.get_mut(&source) {
+            s.in_flight = true;
+        }
+        if !known_good && let Some(a) = self.accounts.get_mut(account) {
+            a.in_flight = true;
         }
         self.in_flight += 1;
         Ok(Attempt {
@@ -511,7 +625,8 @@ impl Throttle {
                     let key = (a.account.clone(), a.source);
                     match a.prev_pair {
                         Some(c) if how == Settlement::Neutral => {
-                            self.pairs.insert(key, c);
+                            // The pair holds our bump, so this replaces it in place.
+                            let _ = self.pairs.insert(key, c, now);
                         }
                         _ => {
                             self.pairs.remove(&key);
@@ -535,7 +650,13 @@ impl Throttle {
             return;
         }
         let mem = self.cfg.known_good_memory;
-        let acct = self.accounts.entry(account.to_string()).or_default();
+        // No room (every account entry must stay): the source is simply not remembered.
+        let Ok(acct) = self
+            .accounts
+            .entry(account.to_string(), now, AccountState::default)
+        else {
+            return;
+        };
         acct.known_good
             .retain(|(ip, t)| *ip != source && now.duration_since(*t).unwrap_or_default() < mem);
         acct.known_good.push_back((source, now));
@@ -584,8 +705,12 @@ impl Throttle {
     ) -> FailureOutcome {
         let account = account_key(account);
         let known_good = self.is_known_good(account, source, now);
-        self.bump_all(account, source, known_good, now);
-        let blocked = self.note_failure(account, source, now);
+        // No room: the maps are full of entries that must stay, and this failure is not
+        // counted (the global in-flight bound still holds).
+        let blocked = match self.bump_all(account, source, known_good, now) {
+            Ok(_) => self.note_failure(account, source, now),
+            Err(Full) => None,
+        };
         self.outcome(account, source, blocked, now)
     }
 
@@ -610,10 +735,10 @@ impl Throttle {
                 if let Some(a) = self.accounts.get_mut(account) {
                     n += usize::from(a.counter.take().is_some());
                 }
-                for s in self.sources.values_mut() {
+                for (_, s) in self.sources.iter_mut() {
                     s.recent.retain(|(_, a)| a != account);
                 }
-                let ips: Vec<IpAddr> = self.sources.keys().copied().collect();
+                let ips: Vec<IpAddr> = self.sources.iter().map(|(ip, _)| *ip).collect();
                 for ip in ips {
                     self.forget_if_empty(account, ip);
                 }
@@ -653,17 +778,17 @@ impl Throttle {
                 blocked_until_unix: blocked.map(unix),
             }
         };
-        for ((account, ip), c) in &self.pairs {
+        for ((account, ip), c) in self.pairs.iter() {
             if self.fresh(c, now) {
                 rows.push(row(Some(account.clone()), Some(*ip), Some(c), None));
             }
         }
-        for (account, a) in &self.accounts {
+        for (account, a) in self.accounts.iter() {
             if let Some(c) = a.counter.as_ref().filter(|c| self.fresh(c, now)) {
                 rows.push(row(Some(account.clone()), None, Some(c), None));
             }
         }
-        for (ip, s) in &self.sources {
+        for (ip, s) in self.sources.iter() {
             let c = s.counter.as_ref().filter(|c| self.fresh(c, now));
             let blocked = s.blocked_until.filter(|u| *u > now);
             if c.is_some() || blocked.is_some() {
@@ -690,74 +815,6 @@ impl Throttle {
             rows,
             left_off,
             in_flight: self.in_flight,
-        }
-    }
-
-    fn total(&self) -> usize {
-        self.accounts.len() + self.sources.len() + self.pairs.len()
-    }
-
-    fn prune(&mut self, now: SystemTime) {
-        if self.total() < self.cfg.max_tracked {
-            return;
-        }
-        let mem = self.cfg.failure_memory;
-        let good_mem = self.cfg.known_good_memory;
-        let fresh = |t: SystemTime| now.duration_since(t).unwrap_or_default() < mem;
-        self.pairs.retain(|_, c| fresh(c.last_failure));
-        self.accounts.retain(|_, a| {
-            a.known_good
-                .retain(|(_, t)| now.duration_since(*t).unwrap_or_default() < good_mem);
-            if a.counter.as_ref().is_some_and(|c| !fresh(c.last_failure)) {
-                a.counter = None;
-            }
-            a.in_flight || a.counter.is_some() || !a.known_good.is_empty()
-        });
-        self.sources.retain(|_, s| {
-            s.in_flight
-                || s.blocked_until.is_some_and(|u| u > now)
-                || s.counter.as_ref().is_some_and(|c| fresh(c.last_failure))
-        });
-        // Still full: forget the counters with the fewest failures first. What is kept
-        // longest: blocks, attempts in flight and known-good sources, since those are what
-        // stops a flood and keeps owners in.
-        if self.total() >= self.cfg.max_tracked {
-            enum Key {
-                Pair((String, IpAddr)),
-                Account(String),
-                Source(IpAddr),
-            }
-            let mut victims: Vec<(u32, Key)> = Vec::new();
-            for (k, c) in &self.pairs {
-                victims.push((c.failures, Key::Pair(k.clone())));
-            }
-            for (k, a) in &self.accounts {
-                if !a.in_flight && a.known_good.is_empty() {
-                    let f = a.counter.as_ref().map_or(0, |c| c.failures);
-                    victims.push((f, Key::Account(k.clone())));
-                }
-            }
-            for (k, s) in &self.sources {
-                if !s.in_flight && s.blocked_until.is_none_or(|u| u <= now) {
-                    let f = s.counter.as_ref().map_or(0, |c| c.failures);
-                    victims.push((f, Key::Source(*k)));
-                }
-            }
-            victims.sort_by_key(|(f, _)| *f);
-            let excess = self.total().saturating_sub(self.cfg.max_tracked / 2);
-            for (_, k) in victims.into_iter().take(excess) {
-                match k {
-                    Key::Pair(k) => {
-                        self.pairs.remove(&k);
-                    }
-                    Key::Account(k) => {
-                        self.accounts.remove(&k);
-                    }
-                    Key::Source(k) => {
-                        self.sources.remove(&k);
-                    }
-                }
-            }
         }
     }
 
@@ -1086,6 +1143,32 @@ mod tests {
     }
 
     #[test]
+    fn a_flood_of_fresh_keys_cannot_reset_a_delayed_counter() {
+        let mut t = Throttle::new(ThrottleConfig {
+            max_tracked: 300,
+            block_after_failures: 1000,
+            ..cfg()
+        });
+        let guesser = ip("127.0.0.9");
+        for _ in 0..8 {
+            t.record_failure("victim", guesser, at(0));
+        }
+        let Gate::Wait(before) = t.check("victim", guesser, at(1)) else {
+            panic!("eight failures impose a delay");
+        };
+        // The guesser sprays one failure each from a thousand other addresses and names.
+        for i in 0..1000u32 {
+            let src = IpAddr::from(
+                (0xfd00_0000_0000_0000_0000_0000_0003_0000u128 + i as u128).to_be_bytes(),
+            );
+            t.record_failure(&format!("made-up-{i}"), src, at(1));
+            let (a, s, p) = t.tracked();
+            assert!(a + s + p <= 300, "{a} + {s} + {p}");
+        }
+        assert_eq!(t.check("victim", guesser, at(1)), Gate::Wait(before));
+    }
+
+    #[test]
     fn bounded_memory() {
         let mut t = Throttle::new(ThrottleConfig {
             max_tracked: 100,
@@ -1100,6 +1183,33 @@ mod tests {
         }
         let (a, s, p) = t.tracked();
         assert!(a + s + p <= 100, "{a} + {s} + {p}");
+        // Attempts in flight are never evicted: once they fill a map, a new source waits
+        // instead of pushing one out, and the bound still holds.
+        let mut held = vec![];
+        for i in 0..200u32 {
+            let src = IpAddr::from(
+                (0xfd00_0000_0000_0000_0000_0000_0002_0000u128 + i as u128).to_be_bytes(),
+            );
+            match t.start(&format!("y{i}"), src, at(4000)) {
+                Ok(a) => held.push(a),
+                Err(g) => assert_eq!(g, Gate::Wait(IN_FLIGHT_RETRY)),
+            }
+            let (a, s, p) = t.tracked();
+            assert!(a + s + p <= 100, "{a} + {s} + {p}");
+        }
+        assert_eq!(
+            held.len(),
+            100 / 3,
+            "one source entry per attempt in flight"
+        );
+        for a in held {
+            t.settle(a, Settlement::Failure, at(4001));
+        }
+        // With room enough, the global bound on attempts in flight is what refuses.
+        let mut t = Throttle::new(ThrottleConfig {
+            block_after_failures: 1000,
+            ..Default::default()
+        });
         let mut many = vec![];
         for i in 0..2000u32 {
             let src = IpAddr::from(

@@ -4,6 +4,7 @@
 //! an explicit policy when it is full ([`WhenFull`]); before the policy applies, entries
 //! that no longer restrict anything are dropped.
 
+use std::borrow::Borrow;
 use std::collections::HashMap;
 use std::hash::Hash;
 use std::time::{Duration, SystemTime};
@@ -33,8 +34,10 @@ fn elapsed(since: SystemTime, now: SystemTime) -> Duration {
 /// restrict nothing are gone.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum WhenFull {
-    /// Drop the least recently touched entry: a new key always gets in (an attacker's
-    /// fresh keys push out its own older ones and, past the bound, everyone's).
+    /// Drop the lightest entry, the least recently touched among equals
+    /// ([`Windowed::weight`]): a new key gets in unless every entry is pinned
+    /// ([`Windowed::pinned`]). An attacker's fresh keys push out its own older ones and,
+    /// past the bound, everyone's lightest.
     EvictOldest,
     /// Refuse the new key: keys already tracked keep their state (an enrolled node's
     /// budget cannot be reset by flooding the map with others).
@@ -50,6 +53,18 @@ pub trait Windowed {
     fn is_live(&self, policy: &Self::Policy, now: SystemTime) -> bool;
     /// When the entry last changed; [`WhenFull::EvictOldest`] drops the oldest.
     fn touched(&self) -> SystemTime;
+    /// How much evidence the entry holds: [`WhenFull::EvictOldest`] drops the lightest
+    /// first, and the oldest among equals (so a flood of fresh one-failure keys cannot push
+    /// out a counter that has seen many).
+    fn weight(&self) -> u64 {
+        0
+    }
+    /// Whether the entry must never be evicted while live (an attempt in flight, a block,
+    /// a remembered sign-in): such entries are bounded by other means, and a map holding
+    /// only them refuses new keys.
+    fn pinned(&self, _policy: &Self::Policy, _now: SystemTime) -> bool {
+        false
+    }
 }
 
 /// The map is full of live entries and its policy refuses new keys.
@@ -82,24 +97,45 @@ impl<K: Eq + Hash + Clone, V: Windowed> BoundedKeys<K, V> {
         &self.policy
     }
 
-    pub fn get(&self, key: &K) -> Option<&V> {
+    pub fn get<Q: Eq + Hash + ?Sized>(&self, key: &Q) -> Option<&V>
+    where
+        K: Borrow<Q>,
+    {
         self.map.get(key)
     }
 
-    pub fn get_mut(&mut self, key: &K) -> Option<&mut V> {
+    pub fn get_mut<Q: Eq + Hash + ?Sized>(&mut self, key: &Q) -> Option<&mut V>
+    where
+        K: Borrow<Q>,
+    {
         self.map.get_mut(key)
     }
 
-    pub fn remove(&mut self, key: &K) -> Option<V> {
+    pub fn remove<Q: Eq + Hash + ?Sized>(&mut self, key: &Q) -> Option<V>
+    where
+        K: Borrow<Q>,
+    {
         self.map.remove(key)
     }
 
-    pub fn contains_key(&self, key: &K) -> bool {
+    pub fn contains_key<Q: Eq + Hash + ?Sized>(&self, key: &Q) -> bool
+    where
+        K: Borrow<Q>,
+    {
         self.map.contains_key(key)
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&K, &V)> {
         self.map.iter()
+    }
+
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = (&K, &mut V)> {
+        self.map.iter_mut()
+    }
+
+    /// Keep only the entries `keep` says yes to.
+    pub fn retain(&mut self, keep: impl FnMut(&K, &mut V) -> bool) {
+        self.map.retain(keep);
     }
 
     /// Number of keys tracked.
@@ -132,19 +168,26 @@ impl<K: Eq + Hash + Clone, V: Windowed> BoundedKeys<K, V> {
             match self.when_full {
                 WhenFull::RefuseNew => return Err(Full),
                 WhenFull::EvictOldest => {
-                    if let Some(oldest) = self
+                    let lightest = self
                         .map
                         .iter()
-                        .min_by_key(|(_, v)| v.touched())
+                        .filter(|(_, v)| !v.pinned(&self.policy, now))
+                        .min_by_key(|(_, v)| (v.weight(), v.touched()))
                         .map(|(k, _)| k.clone())
-                        && let Some(e) = self.map.remove_entry(&oldest)
-                    {
+                        .ok_or(Full)?;
+                    if let Some(e) = self.map.remove_entry(&lightest) {
                         dropped.push(e);
                     }
                 }
             }
         }
         Ok(dropped)
+    }
+
+    /// Set the entry of `key` (after [`Self::make_room`]); returns the value it replaced.
+    pub fn insert(&mut self, key: K, value: V, now: SystemTime) -> Result<Option<V>, Full> {
+        self.make_room(&key, now)?;
+        Ok(self.map.insert(key, value))
     }
 
     /// The entry of `key`, created by `new` if absent (after [`Self::make_room`]).
@@ -469,6 +512,42 @@ mod tests {
         assert!(m.contains_key(&4));
         // A key already held never makes room.
         assert!(m.make_room(&4, t(85)).unwrap().is_empty());
+    }
+
+    /// A counter of `n` failures, live while `window` runs, pinned when `n` is 0.
+    #[derive(Debug)]
+    struct Weighed(u64, SystemTime);
+    impl Windowed for Weighed {
+        type Policy = ();
+        fn is_live(&self, _: &(), _: SystemTime) -> bool {
+            true
+        }
+        fn touched(&self) -> SystemTime {
+            self.1
+        }
+        fn weight(&self) -> u64 {
+            self.0
+        }
+        fn pinned(&self, _: &(), _: SystemTime) -> bool {
+            self.0 == 0
+        }
+    }
+
+    #[test]
+    fn evicting_map_drops_the_lightest_and_never_a_pinned_entry() {
+        let mut m: BoundedKeys<u32, Weighed> = BoundedKeys::new((), 3, WhenFull::EvictOldest);
+        m.entry(1, t(0), || Weighed(0, t(0))).unwrap();
+        m.entry(2, t(1), || Weighed(9, t(1))).unwrap();
+        m.entry(3, t(2), || Weighed(1, t(2))).unwrap();
+        // The newest but lightest goes; the pinned oldest stays.
+        let dropped = m.make_room(&4, t(3)).unwrap();
+        assert_eq!(dropped.iter().map(|(k, _)| *k).collect::<Vec<_>>(), [3]);
+        m.entry(4, t(3), || Weighed(0, t(3))).unwrap();
+        m.make_room(&5, t(4)).unwrap();
+        m.entry(5, t(4), || Weighed(0, t(4))).unwrap();
+        // Only pinned entries left: a new key is refused, nothing is dropped.
+        assert!(matches!(m.make_room(&6, t(5)), Err(Full)));
+        assert_eq!(m.len(), 3);
     }
 
     #[test]

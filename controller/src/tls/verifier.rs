@@ -74,6 +74,15 @@ impl CrlClientVerifier {
     }
 }
 
+impl crate::core::mesh::CrlListener for CrlClientVerifier {
+    fn crl_changed(
+        &self,
+        crl_der: &[u8],
+    ) -> std::result::Result<(), crate::core::mesh::CrlListenerError> {
+        Ok(self.update_crl(crl_der)?)
+    }
+}
+
 impl ClientCertVerifier for CrlClientVerifier {
     fn offer_client_auth(&self) -> bool {
         true

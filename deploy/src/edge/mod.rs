@@ -29,6 +29,7 @@ pub use proxy::{ACME_CHALLENGE_PREFIX, HSTS, UpstreamTimeouts};
 pub use tls::{Served, cipher_suites, provider};
 
 use crate::CertBundle;
+use crate::clock::{Clock, SystemClock};
 use crate::files::{FilesConfig, FilesError, FilesWriter};
 use crate::ocsp::{OcspClient, OcspTarget, Staple};
 use parking_lot::Mutex;
@@ -51,22 +52,6 @@ pub const OCSP_TIMEOUT: Duration = Duration::from_secs(5);
 /// Deadline of [`Edge::probe`].
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Where the edge reads the time: certificate validity and OCSP freshness.
-pub trait EdgeClock: Send + Sync + std::fmt::Debug + 'static {
-    /// The current time.
-    fn now(&self) -> SystemTime;
-}
-
-/// The system clock.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct SystemEdgeClock;
-
-impl EdgeClock for SystemEdgeClock {
-    fn now(&self) -> SystemTime {
-        SystemTime::now()
-    }
-}
-
 /// What the edge serves and where.
 #[derive(Clone, Debug)]
 pub struct EdgeConfig {
@@ -83,7 +68,7 @@ pub struct EdgeConfig {
     /// Deadlines towards the upstream.
     pub upstream_timeouts: UpstreamTimeouts,
     /// The time (timers still run on tokio's clock).
-    pub clock: Arc<dyn EdgeClock>,
+    pub clock: Arc<dyn Clock>,
 }
 
 impl Default for EdgeConfig {
@@ -95,7 +80,7 @@ impl Default for EdgeConfig {
             files: None,
             limits: ListenerLimits::default(),
             upstream_timeouts: UpstreamTimeouts::default(),
-            clock: Arc::new(SystemEdgeClock),
+            clock: Arc::new(SystemClock),
         }
     }
 }
@@ -283,7 +268,7 @@ pub(crate) struct Shared {
     challenges: Mutex<HashMap<String, Challenge>>,
     staple_wake: Notify,
     ocsp: OcspClient,
-    clock: Arc<dyn EdgeClock>,
+    clock: Arc<dyn Clock>,
     files: Option<FilesWriter>,
     /// One file write and reload at a time.
     files_lock: tokio::sync::Mutex<()>,
@@ -403,7 +388,7 @@ impl Edge {
             );
             let proxy = Arc::new(proxy::Proxy::new(upstream, config.upstream_timeouts));
             tasks.spawn(https_loop(
-                listen::GuardedListener::new(l, "edge-https", config.limits),
+                listen::guarded(l, "edge-https", config.limits),
                 tokio_rustls::TlsAcceptor::from(Arc::new(tls_cfg)),
                 proxy,
                 shutdown.clone(),
@@ -417,7 +402,7 @@ impl Edge {
                     .map_err(|source| EdgeError::Bind { addr, source })?,
             );
             tasks.spawn(http_loop(
-                listen::GuardedListener::new(l, "edge-http", config.limits),
+                listen::guarded(l, "edge-http", config.limits),
                 shared.clone(),
                 https_addr.map(|a| a.port()),
                 shutdown.clone(),
@@ -697,10 +682,11 @@ async fn https_loop(
 ) {
     let mut conns = JoinSet::new();
     loop {
-        let (io, activity, peer) = tokio::select! {
+        let (io, peer) = tokio::select! {
             _ = stop.cancelled() => break,
             c = listener.accept() => c,
         };
+        let activity = io.activity();
         while conns.try_join_next().is_some() {}
         let acceptor = acceptor.clone();
         let proxy = proxy.clone();
@@ -736,10 +722,11 @@ async fn http_loop(
 ) {
     let mut conns = JoinSet::new();
     loop {
-        let (io, activity, _peer) = tokio::select! {
+        let (io, _peer) = tokio::select! {
             _ = stop.cancelled() => break,
             c = listener.accept() => c,
         };
+        let activity = io.activity();
         while conns.try_join_next().is_some() {}
         let shared = shared.clone();
         let stop = stop.clone();

@@ -60,10 +60,10 @@ fn boxed(b: Full<Bytes>) -> BoxBody<Bytes, Box<dyn std::error::Error + Send + Sy
 }
 
 fn text(status: StatusCode, body: &'static str, guard: InFlight) -> Response<EdgeBody> {
-    let mut r = Response::new(Tracked {
-        inner: boxed(Full::new(Bytes::from_static(body.as_bytes()))),
-        _in_flight: guard,
-    });
+    let mut r = Response::new(Tracked::new(
+        boxed(Full::new(Bytes::from_static(body.as_bytes()))),
+        guard,
+    ));
     *r.status_mut() = status;
     r.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -231,13 +231,7 @@ impl Proxy {
         };
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
-        Response::from_parts(
-            parts,
-            Tracked {
-                inner: body.map_err(Into::into).boxed(),
-                _in_flight: guard,
-            },
-        )
+        Response::from_parts(parts, Tracked::new(body.map_err(Into::into).boxed(), guard))
     }
 }
 
@@ -288,10 +282,8 @@ pub(crate) fn plain(
         }
         return match shared.challenge_answer(token) {
             Some(answer) => {
-                let mut r = Response::new(Tracked {
-                    inner: boxed(Full::new(Bytes::from(answer))),
-                    _in_flight: guard,
-                });
+                let mut r =
+                    Response::new(Tracked::new(boxed(Full::new(Bytes::from(answer))), guard));
                 r.headers_mut()
                     .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
                 r

@@ -1209,9 +1209,12 @@ async fn silent_connections_are_closed_and_each_source_is_capped() {
 #[derive(Debug)]
 struct TestClock(Mutex<SystemTime>);
 
-impl EdgeClock for TestClock {
+impl Clock for TestClock {
     fn now(&self) -> SystemTime {
         *self.0.lock()
+    }
+    fn alarm(&self, _at: SystemTime) -> crate::clock::Alarm {
+        Box::pin(std::future::pending())
     }
 }
 

@@ -9,9 +9,9 @@ use std::sync::atomic::Ordering;
 use zonemesh_proto as pb;
 
 impl Mesh {
-    /// Have `v` verify client certificates against every new CRL from now on.
-    pub fn add_crl_listener(&self, v: Arc<crate::tls::CrlClientVerifier>) {
-        self.crl_listeners.lock().push(v);
+    /// Tell `l` of every new CRL from now on, before the change carrying it is recorded.
+    pub fn add_crl_listener(&self, l: Arc<dyn super::CrlListener>) {
+        self.crl_listeners.lock().push(l);
     }
 
     /// Record one change durably, then fan it out. Returns its version. The change lock
@@ -20,7 +20,7 @@ impl Mesh {
     pub(super) fn commit(&self, delta: pb::Delta) -> Result<u64> {
         if !delta.crl_der.is_empty() {
             for l in self.crl_listeners.lock().iter() {
-                l.update_crl(&delta.crl_der)
+                l.crl_changed(&delta.crl_der)
                     .map_err(ControllerError::CrlUpdate)?;
             }
         }

@@ -74,6 +74,17 @@ const MAX_ENDPOINTS: usize = 8;
 /// Watch streams kept open per node; a newer one ends the oldest (an agent has one).
 pub const MAX_STREAMS_PER_NODE: usize = 8;
 
+/// Told of every new CRL before the change that carries it is recorded: the TLS layer's
+/// client verifier implements it, so the next handshake already refuses a revoked node
+/// (the core never names the TLS layer).
+pub trait CrlListener: Send + Sync + std::fmt::Debug {
+    /// Start checking against `crl_der`; an error stops the change from being recorded.
+    fn crl_changed(&self, crl_der: &[u8]) -> std::result::Result<(), CrlListenerError>;
+}
+
+/// Why a [`CrlListener`] could not take a new CRL.
+pub type CrlListenerError = Box<dyn std::error::Error + Send + Sync>;
+
 /// The control plane.
 pub struct Mesh {
     auth: Arc<Authority>,
@@ -103,7 +114,7 @@ pub struct Mesh {
     snapshot_cache: Mutex<Option<Arc<pb::MeshUpdate>>>,
     health: Mutex<HashMap<String, Vec<HealthRow>>>,
     block_duration: Duration,
-    crl_listeners: Mutex<Vec<Arc<crate::tls::CrlClientVerifier>>>,
+    crl_listeners: Mutex<Vec<Arc<dyn CrlListener>>>,
     /// Wraps the enrollment signature (tests slow it down to show it runs outside the
     /// change lock); `None` signs directly.
     sign_hook: Option<Arc<SignHook>>,

@@ -23,21 +23,6 @@ use zonemesh_proto as pb;
 
 use pb::deployment_report::State;
 
-/// The agent's clock, as the edge reads it (certificate validity, OCSP freshness).
-pub(super) struct AgentClock(pub(super) Arc<dyn super::super::clock::Clock>);
-
-impl std::fmt::Debug for AgentClock {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("AgentClock")
-    }
-}
-
-impl zonemesh_deploy::edge::EdgeClock for AgentClock {
-    fn now(&self) -> std::time::SystemTime {
-        self.0.now()
-    }
-}
-
 /// Bundles of one update installed concurrently.
 const INSTALLS_AT_ONCE: usize = 8;
 /// Most domains whose last report is remembered (an edge serves at most this many).

@@ -263,7 +263,7 @@ pub async fn run_with(opts: RunOptions, deps: RunDeps, shutdown: CancellationTok
     // The edge binds first: a port in use fails the start before the data plane exists.
     let edge = match opts.edge.clone() {
         Some(mut cfg) => {
-            cfg.clock = Arc::new(edge::AgentClock(deps.clock.clone()));
+            cfg.clock = deps.clock.clone();
             Some(Arc::new(
                 zonemesh_deploy::edge::Edge::start(cfg, shutdown.clone()).await?,
             ))

@@ -31,7 +31,7 @@ pub(super) async fn renew_loop(agent: Arc<Agent>, shutdown: CancellationToken) {
         };
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = agent.clock.sleep_until(at) => {}
+            _ = agent.clock.alarm(at) => {}
         }
         let rotate = rotation_due(
             agent.opts.rotate_key_every,
