@@ -34,6 +34,8 @@ pub enum ControllerError {
     Blocking(#[from] crate::blocking::BlockingError),
     #[error(transparent)]
     Audit(#[from] crate::audit::AuditError),
+    #[error("backup: {0}")]
+    Backup(#[from] crate::core::backup::BackupError),
     #[error("CRL update: {0}")]
     CrlUpdate(#[source] crate::core::mesh::CrlListenerError),
 }

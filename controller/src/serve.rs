@@ -336,6 +336,7 @@ pub async fn run(cfg: ServeConfig, shutdown: CancellationToken) -> Result<()> {
         audit: Some(audit.clone()),
         web: Some(web_state.clone()),
         domains: Some(domains.clone()),
+        data_dir: cfg.data_dir.clone(),
     });
     tasks.spawn(admin::serve(
         admin::socket_path(&cfg.data_dir),

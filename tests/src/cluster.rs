@@ -161,6 +161,25 @@ impl Controller {
         })
     }
 
+    /// A controller over an existing data directory `data_dir` (restored from a backup,
+    /// say) whose root has `fingerprint`, on new free ports, logging to `dir`; not started.
+    pub fn existing(dir: &Path, data_dir: PathBuf, fingerprint: String) -> Self {
+        let addr = |p: u16| SocketAddr::from(([127, 0, 0, 1], p));
+        Self {
+            log: dir.join("controller.log"),
+            data_dir,
+            grpc: addr(free_port()),
+            https: addr(free_port()),
+            pki: addr(free_port()),
+            fingerprint,
+            binary: bin("zonemesh-controller"),
+            fd_limit: None,
+            serve_args: Vec::new(),
+            child: None,
+            starts: 0,
+        }
+    }
+
     /// `init` and `serve`.
     pub fn start_new(dir: &Path) -> Result<Self> {
         let mut c = Self::init(dir)?;

@@ -188,6 +188,7 @@ async fn deploy_is_served_stapled_and_a_revocation_reaches_the_staple() {
             ..Default::default()
         }),
         metrics_listen: None,
+        rotate_key_every: 0,
     };
     let stop = CancellationToken::new();
     let agent = tokio::spawn(run_with(opts, deps, stop.clone()));

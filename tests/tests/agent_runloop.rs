@@ -98,6 +98,7 @@ async fn enroll_watch_revoke_renew_without_root() {
         mtu: 1420,
         edge: None,
         metrics_listen: None,
+        rotate_key_every: 0,
     };
     let stop = CancellationToken::new();
     let agent = tokio::spawn(run_with(opts, deps, stop.clone()));

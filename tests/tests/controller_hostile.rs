@@ -213,6 +213,7 @@ async fn hostile_input_is_refused_and_the_controller_keeps_serving() {
     let e = pb::mesh_client::MeshClient::new(mesh_channel(&addr, &good).await.unwrap())
         .renew(pb::RenewRequest {
             csr_der: vec![0x30; 1 << 20],
+            rotate_key: false,
         })
         .await
         .unwrap_err();
@@ -236,6 +237,7 @@ async fn hostile_input_is_refused_and_the_controller_keeps_serving() {
     let e = pb::mesh_client::MeshClient::new(mesh_channel(&addr, &good).await.unwrap())
         .renew(pb::RenewRequest {
             csr_der: csr_named(&rsa4096(1), "other"),
+            rotate_key: false,
         })
         .await
         .unwrap_err();
@@ -243,6 +245,7 @@ async fn hostile_input_is_refused_and_the_controller_keeps_serving() {
     let e = pb::mesh_client::MeshClient::new(mesh_channel(&addr, &good).await.unwrap())
         .renew(pb::RenewRequest {
             csr_der: csr_named(&rsa4096(1), "spiffe://corp.test/zone/eu/node/other"),
+            rotate_key: false,
         })
         .await
         .unwrap_err();
@@ -283,6 +286,7 @@ async fn hostile_input_is_refused_and_the_controller_keeps_serving() {
         let renew = c
             .renew(pb::RenewRequest {
                 csr_der: csr_named(&rsa4096(3), "good"),
+                rotate_key: false,
             })
             .await;
         anyhow::ensure!(renew.is_err(), "foreign CA certificate got a renewal");

@@ -45,6 +45,7 @@ async fn renew(addr: &str, creds: &NodeCreds, key: &rcgen::KeyPair, node: &str) 
     let resp = pb::mesh_client::MeshClient::new(mesh_channel(addr, creds).await.unwrap())
         .renew(pb::RenewRequest {
             csr_der: csr(key, node),
+            rotate_key: false,
         })
         .await
         .unwrap()
@@ -108,6 +109,7 @@ async fn node_revoke_revokes_every_serial_the_node_ever_had() {
     let e = pb::mesh_client::MeshClient::new(mesh_channel(&addr, &c2).await.unwrap())
         .renew(pb::RenewRequest {
             csr_der: csr(&rsa4096(21), "n1"),
+            rotate_key: false,
         })
         .await
         .unwrap_err();
@@ -194,6 +196,7 @@ async fn still_works(addr: &str, creds: &NodeCreds) -> Vec<&'static str> {
             .await?
             .renew(pb::RenewRequest {
                 csr_der: csr(&rsa4096(20), "n1"),
+                rotate_key: false,
             })
             .await?;
         Ok::<_, anyhow::Error>(())

@@ -76,6 +76,7 @@ async fn expired_certificate_stops_working_on_a_live_connection() {
     let e = client
         .renew(pb::RenewRequest {
             csr_der: csr(&rsa4096(30), "n1"),
+            rotate_key: false,
         })
         .await
         .unwrap_err();

@@ -289,7 +289,12 @@ impl MeshRpc for GrpcService {
         req: Request<pb::RenewRequest>,
     ) -> Result<Response<pb::RenewResponse>, Status> {
         self.node_call(req, |mesh, who, body, now| {
-            mesh.renew(who, &body.csr_der, crate::mesh::RenewKey::Keep, now)
+            let key = if body.rotate_key {
+                crate::mesh::RenewKey::Rotate
+            } else {
+                crate::mesh::RenewKey::Keep
+            };
+            mesh.renew(who, &body.csr_der, key, now)
         })
         .await
         .map(Response::new)

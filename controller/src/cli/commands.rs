@@ -173,6 +173,13 @@ pub async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Domain { command } => super::domain::run(dir, &kek, command).await,
+        Command::Backup { out, json } => super::backup::backup(dir, &kek, &out, json).await,
+        Command::Restore { from, json } => super::backup::restore(dir, &from, json).await,
+        Command::GenerateDocs { out } => {
+            use clap::CommandFactory as _;
+            zonemesh_configfile::write_docs(Cli::command(), &out)
+                .with_context(|| format!("writing docs into {}", out.display()))
+        }
         Command::Audit { json, limit } => {
             let records = expect!(ask(AdminRequest::Audit { limit }).await?, Audit);
             print!("{}", render::audit(&records, json));

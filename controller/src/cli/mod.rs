@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+mod backup;
 mod commands;
 mod domain;
 pub mod init;
@@ -31,6 +32,13 @@ pub struct Cli {
     /// Key-encryption key file (default <data-dir>/secrets/kek; or set ZONEMESH_KEK).
     #[arg(long, global = true)]
     pub kek_file: Option<PathBuf>,
+    /// TOML file of options (e.g. /etc/zonemesh/controller.toml): top-level keys for every
+    /// command, a [serve] table for `serve`; the command line wins.
+    #[arg(long, global = true, env = "ZONEMESH_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Log filter (tracing EnvFilter syntax); `serve` re-reads it from --config on SIGHUP.
+    #[arg(long, global = true, env = "ZONEMESH_LOG", default_value = "info")]
+    pub log: String,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -116,6 +124,28 @@ pub enum Command {
     Domain {
         #[command(subcommand)]
         command: DomainCommand,
+    },
+    /// Copy the store (every tree; keys stay sealed, no KEK or pepper) to FILE, while
+    /// the controller runs or not.
+    Backup {
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Bring a backup back into a new, empty data directory (--data-dir); start it with the
+    /// same KEK and pepper.
+    Restore {
+        #[arg(long, value_name = "FILE")]
+        from: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write man pages and shell completions into DIR (used by scripts/package.sh).
+    #[command(hide = true)]
+    GenerateDocs {
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
     },
     /// The append-only audit log of security decisions.
     Audit {

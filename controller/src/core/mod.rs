@@ -3,6 +3,7 @@
 
 pub mod audit;
 pub mod authority;
+pub mod backup;
 pub mod blocklist;
 pub mod durable;
 pub mod limits;

@@ -87,13 +87,27 @@ pub fn run_identity(a: StateArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-pub fn run_renew(a: StateArgs) -> Result<ExitCode> {
+#[derive(ClapArgs, Debug)]
+pub struct RenewArgs {
+    #[arg(long)]
+    pub state_dir: PathBuf,
+    /// Replace the node's RSA-4096 key too (a new key, generated here, never sent).
+    #[arg(long)]
+    pub rotate_key: bool,
+}
+
+pub fn run_renew(a: RenewArgs) -> Result<ExitCode> {
     let state = StateDir::new(&a.state_dir);
-    let info = runtime()?.block_on(enroll::renew(&state))?;
+    let r = runtime()?.block_on(enroll::renew(&state, a.rotate_key))?;
     println!(
-        "renewed: serial {} valid until {}",
-        info.serial_hex,
-        humantime::format_rfc3339_seconds(info.not_after)
+        "renewed{}: serial {} valid until {}",
+        if r.rotated_key.is_some() {
+            " with a new key"
+        } else {
+            ""
+        },
+        r.info.serial_hex,
+        humantime::format_rfc3339_seconds(r.info.not_after)
     );
     Ok(ExitCode::SUCCESS)
 }
@@ -128,6 +142,10 @@ pub struct RunArgs {
     /// Serve Prometheus' `GET /metrics` on ADDR (plain HTTP; off by default).
     #[arg(long, value_name = "ADDR")]
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Replace the node's RSA-4096 key on every N-th renewal (0: never). With the default
+    /// 30-day certificates renewed at 2/3, 4 means a new key about every 80 days.
+    #[arg(long, value_name = "N", default_value_t = 4)]
+    pub rotate_key_every: u32,
 }
 
 impl RunArgs {
@@ -166,7 +184,8 @@ impl RunArgs {
     }
 }
 
-pub fn run_agent(a: RunArgs) -> Result<ExitCode> {
+/// Run the agent until it stops; `reload` runs beside it (the SIGHUP handler).
+pub fn run_agent(a: RunArgs, reload: impl std::future::Future<Output = ()>) -> Result<ExitCode> {
     let edge = a.edge()?;
     let opts = zonemesh_agent::control::run::RunOptions {
         state: StateDir::new(&a.state_dir),
@@ -175,12 +194,15 @@ pub fn run_agent(a: RunArgs) -> Result<ExitCode> {
         mtu: a.mtu,
         edge,
         metrics_listen: a.metrics_listen,
+        rotate_key_every: a.rotate_key_every,
     };
     opts.state.identity()?;
-    runtime()?.block_on(zonemesh_agent::control::run::run(
-        opts,
-        tokio_util::sync::CancellationToken::new(),
-    ))?;
+    runtime()?.block_on(async {
+        tokio::select! {
+            r = zonemesh_agent::control::run::run(opts, tokio_util::sync::CancellationToken::new()) => r,
+            () = reload => Ok(()),
+        }
+    })?;
     Ok(ExitCode::SUCCESS)
 }
 

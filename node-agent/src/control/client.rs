@@ -163,6 +163,19 @@ impl NodeCertResolver {
             .store(Arc::new(rustls::sign::CertifiedKey::new(certs, key)));
     }
 
+    /// Present this certificate with a new key (after a key rotation) from the next
+    /// handshake on.
+    pub fn swap_identity(
+        &self,
+        cert_der: &[u8],
+        chain: &[Vec<u8>],
+        key_pkcs8: &[u8],
+    ) -> Result<()> {
+        self.current
+            .store(certified_key(cert_der, chain, key_pkcs8)?);
+        Ok(())
+    }
+
     /// The certificate presented now (DER).
     pub fn current_cert(&self) -> Vec<u8> {
         self.current

@@ -168,31 +168,51 @@ pub async fn enroll(state: &StateDir, p: &EnrollParams) -> Result<Identity> {
 }
 
 /// Renew over mutual TLS with the current certificate; the new one is checked before it
-/// replaces the old.
-pub async fn renew(state: &StateDir) -> Result<super::state::CertInfo> {
+/// replaces the old. With `rotate_key`, the certificate is for a new RSA-4096 key.
+pub async fn renew(state: &StateDir, rotate_key: bool) -> Result<Renewed> {
     let id = state.identity()?;
     let channel = client::connect(&id.controller, client::mtls_config(state)?).await?;
-    Ok(renew_over(state, channel).await?.info)
+    renew_over(state, channel, rotate_key).await
 }
 
 /// A certificate obtained by renewal, already checked and stored.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Renewed {
     pub info: super::state::CertInfo,
     pub cert_der: Vec<u8>,
     pub chain_der: Vec<Vec<u8>>,
+    /// The new key (PKCS#8 DER) when the renewal rotated it.
+    pub rotated_key: Option<zeroize::Zeroizing<Vec<u8>>>,
+}
+
+impl std::fmt::Debug for Renewed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Renewed")
+            .field("serial", &self.info.serial_hex)
+            .field("rotated_key", &self.rotated_key.is_some())
+            .finish()
+    }
 }
 
 /// Renew over an open mutual-TLS channel; the new certificate is checked, then stored.
-/// The key, the CSR signature and the files are handled on the blocking pool.
-pub async fn renew_over(state: &StateDir, channel: tonic::transport::Channel) -> Result<Renewed> {
+/// With `rotate_key` a new RSA-4096 key is generated for the CSR and stored with the
+/// certificate. The key, the CSR signature and the files are handled on the blocking pool.
+pub async fn renew_over(
+    state: &StateDir,
+    channel: tonic::transport::Channel,
+    rotate_key: bool,
+) -> Result<Renewed> {
     let st = state.clone();
     let (id, key, csr, wg_public, root_der) = super::blocking(move || {
         let id = st.identity()?;
-        let key = KeyPair::from_pkcs8_der_and_sign_algo(
-            &PrivatePkcs8KeyDer::from(st.read_node_key()?.to_vec()),
-            &PKCS_RSA_SHA256,
-        )?;
+        let key = if rotate_key {
+            zonemesh_ca::generate_rsa_4096()?
+        } else {
+            KeyPair::from_pkcs8_der_and_sign_algo(
+                &PrivatePkcs8KeyDer::from(st.read_node_key()?.to_vec()),
+                &PKCS_RSA_SHA256,
+            )?
+        };
         let csr = csr_for(&key, &id.node)?;
         let wg_secret = x25519_dalek::StaticSecret::from(*st.read_wg_key()?);
         let wg_public = x25519_dalek::PublicKey::from(&wg_secret).to_bytes();
@@ -201,7 +221,10 @@ pub async fn renew_over(state: &StateDir, channel: tonic::transport::Channel) ->
     .await?;
     let mut rpc = pb::mesh_client::MeshClient::new(channel);
     let resp = rpc
-        .renew(pb::RenewRequest { csr_der: csr })
+        .renew(pb::RenewRequest {
+            csr_der: csr,
+            rotate_key,
+        })
         .await
         .map_err(|s| anyhow::anyhow!("renewal refused: {}", status_message(&s)))?
         .into_inner();
@@ -213,13 +236,24 @@ pub async fn renew_over(state: &StateDir, channel: tonic::transport::Channel) ->
         ..Default::default()
     };
     check_issued(&check, &key, &wg_public, &id.ca_fingerprint)?;
+    let rotated_key = rotate_key.then(|| zeroize::Zeroizing::new(key.serialize_der()));
     let st = state.clone();
     super::blocking(move || {
-        st.write_cert(&resp.certificate_der, &resp.chain_der)?;
+        match &rotated_key {
+            Some(k) => {
+                st.write_rotated(k, &resp.certificate_der, &resp.chain_der)?;
+                st.set_renewals_since_key(0)?;
+            }
+            None => {
+                st.write_cert(&resp.certificate_der, &resp.chain_der)?;
+                st.set_renewals_since_key(st.renewals_since_key().saturating_add(1))?;
+            }
+        }
         Ok(Renewed {
             info: cert_info(&resp.certificate_der)?,
             cert_der: resp.certificate_der,
             chain_der: resp.chain_der,
+            rotated_key,
         })
     })
     .await

@@ -57,6 +57,14 @@ impl StateDir {
     pub fn status_socket(&self) -> PathBuf {
         self.dir.join("agent.sock")
     }
+    /// A rotated node key written before its certificate, renamed over `node.key` after.
+    pub fn node_key_next(&self) -> PathBuf {
+        self.dir.join("node.key.next")
+    }
+    /// Renewals since the node key was last replaced (for `--rotate-key-every`).
+    pub fn key_renewals_file(&self) -> PathBuf {
+        self.dir.join("key-renewals")
+    }
 
     /// Create the directory with mode 0700.
     pub fn create(&self) -> Result<()> {
@@ -83,8 +91,14 @@ impl StateDir {
 
     /// The node's RSA private key (PKCS#8 DER).
     pub fn read_node_key(&self) -> Result<Zeroizing<Vec<u8>>> {
-        let pem =
-            Zeroizing::new(std::fs::read_to_string(self.node_key()).context("reading node key")?);
+        if self.node_key_next().exists() {
+            self.finish_key_rotation()?;
+        }
+        Self::read_key_file(&self.node_key())
+    }
+
+    fn read_key_file(path: &Path) -> Result<Zeroizing<Vec<u8>>> {
+        let pem = Zeroizing::new(std::fs::read_to_string(path).context("reading node key")?);
         let der = zonemesh_ca::pem_blocks("PRIVATE KEY", &pem)?
             .into_iter()
             .next()
@@ -133,6 +147,63 @@ impl StateDir {
     /// The pinned CA root (DER).
     pub fn read_ca(&self) -> Result<Vec<u8>> {
         Ok(Self::read_pem_certs(&self.ca())?.remove(0))
+    }
+
+    /// Replace key, certificate and chain after a key rotation. The new key is written
+    /// beside the old one first, then the certificate, then the key is renamed into place;
+    /// a crash in between is finished by [`StateDir::finish_key_rotation`] on the next read,
+    /// so the stored key always matches the stored certificate.
+    pub fn write_rotated(
+        &self,
+        key_pkcs8: &[u8],
+        cert_der: &[u8],
+        chain: &[Vec<u8>],
+    ) -> Result<()> {
+        let pem = Zeroizing::new(zonemesh_ca::to_pem("PRIVATE KEY", key_pkcs8));
+        write_file(&self.node_key_next(), pem.as_bytes(), 0o600)?;
+        self.write_cert(cert_der, chain)?;
+        std::fs::rename(self.node_key_next(), self.node_key())
+            .context("moving the rotated node key into place")?;
+        Ok(())
+    }
+
+    /// A `node.key.next` left by an interrupted rotation: kept if the stored certificate is
+    /// for it (the certificate was written), dropped if not (it never was).
+    pub fn finish_key_rotation(&self) -> Result<()> {
+        use rcgen::PublicKeyData;
+        let next = self.node_key_next();
+        let key = Self::read_key_file(&next)?;
+        let pair = rcgen::KeyPair::from_pkcs8_der_and_sign_algo(
+            &rustls_pki_types::PrivatePkcs8KeyDer::from(key.to_vec()),
+            &rcgen::PKCS_RSA_SHA256,
+        )
+        .context("node.key.next")?;
+        let cert = self.read_cert()?;
+        let (_, c) = X509Certificate::from_der(&cert).context("parsing node.crt")?;
+        if c.public_key().raw == pair.subject_public_key_info().as_slice() {
+            std::fs::rename(&next, self.node_key()).context("finishing a key rotation")?;
+            tracing::info!("finished an interrupted node key rotation");
+        } else {
+            std::fs::remove_file(&next).context("dropping an unused rotated key")?;
+        }
+        Ok(())
+    }
+
+    /// Renewals since the node key was last replaced (0 when never counted).
+    pub fn renewals_since_key(&self) -> u32 {
+        std::fs::read_to_string(self.key_renewals_file())
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Record the renewals since the node key was last replaced.
+    pub fn set_renewals_since_key(&self, n: u32) -> Result<()> {
+        write_file(
+            &self.key_renewals_file(),
+            format!("{n}\n").as_bytes(),
+            0o644,
+        )
     }
 
     /// Replace the certificate and chain (the key stays).

@@ -31,13 +31,24 @@ pub fn open_store(data_dir: &Path) -> Result<Store> {
 
 /// Send a command to the running controller, or run it on the store when none runs.
 pub async fn request(data_dir: &Path, kek: &KekSource, req: AdminRequest) -> Result<AdminReply> {
+    request_within(data_dir, kek, req, client::CALL_TIMEOUT).await
+}
+
+/// [`request`] with its own deadline for the running controller's reply (long commands).
+pub async fn request_within(
+    data_dir: &Path,
+    kek: &KekSource,
+    req: AdminRequest,
+    timeout: std::time::Duration,
+) -> Result<AdminReply> {
     if !data_dir.exists() {
         bail!(
             "data directory {} does not exist (run `zonemesh-controller init` first)",
             data_dir.display()
         );
     }
-    match client::call(data_dir, &req).await? {
+    let socket = super::socket_path(data_dir);
+    match client::call_socket(&socket, &req, timeout, client::MAX_REPLY).await? {
         Some(resp) => resp.into_result().map_err(anyhow::Error::msg),
         None => {
             if req.needs_server() {
@@ -81,5 +92,6 @@ fn offline_handler(data_dir: &Path, kek: &KekSource) -> Result<AdminHandler> {
         audit: Some(audit),
         web,
         domains: None,
+        data_dir: data_dir.to_path_buf(),
     })
 }

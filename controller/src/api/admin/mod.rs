@@ -19,6 +19,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+mod backup_cmds;
 mod ca_cmds;
 pub mod client;
 mod domain_cmds;
@@ -45,6 +46,8 @@ pub struct AdminHandler {
     pub web: Option<WebState>,
     /// Portal domains (only in a running controller).
     pub domains: Option<Arc<crate::domains::Domains>>,
+    /// The data directory (backups are written under it).
+    pub data_dir: PathBuf,
 }
 
 impl AdminHandler {
@@ -141,6 +144,7 @@ impl AdminHandler {
             R::DomainDeploy { name } => self.domain_deploy(name),
             R::DomainStatus { name } => self.domain_status(name),
             R::DomainRemove { name } => self.domain_remove(name),
+            R::Backup { file_name } => self.backup(&file_name, now),
         }
     }
 

@@ -97,6 +97,11 @@ pub enum AdminRequest {
     DomainRemove {
         name: String,
     },
+    /// Write a backup of the store to `<data-dir>/backups/<file_name>` (the CLI moves it to
+    /// `--out`): the controller may only write inside its data directory.
+    Backup {
+        file_name: String,
+    },
 }
 
 /// A secret carried over the 0600 socket (a password, an otpauth URI): serialised as is,
@@ -167,6 +172,21 @@ pub enum AdminReply {
     /// `domain deploy`, and each poll of its job.
     Domain(DomainDetail),
     DomainRemoved(DomainRemoved),
+    BackupWritten(BackupWritten),
+}
+
+/// `backup`: what the file holds.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupWritten {
+    /// Where the controller wrote it (inside the data directory).
+    pub path: String,
+    pub format: u32,
+    pub ca_fingerprint: String,
+    pub trees: Vec<crate::core::backup::TreeCount>,
+    pub entries: u64,
+    pub bytes: u64,
+    pub body_sha256: String,
+    pub millis: u64,
 }
 
 /// `domain remove`.
@@ -203,6 +223,7 @@ impl AdminReply {
             Self::DomainList(_) => "domain-list",
             Self::Domain(_) => "domain",
             Self::DomainRemoved(_) => "domain-removed",
+            Self::BackupWritten(_) => "backup-written",
         }
     }
 }
@@ -464,6 +485,9 @@ mod tests {
             R::DomainRemove {
                 name: s("portal.example.com"),
             },
+            R::Backup {
+                file_name: s("backup-1700000000.zmbackup"),
+            },
         ]
     }
 
@@ -615,6 +639,19 @@ mod tests {
             }),
             R::DomainRemoved(DomainRemoved {
                 name: s("portal.example.com"),
+            }),
+            R::BackupWritten(BackupWritten {
+                path: s("/var/lib/zonemesh/backups/b.zmbackup"),
+                format: 1,
+                ca_fingerprint: s("ab12"),
+                trees: vec![crate::core::backup::TreeCount {
+                    name: s("nodes"),
+                    entries: 3,
+                }],
+                entries: 3,
+                bytes: 4096,
+                body_sha256: s("00ff"),
+                millis: 12,
             }),
             R::Audit(vec![AuditRecord {
                 seq: 1,

@@ -57,10 +57,19 @@ impl ControllerLink {
         self.resolver.current_cert()
     }
 
-    /// Present the renewed certificate from now on: new connections use it, and a fresh
-    /// channel replaces the one authenticated with the old certificate.
-    pub(super) fn renewed(&self, cert_der: &[u8], chain: &[Vec<u8>]) -> Result<()> {
-        self.resolver.swap_cert(cert_der, chain);
+    /// Present the renewed certificate (with its new key after a rotation) from now on:
+    /// new connections use it, and a fresh channel replaces the one authenticated with the
+    /// old certificate.
+    pub(super) fn renewed(
+        &self,
+        cert_der: &[u8],
+        chain: &[Vec<u8>],
+        new_key_pkcs8: Option<&[u8]>,
+    ) -> Result<()> {
+        match new_key_pkcs8 {
+            Some(key) => self.resolver.swap_identity(cert_der, chain, key)?,
+            None => self.resolver.swap_cert(cert_der, chain),
+        }
         let channel = client::connect_lazy(&self.controller, self.tls.clone())?;
         self.channel.store(Arc::new(channel));
         self.generation.send_modify(|g| *g += 1);

@@ -54,6 +54,8 @@ pub struct RunOptions {
     pub edge: Option<EdgeConfig>,
     /// Serve `GET /metrics` on this address (`--metrics-listen`); off when `None`.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Replace the node key on every N-th renewal (0: never).
+    pub rotate_key_every: u32,
 }
 
 /// Starts the data plane for a configuration.

@@ -18,6 +18,11 @@ fn renew_at(not_before: SystemTime, not_after: SystemTime) -> SystemTime {
     zonemesh_ca::renew_at(not_before, not_after, rand::random::<f64>())
 }
 
+/// Whether this renewal replaces the key: every `every`-th renewal (0: never).
+fn rotation_due(every: u32, renewals_since_key: u32) -> bool {
+    every > 0 && renewals_since_key.saturating_add(1) >= every
+}
+
 pub(super) async fn renew_loop(agent: Arc<Agent>, shutdown: CancellationToken) {
     loop {
         let at = match cert_info(&agent.link.current_cert()) {
@@ -28,16 +33,28 @@ pub(super) async fn renew_loop(agent: Arc<Agent>, shutdown: CancellationToken) {
             _ = shutdown.cancelled() => return,
             _ = agent.clock.alarm(at) => {}
         }
-        let renewal = enroll::renew_over(&agent.opts.state, agent.link.channel());
+        let rotate = rotation_due(
+            agent.opts.rotate_key_every,
+            agent.opts.state.renewals_since_key(),
+        );
+        let renewal = enroll::renew_over(&agent.opts.state, agent.link.channel(), rotate);
         let result = agent
             .rpc(&shutdown, RENEW_DEADLINE, renewal)
             .await
             .and_then(|r| {
-                agent.link.renewed(&r.cert_der, &r.chain_der)?;
+                agent.link.renewed(
+                    &r.cert_der,
+                    &r.chain_der,
+                    r.rotated_key.as_deref().map(|k| &k[..]),
+                )?;
                 Ok(r)
             });
         match result {
-            Ok(r) => tracing::info!(serial = %r.info.serial_hex, "node certificate renewed"),
+            Ok(r) => tracing::info!(
+                serial = %r.info.serial_hex,
+                key_rotated = r.rotated_key.is_some(),
+                "node certificate renewed"
+            ),
             Err(_) if shutdown.is_cancelled() => return,
             Err(e) => {
                 tracing::warn!(error = %e, "renewal failed; retrying in 60 s");
@@ -47,5 +64,23 @@ pub(super) async fn renew_loop(agent: Arc<Agent>, shutdown: CancellationToken) {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rotation_due;
+
+    #[test]
+    fn every_nth_renewal_rotates_the_key() {
+        assert!(!rotation_due(0, 0));
+        assert!(!rotation_due(0, 1000));
+        assert!(rotation_due(1, 0));
+        let rotated: Vec<bool> = (0..4).map(|n| rotation_due(4, n)).collect();
+        assert_eq!(rotated, [false, false, false, true]);
+        assert!(
+            rotation_due(4, 9),
+            "a counter past N (N lowered) rotates at once"
+        );
     }
 }

@@ -163,6 +163,7 @@ async fn start_agent(
         mtu: 1420,
         edge: None,
         metrics_listen: None,
+        rotate_key_every: 0,
     };
     let (agent, _dp_events, _own_events) = Agent::start(opts, deps).await.expect("agent");
     let agent = Arc::new(agent);
