@@ -16,6 +16,7 @@ async fn watch(ctl: &Controller, creds: &NodeCreds, from: u64) -> tonic::Streami
     pb::mesh_client::MeshClient::new(mesh_channel(&ctl.grpc_addr(), creds).await.unwrap())
         .watch(pb::WatchRequest {
             resume_from_version: from,
+            chain_once: true,
         })
         .await
         .unwrap()
@@ -120,12 +121,13 @@ fn too_old_version_gets_a_snapshot() {
             .unwrap();
     }
     let recent = mesh.subscribe("eu/x", mesh.version() - 10).unwrap();
-    assert_eq!(recent.initial.len(), 10);
-    assert!(recent.initial.iter().all(|u| kind(u) == "delta"));
+    let first = recent.first.unwrap().decode().unwrap();
+    assert_eq!(kind(&first), "delta");
+    assert_eq!(first.version, mesh.version(), "10 changes as one delta");
     let old = mesh.subscribe("eu/x", 5).unwrap();
-    assert_eq!(old.initial.len(), 1);
-    assert_eq!(kind(&old.initial[0]), "snapshot");
-    assert_eq!(old.initial[0].version, mesh.version());
+    let first = old.first.unwrap().decode().unwrap();
+    assert_eq!(kind(&first), "snapshot");
+    assert_eq!(first.version, mesh.version());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
