@@ -201,6 +201,8 @@ struct Bench {
     settled: u64,
     channels: Vec<tonic::transport::Channel>,
     messages: Arc<AtomicU64>,
+    /// The last version each watcher received.
+    latest: Arc<Vec<AtomicU64>>,
     tx: mpsc::UnboundedSender<Delivery>,
     rx: mpsc::UnboundedReceiver<Delivery>,
     watch_tasks: tokio::task::JoinSet<()>,
@@ -272,12 +274,14 @@ impl Bench {
                 .await;
         for (i, r) in results.into_iter().enumerate() {
             let (ch, mut s, version) = r?;
-            self.settled = self.settled.max(version);
             self.channels.push(ch);
             let (tx, messages, watcher) = (self.tx.clone(), self.messages.clone(), first + i);
+            let latest = self.latest.clone();
+            latest[watcher].store(version, Ordering::SeqCst);
             self.watch_tasks.spawn(async move {
                 while let Ok(Some(u)) = s.message().await {
                     messages.fetch_add(1, Ordering::Relaxed);
+                    latest[watcher].store(u.version, Ordering::SeqCst);
                     let _ = tx.send(Delivery {
                         watcher,
                         version: u.version,
@@ -286,7 +290,33 @@ impl Bench {
                 }
             });
         }
-        Ok(t.elapsed())
+        let took = t.elapsed();
+        self.settle().await?;
+        Ok(took)
+    }
+
+    /// Wait until every watcher has the same version, twice in a row, with no change
+    /// made meanwhile (a new watcher may get a shared snapshot a few versions old and
+    /// the rest as a delta): that version is the head.
+    async fn settle(&mut self) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(300);
+        let mut last = None;
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let versions: Vec<u64> = self.latest[..self.watchers]
+                .iter()
+                .map(|v| v.load(Ordering::SeqCst))
+                .collect();
+            let max = versions.iter().copied().max().unwrap_or(0);
+            let same = versions.iter().all(|v| *v == max);
+            if same && last == Some(max) {
+                self.settled = max;
+                while self.rx.try_recv().is_ok() {}
+                return Ok(());
+            }
+            last = same.then_some(max);
+            anyhow::ensure!(Instant::now() < deadline, "watchers did not settle");
+        }
     }
 
     /// Wait until every watcher has `target` or later; returns each watcher's delivery
@@ -343,7 +373,6 @@ impl Bench {
 #[derive(Default, Clone)]
 struct Row {
     agents: usize,
-    changes: usize,
     all_p50: Duration,
     all_p99: Duration,
     all_max: Duration,
@@ -423,6 +452,7 @@ async fn run_design(
         settled: 0,
         channels: vec![],
         messages: Arc::new(AtomicU64::new(0)),
+        latest: Arc::new((0..=max).map(|_| AtomicU64::new(0)).collect()),
         tx,
         rx,
         watch_tasks: tokio::task::JoinSet::new(),
@@ -485,7 +515,6 @@ async fn fleets_loop(
         let rss_after = rss_kib(b.pid).context("controller gone")?;
         let mut row = Row {
             agents: n,
-            changes,
             connect,
             rss_mib: rss_after as f64 / 1024.0,
             rss_per_agent_kib: rss_after.saturating_sub(rss_before) as f64 / add.max(1) as f64,

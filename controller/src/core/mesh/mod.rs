@@ -110,6 +110,9 @@ pub struct Mesh {
     /// The last version written to the log (under the change lock); `version` is the
     /// last one flushed and broadcast.
     appended: AtomicU64,
+    /// Per zone (named by the operator), the last overlay address allocated: the next
+    /// search starts there.
+    alloc_hint: Mutex<HashMap<String, IpAddr>>,
 }
 
 /// Runs just before the enrollment signature; see [`Mesh::with_sign_hook`].
@@ -180,6 +183,7 @@ impl Mesh {
             store,
             version: AtomicU64::new(version),
             appended: AtomicU64::new(version),
+            alloc_hint: Mutex::new(HashMap::new()),
             unpublished: Mutex::new(std::collections::BTreeMap::new()),
             sign_hook,
             change_lock: Mutex::new(()),
