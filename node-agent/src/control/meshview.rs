@@ -440,4 +440,48 @@ mod tests {
         again.apply(&view.to_update());
         assert_eq!(again, view);
     }
+
+    #[test]
+    fn peers_without_a_chain_are_checked_with_the_streams_chain() {
+        let now = SystemTime::now();
+        let m = CaMaterial::generate("corp.test", now, |_| {}).unwrap();
+        let ca = Ca::from_material(&m).unwrap();
+        let trust = ca.trust_store();
+        let key = zonemesh_ca::generate_rsa_4096().unwrap();
+        // From an older controller: the peer carries its chain.
+        let own = peer(&ca, "b", "b1", [1; 32], [1; 32], &key);
+        let mut bare = peer(&ca, "b", "b2", [2; 32], [2; 32], &key);
+        bare.chain_der.clear();
+        let mut view = MeshView {
+            crl_der: ca.crl(&[], 1, now, Duration::from_secs(3600)).unwrap(),
+            ..Default::default()
+        };
+        view.apply(&pb::MeshUpdate {
+            version: 1,
+            kind: Some(pb::mesh_update::Kind::Delta(pb::Delta {
+                upserted: vec![own, bare],
+                ..Default::default()
+            })),
+        });
+        let mut cache = VerifyCache::default();
+        let (ok, bad) = view.verified_members_cached(&trust, now, &mut cache);
+        assert_eq!(ok.len(), 1, "{bad:?}");
+        assert_eq!(bad[0].peer, "b/b2", "no chain, no trust");
+        // The chain the stream sends once (a resumed stream: at the version it has).
+        view.apply(&pb::MeshUpdate {
+            version: 1,
+            kind: Some(pb::mesh_update::Kind::Delta(pb::Delta {
+                ca_chain_der: vec![ca.intermediate_der().to_vec()],
+                ..Default::default()
+            })),
+        });
+        let (ok, bad) = view.verified_members_cached(&trust, now, &mut cache);
+        assert_eq!(ok.len(), 2, "{bad:?}");
+        assert_eq!(view.version, 1);
+        // The chain survives persistence.
+        let mut again = MeshView::default();
+        again.apply(&view.to_update());
+        assert_eq!(again, view);
+        assert_eq!(again.verified_members(&trust, now).0.len(), 2);
+    }
 }
