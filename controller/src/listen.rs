@@ -50,8 +50,10 @@ pub struct ListenerBudget {
 
 impl ListenerBudget {
     /// Split `fd_limit` minus [`RESERVED_FDS`] between the gRPC, HTTPS and (if served) PKI
-    /// listeners. Nodes behind one NAT share an address on gRPC, so a source may hold a
-    /// quarter of it; browsers and relying parties an eighth of theirs.
+    /// listeners. gRPC holds one connection per agent, so it gets the larger share (3/5
+    /// with PKI, 3/4 without: 10,000 agents fit under a 20,000 limit). Nodes behind one
+    /// NAT share an address on gRPC, so a source may hold a quarter of it; browsers and
+    /// relying parties an eighth of theirs.
     pub fn from_fd_limit(fd_limit: u64, with_pki: bool) -> Self {
         let budget = fd_limit
             .min(MAX_FD_BUDGET)
@@ -59,14 +61,14 @@ impl ListenerBudget {
             .max(64);
         if with_pki {
             Self {
-                grpc: ConnLimits::share(budget, 2, 5, 4),
-                https: ConnLimits::share(budget, 3, 10, 8),
-                pki: ConnLimits::share(budget, 3, 10, 8),
+                grpc: ConnLimits::share(budget, 3, 5, 4),
+                https: ConnLimits::share(budget, 1, 5, 8),
+                pki: ConnLimits::share(budget, 1, 5, 8),
             }
         } else {
             Self {
-                grpc: ConnLimits::share(budget, 1, 2, 4),
-                https: ConnLimits::share(budget, 1, 2, 8),
+                grpc: ConnLimits::share(budget, 3, 4, 4),
+                https: ConnLimits::share(budget, 1, 4, 8),
                 pki: ConnLimits::share(budget, 0, 1, 8),
             }
         }
@@ -128,6 +130,8 @@ mod tests {
         assert!(total as u64 <= 1024 - RESERVED_FDS, "{b:?}");
         assert!(b.pki.max_per_source < b.pki.max_conns / 2, "{b:?}");
         assert!(b.grpc.max_per_source >= 4);
+        let agents = ListenerBudget::from_fd_limit(20_000, true);
+        assert!(agents.grpc.max_conns > 10_000, "{agents:?}");
         let big = ListenerBudget::from_fd_limit(u64::MAX, false);
         assert!(big.grpc.max_conns as u64 <= MAX_FD_BUDGET);
     }

@@ -1,32 +1,125 @@
 //! Watch fan-out: N simulated agents, each with its own certificate and its own mutual-TLS
-//! connection, hold Watch streams against a real controller on loopback. One change (a node
-//! enrolls) is timed until every watcher has the delta; repeated, at two fleet sizes, with
-//! the controller's memory per connected agent.
+//! connection, hold Watch streams against a real controller on loopback. Measured at each
+//! fleet size: one change (a node enrolls) until every watcher has it (p50/p99/max over
+//! the changes), a burst of 100 enrollments until every watcher has the last one (and how
+//! many messages that took per watcher: a burst is coalesced), enrollments per second with
+//! no watcher and with N, and the controller's memory (RSS) per connected agent.
 //!
-//! Anchor measured in the same run: a full-map push (every watcher re-fetches the whole
-//! mesh, which is what a controller that recomputes the map per change — headscale — has
-//! to send). Field anchor: NetBird reports 1.5–3 s API latency at 500 peers.
+//! Anchor measured in the same run: the previous design's controller binary under the same
+//! load (`PREV_CONTROLLER_BIN`, default `/work/prefan/zonemesh-controller` when present),
+//! stopped at `MEM_CAP_MIB` (default 8192) and then reported as "did not fit".
 //!
-//! `SMOKE=1` runs 10 and 50 agents in well under a minute (CI). `FLEETS=100,1000` and
-//! `CHANGES=20` set the full run; `ZONEMESH_CONTROLLER_BIN` picks the controller binary
-//! (default: `target/release/zonemesh-controller` if built, else the debug one).
+//! The agents' side shares what can be shared: one tokio runtime, a pool of 4 client keys
+//! (each agent still has its own certificate), and a watcher reads only the version of a
+//! snapshot instead of decoding every peer.
+//!
+//! `SMOKE=1` runs 10 and 50 agents in well under a minute (CI). `FLEETS=1000,3000,10000`
+//! (the default), `CHANGES=20`, `BURST=100` set the full run; `ZONEMESH_CONTROLLER_BIN`
+//! picks the controller binary (default: `target/release/zonemesh-controller` if built).
 
 use anyhow::{Context, Result};
+use bytes::Buf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use zonemesh_proto as pb;
 use zonemesh_tests::cluster::{
-    Controller, NodeCreds, enroll_rpc, enrollment_channel, mesh_channel, rss_kib, wg_key,
+    Controller, Dial, NodeCreds, enroll_rpc, enrollment_channel, mesh_channel_dial, rss_kib, wg_key,
 };
 use zonemesh_tests::{rsa4096, target_dir};
 
 const KEY_POOL: usize = 4;
 const MAX_SNAPSHOT: usize = 256 << 20;
+const ENROLL_IN_FLIGHT: usize = 8;
+const CONNECT_IN_FLIGHT: usize = 32;
+const AGENTS_PER_SOURCE: usize = 1000;
 
 struct Delivery {
+    watcher: usize,
     version: u64,
     at: Instant,
+}
+
+/// What a simulated agent reads of a Watch message: its version and kind. The peers of a
+/// snapshot are skipped, not decoded (the agents' side must fit on the same machine).
+struct Head {
+    version: u64,
+}
+
+#[derive(Clone, Copy)]
+struct HeadCodec;
+
+struct RequestEncoder;
+struct HeadDecoder;
+
+impl tonic::codec::Encoder for RequestEncoder {
+    type Item = pb::WatchRequest;
+    type Error = tonic::Status;
+    fn encode(
+        &mut self,
+        item: pb::WatchRequest,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        prost::Message::encode(&item, dst).map_err(|e| tonic::Status::internal(e.to_string()))
+    }
+}
+
+impl tonic::codec::Decoder for HeadDecoder {
+    type Item = Head;
+    type Error = tonic::Status;
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<Head>, tonic::Status> {
+        let bad = |e: prost::DecodeError| tonic::Status::internal(e.to_string());
+        let mut version = 0;
+        while src.has_remaining() {
+            let key = prost::encoding::decode_varint(src).map_err(bad)?;
+            match (key >> 3, key & 7) {
+                (1, 0) => version = prost::encoding::decode_varint(src).map_err(bad)?,
+                (_, 0) => {
+                    prost::encoding::decode_varint(src).map_err(bad)?;
+                }
+                (_, 2) => {
+                    let len = prost::encoding::decode_varint(src).map_err(bad)? as usize;
+                    if len > src.remaining() {
+                        return Err(tonic::Status::internal("truncated field"));
+                    }
+                    src.advance(len);
+                }
+                _ => return Err(tonic::Status::internal("unexpected wire type")),
+            }
+        }
+        Ok(Some(Head { version }))
+    }
+}
+
+impl tonic::codec::Codec for HeadCodec {
+    type Encode = pb::WatchRequest;
+    type Decode = Head;
+    type Encoder = RequestEncoder;
+    type Decoder = HeadDecoder;
+    fn encoder(&mut self) -> RequestEncoder {
+        RequestEncoder
+    }
+    fn decoder(&mut self) -> HeadDecoder {
+        HeadDecoder
+    }
+}
+
+async fn watch_heads(ch: tonic::transport::Channel) -> Result<tonic::Streaming<Head>> {
+    let mut grpc = tonic::client::Grpc::new(ch).max_decoding_message_size(MAX_SNAPSHOT);
+    grpc.ready().await?;
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static("/zonemesh.v1.Mesh/Watch");
+    let req = tonic::Request::new(pb::WatchRequest {
+        chain_once: true,
+        ..Default::default()
+    });
+    Ok(grpc
+        .server_streaming(req, path, HeadCodec)
+        .await?
+        .into_inner())
 }
 
 fn env_usize(name: &str, default: usize) -> usize {
@@ -45,6 +138,17 @@ fn controller_bin() -> std::path::PathBuf {
         rel
     } else {
         zonemesh_tests::bin("zonemesh-controller")
+    }
+}
+
+fn prev_controller_bin() -> Option<std::path::PathBuf> {
+    match std::env::var_os("PREV_CONTROLLER_BIN") {
+        Some(p) if p.is_empty() => None,
+        Some(p) => Some(p.into()),
+        None => {
+            let p = std::path::PathBuf::from("/work/prefan/zonemesh-controller");
+            p.exists().then_some(p)
+        }
     }
 }
 
@@ -74,27 +178,47 @@ fn cpu_ticks(pid: u32) -> u64 {
     get(14) + get(15)
 }
 
+/// Peak resident memory of a process in KiB (`VmHWM`).
+fn peak_kib(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
 struct Bench {
     ctl: Controller,
+    pid: u32,
     token: String,
     keys: Vec<Arc<rcgen::KeyPair>>,
     enroll_chans: Vec<tonic::transport::Channel>,
     enrolled: usize,
-    creds: Vec<NodeCreds>,
+    watchers: usize,
+    /// The version every watcher has reached.
+    settled: u64,
     channels: Vec<tonic::transport::Channel>,
+    messages: Arc<AtomicU64>,
+    /// The last version each watcher received.
+    latest: Arc<Vec<AtomicU64>>,
     tx: mpsc::UnboundedSender<Delivery>,
     rx: mpsc::UnboundedReceiver<Delivery>,
+    watch_tasks: tokio::task::JoinSet<()>,
 }
 
 impl Bench {
-    /// Enroll `n` more agents over the Enrollment RPC (8 in flight).
-    async fn enroll(&mut self, n: usize) -> Result<Vec<NodeCreds>> {
+    /// Enroll `n` more agents over the Enrollment RPC (8 in flight); returns their
+    /// credentials and the enrollments per second.
+    async fn enroll(&mut self, n: usize) -> Result<(Vec<NodeCreds>, f64)> {
+        use futures::StreamExt;
         let chans = self.enroll_chans.clone();
         let keys = self.keys.clone();
         let start = self.enrolled;
         self.enrolled += n;
         let token = self.token.clone();
-        use futures::StreamExt;
+        let t = Instant::now();
         let out: Vec<Result<(NodeCreds, pb::EnrollResponse), tonic::Status>> =
             futures::stream::iter(start..start + n)
                 .map(|i| {
@@ -102,157 +226,221 @@ impl Bench {
                     let key = keys[i % keys.len()].clone();
                     let token = token.clone();
                     async move {
-                        tokio::spawn(async move {
-                            enroll_rpc(ch, &token, &format!("a{i}"), &key, wg_key(i as u64 + 1))
-                                .await
-                        })
-                        .await
-                        .unwrap()
+                        enroll_rpc(ch, &token, &format!("a{i}"), &key, wg_key(i as u64 + 1)).await
                     }
                 })
-                .buffer_unordered(8)
+                .buffer_unordered(ENROLL_IN_FLIGHT)
                 .collect()
                 .await;
+        let rate = n as f64 / t.elapsed().as_secs_f64().max(1e-9);
         let mut creds = Vec::with_capacity(n);
         for r in out {
             creds.push(r.map_err(|s| anyhow::anyhow!("enroll: {s}"))?.0);
         }
-        Ok(creds)
+        Ok((creds, rate))
     }
 
-    /// Connect `creds` as watchers (own TLS connection each, 16 in flight); returns once
-    /// every one has its snapshot.
+    /// Connect `creds` as watchers (own TLS connection each); returns once every one has
+    /// its snapshot.
     async fn connect(&mut self, creds: Vec<NodeCreds>) -> Result<Duration> {
         use futures::StreamExt;
         let addr = self.ctl.grpc_addr();
         let t = Instant::now();
-        let results: Vec<Result<tonic::transport::Channel>> = futures::stream::iter(creds.iter())
-            .map(|c| {
-                let (addr, c, tx) = (addr.clone(), c.clone(), self.tx.clone());
-                async move {
-                    let ch = mesh_channel(&addr, &c).await?;
-                    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-                    let ch2 = ch.clone();
-                    tokio::spawn(async move {
-                        let mut s = match pb::mesh_client::MeshClient::new(ch2)
-                            .max_decoding_message_size(MAX_SNAPSHOT)
-                            .watch(pb::WatchRequest::default())
-                            .await
-                        {
-                            Ok(s) => s.into_inner(),
-                            Err(e) => {
-                                let _ = ready_tx.send(Err(anyhow::anyhow!("watch: {e}")));
-                                return;
-                            }
+        let first = self.watchers;
+        self.watchers += creds.len();
+        let results: Vec<Result<(tonic::transport::Channel, tonic::Streaming<Head>, u64)>> =
+            futures::stream::iter(creds.iter())
+                .enumerate()
+                .map(|(i, c)| {
+                    let (addr, c) = (addr.clone(), c.clone());
+                    // 1,000 agents per loopback source address, as a fleet comes from
+                    // many hosts (the controller limits connections per source).
+                    let n = (first + i) / AGENTS_PER_SOURCE;
+                    let source =
+                        std::net::Ipv4Addr::new(127, 1, (n / 250) as u8, (n % 250 + 1) as u8);
+                    async move {
+                        let dial = Dial {
+                            source: Some(source.into()),
+                            ..Default::default()
                         };
-                        match s.message().await {
-                            Ok(Some(_snapshot)) => {
-                                let _ = ready_tx.send(Ok(()));
-                            }
-                            other => {
-                                let _ = ready_tx.send(Err(anyhow::anyhow!("snapshot: {other:?}")));
-                                return;
-                            }
-                        }
-                        while let Ok(Some(u)) = s.message().await {
-                            let _ = tx.send(Delivery {
-                                version: u.version,
-                                at: Instant::now(),
-                            });
-                        }
+                        let ch = mesh_channel_dial(&addr, &c, dial).await?;
+                        let mut s = watch_heads(ch.clone()).await?;
+                        let snap = s.message().await?.context("no snapshot")?;
+                        Ok((ch, s, snap.version))
+                    }
+                })
+                .buffer_unordered(CONNECT_IN_FLIGHT)
+                .collect()
+                .await;
+        for (i, r) in results.into_iter().enumerate() {
+            let (ch, mut s, version) = r?;
+            self.channels.push(ch);
+            let (tx, messages, watcher) = (self.tx.clone(), self.messages.clone(), first + i);
+            let latest = self.latest.clone();
+            latest[watcher].store(version, Ordering::SeqCst);
+            self.watch_tasks.spawn(async move {
+                while let Ok(Some(u)) = s.message().await {
+                    messages.fetch_add(1, Ordering::Relaxed);
+                    latest[watcher].store(u.version, Ordering::SeqCst);
+                    let _ = tx.send(Delivery {
+                        watcher,
+                        version: u.version,
+                        at: Instant::now(),
                     });
-                    ready_rx.await.context("watcher task died")??;
-                    Ok(ch)
                 }
-            })
-            .buffer_unordered(16)
-            .collect()
-            .await;
-        for r in results {
-            self.channels.push(r?);
+            });
         }
-        self.creds.extend(creds);
-        Ok(t.elapsed())
+        let took = t.elapsed();
+        self.settle().await?;
+        Ok(took)
     }
 
-    /// One change (a new node enrolls); returns (time until every watcher has it, each
-    /// watcher's delivery latency).
-    async fn change(&mut self, watchers: usize) -> Result<(Duration, Vec<Duration>)> {
-        while self.rx.try_recv().is_ok() {}
-        let t0 = Instant::now();
-        let _new = self.enroll(1).await?;
-        let mut lat = Vec::with_capacity(watchers);
-        let mut version = None;
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-        while lat.len() < watchers {
+    /// Wait until every watcher has the same version, twice in a row, with no change
+    /// made meanwhile (a new watcher may get a shared snapshot a few versions old and
+    /// the rest as a delta): that version is the head.
+    async fn settle(&mut self) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(300);
+        let mut last = None;
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let versions: Vec<u64> = self.latest[..self.watchers]
+                .iter()
+                .map(|v| v.load(Ordering::SeqCst))
+                .collect();
+            let max = versions.iter().copied().max().unwrap_or(0);
+            let same = versions.iter().all(|v| *v == max);
+            if same && last == Some(max) {
+                self.settled = max;
+                while self.rx.try_recv().is_ok() {}
+                return Ok(());
+            }
+            last = same.then_some(max);
+            anyhow::ensure!(Instant::now() < deadline, "watchers did not settle");
+        }
+    }
+
+    /// Wait until every watcher has `target` or later; returns each watcher's delivery
+    /// time after `t0`, sorted.
+    async fn wait_all(&mut self, target: u64, t0: Instant) -> Result<Vec<Duration>> {
+        let mut reached = vec![false; self.watchers];
+        let mut lat = Vec::with_capacity(self.watchers);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
+        while lat.len() < self.watchers {
             let d = tokio::time::timeout_at(deadline, self.rx.recv())
                 .await
-                .context("watchers did not all get the change within 60 s")?
+                .with_context(|| {
+                    format!(
+                        "{} of {} watchers did not get version {target} within 300 s",
+                        self.watchers - lat.len(),
+                        self.watchers
+                    )
+                })?
                 .context("delivery channel closed")?;
-            let v = *version.get_or_insert(d.version);
-            if d.version == v {
-                lat.push(d.at - t0);
+            if d.version >= target && !reached[d.watcher] {
+                reached[d.watcher] = true;
+                lat.push(d.at.saturating_duration_since(t0));
             }
         }
+        self.settled = target;
         lat.sort();
-        Ok((*lat.last().unwrap(), lat))
+        Ok(lat)
     }
 
-    /// The in-run anchor: every watcher fetches the whole map again (a fresh snapshot over
-    /// its existing connection), as a recompute-the-map-per-change design must send.
-    async fn full_map_push(&self) -> Result<(Duration, usize)> {
-        let t = Instant::now();
-        let sizes: Vec<usize> = futures::future::try_join_all(self.channels.iter().map(|ch| {
-            let ch = ch.clone();
-            async move {
-                let mut s = pb::mesh_client::MeshClient::new(ch)
-                    .max_decoding_message_size(MAX_SNAPSHOT)
-                    .watch(pb::WatchRequest::default())
-                    .await?
-                    .into_inner();
-                let snap = s.message().await?.context("no snapshot")?;
-                Ok::<_, anyhow::Error>(prost::Message::encoded_len(&snap))
-            }
-        }))
-        .await?;
-        Ok((t.elapsed(), sizes.first().copied().unwrap_or(0)))
+    /// One change (a new node enrolls): time until every watcher has it, and each
+    /// watcher's delivery latency.
+    async fn change(&mut self) -> Result<(Duration, Vec<Duration>)> {
+        while self.rx.try_recv().is_ok() {}
+        let t0 = Instant::now();
+        self.enroll(1).await?;
+        let lat = self.wait_all(self.settled + 1, t0).await?;
+        Ok((*lat.last().unwrap_or(&Duration::ZERO), lat))
+    }
+
+    /// `n` enrollments at once (8 in flight): time until every watcher has the last one,
+    /// the enrollment rate, and the messages each watcher took for it.
+    async fn burst(&mut self, n: usize) -> Result<(Duration, f64, f64)> {
+        while self.rx.try_recv().is_ok() {}
+        let before = self.messages.load(Ordering::Relaxed);
+        let t0 = Instant::now();
+        let (_, rate) = self.enroll(n).await?;
+        let lat = self.wait_all(self.settled + n as u64, t0).await?;
+        let per_watcher =
+            (self.messages.load(Ordering::Relaxed) - before) as f64 / self.watchers.max(1) as f64;
+        Ok((*lat.last().unwrap_or(&Duration::ZERO), rate, per_watcher))
     }
 }
 
+#[derive(Default, Clone)]
 struct Row {
     agents: usize,
-    changes: usize,
     all_p50: Duration,
     all_p99: Duration,
     all_max: Duration,
-    each_p50: Duration,
     each_p99: Duration,
     cpu_ms_per_change: f64,
+    connect: Duration,
+    rss_mib: f64,
     rss_per_agent_kib: f64,
-    full_map: Duration,
-    snapshot_bytes: usize,
+    burst_all: Duration,
+    burst_rate: f64,
+    burst_msgs: f64,
 }
 
-async fn run() -> Result<()> {
-    let smoke = std::env::var("SMOKE").is_ok_and(|v| v == "1");
-    let fleets: Vec<usize> = std::env::var("FLEETS")
-        .ok()
-        .map(|s| s.split(',').filter_map(|x| x.trim().parse().ok()).collect())
-        .unwrap_or_else(|| if smoke { vec![10, 50] } else { vec![100, 1000] });
-    let changes = env_usize("CHANGES", if smoke { 5 } else { 20 });
+struct Run {
+    label: &'static str,
+    enroll_rate_idle: f64,
+    rows: Vec<Row>,
+    /// Why the run stopped before the largest fleet.
+    stopped: Option<String>,
+    peak_mib: f64,
+}
+
+async fn run_design(
+    label: &'static str,
+    binary: std::path::PathBuf,
+    fleets: &[usize],
+    changes: usize,
+    burst: usize,
+    cap_kib: u64,
+) -> Result<Run> {
+    eprintln!("== {label}: {}", binary.display());
     let tmp = tempfile::TempDir::new()?;
-    let binary = controller_bin();
-    eprintln!("controller: {}", binary.display());
     let mut ctl = Controller::init_with(tmp.path(), binary)?;
     ctl.start()?;
     ctl.zone_add("bench", "100.64.0.0/10")?;
     let max = *fleets.iter().max().unwrap_or(&0);
-    let token = ctl.token("bench", (max + changes * fleets.len() + 10) as u32)?;
+    let token = ctl.token(
+        "bench",
+        (max + (changes + burst) * fleets.len() + 10) as u32,
+    )?;
     let pid = ctl.pid().context("controller pid")?;
     let (addr, fingerprint) = (ctl.grpc_addr(), ctl.fingerprint.clone());
     let (tx, rx) = mpsc::unbounded_channel();
+    // Stops the controller once it passes the memory cap (the previous design did not
+    // fit at a few thousand agents).
+    let over_cap = Arc::new(AtomicBool::new(false));
+    let watchdog = {
+        let over_cap = over_cap.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                match rss_kib(pid) {
+                    Some(r) if r > cap_kib => {
+                        over_cap.store(true, Ordering::SeqCst);
+                        let _ = std::process::Command::new("kill")
+                            .args(["-9", &pid.to_string()])
+                            .status();
+                        return;
+                    }
+                    Some(_) => {}
+                    None => return,
+                }
+            }
+        })
+    };
     let mut b = Bench {
         ctl,
+        pid,
         token,
         keys: (0..KEY_POOL).map(|i| Arc::new(rsa4096(i))).collect(),
         enroll_chans: futures::future::try_join_all(
@@ -260,143 +448,232 @@ async fn run() -> Result<()> {
         )
         .await?,
         enrolled: 0,
-        creds: vec![],
+        watchers: 0,
+        settled: 0,
         channels: vec![],
+        messages: Arc::new(AtomicU64::new(0)),
+        latest: Arc::new((0..=max).map(|_| AtomicU64::new(0)).collect()),
         tx,
         rx,
+        watch_tasks: tokio::task::JoinSet::new(),
     };
+    let mut run = Run {
+        label,
+        enroll_rate_idle: 0.0,
+        rows: vec![],
+        stopped: None,
+        peak_mib: 0.0,
+    };
+    let result = fleets_loop(&mut b, &mut run, fleets, changes, burst).await;
+    run.peak_mib = peak_kib(b.pid).unwrap_or(0) as f64 / 1024.0;
+    if let Err(e) = result {
+        run.stopped = Some(if over_cap.load(Ordering::SeqCst) {
+            format!("did not fit: controller passed {} MiB", cap_kib / 1024)
+        } else {
+            format!("failed: {e:#}")
+        });
+        eprintln!("{label}: {}", run.stopped.as_deref().unwrap_or(""));
+    }
+    watchdog.abort();
+    let _ = watchdog.await;
+    b.watch_tasks.abort_all();
+    while b.watch_tasks.join_next().await.is_some() {}
+    drop(b);
+    Ok(run)
+}
+
+async fn fleets_loop(
+    b: &mut Bench,
+    run: &mut Run,
+    fleets: &[usize],
+    changes: usize,
+    burst: usize,
+) -> Result<()> {
     let tck = 100.0; // clock ticks per second on Linux
-    let mut rows = Vec::new();
-    let rss_base = rss_kib(pid).unwrap_or(0);
-    let mut prev_rss = rss_base;
-    let mut prev_agents = 0usize;
-    for &n in &fleets {
-        let add = n.saturating_sub(b.creds.len());
+    for &n in fleets {
+        let add = n.saturating_sub(b.watchers);
         let t = Instant::now();
-        let creds = b.enroll(add).await?;
+        let (creds, rate) = b.enroll(add).await?;
+        if b.watchers == 0 {
+            run.enroll_rate_idle = rate;
+        }
         eprintln!(
-            "enrolled {add} agents in {:.1} s ({:.0}/s)",
+            "{}: enrolled {add} agents in {:.1} s ({rate:.0}/s, {} watchers)",
+            run.label,
             t.elapsed().as_secs_f64(),
-            add as f64 / t.elapsed().as_secs_f64()
+            b.watchers
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let rss_before = rss_kib(pid).unwrap_or(0);
-        let took = b.connect(creds).await?;
+        let rss_before = rss_kib(b.pid).context("controller gone")?;
+        let connect = b.connect(creds).await?;
         eprintln!(
-            "{n} watchers connected (own mTLS each) in {:.1} s",
-            took.as_secs_f64()
+            "{}: {n} watchers connected (own mTLS each) in {:.1} s",
+            run.label,
+            connect.as_secs_f64()
         );
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let rss_after = rss_kib(pid).unwrap_or(0);
-        let rss_per_agent_kib =
-            (rss_after.saturating_sub(rss_before)) as f64 / (n - prev_agents).max(1) as f64;
-        prev_rss = prev_rss.max(rss_after);
-        prev_agents = n;
-
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let rss_after = rss_kib(b.pid).context("controller gone")?;
+        let mut row = Row {
+            agents: n,
+            connect,
+            rss_mib: rss_after as f64 / 1024.0,
+            rss_per_agent_kib: rss_after.saturating_sub(rss_before) as f64 / add.max(1) as f64,
+            ..Default::default()
+        };
         let mut all = Vec::new();
         let mut each = Vec::new();
-        let cpu0 = cpu_ticks(pid);
+        let cpu0 = cpu_ticks(b.pid);
         for _ in 0..changes {
-            let (a, lat) = b.change(n).await?;
+            let (a, lat) = b.change().await?;
             all.push(a);
             each.extend(lat);
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let cpu_ms_per_change = (cpu_ticks(pid) - cpu0) as f64 / tck * 1000.0 / changes as f64;
+        row.cpu_ms_per_change =
+            (cpu_ticks(b.pid) - cpu0) as f64 / tck * 1000.0 / changes.max(1) as f64;
         all.sort();
         each.sort();
-        let (full_map, snapshot_bytes) = b.full_map_push().await?;
-        rows.push(Row {
-            agents: n,
-            changes,
-            all_p50: pct(&all, 0.5),
-            all_p99: pct(&all, 0.99),
-            all_max: *all.last().unwrap(),
-            each_p50: pct(&each, 0.5),
-            each_p99: pct(&each, 0.99),
-            cpu_ms_per_change,
-            rss_per_agent_kib,
-            full_map,
-            snapshot_bytes,
-        });
+        row.all_p50 = pct(&all, 0.5);
+        row.all_p99 = pct(&all, 0.99);
+        row.all_max = all.last().copied().unwrap_or_default();
+        row.each_p99 = pct(&each, 0.99);
+        let (burst_all, burst_rate, burst_msgs) = b.burst(burst).await?;
+        row.burst_all = burst_all;
+        row.burst_rate = burst_rate;
+        row.burst_msgs = burst_msgs;
+        eprintln!(
+            "{}: {n} agents: change p99 {} ms, burst of {burst} to every watcher {} ms ({burst_rate:.0} enrollments/s, {burst_msgs:.1} messages per watcher), RSS {:.0} MiB",
+            run.label,
+            ms(row.all_p99),
+            ms(burst_all),
+            row.rss_mib
+        );
+        run.rows.push(row);
     }
-    let rss_total = rss_kib(pid).unwrap_or(0);
+    Ok(())
+}
 
+fn ratio(new: f64, old: Option<f64>) -> String {
+    match old {
+        Some(o) if o > 0.0 => format!("{:.3}x", new / o),
+        _ => "-".into(),
+    }
+}
+
+fn print(runs: &[Run], burst: usize) {
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     println!();
     println!(
-        "Watch fan-out: one change (a node enrolls) until every watcher has the delta; {} CPU(s), controller {}",
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1),
-        if b.ctl.binary.to_string_lossy().contains("/release/") {
-            "release"
-        } else {
-            "debug"
-        }
+        "Watch fan-out on {cpus} CPU(s): one change (a node enrolls) until every watcher has it; a burst of {burst} enrollments; controller memory"
     );
     println!(
-        "{:>7} {:>7} | {:>9} {:>9} {:>9} | {:>9} {:>9} | {:>9} | {:>9} | {:>11} {:>9} | {:>9}",
+        "{:>8} {:>7} | {:>9} {:>9} {:>9} {:>9} | {:>8} | {:>9} {:>9} | {:>9} {:>8} {:>8} | {:>9}",
+        "design",
         "agents",
-        "changes",
         "all p50",
         "all p99",
         "all max",
-        "each p50",
         "each p99",
         "ctl CPU",
+        "RSS",
         "RSS/agent",
-        "full-map",
-        "snapshot",
-        "p99 vs"
+        "burst all",
+        "burst",
+        "msgs per",
+        "connect"
     );
     println!(
-        "{:>7} {:>7} | {:>9} {:>9} {:>9} | {:>9} {:>9} | {:>9} | {:>9} | {:>11} {:>9} | {:>9}",
-        "", "", "ms", "ms", "ms", "ms", "ms", "ms/chg", "KiB", "push ms", "KiB", "full-map"
+        "{:>8} {:>7} | {:>9} {:>9} {:>9} {:>9} | {:>8} | {:>9} {:>9} | {:>9} {:>8} {:>8} | {:>9}",
+        "", "", "ms", "ms", "ms", "ms", "ms/chg", "MiB", "KiB", "ms", "enroll/s", "watcher", "s"
     );
-    for r in &rows {
+    for run in runs {
+        for r in &run.rows {
+            println!(
+                "{:>8} {:>7} | {:>9} {:>9} {:>9} {:>9} | {:>8.1} | {:>9.0} {:>9.0} | {:>9} {:>8.0} {:>8.1} | {:>9.1}",
+                run.label,
+                r.agents,
+                ms(r.all_p50),
+                ms(r.all_p99),
+                ms(r.all_max),
+                ms(r.each_p99),
+                r.cpu_ms_per_change,
+                r.rss_mib,
+                r.rss_per_agent_kib,
+                ms(r.burst_all),
+                r.burst_rate,
+                r.burst_msgs,
+                r.connect.as_secs_f64(),
+            );
+        }
+        if let Some(why) = &run.stopped {
+            println!("{:>8} stopped: {why}", run.label);
+        }
         println!(
-            "{:>7} {:>7} | {:>9} {:>9} {:>9} | {:>9} {:>9} | {:>9.1} | {:>9.0} | {:>11} {:>9} | {:>8.3}x",
-            r.agents,
-            r.changes,
-            ms(r.all_p50),
-            ms(r.all_p99),
-            ms(r.all_max),
-            ms(r.each_p50),
-            ms(r.each_p99),
-            r.cpu_ms_per_change,
-            r.rss_per_agent_kib,
-            ms(r.full_map),
-            r.snapshot_bytes / 1024,
-            r.all_p99.as_secs_f64() / r.full_map.as_secs_f64().max(1e-9),
+            "{:>8} enrollments/s with no watcher: {:.0}; peak RSS {:.0} MiB",
+            run.label, run.enroll_rate_idle, run.peak_mib
         );
     }
+    let (new, prev) = (&runs[0], runs.get(1));
     println!();
-    for r in &rows {
+    for r in &new.rows {
+        let old = prev.and_then(|p| p.rows.iter().find(|o| o.agents == r.agents));
+        let fit = if old.is_none() && prev.is_some() {
+            " (previous design: did not fit)"
+        } else {
+            ""
+        };
         println!(
-            "{} agents: p99 {} ms = {:.3}x NetBird's reported 1.5 s API latency at 500 peers (goal: p99 < 1000 ms at 1,000)",
+            "{} agents{fit}: change p99 {} ms ({} of previous), RSS/agent {:.0} KiB ({} of previous), burst of {burst} {} ms ({} of previous), enrollments/s with {} watchers {:.0} = {:.2}x with none ({} of previous)",
             r.agents,
             ms(r.all_p99),
-            r.all_p99.as_secs_f64() / 1.5
-        );
-    }
-    if rows.len() >= 2 {
-        let (a, z) = (&rows[0], &rows[rows.len() - 1]);
-        println!(
-            "fleet x{:.0}: p50 x{:.2}, controller CPU per change x{:.2}, CPU per delivered delta x{:.2}",
-            z.agents as f64 / a.agents as f64,
-            z.all_p50.as_secs_f64() / a.all_p50.as_secs_f64().max(1e-9),
-            z.cpu_ms_per_change / a.cpu_ms_per_change.max(1e-9),
-            (z.cpu_ms_per_change / z.agents as f64)
-                / (a.cpu_ms_per_change / a.agents as f64).max(1e-12),
+            ratio(
+                r.all_p99.as_secs_f64(),
+                old.map(|o| o.all_p99.as_secs_f64())
+            ),
+            r.rss_per_agent_kib,
+            ratio(r.rss_per_agent_kib, old.map(|o| o.rss_per_agent_kib)),
+            ms(r.burst_all),
+            ratio(
+                r.burst_all.as_secs_f64(),
+                old.map(|o| o.burst_all.as_secs_f64())
+            ),
+            r.agents,
+            r.burst_rate,
+            r.burst_rate / new.enroll_rate_idle.max(1e-9),
+            ratio(r.burst_rate, old.map(|o| o.burst_rate)),
         );
     }
     println!(
-        "controller RSS: {} MiB idle before agents, {} MiB with {} agents",
-        rss_base / 1024,
-        rss_total / 1024,
-        b.creds.len()
+        "goals: change p99 < 1000 ms at 1,000 and < 2000 ms at 10,000; controller RSS < 2 GiB at 10,000 (< 200 KiB per agent)"
     );
-    drop(b);
+}
+
+async fn run() -> Result<()> {
+    let smoke = std::env::var("SMOKE").is_ok_and(|v| v == "1");
+    let fleets: Vec<usize> = std::env::var("FLEETS")
+        .ok()
+        .map(|s| s.split(',').filter_map(|x| x.trim().parse().ok()).collect())
+        .unwrap_or_else(|| {
+            if smoke {
+                vec![10, 50]
+            } else {
+                vec![1000, 3000, 10_000]
+            }
+        });
+    let changes = env_usize("CHANGES", if smoke { 5 } else { 20 });
+    let burst = env_usize("BURST", if smoke { 10 } else { 100 });
+    let cap_kib = env_usize("MEM_CAP_MIB", 8192) as u64 * 1024;
+    let mut runs =
+        vec![run_design("new", controller_bin(), &fleets, changes, burst, cap_kib).await?];
+    if let Some(prev) = prev_controller_bin().filter(|_| !smoke) {
+        runs.push(run_design("previous", prev, &fleets, changes, burst, cap_kib).await?);
+    }
+    print(&runs, burst);
+    if let Some(why) = &runs[0].stopped {
+        anyhow::bail!("the new design's run stopped: {why}");
+    }
     Ok(())
 }
 

@@ -634,3 +634,46 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
         .parse()
         .ok()
 }
+
+/// How a test dials the controller's gRPC port, beyond what an agent does.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Dial {
+    /// HTTP/2 receive windows (per stream and per connection): a client that does not
+    /// read stops the controller's stream once this much is in flight (a stuck watcher).
+    pub window: Option<u32>,
+    /// The loopback address to connect from (many simulated agents spread over several,
+    /// as a fleet comes from many hosts).
+    pub source: Option<std::net::IpAddr>,
+}
+
+/// A mutual-TLS channel for `creds`, dialled as `dial` says.
+pub async fn mesh_channel_dial(addr: &str, creds: &NodeCreds, dial: Dial) -> Result<Channel> {
+    use std::sync::Arc;
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(creds.tls()?));
+    let target: SocketAddr = addr.parse().context("controller address")?;
+    let name = rustls_pki_types::ServerName::from(target.ip());
+    let connector = tower::service_fn(move |_uri: tonic::transport::Uri| {
+        let (tls, name) = (tls.clone(), name.clone());
+        async move {
+            let sock = if target.is_ipv4() {
+                tokio::net::TcpSocket::new_v4()?
+            } else {
+                tokio::net::TcpSocket::new_v6()?
+            };
+            if let Some(ip) = dial.source {
+                sock.bind(SocketAddr::new(ip, 0))?;
+            }
+            let tcp = sock.connect(target).await?;
+            tcp.set_nodelay(true)?;
+            let io = tls.connect(name, tcp).await?;
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(hyper_util::rt::TokioIo::new(io))
+        }
+    });
+    let mut endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?;
+    if let Some(w) = dial.window {
+        endpoint = endpoint
+            .initial_stream_window_size(w)
+            .initial_connection_window_size(w);
+    }
+    Ok(endpoint.connect_with_connector(connector).await?)
+}

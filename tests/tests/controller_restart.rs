@@ -16,6 +16,7 @@ async fn watch(ctl: &Controller, creds: &NodeCreds, from: u64) -> tonic::Streami
     pb::mesh_client::MeshClient::new(mesh_channel(&ctl.grpc_addr(), creds).await.unwrap())
         .watch(pb::WatchRequest {
             resume_from_version: from,
+            chain_once: true,
         })
         .await
         .unwrap()
@@ -58,24 +59,34 @@ async fn watch_resumes_from_its_version_after_a_restart() {
     ctl.zone_add("missed", "100.64.3.0/24").unwrap();
     let other = ctl.enroll_pooled(&token, "other", 2).await;
 
-    // Resuming gets exactly the changes after `last_seen`, as deltas, in order.
+    // Resuming gets the CA chain (at the version it has, changing nothing), then exactly
+    // the changes after `last_seen`, coalesced into one delta at the head.
     let mut w = watch(&ctl, &me, last_seen).await;
+    let chain = next_update(&mut w, WAIT).await.unwrap().unwrap();
+    assert_eq!(chain.version, last_seen);
+    let Some(pb::mesh_update::Kind::Delta(c)) = chain.kind else {
+        panic!("resume began with a {}", kind(&chain));
+    };
+    assert!(!c.ca_chain_der.is_empty() && c.upserted.is_empty() && c.zones.is_empty());
     let mut zones = BTreeSet::new();
     let mut peers = BTreeSet::new();
-    let mut expect = last_seen + 1;
+    let mut version = last_seen;
+    let mut messages = 0;
     while !peers.contains("other") {
         let u = next_update(&mut w, WAIT).await.unwrap().unwrap();
-        assert_eq!(u.version, expect, "versions must continue without gaps");
-        expect += 1;
+        assert!(u.version > version, "versions only move forward");
+        version = u.version;
+        messages += 1;
         let Some(pb::mesh_update::Kind::Delta(d)) = u.kind else {
             panic!("resume sent a {} instead of deltas", kind(&u));
         };
         zones.extend(d.zones.into_iter().map(|z| z.name));
         peers.extend(d.upserted.into_iter().map(|p| p.node));
     }
+    assert_eq!(messages, 1, "what was missed comes as one delta");
     assert_eq!(zones, BTreeSet::from(["missed".to_string()]));
     assert_eq!(peers, BTreeSet::from(["other".to_string()]));
-    let current = expect - 1;
+    let current = version;
     // Live changes keep flowing on the resumed stream.
     ctl.zone_add("live", "100.64.4.0/24").unwrap();
     let u = next_update(&mut w, WAIT).await.unwrap().unwrap();
@@ -120,12 +131,13 @@ fn too_old_version_gets_a_snapshot() {
             .unwrap();
     }
     let recent = mesh.subscribe("eu/x", mesh.version() - 10).unwrap();
-    assert_eq!(recent.initial.len(), 10);
-    assert!(recent.initial.iter().all(|u| kind(u) == "delta"));
+    let first = recent.first.unwrap().decode().unwrap();
+    assert_eq!(kind(&first), "delta");
+    assert_eq!(first.version, mesh.version(), "10 changes as one delta");
     let old = mesh.subscribe("eu/x", 5).unwrap();
-    assert_eq!(old.initial.len(), 1);
-    assert_eq!(kind(&old.initial[0]), "snapshot");
-    assert_eq!(old.initial[0].version, mesh.version());
+    let first = old.first.unwrap().decode().unwrap();
+    assert_eq!(kind(&first), "snapshot");
+    assert_eq!(first.version, mesh.version());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

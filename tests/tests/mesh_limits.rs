@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Code;
 use zonemesh_ca::RevocationReason;
-use zonemesh_controller::mesh::{REPLAY_CHUNK, RenewKey};
+use zonemesh_controller::mesh::RenewKey;
 use zonemesh_proto as pb;
 use zonemesh_tests::cluster::{mesh_channel, next_update, wg_key};
 use zonemesh_tests::inproc::Plane;
@@ -209,41 +209,47 @@ fn far_behind_watchers_share_the_snapshot() {
     let subs: Vec<_> = (0..40)
         .map(|i| plane.mesh.subscribe(&format!("eu/w{i}"), 1).unwrap())
         .collect();
-    let held: usize = subs.iter().map(|s| s.initial.len()).sum();
-    assert_eq!(held, 40, "40 resumes from version 1 held {held} updates");
     for s in &subs {
-        assert!(matches!(
-            s.initial[0].kind,
-            Some(pb::mesh_update::Kind::Snapshot(_))
-        ));
-        assert_eq!(s.initial[0].version, LOGGED);
+        let first = s.first.as_ref().expect("a snapshot");
+        assert!(first.is_snapshot());
+        assert_eq!(first.version(), LOGGED);
         assert!(
-            Arc::ptr_eq(&s.initial[0], &subs[0].initial[0]),
+            first.same_bytes(subs[0].first.as_ref().unwrap()),
             "snapshot not shared"
         );
     }
 
-    // A watcher a little behind replays the log, a chunk at a time, in order.
+    // A watcher a little behind (after a restart: from the log) gets what it missed as
+    // one delta, and so does the next one at the same place.
     let from = LOGGED - 100;
     let s = plane.mesh.subscribe("eu/near", from).unwrap();
-    assert_eq!(s.initial.len() as u64, REPLAY_CHUNK);
-    assert_eq!(s.replay_to, LOGGED);
-    let mut seen: Vec<u64> = s.initial.iter().map(|u| u.version).collect();
-    while *seen.last().unwrap() < s.replay_to {
-        let chunk = plane
+    let first = s.first.expect("the missed changes");
+    assert!(!first.is_snapshot());
+    assert_eq!((first.version(), s.last_version), (LOGGED, LOGGED));
+    let Some(pb::mesh_update::Kind::Delta(d)) = first.decode().unwrap().kind else {
+        panic!("not a delta")
+    };
+    let mut got: Vec<String> = d.blocked.iter().map(|b| b.address.clone()).collect();
+    let mut want: Vec<String> = ((from + 1)..=LOGGED)
+        .map(|v| format!("198.18.{}.{}", v / 256, v % 256))
+        .collect();
+    got.sort();
+    want.sort();
+    assert_eq!(got, want);
+    assert!(
+        plane
             .mesh
-            .replay(*seen.last().unwrap(), s.replay_to)
+            .subscribe("eu/up", LOGGED)
             .unwrap()
-            .unwrap();
-        assert!(!chunk.is_empty() && chunk.len() as u64 <= REPLAY_CHUNK);
-        seen.extend(chunk.iter().map(|u| u.version));
-    }
-    assert_eq!(seen, ((from + 1)..=LOGGED).collect::<Vec<_>>());
+            .first
+            .is_none()
+    );
 }
 
-/// Through the real Watch stream: a resume replays the log in chunks, then goes live.
+/// Through the real Watch stream: a resume gets the chain, what it missed as one delta,
+/// then live changes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn watch_resume_replays_in_chunks_then_goes_live() {
+async fn watch_resume_gets_the_missed_changes_as_one_delta_then_goes_live() {
     let plane = Plane::new().unwrap();
     let served = plane.serve().await.unwrap();
     let n = plane.enroll("eu", "n1", 33, wg_key(1)).unwrap();
@@ -260,18 +266,29 @@ async fn watch_resume_replays_in_chunks_then_goes_live() {
         pb::mesh_client::MeshClient::new(mesh_channel(&served.addr(), &n.creds).await.unwrap())
             .watch(pb::WatchRequest {
                 resume_from_version: from,
+                chain_once: true,
             })
             .await
             .unwrap()
             .into_inner();
-    for v in (from + 1)..=(from + 100) {
-        let u = next_update(&mut watch, Duration::from_secs(10))
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(u.version, v);
-        assert!(matches!(u.kind, Some(pb::mesh_update::Kind::Delta(_))));
-    }
+    let chain = next_update(&mut watch, Duration::from_secs(10))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(chain.version, from, "the chain changes nothing");
+    let Some(pb::mesh_update::Kind::Delta(d)) = chain.kind else {
+        panic!("not a delta")
+    };
+    assert!(!d.ca_chain_der.is_empty() && d.blocked.is_empty());
+    let u = next_update(&mut watch, Duration::from_secs(10))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(u.version, from + 100);
+    let Some(pb::mesh_update::Kind::Delta(d)) = u.kind else {
+        panic!("not a delta")
+    };
+    assert_eq!(d.blocked.len(), 100, "100 changes as one delta");
     plane
         .mesh
         .block_source("198.19.0.1".parse().unwrap(), now + DAY, "live")

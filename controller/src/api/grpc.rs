@@ -5,13 +5,12 @@ use crate::domains::Domains;
 use crate::error::ControllerError;
 use crate::listen::{GuardedIo, GuardedListener, HttpOptions, serve_connection};
 use crate::mesh::Mesh;
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio::net::TcpStream;
-use tokio::sync::broadcast;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
@@ -61,12 +60,20 @@ pub async fn serve_with_domains(
         domains,
         shutdown: shutdown.clone(),
     };
+    let watch_svc = svc.clone();
     let app = tonic::service::Routes::new(
         EnrollmentServer::new(svc.clone()).max_decoding_message_size(MAX_MESSAGE),
     )
     .add_service(MeshServer::new(svc).max_decoding_message_size(MAX_MESSAGE))
     .prepare()
-    .into_axum_router();
+    .into_axum_router()
+    .route(
+        WATCH_PATH,
+        axum::routing::post(move |req: axum::extract::Request| {
+            let svc = watch_svc.clone();
+            async move { svc.watch_http(req).await }
+        }),
+    );
     let mut conns = tokio::task::JoinSet::new();
     loop {
         while conns.try_join_next().is_some() {}
@@ -242,13 +249,25 @@ impl Enrollment for GrpcService {
 type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::MeshUpdate, Status>> + Send>>;
 type EdgeStream = Pin<Box<dyn Stream<Item = Result<pb::EdgeUpdate, Status>> + Send>>;
 
+/// The Watch RPC's path. It is served by [`GrpcService::watch_http`] rather than by
+/// tonic's generated handler: tonic would copy every message into a buffer of the stream's
+/// own (kept at the size of the largest message sent, the snapshot), while this handler
+/// hands the shared encoded frames to HTTP/2 as they are.
+const WATCH_PATH: &str = "/zonemesh.v1.Mesh/Watch";
+/// How long a client may take to send its WatchRequest.
+const WATCH_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One open Watch stream: the version the watcher has, and a wake-up on new versions.
+/// Nothing else is held per stream; a watcher that does not read is simply not polled
+/// (HTTP/2 flow control), and what it missed is taken as one delta when it reads again.
 struct WatchState {
     mesh: Arc<Mesh>,
-    pending: std::collections::VecDeque<Arc<pb::MeshUpdate>>,
+    /// Sent before anything else (the chain for a resumed stream, the first frame).
+    queued: std::collections::VecDeque<crate::mesh::Frame>,
     last: u64,
-    /// Log entries up to this version are replayed (in chunks) before live changes.
-    replay_to: u64,
-    rx: broadcast::Receiver<Arc<pb::MeshUpdate>>,
+    head: tokio::sync::watch::Receiver<u64>,
+    /// Whether the agent takes the CA chain once per stream; else every peer carries it.
+    chain_once: bool,
     cancel: CancellationToken,
     /// Cancels `cancel` when the stream is dropped, so the Mesh forgets it.
     _registered: tokio_util::sync::DropGuard,
@@ -257,28 +276,160 @@ struct WatchState {
     /// The stream ends when the client certificate expires.
     not_after: SystemTime,
     expiry: crate::clock::Alarm,
-    ended: bool,
 }
 
 impl WatchState {
-    /// Queue the next chunk of the log replay (or the snapshot, if the log moved on).
-    async fn replay_next(&mut self) -> Result<(), Status> {
-        let (mesh, after, upto) = (self.mesh.clone(), self.last, self.replay_to);
-        let chunk = blocking(move || mesh.replay(after, upto)).await?;
-        match chunk {
-            Some(c) if !c.is_empty() => {
-                self.last = c.last().map(|u| u.version).unwrap_or(self.last);
-                self.pending.extend(c);
+    /// The next gRPC frame to send, `Ok(None)` when the stream ends normally (revoked,
+    /// shutting down), or the status it ends with.
+    async fn next(&mut self) -> Result<Option<bytes::Bytes>, Status> {
+        loop {
+            if self.cancel.is_cancelled() {
+                tracing::info!(node = %self.node, "watch ended: node revoked");
+                return Ok(None);
             }
-            _ => {
-                let mesh = self.mesh.clone();
-                let snap = blocking(move || mesh.snapshot()).await?;
-                self.last = snap.version;
-                self.replay_to = snap.version;
-                self.pending.push_back(snap);
+            if self.shutdown.is_cancelled() {
+                tracing::debug!(node = %self.node, "watch ended: controller shutting down");
+                return Ok(None);
+            }
+            if self.mesh.now() >= self.not_after {
+                tracing::info!(node = %self.node, "watch ended: client certificate expired");
+                return Err(Status::unauthenticated("certificate has expired"));
+            }
+            let frame = match self.queued.pop_front() {
+                Some(f) => Some(f),
+                None => {
+                    // Marked seen before the version is read: a change published after
+                    // this wakes the wait below.
+                    self.head.borrow_and_update();
+                    match self.mesh.next_frame_cached(self.last) {
+                        Some(next) => next,
+                        None => {
+                            let (mesh, after) = (self.mesh.clone(), self.last);
+                            blocking(move || mesh.next_frame(after)).await?
+                        }
+                    }
+                }
+            };
+            if let Some(f) = frame {
+                self.last = f.version();
+                if self.chain_once {
+                    return Ok(Some(f.grpc()));
+                }
+                // Decoded and encoded again for this stream alone (a snapshot is large).
+                let chain = self.mesh.ca_chain();
+                return blocking(move || f.with_peer_chains(&chain))
+                    .await
+                    .map(|f| Some(f.grpc()));
+            }
+            tokio::select! {
+                _ = self.cancel.cancelled() => {}
+                _ = self.shutdown.cancelled() => {}
+                // The loop re-checks the clock (it may have been set back), so re-arm.
+                _ = &mut self.expiry => self.expiry = self.mesh.clock().alarm(self.not_after),
+                r = self.head.changed() => if r.is_err() { return Ok(None) },
             }
         }
-        Ok(())
+    }
+}
+
+/// Read the single WatchRequest of a Watch call (a gRPC frame, uncompressed).
+async fn watch_request(body: axum::body::Body) -> Result<pb::WatchRequest, Status> {
+    use http_body_util::BodyExt;
+    let collected = tokio::time::timeout(
+        WATCH_REQUEST_TIMEOUT,
+        http_body_util::Limited::new(body, MAX_MESSAGE).collect(),
+    )
+    .await
+    .map_err(|_| Status::deadline_exceeded("no WatchRequest in time"))?
+    .map_err(|e| Status::invalid_argument(format!("WatchRequest: {e}")))?
+    .to_bytes();
+    let (head, rest) = collected
+        .split_at_checked(5)
+        .ok_or_else(|| Status::invalid_argument("WatchRequest: truncated frame"))?;
+    if head[0] != 0 {
+        return Err(Status::unimplemented("compressed WatchRequest"));
+    }
+    let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+    let msg = rest
+        .get(..len)
+        .ok_or_else(|| Status::invalid_argument("WatchRequest: truncated message"))?;
+    prost::Message::decode(msg).map_err(|e| Status::invalid_argument(format!("WatchRequest: {e}")))
+}
+
+impl GrpcService {
+    /// The Watch RPC over HTTP/2: the snapshot or the missed changes, then live changes,
+    /// each the shared encoded frame; trailers carry the status the stream ends with.
+    async fn watch_http(&self, req: axum::extract::Request) -> axum::response::Response {
+        match self.watch_start(req).await {
+            Ok(state) => {
+                use hyper::body::Frame as H2Frame;
+                let frames = futures::stream::unfold(Some(state), |st| async move {
+                    let mut st = st?;
+                    let frame = match st.next().await {
+                        Ok(Some(bytes)) => return Some((H2Frame::data(bytes), Some(st))),
+                        Ok(None) => Status::ok(""),
+                        Err(status) => status,
+                    };
+                    let mut trailers = axum::http::HeaderMap::new();
+                    if let Err(e) = frame.add_header(&mut trailers) {
+                        tracing::warn!(error = %e, "watch status not encodable");
+                    }
+                    Some((H2Frame::trailers(trailers), None))
+                })
+                .map(Ok::<_, std::convert::Infallible>);
+                let mut resp = axum::response::Response::new(axum::body::Body::new(
+                    http_body_util::StreamBody::new(frames),
+                ));
+                resp.headers_mut().insert(
+                    axum::http::header::CONTENT_TYPE,
+                    axum::http::HeaderValue::from_static("application/grpc"),
+                );
+                resp
+            }
+            Err(status) => status.into_http(),
+        }
+    }
+
+    async fn watch_start(&self, req: axum::extract::Request) -> Result<WatchState, Status> {
+        let who = req
+            .extensions()
+            .get::<PeerConn>()
+            .cloned()
+            .ok_or_else(|| Status::internal("connection info missing"))?
+            .node
+            .ok_or_else(|| {
+                Status::unauthenticated("a valid node client certificate is required")
+            })?;
+        let body = watch_request(req.into_body()).await?;
+        let node_key = crate::store::node_key(&who.id.zone, &who.id.node);
+        let mesh = self.mesh.clone();
+        let resume = body.resume_from_version;
+        let w = who.clone();
+        let sub = blocking(move || {
+            let now = mesh.now();
+            mesh.watch(&w, resume, now)
+        })
+        .await?;
+        tracing::debug!(node = %node_key, from = resume, version = sub.last_version, "watch started");
+        let mut queued = std::collections::VecDeque::new();
+        if body.chain_once && !sub.first.as_ref().is_some_and(|f| f.is_snapshot()) {
+            // A resumed stream: the chain first (a snapshot carries it).
+            queued.push_back(self.mesh.chain_frame(resume));
+        }
+        queued.extend(sub.first);
+        Ok(WatchState {
+            mesh: self.mesh.clone(),
+            queued,
+            last: sub.last_version,
+            head: sub.head,
+            chain_once: body.chain_once,
+            _registered: sub.cancel.clone().drop_guard(),
+            cancel: sub.cancel,
+            shutdown: self.shutdown.clone(),
+            node: node_key,
+            not_after: who.not_after,
+            expiry: self.mesh.clock().alarm(who.not_after),
+        })
     }
 }
 
@@ -413,97 +564,36 @@ impl MeshRpc for GrpcService {
 
     type WatchStream = WatchStream;
 
+    /// Watch through tonic's generated handler, for a Mesh service mounted without the
+    /// [`WATCH_PATH`] route: the same stream, each shared frame decoded for tonic to encode.
     async fn watch(&self, req: Request<pb::WatchRequest>) -> Result<Response<WatchStream>, Status> {
-        let who = node(&req)?;
-        let node_key = crate::store::node_key(&who.id.zone, &who.id.node);
-        let mesh = self.mesh.clone();
-        let resume = req.get_ref().resume_from_version;
-        let w = who.clone();
-        let sub = blocking(move || {
-            let now = mesh.now();
-            mesh.watch(&w, resume, now)
-        })
-        .await?;
-        tracing::debug!(node = %node_key, from = resume, version = sub.last_version, "watch started");
-        let state = WatchState {
-            mesh: self.mesh.clone(),
-            pending: sub.initial.into(),
-            last: sub.last_version,
-            replay_to: sub.replay_to,
-            rx: sub.rx,
-            _registered: sub.cancel.clone().drop_guard(),
-            cancel: sub.cancel,
-            shutdown: self.shutdown.clone(),
-            node: node_key,
-            not_after: who.not_after,
-            expiry: self.mesh.clock().alarm(who.not_after),
-            ended: false,
-        };
-        let stream = futures::stream::unfold(state, |mut st| async move {
-            loop {
-                if st.ended {
-                    return None;
+        let (parts, ext, body) = req.into_parts();
+        let mut http_req = axum::extract::Request::new(axum::body::Body::from(grpc_frame(&body)));
+        *http_req.extensions_mut() = ext;
+        drop(parts);
+        let state = self.watch_start(http_req).await?;
+        let stream = futures::stream::unfold(Some(state), |st| async move {
+            let mut st = st?;
+            match st.next().await {
+                Ok(Some(bytes)) => {
+                    let update = prost::Message::decode(&bytes[5..])
+                        .map_err(|e| Status::internal(format!("watch frame: {e}")));
+                    Some((update, Some(st)))
                 }
-                if st.cancel.is_cancelled() {
-                    tracing::info!(node = %st.node, "watch ended: node revoked");
-                    return None;
-                }
-                if st.shutdown.is_cancelled() {
-                    tracing::debug!(node = %st.node, "watch ended: controller shutting down");
-                    return None;
-                }
-                if st.mesh.now() >= st.not_after {
-                    tracing::info!(node = %st.node, "watch ended: client certificate expired");
-                    st.ended = true;
-                    let status = Status::unauthenticated("certificate has expired");
-                    return Some((Err(status), st));
-                }
-                if let Some(u) = st.pending.pop_front() {
-                    return Some((Ok(u.as_ref().clone()), st));
-                }
-                if st.last < st.replay_to {
-                    if let Err(e) = st.replay_next().await {
-                        st.ended = true;
-                        return Some((Err(e), st));
-                    }
-                    continue;
-                }
-                let next = tokio::select! {
-                    _ = st.cancel.cancelled() => continue,
-                    _ = st.shutdown.cancelled() => continue,
-                    _ = &mut st.expiry => None,
-                    r = st.rx.recv() => Some(r),
-                };
-                let Some(next) = next else {
-                    // The loop re-checks the clock (it may have been set back), so re-arm.
-                    st.expiry = st.mesh.clock().alarm(st.not_after);
-                    continue;
-                };
-                match next {
-                    Ok(u) if u.version > st.last => {
-                        st.last = u.version;
-                        st.replay_to = st.replay_to.max(u.version);
-                        return Some((Ok(u.as_ref().clone()), st));
-                    }
-                    Ok(_) => {}
-                    Err(broadcast::error::RecvError::Lagged(_)) => {
-                        let (mesh, after) = (st.mesh.clone(), st.last);
-                        match blocking(move || mesh.resume_from(after)).await {
-                            Ok(r) => {
-                                st.last = r.last_version;
-                                st.replay_to = r.replay_to;
-                                st.pending.extend(r.initial);
-                            }
-                            Err(e) => {
-                                st.ended = true;
-                                return Some((Err(e), st));
-                            }
-                        }
-                    }
-                    Err(broadcast::error::RecvError::Closed) => return None,
-                }
+                Ok(None) => None,
+                Err(status) => Some((Err(status), None)),
             }
         });
         Ok(Response::new(Box::pin(stream)))
     }
+}
+
+/// `msg` as a gRPC frame (uncompressed).
+fn grpc_frame(msg: &impl prost::Message) -> Vec<u8> {
+    let body = msg.encode_to_vec();
+    let mut out = Vec::with_capacity(5 + body.len());
+    out.push(0);
+    out.extend_from_slice(&u32::try_from(body.len()).unwrap_or(u32::MAX).to_be_bytes());
+    out.extend_from_slice(&body);
+    out
 }

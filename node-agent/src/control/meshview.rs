@@ -1,7 +1,9 @@
 //! The agent's view of the mesh, built from the controller's snapshot and deltas, and the
 //! check every peer passes before it gets a tunnel: a chain that verifies against the CA and
 //! the current CRL, naming the node it claims to be, with the WireGuard key it announces
-//! bound in its certificate.
+//! bound in its certificate. The intermediate comes once per stream (`ca_chain_der`) for
+//! peers that carry no chain; a peer that still carries its own (an older controller) is
+//! checked with that.
 
 use crate::dataplane::MeshMember;
 use sha2::{Digest, Sha256};
@@ -23,6 +25,8 @@ pub struct MeshView {
     pub zones: BTreeMap<String, pb::Zone>,
     pub crl_der: Vec<u8>,
     pub blocklist: BTreeMap<String, pb::BlockedSource>,
+    /// The CA chain the controller sends once per stream, for peers without their own.
+    pub ca_chain_der: Vec<Vec<u8>>,
 }
 
 /// A peer that failed verification, and why.
@@ -57,6 +61,10 @@ impl MeshView {
                     .iter()
                     .map(|b| (b.address.clone(), b.clone()))
                     .collect();
+                // A controller that puts the chain in every peer sends none here.
+                if !s.ca_chain_der.is_empty() {
+                    self.ca_chain_der = s.ca_chain_der.clone();
+                }
             }
             Some(pb::mesh_update::Kind::Delta(d)) => {
                 for p in &d.upserted {
@@ -77,6 +85,9 @@ impl MeshView {
                 for a in &d.unblocked {
                     self.blocklist.remove(a);
                 }
+                if !d.ca_chain_der.is_empty() {
+                    self.ca_chain_der = d.ca_chain_der.clone();
+                }
             }
             None => {}
         }
@@ -92,7 +103,17 @@ impl MeshView {
                 zones: self.zones.values().cloned().collect(),
                 crl_der: self.crl_der.clone(),
                 blocklist: self.blocklist.values().cloned().collect(),
+                ca_chain_der: self.ca_chain_der.clone(),
             })),
+        }
+    }
+
+    /// The chain that goes with `p`'s certificate: its own, or the stream's.
+    fn chain_of<'a>(&'a self, p: &'a pb::Peer) -> &'a [Vec<u8>] {
+        if p.chain_der.is_empty() {
+            &self.ca_chain_der
+        } else {
+            &p.chain_der
         }
     }
 
@@ -124,10 +145,12 @@ impl MeshView {
         let crl_hash: [u8; 32] = Sha256::digest(&self.crl_der).into();
         let mut seen = Vec::with_capacity(self.peers.len());
         for (name, p) in &self.peers {
-            let key = ChainKey::of(p, crl_hash);
+            let chain_der = self.chain_of(p);
+            let key = ChainKey::of(p, chain_der, crl_hash);
             seen.push(key);
-            let chain =
-                cache.chain_verdict(key, now, || verify_chain(p, trust, &self.crl_der, now));
+            let chain = cache.chain_verdict(key, now, || {
+                verify_chain(p, chain_der, trust, &self.crl_der, now)
+            });
             match chain.and_then(|v| check_peer(p, &v)) {
                 Ok(m) => ok.push(m),
                 Err(reason) => bad.push(Rejection {
@@ -146,9 +169,9 @@ impl MeshView {
 struct ChainKey([u8; 32]);
 
 impl ChainKey {
-    fn of(p: &pb::Peer, crl_hash: [u8; 32]) -> Self {
+    fn of(p: &pb::Peer, chain_der: &[Vec<u8>], crl_hash: [u8; 32]) -> Self {
         let mut h = Sha256::new();
-        for der in std::iter::once(&p.certificate_der).chain(&p.chain_der) {
+        for der in std::iter::once(&p.certificate_der).chain(chain_der) {
             h.update((der.len() as u64).to_be_bytes());
             h.update(der);
         }
@@ -222,12 +245,13 @@ impl VerifyCache {
 
 fn verify_chain(
     p: &pb::Peer,
+    chain_der: &[Vec<u8>],
     trust: &TrustStore,
     crl: &[u8],
     now: SystemTime,
 ) -> Result<VerifiedNode, String> {
     let mut chain = vec![p.certificate_der.clone()];
-    chain.extend(p.chain_der.iter().cloned());
+    chain.extend(chain_der.iter().cloned());
     let crls = if crl.is_empty() {
         vec![]
     } else {
@@ -415,5 +439,53 @@ mod tests {
         let mut again = MeshView::default();
         again.apply(&view.to_update());
         assert_eq!(again, view);
+    }
+
+    #[test]
+    fn peers_without_a_chain_are_checked_with_the_streams_chain() {
+        let now = SystemTime::now();
+        let m = CaMaterial::generate("corp.test", now, |_| {}).unwrap();
+        let ca = Ca::from_material(&m).unwrap();
+        let trust = ca.trust_store();
+        let key = zonemesh_ca::generate_rsa_4096().unwrap();
+        // From an older controller: the peer carries its chain.
+        let own = peer(&ca, "b", "b1", [1; 32], [1; 32], &key);
+        let mut bare = peer(&ca, "b", "b2", [2; 32], [2; 32], &key);
+        bare.chain_der.clear();
+        let mut view = MeshView {
+            crl_der: ca.crl(&[], 1, now, Duration::from_secs(3600)).unwrap(),
+            ..Default::default()
+        };
+        view.apply(&pb::MeshUpdate {
+            version: 1,
+            kind: Some(pb::mesh_update::Kind::Delta(pb::Delta {
+                upserted: vec![own, bare],
+                ..Default::default()
+            })),
+        });
+        let mut cache = VerifyCache::default();
+        let checks = cache.checks;
+        view.verified_members_cached(&trust, now, &mut cache);
+        assert_eq!(cache.checks - checks, 2);
+        // The chain the stream sends once (a resumed stream: at the version it has).
+        view.apply(&pb::MeshUpdate {
+            version: 1,
+            kind: Some(pb::mesh_update::Kind::Delta(pb::Delta {
+                ca_chain_der: vec![ca.intermediate_der().to_vec()],
+                ..Default::default()
+            })),
+        });
+        let (ok, bad) = view.verified_members_cached(&trust, now, &mut cache);
+        assert_eq!(ok.len(), 2, "{bad:?}");
+        assert_eq!(
+            cache.checks, 3,
+            "the chainless peer is checked again with the chain"
+        );
+        assert_eq!(view.version, 1);
+        // The chain survives persistence.
+        let mut again = MeshView::default();
+        again.apply(&view.to_update());
+        assert_eq!(again, view);
+        assert_eq!(again.verified_members(&trust, now).0.len(), 2);
     }
 }

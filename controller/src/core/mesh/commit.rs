@@ -1,6 +1,8 @@
 //! Recording a change: written to the change log under the change lock, flushed with
-//! every concurrent writer, then broadcast in version order.
+//! every concurrent writer, then published in version order: encoded once, kept for
+//! watchers that are behind, and announced to every stream.
 
+use super::watch::{Frame, Published};
 use super::{CHANGE_LOG_LEN, Mesh, store_err};
 use crate::error::{ControllerError, Result};
 use crate::store::{NodeRecord, ZoneRecord};
@@ -26,16 +28,14 @@ impl Mesh {
         }
         let guard = self.change_lock.lock();
         let v = self.appended.load(Ordering::SeqCst) + 1;
-        let update = Arc::new(pb::MeshUpdate {
+        // Encoded once: the same bytes go to the change log and to every watcher.
+        let frame = Frame::encode(&pb::MeshUpdate {
             version: v,
-            kind: Some(pb::mesh_update::Kind::Delta(delta)),
+            kind: Some(pb::mesh_update::Kind::Delta(delta.clone())),
         });
         self.store
             .changes
-            .insert(
-                v.to_be_bytes(),
-                prost::Message::encode_to_vec(update.as_ref()),
-            )
+            .insert(v.to_be_bytes(), frame.message())
             .map_err(store_err)?;
         self.store
             .meta
@@ -51,7 +51,9 @@ impl Mesh {
             }
         }
         self.appended.store(v, Ordering::SeqCst);
-        self.unpublished.lock().insert(v, update);
+        self.unpublished
+            .lock()
+            .insert(v, Arc::new(Published { delta, frame }));
         drop(guard);
         // The flush runs outside the change lock (and is shared with every writer waiting
         // at the same time); it covers this version and every earlier one.
@@ -60,23 +62,31 @@ impl Mesh {
         Ok(v)
     }
 
-    /// Broadcast, in version order, every durable change up to `v` not yet published.
+    /// Publish, in version order, every durable change up to `v` not yet published, then
+    /// wake the streams (once, outside the lock: the wake-up is the part that grows with
+    /// the number of watchers, and each stream then takes the shared frame).
     fn publish_upto(&self, v: u64) {
-        let mut pending = self.unpublished.lock();
-        while let Some(entry) = pending.first_entry() {
-            if *entry.key() > v {
-                break;
+        let mut published = None;
+        {
+            let mut pending = self.unpublished.lock();
+            while let Some(entry) = pending.first_entry() {
+                if *entry.key() > v {
+                    break;
+                }
+                let (version, change) = entry.remove_entry();
+                let d = &change.delta;
+                if !(d.upserted.is_empty() && d.removed.is_empty() && d.zones.is_empty()) {
+                    *self.never_block.lock() = None;
+                }
+                // Kept before the version is visible, so a stream that sees the version
+                // finds the change.
+                self.fanout.keep(change);
+                self.version.store(version, Ordering::SeqCst);
+                published = Some(version);
             }
-            let (version, update) = entry.remove_entry();
-            self.version.store(version, Ordering::SeqCst);
-            *self.snapshot_cache.lock() = None;
-            if let Some(pb::mesh_update::Kind::Delta(d)) = &update.kind
-                && !(d.upserted.is_empty() && d.removed.is_empty() && d.zones.is_empty())
-            {
-                *self.never_block.lock() = None;
-            }
-            // No receivers is fine: nobody is watching yet.
-            let _ = self.tx.send(update);
+        }
+        if let Some(version) = published {
+            self.fanout.announce(version);
         }
     }
 
@@ -85,7 +95,8 @@ impl Mesh {
             zone: n.zone.clone(),
             node: n.node.clone(),
             certificate_der: n.cert_der.clone(),
-            chain_der: self.auth.chain(),
+            // Sent once per stream (Snapshot/Delta ca_chain_der), not with every peer.
+            chain_der: Vec::new(),
             wg_public_key: n.wg_public_key.to_vec(),
             endpoints: n.endpoints.iter().map(ToString::to_string).collect(),
             overlay_ip: n.overlay_ip.to_string(),

@@ -184,8 +184,15 @@ impl Mesh {
         })
     }
 
+    /// The first free address of the zone, searched from where the last allocation in the
+    /// zone ended (then from the start, for addresses freed since): one store lookup per
+    /// enrollment rather than one per node already enrolled.
     fn allocate_ip(&self, zone: &ZoneRecord, nkey: &str) -> Result<IpAddr> {
-        for ip in zone.cidr.hosts() {
+        let hint = self.alloc_hint.lock().get(&zone.name).copied();
+        let before = move |ip: &IpAddr| hint.is_some_and(|h| *ip < h);
+        let from_hint = zone.cidr.hosts().skip_while(before);
+        let wrapped = zone.cidr.hosts().take_while(before);
+        for ip in from_hint.chain(wrapped) {
             let k = ip.to_string();
             let won = self
                 .store
@@ -194,6 +201,7 @@ impl Mesh {
                 .map_err(store_err)?
                 .is_ok();
             if won {
+                self.alloc_hint.lock().insert(zone.name.clone(), ip);
                 return Ok(ip);
             }
         }

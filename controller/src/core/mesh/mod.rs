@@ -3,7 +3,8 @@
 //!
 //! Each change is computed once, written to the change log (so a reconnecting agent can
 //! resume from its last version, also across controller restarts), flushed, and fanned out
-//! to all watchers as one shared `Arc`: the cost of a change does not grow with the fleet.
+//! to all watchers as one shared encoded frame: the cost of a change does not grow with
+//! the fleet beyond one wake-up and one write per watcher.
 //!
 //! This file holds the state and its limits; each job is one file: recording a change
 //! (`commit`), watch streams (`watch`), zones and tokens (`zones`), enrollment (`enroll`,
@@ -22,7 +23,7 @@ mod zones;
 
 pub use health::{HealthMatrix, PairHealth, STALE_AFTER, ZoneHealth, matrix as health_view};
 pub use node_calls::{HealthRow, RenewKey};
-pub use watch::{Resume, Subscription};
+pub use watch::{BACKLOG, Frame, Subscription, coalesce};
 pub use zones::CreatedToken;
 
 use crate::audit::AuditLog;
@@ -39,17 +40,14 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
-use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
-use zonemesh_proto as pb;
 
 /// How many past changes are kept for resuming watchers.
 const CHANGE_LOG_LEN: u64 = 4096;
-/// A watcher further behind than this gets the (shared, cached) snapshot instead of a
-/// replay of the log: a replay costs memory per stream, the snapshot does not.
+/// A watcher further behind than this gets the (shared, cached) snapshot instead of what
+/// it missed as one delta: the coalesced delta is encoded for its place behind, the
+/// snapshot is shared.
 pub const RESUME_MAX_CHANGES: u64 = 256;
-/// Changes decoded from the log at a time while a watcher replays.
-pub const REPLAY_CHUNK: u64 = 32;
 /// Enrollment failures allowed per (source, token) per window before it is rate-limited;
 /// unknown tokens from one source share one key.
 const ENROLL_FAILURES_PER_WINDOW: u32 = 10;
@@ -95,7 +93,8 @@ pub struct Mesh {
     /// Serialises writes to the change log so versions are assigned in order; the flush
     /// and the broadcast happen after it is released (see `Mesh::commit`).
     change_lock: Mutex<()>,
-    tx: broadcast::Sender<Arc<pb::MeshUpdate>>,
+    /// Watch fan-out: the published version, recent changes and the shared snapshot.
+    fanout: watch::Fanout,
     streams: Mutex<HashMap<String, Vec<CancellationToken>>>,
     /// Keys of `streams` after its last sweep of ended streams.
     live_stream_nodes: std::sync::atomic::AtomicUsize,
@@ -113,7 +112,6 @@ pub struct Mesh {
     /// What may not be blocked, rebuilt after node and zone changes.
     never_block: Mutex<Option<Arc<NeverBlock>>>,
     audit: std::sync::OnceLock<Arc<AuditLog>>,
-    snapshot_cache: Mutex<Option<Arc<pb::MeshUpdate>>>,
     health: Mutex<HashMap<String, Vec<HealthRow>>>,
     block_duration: Duration,
     crl_listeners: Mutex<Vec<Arc<dyn CrlListener>>>,
@@ -121,10 +119,13 @@ pub struct Mesh {
     /// change lock); `None` signs directly.
     sign_hook: Option<Arc<SignHook>>,
     /// Committed changes written to the log but not yet published, by version.
-    unpublished: Mutex<std::collections::BTreeMap<u64, Arc<pb::MeshUpdate>>>,
+    unpublished: Mutex<std::collections::BTreeMap<u64, Arc<watch::Published>>>,
     /// The last version written to the log (under the change lock); `version` is the
     /// last one flushed and broadcast.
     appended: AtomicU64,
+    /// Per zone (named by the operator), the last overlay address allocated: the next
+    /// search starts there.
+    alloc_hint: Mutex<HashMap<String, IpAddr>>,
 }
 
 /// Runs just before the enrollment signature; see [`Mesh::with_sign_hook`].
@@ -190,16 +191,16 @@ impl Mesh {
     ) -> Result<Arc<Self>> {
         let store = auth.store().clone();
         let version = store.meta_u64("mesh_version")?;
-        let (tx, _) = broadcast::channel(1024);
         Ok(Arc::new(Self {
             auth,
             store,
             version: AtomicU64::new(version),
             appended: AtomicU64::new(version),
+            alloc_hint: Mutex::new(HashMap::new()),
             unpublished: Mutex::new(std::collections::BTreeMap::new()),
             sign_hook,
             change_lock: Mutex::new(()),
-            tx,
+            fanout: watch::Fanout::new(version),
             streams: Mutex::new(HashMap::new()),
             live_stream_nodes: std::sync::atomic::AtomicUsize::new(0),
             enroll_failures: FailureWindow::new(
@@ -220,7 +221,6 @@ impl Mesh {
             own_addresses: Mutex::new(Vec::new()),
             never_block: Mutex::new(None),
             audit: std::sync::OnceLock::new(),
-            snapshot_cache: Mutex::new(None),
             health: Mutex::new(HashMap::new()),
             block_duration: DEFAULT_BLOCK,
             crl_listeners: Mutex::new(Vec::new()),
@@ -257,6 +257,6 @@ impl Mesh {
 
     /// Number of open Watch streams.
     pub fn watchers(&self) -> usize {
-        self.tx.receiver_count()
+        self.fanout.streams()
     }
 }

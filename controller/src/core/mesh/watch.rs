@@ -1,34 +1,250 @@
-//! Watch streams: the cached snapshot, replay of the change log, and the per-node
-//! registry of open streams that a revocation ends.
+//! Watch streams. Every message is encoded once into a shared gRPC frame: the snapshot
+//! (rebuilt only when a watcher needs one and the cached one is too old), each change as it
+//! is published, and the coalesced delta that watchers at the same place behind share.
+//! A stream holds only its version and a wake-up on new versions, so a slow or stuck
+//! watcher holds no backlog: when it comes back it gets what it missed as one delta, or
+//! the shared snapshot once it is more than [`BACKLOG`] changes behind. The per-node
+//! registry of open streams lets a revocation end them.
 
-use super::{MAX_STREAMS_PER_NODE, Mesh, REPLAY_CHUNK, RESUME_MAX_CHANGES, store_err};
+use super::{MAX_STREAMS_PER_NODE, Mesh, RESUME_MAX_CHANGES, store_err};
 use crate::error::{ControllerError, Result};
 use crate::store::{BlockRecord, Store, StoreError, node_key, unix};
+use bytes::Bytes;
+use parking_lot::{Mutex, RwLock};
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::SystemTime;
-use tokio::sync::broadcast;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use zonemesh_ca::VerifiedNode;
 use zonemesh_proto as pb;
 
-/// What a Watch stream needs to start.
-pub struct Subscription {
-    /// What to send first: the snapshot, or the first chunk of the replayed log.
-    pub initial: Vec<Arc<pb::MeshUpdate>>,
-    pub last_version: u64,
-    /// Log entries after `last_version` up to this version are still to be replayed
-    /// (read lazily with [`Mesh::replay`]) before live changes.
-    pub replay_to: u64,
-    pub rx: broadcast::Receiver<Arc<pb::MeshUpdate>>,
-    pub cancel: CancellationToken,
+/// Changes kept in memory for watchers that are behind. A watcher further behind gets the
+/// snapshot (it is shared; a replay would not be).
+pub const BACKLOG: u64 = RESUME_MAX_CHANGES;
+/// Coalesced deltas kept for other watchers at the same place (a burst leaves most
+/// watchers at the same version, so one encoding serves them all).
+const COALESCED_KEPT: usize = 16;
+/// gRPC message prefix: compression flag and big-endian length.
+const GRPC_PREFIX: usize = 5;
+
+/// One Watch message, encoded once as a gRPC frame (flag, length, message) and shared by
+/// every stream that sends it.
+#[derive(Clone, Debug)]
+pub struct Frame {
+    version: u64,
+    snapshot: bool,
+    grpc: Bytes,
 }
 
-/// Where a watcher picks up after `after`: see [`Mesh::resume_from`].
-pub struct Resume {
-    pub initial: Vec<Arc<pb::MeshUpdate>>,
+impl Frame {
+    pub(super) fn encode(update: &pb::MeshUpdate) -> Self {
+        let message = prost::Message::encode_to_vec(update);
+        let mut grpc = Vec::with_capacity(GRPC_PREFIX + message.len());
+        grpc.push(0);
+        // A message is far below 4 GiB: the mesh's address space bounds the peers.
+        grpc.extend_from_slice(
+            &u32::try_from(message.len())
+                .unwrap_or(u32::MAX)
+                .to_be_bytes(),
+        );
+        grpc.extend_from_slice(&message);
+        Self {
+            version: update.version,
+            snapshot: matches!(update.kind, Some(pb::mesh_update::Kind::Snapshot(_))),
+            grpc: grpc.into(),
+        }
+    }
+
+    /// The version a watcher has once it applied this message.
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// Whether this is a snapshot (it replaces everything the watcher held).
+    pub fn is_snapshot(&self) -> bool {
+        self.snapshot
+    }
+
+    /// The gRPC frame as sent (a reference to the shared bytes, not a copy).
+    pub fn grpc(&self) -> Bytes {
+        self.grpc.clone()
+    }
+
+    /// The encoded `MeshUpdate`.
+    pub fn message(&self) -> &[u8] {
+        &self.grpc[GRPC_PREFIX..]
+    }
+
+    /// Whether both are the same shared encoding.
+    pub fn same_bytes(&self, other: &Frame) -> bool {
+        self.grpc.as_ptr() == other.grpc.as_ptr()
+    }
+
+    /// The message, decoded.
+    pub fn decode(&self) -> Result<pb::MeshUpdate> {
+        prost::Message::decode(self.message()).map_err(|e| {
+            ControllerError::Store(StoreError::Corrupt {
+                tree: "watch frame",
+                err: Box::new(e),
+            })
+        })
+    }
+
+    /// This message for a watcher that expects every peer to carry its own chain (an
+    /// agent that does not ask for the chain once per stream): peers without one get
+    /// `chain`. Encoded for that stream alone.
+    pub fn with_peer_chains(&self, chain: &[Vec<u8>]) -> Result<Frame> {
+        let mut u = self.decode()?;
+        let peers = match &mut u.kind {
+            Some(pb::mesh_update::Kind::Snapshot(s)) => &mut s.peers,
+            Some(pb::mesh_update::Kind::Delta(d)) => &mut d.upserted,
+            None => return Ok(self.clone()),
+        };
+        for p in peers.iter_mut().filter(|p| p.chain_der.is_empty()) {
+            p.chain_der = chain.to_vec();
+        }
+        Ok(Frame::encode(&u))
+    }
+}
+
+/// A published change, kept for watchers that are behind.
+pub(super) struct Published {
+    pub(super) delta: pb::Delta,
+    pub(super) frame: Frame,
+}
+
+/// What every Watch stream shares: the published version (streams wait on it), the last
+/// [`BACKLOG`] changes, the last snapshot built and recently coalesced deltas.
+pub(super) struct Fanout {
+    head: watch::Sender<u64>,
+    recent: RwLock<VecDeque<Arc<Published>>>,
+    snapshot: Mutex<Option<Frame>>,
+    /// Held while a snapshot is built, so concurrent watchers wait for one build.
+    building: Mutex<()>,
+    coalesced: Mutex<VecDeque<(u64, u64, Frame)>>,
+}
+
+impl Fanout {
+    pub(super) fn new(version: u64) -> Self {
+        Self {
+            head: watch::Sender::new(version),
+            recent: RwLock::new(VecDeque::new()),
+            snapshot: Mutex::new(None),
+            building: Mutex::new(()),
+            coalesced: Mutex::new(VecDeque::new()),
+        }
+    }
+
+    /// Keep a change for watchers (called in version order, before the version is
+    /// published).
+    pub(super) fn keep(&self, p: Arc<Published>) {
+        let mut recent = self.recent.write();
+        if let Some(last) = recent.back()
+            && last.frame.version + 1 != p.frame.version
+        {
+            recent.clear();
+        }
+        recent.push_back(p);
+        while recent.len() as u64 > BACKLOG {
+            recent.pop_front();
+        }
+    }
+
+    /// Wake every stream: versions up to `v` are published.
+    pub(super) fn announce(&self, v: u64) {
+        self.head.send_if_modified(|h| {
+            let newer = v > *h;
+            if newer {
+                *h = v;
+            }
+            newer
+        });
+    }
+
+    pub(super) fn streams(&self) -> usize {
+        self.head.receiver_count()
+    }
+}
+
+/// One delta with the effect of applying `deltas` in order: the last word on each peer
+/// (upsert or removal), zone and blocked address, the last CRL and CA chain.
+pub fn coalesce<'a>(deltas: impl IntoIterator<Item = &'a pb::Delta>) -> pb::Delta {
+    let mut peers: BTreeMap<(&str, &str), Option<&pb::Peer>> = BTreeMap::new();
+    let mut zones: BTreeMap<&str, &pb::Zone> = BTreeMap::new();
+    let mut blocks: BTreeMap<&str, Option<&pb::BlockedSource>> = BTreeMap::new();
+    let mut crl: &[u8] = &[];
+    let mut chain: &[Vec<u8>] = &[];
+    for d in deltas {
+        // Every field, named: a field added to Delta must be merged here too.
+        let pb::Delta {
+            upserted,
+            removed,
+            zones: zone_list,
+            crl_der,
+            blocked,
+            unblocked,
+            ca_chain_der,
+        } = d;
+        // The order an agent applies one delta in: upserts, removals, zones, CRL, blocks,
+        // unblocks.
+        for p in upserted {
+            peers.insert((&p.zone, &p.node), Some(p));
+        }
+        for r in removed {
+            peers.insert((&r.zone, &r.node), None);
+        }
+        for z in zone_list {
+            zones.insert(&z.name, z);
+        }
+        if !crl_der.is_empty() {
+            crl = crl_der;
+        }
+        for b in blocked {
+            blocks.insert(&b.address, Some(b));
+        }
+        for a in unblocked {
+            blocks.insert(a, None);
+        }
+        if !ca_chain_der.is_empty() {
+            chain = ca_chain_der;
+        }
+    }
+    let mut out = pb::Delta {
+        zones: zones.into_values().cloned().collect(),
+        crl_der: crl.to_vec(),
+        ca_chain_der: chain.to_vec(),
+        ..Default::default()
+    };
+    for ((zone, node), p) in peers {
+        match p {
+            Some(p) => out.upserted.push(p.clone()),
+            None => out.removed.push(pb::PeerRef {
+                zone: zone.to_string(),
+                node: node.to_string(),
+            }),
+        }
+    }
+    for (address, b) in blocks {
+        match b {
+            Some(b) => out.blocked.push(b.clone()),
+            None => out.unblocked.push(address.to_string()),
+        }
+    }
+    out
+}
+
+/// What a Watch stream needs to start.
+pub struct Subscription {
+    /// What to send first: the snapshot, or what changed since the watcher's version as
+    /// one delta; `None` when the watcher is up to date.
+    pub first: Option<Frame>,
+    /// The version the watcher has once `first` is sent.
     pub last_version: u64,
-    pub replay_to: u64,
+    /// Changes when a newer version is published.
+    pub head: watch::Receiver<u64>,
+    pub cancel: CancellationToken,
 }
 
 impl Mesh {
@@ -45,46 +261,144 @@ impl Mesh {
             .collect())
     }
 
-    /// The full mesh at the current version (cached until the next change).
-    pub fn snapshot(&self) -> Result<Arc<pb::MeshUpdate>> {
-        let _guard = self.change_lock.lock();
-        if let Some(s) = self.snapshot_cache.lock().clone() {
-            return Ok(s);
-        }
-        let peers = self
-            .store
-            .nodes()?
-            .iter()
-            .filter(|n| !n.revoked)
-            .map(|n| self.peer_of(n))
-            .collect();
-        let zones = self.store.zones()?.iter().map(Self::zone_msg).collect();
-        let snap = Arc::new(pb::MeshUpdate {
-            version: self.version(),
-            kind: Some(pb::mesh_update::Kind::Snapshot(pb::Snapshot {
-                peers,
-                zones,
-                crl_der: self.auth.crl_der().to_vec(),
-                blocklist: self.active_blocks(SystemTime::now())?,
-            })),
-        });
-        *self.snapshot_cache.lock() = Some(snap.clone());
-        Ok(snap)
+    /// The shared snapshot at the current version.
+    pub fn snapshot(&self) -> Result<Frame> {
+        self.snapshot_since(self.version())
     }
 
-    /// Up to [`REPLAY_CHUNK`] changes after `after`, at most up to `upto`, or `None` when
-    /// the log no longer holds them all (the watcher then needs a snapshot).
-    pub fn replay(&self, after: u64, upto: u64) -> Result<Option<Vec<Arc<pb::MeshUpdate>>>> {
-        let end = upto.min(after.saturating_add(REPLAY_CHUNK));
+    /// A shared snapshot at `min` or later from which the kept changes reach the current
+    /// version: the cached one when it still qualifies, else one built now (one build at a
+    /// time; watchers arriving meanwhile take it).
+    fn snapshot_since(&self, min: u64) -> Result<Frame> {
+        if let Some(s) = self.usable_snapshot(min) {
+            return Ok(s);
+        }
+        let _building = self.fanout.building.lock();
+        if let Some(s) = self.usable_snapshot(min) {
+            return Ok(s);
+        }
+        let frame = {
+            let _guard = self.change_lock.lock();
+            let peers = self
+                .store
+                .nodes()?
+                .iter()
+                .filter(|n| !n.revoked)
+                .map(|n| self.peer_of(n))
+                .collect();
+            let zones = self.store.zones()?.iter().map(Self::zone_msg).collect();
+            Frame::encode(&pb::MeshUpdate {
+                version: self.version(),
+                kind: Some(pb::mesh_update::Kind::Snapshot(pb::Snapshot {
+                    peers,
+                    zones,
+                    crl_der: self.auth.crl_der().to_vec(),
+                    blocklist: self.active_blocks(SystemTime::now())?,
+                    ca_chain_der: self.auth.chain(),
+                })),
+            })
+        };
+        *self.fanout.snapshot.lock() = Some(frame.clone());
+        Ok(frame)
+    }
+
+    fn usable_snapshot(&self, min: u64) -> Option<Frame> {
+        let s = self.fanout.snapshot.lock().clone()?;
+        let head = self.version();
+        let reaches = s.version == head
+            || self
+                .fanout
+                .recent
+                .read()
+                .front()
+                .is_some_and(|f| f.frame.version <= s.version + 1);
+        (s.version >= min && s.version <= head && reaches).then_some(s)
+    }
+
+    /// What a watcher that has version `after` is sent next, from memory alone: `Some(None)`
+    /// when it is up to date, `Some(Some(frame))` when memory holds the answer, `None` when
+    /// it needs [`Mesh::next_frame`] (the store).
+    pub fn next_frame_cached(&self, after: u64) -> Option<Option<Frame>> {
+        let head = self.version();
+        if after == head {
+            return Some(None);
+        }
+        if after > head || head - after > BACKLOG {
+            return self
+                .usable_snapshot(after.saturating_add(1).min(head))
+                .map(Some);
+        }
+        let recent = self.fanout.recent.read();
+        let front = recent.front()?.frame.version;
+        if front > after + 1 {
+            return None;
+        }
+        let from = usize::try_from(after + 1 - front).ok()?;
+        let upto = usize::try_from(head + 1 - front).ok()?.min(recent.len());
+        let range = recent.range(from..upto);
+        if range.len() == 1 {
+            return recent.get(from).map(|p| Some(p.frame.clone()));
+        }
+        let last = recent.get(upto.checked_sub(1)?)?.frame.version;
+        if let Some((_, _, f)) = self
+            .fanout
+            .coalesced
+            .lock()
+            .iter()
+            .find(|(a, b, _)| *a == after && *b == last)
+        {
+            return Some(Some(f.clone()));
+        }
+        let frame = Frame::encode(&pb::MeshUpdate {
+            version: last,
+            kind: Some(pb::mesh_update::Kind::Delta(coalesce(
+                range.map(|p| &p.delta),
+            ))),
+        });
+        drop(recent);
+        let mut kept = self.fanout.coalesced.lock();
+        kept.push_back((after, last, frame.clone()));
+        while kept.len() > COALESCED_KEPT {
+            kept.pop_front();
+        }
+        Some(Some(frame))
+    }
+
+    /// What a watcher that has version `after` is sent next (blocking: it may read the
+    /// change log or build the snapshot): nothing when it is up to date, what it missed as
+    /// one delta when it is at most [`BACKLOG`] behind, else the shared snapshot.
+    pub fn next_frame(&self, after: u64) -> Result<Option<Frame>> {
+        if let Some(next) = self.next_frame_cached(after) {
+            return Ok(next);
+        }
+        let head = self.version();
+        if after != 0
+            && after < head
+            && head - after <= BACKLOG
+            && let Some(updates) = self.logged(after, head)?
+        {
+            let deltas = updates.iter().filter_map(|u| match &u.kind {
+                Some(pb::mesh_update::Kind::Delta(d)) => Some(d),
+                _ => None,
+            });
+            return Ok(Some(Frame::encode(&pb::MeshUpdate {
+                version: head,
+                kind: Some(pb::mesh_update::Kind::Delta(coalesce(deltas))),
+            })));
+        }
+        self.snapshot_since(after.saturating_add(1).min(head))
+            .map(Some)
+    }
+
+    /// The changes after `after` up to `upto` from the change log, or `None` when the log
+    /// no longer holds them all.
+    fn logged(&self, after: u64, upto: u64) -> Result<Option<Vec<pb::MeshUpdate>>> {
         let mut out = Vec::new();
         let mut expected = after + 1;
-        if expected > end {
-            return Ok(Some(out));
-        }
         for item in self
             .store
             .changes
-            .range(expected.to_be_bytes()..=end.to_be_bytes())
+            .range(expected.to_be_bytes()..=upto.to_be_bytes())
         {
             let (k, v) = item.map_err(store_err)?;
             let kv = u64::from_be_bytes(k.as_ref().try_into().unwrap_or([0; 8]));
@@ -97,34 +411,27 @@ impl Mesh {
                     err: Box::new(e),
                 })
             })?;
-            out.push(Arc::new(update));
+            out.push(update);
             expected += 1;
         }
-        Ok((expected == end + 1).then_some(out))
+        Ok((expected == upto + 1).then_some(out))
     }
 
-    /// Where a watcher that has seen `after` picks up: the first chunk of the log when it
-    /// is at most [`RESUME_MAX_CHANGES`] behind and the log reaches, else the snapshot.
-    pub fn resume_from(&self, after: u64) -> Result<Resume> {
-        let current = self.version();
-        if after != 0
-            && after <= current
-            && current - after <= RESUME_MAX_CHANGES
-            && let Some(chunk) = self.replay(after, current)?
-        {
-            let last_version = chunk.last().map(|c| c.version).unwrap_or(after);
-            return Ok(Resume {
-                initial: chunk,
-                last_version,
-                replay_to: current,
-            });
-        }
-        let snap = self.snapshot()?;
-        Ok(Resume {
-            last_version: snap.version,
-            replay_to: snap.version,
-            initial: vec![snap],
+    /// A message that changes nothing but gives a resumed watcher the CA chain for peers
+    /// without their own (its version is the one the watcher already has).
+    pub fn chain_frame(&self, version: u64) -> Frame {
+        Frame::encode(&pb::MeshUpdate {
+            version,
+            kind: Some(pb::mesh_update::Kind::Delta(pb::Delta {
+                ca_chain_der: self.auth.chain(),
+                ..Default::default()
+            })),
         })
+    }
+
+    /// The CA chain presented after a node certificate.
+    pub fn ca_chain(&self) -> Vec<Vec<u8>> {
+        self.auth.chain()
     }
 
     /// Track a Watch stream of `node`, so revoking the node ends it.
@@ -184,14 +491,212 @@ impl Mesh {
 
     fn subscribe_with(&self, cancel: CancellationToken, resume_from: u64) -> Result<Subscription> {
         // Subscribe before reading state so no change falls between the two.
-        let rx = self.tx.subscribe();
-        let r = self.resume_from(resume_from)?;
+        let mut head = self.fanout.head.subscribe();
+        head.borrow_and_update();
+        let current = self.version();
+        let first = if resume_from == 0 || resume_from > current {
+            Some(self.snapshot_since(0)?)
+        } else {
+            self.next_frame(resume_from)?
+        };
         Ok(Subscription {
-            initial: r.initial,
-            last_version: r.last_version,
-            replay_to: r.replay_to,
-            rx,
+            last_version: first.as_ref().map_or(resume_from, Frame::version),
+            first,
+            head,
             cancel,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(node: &str, endpoint: &str) -> pb::Peer {
+        pb::Peer {
+            zone: "eu".into(),
+            node: node.into(),
+            endpoints: vec![endpoint.into()],
+            ..Default::default()
+        }
+    }
+
+    fn peer_ref(node: &str) -> pb::PeerRef {
+        pb::PeerRef {
+            zone: "eu".into(),
+            node: node.into(),
+        }
+    }
+
+    fn blocked(address: &str, until: u64) -> pb::BlockedSource {
+        pb::BlockedSource {
+            address: address.into(),
+            until_unix: until,
+            reason: String::new(),
+        }
+    }
+
+    /// Applies deltas the way an agent does, on a map of what it holds.
+    #[derive(Default, Debug, PartialEq)]
+    struct Held {
+        peers: BTreeMap<String, pb::Peer>,
+        zones: BTreeMap<String, pb::Zone>,
+        crl: Vec<u8>,
+        blocks: BTreeMap<String, pb::BlockedSource>,
+        chain: Vec<Vec<u8>>,
+    }
+
+    impl Held {
+        fn apply(&mut self, d: &pb::Delta) {
+            for p in &d.upserted {
+                self.peers.insert(p.node.clone(), p.clone());
+            }
+            for r in &d.removed {
+                self.peers.remove(&r.node);
+            }
+            for z in &d.zones {
+                self.zones.insert(z.name.clone(), z.clone());
+            }
+            if !d.crl_der.is_empty() {
+                self.crl = d.crl_der.clone();
+            }
+            for b in &d.blocked {
+                self.blocks.insert(b.address.clone(), b.clone());
+            }
+            for a in &d.unblocked {
+                self.blocks.remove(a);
+            }
+            if !d.ca_chain_der.is_empty() {
+                self.chain = d.ca_chain_der.clone();
+            }
+        }
+    }
+
+    #[test]
+    fn a_coalesced_delta_has_the_effect_of_the_sequence() {
+        let d = |f: &dyn Fn(&mut pb::Delta)| {
+            let mut d = pb::Delta::default();
+            f(&mut d);
+            d
+        };
+        let cases: Vec<(&str, Vec<pb::Delta>)> = vec![
+            (
+                "upsert then move: the last endpoints",
+                vec![
+                    d(&|d| d.upserted = vec![peer("a", "198.18.0.1:1")]),
+                    d(&|d| d.upserted = vec![peer("a", "198.18.0.1:2")]),
+                ],
+            ),
+            (
+                "upsert then revoke: removed",
+                vec![
+                    d(&|d| d.upserted = vec![peer("a", "198.18.0.1:1"), peer("b", "x:1")]),
+                    d(&|d| d.removed = vec![peer_ref("a")]),
+                ],
+            ),
+            (
+                "revoke then enroll again: upserted",
+                vec![
+                    d(&|d| d.removed = vec![peer_ref("a")]),
+                    d(&|d| d.upserted = vec![peer("a", "198.18.0.1:3")]),
+                ],
+            ),
+            (
+                "the last CRL, an empty CRL changes nothing",
+                vec![
+                    d(&|d| d.crl_der = vec![1]),
+                    d(&|d| d.crl_der = vec![2]),
+                    d(&|d| d.upserted = vec![peer("c", "198.18.0.1:1")]),
+                ],
+            ),
+            (
+                "block, unblock, block again; unblock after block",
+                vec![
+                    d(&|d| d.blocked = vec![blocked("192.0.2.1", 5), blocked("192.0.2.2", 5)]),
+                    d(&|d| d.unblocked = vec!["192.0.2.1".into(), "192.0.2.2".into()]),
+                    d(&|d| d.blocked = vec![blocked("192.0.2.1", 9)]),
+                ],
+            ),
+            (
+                "zones: the last word per name; the chain",
+                vec![
+                    d(&|d| {
+                        d.zones = vec![pb::Zone {
+                            name: "eu".into(),
+                            cidr: "100.64.1.0/24".into(),
+                            intra_zone_tunnels: false,
+                        }];
+                        d.ca_chain_der = vec![vec![7]];
+                    }),
+                    d(&|d| {
+                        d.zones = vec![pb::Zone {
+                            name: "eu".into(),
+                            cidr: "100.64.1.0/24".into(),
+                            intra_zone_tunnels: true,
+                        }]
+                    }),
+                ],
+            ),
+        ];
+        for (name, seq) in cases {
+            // From an agent that already holds a peer "a" and a block, as from an empty one.
+            for start in [false, true] {
+                let mut one_by_one = Held::default();
+                if start {
+                    one_by_one.apply(&d(&|d| {
+                        d.upserted = vec![peer("a", "198.18.0.9:9")];
+                        d.blocked = vec![blocked("192.0.2.2", 1)];
+                    }));
+                }
+                let mut merged = Held {
+                    peers: one_by_one.peers.clone(),
+                    blocks: one_by_one.blocks.clone(),
+                    ..Default::default()
+                };
+                for x in &seq {
+                    one_by_one.apply(x);
+                }
+                let c = coalesce(&seq);
+                merged.apply(&c);
+                assert_eq!(merged, one_by_one, "{name}");
+                let mentioned = c.upserted.len() + c.removed.len();
+                let names: std::collections::BTreeSet<_> = c
+                    .upserted
+                    .iter()
+                    .map(|p| p.node.clone())
+                    .chain(c.removed.iter().map(|r| r.node.clone()))
+                    .collect();
+                assert_eq!(mentioned, names.len(), "{name}: one entry per peer");
+            }
+        }
+    }
+
+    #[test]
+    fn a_frame_is_the_grpc_prefix_and_the_message() {
+        let u = pb::MeshUpdate {
+            version: 7,
+            kind: Some(pb::mesh_update::Kind::Delta(pb::Delta {
+                upserted: vec![peer("a", "198.18.0.1:1")],
+                ..Default::default()
+            })),
+        };
+        let f = Frame::encode(&u);
+        let g = f.grpc();
+        assert_eq!(g[0], 0);
+        assert_eq!(
+            u32::from_be_bytes(g[1..5].try_into().unwrap()) as usize,
+            g.len() - 5
+        );
+        assert_eq!(f.decode().unwrap(), u);
+        assert!(f.same_bytes(&f.clone()), "a clone shares the bytes");
+        let legacy = f
+            .with_peer_chains(&[vec![1, 2, 3]])
+            .unwrap()
+            .decode()
+            .unwrap();
+        let Some(pb::mesh_update::Kind::Delta(d)) = legacy.kind else {
+            panic!("not a delta")
+        };
+        assert_eq!(d.upserted[0].chain_der, vec![vec![1, 2, 3]]);
     }
 }

@@ -197,6 +197,7 @@ async fn watch_once(agent: &Agent, shutdown: &CancellationToken) -> Result<Ended
     let open = async {
         rpc.watch(pb::WatchRequest {
             resume_from_version: resume,
+            chain_once: true,
         })
         .await
         .map_err(|s| anyhow::anyhow!("watch refused: {}", status_message(&s)))

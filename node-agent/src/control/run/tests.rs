@@ -209,6 +209,7 @@ fn snapshot(
             zones,
             crl_der: crl.to_vec(),
             blocklist: vec![],
+            ..Default::default()
         })),
     }
 }
