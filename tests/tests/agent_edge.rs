@@ -187,6 +187,7 @@ async fn deploy_is_served_stapled_and_a_revocation_reaches_the_staple() {
             upstream: Some(format!("http://{}", upstream().await)),
             ..Default::default()
         }),
+        watch_log: Vec::new(),
     };
     let stop = CancellationToken::new();
     let agent = tokio::spawn(run_with(opts, deps, stop.clone()));

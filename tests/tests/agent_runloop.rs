@@ -97,6 +97,7 @@ async fn enroll_watch_revoke_renew_without_root() {
         listen_port: 51820,
         mtu: 1420,
         edge: None,
+        watch_log: Vec::new(),
     };
     let stop = CancellationToken::new();
     let agent = tokio::spawn(run_with(opts, deps, stop.clone()));

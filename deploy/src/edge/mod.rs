@@ -67,6 +67,14 @@ impl EdgeClock for SystemEdgeClock {
     }
 }
 
+/// Told of every 401 or 403 answer the HTTPS listener sends, with the client's address
+/// (the TCP peer, which completed a handshake): the agent reports them as security events.
+/// Called on the request path, so it must not block (the agent queues and drops when full).
+pub trait AuthFailureHook: Send + Sync + std::fmt::Debug + 'static {
+    /// `source` was answered `status` (401 or 403).
+    fn auth_failure(&self, source: std::net::IpAddr, status: u16);
+}
+
 /// What the edge serves and where.
 #[derive(Clone, Debug)]
 pub struct EdgeConfig {
@@ -84,6 +92,8 @@ pub struct EdgeConfig {
     pub upstream_timeouts: UpstreamTimeouts,
     /// The time (timers still run on tokio's clock).
     pub clock: Arc<dyn EdgeClock>,
+    /// Told of 401/403 answers; `None` tells no one.
+    pub auth_failures: Option<Arc<dyn AuthFailureHook>>,
 }
 
 impl Default for EdgeConfig {
@@ -96,6 +106,7 @@ impl Default for EdgeConfig {
             limits: ListenerLimits::default(),
             upstream_timeouts: UpstreamTimeouts::default(),
             clock: Arc::new(SystemEdgeClock),
+            auth_failures: None,
         }
     }
 }
@@ -401,7 +412,11 @@ impl Edge {
                 l.local_addr()
                     .map_err(|source| EdgeError::Bind { addr, source })?,
             );
-            let proxy = Arc::new(proxy::Proxy::new(upstream, config.upstream_timeouts));
+            let proxy = Arc::new(proxy::Proxy::new(
+                upstream,
+                config.upstream_timeouts,
+                config.auth_failures.clone(),
+            ));
             tasks.spawn(https_loop(
                 listen::GuardedListener::new(l, "edge-https", config.limits),
                 tokio_rustls::TlsAcceptor::from(Arc::new(tls_cfg)),

@@ -125,6 +125,15 @@ pub struct RunArgs {
     /// Run with `sh -c` after the files changed (needs --edge-files).
     #[arg(long, value_name = "CMD")]
     pub edge_reload: Option<String>,
+    /// Follow a log for authentication failures and report their sources: sshd:PATH,
+    /// sshd:journal, kamailio:PATH, asterisk:PATH or regex:PATH:PATTERN (repeatable;
+    /// sources.toml in the state directory adds more).
+    #[arg(long = "watch-log", value_name = "KIND:WHERE", value_parser = parse_watch_log)]
+    pub watch_log: Vec<zonemesh_agent::control::logwatch::LogSource>,
+}
+
+fn parse_watch_log(s: &str) -> Result<zonemesh_agent::control::logwatch::LogSource, String> {
+    zonemesh_agent::control::logwatch::LogSource::parse(s).map_err(|e| e.to_string())
 }
 
 impl RunArgs {
@@ -171,6 +180,7 @@ pub fn run_agent(a: RunArgs) -> Result<ExitCode> {
         listen_port: a.listen_port,
         mtu: a.mtu,
         edge,
+        watch_log: a.watch_log,
     };
     opts.state.identity()?;
     runtime()?.block_on(zonemesh_agent::control::run::run(

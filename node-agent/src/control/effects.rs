@@ -61,7 +61,7 @@ pub fn blocklist_script(entries: &[BlockedEntry]) -> String {
         "table inet zonemesh {}\nflush table inet zonemesh\ntable inet zonemesh {\n\
          set blocked4 { type ipv4_addr; flags timeout; }\n\
          set blocked6 { type ipv6_addr; flags timeout; }\n\
-         chain input { type filter hook input priority -10; policy accept; ip saddr @blocked4 drop; ip6 saddr @blocked6 drop; }\n}\n",
+         chain input { type filter hook input priority -10; policy accept; ip saddr @blocked4 meta l4proto != icmp drop; ip6 saddr @blocked6 meta l4proto != ipv6-icmp drop; }\n}\n",
     );
     if !v4.is_empty() {
         script.push_str(&format!(

@@ -162,6 +162,7 @@ async fn start_agent(
         listen_port: 51820,
         mtu: 1420,
         edge: None,
+        watch_log: Vec::new(),
     };
     let (agent, _dp_events, _own_events) = Agent::start(opts, deps).await.expect("agent");
     let agent = Arc::new(agent);
