@@ -798,4 +798,90 @@ mod tests {
         ev.note("a/a1", ip("198.18.9.9"), "ssh.auth_failure", at(2000));
         assert_eq!(ev.reporters["a/a1"].named.len(), 1);
     }
+
+    #[test]
+    fn the_window_slides() {
+        let mut ev = Evidence::new(EvidenceConfig::default());
+        let target = ip("198.18.0.97");
+        // a1: one event at 0, two more at 599 and 601: at 601 the one at 0 has left the
+        // window, so a1 has 2 and does not count yet; its third at 602 makes 3 in the 600 s
+        // before it.
+        ev.note("a/a1", target, "ssh.auth_failure", at(0));
+        for i in 0..3 {
+            ev.note("b/b1", target, "sip.auth_failure", at(590 + i));
+        }
+        ev.note("a/a1", target, "ssh.auth_failure", at(599));
+        assert_eq!(
+            ev.note("a/a1", target, "ssh.auth_failure", at(601)),
+            Noted::Counted
+        );
+        assert!(matches!(
+            ev.note("a/a1", target, "ssh.auth_failure", at(602)),
+            Noted::Block(_)
+        ));
+        let mut w = Sliding::new();
+        for i in 0..1000 {
+            w.note(Duration::from_secs(600), at(i));
+        }
+        assert_eq!(
+            w.count(Duration::from_secs(600), at(1000)),
+            SLIDING_KEPT as u32
+        );
+    }
+
+    #[test]
+    fn the_controller_is_one_witness_and_one_node_with_it_is_enough() {
+        let mut ev = Evidence::new(EvidenceConfig::default());
+        let target = ip("198.18.0.96");
+        for i in 0..10 {
+            assert_eq!(
+                ev.note(OWN_REPORTER, target, "http.signin_failure", at(i)),
+                Noted::Counted
+            );
+        }
+        for i in 0..2 {
+            ev.note("a/a1", target, "ssh.auth_failure", at(20 + i));
+        }
+        let Noted::Block(c) = ev.note("a/a1", target, "ssh.auth_failure", at(22)) else {
+            panic!("no block");
+        };
+        let nodes: Vec<&str> = c.witnesses.iter().map(|w| w.node.as_str()).collect();
+        assert_eq!(nodes, ["a/a1", OWN_REPORTER]);
+        // With one witness configured, one node alone blocks.
+        let mut one = Evidence::new(EvidenceConfig {
+            reporters_needed: 1,
+            ..EvidenceConfig::default()
+        });
+        for i in 0..2 {
+            assert_eq!(
+                one.note("a/a1", target, "ssh.auth_failure", at(i)),
+                Noted::Counted
+            );
+        }
+        assert!(matches!(
+            one.note("a/a1", target, "ssh.auth_failure", at(2)),
+            Noted::Block(_)
+        ));
+    }
+
+    #[test]
+    fn blocks_double_with_each_offence_up_to_the_maximum() {
+        let t = BlockTiming {
+            first: Duration::from_secs(60),
+            max: Duration::from_secs(600),
+            memory: Duration::from_secs(86_400),
+        };
+        let secs: Vec<u64> = (0..8).map(|p| t.length(p).as_secs()).collect();
+        assert_eq!(secs, [60, 120, 240, 480, 600, 600, 600, 600]);
+        assert_eq!(t.length(u32::MAX).as_secs(), 600);
+        assert_eq!(t.prior(3, at(0), at(100)), 3);
+        assert_eq!(t.prior(3, at(0), at(86_400)), 0);
+        let mut p = PolicyConfig::default();
+        p.validate().unwrap();
+        p.timing.first = Duration::from_secs(10 * 86_400);
+        assert!(p.validate().unwrap_err().contains("--block-first"));
+        let mut p = PolicyConfig::default();
+        p.evidence.reporters_needed = 0;
+        assert!(p.validate().unwrap_err().contains("--block-nodes"));
+    }
 }

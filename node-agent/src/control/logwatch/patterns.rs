@@ -27,8 +27,11 @@ pub struct Hit {
     pub rule: &'static str,
 }
 
-/// An IPv4 or IPv6 literal; parsed afterwards, so a lookalike never passes.
+/// An IPv4 or IPv6 literal followed by a space; parsed afterwards, so a lookalike never
+/// passes.
 const IP: &str = r"[0-9A-Fa-f:.]{2,45}";
+/// `IPv4[:port]` or `[IPv6][:port]` (two groups: the first that matched is the address).
+const HOST_PORT: &str = r"(?:\[([0-9A-Fa-f:.]{2,45})\]|(\d{1,3}(?:\.\d{1,3}){3}))(?::\d{1,5})?";
 
 fn re(s: &str) -> Regex {
     Regex::new(s).expect("built-in pattern compiles")
@@ -81,7 +84,7 @@ static KAMAILIO: LazyLock<Vec<(&'static str, Regex)>> = LazyLock::new(|| {
         (
             "register-refused",
             re(&format!(
-                r"(?:401 Unauthorized|403 Forbidden) to REGISTER from \[?({IP})\]?:\d{{1,5}}$"
+                r"(?:401 Unauthorized|403 Forbidden) to REGISTER from {HOST_PORT}$"
             )),
         ),
     ]
@@ -93,14 +96,14 @@ static ASTERISK: LazyLock<Vec<(&'static str, Regex)>> = LazyLock::new(|| {
         (
             "registration-failed",
             re(&format!(
-                r"Registration from '.*' failed for '\[?({IP})\]?(?::\d{{1,5}})?' - (?:Wrong password|No matching peer found|Username/auth name mismatch|Device does not match ACL|Not a local domain|Peer is not supposed to register)$"
+                r"Registration from '.*' failed for '{HOST_PORT}' - (?:Wrong password|No matching peer found|Username/auth name mismatch|Device does not match ACL|Not a local domain|Peer is not supposed to register)$"
             )),
         ),
         (
             "request-failed",
             // A Call-ID has no spaces (RFC 3261 `word`), so `\S*` fixes where it ends.
             re(&format!(
-                r"Request '[A-Z]+' from '.*' failed for '\[?({IP})\]?(?::\d{{1,5}})?' \(callid: \S*\) - (?:No matching endpoint found|Failed to authenticate|Not matched to an endpoint)$"
+                r"Request '[A-Z]+' from '.*' failed for '{HOST_PORT}' \(callid: \S*\) - (?:No matching endpoint found|Failed to authenticate|Not matched to an endpoint)$"
             )),
         ),
     ]
@@ -108,7 +111,15 @@ static ASTERISK: LazyLock<Vec<(&'static str, Regex)>> = LazyLock::new(|| {
 
 fn first_match(rules: &[(&'static str, Regex)], text: &str, kind: &'static str) -> Option<Hit> {
     rules.iter().find_map(|(rule, r)| {
-        let ip = r.captures(text)?.get(1)?.as_str().parse::<IpAddr>().ok()?;
+        let caps = r.captures(text)?;
+        let ip = caps
+            .iter()
+            .skip(1)
+            .flatten()
+            .next()?
+            .as_str()
+            .parse::<IpAddr>()
+            .ok()?;
         Some(Hit {
             kind,
             source: ip.to_canonical(),
@@ -167,10 +178,11 @@ impl Parser {
             Self::Regex(r) => {
                 let caps = r.captures(line)?;
                 let m = caps.name("source").or_else(|| caps.get(1))?;
-                let s = m.as_str().trim_start_matches('[').trim_end_matches(']');
+                let s = m.as_str();
                 let ip = s
-                    .parse::<IpAddr>()
-                    .or_else(|_| s.parse::<std::net::SocketAddr>().map(|a| a.ip()))
+                    .parse::<std::net::SocketAddr>()
+                    .map(|a| a.ip())
+                    .or_else(|_| s.trim_start_matches('[').trim_end_matches(']').parse())
                     .ok()?;
                 Some(Hit {
                     kind: LOG_KIND,
