@@ -12,7 +12,8 @@
 # Env: PFX (namespace prefix, default zml), DIR (state, default /tmp/zonemesh-lab-$PFX),
 #      LAB_ZONES (default "a b c"), LAB_NODES (nodes per zone, default "1 2"),
 #      BIN (directory with zonemesh-controller and zonemesh-agent; default target/release
-#      if built there, else target/debug).
+#      if built there, else target/debug), LAB_CTL_ARGS (extra `serve` flags, e.g.
+#      "--block-first 10s").
 set -euo pipefail
 PFX=${PFX:-zml}
 DIR=${DIR:-/tmp/zonemesh-lab-$PFX}
@@ -27,6 +28,7 @@ CTL_IP=198.18.100.1
 # LAB_ZONES / LAB_NODES shrink the lab (e.g. LAB_ZONES="a b" LAB_NODES=1: two agents).
 read -ra ZONES <<< "${LAB_ZONES:-a b c}"
 read -ra NODES <<< "${LAB_NODES:-1 2}"
+read -ra CTL_EXTRA <<< "${LAB_CTL_ARGS:-}"
 
 die() { echo "mesh-lab: $*" >&2; exit 1; }
 [ "$(id -u)" = 0 ] || die "needs root (network namespaces and TUN)"
@@ -51,7 +53,7 @@ add_host_ns() { # name ip
 ctl_start() {
   ip netns exec "$HUB" "$CTL" --data-dir "$DIR/ctl" serve --grpc-listen "$CTL_IP:7443" \
     --https-listen "$CTL_IP:8443" --pki-listen "$CTL_IP:8089" --tls-name "$CTL_IP" \
-    >>"$DIR/controller.log" 2>&1 &
+    "${CTL_EXTRA[@]}" >>"$DIR/controller.log" 2>&1 &
   echo $! > "$DIR/controller.pid"
   for _ in $(seq 50); do [ -S "$DIR/ctl/admin.sock" ] && return 0; sleep 0.1; done
   die "controller did not start; see $DIR/controller.log"
