@@ -85,18 +85,19 @@ fn block_of(lab: &MeshLab, ip: &str) -> Result<Option<Value>> {
 fn wait_sets(lab: &MeshLab, ip: &str, present: bool, within: Duration) -> Result<Duration> {
     let start = Instant::now();
     loop {
-        let mut all = true;
+        let mut wrong = None;
         for n in NODES {
-            if lab.nft_elements(n)?.contains(ip) != present {
-                all = false;
+            let e = lab.nft_elements(n)?;
+            if e.contains(ip) != present {
+                wrong = Some((n, e));
                 break;
             }
         }
-        if all {
+        let Some((n, e)) = wrong else {
             return Ok(start.elapsed());
-        }
+        };
         if start.elapsed() > within {
-            bail!("{ip} present={present} not reached on every node within {within:?}");
+            bail!("{ip} present={present} not reached on {n} within {within:?}: {e}");
         }
         std::thread::sleep(Duration::from_millis(50));
     }

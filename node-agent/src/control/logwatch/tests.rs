@@ -249,3 +249,30 @@ async fn hostile_lines_yield_no_false_source_and_a_flood_stays_bounded() {
     stop.cancel();
     h.await.unwrap();
 }
+
+#[tokio::test]
+async fn an_asterisk_log_is_followed() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("sip.log");
+    append(&log, b"");
+    let (tx, mut rx) = mpsc::channel(64);
+    let q = EventQueue::new(tx, Arc::new(LogwatchStats::default()));
+    let stop = CancellationToken::new();
+    let src = LogSource::parse(&format!("asterisk:{}", log.display())).unwrap();
+    let task = tokio::spawn(run(vec![src], q, stop.clone()));
+    settle().await;
+    append(
+        &log,
+        b"[Dec  1 20:00:01] NOTICE[1234] chan_sip.c: Registration from '\"100\" <sip:100@198.18.100.21>' failed for '198.18.100.99:5060' - Wrong password\n",
+    );
+    let e = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (e.kind.as_str(), e.source.as_str()),
+        (patterns::SIP_KIND, "198.18.100.99")
+    );
+    stop.cancel();
+    task.await.unwrap();
+}
