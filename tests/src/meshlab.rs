@@ -16,6 +16,8 @@ pub struct MeshLab {
     zones: String,
     nodes: String,
     ctl_args: String,
+    /// Where zonemesh-controller and zonemesh-agent are (`ZM_BIN_DIR`, else this build's).
+    pub bin_dir: PathBuf,
 }
 
 /// Why a mesh lab cannot run here, or `None`.
@@ -44,6 +46,9 @@ impl MeshLab {
             zones: zones.into(),
             nodes: nodes.into(),
             ctl_args: ctl_args.into(),
+            bin_dir: std::env::var_os("ZM_BIN_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| bin("zonemesh-agent").parent().expect("bin dir").into()),
         }
     }
 
@@ -56,7 +61,7 @@ impl MeshLab {
             .env("LAB_ZONES", &self.zones)
             .env("LAB_NODES", &self.nodes)
             .env("LAB_CTL_ARGS", &self.ctl_args)
-            .env("BIN", bin("zonemesh-agent").parent().expect("bin dir"));
+            .env("BIN", &self.bin_dir);
         c
     }
 
@@ -80,7 +85,7 @@ impl MeshLab {
 
     /// The controller CLI on the lab's data directory.
     pub fn controller(&self, args: &[&str]) -> Result<String> {
-        let mut c = Command::new(bin("zonemesh-controller"));
+        let mut c = Command::new(self.bin_dir.join("zonemesh-controller"));
         c.arg("--data-dir").arg(self.dir.join("ctl")).args(args);
         crate::run_ok(&mut c)
     }
