@@ -13,7 +13,8 @@
 #      LAB_ZONES (default "a b c"), LAB_NODES (nodes per zone, default "1 2"),
 #      BIN (directory with zonemesh-controller and zonemesh-agent; default target/release
 #      if built there, else target/debug), CTL_ARGS / AGENT_ARGS (extra arguments of
-#      `serve` / `run`, e.g. AGENT_ARGS="--metrics-listen 127.0.0.1:9100").
+#      `serve` / `run`, e.g. AGENT_ARGS="--metrics-listen 127.0.0.1:9100"; LAB_CTL_ARGS is
+#      read like CTL_ARGS, e.g. "--block-first 10s").
 set -euo pipefail
 PFX=${PFX:-zml}
 DIR=${DIR:-/tmp/zonemesh-lab-$PFX}
@@ -28,7 +29,7 @@ CTL_IP=198.18.100.1
 # LAB_ZONES / LAB_NODES shrink the lab (e.g. LAB_ZONES="a b" LAB_NODES=1: two agents).
 read -ra ZONES <<< "${LAB_ZONES:-a b c}"
 read -ra NODES <<< "${LAB_NODES:-1 2}"
-read -ra CTL_EXTRA <<< "${CTL_ARGS:-}"
+read -ra CTL_EXTRA <<< "${CTL_ARGS:-} ${LAB_CTL_ARGS:-}"
 read -ra AGENT_EXTRA <<< "${AGENT_ARGS:-}"
 
 die() { echo "mesh-lab: $*" >&2; exit 1; }

@@ -56,6 +56,7 @@ else
   if [ "$(id -u)" = 0 ]; then
     ZM_BIN="$target/debug/zonemesh-agent" scripts/bench-dataplane.sh
     BIN="$target/debug" scripts/bench-agent-rtt.sh
+    BIN="$target/debug" scripts/bench-intrusion.sh
   else
     echo "skipped: data plane benchmark needs root"
   fi

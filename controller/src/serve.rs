@@ -41,6 +41,8 @@ pub struct ServeConfig {
     pub pki_url: Option<String>,
     /// Plain-HTTP listener for `GET /metrics` (`--metrics-listen`); off when `None`.
     pub metrics_listen: Option<SocketAddr>,
+    /// When reported failures block a source, and for how long (`--block-*`).
+    pub block_policy: crate::blocklist::PolicyConfig,
 }
 
 impl ServeConfig {
@@ -213,6 +215,7 @@ pub async fn run(cfg: ServeConfig, shutdown: CancellationToken) -> Result<()> {
     let auth = Arc::new(Authority::load(store.clone(), &kek, SystemTime::now())?);
     let acme = cfg.acme()?;
     let mesh = Mesh::new(auth.clone())?;
+    mesh.set_block_policy(&cfg.block_policy);
     let pepper = Pepper::from_env_or_file(Some(&pepper_path(&cfg.data_dir)))?;
     let web_cfg = WebConfig::new(pepper);
     web_cfg.validate()?;
@@ -303,6 +306,7 @@ pub async fn run(cfg: ServeConfig, shutdown: CancellationToken) -> Result<()> {
         });
     }
     web_state.attach_domains(domains.clone());
+    web_state.attach_mesh(mesh.clone());
     let https_app = web::router(web_state.clone()).merge(crate::pki_http::router(auth.clone()));
     {
         let (certs, stop) = (certs.clone(), shutdown.clone());
@@ -380,6 +384,13 @@ pub async fn run(cfg: ServeConfig, shutdown: CancellationToken) -> Result<()> {
         });
     }
     {
+        let (mesh, stop) = (mesh.clone(), shutdown.clone());
+        tasks.spawn(async move {
+            expire_blocks_loop(mesh, stop).await;
+            Ok(())
+        });
+    }
+    {
         let stop = shutdown.clone();
         tasks.spawn(async move {
             wait_for_signal(&stop).await;
@@ -406,6 +417,23 @@ pub async fn run(cfg: ServeConfig, shutdown: CancellationToken) -> Result<()> {
     match first_err {
         Some(e) => Err(e),
         None => Ok(()),
+    }
+}
+
+/// How often ended blocks are taken off the agents' sets (and audited).
+const BLOCK_EXPIRY_TICK: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// End blocks when their time is up, each audited with its evidence.
+async fn expire_blocks_loop(mesh: Arc<Mesh>, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(BLOCK_EXPIRY_TICK) => {}
+        }
+        let m = mesh.clone();
+        if let Err(e) = crate::blocking::run(move || m.expire_blocks(m.now())).await {
+            tracing::error!(error = %e, "expiring blocks failed");
+        }
     }
 }
 
@@ -436,6 +464,20 @@ pub fn pepper_path(data_dir: &std::path::Path) -> PathBuf {
 pub struct MeshSink(pub Arc<Mesh>);
 
 impl SecuritySink for MeshSink {
+    fn sign_in_failed(&self, ip: IpAddr) {
+        // Counted in memory; only a resulting block writes (on the blocking pool).
+        let mesh = self.0.clone();
+        let note = move || {
+            if let Err(e) = mesh.note_own_failure(ip, "http.signin_failure", mesh.now()) {
+                tracing::warn!(source = %ip, error = %e, "sign-in failure not counted");
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => drop(rt.spawn_blocking(note)),
+            Err(_) => note(),
+        }
+    }
+
     fn source_blocked(&self, ip: IpAddr, until: SystemTime, reason: &str) {
         let mesh = self.0.clone();
         let reason = reason.to_string();

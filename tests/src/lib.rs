@@ -106,6 +106,7 @@ pub fn is_root() -> bool {
 pub mod cluster;
 pub mod inproc;
 pub mod janitor;
+pub mod attacklab;
 pub mod meshlab;
 pub mod pebble;
 pub mod webcurl;

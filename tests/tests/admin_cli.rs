@@ -149,8 +149,27 @@ async fn json_and_tables_agree_and_bare_node_names_resolve() {
     check_list(&table, &rows, |b| {
         vec![
             cell(&b["address"]),
+            rfc3339(&b["since_unix"]),
             rfc3339(&b["until_unix"]),
+            if b["offence"] == 0 {
+                "manual".into()
+            } else {
+                cell(&b["offence"])
+            },
             cell(&b["reason"]),
+        ]
+    });
+
+    ctl.admin_ok(&["block", "allow", "198.51.100.0/24", "--note", "the office"])
+        .unwrap();
+    let (table, json) = both(&ctl, &["block", "allow", "--list"]);
+    let rows: Vec<Value> = serde_json::from_str(&json).unwrap();
+    assert_eq!(rows.len(), 1, "{json}");
+    check_list(&table, &rows, |a| {
+        vec![
+            cell(&a["cidr"]),
+            rfc3339(&a["added_unix"]),
+            cell(&a["note"]),
         ]
     });
 

@@ -189,6 +189,7 @@ async fn deploy_is_served_stapled_and_a_revocation_reaches_the_staple() {
         }),
         metrics_listen: None,
         rotate_key_every: 0,
+        watch_log: Vec::new(),
     };
     let stop = CancellationToken::new();
     let agent = tokio::spawn(run_with(opts, deps, stop.clone()));

@@ -99,6 +99,7 @@ async fn enroll_watch_revoke_renew_without_root() {
         edge: None,
         metrics_listen: None,
         rotate_key_every: 0,
+        watch_log: Vec::new(),
     };
     let stop = CancellationToken::new();
     let agent = tokio::spawn(run_with(opts, deps, stop.clone()));

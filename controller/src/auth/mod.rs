@@ -112,6 +112,8 @@ impl FromStr for Role {
 pub trait SecuritySink: Send + Sync {
     /// `ip` is blocked until `until` because of `reason`.
     fn source_blocked(&self, ip: IpAddr, until: SystemTime, reason: &str);
+    /// `ip` failed a sign-in: evidence for the fleet-wide block policy.
+    fn sign_in_failed(&self, _ip: IpAddr) {}
 }
 
 /// A sink that drops blocks, for tools that run without the mesh service.

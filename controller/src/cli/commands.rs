@@ -43,6 +43,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             acme_email,
             pki_url,
             metrics_listen,
+            block_policy,
         } => {
             crate::secrets::private_umask();
             let cfg = ServeConfig {
@@ -57,6 +58,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                 acme_email,
                 pki_url,
                 metrics_listen,
+                block_policy: block_policy.policy()?,
             };
             serve(cfg, tokio_util::sync::CancellationToken::new()).await
         }
@@ -155,6 +157,41 @@ pub async fn run(cli: Cli) -> Result<()> {
                     let b = expect!(ask(req).await?, BlockRemoved);
                     println!("{} unblocked on every agent", Escaped(&b.address));
                 }
+                BlockCommand::Allow {
+                    cidr,
+                    remove,
+                    list,
+                    json,
+                    note,
+                } => match (cidr, list, remove) {
+                    (_, true, _) => {
+                        let rows =
+                            expect!(ask(AdminRequest::BlockAllowList).await?, BlockAllowList);
+                        print!("{}", render::allow_list(&rows, json));
+                    }
+                    (Some(cidr), false, true) => {
+                        let req = AdminRequest::BlockAllowRemove { cidr };
+                        let a = expect!(ask(req).await?, BlockAllowRemoved);
+                        println!("{} removed from the allow-list", Escaped(&a.cidr));
+                    }
+                    (Some(cidr), false, false) => {
+                        let req = AdminRequest::BlockAllowAdd {
+                            cidr,
+                            note: note.unwrap_or_else(|| "allowed by an administrator".into()),
+                        };
+                        let a = expect!(ask(req).await?, BlockAllowAdded);
+                        println!(
+                            "{} is never blocked; blocks lifted: {}",
+                            Escaped(&a.allow.cidr),
+                            if a.lifted.is_empty() {
+                                "none".to_string()
+                            } else {
+                                Escaped(&a.lifted.join(", ")).to_string()
+                            }
+                        );
+                    }
+                    (None, false, _) => anyhow::bail!("block allow needs a CIDR (or --list)"),
+                },
             }
             Ok(())
         }

@@ -78,6 +78,8 @@ pub enum Command {
         /// Plain-HTTP listener for Prometheus' `GET /metrics` (off by default).
         #[arg(long)]
         metrics_listen: Option<SocketAddr>,
+        #[command(flatten)]
+        block_policy: BlockPolicyArgs,
     },
     /// CA operations.
     Ca {
@@ -157,6 +159,41 @@ pub enum Command {
     },
 }
 
+/// `serve --block-*`: when reported failures block a source, and for how long.
+#[derive(clap::Args, Debug, Clone)]
+pub struct BlockPolicyArgs {
+    /// Sliding window in which failures of a source are counted.
+    #[arg(long, default_value = "10m")]
+    pub block_window: humantime::Duration,
+    /// Failures one node (or the controller's sign-in) must see in the window to count.
+    #[arg(long, default_value_t = 3)]
+    pub block_threshold: u32,
+    /// Distinct witnesses a block needs: nodes, and the controller with its own
+    /// sign-in failures.
+    #[arg(long, default_value_t = 2)]
+    pub block_nodes: usize,
+    /// Length of a first block; each repeat offence doubles it.
+    #[arg(long, default_value = "1h")]
+    pub block_first: humantime::Duration,
+    /// Longest block.
+    #[arg(long, default_value = "7days")]
+    pub block_max: humantime::Duration,
+}
+
+impl BlockPolicyArgs {
+    /// The policy, checked.
+    pub fn policy(&self) -> anyhow::Result<crate::blocklist::PolicyConfig> {
+        let mut p = crate::blocklist::PolicyConfig::default();
+        p.evidence.window = *self.block_window;
+        p.evidence.events_per_reporter = self.block_threshold;
+        p.evidence.reporters_needed = self.block_nodes;
+        p.timing.first = *self.block_first;
+        p.timing.max = *self.block_max;
+        p.validate().map_err(|e| anyhow::anyhow!(e))?;
+        Ok(p)
+    }
+}
+
 #[derive(Subcommand, Debug)]
 pub enum BlockCommand {
     /// Put an address on the blocklist pushed to every agent.
@@ -174,6 +211,20 @@ pub enum BlockCommand {
     },
     /// Take an address off the blocklist; every agent drops it at once.
     Remove { address: String },
+    /// The operator allow-list: `block allow CIDR` (never blocked; lifts blocks inside it),
+    /// `block allow --list [--json]`, `block allow --remove CIDR`.
+    Allow {
+        #[arg(required_unless_present = "list")]
+        cidr: Option<String>,
+        #[arg(long, conflicts_with_all = ["list", "note"])]
+        remove: bool,
+        #[arg(long, conflicts_with = "note")]
+        list: bool,
+        #[arg(long, requires = "list")]
+        json: bool,
+        #[arg(long)]
+        note: Option<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]

@@ -2,7 +2,7 @@
 //! the same typed reply.
 
 use crate::admin::proto::{
-    BlockRow, CaShow, DomainView, HealthMatrix, NodeRow, UserAdded, ZoneRow,
+    AllowRow, BlockRow, CaShow, DomainView, HealthMatrix, NodeRow, UserAdded, ZoneRow,
 };
 use crate::audit::{AuditRecord, format_utc};
 use crate::auth::{ThrottleList, UserSummary};
@@ -149,13 +149,46 @@ pub fn blocks(rows: &[BlockRow], json: bool) -> String {
     }
     let cols = [
         Col::left("ADDRESS", 40),
+        Col::left("SINCE", 22),
         Col::left("UNTIL", 22),
-        Col::last("REASON"),
+        Col::right("OFFENCE", 7),
+        Col::last("EVIDENCE"),
+    ];
+    table(
+        &cols,
+        rows.iter().map(|b| {
+            [
+                b.address.clone(),
+                if b.since_unix == 0 {
+                    "-".into()
+                } else {
+                    fmt_unix(b.since_unix)
+                },
+                fmt_unix(b.until_unix),
+                if b.offence == 0 {
+                    "manual".into()
+                } else {
+                    b.offence.to_string()
+                },
+                b.reason.clone(),
+            ]
+        }),
+    )
+}
+
+pub fn allow_list(rows: &[AllowRow], json: bool) -> String {
+    if json {
+        return pretty(&rows);
+    }
+    let cols = [
+        Col::left("RANGE", 43),
+        Col::left("ADDED", 22),
+        Col::last("NOTE"),
     ];
     table(
         &cols,
         rows.iter()
-            .map(|b| [b.address.clone(), fmt_unix(b.until_unix), b.reason.clone()]),
+            .map(|a| [a.cidr.clone(), fmt_unix(a.added_unix), a.note.clone()]),
     )
 }
 

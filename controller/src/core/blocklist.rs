@@ -6,11 +6,13 @@
 //! - [`classify`]: which agent-reported events say anything trustworthy about their source.
 //!   A UDP datagram's source address is whatever the sender wrote, so data-plane events
 //!   (invalid handshakes, unknown keys) are recorded but never count toward a block.
-//! - [`Evidence`]: counted once per reporting node per window, a block needs several
-//!   distinct nodes, and one node can get only a bounded number of addresses blocked.
+//! - [`Evidence`]: failures per source in a sliding window, per reporting node; a block
+//!   needs several distinct nodes (the controller's own sign-in failures count as one), and
+//!   one node can get only a bounded number of addresses blocked.
+//! - [`BlockTiming`]: the first block, doubled with each repeat offence up to a maximum.
 
 use crate::error::{ControllerError, Result};
-use crate::limits::{BoundedKeys, WhenFull, WindowCount, Windowed};
+use crate::limits::{BoundedKeys, WhenFull, Windowed};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -29,8 +31,23 @@ pub const MAX_DETAIL: usize = 256;
 /// handshake before the failed authentication), so the address is not a forgery of a
 /// single datagram. Everything else, including kinds this controller does not know,
 /// is recorded only.
-pub const SOURCE_VERIFIED_KINDS: &[&str] =
-    &["ssh.auth_failure", "tls.auth_failure", "http.auth_failure"];
+///
+/// `sip.auth_failure` is a registration whose digest answer was wrong or that the
+/// registrar refused after reading it: a wrong answer needs the challenge's nonce, which
+/// only reached the real source address. `log.auth_failure` is an operator's own pattern,
+/// trusted as the operator configured it.
+pub const SOURCE_VERIFIED_KINDS: &[&str] = &[
+    "ssh.auth_failure",
+    "tls.auth_failure",
+    "http.auth_failure",
+    "sip.auth_failure",
+    "log.auth_failure",
+    "http.signin_failure",
+];
+
+/// The reporter name of the controller's own evidence (its sign-in failures). Node keys
+/// are `zone/node`, so no node can report under it.
+pub const OWN_REPORTER: &str = "controller";
 
 /// How far an event can be trusted about its source address.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -144,6 +161,126 @@ impl NeverBlock {
     }
 }
 
+/// Events in a sliding window: the times of the last [`SLIDING_KEPT`] events, so the count
+/// at any moment is of those within the window before it (bounded under a flood).
+#[derive(Clone, Debug)]
+pub struct Sliding {
+    times: VecDeque<SystemTime>,
+}
+
+/// Event times one [`Sliding`] keeps; counts above it read as this many.
+pub const SLIDING_KEPT: usize = 64;
+
+impl Sliding {
+    pub fn new() -> Self {
+        Self {
+            times: VecDeque::new(),
+        }
+    }
+
+    /// Count one event at `now`; returns the count within `window`.
+    pub fn note(&mut self, window: Duration, now: SystemTime) -> u32 {
+        self.expire(window, now);
+        if self.times.len() == SLIDING_KEPT {
+            self.times.pop_front();
+        }
+        self.times.push_back(now);
+        self.times.len() as u32
+    }
+
+    fn expire(&mut self, window: Duration, now: SystemTime) {
+        while self.times.front().is_some_and(|t| age(now, *t) >= window) {
+            self.times.pop_front();
+        }
+    }
+
+    /// Events within `window` before `now`.
+    pub fn count(&self, window: Duration, now: SystemTime) -> u32 {
+        self.times.iter().filter(|t| age(now, **t) < window).count() as u32
+    }
+
+    /// When the last event was counted.
+    pub fn last(&self) -> SystemTime {
+        self.times.back().copied().unwrap_or(SystemTime::UNIX_EPOCH)
+    }
+}
+
+impl Default for Sliding {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// How long automatic blocks last: `first`, doubled with each repeat offence of the same
+/// address, never more than `max`. An address whose last block started more than `memory`
+/// ago starts over.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlockTiming {
+    pub first: Duration,
+    pub max: Duration,
+    pub memory: Duration,
+}
+
+impl Default for BlockTiming {
+    fn default() -> Self {
+        Self {
+            first: Duration::from_secs(3600),
+            max: Duration::from_secs(7 * 86_400),
+            memory: Duration::from_secs(30 * 86_400),
+        }
+    }
+}
+
+impl BlockTiming {
+    /// The length of a block after `prior` earlier offences.
+    pub fn length(&self, prior: u32) -> Duration {
+        let factor = 1u32.checked_shl(prior.min(31)).unwrap_or(u32::MAX);
+        self.first
+            .checked_mul(factor)
+            .unwrap_or(self.max)
+            .min(self.max)
+    }
+
+    /// Offences that count as prior at `now`, from the stored count and the last block.
+    pub fn prior(&self, offences: u32, last: SystemTime, now: SystemTime) -> u32 {
+        if age(now, last) < self.memory {
+            offences
+        } else {
+            0
+        }
+    }
+}
+
+/// The whole decision policy (`serve --block-*`).
+#[derive(Clone, Debug, Default)]
+pub struct PolicyConfig {
+    pub evidence: EvidenceConfig,
+    pub timing: BlockTiming,
+}
+
+impl PolicyConfig {
+    /// One-line reason when the settings cannot work.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        let e = &self.evidence;
+        let t = &self.timing;
+        if e.window.is_zero() {
+            return Err("--block-window must be more than 0".into());
+        }
+        if e.reporters_needed == 0 {
+            return Err("--block-nodes must be at least 1".into());
+        }
+        if e.events_per_reporter == 0 || e.events_per_reporter as usize > SLIDING_KEPT {
+            return Err(format!(
+                "--block-threshold must be between 1 and {SLIDING_KEPT}"
+            ));
+        }
+        if t.first.is_zero() || t.first > t.max {
+            return Err("--block-first must be more than 0 and at most --block-max".into());
+        }
+        Ok(())
+    }
+}
+
 /// Thresholds of [`Evidence`].
 #[derive(Clone, Debug)]
 pub struct EvidenceConfig {
@@ -151,7 +288,7 @@ pub struct EvidenceConfig {
     pub window: Duration,
     /// Distinct reporting nodes needed for a block.
     pub reporters_needed: usize,
-    /// Events one node must report about an address within the window before its report
+    /// Events one node must report about an address within the sliding window before it
     /// counts (once) toward a block.
     pub events_per_reporter: u32,
     /// Distinct addresses one node can help block within the window.
@@ -180,7 +317,7 @@ const KINDS_KEPT: usize = 4;
 
 #[derive(Clone, Debug)]
 struct Tally {
-    events: WindowCount,
+    events: Sliding,
     kinds: BTreeSet<String>,
 }
 
@@ -288,13 +425,15 @@ impl Evidence {
     /// Count one source-verified event of `kind` about `ip` from node `reporter`.
     pub fn note(&mut self, reporter: &str, ip: IpAddr, kind: &str, now: SystemTime) -> Noted {
         let window = self.cfg.window;
+        let own = reporter == OWN_REPORTER;
         self.expire_reporter(reporter, now);
         let known = self
             .addresses
             .get(&ip)
             .and_then(|a| a.by.get(reporter))
             .is_some_and(|t| age(now, t.events.last()) < window);
-        if !known {
+        // The controller's own evidence is bounded by the total only.
+        if !known && !own {
             let named = self.reporters.get(reporter).map_or(0, |r| r.named.len());
             if named >= self.cfg.addresses_per_reporter {
                 return Noted::Ignored("this node already reports too many addresses");
@@ -317,11 +456,11 @@ impl Evidence {
             .by
             .entry(reporter.to_string())
             .or_insert_with(|| Tally {
-                events: WindowCount::new(now),
+                events: Sliding::new(),
                 kinds: BTreeSet::new(),
             });
-        if !tally.events.is_open(window, now) {
-            // A new window for this node and address: it counts once per window.
+        if tally.events.count(window, now) == 0 {
+            // Nothing left in the window: the kinds start over too.
             tally.kinds.clear();
         }
         tally.events.note(window, now);
@@ -340,10 +479,11 @@ impl Evidence {
             .iter()
             .filter(|(node, t)| {
                 t.events.count(window, now) >= self.cfg.events_per_reporter
-                    && self
-                        .reporters
-                        .get(*node)
-                        .is_none_or(|r| r.blocked.len() < budget)
+                    && (node.as_str() == OWN_REPORTER
+                        || self
+                            .reporters
+                            .get(*node)
+                            .is_none_or(|r| r.blocked.len() < budget))
             })
             .map(|(node, t)| Witness {
                 node: node.clone(),
@@ -657,5 +797,91 @@ mod tests {
         // After the window everything a node named expires on its next report.
         ev.note("a/a1", ip("198.18.9.9"), "ssh.auth_failure", at(2000));
         assert_eq!(ev.reporters["a/a1"].named.len(), 1);
+    }
+
+    #[test]
+    fn the_window_slides() {
+        let mut ev = Evidence::new(EvidenceConfig::default());
+        let target = ip("198.18.0.97");
+        // a1: one event at 0, two more at 599 and 601: at 601 the one at 0 has left the
+        // window, so a1 has 2 and does not count yet; its third at 602 makes 3 in the 600 s
+        // before it.
+        ev.note("a/a1", target, "ssh.auth_failure", at(0));
+        for i in 0..3 {
+            ev.note("b/b1", target, "sip.auth_failure", at(590 + i));
+        }
+        ev.note("a/a1", target, "ssh.auth_failure", at(599));
+        assert_eq!(
+            ev.note("a/a1", target, "ssh.auth_failure", at(601)),
+            Noted::Counted
+        );
+        assert!(matches!(
+            ev.note("a/a1", target, "ssh.auth_failure", at(602)),
+            Noted::Block(_)
+        ));
+        let mut w = Sliding::new();
+        for i in 0..1000 {
+            w.note(Duration::from_secs(600), at(i));
+        }
+        assert_eq!(
+            w.count(Duration::from_secs(600), at(1000)),
+            SLIDING_KEPT as u32
+        );
+    }
+
+    #[test]
+    fn the_controller_is_one_witness_and_one_node_with_it_is_enough() {
+        let mut ev = Evidence::new(EvidenceConfig::default());
+        let target = ip("198.18.0.96");
+        for i in 0..10 {
+            assert_eq!(
+                ev.note(OWN_REPORTER, target, "http.signin_failure", at(i)),
+                Noted::Counted
+            );
+        }
+        for i in 0..2 {
+            ev.note("a/a1", target, "ssh.auth_failure", at(20 + i));
+        }
+        let Noted::Block(c) = ev.note("a/a1", target, "ssh.auth_failure", at(22)) else {
+            panic!("no block");
+        };
+        let nodes: Vec<&str> = c.witnesses.iter().map(|w| w.node.as_str()).collect();
+        assert_eq!(nodes, ["a/a1", OWN_REPORTER]);
+        // With one witness configured, one node alone blocks.
+        let mut one = Evidence::new(EvidenceConfig {
+            reporters_needed: 1,
+            ..EvidenceConfig::default()
+        });
+        for i in 0..2 {
+            assert_eq!(
+                one.note("a/a1", target, "ssh.auth_failure", at(i)),
+                Noted::Counted
+            );
+        }
+        assert!(matches!(
+            one.note("a/a1", target, "ssh.auth_failure", at(2)),
+            Noted::Block(_)
+        ));
+    }
+
+    #[test]
+    fn blocks_double_with_each_offence_up_to_the_maximum() {
+        let t = BlockTiming {
+            first: Duration::from_secs(60),
+            max: Duration::from_secs(600),
+            memory: Duration::from_secs(86_400),
+        };
+        let secs: Vec<u64> = (0..8).map(|p| t.length(p).as_secs()).collect();
+        assert_eq!(secs, [60, 120, 240, 480, 600, 600, 600, 600]);
+        assert_eq!(t.length(u32::MAX).as_secs(), 600);
+        assert_eq!(t.prior(3, at(0), at(100)), 3);
+        assert_eq!(t.prior(3, at(0), at(86_400)), 0);
+        let mut p = PolicyConfig::default();
+        p.validate().unwrap();
+        p.timing.first = Duration::from_secs(10 * 86_400);
+        assert!(p.validate().unwrap_err().contains("--block-first"));
+        let mut p = PolicyConfig::default();
+        p.evidence.reporters_needed = 0;
+        assert!(p.validate().unwrap_err().contains("--block-nodes"));
     }
 }

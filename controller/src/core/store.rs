@@ -107,6 +107,28 @@ pub struct BlockRecord {
     pub address: IpAddr,
     pub until_unix: u64,
     pub reason: String,
+    /// When the block started (0 for blocks stored before this was kept).
+    #[serde(default)]
+    pub since_unix: u64,
+    /// Which offence of this address the block answers (1 = first; 0 = placed by hand).
+    #[serde(default)]
+    pub offence: u32,
+}
+
+/// The past automatic blocks of an address, so a repeat offence gets a longer block (also
+/// across restarts).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct OffenceRecord {
+    pub offences: u32,
+    pub last_unix: u64,
+}
+
+/// An operator allow-list entry (`block allow CIDR`): never blocked.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AllowRecord {
+    pub net: ipnet::IpNet,
+    pub added_unix: u64,
+    pub note: String,
 }
 
 /// The sled database with zonemesh's trees.
@@ -130,6 +152,10 @@ pub struct Store {
     /// `zone/node/serial` → [`NodeSerial`]: every certificate issued to a node since it
     /// enrolled, so revoking the node revokes all of them.
     pub node_serials: sled::Tree,
+    /// Address → [`OffenceRecord`].
+    pub block_offences: sled::Tree,
+    /// CIDR → [`AllowRecord`].
+    pub block_allow: sled::Tree,
 }
 
 /// A certificate issued to a node (its node certificates and its TLS certificates).
@@ -195,6 +221,8 @@ impl Store {
             blocks: db.open_tree("blocks")?,
             wgkeys: db.open_tree("wgkeys")?,
             node_serials: db.open_tree("node_serials")?,
+            block_offences: db.open_tree("block_offences")?,
+            block_allow: db.open_tree("block_allow")?,
             flusher: crate::durable::Flusher::new(db.clone()),
             db,
         })

@@ -17,6 +17,7 @@ mod domains;
 mod health;
 pub mod https;
 pub mod pages;
+mod security;
 mod session;
 mod signin;
 
@@ -103,6 +104,8 @@ struct Inner {
     absolute_timeout: Duration,
     /// Portal domains, attached by `serve` (the Domains page answers 503 without).
     domains: std::sync::OnceLock<Arc<crate::domains::Domains>>,
+    /// The mesh, attached by `serve` (the Security page answers 503 without).
+    mesh: std::sync::OnceLock<Arc<crate::mesh::Mesh>>,
 }
 
 impl WebState {
@@ -136,6 +139,7 @@ impl WebState {
                 clock: Arc::new(SystemTime::now),
                 absolute_timeout: cfg.session_absolute_timeout,
                 domains: std::sync::OnceLock::new(),
+                mesh: std::sync::OnceLock::new(),
             }),
         })
     }
@@ -152,6 +156,11 @@ impl WebState {
     /// Serve the Domains page and its endpoints from `domains`.
     pub fn attach_domains(&self, domains: Arc<crate::domains::Domains>) {
         let _ = self.inner.domains.set(domains);
+    }
+
+    /// Serve the Security page (blocks, events, unblock) from `mesh`.
+    pub fn attach_mesh(&self, mesh: Arc<crate::mesh::Mesh>) {
+        let _ = self.inner.mesh.set(mesh);
     }
 
     /// The user store (the CLI and admin socket use it too).
@@ -291,6 +300,7 @@ pub fn router(state: WebState) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/static/style.css", get(style))
         .merge(domains::routes())
+        .merge(security::routes())
         .fallback(not_found)
         .layer(middleware::from_fn(same_origin_posts))
         .layer(DefaultBodyLimit::max(16 * 1024))

@@ -67,10 +67,15 @@ pub struct Viewer<'a> {
 pub(super) fn layout(title: &str, viewer: Option<&Viewer<'_>>, body: &str) -> String {
     let nav = match viewer {
         Some(v) => format!(
-            r#"<div><span>{} ({})</span> <a href="/domains" id="domains-link">Domains</a> <a href="/account/password" id="change-password">Change password</a> <form method="post" action="/signout" class="inline"><input type="hidden" name="csrf" value="{}"><button type="submit" id="signout">Sign out</button></form></div>"#,
+            r#"<div><span>{} ({})</span> <a href="/domains" id="domains-link">Domains</a>{security} <a href="/account/password" id="change-password">Change password</a> <form method="post" action="/signout" class="inline"><input type="hidden" name="csrf" value="{}"><button type="submit" id="signout">Sign out</button></form></div>"#,
             esc(v.email),
             esc(v.role),
-            esc(v.csrf)
+            esc(v.csrf),
+            security = if v.role == "admin" {
+                r#" <a href="/security" id="security-link">Security</a>"#
+            } else {
+                ""
+            },
         ),
         None => String::new(),
     };

@@ -149,6 +149,7 @@ pub(super) async fn record_failure(
         )
         .await;
     tracing::info!(source = %ip, account_failures = outcome.account_failures, source_failures = outcome.source_failures, "{kind}");
+    state.inner.sink.sign_in_failed(ip);
     if let Some(until) = outcome.blocked_until {
         AuthMetrics::inc(&state.inner.metrics.sources_blocked);
         let reason = format!(

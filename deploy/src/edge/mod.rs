@@ -52,6 +52,14 @@ pub const OCSP_TIMEOUT: Duration = Duration::from_secs(5);
 /// Deadline of [`Edge::probe`].
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Told of every 401 or 403 answer the HTTPS listener sends, with the client's address
+/// (the TCP peer, which completed a handshake): the agent reports them as security events.
+/// Called on the request path, so it must not block (the agent queues and drops when full).
+pub trait AuthFailureHook: Send + Sync + std::fmt::Debug + 'static {
+    /// `source` was answered `status` (401 or 403).
+    fn auth_failure(&self, source: std::net::IpAddr, status: u16);
+}
+
 /// What the edge serves and where.
 #[derive(Clone, Debug)]
 pub struct EdgeConfig {
@@ -69,6 +77,8 @@ pub struct EdgeConfig {
     pub upstream_timeouts: UpstreamTimeouts,
     /// The time (timers still run on tokio's clock).
     pub clock: Arc<dyn Clock>,
+    /// Told of 401/403 answers; `None` tells no one.
+    pub auth_failures: Option<Arc<dyn AuthFailureHook>>,
 }
 
 impl Default for EdgeConfig {
@@ -386,7 +396,11 @@ impl Edge {
                 l.local_addr()
                     .map_err(|source| EdgeError::Bind { addr, source })?,
             );
-            let proxy = Arc::new(proxy::Proxy::new(upstream, config.upstream_timeouts));
+            let proxy = Arc::new(proxy::Proxy::new(
+                upstream,
+                config.upstream_timeouts,
+                config.auth_failures.clone(),
+            ));
             tasks.spawn(https_loop(
                 listen::guarded(l, "edge-https", config.limits),
                 tokio_rustls::TlsAcceptor::from(Arc::new(tls_cfg)),

@@ -131,10 +131,15 @@ pub(crate) struct Proxy {
     upstream: Upstream,
     client: Client<HttpConnector, Incoming>,
     timeouts: UpstreamTimeouts,
+    auth_failures: Option<Arc<dyn super::AuthFailureHook>>,
 }
 
 impl Proxy {
-    pub(crate) fn new(upstream: Upstream, timeouts: UpstreamTimeouts) -> Self {
+    pub(crate) fn new(
+        upstream: Upstream,
+        timeouts: UpstreamTimeouts,
+        auth_failures: Option<Arc<dyn super::AuthFailureHook>>,
+    ) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(timeouts.connect));
         connector.set_nodelay(true);
@@ -146,6 +151,7 @@ impl Proxy {
             upstream,
             client,
             timeouts,
+            auth_failures,
         }
     }
 
@@ -157,6 +163,12 @@ impl Proxy {
         guard: InFlight,
     ) -> Response<EdgeBody> {
         let mut resp = self.forward(req, peer, guard).await;
+        let status = resp.status();
+        if (status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN)
+            && let Some(hook) = &self.auth_failures
+        {
+            hook.auth_failure(peer.ip().to_canonical(), status.as_u16());
+        }
         resp.headers_mut().insert(
             header::STRICT_TRANSPORT_SECURITY,
             HeaderValue::from_static(HSTS),

@@ -1273,3 +1273,63 @@ async fn the_last_good_staple_is_served_until_it_expires_then_dropped() {
     stop.cancel();
     edge.join().await;
 }
+
+/// Records what the edge reports as authentication failures.
+#[derive(Debug, Default)]
+struct Failures(Mutex<Vec<(std::net::IpAddr, u16)>>);
+
+impl super::AuthFailureHook for Failures {
+    fn auth_failure(&self, source: std::net::IpAddr, status: u16) {
+        self.0.lock().push((source, status));
+    }
+}
+
+#[tokio::test]
+async fn the_edge_tells_the_hook_of_401_and_403_answers_with_the_client_address() {
+    let (up, up_stop) = http_server(Arc::new(|req, _peer| {
+        let code = match req.uri().path() {
+            "/401" => 401,
+            "/403" => 403,
+            "/404" => 404,
+            _ => 200,
+        };
+        let mut r = http::Response::new(Full::new(Bytes::from_static(b"x")));
+        *r.status_mut() = http::StatusCode::from_u16(code).unwrap();
+        r
+    }))
+    .await;
+    let hook = Arc::new(Failures::default());
+    let stop = CancellationToken::new();
+    let edge = Edge::start(
+        EdgeConfig {
+            https: Some("127.0.0.1:0".parse().unwrap()),
+            upstream: Some(format!("http://{up}")),
+            auth_failures: Some(hook.clone()),
+            ..Default::default()
+        },
+        stop.clone(),
+    )
+    .await
+    .expect("edge starts");
+    let run = Running { edge, stop };
+    run.edge
+        .install(leaf("auth.edge.test", &["auth.edge.test"], 0, None))
+        .await
+        .unwrap();
+    let tls = tls_connect(
+        run.edge.https_addr().unwrap(),
+        "auth.edge.test",
+        client_config(&[b"http/1.1"], rustls::DEFAULT_VERSIONS, None),
+    )
+    .await
+    .unwrap();
+    let mut c = h1(tls).await;
+    for (path, want) in [("/ok", 200), ("/401", 401), ("/404", 404), ("/403", 403)] {
+        let (st, _, _) = send(&mut c, "GET", "auth.edge.test", path, "").await;
+        assert_eq!(st, want);
+    }
+    let lo: std::net::IpAddr = "127.0.0.1".parse().unwrap();
+    assert_eq!(*hook.0.lock(), vec![(lo, 401), (lo, 403)]);
+    run.stop().await;
+    up_stop.cancel();
+}

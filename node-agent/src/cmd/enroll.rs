@@ -146,6 +146,15 @@ pub struct RunArgs {
     /// 30-day certificates renewed at 2/3, 4 means a new key about every 80 days.
     #[arg(long, value_name = "N", default_value_t = 4)]
     pub rotate_key_every: u32,
+    /// Follow a log for authentication failures and report their sources: sshd:PATH,
+    /// sshd:journal, kamailio:PATH, asterisk:PATH or regex:PATH:PATTERN (repeatable;
+    /// sources.toml in the state directory adds more).
+    #[arg(long = "watch-log", value_name = "KIND:WHERE", value_parser = parse_watch_log)]
+    pub watch_log: Vec<zonemesh_agent::control::logwatch::LogSource>,
+}
+
+fn parse_watch_log(s: &str) -> Result<zonemesh_agent::control::logwatch::LogSource, String> {
+    zonemesh_agent::control::logwatch::LogSource::parse(s).map_err(|e| e.to_string())
 }
 
 impl RunArgs {
@@ -195,6 +204,7 @@ pub fn run_agent(a: RunArgs, reload: impl std::future::Future<Output = ()>) -> R
         edge,
         metrics_listen: a.metrics_listen,
         rotate_key_every: a.rotate_key_every,
+        watch_log: a.watch_log,
     };
     opts.state.identity()?;
     runtime()?.block_on(async {

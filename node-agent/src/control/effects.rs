@@ -46,7 +46,9 @@ impl HostEffects for SystemEffects {
     }
 }
 
-/// The nft script that replaces the blocked sets with `entries`.
+/// The nft script that replaces the blocked sets with `entries`. `flush table` empties the
+/// chains only, so the sets are flushed by name (an unblocked source leaves at once). The
+/// rule drops everything from a blocked source but ICMP, so diagnosis keeps working.
 pub fn blocklist_script(entries: &[BlockedEntry]) -> String {
     let mut v4 = Vec::new();
     let mut v6 = Vec::new();
@@ -61,7 +63,8 @@ pub fn blocklist_script(entries: &[BlockedEntry]) -> String {
         "table inet zonemesh {}\nflush table inet zonemesh\ntable inet zonemesh {\n\
          set blocked4 { type ipv4_addr; flags timeout; }\n\
          set blocked6 { type ipv6_addr; flags timeout; }\n\
-         chain input { type filter hook input priority -10; policy accept; ip saddr @blocked4 drop; ip6 saddr @blocked6 drop; }\n}\n",
+         chain input { type filter hook input priority -10; policy accept; ip saddr @blocked4 meta l4proto != icmp drop; ip6 saddr @blocked6 meta l4proto != ipv6-icmp drop; }\n}\n\
+         flush set inet zonemesh blocked4\nflush set inet zonemesh blocked6\n",
     );
     if !v4.is_empty() {
         script.push_str(&format!(

@@ -8,6 +8,7 @@ pub mod clock;
 pub mod effects;
 pub mod enroll;
 pub mod health;
+pub mod logwatch;
 pub mod meshview;
 pub mod metrics;
 pub mod run;

@@ -51,6 +51,10 @@ impl StateDir {
     pub fn identity_file(&self) -> PathBuf {
         self.dir.join("identity.json")
     }
+    /// Extra log sources (see the README).
+    pub fn sources_file(&self) -> PathBuf {
+        self.dir.join("sources.toml")
+    }
     pub fn mesh_file(&self) -> PathBuf {
         self.dir.join("mesh.pb")
     }

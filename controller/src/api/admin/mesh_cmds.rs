@@ -148,6 +148,8 @@ impl AdminHandler {
             address: ip.to_canonical().to_string(),
             reason,
             until_unix: crate::store::unix(until),
+            since_unix: crate::store::unix(now),
+            offence: 0,
         }))
     }
 
@@ -161,6 +163,8 @@ impl AdminHandler {
                 address: b.address.to_string(),
                 reason: b.reason,
                 until_unix: b.until_unix,
+                since_unix: b.since_unix,
+                offence: b.offence,
             })
             .collect();
         Ok(AdminReply::BlockList(blocks))
@@ -179,6 +183,76 @@ impl AdminHandler {
             address: rec.address.to_string(),
         }))
     }
+}
+
+impl AdminHandler {
+    /// `block allow CIDR`
+    pub(super) fn block_allow_add(
+        &self,
+        cidr: String,
+        note: String,
+        now: SystemTime,
+    ) -> Result<AdminReply, ControllerError> {
+        let net = parse_net(&cidr)?;
+        let (rec, lifted) = self.mesh()?.allow_add(net, &note, now)?;
+        self.note(
+            "source.allowed",
+            &rec.net.to_string(),
+            format!(
+                "added to the allow-list ({}); blocks lifted: {}",
+                rec.note,
+                lifted.len()
+            ),
+        );
+        Ok(AdminReply::BlockAllowAdded(AllowAdded {
+            allow: allow_row(rec),
+            lifted: lifted.iter().map(ToString::to_string).collect(),
+        }))
+    }
+
+    /// `block allow --list`
+    pub(super) fn block_allow_list(&self) -> Result<AdminReply, ControllerError> {
+        let rows = self
+            .mesh()?
+            .allow_list()?
+            .into_iter()
+            .map(allow_row)
+            .collect();
+        Ok(AdminReply::BlockAllowList(rows))
+    }
+
+    /// `block allow --remove CIDR`
+    pub(super) fn block_allow_remove(&self, cidr: String) -> Result<AdminReply, ControllerError> {
+        let net = parse_net(&cidr)?;
+        let rec = self.mesh()?.allow_remove(net)?;
+        self.note(
+            "source.allow_removed",
+            &rec.net.to_string(),
+            format!("removed from the allow-list ({})", rec.note),
+        );
+        Ok(AdminReply::BlockAllowRemoved(allow_row(rec)))
+    }
+}
+
+fn allow_row(rec: crate::store::AllowRecord) -> AllowRow {
+    AllowRow {
+        cidr: rec.net.to_string(),
+        added_unix: rec.added_unix,
+        note: rec.note,
+    }
+}
+
+/// A CIDR, or one address as its /32 or /128.
+fn parse_net(cidr: &str) -> Result<ipnet::IpNet, ControllerError> {
+    let t = cidr.trim();
+    t.parse::<ipnet::IpNet>()
+        .or_else(|_| t.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        .map_err(|e| {
+            ControllerError::BadRequest(format!(
+                "{} is not a CIDR range: {e}",
+                crate::text::Escaped(crate::text::cap(cidr, 64))
+            ))
+        })
 }
 
 fn parse_ip(address: &str) -> Result<std::net::IpAddr, ControllerError> {

@@ -76,6 +76,15 @@ pub enum AdminRequest {
     BlockRemove {
         address: String,
     },
+    /// `block allow CIDR`: never blocked.
+    BlockAllowAdd {
+        cidr: String,
+        note: String,
+    },
+    BlockAllowList,
+    BlockAllowRemove {
+        cidr: String,
+    },
     Audit {
         limit: Option<usize>,
     },
@@ -131,6 +140,9 @@ impl AdminRequest {
                 | Self::BlockAdd { .. }
                 | Self::BlockList
                 | Self::BlockRemove { .. }
+                | Self::BlockAllowAdd { .. }
+                | Self::BlockAllowList
+                | Self::BlockAllowRemove { .. }
                 | Self::Health
                 | Self::DomainAdd { .. }
                 | Self::DomainList
@@ -166,6 +178,9 @@ pub enum AdminReply {
     BlockAdded(BlockRow),
     BlockList(Vec<BlockRow>),
     BlockRemoved(BlockRemoved),
+    BlockAllowAdded(AllowAdded),
+    BlockAllowList(Vec<AllowRow>),
+    BlockAllowRemoved(AllowRow),
     Audit(Vec<AuditRecord>),
     DomainAdded(DomainView),
     DomainList(Vec<DomainView>),
@@ -218,6 +233,9 @@ impl AdminReply {
             Self::BlockAdded(_) => "block-added",
             Self::BlockList(_) => "block-list",
             Self::BlockRemoved(_) => "block-removed",
+            Self::BlockAllowAdded(_) => "block-allow-added",
+            Self::BlockAllowList(_) => "block-allow-list",
+            Self::BlockAllowRemoved(_) => "block-allow-removed",
             Self::Audit(_) => "audit",
             Self::DomainAdded(_) => "domain-added",
             Self::DomainList(_) => "domain-list",
@@ -345,8 +363,30 @@ pub use crate::mesh::{HealthMatrix, PairHealth, ZoneHealth};
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BlockRow {
     pub address: String,
+    /// The evidence (nodes, events, kinds) or the administrator's reason.
     pub reason: String,
     pub until_unix: u64,
+    /// When it started (0 when unknown).
+    #[serde(default)]
+    pub since_unix: u64,
+    /// Which offence of the address (1 = first; 0 = placed by hand).
+    #[serde(default)]
+    pub offence: u32,
+}
+
+/// An operator allow-list range (`block allow`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AllowRow {
+    pub cidr: String,
+    pub added_unix: u64,
+    pub note: String,
+}
+
+/// `block allow CIDR`: the range, and the blocks it lifted.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AllowAdded {
+    pub allow: AllowRow,
+    pub lifted: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -468,6 +508,14 @@ mod tests {
             R::BlockRemove {
                 address: s("192.0.2.1"),
             },
+            R::BlockAllowAdd {
+                cidr: s("192.0.2.0/24"),
+                note: s("office"),
+            },
+            R::BlockAllowList,
+            R::BlockAllowRemove {
+                cidr: s("192.0.2.0/24"),
+            },
             R::Audit { limit: Some(5) },
             R::DomainAdd {
                 name: s("portal.example.com"),
@@ -498,6 +546,13 @@ mod tests {
             address: s("192.0.2.1"),
             reason: s("scan"),
             until_unix: 1_700_000_600,
+            since_unix: 1_700_000_000,
+            offence: 2,
+        };
+        let allow = AllowRow {
+            cidr: s("192.0.2.0/24"),
+            added_unix: 1_700_000_000,
+            note: s("office"),
         };
         vec![
             R::CaShow(CaShow {
@@ -619,6 +674,12 @@ mod tests {
             R::BlockRemoved(BlockRemoved {
                 address: s("192.0.2.1"),
             }),
+            R::BlockAllowAdded(AllowAdded {
+                allow: allow.clone(),
+                lifted: vec![s("192.0.2.7")],
+            }),
+            R::BlockAllowList(vec![allow.clone()]),
+            R::BlockAllowRemoved(allow),
             R::DomainAdded(domain()),
             R::DomainList(vec![domain(), {
                 let mut d = domain();

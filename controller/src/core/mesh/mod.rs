@@ -22,6 +22,7 @@ mod watch;
 mod zones;
 
 pub use health::{HealthMatrix, PairHealth, STALE_AFTER, ZoneHealth, matrix as health_view};
+pub use blocks::{EventCounts, RecentEvent};
 pub use node_calls::{HealthRow, RenewKey};
 pub use watch::{BACKLOG, Frame, Subscription, coalesce};
 pub use zones::CreatedToken;
@@ -68,8 +69,6 @@ const MAX_HEALTH_ROWS: usize = 1024;
 const MAX_PEER_NAME: usize = 128;
 /// Longest block reason kept.
 const MAX_BLOCK_REASON: usize = 512;
-/// How long an automatic block lasts.
-pub const DEFAULT_BLOCK: Duration = Duration::from_secs(3600);
 const MAX_ENDPOINTS: usize = 8;
 /// Watch streams kept open per node; a newer one ends the oldest (an agent has one).
 pub const MAX_STREAMS_PER_NODE: usize = 8;
@@ -114,6 +113,12 @@ pub struct Mesh {
     audit: std::sync::OnceLock<Arc<AuditLog>>,
     health: Mutex<HashMap<String, Vec<HealthRow>>>,
     block_duration: Duration,
+    /// First and longest automatic block (`serve --block-*`).
+    block_timing: Mutex<crate::blocklist::BlockTiming>,
+    /// The last security events reported (and the controller's own), newest last.
+    recent_events: Mutex<std::collections::VecDeque<blocks::RecentEvent>>,
+    /// Events reported, by kind (unknown kinds under "other"), and automatic blocks placed.
+    event_counts: blocks::EventCounts,
     crl_listeners: Mutex<Vec<Arc<dyn CrlListener>>>,
     /// Wraps the enrollment signature (tests slow it down to show it runs outside the
     /// change lock); `None` signs directly.
@@ -222,7 +227,9 @@ impl Mesh {
             never_block: Mutex::new(None),
             audit: std::sync::OnceLock::new(),
             health: Mutex::new(HashMap::new()),
-            block_duration: DEFAULT_BLOCK,
+            block_timing: Mutex::new(crate::blocklist::BlockTiming::default()),
+            recent_events: Mutex::new(std::collections::VecDeque::new()),
+            event_counts: blocks::EventCounts::default(),
             crl_listeners: Mutex::new(Vec::new()),
         }))
     }

@@ -23,6 +23,34 @@ use zonemesh_proto as pb;
 
 use pb::deployment_report::State;
 
+/// The edge's 401/403 answers, as `http.auth_failure` events into the agent's event queue
+/// (never waiting: a full queue drops and counts).
+#[derive(Debug, Default)]
+pub(super) struct AuthFailures(std::sync::OnceLock<super::super::logwatch::EventQueue>);
+
+impl AuthFailures {
+    pub(super) fn attach(&self, q: super::super::logwatch::EventQueue) {
+        let _ = self.0.set(q);
+    }
+}
+
+impl zonemesh_deploy::edge::AuthFailureHook for AuthFailures {
+    fn auth_failure(&self, source: std::net::IpAddr, status: u16) {
+        if let Some(q) = self.0.get() {
+            let hit = super::super::logwatch::patterns::Hit {
+                kind: "http.auth_failure",
+                source,
+                rule: if status == 401 {
+                    "edge-401"
+                } else {
+                    "edge-403"
+                },
+            };
+            q.offer(&hit, "edge");
+        }
+    }
+}
+
 /// Bundles of one update installed concurrently.
 const INSTALLS_AT_ONCE: usize = 8;
 /// Most domains whose last report is remembered (an edge serves at most this many).

@@ -56,6 +56,9 @@ pub struct RunOptions {
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// Replace the node key on every N-th renewal (0: never).
     pub rotate_key_every: u32,
+    /// Logs to follow for authentication failures (`--watch-log`); `sources.toml` in the
+    /// state directory adds to them.
+    pub watch_log: Vec<super::logwatch::LogSource>,
 }
 
 /// Starts the data plane for a configuration.
@@ -137,6 +140,8 @@ pub(crate) struct Agent {
     crl_changes: tokio::sync::watch::Sender<u64>,
     /// The edge's per-domain status, for `status` (with `--edge-*`).
     edge_status: Option<tokio::sync::watch::Receiver<EdgeStatusMap>>,
+    /// What the log followers read, matched and dropped.
+    pub(crate) logwatch_stats: Arc<super::logwatch::LogwatchStats>,
 }
 
 type EdgeStatusMap = std::collections::BTreeMap<String, zonemesh_deploy::edge::DomainStatus>;
@@ -235,6 +240,7 @@ impl Agent {
             counters: Counters::default(),
             crl_changes: tokio::sync::watch::Sender::new(0),
             edge_status: None,
+            logwatch_stats: Arc::default(),
         };
         Ok((agent, dp_events, ev_rx))
     }
@@ -263,10 +269,14 @@ pub async fn run(opts: RunOptions, shutdown: CancellationToken) -> Result<()> {
 /// Run on the given data plane, host effects and clock until SIGTERM/SIGINT or `shutdown`.
 pub async fn run_with(opts: RunOptions, deps: RunDeps, shutdown: CancellationToken) -> Result<()> {
     let icmp_probes = deps.icmp_probes;
+    let log_sources = super::logwatch::configured(&opts.watch_log, &opts.state.sources_file())?;
+    // Set once the event queue exists; the edge's 401/403 answers before that are not told.
+    let edge_failures = Arc::new(edge::AuthFailures::default());
     // The edge binds first: a port in use fails the start before the data plane exists.
     let edge = match opts.edge.clone() {
         Some(mut cfg) => {
             cfg.clock = deps.clock.clone();
+            cfg.auth_failures = Some(edge_failures.clone());
             Some(Arc::new(
                 zonemesh_deploy::edge::Edge::start(cfg, shutdown.clone()).await?,
             ))
@@ -280,6 +290,9 @@ pub async fn run_with(opts: RunOptions, deps: RunDeps, shutdown: CancellationTok
     let (mut agent, dp_events, ev_rx) = Agent::start(opts, deps).await?;
     agent.edge_status = edge.as_ref().map(|e| e.status());
     let agent = Arc::new(agent);
+    let log_queue =
+        super::logwatch::EventQueue::new(agent.events.clone(), agent.logwatch_stats.clone());
+    edge_failures.attach(log_queue.clone());
     let saved = agent.view.lock().version;
     if saved > 0 {
         tracing::info!(
@@ -300,6 +313,13 @@ pub async fn run_with(opts: RunOptions, deps: RunDeps, shutdown: CancellationTok
         shutdown.clone(),
     ));
     tasks.spawn(renew::renew_loop(agent.clone(), shutdown.clone()));
+    if !log_sources.is_empty() {
+        tasks.spawn(super::logwatch::run(
+            log_sources,
+            log_queue,
+            shutdown.clone(),
+        ));
+    }
     tasks.spawn(status::status_server(agent.clone(), shutdown.clone()));
     if icmp_probes {
         tasks.spawn(probe::health_loop(agent.clone(), shutdown.clone()));

@@ -164,6 +164,7 @@ async fn start_agent(
         edge: None,
         metrics_listen: None,
         rotate_key_every: 0,
+        watch_log: Vec::new(),
     };
     let (agent, _dp_events, _own_events) = Agent::start(opts, deps).await.expect("agent");
     let agent = Arc::new(agent);
