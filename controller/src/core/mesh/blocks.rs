@@ -371,6 +371,7 @@ impl Mesh {
             unblocked: expired.iter().map(|b| b.address.to_string()).collect(),
             ..Default::default()
         })?;
+        self.metrics().blocks_expired(expired.len() as u64);
         for b in &expired {
             self.event_counts.expired.fetch_add(1, Ordering::Relaxed);
             tracing::info!(source = %b.address, "block expired");
