@@ -34,6 +34,8 @@ pub enum ControllerError {
     Blocking(#[from] crate::blocking::BlockingError),
     #[error(transparent)]
     Audit(#[from] crate::audit::AuditError),
+    #[error("SSH key: {0}")]
+    SshKey(#[from] ssh_key::Error),
     #[error("CRL update: {0}")]
     CrlUpdate(#[source] crate::tls::TlsSetupError),
 }

@@ -219,6 +219,11 @@ pub async fn run(cfg: ServeConfig, shutdown: CancellationToken) -> Result<()> {
         dc.acme = acme;
         crate::domains::Domains::new(auth.clone(), &kek, dc, Some(audit.clone()))?
     };
+    let ssh = crate::ssh::Ssh::open(&store, &kek, auth.trust_domain(), Some(audit.clone()))?;
+    {
+        let (s, m) = (ssh.clone(), mesh.clone());
+        crate::blocking::run(move || s.attach_mesh(m)).await?;
+    }
     drop(kek);
     let web_state = WebState::new(
         &web_cfg,
@@ -274,11 +279,12 @@ pub async fn run(cfg: ServeConfig, shutdown: CancellationToken) -> Result<()> {
     }
 
     let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(crate::grpc::serve_with_domains(
+    tasks.spawn(crate::grpc::serve_with(
         grpc_listener,
         grpc_tls,
         mesh.clone(),
         Some(domains.clone()),
+        Some(ssh.clone()),
         shutdown.clone(),
     ));
     {
@@ -309,6 +315,7 @@ pub async fn run(cfg: ServeConfig, shutdown: CancellationToken) -> Result<()> {
         audit: Some(audit.clone()),
         web: Some(web_state.clone()),
         domains: Some(domains.clone()),
+        ssh: Some(ssh.clone()),
     });
     tasks.spawn(admin::serve(
         admin::socket_path(&cfg.data_dir),

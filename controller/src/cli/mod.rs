@@ -9,9 +9,11 @@ mod commands;
 mod domain;
 pub mod init;
 pub mod render;
+mod ssh;
 
 pub use commands::run;
 pub use domain::DomainCommand;
+pub use ssh::SshCommand;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -41,6 +43,9 @@ pub enum Command {
     Init {
         #[arg(long)]
         trust_domain: String,
+        /// Key type of the SSH CA created with it: ed25519 or rsa4096.
+        #[arg(long, default_value = "ed25519")]
+        ssh_ca_key: String,
     },
     /// Run the controller.
     Serve {
@@ -113,6 +118,11 @@ pub enum Command {
     Domain {
         #[command(subcommand)]
         command: DomainCommand,
+    },
+    /// Server access with SSH certificates: the SSH CA, grants, user certificates, KRL.
+    Ssh {
+        #[command(subcommand)]
+        command: SshCommand,
     },
     /// The append-only audit log of security decisions.
     Audit {

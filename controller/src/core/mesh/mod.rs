@@ -16,6 +16,7 @@ mod csr;
 mod enroll;
 mod node_calls;
 mod revoke;
+mod ssh;
 mod watch;
 mod zones;
 
@@ -112,6 +113,8 @@ pub struct Mesh {
     /// The last version written to the log (under the change lock); `version` is the
     /// last one flushed and broadcast.
     appended: AtomicU64,
+    /// The SSH state every snapshot carries (see `ssh`).
+    ssh_state: Mutex<Option<pb::SshState>>,
 }
 
 /// Runs just before the enrollment signature; see [`Mesh::with_sign_hook`].
@@ -211,6 +214,7 @@ impl Mesh {
             health: Mutex::new(HashMap::new()),
             block_duration: DEFAULT_BLOCK,
             crl_listeners: Mutex::new(Vec::new()),
+            ssh_state: Mutex::new(None),
         }))
     }
 

@@ -66,6 +66,7 @@ impl Mesh {
                 zones,
                 crl_der: self.auth.crl_der().to_vec(),
                 blocklist: self.active_blocks(SystemTime::now())?,
+                ssh: self.ssh_state.lock().clone(),
             })),
         });
         *self.snapshot_cache.lock() = Some(snap.clone());
