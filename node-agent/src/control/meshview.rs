@@ -23,6 +23,8 @@ pub struct MeshView {
     pub zones: BTreeMap<String, pb::Zone>,
     pub crl_der: Vec<u8>,
     pub blocklist: BTreeMap<String, pb::BlockedSource>,
+    /// The SSH state for a managed sshd (replaced whole by each update that has one).
+    pub ssh: Option<pb::SshState>,
 }
 
 /// A peer that failed verification, and why.
@@ -57,6 +59,7 @@ impl MeshView {
                     .iter()
                     .map(|b| (b.address.clone(), b.clone()))
                     .collect();
+                self.ssh = s.ssh.clone();
             }
             Some(pb::mesh_update::Kind::Delta(d)) => {
                 for p in &d.upserted {
@@ -77,6 +80,9 @@ impl MeshView {
                 for a in &d.unblocked {
                     self.blocklist.remove(a);
                 }
+                if let Some(ssh) = &d.ssh {
+                    self.ssh = Some(ssh.clone());
+                }
             }
             None => {}
         }
@@ -92,6 +98,7 @@ impl MeshView {
                 zones: self.zones.values().cloned().collect(),
                 crl_der: self.crl_der.clone(),
                 blocklist: self.blocklist.values().cloned().collect(),
+                ssh: self.ssh.clone(),
             })),
         }
     }

@@ -14,11 +14,13 @@ mod events;
 mod link;
 mod probe;
 mod renew;
+mod ssh;
 mod status;
 mod sync;
 #[cfg(test)]
 mod tests;
 
+pub use ssh::SshdConfig;
 pub use status::{AgentStatus, EdgeDomainRow, PeerStatusRow, SyncCounters, query_status};
 pub use zonemesh_deploy::edge::EdgeConfig;
 
@@ -51,6 +53,9 @@ pub struct RunOptions {
     pub mtu: u16,
     /// Serve portal domains (`--edge-*`), validated before anything binds.
     pub edge: Option<EdgeConfig>,
+    /// Manage the local sshd (`--manage-sshd`); without it a drop-in left by an earlier
+    /// run is removed.
+    pub sshd: Option<SshdConfig>,
 }
 
 /// Starts the data plane for a configuration.
@@ -130,6 +135,8 @@ pub(crate) struct Agent {
     counters: Counters,
     /// Bumped whenever an update brings a CRL other than the one held.
     crl_changes: tokio::sync::watch::Sender<u64>,
+    /// Bumped whenever an update brings an SSH state.
+    ssh_changes: tokio::sync::watch::Sender<u64>,
     /// The edge's per-domain status, for `status` (with `--edge-*`).
     edge_status: Option<tokio::sync::watch::Receiver<EdgeStatusMap>>,
 }
@@ -229,6 +236,7 @@ impl Agent {
             events: ev_tx,
             counters: Counters::default(),
             crl_changes: tokio::sync::watch::Sender::new(0),
+            ssh_changes: tokio::sync::watch::Sender::new(0),
             edge_status: None,
         };
         Ok((agent, dp_events, ev_rx))
@@ -294,6 +302,17 @@ pub async fn run_with(opts: RunOptions, deps: RunDeps, shutdown: CancellationTok
     tasks.spawn(status::status_server(agent.clone(), shutdown.clone()));
     if icmp_probes {
         tasks.spawn(probe::health_loop(agent.clone(), shutdown.clone()));
+    }
+    match agent.opts.sshd.clone() {
+        Some(cfg) => {
+            tasks.spawn(ssh::sshd_loop(agent.clone(), cfg, shutdown.clone()));
+        }
+        None => {
+            let st = agent.opts.state.clone();
+            if let Err(e) = super::blocking(move || ssh::unmanage(&st)).await {
+                tracing::warn!(error = %e, "removing the sshd drop-in failed");
+            }
+        }
     }
     if let Some(e) = &edge {
         tasks.spawn(edge::edge_loop(agent.clone(), e.clone(), shutdown.clone()));

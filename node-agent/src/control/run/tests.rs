@@ -157,6 +157,7 @@ async fn start_agent(
         icmp_probes: false,
     };
     let opts = RunOptions {
+        sshd: None,
         state,
         interface: format!("zmt{}", n.overlay[2]),
         listen_port: 51820,
@@ -207,6 +208,7 @@ fn snapshot(
             zones,
             crl_der: crl.to_vec(),
             blocklist: vec![],
+            ssh: None,
         })),
     }
 }
