@@ -11,8 +11,11 @@ use std::time::SystemTime;
 pub fn init(data_dir: &Path, kek: &KekSource, trust_domain: &str, ssh_ca_key: &str) -> Result<()> {
     // zonemesh-controller init must fail before doing anything when a CA exists.
     zonemesh_ca::validate_label("trust domain", trust_domain, true)?;
-    let Some(ssh_kind) = crate::ssh::CaKeyType::parse(ssh_ca_key) else {
-        bail!("--ssh-ca-key {ssh_ca_key} is not ed25519 or rsa4096");
+    // `none`: no SSH CA now (`ssh init` creates one later).
+    let ssh_kind = match crate::ssh::CaKeyType::parse(ssh_ca_key) {
+        Some(k) => Some(k),
+        None if ssh_ca_key == "none" => None,
+        None => bail!("--ssh-ca-key {ssh_ca_key} is not ed25519, rsa4096 or none"),
     };
     crate::secrets::create_private_dir(data_dir)?;
     let store = crate::admin::local::open_store(data_dir)?;
@@ -33,12 +36,19 @@ pub fn init(data_dir: &Path, kek: &KekSource, trust_domain: &str, ssh_ca_key: &s
     let material = zonemesh_ca::CaMaterial::generate(trust_domain, SystemTime::now(), |step| {
         bar.set_message(step.to_string())
     })?;
-    bar.set_message(format!("SSH CA keys ({})", ssh_kind.as_str()));
-    let ssh_keys = crate::ssh::CaKeys::generate(ssh_kind, trust_domain)?;
+    let ssh_keys = match ssh_kind {
+        Some(kind) => {
+            bar.set_message(format!("SSH CA keys ({})", kind.as_str()));
+            Some(crate::ssh::CaKeys::generate(kind, trust_domain)?)
+        }
+        None => None,
+    };
     bar.finish_and_clear();
     let k = kek.create()?;
     Authority::install(&store, &k, &material)?;
-    ssh_keys.install(&store, &k)?;
+    if let Some(keys) = &ssh_keys {
+        keys.install(&store, &k)?;
+    }
     let pepper_file = crate::serve::pepper_path(data_dir);
     if std::env::var_os("ZONEMESH_PEPPER").is_none() && !pepper_file.exists() {
         crate::secrets::write_secret_file(
@@ -55,18 +65,15 @@ pub fn init(data_dir: &Path, kek: &KekSource, trust_domain: &str, ssh_ca_key: &s
             kek.file.display().to_string()
         }
     );
-    println!(
-        "SSH CA ({}): user CA {}, host CA {}",
-        ssh_kind.as_str(),
-        ssh_keys
-            .user
-            .public_key()
-            .fingerprint(ssh_key::HashAlg::Sha256),
-        ssh_keys
-            .host
-            .public_key()
-            .fingerprint(ssh_key::HashAlg::Sha256)
-    );
+    match &ssh_keys {
+        Some(keys) => println!(
+            "SSH CA ({}): user CA {}, host CA {}",
+            keys.kind.as_str(),
+            keys.user.public_key().fingerprint(ssh_key::HashAlg::Sha256),
+            keys.host.public_key().fingerprint(ssh_key::HashAlg::Sha256)
+        ),
+        None => println!("no SSH CA (create one with `zonemesh-controller ssh init`)"),
+    }
     println!("root SHA-256 fingerprint (agents pin this with --ca-fingerprint):");
     println!(
         "{}",

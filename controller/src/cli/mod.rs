@@ -43,7 +43,7 @@ pub enum Command {
     Init {
         #[arg(long)]
         trust_domain: String,
-        /// Key type of the SSH CA created with it: ed25519 or rsa4096.
+        /// Key type of the SSH CA created with it: ed25519, rsa4096 or none.
         #[arg(long, default_value = "ed25519")]
         ssh_ca_key: String,
     },
