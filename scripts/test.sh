@@ -46,6 +46,7 @@ if [ "${FULL_BENCH:-0}" = 1 ]; then
   scripts/bench-agent-rtt.sh
   scripts/bench-watch.sh
   scripts/bench-deploy.sh
+  scripts/bench-ssh.sh
 else
   # Smoke runs reuse the debug build (dependencies are optimised there too): they show the
   # benchmarks work and print their ratios; the figures that count come from FULL_BENCH=1.
@@ -61,6 +62,7 @@ else
   fi
   ZONEMESH_CONTROLLER_BIN="$target/debug/zonemesh-controller" scripts/bench-watch.sh
   scripts/bench-deploy.sh
+  scripts/bench-ssh.sh
 fi
 # Tests that skipped their body (not root, tool missing) printed "skipped: <reason>" above.
 echo "tests: $((passed - skipped)) passed, ${failed} failed, ${skipped} skipped"

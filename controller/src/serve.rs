@@ -295,6 +295,7 @@ pub async fn run(cfg: ServeConfig, shutdown: CancellationToken) -> Result<()> {
         });
     }
     web_state.attach_domains(domains.clone());
+    web_state.attach_ssh(ssh.clone());
     let https_app = web::router(web_state.clone()).merge(crate::pki_http::router(auth.clone()));
     {
         let (certs, stop) = (certs.clone(), shutdown.clone());

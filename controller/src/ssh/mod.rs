@@ -77,6 +77,60 @@ pub fn generate_key(kind: CaKeyType, comment: &str) -> Result<PrivateKey> {
     Ok(key)
 }
 
+/// RSA CA signatures (rsa-sha2-512) over a private key rebuilt from all its parts:
+/// ssh-key 0.6.7's own RSA signing rebuilds it from the first prime twice and fails.
+struct RsaCaSigner {
+    key: rsa::pkcs1v15::SigningKey<sha2::Sha512>,
+    public: ssh_key::public::KeyData,
+}
+
+impl RsaCaSigner {
+    fn new(kp: &ssh_key::private::RsaKeypair) -> Result<Self> {
+        let big = |m: &ssh_key::Mpint| {
+            rsa::BigUint::from_bytes_be(m.as_positive_bytes().unwrap_or_default())
+        };
+        let key = rsa::RsaPrivateKey::from_components(
+            big(&kp.public.n),
+            big(&kp.public.e),
+            big(&kp.private.d),
+            vec![big(&kp.private.p), big(&kp.private.q)],
+        )
+        .map_err(|e| ControllerError::BadRequest(format!("the RSA CA key is unusable: {e}")))?;
+        Ok(Self {
+            key: rsa::pkcs1v15::SigningKey::new(key),
+            public: ssh_key::public::KeyData::Rsa(kp.public.clone()),
+        })
+    }
+}
+
+impl signature::Signer<ssh_key::Signature> for RsaCaSigner {
+    fn try_sign(&self, msg: &[u8]) -> signature::Result<ssh_key::Signature> {
+        use signature::SignatureEncoding;
+        let sig = self.key.try_sign(msg)?;
+        ssh_key::Signature::new(
+            ssh_key::Algorithm::Rsa {
+                hash: Some(HashAlg::Sha512),
+            },
+            sig.to_vec(),
+        )
+        .map_err(|_| signature::Error::new())
+    }
+}
+
+impl From<&RsaCaSigner> for ssh_key::public::KeyData {
+    fn from(s: &RsaCaSigner) -> Self {
+        s.public.clone()
+    }
+}
+
+/// Sign a certificate with a CA key of either type.
+fn sign_cert(b: Builder, ca: &PrivateKey) -> Result<ssh_key::Certificate> {
+    Ok(match ca.key_data() {
+        ssh_key::private::KeypairData::Rsa(kp) => b.sign(&RsaCaSigner::new(kp)?)?,
+        _ => b.sign(ca)?,
+    })
+}
+
 impl CaKeys {
     /// Fresh user and host CA keys of `kind`.
     pub fn generate(kind: CaKeyType, trust_domain: &str) -> Result<Self> {
@@ -497,7 +551,7 @@ impl Ssh {
         for e in &extensions {
             b.extension(e.clone(), "")?;
         }
-        let cert = b.sign(&keys.user)?;
+        let cert = sign_cert(b, &keys.user)?;
         let rec = SshCertRecord {
             serial,
             kind: SshCertKind::User,
@@ -557,7 +611,7 @@ impl Ssh {
         for p in &principals {
             b.valid_principal(p.clone())?;
         }
-        let cert = b.sign(&keys.host)?;
+        let cert = sign_cert(b, &keys.host)?;
         let rec = SshCertRecord {
             serial,
             kind: SshCertKind::Host,
@@ -777,5 +831,29 @@ fn cert_view(c: &SshCertRecord) -> SshCertView {
         principals: c.principals.clone(),
         valid_before_unix: c.valid_before_unix,
         revoked: c.revoked_unix.is_some(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sign_with(ca: &PrivateKey) -> Result<ssh_key::Certificate> {
+        let subject = generate_key(CaKeyType::Ed25519, "subject").unwrap();
+        let mut b = Builder::new([7u8; 16], subject.public_key().key_data().clone(), 1, 2)?;
+        b.serial(1)?.key_id("k")?.valid_principal("p")?;
+        sign_cert(b, ca)
+    }
+
+    #[test]
+    fn both_ca_key_types_sign_certificates_that_verify() {
+        for kind in [CaKeyType::Ed25519, CaKeyType::Rsa4096] {
+            let ca = generate_key(kind, "ca").unwrap();
+            let again = PrivateKey::from_bytes(&ca.to_bytes().unwrap()).unwrap();
+            for key in [&ca, &again] {
+                let cert = sign_with(key).unwrap_or_else(|e| panic!("{kind:?}: {e}"));
+                cert.verify_signature().unwrap();
+            }
+        }
     }
 }

@@ -234,7 +234,7 @@ mod tests {
 
     #[test]
     fn ttl_is_within_the_grant_and_never_above_a_day() {
-        let h = |n| Duration::from_secs(n * 3600);
+        let h = |n: u64| Duration::from_secs(n * 3600);
         assert_eq!(user_ttl(None, h(8)).unwrap(), h(8));
         assert_eq!(user_ttl(Some(h(1)), h(8)).unwrap(), h(1));
         assert!(

@@ -18,6 +18,7 @@ pub mod https;
 pub mod pages;
 mod session;
 mod signin;
+mod ssh;
 
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
@@ -98,6 +99,8 @@ struct Inner {
     absolute_timeout: Duration,
     /// Portal domains, attached by `serve` (the Domains page answers 503 without).
     domains: std::sync::OnceLock<Arc<crate::domains::Domains>>,
+    /// The SSH CA, attached by `serve` (the Server access page answers 503 without).
+    ssh: std::sync::OnceLock<Arc<crate::ssh::Ssh>>,
 }
 
 impl WebState {
@@ -131,6 +134,7 @@ impl WebState {
                 clock: Arc::new(SystemTime::now),
                 absolute_timeout: cfg.session_absolute_timeout,
                 domains: std::sync::OnceLock::new(),
+                ssh: std::sync::OnceLock::new(),
             }),
         })
     }
@@ -147,6 +151,16 @@ impl WebState {
     /// Serve the Domains page and its endpoints from `domains`.
     pub fn attach_domains(&self, domains: Arc<crate::domains::Domains>) {
         let _ = self.inner.domains.set(domains);
+    }
+
+    /// Serve the Server access page from `ssh`.
+    pub fn attach_ssh(&self, ssh: Arc<crate::ssh::Ssh>) {
+        let _ = self.inner.ssh.set(ssh);
+    }
+
+    /// The SSH CA, when attached.
+    pub fn ssh(&self) -> Option<Arc<crate::ssh::Ssh>> {
+        self.inner.ssh.get().cloned()
     }
 
     /// The user store (the CLI and admin socket use it too).
@@ -286,6 +300,7 @@ pub fn router(state: WebState) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/static/style.css", get(style))
         .merge(domains::routes())
+        .merge(ssh::routes())
         .fallback(not_found)
         .layer(middleware::from_fn(same_origin_posts))
         .layer(DefaultBodyLimit::max(16 * 1024))
