@@ -284,10 +284,11 @@ pub fn unmanage(state: &StateDir) -> Result<()> {
     let reload = m.reload.clone();
     let changed = m.remove_others(state, &[])?;
     tracing::info!("sshd is no longer managed: zonemesh's drop-in and files removed");
-    if changed && let Some(cmd) = reload {
-        if let Err(e) = run_reload(&cmd) {
-            tracing::warn!(error = %e, "sshd reload after removing the drop-in failed");
-        }
+    if changed
+        && let Some(cmd) = reload
+        && let Err(e) = run_reload(&cmd)
+    {
+        tracing::warn!(error = %e, "sshd reload after removing the drop-in failed");
     }
     Ok(())
 }
