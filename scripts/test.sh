@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 
 PKGS=(openssl wireguard-go wireguard-tools iperf3 iproute2 iputils-ping mtr-tiny nftables
       testssl.sh oathtool argon2 jq bc chromium chromium-driver python3 procps pebble nginx lego
-      prometheus lintian)
+      prometheus lintian openssh-server openssh-client)
 if [ "$(id -u)" = 0 ]; then
   missing=()
   for p in "${PKGS[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
@@ -46,6 +46,7 @@ if [ "${FULL_BENCH:-0}" = 1 ]; then
   scripts/bench-agent-rtt.sh
   scripts/bench-watch.sh
   scripts/bench-deploy.sh
+  scripts/bench-ssh.sh
 else
   # Smoke runs reuse the debug build (dependencies are optimised there too): they show the
   # benchmarks work and print their ratios; the figures that count come from FULL_BENCH=1.
@@ -62,6 +63,7 @@ else
   fi
   ZONEMESH_CONTROLLER_BIN="$target/debug/zonemesh-controller" scripts/bench-watch.sh
   scripts/bench-deploy.sh
+  scripts/bench-ssh.sh
 fi
 # Tests that skipped their body (not root, tool missing) printed "skipped: <reason>" above.
 echo "tests: $((passed - skipped)) passed, ${failed} failed, ${skipped} skipped"

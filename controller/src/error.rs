@@ -36,6 +36,8 @@ pub enum ControllerError {
     Audit(#[from] crate::audit::AuditError),
     #[error("backup: {0}")]
     Backup(#[from] crate::core::backup::BackupError),
+    #[error("SSH key: {0}")]
+    SshKey(#[from] ssh_key::Error),
     #[error("CRL update: {0}")]
     CrlUpdate(#[source] crate::core::mesh::CrlListenerError),
 }

@@ -11,6 +11,7 @@
 //!   socket for the CLI, OCSP and CRL over HTTP.
 //! - [`auth`] and [`web`]: users, passwords, TOTP, sessions and the sign-in throttle, and
 //!   the HTTPS pages built on them.
+//! - [`ssh`]: the SSH CA, grants, user and host certificates and the KRL.
 //! - [`serve`] and [`cli`]: wiring a running controller together, and the command line.
 //!
 //! Shared by every layer: [`error`], [`blocking`], [`clock`], [`listen`], [`metrics`],
@@ -29,6 +30,7 @@ pub mod listen;
 pub mod metrics;
 pub mod secrets;
 pub mod serve;
+pub mod ssh;
 pub mod text;
 pub mod tls;
 pub mod web;

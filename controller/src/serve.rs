@@ -226,6 +226,11 @@ pub async fn run(cfg: ServeConfig, shutdown: CancellationToken) -> Result<()> {
         dc.acme = acme;
         crate::domains::Domains::new(auth.clone(), &kek, dc, Some(audit.clone()))?
     };
+    let ssh = crate::ssh::Ssh::open(&store, &kek, auth.trust_domain(), Some(audit.clone()))?;
+    {
+        let (s, m) = (ssh.clone(), mesh.clone());
+        crate::blocking::run(move || s.attach_mesh(m)).await?;
+    }
     drop(kek);
     let web_state = WebState::new(
         &web_cfg,
@@ -291,11 +296,12 @@ pub async fn run(cfg: ServeConfig, shutdown: CancellationToken) -> Result<()> {
     }
 
     let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(crate::grpc::serve_with_domains(
+    tasks.spawn(crate::grpc::serve_with(
         grpc_listener,
         grpc_tls,
         mesh.clone(),
         Some(domains.clone()),
+        Some(ssh.clone()),
         shutdown.clone(),
     ));
     {
@@ -307,6 +313,7 @@ pub async fn run(cfg: ServeConfig, shutdown: CancellationToken) -> Result<()> {
     }
     web_state.attach_domains(domains.clone());
     web_state.attach_mesh(mesh.clone());
+    web_state.attach_ssh(ssh.clone());
     let https_app = web::router(web_state.clone()).merge(crate::pki_http::router(auth.clone()));
     {
         let (certs, stop) = (certs.clone(), shutdown.clone());
@@ -341,6 +348,7 @@ pub async fn run(cfg: ServeConfig, shutdown: CancellationToken) -> Result<()> {
         web: Some(web_state.clone()),
         domains: Some(domains.clone()),
         data_dir: cfg.data_dir.clone(),
+        ssh: Some(ssh.clone()),
     });
     tasks.spawn(admin::serve(
         admin::socket_path(&cfg.data_dir),

@@ -260,8 +260,14 @@ impl EdgeLab {
         format!("zme{pid_tag}t{tag}e{i}")
     }
 
-    /// Namespace and veth pair of edge `i`; returns (namespace, edge ip, host ip).
-    fn veth(j: &Janitor, pid_tag: u32, tag: u8, i: usize) -> Result<(String, Ipv4Addr, Ipv4Addr)> {
+    /// Namespace and veth pair number `i` of lab `tag` (198.19.<tag>.4i+1 on the host side,
+    /// .4i+2 inside); returns (namespace, inner ip, host ip). Shared with the SSH lab.
+    pub fn veth(
+        j: &Janitor,
+        pid_tag: u32,
+        tag: u8,
+        i: usize,
+    ) -> Result<(String, Ipv4Addr, Ipv4Addr)> {
         let ns = Self::ns_name(pid_tag, tag, i);
         let host_if = format!("ze{pid_tag}t{tag}e{i}");
         let base = u8::try_from(4 * i).context("too many edges")?;

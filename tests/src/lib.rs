@@ -122,4 +122,5 @@ pub fn have(cmd: &str) -> bool {
 pub mod browser;
 pub mod edge;
 pub mod nginx;
+pub mod sshlab;
 pub mod tlsprobe;

@@ -243,6 +243,67 @@ async fn json_and_tables_agree_and_bare_node_names_resolve() {
         ]
     });
 
+    // SSH grants and certificates.
+    ctl.admin_ok(&[
+        "ssh",
+        "grant",
+        "--email",
+        EMAIL,
+        "--zone",
+        "eu",
+        "--principal",
+        "deploy",
+        "--max-ttl",
+        "4h",
+        "--allow",
+        "agent-forwarding",
+    ])
+    .unwrap();
+    let key = tmp.path().join("id");
+    std::fs::write(
+        &key,
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAILM+rvN+ot98qgEN796jTiQfZfG1KaT0PtFDJ/XFSqti u\n",
+    )
+    .unwrap();
+    let out = tmp.path().join("id-cert.pub");
+    ctl.admin_ok(&[
+        "ssh",
+        "sign-user",
+        "--email",
+        EMAIL,
+        "--pubkey",
+        key.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ])
+    .unwrap();
+    let (table, json) = both(&ctl, &["ssh", "grants"]);
+    let rows: Vec<Value> = serde_json::from_str(&json).unwrap();
+    assert_eq!(rows.len(), 1);
+    check_list(&table, &rows, |g| {
+        vec![
+            cell(&g["email"]),
+            cell(&g["zone"]),
+            cell(&g["principal"]),
+            cell(&g["certificate_principal"]),
+            "4h".into(),
+            "permit-pty,permit-agent-forwarding".into(),
+        ]
+    });
+    let (table, json) = both(&ctl, &["ssh", "certs"]);
+    let rows: Vec<Value> = serde_json::from_str(&json).unwrap();
+    assert_eq!(rows.len(), 1);
+    check_list(&table, &rows, |c| {
+        vec![
+            cell(&c["serial"]),
+            cell(&c["kind"]),
+            cell(&c["key_id"]),
+            "deploy@eu".into(),
+            rfc3339(&c["valid_before_unix"]),
+            "valid".into(),
+        ]
+    });
+
     let (text, json) = both(&ctl, &["ca", "show"]);
     let ca: Value = serde_json::from_str(&json).unwrap();
     let certs = ca["certificates"].as_array().unwrap();

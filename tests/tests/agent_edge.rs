@@ -177,6 +177,7 @@ async fn deploy_is_served_stapled_and_a_revocation_reaches_the_staple() {
     let https: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let opts = RunOptions {
+        sshd: None,
         state: state.clone(),
         interface: "zmt9".into(),
         listen_port: 51820,

@@ -92,6 +92,7 @@ async fn enroll_watch_revoke_renew_without_root() {
         icmp_probes: false,
     };
     let opts = RunOptions {
+        sshd: None,
         state: state.clone(),
         interface: "zmt0".into(),
         listen_port: 51820,

@@ -53,11 +53,24 @@ pub async fn serve_with_domains(
     domains: Option<Arc<Domains>>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    serve_with(listener, tls, mesh, domains, None, shutdown).await
+}
+
+/// [`serve_with_domains`], with the SSH CA behind IssueSshHostCertificate.
+pub async fn serve_with(
+    listener: impl Into<GuardedListener>,
+    tls: Arc<rustls::ServerConfig>,
+    mesh: Arc<Mesh>,
+    domains: Option<Arc<Domains>>,
+    ssh: Option<Arc<crate::ssh::Ssh>>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let mut listener = listener.into();
     let acceptor = TlsAcceptor::from(tls);
     let svc = GrpcService {
         mesh: mesh.clone(),
         domains,
+        ssh,
         shutdown: shutdown.clone(),
     };
     let watch_svc = svc.clone();
@@ -177,6 +190,7 @@ impl GrpcService {
 struct GrpcService {
     mesh: Arc<Mesh>,
     domains: Option<Arc<Domains>>,
+    ssh: Option<Arc<crate::ssh::Ssh>>,
     /// Ends open Watch streams, which would otherwise hold graceful shutdown up forever.
     shutdown: CancellationToken,
 }
@@ -491,6 +505,22 @@ impl MeshRpc for GrpcService {
         })
         .await
         .map(|_| Response::new(pb::Ack {}))
+    }
+
+    async fn issue_ssh_host_certificate(
+        &self,
+        req: Request<pb::SshHostCertificateRequest>,
+    ) -> Result<Response<pb::SshHostCertificateResponse>, Status> {
+        let ssh = self
+            .ssh
+            .clone()
+            .ok_or_else(|| Status::unavailable("this controller has no SSH CA"))?;
+        self.node_call(req, move |mesh, who, body, now| {
+            let node = mesh.caller(who, now)?;
+            ssh.sign_host(&node, &body.host_public_key)
+        })
+        .await
+        .map(Response::new)
     }
 
     type WatchEdgeStream = EdgeStream;

@@ -29,9 +29,12 @@ pub async fn run(cli: Cli) -> Result<()> {
     let dir = cli.data_dir.as_path();
     let ask = |req| request(dir, &kek, req);
     match cli.command {
-        Command::Init { trust_domain } => {
+        Command::Init {
+            trust_domain,
+            ssh_ca_key,
+        } => {
             crate::secrets::private_umask();
-            super::init::init(dir, &kek, &trust_domain)
+            super::init::init(dir, &kek, &trust_domain, &ssh_ca_key)
         }
         Command::Serve {
             grpc_listen,
@@ -217,6 +220,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             zonemesh_configfile::write_docs(Cli::command(), &out)
                 .with_context(|| format!("writing docs into {}", out.display()))
         }
+        Command::Ssh { command } => super::ssh::run(dir, &kek, command).await,
         Command::Audit { json, limit } => {
             let records = expect!(ask(AdminRequest::Audit { limit }).await?, Audit);
             print!("{}", render::audit(&records, json));

@@ -8,9 +8,15 @@ use std::path::Path;
 use std::time::SystemTime;
 
 /// Create the CA in `data_dir`; refuses before doing anything when one exists.
-pub fn init(data_dir: &Path, kek: &KekSource, trust_domain: &str) -> Result<()> {
+pub fn init(data_dir: &Path, kek: &KekSource, trust_domain: &str, ssh_ca_key: &str) -> Result<()> {
     // zonemesh-controller init must fail before doing anything when a CA exists.
     zonemesh_ca::validate_label("trust domain", trust_domain, true)?;
+    // `none`: no SSH CA now (`ssh init` creates one later).
+    let ssh_kind = match crate::ssh::CaKeyType::parse(ssh_ca_key) {
+        Some(k) => Some(k),
+        None if ssh_ca_key == "none" => None,
+        None => bail!("--ssh-ca-key {ssh_ca_key} is not ed25519, rsa4096 or none"),
+    };
     crate::secrets::create_private_dir(data_dir)?;
     let store = crate::admin::local::open_store(data_dir)?;
     if Authority::exists(&store)? {
@@ -30,9 +36,19 @@ pub fn init(data_dir: &Path, kek: &KekSource, trust_domain: &str) -> Result<()> 
     let material = zonemesh_ca::CaMaterial::generate(trust_domain, SystemTime::now(), |step| {
         bar.set_message(step.to_string())
     })?;
+    let ssh_keys = match ssh_kind {
+        Some(kind) => {
+            bar.set_message(format!("SSH CA keys ({})", kind.as_str()));
+            Some(crate::ssh::CaKeys::generate(kind, trust_domain)?)
+        }
+        None => None,
+    };
     bar.finish_and_clear();
     let k = kek.create()?;
     Authority::install(&store, &k, &material)?;
+    if let Some(keys) = &ssh_keys {
+        keys.install(&store, &k)?;
+    }
     let pepper_file = crate::serve::pepper_path(data_dir);
     if std::env::var_os("ZONEMESH_PEPPER").is_none() && !pepper_file.exists() {
         crate::secrets::write_secret_file(
@@ -49,6 +65,15 @@ pub fn init(data_dir: &Path, kek: &KekSource, trust_domain: &str) -> Result<()> 
             kek.file.display().to_string()
         }
     );
+    match &ssh_keys {
+        Some(keys) => println!(
+            "SSH CA ({}): user CA {}, host CA {}",
+            keys.kind.as_str(),
+            keys.user.public_key().fingerprint(ssh_key::HashAlg::Sha256),
+            keys.host.public_key().fingerprint(ssh_key::HashAlg::Sha256)
+        ),
+        None => println!("no SSH CA (create one with `zonemesh-controller ssh init`)"),
+    }
     println!("root SHA-256 fingerprint (agents pin this with --ca-fingerprint):");
     println!(
         "{}",

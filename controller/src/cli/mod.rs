@@ -10,9 +10,11 @@ mod commands;
 mod domain;
 pub mod init;
 pub mod render;
+mod ssh;
 
 pub use commands::run;
 pub use domain::DomainCommand;
+pub use ssh::SshCommand;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -49,6 +51,9 @@ pub enum Command {
     Init {
         #[arg(long)]
         trust_domain: String,
+        /// Key type of the SSH CA created with it: ed25519, rsa4096 or none.
+        #[arg(long, default_value = "ed25519")]
+        ssh_ca_key: String,
     },
     /// Run the controller.
     Serve {
@@ -148,6 +153,11 @@ pub enum Command {
     GenerateDocs {
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
+    },
+    /// Server access with SSH certificates: the SSH CA, grants, user certificates, KRL.
+    Ssh {
+        #[command(subcommand)]
+        command: SshCommand,
     },
     /// The append-only audit log of security decisions.
     Audit {

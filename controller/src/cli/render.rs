@@ -409,6 +409,78 @@ pub fn domains(rows: &[DomainView], json: bool) -> String {
     )
 }
 
+/// `ssh ca`: both public keys, each on a line of its own for copying.
+pub fn ssh_ca(ca: &crate::ssh::SshCaView, json: bool) -> String {
+    if json {
+        return pretty(ca);
+    }
+    format!(
+        "key type: {}\nuser CA ({}):\n{}\nhost CA ({}):\n{}\n",
+        ca.key_type.as_str(),
+        Escaped(&ca.user_ca_fingerprint),
+        Escaped(&ca.user_ca),
+        Escaped(&ca.host_ca_fingerprint),
+        Escaped(&ca.host_ca)
+    )
+}
+
+pub fn ssh_grants(rows: &[crate::ssh::GrantView], json: bool) -> String {
+    if json {
+        return pretty(&rows);
+    }
+    let cols = [
+        Col::left("EMAIL", 28),
+        Col::left("ZONE", 16),
+        Col::left("PRINCIPAL", 16),
+        Col::left("CERT PRINCIPAL", 28),
+        Col::right("MAX TTL", 8).gap("  "),
+        Col::last("EXTENSIONS"),
+    ];
+    table(
+        &cols,
+        rows.iter().map(|g| {
+            let mut ext = vec!["permit-pty".to_string()];
+            ext.extend(g.extensions.iter().cloned());
+            [
+                g.email.clone(),
+                g.zone.clone(),
+                g.principal.clone(),
+                g.certificate_principal.clone(),
+                humantime::format_duration(std::time::Duration::from_secs(g.max_ttl_secs))
+                    .to_string(),
+                ext.join(","),
+            ]
+        }),
+    )
+}
+
+pub fn ssh_certs(rows: &[crate::ssh::SshCertView], json: bool) -> String {
+    if json {
+        return pretty(&rows);
+    }
+    let cols = [
+        Col::right("SERIAL", 6),
+        Col::left("KIND", 4),
+        Col::left("KEY ID", 28),
+        Col::left("PRINCIPALS", 32),
+        Col::left("EXPIRES", 21),
+        Col::last("STATUS"),
+    ];
+    table(
+        &cols,
+        rows.iter().map(|c| {
+            [
+                c.serial.to_string(),
+                c.kind.clone(),
+                c.key_id.clone(),
+                c.principals.join(","),
+                fmt_unix(c.valid_before_unix),
+                if c.revoked { "revoked" } else { "valid" }.to_string(),
+            ]
+        }),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

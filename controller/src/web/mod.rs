@@ -20,6 +20,7 @@ pub mod pages;
 mod security;
 mod session;
 mod signin;
+mod ssh;
 
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
@@ -106,6 +107,8 @@ struct Inner {
     domains: std::sync::OnceLock<Arc<crate::domains::Domains>>,
     /// The mesh, attached by `serve` (the Security page answers 503 without).
     mesh: std::sync::OnceLock<Arc<crate::mesh::Mesh>>,
+    /// The SSH CA, attached by `serve` (the Server access page answers 503 without).
+    ssh: std::sync::OnceLock<Arc<crate::ssh::Ssh>>,
 }
 
 impl WebState {
@@ -140,6 +143,7 @@ impl WebState {
                 absolute_timeout: cfg.session_absolute_timeout,
                 domains: std::sync::OnceLock::new(),
                 mesh: std::sync::OnceLock::new(),
+                ssh: std::sync::OnceLock::new(),
             }),
         })
     }
@@ -161,6 +165,16 @@ impl WebState {
     /// Serve the Security page (blocks, events, unblock) from `mesh`.
     pub fn attach_mesh(&self, mesh: Arc<crate::mesh::Mesh>) {
         let _ = self.inner.mesh.set(mesh);
+    }
+
+    /// Serve the Server access page from `ssh`.
+    pub fn attach_ssh(&self, ssh: Arc<crate::ssh::Ssh>) {
+        let _ = self.inner.ssh.set(ssh);
+    }
+
+    /// The SSH CA, when attached.
+    pub fn ssh(&self) -> Option<Arc<crate::ssh::Ssh>> {
+        self.inner.ssh.get().cloned()
     }
 
     /// The user store (the CLI and admin socket use it too).
@@ -301,6 +315,7 @@ pub fn router(state: WebState) -> Router {
         .route("/static/style.css", get(style))
         .merge(domains::routes())
         .merge(security::routes())
+        .merge(ssh::routes())
         .fallback(not_found)
         .layer(middleware::from_fn(same_origin_posts))
         .layer(DefaultBodyLimit::max(16 * 1024))

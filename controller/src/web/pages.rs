@@ -18,7 +18,7 @@ main{max-width:60rem;margin:2rem auto;padding:0 1rem}
 .card{background:#fff;border-radius:8px;padding:1.5rem;box-shadow:0 1px 3px rgba(0,0,0,.12);margin-bottom:1.5rem}
 .narrow{max-width:26rem;margin:0 auto}
 label{display:block;margin:.8rem 0 .3rem;font-weight:600}
-input[type=email],input[type=password],input[type=text]{width:100%;box-sizing:border-box;padding:.55rem;font-size:1rem;border:1px solid #b8c2cc;border-radius:4px}
+input[type=email],input[type=password],input[type=text],textarea{width:100%;box-sizing:border-box;padding:.55rem;font-size:1rem;border:1px solid #b8c2cc;border-radius:4px}
 button{margin-top:1rem;padding:.55rem 1.2rem;font-size:1rem;border:0;border-radius:4px;background:#2463eb;color:#fff;cursor:pointer}
 header button{background:transparent;border:1px solid #fff;margin:0;padding:.3rem .8rem}
 .error{background:#fde8e8;color:#8a1c1c;padding:.7rem;border-radius:4px}
@@ -67,7 +67,7 @@ pub struct Viewer<'a> {
 pub(super) fn layout(title: &str, viewer: Option<&Viewer<'_>>, body: &str) -> String {
     let nav = match viewer {
         Some(v) => format!(
-            r#"<div><span>{} ({})</span> <a href="/domains" id="domains-link">Domains</a>{security} <a href="/account/password" id="change-password">Change password</a> <form method="post" action="/signout" class="inline"><input type="hidden" name="csrf" value="{}"><button type="submit" id="signout">Sign out</button></form></div>"#,
+            r#"<div><span>{} ({})</span> <a href="/domains" id="domains-link">Domains</a> <a href="/ssh" id="ssh-link">Server access</a>{security} <a href="/account/password" id="change-password">Change password</a> <form method="post" action="/signout" class="inline"><input type="hidden" name="csrf" value="{}"><button type="submit" id="signout">Sign out</button></form></div>"#,
             esc(v.email),
             esc(v.role),
             esc(v.csrf),

@@ -151,6 +151,27 @@ pub struct RunArgs {
     /// sources.toml in the state directory adds more).
     #[arg(long = "watch-log", value_name = "KIND:WHERE", value_parser = parse_watch_log)]
     pub watch_log: Vec<zonemesh_agent::control::logwatch::LogSource>,
+    /// Give this node's sshd a host certificate and let it accept zonemesh user
+    /// certificates (drop-in in --sshd-config-dir). Without it, a drop-in an earlier run
+    /// wrote is removed.
+    #[arg(long)]
+    pub manage_sshd: bool,
+    /// The sshd host key to certify (its public half is <PATH>.pub).
+    #[arg(
+        long,
+        value_name = "PATH",
+        default_value = "/etc/ssh/ssh_host_ed25519_key"
+    )]
+    pub ssh_host_key: PathBuf,
+    /// sshd's drop-in directory, Included by sshd_config.
+    #[arg(long, value_name = "DIR", default_value = "/etc/ssh/sshd_config.d")]
+    pub sshd_config_dir: PathBuf,
+    /// Where the user CA key, principals and KRL the drop-in names are written.
+    #[arg(long, value_name = "DIR", default_value = "/etc/ssh/zonemesh")]
+    pub sshd_files_dir: PathBuf,
+    /// Run with `sh -c` after the drop-in or the host certificate changed.
+    #[arg(long, value_name = "CMD", default_value = "systemctl reload ssh")]
+    pub sshd_reload: String,
 }
 
 fn parse_watch_log(s: &str) -> Result<zonemesh_agent::control::logwatch::LogSource, String> {
@@ -158,6 +179,17 @@ fn parse_watch_log(s: &str) -> Result<zonemesh_agent::control::logwatch::LogSour
 }
 
 impl RunArgs {
+    /// The sshd the `--manage-sshd` flags describe; `None` without it.
+    fn sshd(&self) -> Option<zonemesh_agent::control::run::SshdConfig> {
+        self.manage_sshd
+            .then(|| zonemesh_agent::control::run::SshdConfig {
+                host_key: self.ssh_host_key.clone(),
+                config_dir: self.sshd_config_dir.clone(),
+                files_dir: self.sshd_files_dir.clone(),
+                reload: self.sshd_reload.clone(),
+            })
+    }
+
     /// The edge configuration the `--edge-*` flags ask for, checked; `None` without them.
     fn edge(&self) -> Result<Option<zonemesh_deploy::edge::EdgeConfig>> {
         if self.edge_reload.is_some() && self.edge_files.is_none() {
@@ -196,11 +228,13 @@ impl RunArgs {
 /// Run the agent until it stops; `reload` runs beside it (the SIGHUP handler).
 pub fn run_agent(a: RunArgs, reload: impl std::future::Future<Output = ()>) -> Result<ExitCode> {
     let edge = a.edge()?;
+    let sshd = a.sshd();
     let opts = zonemesh_agent::control::run::RunOptions {
         state: StateDir::new(&a.state_dir),
         interface: a.interface,
         listen_port: a.listen_port,
         mtu: a.mtu,
+        sshd,
         edge,
         metrics_listen: a.metrics_listen,
         rotate_key_every: a.rotate_key_every,

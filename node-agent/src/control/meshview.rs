@@ -27,6 +27,8 @@ pub struct MeshView {
     pub blocklist: BTreeMap<String, pb::BlockedSource>,
     /// The CA chain the controller sends once per stream, for peers without their own.
     pub ca_chain_der: Vec<Vec<u8>>,
+    /// The SSH state for a managed sshd (replaced whole by each update that has one).
+    pub ssh: Option<pb::SshState>,
 }
 
 /// A peer that failed verification, and why.
@@ -65,6 +67,7 @@ impl MeshView {
                 if !s.ca_chain_der.is_empty() {
                     self.ca_chain_der = s.ca_chain_der.clone();
                 }
+                self.ssh = s.ssh.clone();
             }
             Some(pb::mesh_update::Kind::Delta(d)) => {
                 for p in &d.upserted {
@@ -88,6 +91,9 @@ impl MeshView {
                 if !d.ca_chain_der.is_empty() {
                     self.ca_chain_der = d.ca_chain_der.clone();
                 }
+                if let Some(ssh) = &d.ssh {
+                    self.ssh = Some(ssh.clone());
+                }
             }
             None => {}
         }
@@ -104,6 +110,7 @@ impl MeshView {
                 crl_der: self.crl_der.clone(),
                 blocklist: self.blocklist.values().cloned().collect(),
                 ca_chain_der: self.ca_chain_der.clone(),
+                ssh: self.ssh.clone(),
             })),
         }
     }

@@ -74,9 +74,11 @@ fn offline_handler(data_dir: &Path, kek: &KekSource) -> Result<AdminHandler> {
         );
     }
     let store = open_store(data_dir)?;
-    let auth = Authority::load(store, &kek.load()?, SystemTime::now())?;
+    let kek = kek.load()?;
+    let auth = Authority::load(store, &kek, SystemTime::now())?;
     let store = auth.store().clone();
     let audit = Arc::new(AuditLog::open(store.db())?);
+    let ssh = crate::ssh::Ssh::open(&store, &kek, auth.trust_domain(), Some(audit.clone()))?;
     let web = match Pepper::from_env_or_file(Some(&pepper_path(data_dir))) {
         Ok(pepper) => Some(WebState::new(
             &WebConfig::new(pepper),
@@ -93,5 +95,6 @@ fn offline_handler(data_dir: &Path, kek: &KekSource) -> Result<AdminHandler> {
         web,
         domains: None,
         data_dir: data_dir.to_path_buf(),
+        ssh: Some(ssh),
     })
 }

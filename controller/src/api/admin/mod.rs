@@ -26,6 +26,7 @@ mod domain_cmds;
 pub mod local;
 mod mesh_cmds;
 pub mod proto;
+mod ssh_cmds;
 mod user_cmds;
 
 pub use proto::{AdminReply, AdminRequest, AdminResponse, Redacted};
@@ -48,6 +49,8 @@ pub struct AdminHandler {
     pub domains: Option<Arc<crate::domains::Domains>>,
     /// The data directory (backups are written under it).
     pub data_dir: PathBuf,
+    /// The SSH CA, grants and certificates.
+    pub ssh: Option<Arc<crate::ssh::Ssh>>,
 }
 
 impl AdminHandler {
@@ -148,6 +151,30 @@ impl AdminHandler {
             R::DomainStatus { name } => self.domain_status(name),
             R::DomainRemove { name } => self.domain_remove(name),
             R::Backup { file_name } => self.backup(&file_name, now),
+            R::SshInit { key_type } => self.ssh_init(key_type),
+            R::SshCa => self.ssh_ca(),
+            R::SshKnownHosts => self.ssh_known_hosts(),
+            R::SshGrant {
+                email,
+                zone,
+                principal,
+                max_ttl_secs,
+                extensions,
+            } => self.ssh_grant(email, zone, principal, max_ttl_secs, extensions),
+            R::SshRevokeGrant {
+                email,
+                zone,
+                principal,
+            } => self.ssh_revoke_grant(email, zone, principal),
+            R::SshGrants => self.ssh_grants(),
+            R::SshSignUser {
+                email,
+                public_key,
+                ttl_secs,
+            } => self.ssh_sign_user(email, public_key, ttl_secs),
+            R::SshRevoke { serial, email } => self.ssh_revoke(serial, email),
+            R::SshCerts { email } => self.ssh_certs(email),
+            R::SshKrl => self.ssh_krl(),
         }
     }
 

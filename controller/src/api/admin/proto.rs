@@ -5,6 +5,7 @@
 use crate::audit::AuditRecord;
 use crate::auth::{ClearTarget, Role, ThrottleList, UserSummary};
 pub use crate::domains::{DomainDetail, DomainView, JobView};
+pub use crate::ssh::{GrantView, IssuedUserCert, SshCaView, SshCertView};
 use serde::{Deserialize, Serialize};
 
 /// One admin command.
@@ -111,6 +112,39 @@ pub enum AdminRequest {
     Backup {
         file_name: String,
     },
+    /// Create the SSH CA on an installation without one.
+    SshInit {
+        key_type: String,
+    },
+    SshCa,
+    SshKnownHosts,
+    SshGrant {
+        email: String,
+        zone: String,
+        principal: String,
+        max_ttl_secs: Option<u64>,
+        extensions: Vec<String>,
+    },
+    SshRevokeGrant {
+        email: String,
+        zone: String,
+        principal: String,
+    },
+    SshGrants,
+    SshSignUser {
+        email: String,
+        public_key: String,
+        ttl_secs: Option<u64>,
+    },
+    /// Revoke one certificate (`serial`) or every certificate of `email`.
+    SshRevoke {
+        serial: Option<u64>,
+        email: Option<String>,
+    },
+    SshCerts {
+        email: Option<String>,
+    },
+    SshKrl,
 }
 
 /// A secret carried over the 0600 socket (a password, an otpauth URI): serialised as is,
@@ -188,6 +222,15 @@ pub enum AdminReply {
     Domain(DomainDetail),
     DomainRemoved(DomainRemoved),
     BackupWritten(BackupWritten),
+    SshCa(SshCaView),
+    SshKnownHosts(SshLine),
+    SshGrantAdded(GrantView),
+    SshGrantRevoked(GrantView),
+    SshGrants(Vec<GrantView>),
+    SshUserCert(IssuedUserCert),
+    SshRevoked(SshRevoked),
+    SshCerts(Vec<SshCertView>),
+    SshKrl(SshKrl),
 }
 
 /// `backup`: what the file holds.
@@ -202,6 +245,24 @@ pub struct BackupWritten {
     pub bytes: u64,
     pub body_sha256: String,
     pub millis: u64,
+}
+
+/// `ssh known-hosts`: one line for `known_hosts`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SshLine {
+    pub line: String,
+}
+
+/// `ssh revoke`: the serials put on the KRL.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SshRevoked {
+    pub serials: Vec<u64>,
+}
+
+/// `ssh krl`: the current KRL (binary).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SshKrl {
+    pub krl: Vec<u8>,
 }
 
 /// `domain remove`.
@@ -242,6 +303,15 @@ impl AdminReply {
             Self::Domain(_) => "domain",
             Self::DomainRemoved(_) => "domain-removed",
             Self::BackupWritten(_) => "backup-written",
+            Self::SshCa(_) => "ssh-ca",
+            Self::SshKnownHosts(_) => "ssh-known-hosts",
+            Self::SshGrantAdded(_) => "ssh-grant-added",
+            Self::SshGrantRevoked(_) => "ssh-grant-revoked",
+            Self::SshGrants(_) => "ssh-grants",
+            Self::SshUserCert(_) => "ssh-user-cert",
+            Self::SshRevoked(_) => "ssh-revoked",
+            Self::SshCerts(_) => "ssh-certs",
+            Self::SshKrl(_) => "ssh-krl",
         }
     }
 }
@@ -536,6 +606,37 @@ mod tests {
             R::Backup {
                 file_name: s("backup-1700000000.zmbackup"),
             },
+            R::SshInit {
+                key_type: s("ed25519"),
+            },
+            R::SshCa,
+            R::SshKnownHosts,
+            R::SshGrant {
+                email: s("ops@example.com"),
+                zone: s("eu"),
+                principal: s("deploy"),
+                max_ttl_secs: Some(3600),
+                extensions: vec![s("agent-forwarding")],
+            },
+            R::SshRevokeGrant {
+                email: s("ops@example.com"),
+                zone: s("eu"),
+                principal: s("deploy"),
+            },
+            R::SshGrants,
+            R::SshSignUser {
+                email: s("ops@example.com"),
+                public_key: s("ssh-ed25519 AAAA"),
+                ttl_secs: None,
+            },
+            R::SshRevoke {
+                serial: Some(7),
+                email: None,
+            },
+            R::SshCerts {
+                email: Some(s("ops@example.com")),
+            },
+            R::SshKrl,
         ]
     }
 
@@ -714,6 +815,44 @@ mod tests {
                 body_sha256: s("00ff"),
                 millis: 12,
             }),
+            R::SshCa(SshCaView {
+                key_type: crate::ssh::CaKeyType::Ed25519,
+                user_ca: s("ssh-ed25519 AAAA user"),
+                host_ca: s("ssh-ed25519 AAAB host"),
+                user_ca_fingerprint: s("SHA256:x"),
+                host_ca_fingerprint: s("SHA256:y"),
+            }),
+            R::SshKnownHosts(SshLine {
+                line: s("@cert-authority * ssh-ed25519 AAAB"),
+            }),
+            R::SshGrantAdded(grant()),
+            R::SshGrantRevoked(grant()),
+            R::SshGrants(vec![grant()]),
+            R::SshUserCert(IssuedUserCert {
+                serial: 3,
+                key_id: s("ops@example.com"),
+                key_fingerprint: s("SHA256:z"),
+                principals: vec![s("deploy@eu")],
+                extensions: vec![s("permit-pty")],
+                valid_after_unix: 1_700_000_000,
+                valid_before_unix: 1_700_028_800,
+                certificate: s("ssh-ed25519-cert-v01@openssh.com AAAA"),
+            }),
+            R::SshRevoked(SshRevoked {
+                serials: vec![3, 4],
+            }),
+            R::SshCerts(vec![SshCertView {
+                serial: 3,
+                kind: s("user"),
+                key_id: s("ops@example.com"),
+                key_fingerprint: s("SHA256:z"),
+                principals: vec![s("deploy@eu")],
+                valid_before_unix: 1_700_028_800,
+                revoked: true,
+            }]),
+            R::SshKrl(SshKrl {
+                krl: b"SSHKRL\n\0".to_vec(),
+            }),
             R::Audit(vec![AuditRecord {
                 seq: 1,
                 at_unix_ms: 1_700_000_000_000,
@@ -722,6 +861,17 @@ mod tests {
                     .subject("eu/n1"),
             }]),
         ]
+    }
+
+    fn grant() -> GrantView {
+        GrantView {
+            email: s("ops@example.com"),
+            zone: s("eu"),
+            principal: s("deploy"),
+            certificate_principal: s("deploy@eu"),
+            max_ttl_secs: 28_800,
+            extensions: vec![],
+        }
     }
 
     fn domain() -> DomainView {

@@ -47,6 +47,10 @@ impl AdminHandler {
             &email,
             "cli",
         )?;
+        // A disabled user's SSH certificates go on the KRL of every server.
+        if let Some(ssh) = &self.ssh {
+            ssh.revoke_email(&email, "cli")?;
+        }
         Ok(AdminReply::UserSessionsEnded(UserSessionsEnded {
             email: crate::auth::normalize_email(&email),
             sessions_ended: ended,

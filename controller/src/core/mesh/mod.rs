@@ -18,6 +18,7 @@ mod enroll;
 mod health;
 mod node_calls;
 mod revoke;
+mod ssh;
 mod watch;
 mod zones;
 
@@ -131,6 +132,8 @@ pub struct Mesh {
     /// Per zone (named by the operator), the last overlay address allocated: the next
     /// search starts there.
     alloc_hint: Mutex<HashMap<String, IpAddr>>,
+    /// The SSH state every snapshot carries (see `ssh`).
+    ssh_state: Mutex<Option<pb::SshState>>,
 }
 
 /// Runs just before the enrollment signature; see [`Mesh::with_sign_hook`].
@@ -231,6 +234,7 @@ impl Mesh {
             recent_events: Mutex::new(std::collections::VecDeque::new()),
             event_counts: blocks::EventCounts::default(),
             crl_listeners: Mutex::new(Vec::new()),
+            ssh_state: Mutex::new(None),
         }))
     }
 

@@ -176,6 +176,7 @@ pub fn coalesce<'a>(deltas: impl IntoIterator<Item = &'a pb::Delta>) -> pb::Delt
     let mut blocks: BTreeMap<&str, Option<&pb::BlockedSource>> = BTreeMap::new();
     let mut crl: &[u8] = &[];
     let mut chain: &[Vec<u8>] = &[];
+    let mut ssh_last: Option<&pb::SshState> = None;
     for d in deltas {
         // Every field, named: a field added to Delta must be merged here too.
         let pb::Delta {
@@ -186,6 +187,7 @@ pub fn coalesce<'a>(deltas: impl IntoIterator<Item = &'a pb::Delta>) -> pb::Delt
             blocked,
             unblocked,
             ca_chain_der,
+            ssh,
         } = d;
         // The order an agent applies one delta in: upserts, removals, zones, CRL, blocks,
         // unblocks.
@@ -210,11 +212,16 @@ pub fn coalesce<'a>(deltas: impl IntoIterator<Item = &'a pb::Delta>) -> pb::Delt
         if !ca_chain_der.is_empty() {
             chain = ca_chain_der;
         }
+        // The SSH state travels whole: the last one sent is the state.
+        if ssh.is_some() {
+            ssh_last = ssh.as_ref();
+        }
     }
     let mut out = pb::Delta {
         zones: zones.into_values().cloned().collect(),
         crl_der: crl.to_vec(),
         ca_chain_der: chain.to_vec(),
+        ssh: ssh_last.cloned(),
         ..Default::default()
     };
     for ((zone, node), p) in peers {
@@ -295,6 +302,7 @@ impl Mesh {
                     crl_der: self.auth.crl_der().to_vec(),
                     blocklist: self.active_blocks(SystemTime::now())?,
                     ca_chain_der: self.auth.chain(),
+                    ssh: self.ssh_state.lock().clone(),
                 })),
             })
         };

@@ -15,11 +15,13 @@ mod link;
 mod probe;
 mod renew;
 mod scrape;
+mod ssh;
 mod status;
 mod sync;
 #[cfg(test)]
 mod tests;
 
+pub use ssh::SshdConfig;
 pub use status::{AgentStatus, EdgeDomainRow, PeerStatusRow, SyncCounters, query_status};
 pub use zonemesh_deploy::edge::EdgeConfig;
 
@@ -59,6 +61,9 @@ pub struct RunOptions {
     /// Logs to follow for authentication failures (`--watch-log`); `sources.toml` in the
     /// state directory adds to them.
     pub watch_log: Vec<super::logwatch::LogSource>,
+    /// Manage the local sshd (`--manage-sshd`); without it a drop-in left by an earlier
+    /// run is removed.
+    pub sshd: Option<SshdConfig>,
 }
 
 /// Starts the data plane for a configuration.
@@ -138,6 +143,8 @@ pub(crate) struct Agent {
     counters: Counters,
     /// Bumped whenever an update brings a CRL other than the one held.
     crl_changes: tokio::sync::watch::Sender<u64>,
+    /// Bumped whenever an update brings an SSH state.
+    ssh_changes: tokio::sync::watch::Sender<u64>,
     /// The edge's per-domain status, for `status` (with `--edge-*`).
     edge_status: Option<tokio::sync::watch::Receiver<EdgeStatusMap>>,
     /// What the log followers read, matched and dropped.
@@ -239,6 +246,7 @@ impl Agent {
             events: ev_tx,
             counters: Counters::default(),
             crl_changes: tokio::sync::watch::Sender::new(0),
+            ssh_changes: tokio::sync::watch::Sender::new(0),
             edge_status: None,
             logwatch_stats: Arc::default(),
         };
@@ -331,6 +339,17 @@ pub async fn run_with(opts: RunOptions, deps: RunDeps, shutdown: CancellationTok
             a.metrics_sample()
         })));
         tasks.spawn(super::metrics::serve(l, metrics, shutdown.clone()));
+    }
+    match agent.opts.sshd.clone() {
+        Some(cfg) => {
+            tasks.spawn(ssh::sshd_loop(agent.clone(), cfg, shutdown.clone()));
+        }
+        None => {
+            let st = agent.opts.state.clone();
+            if let Err(e) = super::blocking(move || ssh::unmanage(&st)).await {
+                tracing::warn!(error = %e, "removing the sshd drop-in failed");
+            }
+        }
     }
     if let Some(e) = &edge {
         tasks.spawn(edge::edge_loop(agent.clone(), e.clone(), shutdown.clone()));

@@ -44,6 +44,14 @@ impl Agent {
         if crl_changed {
             self.crl_changes.send_modify(|g| *g += 1);
         }
+        let ssh = match &update.kind {
+            Some(pb::mesh_update::Kind::Snapshot(s)) => s.ssh.is_some(),
+            Some(pb::mesh_update::Kind::Delta(d)) => d.ssh.is_some(),
+            None => false,
+        };
+        if ssh {
+            self.ssh_changes.send_modify(|g| *g += 1);
+        }
         self.counters.updates.fetch_add(1, Ordering::Relaxed);
         self.unsaved.store(true, Ordering::Release);
         self.sync_wanted.notify_one();

@@ -157,6 +157,7 @@ async fn start_agent(
         icmp_probes: false,
     };
     let opts = RunOptions {
+        sshd: None,
         state,
         interface: format!("zmt{}", n.overlay[2]),
         listen_port: 51820,
@@ -210,6 +211,7 @@ fn snapshot(
             zones,
             crl_der: crl.to_vec(),
             blocklist: vec![],
+            ssh: None,
             ..Default::default()
         })),
     }
