@@ -49,6 +49,7 @@ async fn watch_ok(ctl: &Controller, creds: &NodeCreds) -> anyhow::Result<()> {
     let mut w = pb::mesh_client::MeshClient::new(ch)
         .watch(pb::WatchRequest {
             resume_from_version: 0,
+            chain_once: true,
         })
         .await?
         .into_inner();
@@ -185,6 +186,7 @@ async fn the_run_loop_rotates_the_key_on_every_nth_renewal_and_keeps_watching() 
         listen_port: 51820,
         mtu: 1420,
         edge: None,
+        metrics_listen: None,
         rotate_key_every: 3,
     };
     let stop = CancellationToken::new();
