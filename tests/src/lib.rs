@@ -103,10 +103,10 @@ pub fn is_root() -> bool {
         .unwrap_or(false)
 }
 
+pub mod attacklab;
 pub mod cluster;
 pub mod inproc;
 pub mod janitor;
-pub mod attacklab;
 pub mod meshlab;
 pub mod pebble;
 pub mod webcurl;

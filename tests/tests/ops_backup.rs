@@ -40,6 +40,7 @@ async fn snapshot(ctl: &Controller, creds: &NodeCreds) -> anyhow::Result<pb::Sna
     let mut w = pb::mesh_client::MeshClient::new(ch)
         .watch(pb::WatchRequest {
             resume_from_version: 0,
+            chain_once: true,
         })
         .await?
         .into_inner();

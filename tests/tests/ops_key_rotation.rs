@@ -188,6 +188,8 @@ async fn the_run_loop_rotates_the_key_on_every_nth_renewal_and_keeps_watching() 
         edge: None,
         metrics_listen: None,
         rotate_key_every: 3,
+        watch_log: Vec::new(),
+        sshd: None,
     };
     let stop = CancellationToken::new();
     let agent = tokio::spawn(run_with(opts, deps, stop.clone()));

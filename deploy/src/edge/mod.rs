@@ -91,6 +91,7 @@ impl Default for EdgeConfig {
             limits: ListenerLimits::default(),
             upstream_timeouts: UpstreamTimeouts::default(),
             clock: Arc::new(SystemClock),
+            auth_failures: None,
         }
     }
 }

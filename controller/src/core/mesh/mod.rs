@@ -22,8 +22,8 @@ mod ssh;
 mod watch;
 mod zones;
 
-pub use health::{HealthMatrix, PairHealth, STALE_AFTER, ZoneHealth, matrix as health_view};
 pub use blocks::{EventCounts, RecentEvent};
+pub use health::{HealthMatrix, PairHealth, STALE_AFTER, ZoneHealth, matrix as health_view};
 pub use node_calls::{HealthRow, RenewKey};
 pub use watch::{BACKLOG, Frame, Subscription, coalesce};
 pub use zones::CreatedToken;
@@ -113,7 +113,6 @@ pub struct Mesh {
     never_block: Mutex<Option<Arc<NeverBlock>>>,
     audit: std::sync::OnceLock<Arc<AuditLog>>,
     health: Mutex<HashMap<String, Vec<HealthRow>>>,
-    block_duration: Duration,
     /// First and longest automatic block (`serve --block-*`).
     block_timing: Mutex<crate::blocklist::BlockTiming>,
     /// The last security events reported (and the controller's own), newest last.
@@ -133,7 +132,7 @@ pub struct Mesh {
     /// search starts there.
     alloc_hint: Mutex<HashMap<String, IpAddr>>,
     /// The SSH state every snapshot carries (see `ssh`).
-    ssh_state: Mutex<Option<pb::SshState>>,
+    ssh_state: Mutex<Option<zonemesh_proto::SshState>>,
 }
 
 /// Runs just before the enrollment signature; see [`Mesh::with_sign_hook`].

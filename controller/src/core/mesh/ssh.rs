@@ -10,7 +10,7 @@ impl Mesh {
     /// The SSH state snapshots carry from now on, without a change of its own (start-up).
     pub fn set_ssh_state(&self, state: pb::SshState) {
         *self.ssh_state.lock() = Some(state);
-        *self.snapshot_cache.lock() = None;
+        *self.fanout.snapshot.lock() = None;
     }
 
     /// The SSH state in snapshots, if any.

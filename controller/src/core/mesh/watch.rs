@@ -120,7 +120,7 @@ pub(super) struct Published {
 pub(super) struct Fanout {
     head: watch::Sender<u64>,
     recent: RwLock<VecDeque<Arc<Published>>>,
-    snapshot: Mutex<Option<Frame>>,
+    pub(super) snapshot: Mutex<Option<Frame>>,
     /// Held while a snapshot is built, so concurrent watchers wait for one build.
     building: Mutex<()>,
     coalesced: Mutex<VecDeque<(u64, u64, Frame)>>,

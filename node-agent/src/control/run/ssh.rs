@@ -440,7 +440,7 @@ pub(super) async fn sshd_loop(agent: Arc<Agent>, cfg: SshdConfig, shutdown: Canc
         tokio::select! {
             _ = shutdown.cancelled() => return,
             r = changes.changed() => if r.is_err() { return },
-            _ = agent.clock.sleep_until(next) => {}
+            _ = agent.clock.alarm(next) => {}
         }
     }
 }
