@@ -70,8 +70,14 @@ pub fn config_path(argv: &[OsString]) -> Option<PathBuf> {
     let mut it = argv.iter().skip(1);
     while let Some(a) = it.next() {
         let s = a.to_string_lossy();
-        if s == "--" {
+        // The global option comes before the subcommand: after it, `--config` may be the
+        // subcommand's own (`zonemesh-agent tunnel --config FILE.json`).
+        if s == "--" || !s.starts_with('-') {
             break;
+        }
+        if s == "--log" {
+            it.next();
+            continue;
         }
         if s == "--config" {
             return it.next().map(PathBuf::from);

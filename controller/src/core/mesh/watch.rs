@@ -503,7 +503,7 @@ impl Mesh {
         head.borrow_and_update();
         let current = self.version();
         let first = if resume_from == 0 || resume_from > current {
-            Some(self.snapshot_since(0)?)
+            Some(self.snapshot_since(current)?)
         } else {
             self.next_frame(resume_from)?
         };
