@@ -20,7 +20,7 @@ esac
 
 if ! command -v cargo-deb >/dev/null 2>&1; then
   echo "== installing cargo-deb"
-  cargo install cargo-deb --locked
+  cargo install --locked cargo-deb@3.8.0
 fi
 
 target="${CARGO_TARGET_DIR:-$PWD/target}"
