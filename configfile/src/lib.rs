@@ -20,6 +20,8 @@
 //! subcommand knows, a value of the wrong shape and a positional argument are refused with
 //! the file and the key named.
 
+pub mod process;
+
 use clap::{Arg, ArgAction, Command};
 use std::collections::BTreeSet;
 use std::ffi::{OsStr, OsString};

@@ -5,10 +5,7 @@ mod cmd;
 use clap::{CommandFactory, Parser, Subcommand};
 use std::ffi::OsString;
 use std::process::ExitCode;
-use tracing_subscriber::{EnvFilter, Registry, layer::SubscriberExt, reload};
-
-/// Exit status for a configuration that cannot be used.
-const EXIT_BAD_CONFIG: u8 = 64;
+use zonemesh_configfile::process;
 
 /// zonemesh node agent.
 #[derive(Parser)]
@@ -49,24 +46,22 @@ enum Command {
 
 fn main() -> ExitCode {
     let argv: Vec<OsString> = std::env::args_os().collect();
-    let cli = match parse(&argv) {
+    let cli: Cli = match process::parse(&argv, "zonemesh-agent") {
         Ok(cli) => cli,
         Err(code) => return code,
     };
-    let filter = EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "info".into());
-    let (filter, log_handle) = reload::Layer::<EnvFilter, Registry>::new(filter);
-    let subscriber = tracing_subscriber::registry()
-        .with(filter)
-        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr));
-    if tracing::subscriber::set_global_default(subscriber).is_err() {
+    let Ok(log_handle) = process::install_logger(&cli.log) else {
         eprintln!("zonemesh-agent: cannot install the logger");
         return ExitCode::FAILURE;
-    }
+    };
     let result = match cli.command {
         Command::Enroll(args) => cmd::enroll::run_enroll(args),
         Command::Identity(args) => cmd::enroll::run_identity(args),
         Command::Renew(args) => cmd::enroll::run_renew(args),
-        Command::Run(args) => cmd::enroll::run_agent(args, reload_on_sighup(&argv, &log_handle)),
+        Command::Run(args) => cmd::enroll::run_agent(
+            args,
+            process::reload_log_on_sighup(&argv, &log_handle, |c: &Cli| &c.log),
+        ),
         Command::Status(args) => cmd::enroll::run_status(args),
         Command::Tunnel(args) => cmd::tunnel::run(args),
         Command::GenerateDocs { out } => zonemesh_configfile::write_docs(Cli::command(), &out)
@@ -80,55 +75,4 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-/// The command line with the configuration file's settings; a bad file or bad arguments
-/// end the process with the reason.
-fn parse(argv: &[OsString]) -> Result<Cli, ExitCode> {
-    let expanded = match zonemesh_configfile::expand(&Cli::command(), argv.to_vec()) {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("zonemesh-agent: {e}");
-            return Err(ExitCode::from(EXIT_BAD_CONFIG));
-        }
-    };
-    match Cli::try_parse_from(expanded) {
-        Ok(cli) => Ok(cli),
-        Err(e) => {
-            let _ = e.print();
-            Err(ExitCode::from(e.exit_code().clamp(0, 255) as u8))
-        }
-    }
-}
-
-/// On every SIGHUP: read the configuration file again and apply the log filter. Nothing
-/// else is re-read (interface, port, edge listeners need a restart). A file that no longer
-/// parses leaves everything as it was.
-async fn reload_on_sighup(argv: &[OsString], log: &reload::Handle<EnvFilter, Registry>) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut hup = match signal(SignalKind::hangup()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot listen for SIGHUP; reload disabled");
-            return std::future::pending().await;
-        }
-    };
-    while hup.recv().await.is_some() {
-        let cli = zonemesh_configfile::expand(&Cli::command(), argv.to_vec())
-            .map_err(|e| e.to_string())
-            .and_then(|a| Cli::try_parse_from(a).map_err(|e| e.to_string()));
-        match cli {
-            Ok(cli) => match EnvFilter::try_new(&cli.log) {
-                Ok(f) => match log.reload(f) {
-                    Ok(()) => tracing::info!(log = %cli.log, "configuration reloaded"),
-                    Err(e) => tracing::warn!(error = %e, "log filter not applied"),
-                },
-                Err(e) => tracing::warn!(error = %e, "reload: bad log filter; kept the old one"),
-            },
-            Err(e) => {
-                tracing::warn!(error = %e.replace('\n', " "), "reload refused; nothing changed")
-            }
-        }
-    }
-    std::future::pending().await
 }
