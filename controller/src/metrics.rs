@@ -21,42 +21,9 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 use std::sync::Arc;
 
-/// The `Content-Type` of [`Metrics::encode`]'s output.
-pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
-
-/// The `Content-Type` of the Prometheus text format (for clients that do not ask for
-/// OpenMetrics, and for `promtool check metrics`).
-pub const PROMETHEUS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
-
-/// The OpenMetrics exposition in the Prometheus text format: a counter family is named
-/// with its `_total` suffix in `# HELP` and `# TYPE`, and there is no `# EOF`.
-pub fn prometheus_text(openmetrics: &str) -> String {
-    let counters: std::collections::HashSet<&str> = openmetrics
-        .lines()
-        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
-        .collect();
-    let mut out = String::with_capacity(openmetrics.len() + 16 * counters.len());
-    for line in openmetrics.lines() {
-        if line == "# EOF" {
-            continue;
-        }
-        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|p| {
-            let rest = line.strip_prefix(p)?;
-            let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
-            counters
-                .contains(name)
-                .then(|| format!("{p}{name}_total {tail}"))
-        });
-        out.push_str(renamed.as_deref().unwrap_or(line));
-        out.push('\n');
-    }
-    out
-}
-
-/// Whether a request's `Accept` header asks for OpenMetrics.
-pub fn wants_openmetrics(accept: Option<&str>) -> bool {
-    accept.is_some_and(|a| a.contains("application/openmetrics-text"))
-}
+pub use zonemesh_deploy::exposition::{
+    CONTENT_TYPE, PROMETHEUS_CONTENT_TYPE, prometheus_text, wants_openmetrics,
+};
 
 /// Security event kinds counted under their own label; any other kind counts as `other`.
 /// A new detector adds its kind here.
@@ -422,14 +389,10 @@ pub fn router(metrics: Metrics) -> axum::Router {
             let om = wants_openmetrics(headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()));
             async move {
                 match crate::blocking::run_infallible(move || m.encode()).await {
-                    Ok(text) if om => {
-                        ([(header::CONTENT_TYPE, CONTENT_TYPE)], text).into_response()
+                    Ok(text) => {
+                        let (ctype, body) = zonemesh_deploy::exposition::body(text, om);
+                        ([(header::CONTENT_TYPE, ctype)], body).into_response()
                     }
-                    Ok(text) => (
-                        [(header::CONTENT_TYPE, PROMETHEUS_CONTENT_TYPE)],
-                        prometheus_text(&text),
-                    )
-                        .into_response(),
                     Err(e) => {
                         tracing::error!(error = %e, "metrics scrape failed");
                         StatusCode::INTERNAL_SERVER_ERROR.into_response()

@@ -19,6 +19,7 @@ pub mod atomic;
 pub mod bundle;
 pub mod clock;
 pub mod edge;
+pub mod exposition;
 pub mod files;
 pub mod internal;
 pub mod listen;

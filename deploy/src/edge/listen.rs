@@ -3,11 +3,9 @@
 //! accepts, and per-connection deadlines kept in the socket wrapper under TLS.
 
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 
-use crate::listen::{ConnLimits, HttpOptions, Timeouts};
+use crate::listen::{ConnLimits, Timeouts};
 pub(crate) use crate::listen::{
     GuardedListener, RequestGuard as InFlight, TrackedBody as Tracked, drain,
 };
@@ -54,24 +52,4 @@ pub(crate) fn guarded(
             idle: limits.idle,
         },
     )
-}
-
-/// Serve HTTP/1.1 or HTTP/2 on `io` until the connection ends or `stop`.
-pub(crate) async fn serve_connection<I, S, B>(io: I, svc: S, stop: CancellationToken)
-where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    S: hyper::service::Service<
-            hyper::Request<hyper::body::Incoming>,
-            Response = hyper::Response<B>,
-            Error = std::convert::Infallible,
-        > + Send
-        + 'static,
-    S::Future: Send + 'static,
-    B: hyper::body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    if let Err(e) = crate::listen::serve_connection(io, svc, HttpOptions::default(), stop).await {
-        tracing::debug!(error = %e, "edge connection ended with an error");
-    }
 }

@@ -723,7 +723,10 @@ async fn https_loop(
                 let proxy = proxy.clone();
                 async move { Ok::<_, std::convert::Infallible>(proxy.handle(req, peer, guard).await) }
             });
-            listen::serve_connection(tls, svc, stop).await;
+            let opts = crate::listen::HttpOptions::default();
+            if let Err(e) = crate::listen::serve_connection(tls, svc, opts, stop).await {
+                tracing::debug!(peer = %peer, error = %e, "edge HTTPS connection ended with an error");
+            }
         });
     }
     listen::drain(conns).await;
@@ -737,7 +740,7 @@ async fn http_loop(
 ) {
     let mut conns = JoinSet::new();
     loop {
-        let (io, _peer) = tokio::select! {
+        let (io, peer) = tokio::select! {
             _ = stop.cancelled() => break,
             c = listener.accept() => c,
         };
@@ -751,7 +754,10 @@ async fn http_loop(
                 let resp = proxy::plain(&shared, &req, https_port, guard);
                 async move { Ok::<_, std::convert::Infallible>(resp) }
             });
-            listen::serve_connection(io, svc, stop).await;
+            let opts = crate::listen::HttpOptions::default();
+            if let Err(e) = crate::listen::serve_connection(io, svc, opts, stop).await {
+                tracing::debug!(peer = %peer, error = %e, "edge HTTP connection ended with an error");
+            }
         });
     }
     listen::drain(conns).await;

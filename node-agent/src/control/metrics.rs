@@ -21,42 +21,10 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-/// The `Content-Type` of the exposition.
-pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+pub use zonemesh_deploy::exposition::{
+    CONTENT_TYPE, PROMETHEUS_CONTENT_TYPE, prometheus_text, wants_openmetrics,
+};
 
-/// The `Content-Type` of the Prometheus text format (for clients that do not ask for
-/// OpenMetrics, and for `promtool check metrics`).
-pub const PROMETHEUS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
-
-/// The OpenMetrics exposition in the Prometheus text format: a counter family is named
-/// with its `_total` suffix in `# HELP` and `# TYPE`, and there is no `# EOF`.
-pub fn prometheus_text(openmetrics: &str) -> String {
-    let counters: std::collections::HashSet<&str> = openmetrics
-        .lines()
-        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
-        .collect();
-    let mut out = String::with_capacity(openmetrics.len() + 16 * counters.len());
-    for line in openmetrics.lines() {
-        if line == "# EOF" {
-            continue;
-        }
-        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|p| {
-            let rest = line.strip_prefix(p)?;
-            let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
-            counters
-                .contains(name)
-                .then(|| format!("{p}{name}_total {tail}"))
-        });
-        out.push_str(renamed.as_deref().unwrap_or(line));
-        out.push('\n');
-    }
-    out
-}
-
-/// Whether a request's `Accept` header asks for OpenMetrics.
-pub fn wants_openmetrics(accept: Option<&str>) -> bool {
-    accept.is_some_and(|a| a.contains("application/openmetrics-text"))
-}
 /// Connections at once, in total and from one source (scrapers are few).
 const LIMITS: zonemesh_deploy::listen::ConnLimits = zonemesh_deploy::listen::ConnLimits {
     max_conns: 16,
@@ -315,12 +283,10 @@ fn answer(
             );
         }
         match tokio::task::spawn_blocking(move || m.encode()).await {
-            Ok(text) if om => reply(http::StatusCode::OK, CONTENT_TYPE, text),
-            Ok(text) => reply(
-                http::StatusCode::OK,
-                PROMETHEUS_CONTENT_TYPE,
-                prometheus_text(&text),
-            ),
+            Ok(text) => {
+                let (ctype, body) = zonemesh_deploy::exposition::body(text, om);
+                reply(http::StatusCode::OK, ctype, body)
+            }
             Err(e) => {
                 tracing::error!(error = %e, "metrics scrape failed");
                 reply(
