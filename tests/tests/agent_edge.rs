@@ -177,20 +177,13 @@ async fn deploy_is_served_stapled_and_a_revocation_reaches_the_staple() {
     let https: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let opts = RunOptions {
-        sshd: None,
-        state: state.clone(),
-        interface: "zmt9".into(),
-        listen_port: 51820,
-        mtu: 1420,
         edge: Some(EdgeConfig {
             https: Some(https),
             http: Some(http),
             upstream: Some(format!("http://{}", upstream().await)),
             ..Default::default()
         }),
-        metrics_listen: None,
-        rotate_key_every: 0,
-        watch_log: Vec::new(),
+        ..RunOptions::new(state.clone(), "zmt9")
     };
     let stop = CancellationToken::new();
     let agent = tokio::spawn(run_with(opts, deps, stop.clone()));

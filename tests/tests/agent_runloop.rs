@@ -91,17 +91,7 @@ async fn enroll_watch_revoke_renew_without_root() {
         clock: clock.clone(),
         icmp_probes: false,
     };
-    let opts = RunOptions {
-        sshd: None,
-        state: state.clone(),
-        interface: "zmt0".into(),
-        listen_port: 51820,
-        mtu: 1420,
-        edge: None,
-        metrics_listen: None,
-        rotate_key_every: 0,
-        watch_log: Vec::new(),
-    };
+    let opts = RunOptions::new(state.clone(), "zmt0");
     let stop = CancellationToken::new();
     let agent = tokio::spawn(run_with(opts, deps, stop.clone()));
     // The TUN device stays open while the test holds its other end.

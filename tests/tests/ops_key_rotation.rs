@@ -181,15 +181,8 @@ async fn the_run_loop_rotates_the_key_on_every_nth_renewal_and_keeps_watching() 
         icmp_probes: false,
     };
     let opts = RunOptions {
-        state: state.clone(),
-        interface: "zmr0".into(),
-        listen_port: 51820,
-        mtu: 1420,
-        edge: None,
-        metrics_listen: None,
         rotate_key_every: 3,
-        watch_log: Vec::new(),
-        sshd: None,
+        ..RunOptions::new(state.clone(), "zmr0")
     };
     let stop = CancellationToken::new();
     let agent = tokio::spawn(run_with(opts, deps, stop.clone()));

@@ -66,6 +66,24 @@ pub struct RunOptions {
     pub sshd: Option<SshdConfig>,
 }
 
+impl RunOptions {
+    /// The defaults of `zonemesh-agent run` for a state directory and interface name: port
+    /// 51820, MTU 1420, no edge, no metrics, no key rotation, no log sources, no sshd.
+    pub fn new(state: StateDir, interface: impl Into<String>) -> Self {
+        Self {
+            state,
+            interface: interface.into(),
+            listen_port: 51820,
+            mtu: 1420,
+            edge: None,
+            metrics_listen: None,
+            rotate_key_every: 0,
+            watch_log: Vec::new(),
+            sshd: None,
+        }
+    }
+}
+
 /// Starts the data plane for a configuration.
 pub type StartDataPlane = Box<
     dyn FnOnce(DataPlaneConfig) -> Pin<Box<dyn Future<Output = Result<DataPlane>> + Send>> + Send,

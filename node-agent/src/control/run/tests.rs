@@ -156,17 +156,7 @@ async fn start_agent(
         clock: Arc::new(SystemClock),
         icmp_probes: false,
     };
-    let opts = RunOptions {
-        sshd: None,
-        state,
-        interface: format!("zmt{}", n.overlay[2]),
-        listen_port: 51820,
-        mtu: 1420,
-        edge: None,
-        metrics_listen: None,
-        rotate_key_every: 0,
-        watch_log: Vec::new(),
-    };
+    let opts = RunOptions::new(state, format!("zmt{}", n.overlay[2]));
     let (agent, _dp_events, _own_events) = Agent::start(opts, deps).await.expect("agent");
     let agent = Arc::new(agent);
     let stop = CancellationToken::new();
