@@ -212,27 +212,16 @@ fn chromium_server_access_page_issues_certificates_that_log_in() -> Result<()> {
         &huge,
         format!("ssh-ed25519 {} huge\n", "A".repeat(64 * 1024)),
     )?;
-    let cases: [(&str, Box<dyn Fn() -> Result<()>>, &str); 3] = [
-        (
-            "a 1024-bit RSA key",
-            Box::new(|| br.upload("#key_file", Path::new(&format!("{}.pub", weak.display())))),
-            "3072",
-        ),
-        (
-            "a private key",
-            Box::new(|| br.upload("#key_file", &uploaded)),
-            "private key",
-        ),
-        (
-            "a 64 KiB file",
-            Box::new(|| br.upload("#key_file", &huge)),
-            "KiB",
-        ),
+    let weak_pub = std::path::PathBuf::from(format!("{}.pub", weak.display()));
+    let cases = [
+        ("a 1024-bit RSA key", &weak_pub, "3072"),
+        ("a private key", &uploaded, "private key"),
+        ("a 64 KiB file", &huge, "KiB"),
     ];
-    for (what, fill, expect) in &cases {
+    for (what, file, expect) in cases {
         br.goto(&format!("{base}/ssh"))?;
         br.wait_url("/ssh", Duration::from_secs(10))?;
-        fill()?;
+        br.upload("#key_file", file)?;
         br.click("#sign")?;
         let msg = wait_for(&br, "#message", Duration::from_secs(10))
             .with_context(|| format!("no refusal for {what}"))?;
