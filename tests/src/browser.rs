@@ -6,6 +6,7 @@ use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -27,6 +28,7 @@ pub struct Browser {
     addr: SocketAddr,
     session: String,
     _profile: tempfile::TempDir,
+    downloads: PathBuf,
 }
 
 fn call(addr: SocketAddr, method: &str, path: &str, body: Option<&Value>) -> Result<Value> {
@@ -80,6 +82,8 @@ impl Browser {
             std::thread::sleep(Duration::from_millis(50));
         }
         let profile = tempfile::tempdir()?;
+        let downloads = profile.path().join("downloads");
+        std::fs::create_dir_all(&downloads)?;
         let caps = json!({"capabilities": {"alwaysMatch": {
             "browserName": "chrome",
             "acceptInsecureCerts": true,
@@ -88,13 +92,17 @@ impl Browser {
                 "--no-first-run", "--disable-background-networking",
                 "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
                 format!("--user-data-dir={}", profile.path().display()),
-            ]}
+            ], "prefs": {
+                "download.default_directory": downloads.display().to_string(),
+                "download.prompt_for_download": false,
+            }}
         }}});
         let mut me = Self {
             child,
             addr,
             session: String::new(),
             _profile: profile,
+            downloads,
         };
         let v = call(addr, "POST", "/session", Some(&caps))?;
         me.session = v["value"]["sessionId"]
@@ -183,6 +191,51 @@ impl Browser {
         let e = self.find_by("xpath", xpath)?;
         self.cmd("POST", &format!("/element/{e}/click"), Some(json!({})))
             .map(drop)
+    }
+
+    /// Choose `path` in the file input matching a CSS selector.
+    pub fn upload(&self, css: &str, path: &Path) -> Result<()> {
+        let e = self.find_by("css selector", css)?;
+        self.cmd(
+            "POST",
+            &format!("/element/{e}/value"),
+            Some(json!({ "text": path.display().to_string() })),
+        )
+        .map(drop)
+    }
+
+    /// Wait for a finished download named `name`; returns its bytes and removes it (so
+    /// the next download of the same name is not renamed).
+    pub fn take_download(&self, name: &str, within: Duration) -> Result<Vec<u8>> {
+        let p = self.downloads.join(name);
+        let partial = |d: &Path| {
+            std::fs::read_dir(d).is_ok_and(|mut r| {
+                r.any(|e| e.is_ok_and(|e| e.file_name().to_string_lossy().ends_with(".crdownload")))
+            })
+        };
+        let deadline = Instant::now() + within;
+        while !p.exists() || partial(&self.downloads) {
+            if Instant::now() > deadline {
+                bail!(
+                    "no download {name} in {} (has {:?})",
+                    self.downloads.display(),
+                    std::fs::read_dir(&self.downloads)?
+                        .filter_map(|e| e.ok().map(|e| e.file_name()))
+                        .collect::<Vec<_>>()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let bytes = std::fs::read(&p)?;
+        std::fs::remove_file(&p)?;
+        Ok(bytes)
+    }
+
+    /// Names of the files downloaded so far (and not taken).
+    pub fn downloads(&self) -> Result<Vec<String>> {
+        Ok(std::fs::read_dir(&self.downloads)?
+            .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+            .collect())
     }
 
     /// Wait until the page is loaded at a URL whose path ends in `suffix`.

@@ -13,6 +13,10 @@ pub fn target_dir() -> PathBuf {
 
 /// Path of a built workspace binary (`cargo build --workspace --bins` builds them first).
 pub fn bin(name: &str) -> PathBuf {
+    // Benchmarks run other builds' binaries (e.g. release) from `ZM_BIN_DIR`.
+    if let Some(dir) = std::env::var_os("ZM_BIN_DIR") {
+        return PathBuf::from(dir).join(name);
+    }
     let exe = std::env::current_exe().expect("current_exe");
     let profile_dir = exe.ancestors().nth(2).expect("profile dir");
     let p = profile_dir.join(name);
@@ -121,6 +125,7 @@ pub fn have(cmd: &str) -> bool {
 }
 pub mod browser;
 pub mod edge;
+pub mod journal;
 pub mod nginx;
 pub mod sshlab;
 pub mod tlsprobe;

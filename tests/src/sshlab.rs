@@ -107,6 +107,11 @@ impl SshLab {
     /// A controller and, per `(zone, count)`, that many servers; every sshd is listening
     /// with the agent's drop-in when this returns.
     pub fn new(tag: u8, zones: &[(&str, usize)]) -> Result<Self> {
+        Self::new_with(tag, zones, &[])
+    }
+
+    /// [`Self::new`] with extra `serve` arguments for the controller.
+    pub fn new_with(tag: u8, zones: &[(&str, usize)], serve_args: &[&str]) -> Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix(&format!("zm-sshlab-{tag}-"))
             .tempdir()?
@@ -118,6 +123,7 @@ impl SshLab {
         let mut ctl = Controller::init(&dir)?;
         ctl.grpc = SocketAddr::from((host0, free_port()));
         ctl.pki = SocketAddr::from((host0, free_port()));
+        ctl.serve_args = serve_args.iter().map(|a| a.to_string()).collect();
         ctl.start()?;
         if let Some(pid) = ctl.pid() {
             janitor.track_pid(pid)?;
@@ -199,11 +205,30 @@ impl SshLab {
 
     /// Start (or restart) a server's agent, with or without `--manage-sshd`.
     pub fn start_agent(&self, s: &Server, manage: bool) -> Result<()> {
+        self.start_agent_with(s, manage, &[], &[]).map(drop)
+    }
+
+    /// [`Self::start_agent`] run through `wrapper` (e.g. `nsenter --mount=...`, which
+    /// must exec the rest) and with `extra` `run` arguments; returns the agent's pid.
+    pub fn start_agent_with(
+        &self,
+        s: &Server,
+        manage: bool,
+        wrapper: &[&str],
+        extra: &[&str],
+    ) -> Result<u32> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(s.dir.join("agent.log"))?;
-        let mut cmd = Command::new("ip");
+        let mut cmd = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg("ip");
+                c
+            }
+            None => Command::new("ip"),
+        };
         cmd.args(["netns", "exec", &s.ns])
             .arg(bin("zonemesh-agent"))
             .arg("run")
@@ -213,6 +238,7 @@ impl SshLab {
         if manage {
             cmd.args(s.manage_args());
         }
+        cmd.args(extra);
         let child = cmd
             .env(
                 "ZONEMESH_LOG",
@@ -223,9 +249,10 @@ impl SshLab {
             .stderr(log)
             .spawn()
             .context("spawning zonemesh-agent run")?;
-        self.janitor.track_pid(child.id())?;
+        let pid = child.id();
+        self.janitor.track_pid(pid)?;
         *s.agent.lock().map_err(|_| anyhow::anyhow!("poisoned"))? = Some(child);
-        Ok(())
+        Ok(pid)
     }
 
     /// Stop a server's agent (SIGTERM, then KILL after 5 s).

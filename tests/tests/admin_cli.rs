@@ -303,6 +303,18 @@ async fn json_and_tables_agree_and_bare_node_names_resolve() {
             "valid".into(),
         ]
     });
+    // No node with a host certificate was revoked here (ssh_revoked_host has rows).
+    let (table, json) = both(&ctl, &["ssh", "revoked-hosts"]);
+    let rows: Vec<Value> = serde_json::from_str(&json).unwrap();
+    assert!(rows.is_empty(), "{json}");
+    check_list(&table, &rows, |r| {
+        vec![
+            cell(&r["serial"]),
+            cell(&r["node"]),
+            rfc3339(&r["valid_before_unix"]),
+            cell(&r["key_fingerprint"]),
+        ]
+    });
 
     let (text, json) = both(&ctl, &["ca", "show"]);
     let ca: Value = serde_json::from_str(&json).unwrap();

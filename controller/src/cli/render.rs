@@ -481,6 +481,30 @@ pub fn ssh_certs(rows: &[crate::ssh::SshCertView], json: bool) -> String {
     )
 }
 
+/// `ssh revoked-hosts`: host certificates of revoked nodes.
+pub fn ssh_revoked_hosts(rows: &[crate::ssh::RevokedHostView], json: bool) -> String {
+    if json {
+        return pretty(&rows);
+    }
+    let cols = [
+        Col::right("SERIAL", 6),
+        Col::left("NODE", 28),
+        Col::left("EXPIRES", 21),
+        Col::last("HOST KEY"),
+    ];
+    table(
+        &cols,
+        rows.iter().map(|r| {
+            [
+                r.serial.to_string(),
+                r.node.clone(),
+                fmt_unix(r.valid_before_unix),
+                r.key_fingerprint.clone(),
+            ]
+        }),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -22,8 +22,15 @@ pub enum SshCommand {
         #[arg(long)]
         json: bool,
     },
-    /// The `@cert-authority` line for clients' known_hosts.
+    /// The `@cert-authority` line for clients' known_hosts, and an `@revoked` line for
+    /// the host key of every revoked node.
     KnownHosts,
+    /// Host certificates of revoked nodes (on the KRL, which clients can also use as
+    /// `RevokedHostKeys`; see `ssh krl`).
+    RevokedHosts {
+        #[arg(long)]
+        json: bool,
+    },
     /// Let a user log in as PRINCIPAL on the servers of ZONE.
     Grant {
         #[arg(long)]
@@ -84,7 +91,8 @@ pub enum SshCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Write the current KRL (what every managed sshd has as RevokedKeys).
+    /// Write the current KRL (what every managed sshd has as RevokedKeys; clients can use
+    /// it as RevokedHostKeys to refuse the hosts of revoked nodes).
     Krl {
         #[arg(long)]
         out: PathBuf,
@@ -118,6 +126,13 @@ pub async fn run(dir: &Path, kek: &KekSource, cmd: SshCommand) -> Result<()> {
         SshCommand::KnownHosts => {
             let l = expect!(ask(AdminRequest::SshKnownHosts).await?, SshKnownHosts);
             println!("{}", l.line);
+            for r in &l.revoked {
+                println!("{r}");
+            }
+        }
+        SshCommand::RevokedHosts { json } => {
+            let rows = expect!(ask(AdminRequest::SshRevokedHosts).await?, SshRevokedHosts);
+            print!("{}", render::ssh_revoked_hosts(&rows, json));
         }
         SshCommand::Grant {
             email,

@@ -1,7 +1,8 @@
-//! OpenSSH key revocation lists (PROTOCOL.krl), built from the revoked serials of one CA.
-//! sshd reads the file named by `RevokedKeys`; `ssh-keygen -Q -f FILE` checks a key
-//! against it. Only the parts zonemesh needs are written: one certificates section for the
-//! user CA holding a serial list. Nothing here reads a clock or a file.
+//! OpenSSH key revocation lists (PROTOCOL.krl), built from the revoked serials of the SSH
+//! CAs. sshd reads the file named by `RevokedKeys`, ssh the one named by
+//! `RevokedHostKeys`; `ssh-keygen -Q -f FILE` checks a key against it. Only the parts
+//! zonemesh needs are written: one certificates section per CA (user, host) holding a
+//! serial list. Nothing here reads a clock or a file.
 
 /// `"SSHKRL\n\0"`.
 const KRL_MAGIC: u64 = 0x5353_484b_524c_0a00;
@@ -24,18 +25,36 @@ pub fn build(
     krl_version: u64,
     generated_unix: u64,
 ) -> Vec<u8> {
-    let mut out = Vec::with_capacity(64 + ca_key_blob.len() + serials.len() * 8);
+    build_sections(&[(ca_key_blob, serials)], krl_version, generated_unix)
+}
+
+/// A KRL with one certificates section per `(CA public key blob, revoked serials)`, as
+/// [`build`] writes one (a CA without serials gets no section).
+pub fn build_sections(
+    sections: &[(&[u8], &[u64])],
+    krl_version: u64,
+    generated_unix: u64,
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(
+        64 + sections
+            .iter()
+            .map(|(ca, s)| 16 + ca.len() + s.len() * 8)
+            .sum::<usize>(),
+    );
     out.extend_from_slice(&KRL_MAGIC.to_be_bytes());
     out.extend_from_slice(&KRL_FORMAT_VERSION.to_be_bytes());
     out.extend_from_slice(&krl_version.to_be_bytes());
     out.extend_from_slice(&generated_unix.to_be_bytes());
     out.extend_from_slice(&0u64.to_be_bytes()); // flags
     put_string(&mut out, b""); // reserved
-    put_string(&mut out, b"zonemesh SSH user certificates");
-    let mut list: Vec<u64> = serials.iter().copied().filter(|s| *s != 0).collect();
-    list.sort_unstable();
-    list.dedup();
-    if !list.is_empty() {
+    put_string(&mut out, b"zonemesh SSH certificates");
+    for (ca_key_blob, serials) in sections {
+        let mut list: Vec<u64> = serials.iter().copied().filter(|s| *s != 0).collect();
+        list.sort_unstable();
+        list.dedup();
+        if list.is_empty() {
+            continue;
+        }
         let mut serial_list = Vec::with_capacity(list.len() * 8);
         for s in &list {
             serial_list.extend_from_slice(&s.to_be_bytes());
@@ -51,7 +70,8 @@ pub fn build(
     out
 }
 
-/// The serials a KRL from [`build`] revokes (for checks and the agent's log line).
+/// The serials a KRL from [`build`] revokes, of every CA's section (for checks and the
+/// agent's log line).
 pub fn serials(krl: &[u8]) -> Option<Vec<u64>> {
     let mut r = Reader(krl);
     if r.u64()? != KRL_MAGIC || r.u32()? != KRL_FORMAT_VERSION {
@@ -129,7 +149,19 @@ mod tests {
     fn an_empty_list_is_a_krl_without_sections() {
         let krl = build(b"blob", &[], 1, 0);
         assert_eq!(serials(&krl), Some(vec![]));
-        assert_eq!(krl.len(), 8 + 4 + 8 + 8 + 8 + 4 + 4 + 30);
+        assert_eq!(krl.len(), 8 + 4 + 8 + 8 + 8 + 4 + 4 + 25);
+    }
+
+    #[test]
+    fn each_ca_gets_its_own_section() {
+        let krl = build_sections(
+            &[(b"user", &[4, 2]), (b"host", &[]), (b"host2", &[8])],
+            1,
+            0,
+        );
+        assert_eq!(serials(&krl), Some(vec![2, 4, 8]));
+        let one = build(b"user", &[4, 2], 1, 0);
+        assert_eq!(krl.len(), one.len() + 1 + 4 + (4 + 5) + 4 + 1 + 4 + 8);
     }
 
     #[test]

@@ -214,6 +214,18 @@ pub struct SshCertView {
     pub revoked: bool,
 }
 
+/// A revoked host certificate as `ssh revoked-hosts` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevokedHostView {
+    pub serial: u64,
+    /// `zone/node`.
+    pub node: String,
+    pub key_fingerprint: String,
+    pub valid_before_unix: u64,
+    /// `@revoked * <host key>`, or empty when an earlier row already names this key.
+    pub line: String,
+}
+
 /// An issued user certificate.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IssuedUserCert {
@@ -562,6 +574,7 @@ impl Ssh {
             valid_before_unix: valid_before,
             issued_unix: unix(now),
             revoked_unix: None,
+            public_key: String::new(),
         };
         self.store.put_cert(&rec)?;
         self.store.flush()?;
@@ -622,6 +635,7 @@ impl Ssh {
             valid_before_unix: valid_before,
             issued_unix: unix(now),
             revoked_unix: None,
+            public_key: key.to_openssh().map(|k| plain_key(&k))?,
         };
         self.store.put_cert(&rec)?;
         self.store.flush()?;
@@ -711,6 +725,72 @@ impl Ssh {
         Ok(serials)
     }
 
+    /// Revoke every unexpired host certificate of node `zone/node` (what `node revoke`
+    /// does): on the KRL of every server and in `ssh known-hosts` as `@revoked` lines.
+    /// Returns the serials newly revoked; publishes once.
+    pub fn revoke_host(&self, node_key: &str, actor: &str) -> Result<Vec<u64>> {
+        let _g = self.lock.lock();
+        let now = unix(self.now());
+        let mut serials = Vec::new();
+        for mut rec in self.store.certs()? {
+            if rec.kind == SshCertKind::Host
+                && rec.key_id == node_key
+                && rec.revoked_unix.is_none()
+                && rec.valid_before_unix > now
+            {
+                rec.revoked_unix = Some(now);
+                self.store.put_cert(&rec)?;
+                serials.push(rec.serial);
+            }
+        }
+        if serials.is_empty() {
+            return Ok(serials);
+        }
+        self.store.flush()?;
+        self.audit(
+            AuditEvent::new("ssh.host_certs_revoked", "ok")
+                .actor(actor)
+                .subject(node_key)
+                .detail(format!(
+                    "serials [{}]",
+                    serials
+                        .iter()
+                        .map(u64::to_string)
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                )),
+        );
+        self.publish_locked()?;
+        Ok(serials)
+    }
+
+    /// Revoked, unexpired host certificates and their `@revoked` lines for clients'
+    /// `known_hosts` (one per distinct host key; older records without a key give none).
+    pub fn revoked_hosts(&self) -> Result<Vec<RevokedHostView>> {
+        let now = unix(self.now());
+        let mut seen = BTreeSet::new();
+        let mut out = Vec::new();
+        for c in self.store.certs()? {
+            if c.kind != SshCertKind::Host || c.revoked_unix.is_none() || c.valid_before_unix < now
+            {
+                continue;
+            }
+            let line = if c.public_key.is_empty() || !seen.insert(c.public_key.clone()) {
+                String::new()
+            } else {
+                format!("@revoked * {}", c.public_key)
+            };
+            out.push(RevokedHostView {
+                serial: c.serial,
+                node: c.key_id.clone(),
+                key_fingerprint: c.key_fingerprint.clone(),
+                valid_before_unix: c.valid_before_unix,
+                line,
+            });
+        }
+        Ok(out)
+    }
+
     /// Issued certificates (newest last), optionally of one key ID.
     pub fn certs(&self, key_id: Option<&str>) -> Result<Vec<SshCertView>> {
         let want = key_id.map(crate::auth::normalize_email);
@@ -734,19 +814,22 @@ impl Ssh {
         let now = self.now();
         self.store
             .prune_expired(unix(now).saturating_sub(KEEP_EXPIRED.as_secs()))?;
-        let serials: Vec<u64> = self
-            .store
-            .certs()?
-            .into_iter()
-            .filter(|c| {
-                c.kind == SshCertKind::User
-                    && c.revoked_unix.is_some()
-                    && c.valid_before_unix >= unix(now)
-            })
-            .map(|c| c.serial)
-            .collect();
-        let blob = keys.user.public_key().to_bytes()?;
-        Ok(krl::build(&blob, &serials, version, unix(now)))
+        let (mut user, mut host) = (Vec::new(), Vec::new());
+        for c in self.store.certs()? {
+            if c.revoked_unix.is_some() && c.valid_before_unix >= unix(now) {
+                match c.kind {
+                    SshCertKind::User => user.push(c.serial),
+                    SshCertKind::Host => host.push(c.serial),
+                }
+            }
+        }
+        let user_blob = keys.user.public_key().to_bytes()?;
+        let host_blob = keys.host.public_key().to_bytes()?;
+        Ok(krl::build_sections(
+            &[(&user_blob, &user), (&host_blob, &host)],
+            version,
+            unix(now),
+        ))
     }
 
     /// What every managed sshd needs; `None` without an SSH CA.
@@ -817,6 +900,14 @@ fn view(g: &GrantRecord) -> GrantView {
         max_ttl_secs: g.max_ttl_secs,
         extensions: g.extensions.clone(),
     }
+}
+
+/// `type base64` of an OpenSSH public key line, without its comment.
+fn plain_key(line: &str) -> String {
+    line.split_whitespace()
+        .take(2)
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn cert_view(c: &SshCertRecord) -> SshCertView {

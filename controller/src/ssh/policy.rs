@@ -98,6 +98,12 @@ pub fn parse_subject_key(text: &str) -> Result<PublicKey, SshError> {
             text.len()
         )));
     }
+    if text.contains("PRIVATE KEY-----") {
+        return Err(SshError::BadRequest(
+            "that is a private key: keep it to yourself and give the public key (the .pub file)"
+                .into(),
+        ));
+    }
     let line = text
         .lines()
         .map(str::trim)
@@ -192,6 +198,12 @@ mod tests {
         assert!(refused("").contains("no public key"));
         assert!(refused(&"A".repeat(MAX_PUBLIC_KEY_BYTES + 1)).contains("at most"));
         assert!(refused("ssh-ed25519-cert-v01@openssh.com AAAA").contains("certificate"));
+        let private = "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA\n-----END OPENSSH PRIVATE KEY-----\n";
+        let why = refused(private);
+        assert!(
+            why.contains("private key") && !why.contains("b3Bl"),
+            "{why}"
+        );
     }
 
     #[test]

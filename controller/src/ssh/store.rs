@@ -77,6 +77,10 @@ pub struct SshCertRecord {
     pub valid_before_unix: u64,
     pub issued_unix: u64,
     pub revoked_unix: Option<u64>,
+    /// A host certificate's subject key (OpenSSH, no comment), for the `@revoked` line
+    /// once the node is revoked; empty for user certificates and older records.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub public_key: String,
 }
 
 /// The SSH CA's trees.

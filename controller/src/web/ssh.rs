@@ -1,17 +1,19 @@
-//! The Server access page: a signed-in user with TOTP enrolled pastes an SSH public key,
-//! chooses a lifetime and downloads a certificate for the principals granted to them.
-//! Server-rendered, no script; the form carries the session's CSRF token.
+//! The Server access page: a signed-in user with TOTP enrolled pastes or uploads an SSH
+//! public key, chooses a lifetime and downloads a certificate for the principals granted
+//! to them. Server-rendered, no script; the form carries the session's CSRF token.
 //!
 //! - `GET /ssh`: the user's grants, the form and the `@cert-authority` line
-//! - `POST /ssh`: `csrf`, `public_key`, `ttl` (hours) → the certificate as a download
-//!   (`id-cert.pub`), or the page with the refusal (`400`); `403` without TOTP
+//! - `POST /ssh` (`multipart/form-data` from the page, or urlencoded): `csrf`,
+//!   `public_key` (pasted) or `key_file` (uploaded, at most [`KEY_MAX`]), `ttl` (hours) →
+//!   the certificate as a download (`id-cert.pub`), or the page with the refusal (`400`,
+//!   `413` above the bound); `403` without TOTP or with a wrong CSRF token
 
 use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{Form, State};
+use axum::extract::{Form, FromRequest, Multipart, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
@@ -31,13 +33,128 @@ pub(super) fn routes() -> Router<WebState> {
 
 /// Lifetimes offered, in hours (the grant's maximum still applies).
 const TTL_HOURS: [u64; 5] = [1, 2, 4, 8, 24];
-/// Largest form accepted is set by the router's body limit; a key above this is refused
-/// by the CA with its reason.
+/// Largest public key taken from the form, pasted or uploaded (an RSA-16384 public key is
+/// under 3 KiB). The router's body limit (16 KiB) bounds the whole form as well.
+pub(super) const KEY_MAX: usize = 16 * 1024;
+/// Parts of a multipart form read before it is refused (the page sends four).
+const PARTS_MAX: usize = 8;
+
+/// The urlencoded form (scripts, curl).
 #[derive(serde::Deserialize)]
 pub(super) struct SignForm {
     csrf: String,
     public_key: String,
     ttl: u64,
+}
+
+/// Why a form was not read: its status and the message the page shows.
+struct FormRefusal(StatusCode, String);
+
+impl FormRefusal {
+    fn bad(msg: &str) -> Self {
+        Self(StatusCode::BAD_REQUEST, msg.to_string())
+    }
+    fn too_large() -> Self {
+        Self(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "The form is larger than {} KiB: upload the public key (the .pub file), nothing else.",
+                KEY_MAX / 1024
+            ),
+        )
+    }
+}
+
+impl From<axum::extract::multipart::MultipartError> for FormRefusal {
+    fn from(e: axum::extract::multipart::MultipartError) -> Self {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            Self::too_large()
+        } else {
+            Self::bad("The form could not be read; reload the page and try again.")
+        }
+    }
+}
+
+/// One part's bytes, at most [`KEY_MAX`].
+async fn part_bytes(
+    mut field: axum::extract::multipart::Field<'_>,
+) -> Result<Vec<u8>, FormRefusal> {
+    let mut out = Vec::new();
+    while let Some(chunk) = field.chunk().await? {
+        if out.len() + chunk.len() > KEY_MAX {
+            return Err(FormRefusal::too_large());
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(out)
+}
+
+/// The form as the page (multipart, with an optional uploaded file) or a script
+/// (urlencoded) sends it; a key both pasted and uploaded is refused.
+async fn read_form(state: &WebState, req: Request) -> Result<SignForm, FormRefusal> {
+    let multipart = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("multipart/form-data"));
+    if !multipart {
+        return match Form::<SignForm>::from_request(req, state).await {
+            Ok(Form(f)) => Ok(f),
+            Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(FormRefusal::too_large()),
+            Err(_) => Err(FormRefusal::bad(
+                "The form could not be read; reload the page and try again.",
+            )),
+        };
+    }
+    let mut parts = Multipart::from_request(req, state).await.map_err(|_| {
+        FormRefusal::bad("The form could not be read; reload the page and try again.")
+    })?;
+    let (mut csrf, mut pasted, mut file, mut ttl) = (None, None, None, None);
+    let mut n = 0;
+    while let Some(field) = parts.next_field().await? {
+        n += 1;
+        if n > PARTS_MAX {
+            return Err(FormRefusal::bad("The form has unexpected parts."));
+        }
+        let name = field.name().unwrap_or_default().to_string();
+        let bytes = part_bytes(field).await?;
+        match name.as_str() {
+            "csrf" => csrf = Some(String::from_utf8_lossy(&bytes).into_owned()),
+            "public_key" => pasted = Some(bytes),
+            "key_file" => file = Some(bytes),
+            "ttl" => ttl = Some(String::from_utf8_lossy(&bytes).trim().to_string()),
+            _ => {}
+        }
+    }
+    let text = |b: Option<Vec<u8>>| -> Result<String, FormRefusal> {
+        let b = b.unwrap_or_default();
+        String::from_utf8(b)
+            .map(|s| s.trim().to_string())
+            .map_err(|_| {
+                FormRefusal::bad("The key is not text: choose the public key file (.pub).")
+            })
+    };
+    let (pasted, file) = (text(pasted)?, text(file)?);
+    let public_key = match (pasted.is_empty(), file.is_empty()) {
+        (false, false) if pasted != file => {
+            return Err(FormRefusal::bad(
+                "Paste a key or upload a key file, not both.",
+            ));
+        }
+        (true, true) => {
+            return Err(FormRefusal::bad("Paste a public key or choose a key file."));
+        }
+        (true, false) => file,
+        _ => pasted,
+    };
+    let ttl = ttl
+        .and_then(|t| t.parse().ok())
+        .ok_or_else(|| FormRefusal::bad("Choose how long the certificate is valid."))?;
+    Ok(SignForm {
+        csrf: csrf.unwrap_or_default(),
+        public_key,
+        ttl,
+    })
 }
 
 fn ssh_of(state: &WebState) -> Result<Arc<Ssh>, Box<Response>> {
@@ -139,13 +256,16 @@ async fn render_page(
         }
         let _ = write!(
             body,
-            r#"<form method="post" action="/ssh" id="sign-form"><input type="hidden" name="csrf" value="{csrf}">
+            r#"<form method="post" action="/ssh" id="sign-form" enctype="multipart/form-data"><input type="hidden" name="csrf" value="{csrf}">
 <label for="public_key">Your public key (the contents of <code>~/.ssh/id_ed25519.pub</code>; Ed25519, ECDSA or RSA of 3072 bits or more)</label>
-<textarea id="public_key" name="public_key" rows="4" cols="80" required></textarea>
+<textarea id="public_key" name="public_key" rows="4" cols="80"></textarea>
+<label for="key_file">or upload the file (<code>.pub</code>, at most {kib} KiB)</label>
+<input type="file" id="key_file" name="key_file" accept=".pub,text/plain">
 <label for="ttl">Valid for</label><select id="ttl" name="ttl">{options}</select>
 <button type="submit" id="sign">Download certificate</button></form>
 <p>Save it beside your key as <code>~/.ssh/id_ed25519-cert.pub</code>; <code>ssh</code> uses it from there.</p>"#,
             csrf = esc(&csrf),
+            kib = KEY_MAX / 1024,
         );
     }
     if let Some(line) = known_hosts {
@@ -159,14 +279,16 @@ async fn render_page(
     (status, Html(layout("Server access", Some(&viewer), &body))).into_response()
 }
 
-async fn submit(
-    State(state): State<WebState>,
-    headers: HeaderMap,
-    Form(form): Form<SignForm>,
-) -> Response {
-    let (token, s) = match session(&state, &headers, Need::Full) {
+async fn submit(State(state): State<WebState>, req: Request) -> Response {
+    let (token, s) = match session(&state, req.headers(), Need::Full) {
         Ok(v) => v,
         Err(r) => return *r,
+    };
+    let form = match read_form(&state, req).await {
+        Ok(f) => f,
+        Err(FormRefusal(status, msg)) => {
+            return render_page(&state, &token, &s, status, Some(&msg)).await;
+        }
     };
     if !csrf_matches(&token, &form.csrf) {
         return csrf_refused(&state);

@@ -112,6 +112,11 @@ impl AdminHandler {
             &n.key(),
             format!("serial {} reason {}", n.serial_hex, reason.as_str()),
         );
+        // Its SSH host certificates go on every server's KRL and into `ssh known-hosts`
+        // as `@revoked` lines.
+        if let Some(ssh) = &self.ssh {
+            ssh.revoke_host(&n.key(), "cli")?;
+        }
         Ok(AdminReply::NodeRevoked(NodeRevoked {
             node: n.key(),
             serial: n.serial_hex,

@@ -175,6 +175,7 @@ impl AdminHandler {
             R::SshRevoke { serial, email } => self.ssh_revoke(serial, email),
             R::SshCerts { email } => self.ssh_certs(email),
             R::SshKrl => self.ssh_krl(),
+            R::SshRevokedHosts => self.ssh_revoked_hosts(),
         }
     }
 

@@ -5,7 +5,7 @@
 use crate::audit::AuditRecord;
 use crate::auth::{ClearTarget, Role, ThrottleList, UserSummary};
 pub use crate::domains::{DomainDetail, DomainView, JobView};
-pub use crate::ssh::{GrantView, IssuedUserCert, SshCaView, SshCertView};
+pub use crate::ssh::{GrantView, IssuedUserCert, RevokedHostView, SshCaView, SshCertView};
 use serde::{Deserialize, Serialize};
 
 /// One admin command.
@@ -145,6 +145,8 @@ pub enum AdminRequest {
         email: Option<String>,
     },
     SshKrl,
+    /// Revoked host certificates (of revoked nodes) and their `@revoked` lines.
+    SshRevokedHosts,
 }
 
 /// A secret carried over the 0600 socket (a password, an otpauth URI): serialised as is,
@@ -231,6 +233,7 @@ pub enum AdminReply {
     SshRevoked(SshRevoked),
     SshCerts(Vec<SshCertView>),
     SshKrl(SshKrl),
+    SshRevokedHosts(Vec<RevokedHostView>),
 }
 
 /// `backup`: what the file holds.
@@ -251,6 +254,9 @@ pub struct BackupWritten {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SshLine {
     pub line: String,
+    /// `@revoked` lines for the host keys of revoked nodes.
+    #[serde(default)]
+    pub revoked: Vec<String>,
 }
 
 /// `ssh revoke`: the serials put on the KRL.
@@ -312,6 +318,7 @@ impl AdminReply {
             Self::SshRevoked(_) => "ssh-revoked",
             Self::SshCerts(_) => "ssh-certs",
             Self::SshKrl(_) => "ssh-krl",
+            Self::SshRevokedHosts(_) => "ssh-revoked-hosts",
         }
     }
 }
@@ -637,6 +644,7 @@ mod tests {
                 email: Some(s("ops@example.com")),
             },
             R::SshKrl,
+            R::SshRevokedHosts,
         ]
     }
 
@@ -824,6 +832,7 @@ mod tests {
             }),
             R::SshKnownHosts(SshLine {
                 line: s("@cert-authority * ssh-ed25519 AAAB"),
+                revoked: vec![s("@revoked * ssh-ed25519 AAAC")],
             }),
             R::SshGrantAdded(grant()),
             R::SshGrantRevoked(grant()),
@@ -853,6 +862,13 @@ mod tests {
             R::SshKrl(SshKrl {
                 krl: b"SSHKRL\n\0".to_vec(),
             }),
+            R::SshRevokedHosts(vec![RevokedHostView {
+                serial: 5,
+                node: s("eu/n1"),
+                key_fingerprint: s("SHA256:h"),
+                valid_before_unix: 1_700_604_800,
+                line: s("@revoked * ssh-ed25519 AAAC"),
+            }]),
             R::Audit(vec![AuditRecord {
                 seq: 1,
                 at_unix_ms: 1_700_000_000_000,

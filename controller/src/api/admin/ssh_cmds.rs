@@ -44,8 +44,15 @@ impl AdminHandler {
 
     /// `ssh known-hosts`
     pub(super) fn ssh_known_hosts(&self) -> Result<AdminReply, ControllerError> {
+        let ssh = self.ssh()?;
         Ok(AdminReply::SshKnownHosts(SshLine {
-            line: self.ssh()?.known_hosts_line()?,
+            line: ssh.known_hosts_line()?,
+            revoked: ssh
+                .revoked_hosts()?
+                .into_iter()
+                .filter(|r| !r.line.is_empty())
+                .map(|r| r.line)
+                .collect(),
         }))
     }
 
@@ -132,5 +139,10 @@ impl AdminHandler {
         Ok(AdminReply::SshKrl(SshKrl {
             krl: self.ssh()?.krl()?,
         }))
+    }
+
+    /// `ssh revoked-hosts`
+    pub(super) fn ssh_revoked_hosts(&self) -> Result<AdminReply, ControllerError> {
+        Ok(AdminReply::SshRevokedHosts(self.ssh()?.revoked_hosts()?))
     }
 }

@@ -46,7 +46,7 @@ pub enum SourceKind {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Origin {
     File(PathBuf),
-    /// sshd's journal (`journalctl -u ssh -u sshd`).
+    /// sshd's journal (the ssh/sshd units, or `sshd` records from root: [`JOURNAL_MATCHES`]).
     Journal,
 }
 
@@ -390,23 +390,31 @@ fn drain(
     }
 }
 
-/// sshd's journal through `journalctl -f -o json` until `stop`; skipped, with a log line,
-/// where journalctl is not installed.
+/// Which journal records are sshd's: those of the ssh/sshd units, and those tagged `sshd`
+/// or `sshd-session` by a root process (an sshd run outside systemd). `_SYSTEMD_UNIT` and
+/// `_UID` are set by journald from the sender's credentials, so an unprivileged local user
+/// cannot write a record that passes as sshd's with `logger -t sshd`.
+pub const JOURNAL_MATCHES: [&str; 9] = [
+    "_SYSTEMD_UNIT=ssh.service",
+    "+",
+    "_SYSTEMD_UNIT=sshd.service",
+    "+",
+    "_UID=0",
+    "SYSLOG_IDENTIFIER=sshd",
+    "+",
+    "_UID=0",
+    "SYSLOG_IDENTIFIER=sshd-session",
+];
+
+/// sshd's journal ([`JOURNAL_MATCHES`]) through `journalctl -f -o json` until `stop`;
+/// skipped, with a log line, where journalctl is not installed. New records only, from
+/// `--since=now`: with matches, `-n 0` loses records written together after the seek to
+/// the tail (journalctl 252; the live journal test writes four at once).
 async fn follow_journal(parser: Parser, name: String, queue: EventQueue, stop: CancellationToken) {
     use tokio::io::AsyncReadExt;
     let child = tokio::process::Command::new("journalctl")
-        .args([
-            "-f",
-            "-o",
-            "json",
-            "-n",
-            "0",
-            "--no-pager",
-            "-u",
-            "ssh",
-            "-u",
-            "sshd",
-        ])
+        .args(["-f", "-o", "json", "--since=now", "--no-pager"])
+        .args(JOURNAL_MATCHES)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
