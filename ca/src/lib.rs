@@ -11,6 +11,7 @@ mod identity;
 mod keys;
 mod ocsp;
 mod profiles;
+mod rotation;
 mod verify;
 
 pub use binding::{LEGACY_WG_KEY_BINDING_OID, WG_KEY_BINDING_OID, is_wg_key_binding};
@@ -24,6 +25,9 @@ pub use ocsp::{
 };
 pub use profiles::{
     Ca, CaMaterial, IssuedCert, NodePolicy, NodeRequest, TlsNames, TlsPolicy, serial_hex,
+};
+pub use rotation::{
+    NewCaCert, NewRoot, generate_intermediate, generate_root, verify_cross_signed_root,
 };
 pub use verify::{TrustStore, VerifiedNode};
 
