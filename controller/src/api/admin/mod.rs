@@ -105,6 +105,13 @@ impl AdminHandler {
             } => self.ca_issue_tls(dns, ips, lifetime_secs, now),
             R::CaRevoke { serial, reason } => self.ca_revoke(serial, reason, now),
             R::CaCrl => self.ca_crl(),
+            R::CaRotateIntermediate { spread_secs } => {
+                self.ca_rotate_intermediate(spread_secs, now)
+            }
+            R::CaRotateRoot {
+                grace_secs,
+                spread_secs,
+            } => self.ca_rotate_root(grace_secs, spread_secs, now),
             R::ZoneAdd {
                 name,
                 cidr,
