@@ -106,6 +106,20 @@ pub fn renew_at(
         .unwrap_or(at)
 }
 
+/// Where in a renewal spread of `spread_secs` the node `spiffe_id` renews after a CA
+/// rotation: a fixed point from a hash of its identity, so every node (and every restart
+/// of it) picks the same moment and a fleet is spread evenly over the window.
+pub fn spread_offset(spiffe_id: &str, spread_secs: u64) -> u64 {
+    use sha2::Digest;
+    if spread_secs == 0 {
+        return 0;
+    }
+    let h = sha2::Sha256::digest(spiffe_id.as_bytes());
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&h[..8]);
+    u64::from_be_bytes(first) % spread_secs
+}
+
 /// Convert a `SystemTime` to the `time` crate's UTC date, truncated to whole seconds
 /// (DER times carry no fractions in our profiles).
 pub(crate) fn to_offset(t: std::time::SystemTime) -> time::OffsetDateTime {

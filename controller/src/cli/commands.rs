@@ -315,8 +315,9 @@ async fn ca(dir: &Path, kek: &KekSource, cmd: CaCommand) -> Result<()> {
         CaCommand::Export {
             root: _,
             intermediate,
+            id,
         } => {
-            let req = AdminRequest::CaExport { intermediate };
+            let req = AdminRequest::CaExport { intermediate, id };
             print!("{}", expect!(request(dir, kek, req).await?, Pem).pem);
         }
         CaCommand::SignCsr {

@@ -313,16 +313,19 @@ pub enum CaCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Print the root or intermediate certificate as PEM.
+    /// Print the issuing root or intermediate certificate (or any by `--id`) as PEM.
     Export {
         #[arg(
             long,
-            conflicts_with = "intermediate",
-            required_unless_present = "intermediate"
+            conflicts_with_all = ["intermediate", "id"],
+            required_unless_present_any = ["intermediate", "id"]
         )]
         root: bool,
-        #[arg(long)]
+        #[arg(long, conflicts_with = "id")]
         intermediate: bool,
+        /// A CA certificate by its `ca show` id, e.g. root-2, int-3, cross-2.
+        #[arg(long)]
+        id: Option<String>,
     },
     /// Sign a node CSR (RSA-4096) and write certificate + intermediate as PEM.
     SignCsr {

@@ -286,6 +286,16 @@ impl Authority {
         v.into_iter().map(CaCertView::of).collect()
     }
 
+    /// One CA certificate (DER) by its id, whatever its state.
+    pub fn ca_certificate_der(&self, id: &str) -> Option<Vec<u8>> {
+        self.set
+            .load()
+            .records
+            .iter()
+            .find(|r| r.id == id)
+            .map(|r| r.der.clone())
+    }
+
     /// The CA bundle for the Watch stream and renew replies.
     pub fn ca_bundle(&self) -> pb::CaBundle {
         let set = self.set.load();

@@ -160,18 +160,9 @@ pub const DEFAULT_SPREAD: std::time::Duration = std::time::Duration::from_secs(1
 /// whole spread renews before its old chain stops verifying.
 pub const DEFAULT_GRACE: std::time::Duration = std::time::Duration::from_secs(31 * 86_400);
 
-/// Where in a spread of `spread_secs` the node `spiffe_id` renews: a fixed point from a
-/// hash of its identity, so every node (and every restart of it) picks the same moment
-/// and the fleet is spread evenly.
-pub fn spread_offset(spiffe_id: &str, spread_secs: u64) -> u64 {
-    use sha2::Digest;
-    if spread_secs == 0 {
-        return 0;
-    }
-    let h = sha2::Sha256::digest(spiffe_id.as_bytes());
-    let n = u64::from_be_bytes(h[..8].try_into().unwrap_or_default());
-    n % spread_secs
-}
+/// Where in a spread of `spread_secs` the node `spiffe_id` renews (the agent's rule,
+/// [`zonemesh_ca::spread_offset`]).
+pub use zonemesh_ca::spread_offset;
 
 #[cfg(test)]
 mod tests {

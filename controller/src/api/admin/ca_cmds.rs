@@ -70,7 +70,19 @@ impl AdminHandler {
     }
 
     /// `ca export`
-    pub(super) fn ca_export(&self, intermediate: bool) -> Result<AdminReply, ControllerError> {
+    pub(super) fn ca_export(
+        &self,
+        intermediate: bool,
+        id: Option<String>,
+    ) -> Result<AdminReply, ControllerError> {
+        if let Some(id) = id {
+            let der = self.auth.ca_certificate_der(&id).ok_or_else(|| {
+                ControllerError::NotFound(format!("no CA certificate {id:?} (see `ca show`)"))
+            })?;
+            return Ok(AdminReply::Pem(Pem {
+                pem: zonemesh_ca::to_pem("CERTIFICATE", &der),
+            }));
+        }
         let ca = self.auth.ca();
         let der = if intermediate {
             ca.intermediate_der()

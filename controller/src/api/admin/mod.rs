@@ -91,7 +91,7 @@ impl AdminHandler {
         let now = SystemTime::now();
         match req {
             R::CaShow => self.ca_show(),
-            R::CaExport { intermediate } => self.ca_export(intermediate),
+            R::CaExport { intermediate, id } => self.ca_export(intermediate, id),
             R::CaSignCsr {
                 csr_der,
                 zone,

@@ -16,6 +16,9 @@ pub enum AdminRequest {
     CaShow,
     CaExport {
         intermediate: bool,
+        /// Any CA certificate by its `ca show` id (`root-2`, `int-3`, `cross-2`).
+        #[serde(default)]
+        id: Option<String>,
     },
     CaSignCsr {
         csr_der: Vec<u8>,
@@ -526,7 +529,10 @@ mod tests {
         use AdminRequest as R;
         vec![
             R::CaShow,
-            R::CaExport { intermediate: true },
+            R::CaExport {
+                intermediate: true,
+                id: Some(s("cross-2")),
+            },
             R::CaSignCsr {
                 csr_der: vec![0x30, 0x82, 0, 1],
                 zone: s("eu"),
