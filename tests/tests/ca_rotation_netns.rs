@@ -17,7 +17,7 @@ use zonemesh_tests::{have, run_ok};
 const RUNNING: [&str; 5] = ["a1", "a2", "b1", "b2", "c1"];
 /// Pings per pair, one every 10 ms: long enough to cover both rotations and the old
 /// root's retirement.
-const PINGS: u32 = 8000;
+const PINGS: u32 = 5500;
 
 fn ca_show(lab: &MeshLab) -> Result<Vec<Value>> {
     let v: Value = serde_json::from_str(&lab.controller(&["ca", "show", "--json"])?)?;

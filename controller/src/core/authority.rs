@@ -1050,3 +1050,169 @@ fn build_set(trust_domain: &str, records: Vec<CaCertRecord>, kek: &Kek) -> Resul
         records,
     })
 }
+
+#[cfg(test)]
+mod rotation_tests {
+    use super::*;
+    use zonemesh_ca::WireGuardKey;
+
+    fn states(auth: &Authority) -> Vec<(String, String)> {
+        let mut v: Vec<(String, String)> = auth
+            .ca_certificates()
+            .into_iter()
+            .map(|c| (c.id, c.state))
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn pairs(v: &[(&str, &str)]) -> Vec<(String, String)> {
+        let mut v: Vec<(String, String)> = v
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn rotations_keep_old_chains_trusted_and_revocable_until_they_retire() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db")).unwrap();
+        let kek = Kek::generate();
+        let now = SystemTime::now();
+        let m = CaMaterial::generate("rot.test", now, |_| {}).unwrap();
+        Authority::install(&store, &kek, &m).unwrap();
+        let auth = Authority::load(store.clone(), &kek, now).unwrap();
+        let key = zonemesh_ca::generate_rsa_4096().unwrap();
+        let csr = rcgen::CertificateParams::default()
+            .serialize_request(&key)
+            .unwrap()
+            .der()
+            .to_vec();
+        let req = |node: &'static str| NodeRequest {
+            csr_der: &csr,
+            zone: "z",
+            node,
+            wg_public_key: WireGuardKey([7; 32]),
+        };
+        let old = auth.issue_node(&req("n1"), now).unwrap();
+        let old_chain = vec![old.der.clone(), auth.chain()[0].clone()];
+        let spare = auth.issue_node(&req("n2"), now).unwrap();
+        let spare_chain = vec![spare.der.clone(), auth.chain()[0].clone()];
+
+        let r = auth
+            .rotate_intermediate(Duration::from_secs(60), now)
+            .unwrap();
+        assert_eq!(r.added[0].id, "int-2");
+        assert_eq!(r.retiring[0].id, "int-1");
+        assert_eq!(
+            states(&auth),
+            pairs(&[
+                ("root-1", "active"),
+                ("int-1", "retiring"),
+                ("int-2", "active")
+            ])
+        );
+        // New certificates come from the new intermediate; both chains verify, each with
+        // its own intermediate's CRL.
+        let new = auth.issue_node(&req("n3"), now).unwrap();
+        let new_chain = vec![new.der.clone(), auth.chain()[0].clone()];
+        assert_ne!(new_chain[1], old_chain[1]);
+        assert_eq!(auth.crls_der().len(), 2);
+        let trust = auth.trust_store();
+        trust
+            .verify_node_chain(&old_chain, &auth.crls_der(), now)
+            .unwrap();
+        trust
+            .verify_node_chain(&new_chain, &auth.crls_der(), now)
+            .unwrap();
+        // A revoked certificate of the retiring intermediate is refused.
+        auth.revoke(&old.serial_hex, RevocationReason::KeyCompromise, now)
+            .unwrap();
+        assert!(matches!(
+            auth.trust_store()
+                .verify_node_chain(&old_chain, &auth.crls_der(), now),
+            Err(zonemesh_ca::Error::Revoked)
+        ));
+        assert!(matches!(
+            auth.status(&old.serial_hex),
+            CertStatus::Revoked { .. }
+        ));
+
+        // The states survive a restart.
+        drop(auth);
+        let auth = Authority::load(store.clone(), &kek, now).unwrap();
+        assert_eq!(
+            states(&auth),
+            pairs(&[
+                ("root-1", "active"),
+                ("int-1", "retiring"),
+                ("int-2", "active")
+            ])
+        );
+
+        // A new root: cross-signed, both roots trusted; a new leaf verifies under the new
+        // root, and through the cross-signature for a verifier that knows only the old one.
+        let grace = Duration::from_secs(3600);
+        assert!(
+            auth.rotate_root(Duration::from_secs(10), Duration::from_secs(60), now)
+                .is_err(),
+            "a grace shorter than the spread is refused"
+        );
+        auth.rotate_root(grace, Duration::from_secs(60), now)
+            .unwrap();
+        assert_eq!(
+            states(&auth),
+            pairs(&[
+                ("root-1", "retiring"),
+                ("int-1", "retiring"),
+                ("int-2", "retiring"),
+                ("cross-2", "retiring"),
+                ("root-2", "active"),
+                ("int-3", "active"),
+            ])
+        );
+        assert_eq!(auth.trusted_roots().len(), 2);
+        let leaf = auth.issue_node(&req("n4"), now).unwrap();
+        let chain = vec![leaf.der.clone(), auth.chain()[0].clone()];
+        auth.trust_store()
+            .verify_node_chain(&chain, &auth.crls_der(), now)
+            .unwrap();
+        let old_root_only =
+            TrustStore::new("rot.test", vec![m.root_cert_der.clone()], auth.chain_pool());
+        old_root_only
+            .verify_node_chain(&chain, &auth.crls_der(), now)
+            .unwrap();
+        auth.trust_store()
+            .verify_node_chain(&spare_chain, &auth.crls_der(), now)
+            .unwrap();
+
+        // After the grace the old root and everything under it is retired: its chains stop
+        // verifying, the new ones go on.
+        assert!(auth.retire_due(now).unwrap().is_empty());
+        let retired = auth.retire_due(now + grace).unwrap();
+        assert_eq!(retired.len(), 4, "{retired:?}");
+        assert_eq!(
+            states(&auth),
+            pairs(&[
+                ("root-1", "retired"),
+                ("int-1", "retired"),
+                ("int-2", "retired"),
+                ("cross-2", "retired"),
+                ("root-2", "active"),
+                ("int-3", "active"),
+            ])
+        );
+        assert_eq!(auth.trusted_roots().len(), 1);
+        assert_eq!(auth.crls_der().len(), 1);
+        assert!(
+            auth.trust_store()
+                .verify_node_chain(&spare_chain, &auth.crls_der(), now)
+                .is_err()
+        );
+        auth.trust_store()
+            .verify_node_chain(&chain, &auth.crls_der(), now)
+            .unwrap();
+    }
+}
