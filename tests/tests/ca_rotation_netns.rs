@@ -129,7 +129,7 @@ fn rotating_the_intermediate_then_the_root_loses_no_ping() -> Result<()> {
         println!("skipped: {r}");
         return Ok(());
     }
-    for tool in ["openssl", "ping"] {
+    for tool in ["openssl", "ping", "curl"] {
         if !have(tool) {
             println!("skipped: {tool} not installed");
             return Ok(());
@@ -179,6 +179,40 @@ fn rotating_the_intermediate_then_the_root_loses_no_ping() -> Result<()> {
         "-noverify",
     ])?;
     assert!(ocsp.contains(": revoked"), "{ocsp}");
+    // And the old intermediate's CRL (served beside the new one's) lists it.
+    let crl = pem("int1.crl");
+    lab.run(&[
+        "x",
+        "a1",
+        "curl",
+        "-fsS",
+        "-o",
+        crl.to_str().context("path")?,
+        "http://198.18.100.1:8089/crl/int-1",
+    ])?;
+    let crl_pem = pem("int1.crl.pem");
+    run_ok(
+        Command::new("openssl")
+            .args(["crl", "-inform", "DER", "-in"])
+            .arg(&crl)
+            .arg("-out")
+            .arg(&crl_pem),
+    )?;
+    let checked = Command::new("openssl")
+        .args(["verify", "-crl_check", "-CRLfile"])
+        .arg(&crl_pem)
+        .arg("-CAfile")
+        .arg(pem("root1.pem"))
+        .arg("-untrusted")
+        .arg(pem("int1.pem"))
+        .arg(&c2_cert)
+        .output()?;
+    let said = String::from_utf8_lossy(&checked.stdout).into_owned()
+        + &String::from_utf8_lossy(&checked.stderr);
+    assert!(
+        !checked.status.success() && said.contains("revoked"),
+        "c2 against int-1's CRL: {said}"
+    );
     lab.run(&["agent-start", "c2"])?;
 
     // 2. A new root, cross-signed by the old one, with a 25 s grace.

@@ -34,6 +34,8 @@ struct CaSet {
     issuing: Arc<Ca>,
     /// Every trusted intermediate, the issuing one first (CRLs and OCSP).
     issuers: Vec<Arc<Ca>>,
+    /// Their record ids, in the same order.
+    issuer_ids: Vec<String>,
     /// Trusted roots, the issuing intermediate's root first.
     roots: Vec<Vec<u8>>,
     /// Trusted intermediates (issuing first), then trusted cross-signatures: what a verifier
@@ -255,6 +257,12 @@ impl Authority {
     /// The issuing intermediate's current signed CRL (DER).
     pub fn crl_der(&self) -> Arc<Vec<u8>> {
         self.crls.load().first().cloned().unwrap_or_default()
+    }
+
+    /// The current CRL of the trusted intermediate `id` (`int-N`), if it is trusted.
+    pub fn crl_of(&self, id: &str) -> Option<Arc<Vec<u8>>> {
+        let i = self.set.load().issuer_ids.iter().position(|x| x == id)?;
+        self.crls.load().get(i).cloned()
     }
 
     /// The CRLs of every trusted intermediate, the issuing one's first.
@@ -1040,6 +1048,7 @@ fn build_set(trust_domain: &str, records: Vec<CaCertRecord>, kek: &Kek) -> Resul
     let mut chain_pool: Vec<Vec<u8>> = ints.iter().map(|r| r.der.clone()).collect();
     chain_pool.extend(cross.iter().cloned());
     Ok(CaSet {
+        issuer_ids: ints.iter().map(|r| r.id.clone()).collect(),
         rotated_unix: active.since_unix,
         spread_secs: active.spread_secs,
         issuing: issuers[0].clone(),
