@@ -334,11 +334,32 @@ fn rotating_the_intermediate_then_the_root_loses_no_ping() -> Result<()> {
     }
 
     let [p1, p2] = pings;
-    for (pair, p) in [("a1->b1", p1), ("b2->c1", p2)] {
+    // What the agents did to their peers, for a failure message.
+    let peer_changes = |nodes: &[&str]| -> String {
+        nodes
+            .iter()
+            .map(|n| {
+                let log =
+                    std::fs::read_to_string(lab.dir.join(format!("{n}.log"))).unwrap_or_default();
+                let lines: Vec<&str> = log
+                    .lines()
+                    .filter(|l| l.contains("peer change") || l.contains("peer refused"))
+                    .collect();
+                format!("--- {n}\n{}", lines.join("\n"))
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    for (pair, p, nodes) in [("a1->b1", p1, ["a1", "b1"]), ("b2->c1", p2, ["b2", "c1"])] {
         let (sent, received, text) = ping_summary(p)?;
         println!("{pair}: {sent} sent, {received} received");
         assert_eq!(sent, PINGS, "{pair}: {text}");
-        assert_eq!(received, sent, "{pair} lost pings: {text}");
+        assert_eq!(
+            received,
+            sent,
+            "{pair} lost pings: {text}\n{}",
+            peer_changes(&nodes)
+        );
     }
     Ok(())
 }
