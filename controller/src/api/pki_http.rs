@@ -12,10 +12,12 @@ use std::time::SystemTime;
 
 const MAX_OCSP_REQUEST: usize = 16 * 1024;
 
-/// `/crl`, `/ocsp` (POST) and `/ocsp/{base64}` (GET).
+/// `/crl` (the issuing intermediate's), `/crl/{id}` (any trusted intermediate's, by its
+/// `ca show` id), `/ocsp` (POST) and `/ocsp/{base64}` (GET).
 pub fn router(auth: Arc<Authority>) -> axum::Router {
     axum::Router::new()
         .route("/crl", get(crl))
+        .route("/crl/{id}", get(crl_of))
         .route("/ocsp", post(ocsp_post))
         .route("/ocsp/{*req}", get(ocsp_get))
         .layer(DefaultBodyLimit::max(MAX_OCSP_REQUEST))
@@ -28,6 +30,17 @@ async fn crl(State(auth): State<Arc<Authority>>) -> Response {
         auth.crl_der().to_vec(),
     )
         .into_response()
+}
+
+async fn crl_of(State(auth): State<Arc<Authority>>, Path(id): Path<String>) -> Response {
+    match auth.crl_of(&id) {
+        Some(der) => (
+            [(header::CONTENT_TYPE, "application/pkix-crl")],
+            der.to_vec(),
+        )
+            .into_response(),
+        None => (StatusCode::NOT_FOUND, "no trusted intermediate by that id").into_response(),
+    }
 }
 
 fn ocsp_reply(auth: &Authority, der: &[u8]) -> Response {
