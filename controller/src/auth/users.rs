@@ -43,6 +43,10 @@ struct UserRecord {
     /// Salted SHA-256 hashes of the unused recovery codes (`totp::hash_recovery_code`;
     /// records from before salts hold unsalted hex, still accepted).
     recovery: Vec<String>,
+    /// Set by a TOTP reset: the next sign-in enrolls a new authenticator before any
+    /// session, whatever the role; cleared by the confirmed enrollment.
+    #[serde(default)]
+    enroll_required: bool,
 }
 
 /// What `add_user` hands back to the operator.
@@ -323,6 +327,7 @@ impl UserStore {
             created_ms: now_ms(now),
             totp: totp_state,
             recovery: vec![],
+            enroll_required: false,
         };
         let swapped = self.tree.compare_and_swap(
             email.as_bytes(),
@@ -366,6 +371,20 @@ impl UserStore {
         let email = normalize_email(email);
         self.modify(&email, |r| {
             r.disabled = true;
+            Ok(Some(()))
+        })?;
+        Ok(())
+    }
+
+    /// Forget the user's authenticator (TOTP secret) and recovery codes: the next sign-in
+    /// sets up a new one before any session, for a portal owner too. The caller also ends
+    /// the user's sessions.
+    pub fn reset_totp(&self, email: &str) -> Result<(), AuthError> {
+        let email = normalize_email(email);
+        self.modify(&email, |r| {
+            r.totp = None;
+            r.recovery.clear();
+            r.enroll_required = true;
             Ok(Some(()))
         })?;
         Ok(())
@@ -448,6 +467,7 @@ impl UserStore {
         let second_factor = match (rec.role, confirmed) {
             (_, true) => SecondFactor::Totp,
             (Role::Admin, false) => SecondFactor::EnrollRequired,
+            (Role::PortalOwner, false) if rec.enroll_required => SecondFactor::EnrollRequired,
             (Role::PortalOwner, false) => SecondFactor::None,
         };
         Ok(PasswordCheck::Ok {
@@ -512,6 +532,7 @@ impl UserStore {
             st.last_step = Some(step);
             self.reseal_if_old(&email, st, &secret)?;
             r.recovery = hashes.clone();
+            r.enroll_required = false;
             Ok(Some(()))
         })?;
         Ok(ok.map(|_| codes))
