@@ -697,4 +697,54 @@ mod tests {
         );
         assert!(s.list_users().unwrap()[0].disabled);
     }
+
+    #[tokio::test]
+    async fn a_totp_reset_forces_a_new_enrollment_at_the_next_sign_in() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path(), Pepper::generate(1));
+        let pass = "a long enough passphrase";
+        s.add_user("owner@example.com", Role::PortalOwner, pass)
+            .unwrap();
+        let enr = s.totp_enrollment("owner@example.com").unwrap();
+        let old = totp_rs::Secret::try_from_base32(&*enr.secret_base32).unwrap();
+        let now = std::time::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        s.confirm_totp("owner@example.com", &totp::code_at(&old, 1_700_000_000), now)
+            .unwrap()
+            .expect("confirmed");
+        async fn second(s: &UserStore, pass: &str) -> SecondFactor {
+            let pw = Zeroizing::new(pass.to_string());
+            match s.check_password("owner@example.com", pw).await.unwrap() {
+                PasswordCheck::Ok { second_factor, .. } => second_factor,
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(second(&s, pass).await, SecondFactor::Totp);
+
+        s.reset_totp("Owner@Example.com").unwrap();
+        let u = &s.list_users().unwrap()[0];
+        assert!(!u.totp_confirmed && u.recovery_codes_left == 0);
+        // A portal owner may go without a second factor, but not after a reset.
+        assert_eq!(second(&s, pass).await, SecondFactor::EnrollRequired);
+        let later = now + Duration::from_secs(60);
+        assert!(
+            !s.verify_second_factor(
+                "owner@example.com",
+                &totp::code_at(&old, 1_700_000_060),
+                later
+            )
+            .unwrap(),
+            "the old authenticator no longer works"
+        );
+        let enr = s.totp_enrollment("owner@example.com").unwrap();
+        let new = totp_rs::Secret::try_from_base32(&*enr.secret_base32).unwrap();
+        assert_ne!(new, old, "a new secret");
+        s.confirm_totp("owner@example.com", &totp::code_at(&new, 1_700_000_060), later)
+            .unwrap()
+            .expect("confirmed");
+        assert_eq!(second(&s, pass).await, SecondFactor::Totp);
+        assert!(matches!(
+            s.reset_totp("nobody@example.com"),
+            Err(AuthError::NoSuchUser(_))
+        ));
+    }
 }
