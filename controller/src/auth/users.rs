@@ -708,9 +708,13 @@ mod tests {
         let enr = s.totp_enrollment("owner@example.com").unwrap();
         let old = totp_rs::Secret::try_from_base32(&*enr.secret_base32).unwrap();
         let now = std::time::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
-        s.confirm_totp("owner@example.com", &totp::code_at(&old, 1_700_000_000), now)
-            .unwrap()
-            .expect("confirmed");
+        s.confirm_totp(
+            "owner@example.com",
+            &totp::code_at(&old, 1_700_000_000),
+            now,
+        )
+        .unwrap()
+        .expect("confirmed");
         async fn second(s: &UserStore, pass: &str) -> SecondFactor {
             let pw = Zeroizing::new(pass.to_string());
             match s.check_password("owner@example.com", pw).await.unwrap() {
@@ -738,9 +742,13 @@ mod tests {
         let enr = s.totp_enrollment("owner@example.com").unwrap();
         let new = totp_rs::Secret::try_from_base32(&*enr.secret_base32).unwrap();
         assert_ne!(new, old, "a new secret");
-        s.confirm_totp("owner@example.com", &totp::code_at(&new, 1_700_000_060), later)
-            .unwrap()
-            .expect("confirmed");
+        s.confirm_totp(
+            "owner@example.com",
+            &totp::code_at(&new, 1_700_000_060),
+            later,
+        )
+        .unwrap()
+        .expect("confirmed");
         assert_eq!(second(&s, pass).await, SecondFactor::Totp);
         assert!(matches!(
             s.reset_totp("nobody@example.com"),

@@ -86,6 +86,7 @@ async fn zones_view(
 
 #[derive(Deserialize)]
 pub(super) struct ZoneForm {
+    #[serde(default)]
     csrf: String,
     name: String,
     cidr: String,
@@ -251,6 +252,7 @@ fn token_state(t: &TokenRecord, now: u64) -> &'static str {
 
 #[derive(Deserialize)]
 pub(super) struct TokenForm {
+    #[serde(default)]
     csrf: String,
     zone: String,
     uses: String,
@@ -476,6 +478,7 @@ fn node_row(n: &NodeRecord, now: u64, csrf: &str) -> String {
 
 #[derive(Deserialize)]
 pub(super) struct RevokeForm {
+    #[serde(default)]
     csrf: String,
     node: String,
     #[serde(default)]

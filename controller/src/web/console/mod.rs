@@ -129,7 +129,9 @@ fn refusal(e: &ControllerError) -> Option<(StatusCode, String)> {
     use ControllerError as E;
     let status = match e {
         E::BadRequest(_) | E::RateLimited(_) => StatusCode::BAD_REQUEST,
-        E::Ca(zonemesh_ca::Error::BadInput(_)) => StatusCode::BAD_REQUEST,
+        E::Ca(zonemesh_ca::Error::BadInput(_) | zonemesh_ca::Error::Name(_)) => {
+            StatusCode::BAD_REQUEST
+        }
         E::NotFound(_) => StatusCode::NOT_FOUND,
         E::AlreadyExists(_) => StatusCode::CONFLICT,
         E::PermissionDenied(_) => StatusCode::FORBIDDEN,

@@ -88,6 +88,7 @@ async fn view(
 
 #[derive(Deserialize)]
 pub(super) struct AddForm {
+    #[serde(default)]
     csrf: String,
     email: String,
     role: String,
@@ -141,6 +142,7 @@ pub(super) async fn add(
 
 #[derive(Deserialize)]
 pub(super) struct UserForm {
+    #[serde(default)]
     csrf: String,
     email: String,
 }
