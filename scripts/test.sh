@@ -47,6 +47,7 @@ if [ "${FULL_BENCH:-0}" = 1 ]; then
   scripts/bench-watch.sh
   scripts/bench-deploy.sh
   scripts/bench-ssh.sh
+  scripts/bench-rotate.sh
 else
   # Smoke runs reuse the debug build (dependencies are optimised there too): they show the
   # benchmarks work and print their ratios; the figures that count come from FULL_BENCH=1.
@@ -58,6 +59,7 @@ else
     ZM_BIN="$target/debug/zonemesh-agent" scripts/bench-dataplane.sh
     BIN="$target/debug" scripts/bench-agent-rtt.sh
     BIN="$target/debug" scripts/bench-intrusion.sh
+    BIN="$target/debug" scripts/bench-rotate.sh
   else
     echo "skipped: data plane benchmark needs root"
   fi

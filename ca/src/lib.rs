@@ -11,6 +11,7 @@ mod identity;
 mod keys;
 mod ocsp;
 mod profiles;
+mod rotation;
 mod verify;
 
 pub use binding::{LEGACY_WG_KEY_BINDING_OID, WG_KEY_BINDING_OID, is_wg_key_binding};
@@ -24,6 +25,9 @@ pub use ocsp::{
 };
 pub use profiles::{
     Ca, CaMaterial, IssuedCert, NodePolicy, NodeRequest, TlsNames, TlsPolicy, serial_hex,
+};
+pub use rotation::{
+    NewCaCert, NewRoot, generate_intermediate, generate_root, verify_cross_signed_root,
 };
 pub use verify::{TrustStore, VerifiedNode};
 
@@ -100,6 +104,20 @@ pub fn renew_at(
     let at = not_before + life * 2 / 3;
     at.checked_sub(life.mul_f64(jitter.clamp(0.0, 1.0) / 20.0))
         .unwrap_or(at)
+}
+
+/// Where in a renewal spread of `spread_secs` the node `spiffe_id` renews after a CA
+/// rotation: a fixed point from a hash of its identity, so every node (and every restart
+/// of it) picks the same moment and a fleet is spread evenly over the window.
+pub fn spread_offset(spiffe_id: &str, spread_secs: u64) -> u64 {
+    use sha2::Digest;
+    if spread_secs == 0 {
+        return 0;
+    }
+    let h = sha2::Sha256::digest(spiffe_id.as_bytes());
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&h[..8]);
+    u64::from_be_bytes(first) % spread_secs
 }
 
 /// Convert a `SystemTime` to the `time` crate's UTC date, truncated to whole seconds

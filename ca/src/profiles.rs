@@ -23,10 +23,10 @@ pub const ROOT_LIFETIME: Duration = Duration::from_secs(3650 * DAY);
 /// Intermediate CA lifetime: 5 years.
 pub const INTERMEDIATE_LIFETIME: Duration = Duration::from_secs(1825 * DAY);
 /// Back-dating applied to every certificate so small clock skew between hosts is harmless.
-const BACKDATE: Duration = Duration::from_secs(300);
+pub(crate) const BACKDATE: Duration = Duration::from_secs(300);
 
 /// A fresh 128-bit random serial, never zero in its first byte so its hex form is stable.
-fn random_serial() -> SerialNumber {
+pub(crate) fn random_serial() -> SerialNumber {
     let mut b = [0u8; 16];
     loop {
         rand::fill(&mut b);
@@ -61,10 +61,24 @@ fn validity(params: &mut CertificateParams, now: SystemTime, lifetime: Duration)
     params.not_after = to_offset(now + lifetime);
 }
 
-fn root_profile(trust_domain: &str, now: SystemTime) -> CertificateParams {
+/// The root's common name: the first root has no generation suffix (as it always had),
+/// later ones `gN`, so a cross-signed root never shares its subject with the root above it.
+pub(crate) fn root_common_name(trust_domain: &str, generation: u32) -> String {
+    if generation <= 1 {
+        format!("zonemesh root CA {trust_domain}")
+    } else {
+        format!("zonemesh root CA {trust_domain} g{generation}")
+    }
+}
+
+pub(crate) fn root_profile(
+    trust_domain: &str,
+    generation: u32,
+    now: SystemTime,
+) -> CertificateParams {
     let mut p = CertificateParams::default();
     p.distinguished_name = name(
-        &format!("zonemesh root CA {trust_domain}"),
+        &root_common_name(trust_domain, generation),
         trust_domain,
         None,
     );
@@ -79,7 +93,11 @@ fn root_profile(trust_domain: &str, now: SystemTime) -> CertificateParams {
     p
 }
 
-fn intermediate_profile(trust_domain: &str, generation: u32, now: SystemTime) -> CertificateParams {
+pub(crate) fn intermediate_profile(
+    trust_domain: &str,
+    generation: u32,
+    now: SystemTime,
+) -> CertificateParams {
     let mut p = CertificateParams::default();
     p.distinguished_name = name(
         &format!("zonemesh intermediate CA {trust_domain} g{generation}"),
@@ -330,7 +348,7 @@ impl CaMaterial {
         validate_label("trust domain", trust_domain, true)?;
         progress("generating root key (RSA-4096)");
         let root_key = keys::generate_rsa_4096()?;
-        let root_params = root_profile(trust_domain, now);
+        let root_params = root_profile(trust_domain, 1, now);
         let root_cert = root_params.self_signed(&root_key)?;
         progress("generating intermediate key (RSA-4096)");
         let int_key = keys::generate_rsa_4096()?;
@@ -365,7 +383,7 @@ impl std::fmt::Debug for Ca {
     }
 }
 
-fn load_rsa_key(pkcs8: &[u8]) -> Result<KeyPair> {
+pub(crate) fn load_rsa_key(pkcs8: &[u8]) -> Result<KeyPair> {
     let der = PrivatePkcs8KeyDer::from(pkcs8.to_vec());
     Ok(KeyPair::from_pkcs8_der_and_sign_algo(
         &der,

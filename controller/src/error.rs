@@ -38,6 +38,9 @@ pub enum ControllerError {
     Backup(#[from] crate::core::backup::BackupError),
     #[error("SSH key: {0}")]
     SshKey(#[from] ssh_key::Error),
+    /// The stored CA certificates do not form a working CA (no active intermediate...).
+    #[error("CA records: {0}")]
+    CaRecords(String),
     #[error("CRL update: {0}")]
     CrlUpdate(#[source] crate::core::mesh::CrlListenerError),
 }

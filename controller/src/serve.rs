@@ -259,7 +259,7 @@ pub async fn run(cfg: ServeConfig, shutdown: CancellationToken) -> Result<()> {
         &issue(SystemTime::now())?,
         SystemTime::now(),
     )?);
-    let verifier = CrlClientVerifier::new(&[auth.ca().root_der().to_vec()], &auth.crl_der())?;
+    let verifier = CrlClientVerifier::new(&auth.trusted_roots(), &auth.crls_der())?;
     mesh.add_crl_listener(verifier.clone());
     let grpc_tls = Arc::new(grpc_server_config(certs.clone(), verifier)?);
 
@@ -370,8 +370,16 @@ pub async fn run(cfg: ServeConfig, shutdown: CancellationToken) -> Result<()> {
     ));
     {
         let stop = shutdown.clone();
+        let rotations = auth.ca_changes();
         tasks.spawn(async move {
-            certs.renew_loop(issue, stop).await;
+            certs.renew_loop_with(issue, Some(rotations), stop).await;
+            Ok(())
+        });
+    }
+    {
+        let (mesh, stop) = (mesh.clone(), shutdown.clone());
+        tasks.spawn(async move {
+            retire_ca_loop(mesh, stop).await;
             Ok(())
         });
     }
@@ -443,6 +451,37 @@ pub async fn run(cfg: ServeConfig, shutdown: CancellationToken) -> Result<()> {
 
 /// How often ended blocks are taken off the agents' sets (and audited).
 const BLOCK_EXPIRY_TICK: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// How often retiring CA certificates are checked against their retirement time.
+const CA_RETIRE_TICK: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Retire CA certificates whose time has come (an intermediate once its last certificate
+/// expired, a root after its grace) and publish the smaller bundle to every watcher.
+async fn retire_ca_loop(mesh: Arc<Mesh>, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(CA_RETIRE_TICK) => {}
+        }
+        let m = mesh.clone();
+        let r = crate::blocking::run(move || {
+            let retired = m.authority().retire_due(m.now())?;
+            if !retired.is_empty() {
+                m.publish_ca()?;
+            }
+            Ok::<_, crate::error::ControllerError>(retired)
+        })
+        .await;
+        match r {
+            Ok(retired) => {
+                for c in retired {
+                    tracing::info!(id = %c.id, kind = %c.kind, sha256 = %c.sha256, "CA certificate retired");
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "retiring CA certificates failed"),
+        }
+    }
+}
 
 /// End blocks when their time is up, each audited with its evidence.
 async fn expire_blocks_loop(mesh: Arc<Mesh>, stop: CancellationToken) {

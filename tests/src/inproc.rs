@@ -172,8 +172,7 @@ impl Plane {
         };
         let now = SystemTime::now();
         let certs = Arc::new(CertSource::new(&issue_own(&self.auth, &names, now)?, now)?);
-        let verifier =
-            CrlClientVerifier::new(&[self.auth.ca().root_der().to_vec()], &self.auth.crl_der())?;
+        let verifier = CrlClientVerifier::new(&self.auth.trusted_roots(), &self.auth.crls_der())?;
         self.mesh.add_crl_listener(verifier.clone());
         let tls = Arc::new(grpc_server_config(certs, verifier)?);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;

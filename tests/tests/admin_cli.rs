@@ -310,13 +310,18 @@ async fn json_and_tables_agree_and_bare_node_names_resolve() {
     assert_eq!(certs.len(), 2, "{json}");
     assert!(text.starts_with(&format!("trust domain: {}\n", cell(&ca["trust_domain"]))));
     for c in certs {
+        assert_eq!(c["state"], "active", "{json}");
         assert!(
             text.contains(&format!(
-                "{}:\n  subject:   {}\n  sha256:    {}\n  key:       RSA-{}\n  not after: {}",
-                cell(&c["role"]),
+                "{} ({}, {}):\n  subject:    {}\n  issuer:     {}\n  sha256:     {}\n  key:        RSA-{}\n  not before: {}\n  not after:  {}\n",
+                cell(&c["id"]),
+                cell(&c["kind"]),
+                cell(&c["state"]),
                 cell(&c["subject"]),
+                cell(&c["issuer"]),
                 cell(&c["sha256"]),
                 c["key_bits"],
+                cell(&c["not_before"]),
                 cell(&c["not_after"])
             )),
             "{text}"

@@ -140,9 +140,8 @@ fn peer_identity(
     let chain: Vec<Vec<u8>> = certs.iter().map(|c| c.to_vec()).collect();
     let auth = mesh.authority();
     match auth
-        .ca()
         .trust_store()
-        .verify_node_chain(&chain, &[auth.crl_der().to_vec()], mesh.now())
+        .verify_node_chain(&chain, &auth.crls_der(), mesh.now())
     {
         Ok(v) => Some(Arc::new(v)),
         Err(e) => {

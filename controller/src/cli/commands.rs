@@ -284,11 +284,49 @@ async fn ca(dir: &Path, kek: &KekSource, cmd: CaCommand) -> Result<()> {
             let ca = expect!(request(dir, kek, AdminRequest::CaShow).await?, CaShow);
             print!("{}", render::ca_show(&ca, json));
         }
+        CaCommand::RotateIntermediate { spread, json } => {
+            let req = AdminRequest::CaRotateIntermediate {
+                spread_secs: spread.map(|d| d.as_secs()),
+            };
+            let r = expect!(
+                crate::admin::local::request_within(
+                    dir,
+                    kek,
+                    req,
+                    std::time::Duration::from_secs(180)
+                )
+                .await?,
+                CaRotated
+            );
+            print!("{}", render::ca_rotated(&r, json));
+        }
+        CaCommand::RotateRoot {
+            grace,
+            spread,
+            json,
+        } => {
+            let req = AdminRequest::CaRotateRoot {
+                grace_secs: grace.map(|d| d.as_secs()),
+                spread_secs: spread.map(|d| d.as_secs()),
+            };
+            let r = expect!(
+                crate::admin::local::request_within(
+                    dir,
+                    kek,
+                    req,
+                    std::time::Duration::from_secs(180)
+                )
+                .await?,
+                CaRotated
+            );
+            print!("{}", render::ca_rotated(&r, json));
+        }
         CaCommand::Export {
             root: _,
             intermediate,
+            id,
         } => {
-            let req = AdminRequest::CaExport { intermediate };
+            let req = AdminRequest::CaExport { intermediate, id };
             print!("{}", expect!(request(dir, kek, req).await?, Pem).pem);
         }
         CaCommand::SignCsr {

@@ -290,21 +290,48 @@ pub enum UserCommand {
 
 #[derive(Subcommand, Debug)]
 pub enum CaCommand {
-    /// Subjects, fingerprints and expiry of the CA certificates.
+    /// Every CA certificate (roots, intermediates, cross-signatures) with its state
+    /// (active, retiring, retired), subject, fingerprint and validity.
     Show {
         #[arg(long)]
         json: bool,
     },
-    /// Print the root or intermediate certificate as PEM.
+    /// A new intermediate under the active root, issuing from now on; the old one stays
+    /// trusted until its last certificate expires. Nodes renew onto the new one, each at
+    /// its own point within the spread.
+    RotateIntermediate {
+        /// The window nodes move in, e.g. 15m (the default), 2h.
+        #[arg(long)]
+        spread: Option<humantime::Duration>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// A new root, cross-signed by the active one, and a new intermediate under it. Both
+    /// roots are trusted for the grace period; nodes move their pin to the new root through
+    /// the cross-signature and renew within the spread.
+    RotateRoot {
+        /// How long the old root stays trusted, e.g. 31d (the default); at least the spread.
+        #[arg(long)]
+        grace: Option<humantime::Duration>,
+        /// The window nodes renew in, e.g. 15m (the default).
+        #[arg(long)]
+        spread: Option<humantime::Duration>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the issuing root or intermediate certificate (or any by `--id`) as PEM.
     Export {
         #[arg(
             long,
-            conflicts_with = "intermediate",
-            required_unless_present = "intermediate"
+            conflicts_with_all = ["intermediate", "id"],
+            required_unless_present_any = ["intermediate", "id"]
         )]
         root: bool,
-        #[arg(long)]
+        #[arg(long, conflicts_with = "id")]
         intermediate: bool,
+        /// A CA certificate by its `ca show` id, e.g. root-2, int-3, cross-2.
+        #[arg(long)]
+        id: Option<String>,
     },
     /// Sign a node CSR (RSA-4096) and write certificate + intermediate as PEM.
     SignCsr {

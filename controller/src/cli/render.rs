@@ -2,7 +2,8 @@
 //! the same typed reply.
 
 use crate::admin::proto::{
-    AllowRow, BlockRow, CaShow, DomainView, HealthMatrix, NodeRow, UserAdded, ZoneRow,
+    AllowRow, BlockRow, CaCertView, CaRotated, CaShow, DomainView, HealthMatrix, NodeRow,
+    UserAdded, ZoneRow,
 };
 use crate::audit::{AuditRecord, format_utc};
 use crate::auth::{ThrottleList, UserSummary};
@@ -322,21 +323,49 @@ pub fn audit(records: &[AuditRecord], json: bool) -> String {
     )
 }
 
+/// One CA certificate, as `ca show` and the rotations print it.
+fn ca_cert_block(s: &mut String, c: &CaCertView) {
+    let _ = writeln!(
+        s,
+        "{} ({}, {}):\n  subject:    {}\n  issuer:     {}\n  sha256:     {}\n  key:        RSA-{}\n  not before: {}\n  not after:  {}",
+        Escaped(&c.id),
+        Escaped(&c.kind),
+        Escaped(&c.state),
+        Escaped(&c.subject),
+        Escaped(&c.issuer),
+        Escaped(&c.sha256),
+        c.key_bits,
+        Escaped(&c.not_before),
+        Escaped(&c.not_after)
+    );
+    if !c.retire_at.is_empty() {
+        let _ = writeln!(s, "  retired at: {}", Escaped(&c.retire_at));
+    }
+}
+
 pub fn ca_show(ca: &CaShow, json: bool) -> String {
     if json {
         return pretty(ca);
     }
     let mut s = format!("trust domain: {}\n", Escaped(&ca.trust_domain));
     for c in &ca.certificates {
-        let _ = writeln!(
-            s,
-            "{}:\n  subject:   {}\n  sha256:    {}\n  key:       RSA-{}\n  not after: {}",
-            Escaped(&c.role),
-            Escaped(&c.subject),
-            Escaped(&c.sha256),
-            c.key_bits,
-            Escaped(&c.not_after)
-        );
+        ca_cert_block(&mut s, c);
+    }
+    s
+}
+
+/// `ca rotate-intermediate`, `ca rotate-root`.
+pub fn ca_rotated(r: &CaRotated, json: bool) -> String {
+    if json {
+        return pretty(r);
+    }
+    let mut s = String::from("added:\n");
+    for c in &r.added {
+        ca_cert_block(&mut s, c);
+    }
+    s.push_str("now retiring:\n");
+    for c in &r.retiring {
+        ca_cert_block(&mut s, c);
     }
     s
 }

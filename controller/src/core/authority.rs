@@ -1,9 +1,10 @@
 //! The CA as the controller runs it: the `zonemesh-ca` library plus the store that records
 //! every serial it issues and every revocation, and the current CRL.
 
+use crate::core::rotation::{CaCertKind, CaCertRecord, CaCertState, CaCertView};
 use crate::error::{ControllerError, Result};
 use crate::store::{
-    CertKind, CertRecord, NodeSerial, RevocationRecord, Store, encode, from_unix, unix,
+    CertKind, CertRecord, NodeSerial, RevocationRecord, Store, decode, encode, from_unix, unix,
 };
 use arc_swap::ArcSwap;
 use serde::Serialize;
@@ -11,11 +12,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
-use x509_parser::prelude::{FromDer, X509Certificate};
 use zonemesh_ca::{
     Ca, CaMaterial, CertStatus, IssuedCert, Kek, NodePolicy, NodeRequest, RevocationReason,
-    RevokedEntry, TlsNames, TlsPolicy, open_sealed, seal,
+    RevokedEntry, TlsNames, TlsPolicy, TrustStore, open_sealed, seal,
 };
+use zonemesh_proto as pb;
 
 /// How long each CRL is valid; a fresh one is signed well before (see `CRL_REFRESH`).
 pub const CRL_VALIDITY: Duration = Duration::from_secs(7 * 86_400);
@@ -25,23 +26,41 @@ pub const CRL_REFRESH: Duration = Duration::from_secs(86_400);
 const ROOT_KEY_LABEL: &str = "zonemesh root key v1";
 const INT_KEY_LABEL: &str = "zonemesh intermediate key v1";
 
-/// One CA certificate as `ca show` prints it.
-#[derive(Clone, Debug, Serialize)]
-pub struct CaCertInfo {
-    pub role: &'static str,
-    pub subject: String,
-    pub sha256: String,
-    pub not_after: String,
-    pub key_bits: usize,
+/// The CA certificates in force: the issuing intermediate, every trusted intermediate as a
+/// signer of its own CRL and OCSP answers, and what verifiers trust.
+struct CaSet {
+    records: Vec<CaCertRecord>,
+    /// The active intermediate: every new certificate comes from it.
+    issuing: Arc<Ca>,
+    /// Every trusted intermediate, the issuing one first (CRLs and OCSP).
+    issuers: Vec<Arc<Ca>>,
+    /// Trusted roots, the issuing intermediate's root first.
+    roots: Vec<Vec<u8>>,
+    /// Trusted intermediates (issuing first), then trusted cross-signatures: what a verifier
+    /// needs between a leaf and a trusted root.
+    chain_pool: Vec<Vec<u8>>,
+    /// Trusted cross-signatures alone.
+    cross: Vec<Vec<u8>>,
+    /// When the issuing intermediate took over, and the spread nodes renew onto it in.
+    rotated_unix: u64,
+    spread_secs: u64,
 }
 
 /// The operating authority.
 pub struct Authority {
     store: Store,
-    ca: Ca,
+    trust_domain: String,
+    set: ArcSwap<CaSet>,
+    /// Serialises rotations, retirements and CRL signing.
+    ca_lock: parking_lot::Mutex<()>,
+    /// For unsealing a root key when rotating; wiped on drop.
+    kek: Kek,
+    /// Bumped whenever the CA certificates change (rotation, retirement).
+    ca_changes: tokio::sync::watch::Sender<u64>,
     pub node_policy: NodePolicy,
     pub tls_policy: TlsPolicy,
-    crl: ArcSwap<Vec<u8>>,
+    /// One CRL per trusted intermediate, in the order of `CaSet::issuers`.
+    crls: ArcSwap<Vec<Arc<Vec<u8>>>>,
     ocsp: OcspCache,
     /// Counts issued and revoked certificates; shared with the rest of the controller.
     metrics: crate::metrics::Metrics,
@@ -111,7 +130,7 @@ impl OcspCache {
 impl std::fmt::Debug for Authority {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Authority")
-            .field("trust_domain", &self.ca.trust_domain())
+            .field("trust_domain", &self.set.load().issuing.trust_domain())
             .finish_non_exhaustive()
     }
 }
@@ -154,42 +173,28 @@ impl Authority {
         Ok(())
     }
 
-    /// Load the CA from the store, unsealing the intermediate key with the KEK.
+    /// Load the CA from the store, unsealing the trusted intermediates' keys with the KEK.
+    /// A data directory from before rotation existed gets its root and intermediate
+    /// recorded as `root-1` and `int-1`, both active.
     pub fn load(store: Store, kek: &Kek, now: SystemTime) -> Result<Self> {
-        let get = |k: &str| -> Result<Vec<u8>> {
-            store
-                .ca
-                .get(k)
-                .map_err(crate::store::StoreError::from)?
-                .map(|v| v.to_vec())
-                .ok_or_else(|| {
-                    ControllerError::NotFound(
-                        "no CA in this data directory; run `zonemesh-controller init` first".into(),
-                    )
-                })
-        };
-        let root = get("root_cert")?;
-        let trust_domain = String::from_utf8(get("trust_domain")?).map_err(|e| {
-            crate::store::StoreError::Corrupt {
-                tree: "meta",
-                err: Box::new(e),
-            }
-        })?;
-        let int_cert = get("int_cert")?;
-        let int_key =
-            open_sealed(kek, INT_KEY_LABEL, &get("int_key_sealed")?).map_err(|e| match e {
-                zonemesh_ca::Error::Unseal => ControllerError::PermissionDenied(
-                    "cannot unseal the CA key: wrong key-encryption key".into(),
-                ),
-                other => ControllerError::Ca(other),
-            })?;
-        let ca = Ca::load(&trust_domain, &root, &int_cert, &int_key)?;
+        if !Self::exists(&store)? {
+            return Err(ControllerError::NotFound(
+                "no CA in this data directory; run `zonemesh-controller init` first".into(),
+            ));
+        }
+        let records = load_records(&store, now)?;
+        let trust_domain = trust_domain_of(&store)?;
+        let set = build_set(&trust_domain, records, kek)?;
         let auth = Self {
             store,
-            ca,
+            trust_domain,
+            set: ArcSwap::from_pointee(set),
+            ca_lock: parking_lot::Mutex::new(()),
+            kek: Kek::from_bytes(kek.as_bytes())?,
+            ca_changes: tokio::sync::watch::Sender::new(0),
             node_policy: NodePolicy::default(),
             tls_policy: TlsPolicy::default(),
-            crl: ArcSwap::from_pointee(Vec::new()),
+            crls: ArcSwap::from_pointee(Vec::new()),
             ocsp: OcspCache::default(),
             metrics: crate::metrics::Metrics::new(),
         };
@@ -197,8 +202,9 @@ impl Authority {
         Ok(auth)
     }
 
-    pub fn ca(&self) -> &Ca {
-        &self.ca
+    /// The issuing CA (the active intermediate and its root).
+    pub fn ca(&self) -> Arc<Ca> {
+        self.set.load().issuing.clone()
     }
 
     /// The controller's metrics (the authority counts certificates in them).
@@ -211,38 +217,106 @@ impl Authority {
     }
 
     pub fn trust_domain(&self) -> &str {
-        self.ca.trust_domain()
+        &self.trust_domain
     }
 
-    /// The chain presented after a leaf: the intermediate.
+    /// The chain presented after a leaf: the issuing intermediate.
     pub fn chain(&self) -> Vec<Vec<u8>> {
-        vec![self.ca.intermediate_der().to_vec()]
+        vec![self.set.load().issuing.intermediate_der().to_vec()]
     }
 
-    /// The current signed CRL (DER).
+    /// Everything a verifier may need between a leaf and a trusted root: every trusted
+    /// intermediate (the issuing one first) and every trusted cross-signature. This is the
+    /// chain the Watch stream gives peers without their own.
+    pub fn chain_pool(&self) -> Vec<Vec<u8>> {
+        self.set.load().chain_pool.clone()
+    }
+
+    /// The trusted roots (DER), the issuing intermediate's root first.
+    pub fn trusted_roots(&self) -> Vec<Vec<u8>> {
+        self.set.load().roots.clone()
+    }
+
+    /// The trusted cross-signatures (DER).
+    pub fn cross_signatures(&self) -> Vec<Vec<u8>> {
+        self.set.load().cross.clone()
+    }
+
+    /// A trust store with every trusted root, intermediate and cross-signature.
+    pub fn trust_store(&self) -> TrustStore {
+        let set = self.set.load();
+        TrustStore::new(
+            set.issuing.trust_domain(),
+            set.roots.clone(),
+            set.chain_pool.clone(),
+        )
+    }
+
+    /// The issuing intermediate's current signed CRL (DER).
     pub fn crl_der(&self) -> Arc<Vec<u8>> {
-        self.crl.load_full()
+        self.crls.load().first().cloned().unwrap_or_default()
     }
 
-    /// Subjects, fingerprints and expiry of the root and intermediate.
-    pub fn info(&self) -> Vec<CaCertInfo> {
-        [
-            ("root", self.ca.root_der()),
-            ("intermediate", self.ca.intermediate_der()),
-        ]
-        .into_iter()
-        .map(|(role, der)| {
-            let (_, c) = X509Certificate::from_der(der).expect("stored CA certificates parse");
-            let key_bits = c.public_key().parsed().map(|k| k.key_size()).unwrap_or(0);
-            CaCertInfo {
-                role,
-                subject: c.subject().to_string(),
-                sha256: zonemesh_ca::fingerprint_sha256(der),
-                not_after: c.validity().not_after.to_string(),
-                key_bits,
-            }
-        })
-        .collect()
+    /// The CRLs of every trusted intermediate, the issuing one's first.
+    pub fn crls_der(&self) -> Vec<Vec<u8>> {
+        self.crls.load().iter().map(|c| c.to_vec()).collect()
+    }
+
+    /// The CRLs of the trusted intermediates other than the issuing one.
+    pub fn issuer_crls_der(&self) -> Vec<Vec<u8>> {
+        self.crls
+            .load()
+            .iter()
+            .skip(1)
+            .map(|c| c.to_vec())
+            .collect()
+    }
+
+    /// Changes whenever the CA certificates do (a rotation or a retirement).
+    pub fn ca_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.ca_changes.subscribe()
+    }
+
+    /// Every CA certificate with its state, newest generation first within each kind:
+    /// what `ca show` and the console's CA page list.
+    pub fn ca_certificates(&self) -> Vec<CaCertView> {
+        let set = self.set.load();
+        let mut v: Vec<&CaCertRecord> = set.records.iter().collect();
+        v.sort_by_key(|r| (r.kind as u8, std::cmp::Reverse(r.generation)));
+        v.into_iter().map(CaCertView::of).collect()
+    }
+
+    /// One CA certificate (DER) by its id, whatever its state.
+    pub fn ca_certificate_der(&self, id: &str) -> Option<Vec<u8>> {
+        self.set
+            .load()
+            .records
+            .iter()
+            .find(|r| r.id == id)
+            .map(|r| r.der.clone())
+    }
+
+    /// The CA bundle for the Watch stream and renew replies.
+    pub fn ca_bundle(&self) -> pb::CaBundle {
+        let set = self.set.load();
+        let trusted = |k: CaCertKind| {
+            set.records
+                .iter()
+                .filter(move |r| r.kind == k && r.state.trusted())
+        };
+        pb::CaBundle {
+            roots: set.roots.clone(),
+            intermediates: set
+                .issuers
+                .iter()
+                .map(|c| c.intermediate_der().to_vec())
+                .collect(),
+            cross_signatures: trusted(CaCertKind::CrossSigned)
+                .map(|r| r.der.clone())
+                .collect(),
+            rotated_unix: set.rotated_unix,
+            spread_secs: set.spread_secs,
+        }
     }
 
     fn record(
@@ -289,7 +363,7 @@ impl Authority {
     /// Sign a node certificate without recording it (the RSA signature, taken outside any
     /// lock); a certificate that is handed out must first go through [`Self::record_node`].
     pub fn sign_node(&self, req: &NodeRequest<'_>, now: SystemTime) -> Result<IssuedCert> {
-        Ok(self.ca.sign_node_csr(&self.node_policy, req, now)?)
+        Ok(self.ca().sign_node_csr(&self.node_policy, req, now)?)
     }
 
     /// Record a node certificate from [`Self::sign_node`] by serial and under its node
@@ -320,7 +394,7 @@ impl Authority {
         now: SystemTime,
     ) -> Result<IssuedCert> {
         let cert = self
-            .ca
+            .ca()
             .sign_tls_csr(&self.tls_policy, csr, names, lifetime, now)?;
         if let Some(owner) = owner {
             self.record_owner(owner, &cert, CertKind::Tls)?;
@@ -337,7 +411,7 @@ impl Authority {
         now: SystemTime,
     ) -> Result<IssuedCert> {
         let cert = self
-            .ca
+            .ca()
             .issue_tls(&self.tls_policy, key, names, lifetime, now)?;
         self.record_tls(cert, names, now)
     }
@@ -435,8 +509,14 @@ impl Authority {
         Ok(newly)
     }
 
-    /// Re-sign the CRL from the revocations in the store.
+    /// Re-sign the CRL of every trusted intermediate from the revocations in the store;
+    /// returns the issuing intermediate's.
     pub fn refresh_crl(&self, now: SystemTime) -> Result<Arc<Vec<u8>>> {
+        let _one = self.ca_lock.lock();
+        self.refresh_crl_locked(now)
+    }
+
+    fn refresh_crl_locked(&self, now: SystemTime) -> Result<Arc<Vec<u8>>> {
         let mut entries = Vec::new();
         for item in self.store.revoked.iter() {
             let (k, v) = item.map_err(crate::store::StoreError::from)?;
@@ -448,10 +528,18 @@ impl Authority {
                     .unwrap_or(RevocationReason::Unspecified),
             });
         }
+        // Every CRL lists every revocation: serials are random 128-bit numbers, so a serial
+        // of one intermediate never names a certificate of another.
         let number = self.store.next_counter("crl_number")?;
-        let der = Arc::new(self.ca.crl(&entries, number, now, CRL_VALIDITY)?);
-        self.crl.store(der.clone());
-        Ok(der)
+        let set = self.set.load_full();
+        let crls = set
+            .issuers
+            .iter()
+            .map(|ca| Ok(Arc::new(ca.crl(&entries, number, now, CRL_VALIDITY)?)))
+            .collect::<Result<Vec<_>>>()?;
+        let first = crls.first().cloned().unwrap_or_default();
+        self.crls.store(Arc::new(crls));
+        Ok(first)
     }
 
     /// Status of a serial for OCSP.
@@ -476,13 +564,22 @@ impl Authority {
     /// from the cache until it is half-way to its `nextUpdate`. Nonces are not echoed (a
     /// pre-signed response cannot carry them). Blocking: signs with the CA key.
     pub fn ocsp(&self, request_der: &[u8], now: SystemTime) -> Vec<u8> {
-        let q = match self.ca.ocsp_query(request_der) {
-            Ok(q) => q,
-            Err(refusal) => return refusal,
-        };
-        if !q.our_issuer {
-            return zonemesh_ca::ocsp_unauthorized();
+        // Answered by whichever trusted intermediate the request names.
+        let set = self.set.load_full();
+        let mut found = None;
+        for ca in &set.issuers {
+            match ca.ocsp_query(request_der) {
+                Ok(q) if q.our_issuer => {
+                    found = Some((ca.clone(), q));
+                    break;
+                }
+                Ok(_) => {}
+                Err(refusal) => return refusal,
+            }
         }
+        let Some((ca, q)) = found else {
+            return zonemesh_ca::ocsp_unauthorized();
+        };
         let status = self.status(&q.serial_hex);
         if status == CertStatus::Unknown {
             return zonemesh_ca::ocsp_unauthorized();
@@ -495,7 +592,7 @@ impl Authority {
         if let Some(der) = self.ocsp.get(q.cert_id(), status, now) {
             return der.to_vec();
         }
-        let der = match self.ca.ocsp_sign(&q, status, now) {
+        let der = match ca.ocsp_sign(&q, status, now) {
             Ok(d) => Arc::new(d),
             Err(e) => {
                 tracing::error!(error = %e, "OCSP signing failed");
@@ -523,5 +620,599 @@ impl Authority {
     /// Whether a serial is revoked (checked on every Mesh call, beside the handshake CRL check).
     pub fn is_revoked(&self, serial_hex: &str) -> bool {
         !matches!(self.store.revocation(serial_hex), Ok(None))
+    }
+}
+
+/// What a rotation made.
+#[derive(Clone, Debug, Serialize)]
+pub struct Rotated {
+    /// The certificates it added (the new intermediate; with a new root also the root and
+    /// its cross-signature).
+    pub added: Vec<CaCertView>,
+    /// The certificates it moved to retiring.
+    pub retiring: Vec<CaCertView>,
+}
+
+impl Authority {
+    /// `ca rotate-intermediate`: a new RSA-4096 intermediate under the active root, issuing
+    /// from now on. The previous one is retiring until the last certificate issued before
+    /// now has expired. Nodes on older intermediates renew onto it within `spread`.
+    /// Blocking (an RSA-4096 key).
+    pub fn rotate_intermediate(&self, spread: Duration, now: SystemTime) -> Result<Rotated> {
+        let _one = self.ca_lock.lock();
+        let mut records = self.set.load().records.clone();
+        let root = records
+            .iter()
+            .find(|r| r.kind == CaCertKind::Root && r.state == CaCertState::Active)
+            .cloned()
+            .ok_or_else(|| ControllerError::CaRecords("no active root".into()))?;
+        let root_key = self.unseal(&root)?;
+        let generation = next_generation(&records, CaCertKind::Intermediate);
+        let new = zonemesh_ca::generate_intermediate(
+            &self.trust_domain,
+            &root.der,
+            &root_key,
+            generation,
+            now,
+        )?;
+        let last_expiry = self.last_expiry(now)?;
+        let mut retiring = Vec::new();
+        for r in records.iter_mut() {
+            if r.kind == CaCertKind::Intermediate && r.state == CaCertState::Active {
+                r.state = CaCertState::Retiring;
+                r.since_unix = unix(now);
+                r.retire_at_unix = last_expiry.max(unix(now));
+                retiring.push(r.clone());
+            }
+        }
+        let id = format!("int-{generation}");
+        let rec = CaCertRecord {
+            key_sealed: seal(
+                &self.kek,
+                &key_label(CaCertKind::Intermediate, &id),
+                &new.key_pkcs8,
+            )?,
+            id,
+            kind: CaCertKind::Intermediate,
+            generation,
+            der: new.cert_der,
+            issuer_id: root.id.clone(),
+            state: CaCertState::Active,
+            since_unix: unix(now),
+            retire_at_unix: 0,
+            spread_secs: spread.as_secs(),
+        };
+        records.push(rec.clone());
+        self.install_records(records, &[&rec], &retiring, now)?;
+        Ok(Rotated {
+            added: vec![CaCertView::of(&rec)],
+            retiring: retiring.iter().map(CaCertView::of).collect(),
+        })
+    }
+
+    /// `ca rotate-root`: a new RSA-4096 root, cross-signed by the active root, and a new
+    /// intermediate under it, issuing from now on. The old root, its cross-signatures and
+    /// every intermediate under it are retiring and retired after `grace` (sooner for an
+    /// intermediate whose certificates have all expired). `grace` must cover `spread`, so
+    /// every node renews while its old chain still verifies. Blocking (two RSA-4096 keys).
+    pub fn rotate_root(
+        &self,
+        grace: Duration,
+        spread: Duration,
+        now: SystemTime,
+    ) -> Result<Rotated> {
+        if grace < spread {
+            return Err(ControllerError::BadRequest(format!(
+                "--grace ({} s) must be at least the renewal spread ({} s)",
+                grace.as_secs(),
+                spread.as_secs()
+            )));
+        }
+        let _one = self.ca_lock.lock();
+        let mut records = self.set.load().records.clone();
+        let old = records
+            .iter()
+            .find(|r| r.kind == CaCertKind::Root && r.state == CaCertState::Active)
+            .cloned()
+            .ok_or_else(|| ControllerError::CaRecords("no active root".into()))?;
+        let old_key = self.unseal(&old)?;
+        let root_gen = next_generation(&records, CaCertKind::Root);
+        let int_gen = next_generation(&records, CaCertKind::Intermediate);
+        let new = zonemesh_ca::generate_root(
+            &self.trust_domain,
+            &old.der,
+            &old_key,
+            root_gen,
+            int_gen,
+            now,
+        )?;
+        let grace_end = unix(now + grace);
+        let last_expiry = self.last_expiry(now)?.max(unix(now));
+        let mut retiring = Vec::new();
+        for r in records.iter_mut() {
+            if !r.state.trusted() {
+                continue;
+            }
+            let under_old = r.id == old.id
+                || (r.kind == CaCertKind::Intermediate && r.issuer_id == old.id)
+                || r.kind == CaCertKind::CrossSigned;
+            if !under_old {
+                continue;
+            }
+            let end = match r.kind {
+                CaCertKind::Intermediate if r.state == CaCertState::Retiring => {
+                    r.retire_at_unix.min(grace_end)
+                }
+                CaCertKind::Intermediate => last_expiry.min(grace_end),
+                _ => grace_end,
+            };
+            if r.state == CaCertState::Active {
+                r.since_unix = unix(now);
+            }
+            r.state = CaCertState::Retiring;
+            r.retire_at_unix = end;
+            retiring.push(r.clone());
+        }
+        let root_id = format!("root-{root_gen}");
+        let int_id = format!("int-{int_gen}");
+        let root_rec = CaCertRecord {
+            key_sealed: seal(
+                &self.kek,
+                &key_label(CaCertKind::Root, &root_id),
+                &new.root.key_pkcs8,
+            )?,
+            id: root_id.clone(),
+            kind: CaCertKind::Root,
+            generation: root_gen,
+            der: new.root.cert_der,
+            issuer_id: String::new(),
+            state: CaCertState::Active,
+            since_unix: unix(now),
+            retire_at_unix: 0,
+            spread_secs: 0,
+        };
+        // The cross-signature is only of use while the old root is trusted.
+        let cross_rec = CaCertRecord {
+            id: format!("cross-{root_gen}"),
+            kind: CaCertKind::CrossSigned,
+            generation: root_gen,
+            der: new.cross_der,
+            key_sealed: Vec::new(),
+            issuer_id: old.id.clone(),
+            state: CaCertState::Retiring,
+            since_unix: unix(now),
+            retire_at_unix: grace_end,
+            spread_secs: 0,
+        };
+        let int_rec = CaCertRecord {
+            key_sealed: seal(
+                &self.kek,
+                &key_label(CaCertKind::Intermediate, &int_id),
+                &new.intermediate.key_pkcs8,
+            )?,
+            id: int_id,
+            kind: CaCertKind::Intermediate,
+            generation: int_gen,
+            der: new.intermediate.cert_der,
+            issuer_id: root_id,
+            state: CaCertState::Active,
+            since_unix: unix(now),
+            retire_at_unix: 0,
+            spread_secs: spread.as_secs(),
+        };
+        records.extend([root_rec.clone(), cross_rec.clone(), int_rec.clone()]);
+        self.install_records(records, &[&root_rec, &cross_rec, &int_rec], &retiring, now)?;
+        Ok(Rotated {
+            added: [&root_rec, &cross_rec, &int_rec]
+                .into_iter()
+                .map(CaCertView::of)
+                .collect(),
+            retiring: retiring.iter().map(CaCertView::of).collect(),
+        })
+    }
+
+    /// Retire every retiring certificate whose time has come (a root takes everything
+    /// under it along). Returns the ones retired; when there are any the CA changed.
+    pub fn retire_due(&self, now: SystemTime) -> Result<Vec<CaCertView>> {
+        let set = self.set.load_full();
+        let t = unix(now);
+        let due = |r: &CaCertRecord| r.state == CaCertState::Retiring && r.retire_at_unix <= t;
+        if !set.records.iter().any(due) {
+            return Ok(Vec::new());
+        }
+        let _one = self.ca_lock.lock();
+        let mut records = self.set.load().records.clone();
+        let retired_roots: Vec<String> = records
+            .iter()
+            .filter(|r| r.kind == CaCertKind::Root && due(r))
+            .map(|r| r.id.clone())
+            .collect();
+        let mut changed = Vec::new();
+        for r in records.iter_mut() {
+            let with_root = r.state.trusted()
+                && r.kind != CaCertKind::Root
+                && retired_roots.contains(&r.issuer_id);
+            if due(r) || with_root {
+                r.state = CaCertState::Retired;
+                r.since_unix = t;
+                changed.push(r.clone());
+            }
+        }
+        let refs: Vec<&CaCertRecord> = changed.iter().collect();
+        self.install_records(records, &refs, &[], now)?;
+        Ok(changed.iter().map(CaCertView::of).collect())
+    }
+
+    /// The earliest time a retiring certificate is due to be retired.
+    pub fn next_retirement(&self) -> Option<SystemTime> {
+        self.set
+            .load()
+            .records
+            .iter()
+            .filter(|r| r.state == CaCertState::Retiring)
+            .map(|r| from_unix(r.retire_at_unix))
+            .min()
+    }
+
+    /// The latest expiry of an unrevoked certificate issued up to `now` (0 when none).
+    fn last_expiry(&self, now: SystemTime) -> Result<u64> {
+        let now = unix(now);
+        let mut last = 0;
+        for item in self.store.certs.iter() {
+            let (k, v) = item.map_err(crate::store::StoreError::from)?;
+            let rec: CertRecord = decode("certs", &v)?;
+            if rec.issued_unix <= now && rec.not_after_unix > last {
+                let serial = String::from_utf8_lossy(&k);
+                if self.store.revocation(&serial)?.is_none() {
+                    last = rec.not_after_unix;
+                }
+            }
+        }
+        Ok(last)
+    }
+
+    fn unseal(&self, r: &CaCertRecord) -> Result<zeroize::Zeroizing<Vec<u8>>> {
+        open_key(&self.kek, r)
+    }
+
+    /// Write `changed` records, flush, and put the new set in force: new CRLs, then the
+    /// change announced (the caller publishes it to watchers).
+    fn install_records(
+        &self,
+        records: Vec<CaCertRecord>,
+        added: &[&CaCertRecord],
+        changed: &[CaCertRecord],
+        now: SystemTime,
+    ) -> Result<()> {
+        let set = build_set(&self.trust_domain, records, &self.kek)?;
+        for r in added.iter().copied().chain(changed.iter()) {
+            self.store
+                .ca
+                .insert(r.key(), encode(r))
+                .map_err(crate::store::StoreError::from)?;
+        }
+        self.store.flush()?;
+        self.set.store(Arc::new(set));
+        self.refresh_crl_locked(now)?;
+        self.store.flush()?;
+        self.ca_changes.send_modify(|g| *g += 1);
+        Ok(())
+    }
+}
+
+const CA_RECORD_PREFIX: &str = "cert/";
+
+fn key_label(kind: CaCertKind, id: &str) -> String {
+    match (kind, id) {
+        (CaCertKind::Root, "root-1") => ROOT_KEY_LABEL.into(),
+        (CaCertKind::Intermediate, "int-1") => INT_KEY_LABEL.into(),
+        _ => format!("zonemesh {} key {id}", kind.as_str()),
+    }
+}
+
+fn open_key(kek: &Kek, r: &CaCertRecord) -> Result<zeroize::Zeroizing<Vec<u8>>> {
+    open_sealed(kek, &key_label(r.kind, &r.id), &r.key_sealed).map_err(|e| match e {
+        zonemesh_ca::Error::Unseal => ControllerError::PermissionDenied(
+            "cannot unseal the CA key: wrong key-encryption key".into(),
+        ),
+        other => ControllerError::Ca(other),
+    })
+}
+
+fn next_generation(records: &[CaCertRecord], kind: CaCertKind) -> u32 {
+    records
+        .iter()
+        .filter(|r| r.kind == kind)
+        .map(|r| r.generation)
+        .max()
+        .unwrap_or(0)
+        + 1
+}
+
+fn trust_domain_of(store: &Store) -> Result<String> {
+    let v = store
+        .ca
+        .get("trust_domain")
+        .map_err(crate::store::StoreError::from)?
+        .ok_or_else(|| {
+            ControllerError::NotFound("no trust domain in this data directory".into())
+        })?;
+    String::from_utf8(v.to_vec()).map_err(|e| {
+        crate::store::StoreError::Corrupt {
+            tree: "ca",
+            err: Box::new(e),
+        }
+        .into()
+    })
+}
+
+/// The stored CA records; the root and intermediate `init` wrote before rotation existed
+/// become `root-1` and `int-1` the first time.
+fn load_records(store: &Store, now: SystemTime) -> Result<Vec<CaCertRecord>> {
+    let mut records = Vec::new();
+    for v in store.ca.scan_prefix(CA_RECORD_PREFIX).values() {
+        let v = v.map_err(crate::store::StoreError::from)?;
+        records.push(decode::<CaCertRecord>("ca", &v)?);
+    }
+    if !records.is_empty() {
+        return Ok(records);
+    }
+    let get = |k: &str| -> Result<Vec<u8>> {
+        store
+            .ca
+            .get(k)
+            .map_err(crate::store::StoreError::from)?
+            .map(|v| v.to_vec())
+            .ok_or_else(|| ControllerError::NotFound(format!("the CA record {k:?} is missing")))
+    };
+    let root = CaCertRecord {
+        id: "root-1".into(),
+        kind: CaCertKind::Root,
+        generation: 1,
+        der: get("root_cert")?,
+        key_sealed: get("root_key_sealed")?,
+        issuer_id: String::new(),
+        state: CaCertState::Active,
+        since_unix: unix(now),
+        retire_at_unix: 0,
+        spread_secs: 0,
+    };
+    let int = CaCertRecord {
+        id: "int-1".into(),
+        kind: CaCertKind::Intermediate,
+        generation: 1,
+        der: get("int_cert")?,
+        key_sealed: get("int_key_sealed")?,
+        issuer_id: "root-1".into(),
+        state: CaCertState::Active,
+        since_unix: unix(now),
+        retire_at_unix: 0,
+        spread_secs: 0,
+    };
+    for r in [&root, &int] {
+        store
+            .ca
+            .insert(r.key(), encode(r))
+            .map_err(crate::store::StoreError::from)?;
+    }
+    store.flush()?;
+    Ok(vec![root, int])
+}
+
+/// The CA set the records describe: the active intermediate's key and every trusted
+/// intermediate's key unsealed.
+fn build_set(trust_domain: &str, records: Vec<CaCertRecord>, kek: &Kek) -> Result<CaSet> {
+    let by_id = |id: &str| records.iter().find(|r| r.id == id);
+    let mut ints: Vec<&CaCertRecord> = records
+        .iter()
+        .filter(|r| r.kind == CaCertKind::Intermediate && r.state.trusted())
+        .collect();
+    // The active one first, then the newest.
+    ints.sort_by_key(|r| {
+        (
+            r.state != CaCertState::Active,
+            std::cmp::Reverse(r.generation),
+        )
+    });
+    let active = ints
+        .first()
+        .filter(|r| r.state == CaCertState::Active)
+        .copied()
+        .ok_or_else(|| ControllerError::CaRecords("no active intermediate".into()))?;
+    let mut issuers = Vec::new();
+    for r in &ints {
+        let root = by_id(&r.issuer_id)
+            .ok_or_else(|| ControllerError::CaRecords(format!("{} has no root", r.id)))?;
+        let key = open_key(kek, r)?;
+        issuers.push(Arc::new(Ca::load(trust_domain, &root.der, &r.der, &key)?));
+    }
+    let issuing_root = active.issuer_id.clone();
+    let mut roots: Vec<&CaCertRecord> = records
+        .iter()
+        .filter(|r| r.kind == CaCertKind::Root && r.state.trusted())
+        .collect();
+    roots.sort_by_key(|r| (r.id != issuing_root, std::cmp::Reverse(r.generation)));
+    let cross: Vec<Vec<u8>> = records
+        .iter()
+        .filter(|r| r.kind == CaCertKind::CrossSigned && r.state.trusted())
+        .map(|r| r.der.clone())
+        .collect();
+    let mut chain_pool: Vec<Vec<u8>> = ints.iter().map(|r| r.der.clone()).collect();
+    chain_pool.extend(cross.iter().cloned());
+    Ok(CaSet {
+        rotated_unix: active.since_unix,
+        spread_secs: active.spread_secs,
+        issuing: issuers[0].clone(),
+        issuers,
+        roots: roots.into_iter().map(|r| r.der.clone()).collect(),
+        chain_pool,
+        cross,
+        records,
+    })
+}
+
+#[cfg(test)]
+mod rotation_tests {
+    use super::*;
+    use zonemesh_ca::WireGuardKey;
+
+    fn states(auth: &Authority) -> Vec<(String, String)> {
+        let mut v: Vec<(String, String)> = auth
+            .ca_certificates()
+            .into_iter()
+            .map(|c| (c.id, c.state))
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn pairs(v: &[(&str, &str)]) -> Vec<(String, String)> {
+        let mut v: Vec<(String, String)> = v
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn rotations_keep_old_chains_trusted_and_revocable_until_they_retire() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db")).unwrap();
+        let kek = Kek::generate();
+        let now = SystemTime::now();
+        let m = CaMaterial::generate("rot.test", now, |_| {}).unwrap();
+        Authority::install(&store, &kek, &m).unwrap();
+        let auth = Authority::load(store.clone(), &kek, now).unwrap();
+        let key = zonemesh_ca::generate_rsa_4096().unwrap();
+        let csr = rcgen::CertificateParams::default()
+            .serialize_request(&key)
+            .unwrap()
+            .der()
+            .to_vec();
+        let req = |node: &'static str| NodeRequest {
+            csr_der: &csr,
+            zone: "z",
+            node,
+            wg_public_key: WireGuardKey([7; 32]),
+        };
+        let old = auth.issue_node(&req("n1"), now).unwrap();
+        let old_chain = vec![old.der.clone(), auth.chain()[0].clone()];
+        let spare = auth.issue_node(&req("n2"), now).unwrap();
+        let spare_chain = vec![spare.der.clone(), auth.chain()[0].clone()];
+
+        let r = auth
+            .rotate_intermediate(Duration::from_secs(60), now)
+            .unwrap();
+        assert_eq!(r.added[0].id, "int-2");
+        assert_eq!(r.retiring[0].id, "int-1");
+        assert_eq!(
+            states(&auth),
+            pairs(&[
+                ("root-1", "active"),
+                ("int-1", "retiring"),
+                ("int-2", "active")
+            ])
+        );
+        // New certificates come from the new intermediate; both chains verify, each with
+        // its own intermediate's CRL.
+        let new = auth.issue_node(&req("n3"), now).unwrap();
+        let new_chain = vec![new.der.clone(), auth.chain()[0].clone()];
+        assert_ne!(new_chain[1], old_chain[1]);
+        assert_eq!(auth.crls_der().len(), 2);
+        let trust = auth.trust_store();
+        trust
+            .verify_node_chain(&old_chain, &auth.crls_der(), now)
+            .unwrap();
+        trust
+            .verify_node_chain(&new_chain, &auth.crls_der(), now)
+            .unwrap();
+        // A revoked certificate of the retiring intermediate is refused.
+        auth.revoke(&old.serial_hex, RevocationReason::KeyCompromise, now)
+            .unwrap();
+        assert!(matches!(
+            auth.trust_store()
+                .verify_node_chain(&old_chain, &auth.crls_der(), now),
+            Err(zonemesh_ca::Error::Revoked)
+        ));
+        assert!(matches!(
+            auth.status(&old.serial_hex),
+            CertStatus::Revoked { .. }
+        ));
+
+        // The states survive a restart.
+        drop(auth);
+        let auth = Authority::load(store.clone(), &kek, now).unwrap();
+        assert_eq!(
+            states(&auth),
+            pairs(&[
+                ("root-1", "active"),
+                ("int-1", "retiring"),
+                ("int-2", "active")
+            ])
+        );
+
+        // A new root: cross-signed, both roots trusted; a new leaf verifies under the new
+        // root, and through the cross-signature for a verifier that knows only the old one.
+        let grace = Duration::from_secs(3600);
+        assert!(
+            auth.rotate_root(Duration::from_secs(10), Duration::from_secs(60), now)
+                .is_err(),
+            "a grace shorter than the spread is refused"
+        );
+        auth.rotate_root(grace, Duration::from_secs(60), now)
+            .unwrap();
+        assert_eq!(
+            states(&auth),
+            pairs(&[
+                ("root-1", "retiring"),
+                ("int-1", "retiring"),
+                ("int-2", "retiring"),
+                ("cross-2", "retiring"),
+                ("root-2", "active"),
+                ("int-3", "active"),
+            ])
+        );
+        assert_eq!(auth.trusted_roots().len(), 2);
+        let leaf = auth.issue_node(&req("n4"), now).unwrap();
+        let chain = vec![leaf.der.clone(), auth.chain()[0].clone()];
+        auth.trust_store()
+            .verify_node_chain(&chain, &auth.crls_der(), now)
+            .unwrap();
+        let old_root_only =
+            TrustStore::new("rot.test", vec![m.root_cert_der.clone()], auth.chain_pool());
+        old_root_only
+            .verify_node_chain(&chain, &auth.crls_der(), now)
+            .unwrap();
+        auth.trust_store()
+            .verify_node_chain(&spare_chain, &auth.crls_der(), now)
+            .unwrap();
+
+        // After the grace the old root and everything under it is retired: its chains stop
+        // verifying, the new ones go on.
+        assert!(auth.retire_due(now).unwrap().is_empty());
+        let retired = auth.retire_due(now + grace).unwrap();
+        assert_eq!(retired.len(), 4, "{retired:?}");
+        assert_eq!(
+            states(&auth),
+            pairs(&[
+                ("root-1", "retired"),
+                ("int-1", "retired"),
+                ("int-2", "retired"),
+                ("cross-2", "retired"),
+                ("root-2", "active"),
+                ("int-3", "active"),
+            ])
+        );
+        assert_eq!(auth.trusted_roots().len(), 1);
+        assert_eq!(auth.crls_der().len(), 1);
+        assert!(
+            auth.trust_store()
+                .verify_node_chain(&spare_chain, &auth.crls_der(), now)
+                .is_err()
+        );
+        auth.trust_store()
+            .verify_node_chain(&chain, &auth.crls_der(), now)
+            .unwrap();
     }
 }

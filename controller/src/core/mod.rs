@@ -8,4 +8,5 @@ pub mod blocklist;
 pub mod durable;
 pub mod limits;
 pub mod mesh;
+pub mod rotation;
 pub mod store;

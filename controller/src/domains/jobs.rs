@@ -261,7 +261,7 @@ async fn issue(d: &Arc<Domains>, rec: &DomainRecord, id: u64) -> Result<CertBund
                     lifetime: d.cfg.internal_lifetime,
                 };
                 let (bundle, cert) =
-                    zonemesh_deploy::internal::issue(auth.ca(), &auth.tls_policy, &req, now)
+                    zonemesh_deploy::internal::issue(&auth.ca(), &auth.tls_policy, &req, now)
                         .map_err(|e| match e {
                             zonemesh_deploy::internal::InternalError::Ca(c) => {
                                 ControllerError::Ca(c)

@@ -172,6 +172,20 @@ impl CertSource {
         F: Fn(SystemTime) -> Result<IssuedTls, E> + Send + Sync + 'static,
         E: std::fmt::Display + Send + 'static,
     {
+        self.renew_loop_with(issue, None, shutdown).await
+    }
+
+    /// [`Self::renew_loop`], also renewing at once whenever `reissue` changes (the CA
+    /// rotated: the new certificate comes from the new intermediate).
+    pub async fn renew_loop_with<F, E>(
+        self: Arc<Self>,
+        issue: F,
+        mut reissue: Option<tokio::sync::watch::Receiver<u64>>,
+        shutdown: CancellationToken,
+    ) where
+        F: Fn(SystemTime) -> Result<IssuedTls, E> + Send + Sync + 'static,
+        E: std::fmt::Display + Send + 'static,
+    {
         let issue = Arc::new(issue);
         loop {
             let now = SystemTime::now();
@@ -179,9 +193,20 @@ impl CertSource {
                 .renew_at(rand::random::<f64>())
                 .duration_since(now)
                 .unwrap_or_default();
+            let rotated = async {
+                match reissue.as_mut() {
+                    Some(r) => {
+                        if r.changed().await.is_err() {
+                            std::future::pending::<()>().await;
+                        }
+                    }
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(wait) => {}
+                _ = rotated => {}
             }
             let f = Arc::clone(&issue);
             let now = SystemTime::now();
@@ -225,8 +250,10 @@ impl ResolvesServerCert for CertSource {
 }
 
 /// Issue the controller's own TLS certificate from its CA (recorded like every other
-/// serial). The chain ends with the root so an enrolling agent can match it against its
-/// pinned fingerprint.
+/// serial). The chain ends with the trusted roots so an enrolling agent can match one
+/// against its pinned fingerprint; while a new root is cross-signed by the old one, the
+/// cross-signature comes before them, so an agent that still trusts only the old root
+/// verifies the chain through it.
 pub fn issue_own(
     auth: &Authority,
     names: &TlsNames,
@@ -238,7 +265,8 @@ pub fn issue_own(
         .map_err(Box::new)?;
     let mut chain = vec![cert.der];
     chain.extend(auth.chain());
-    chain.push(auth.ca().root_der().to_vec());
+    chain.extend(auth.cross_signatures());
+    chain.extend(auth.trusted_roots());
     Ok(IssuedTls {
         chain_der: chain,
         key_pkcs8: zeroize::Zeroizing::new(key.serialize_der()),

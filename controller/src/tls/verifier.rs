@@ -28,48 +28,48 @@ pub enum TlsSetupError {
 
 type Result<T, E = TlsSetupError> = std::result::Result<T, E>;
 
-/// Verifies client certificates against the CA roots and the current CRL. The CRL is
-/// replaced in place after every revocation, so the next handshake already sees it.
+/// Verifies client certificates against the trusted CA roots and the current CRLs (one per
+/// trusted intermediate). Both are replaced in place after every revocation and every CA
+/// rotation or retirement, so the next handshake already sees them.
 #[derive(Debug)]
 pub struct CrlClientVerifier {
-    roots: Arc<RootCertStore>,
     inner: ArcSwap<Arc<dyn ClientCertVerifier>>,
 }
 
 impl CrlClientVerifier {
-    /// A verifier for `roots_der` and the given CRL. Clients without a certificate may
+    /// A verifier for `roots_der` and the given CRLs. Clients without a certificate may
     /// connect (enrollment), but the Mesh service refuses them.
-    pub fn new(roots_der: &[Vec<u8>], crl_der: &[u8]) -> Result<Arc<Self>> {
+    pub fn new(roots_der: &[Vec<u8>], crls_der: &[Vec<u8>]) -> Result<Arc<Self>> {
+        let inner = Self::build(roots_der, crls_der)?;
+        Ok(Arc::new(Self {
+            inner: ArcSwap::from_pointee(inner),
+        }))
+    }
+
+    fn build(roots_der: &[Vec<u8>], crls_der: &[Vec<u8>]) -> Result<Arc<dyn ClientCertVerifier>> {
         let mut roots = RootCertStore::empty();
         for r in roots_der {
             roots
                 .add(CertificateDer::from(r.clone()))
                 .map_err(TlsSetupError::Root)?;
         }
-        let roots = Arc::new(roots);
-        let inner = Self::build(&roots, crl_der)?;
-        Ok(Arc::new(Self {
-            roots,
-            inner: ArcSwap::from_pointee(inner),
-        }))
-    }
-
-    fn build(roots: &Arc<RootCertStore>, crl_der: &[u8]) -> Result<Arc<dyn ClientCertVerifier>> {
         Ok(
-            WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
-                .with_crls([rustls::pki_types::CertificateRevocationListDer::from(
-                    crl_der.to_vec(),
-                )])
+            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+                .with_crls(
+                    crls_der
+                        .iter()
+                        .map(|c| rustls::pki_types::CertificateRevocationListDer::from(c.clone())),
+                )
                 .only_check_end_entity_revocation()
                 .allow_unauthenticated()
                 .build()?,
         )
     }
 
-    /// Swap in a new CRL.
-    pub fn update_crl(&self, crl_der: &[u8]) -> Result<()> {
+    /// Swap in new roots and CRLs.
+    pub fn update(&self, roots_der: &[Vec<u8>], crls_der: &[Vec<u8>]) -> Result<()> {
         self.inner
-            .store(Arc::new(Self::build(&self.roots, crl_der)?));
+            .store(Arc::new(Self::build(roots_der, crls_der)?));
         Ok(())
     }
 }
@@ -77,9 +77,10 @@ impl CrlClientVerifier {
 impl crate::core::mesh::CrlListener for CrlClientVerifier {
     fn crl_changed(
         &self,
-        crl_der: &[u8],
+        roots: &[Vec<u8>],
+        crls: &[Vec<u8>],
     ) -> std::result::Result<(), crate::core::mesh::CrlListenerError> {
-        Ok(self.update_crl(crl_der)?)
+        Ok(self.update(roots, crls)?)
     }
 }
 

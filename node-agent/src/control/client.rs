@@ -215,15 +215,17 @@ impl rustls::client::ResolvesClientCert for NodeCertResolver {
     }
 }
 
-/// Mutual TLS whose client certificate comes from `resolver`.
+/// Mutual TLS whose client certificate comes from `resolver`, trusting `roots_der`.
 pub fn mtls_config_with(
-    root_der: &[u8],
+    roots_der: &[Vec<u8>],
     resolver: Arc<NodeCertResolver>,
 ) -> Result<rustls::ClientConfig> {
     let mut roots = RootCertStore::empty();
-    roots
-        .add(CertificateDer::from(root_der.to_vec()))
-        .context("CA root")?;
+    for r in roots_der {
+        roots
+            .add(CertificateDer::from(r.clone()))
+            .context("CA root")?;
+    }
     let mut cfg = base_builder()?
         .with_root_certificates(roots)
         .with_client_cert_resolver(resolver);

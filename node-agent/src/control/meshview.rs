@@ -29,6 +29,10 @@ pub struct MeshView {
     pub ca_chain_der: Vec<Vec<u8>>,
     /// The SSH state for a managed sshd (replaced whole by each update that has one).
     pub ssh: Option<pb::SshState>,
+    /// The CA certificates in force (replaced whole by each update that has them).
+    pub ca: Option<pb::CaBundle>,
+    /// The CRLs of the trusted intermediates other than the issuing one.
+    pub issuer_crls_der: Vec<Vec<u8>>,
 }
 
 /// A peer that failed verification, and why.
@@ -58,6 +62,7 @@ impl MeshView {
                     .map(|z| (z.name.clone(), z.clone()))
                     .collect();
                 self.crl_der = s.crl_der.clone();
+                self.issuer_crls_der = s.issuer_crls_der.clone();
                 self.blocklist = s
                     .blocklist
                     .iter()
@@ -68,6 +73,10 @@ impl MeshView {
                     self.ca_chain_der = s.ca_chain_der.clone();
                 }
                 self.ssh = s.ssh.clone();
+                // A controller without CA rotation sends none: keep what was held.
+                if s.ca.is_some() {
+                    self.ca = s.ca.clone();
+                }
             }
             Some(pb::mesh_update::Kind::Delta(d)) => {
                 for p in &d.upserted {
@@ -81,6 +90,7 @@ impl MeshView {
                 }
                 if !d.crl_der.is_empty() {
                     self.crl_der = d.crl_der.clone();
+                    self.issuer_crls_der = d.issuer_crls_der.clone();
                 }
                 for b in &d.blocked {
                     self.blocklist.insert(b.address.clone(), b.clone());
@@ -93,6 +103,9 @@ impl MeshView {
                 }
                 if let Some(ssh) = &d.ssh {
                     self.ssh = Some(ssh.clone());
+                }
+                if let Some(ca) = &d.ca {
+                    self.ca = Some(ca.clone());
                 }
             }
             None => {}
@@ -111,6 +124,8 @@ impl MeshView {
                 blocklist: self.blocklist.values().cloned().collect(),
                 ca_chain_der: self.ca_chain_der.clone(),
                 ssh: self.ssh.clone(),
+                ca: self.ca.clone(),
+                issuer_crls_der: self.issuer_crls_der.clone(),
             })),
         }
     }
@@ -149,15 +164,31 @@ impl MeshView {
     ) -> (Vec<MeshMember>, Vec<Rejection>) {
         let mut ok = Vec::new();
         let mut bad = Vec::new();
-        let crl_hash: [u8; 32] = Sha256::digest(&self.crl_der).into();
+        // The verdicts depend on every CRL and on the trusted roots.
+        let crl_hash: [u8; 32] = {
+            let mut h = Sha256::new();
+            let roots = trust.roots().iter().map(|r| r.as_ref());
+            for c in std::iter::once(self.crl_der.as_slice())
+                .chain(self.issuer_crls_der.iter().map(|c| c.as_slice()))
+                .chain(roots)
+            {
+                h.update((c.len() as u64).to_be_bytes());
+                h.update(c);
+            }
+            h.finalize().into()
+        };
+        let crls: Vec<Vec<u8>> = std::iter::once(&self.crl_der)
+            .chain(&self.issuer_crls_der)
+            .filter(|c| !c.is_empty())
+            .cloned()
+            .collect();
         let mut seen = Vec::with_capacity(self.peers.len());
         for (name, p) in &self.peers {
             let chain_der = self.chain_of(p);
             let key = ChainKey::of(p, chain_der, crl_hash);
             seen.push(key);
-            let chain = cache.chain_verdict(key, now, || {
-                verify_chain(p, chain_der, trust, &self.crl_der, now)
-            });
+            let chain =
+                cache.chain_verdict(key, now, || verify_chain(p, chain_der, trust, &crls, now));
             match chain.and_then(|v| check_peer(p, &v)) {
                 Ok(m) => ok.push(m),
                 Err(reason) => bad.push(Rejection {
@@ -254,18 +285,13 @@ fn verify_chain(
     p: &pb::Peer,
     chain_der: &[Vec<u8>],
     trust: &TrustStore,
-    crl: &[u8],
+    crls: &[Vec<u8>],
     now: SystemTime,
 ) -> Result<VerifiedNode, String> {
     let mut chain = vec![p.certificate_der.clone()];
     chain.extend(chain_der.iter().cloned());
-    let crls = if crl.is_empty() {
-        vec![]
-    } else {
-        vec![crl.to_vec()]
-    };
     trust
-        .verify_node_chain(&chain, &crls, now)
+        .verify_node_chain(&chain, crls, now)
         .map_err(|e| e.to_string())
 }
 

@@ -13,6 +13,7 @@ pub mod meshview;
 pub mod metrics;
 pub mod run;
 pub mod state;
+pub mod trust;
 
 use anyhow::Context;
 

@@ -148,9 +148,36 @@ impl StateDir {
         Self::read_pem_certs(&self.chain())
     }
 
-    /// The pinned CA root (DER).
+    /// The pinned CA root (DER): the first of the pinned roots.
     pub fn read_ca(&self) -> Result<Vec<u8>> {
         Ok(Self::read_pem_certs(&self.ca())?.remove(0))
+    }
+
+    /// Every pinned CA root (DER): one, or two while a root rotation's grace runs.
+    pub fn read_pinned_roots(&self) -> Result<Vec<Vec<u8>>> {
+        Self::read_pem_certs(&self.ca())
+    }
+
+    /// Pin `roots` (not empty; the first is the one `identity.json` names by fingerprint):
+    /// `ca.crt` first, then the identity.
+    pub fn write_pinned_roots(&self, roots: &[Vec<u8>]) -> Result<()> {
+        let first = roots.first().context("refusing to pin no root at all")?;
+        let mut pem = String::new();
+        for r in roots {
+            pem.push_str(&zonemesh_ca::to_pem("CERTIFICATE", r));
+        }
+        write_file(&self.ca(), pem.as_bytes(), 0o644)?;
+        let mut id = self.identity()?;
+        let fp = zonemesh_ca::fingerprint_sha256(first);
+        if id.ca_fingerprint != fp {
+            id.ca_fingerprint = fp;
+            write_file(
+                &self.identity_file(),
+                serde_json::to_string_pretty(&id)?.as_bytes(),
+                0o644,
+            )?;
+        }
+        Ok(())
     }
 
     /// Replace key, certificate and chain after a key rotation. The new key is written

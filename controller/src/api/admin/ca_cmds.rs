@@ -10,28 +10,84 @@ impl AdminHandler {
     /// `ca show`
     pub(super) fn ca_show(&self) -> Result<AdminReply, ControllerError> {
         Ok(AdminReply::CaShow(CaShow {
-            certificates: self
-                .auth
-                .info()
-                .into_iter()
-                .map(|c| CaCert {
-                    role: c.role.to_string(),
-                    subject: c.subject,
-                    sha256: c.sha256,
-                    not_after: c.not_after,
-                    key_bits: c.key_bits,
-                })
-                .collect(),
+            certificates: self.auth.ca_certificates(),
             trust_domain: self.auth.trust_domain().to_string(),
         }))
     }
 
+    /// `ca rotate-intermediate`: a new intermediate issuing from now on, published to every
+    /// watcher (with a running controller) so nodes renew onto it within the spread.
+    pub(super) fn ca_rotate_intermediate(
+        &self,
+        spread_secs: Option<u64>,
+        now: SystemTime,
+    ) -> Result<AdminReply, ControllerError> {
+        let spread = spread_secs
+            .map(Duration::from_secs)
+            .unwrap_or(crate::core::rotation::DEFAULT_SPREAD);
+        let r = self.auth.rotate_intermediate(spread, now)?;
+        if let Some(mesh) = &self.mesh {
+            mesh.publish_ca()?;
+        }
+        self.note(
+            "ca.rotated_intermediate",
+            &r.added.first().map(|c| c.id.clone()).unwrap_or_default(),
+            format!("spread {} s", spread.as_secs()),
+        );
+        Ok(AdminReply::CaRotated(CaRotated {
+            added: r.added,
+            retiring: r.retiring,
+        }))
+    }
+
+    /// `ca rotate-root`: a new root cross-signed by the old one and an intermediate under
+    /// it; the old root retires after the grace period.
+    pub(super) fn ca_rotate_root(
+        &self,
+        grace_secs: Option<u64>,
+        spread_secs: Option<u64>,
+        now: SystemTime,
+    ) -> Result<AdminReply, ControllerError> {
+        let spread = spread_secs
+            .map(Duration::from_secs)
+            .unwrap_or(crate::core::rotation::DEFAULT_SPREAD);
+        let grace = grace_secs
+            .map(Duration::from_secs)
+            .unwrap_or(crate::core::rotation::DEFAULT_GRACE);
+        let r = self.auth.rotate_root(grace, spread, now)?;
+        if let Some(mesh) = &self.mesh {
+            mesh.publish_ca()?;
+        }
+        self.note(
+            "ca.rotated_root",
+            &r.added.first().map(|c| c.id.clone()).unwrap_or_default(),
+            format!("grace {} s, spread {} s", grace.as_secs(), spread.as_secs()),
+        );
+        Ok(AdminReply::CaRotated(CaRotated {
+            added: r.added,
+            retiring: r.retiring,
+        }))
+    }
+
     /// `ca export`
-    pub(super) fn ca_export(&self, intermediate: bool) -> Result<AdminReply, ControllerError> {
+    pub(super) fn ca_export(
+        &self,
+        intermediate: bool,
+        id: Option<String>,
+    ) -> Result<AdminReply, ControllerError> {
+        if let Some(id) = id {
+            let der = self.auth.ca_certificate_der(&id).ok_or_else(|| {
+                ControllerError::NotFound(format!("no CA certificate {id:?} (see `ca show`)"))
+            })?;
+            return Ok(AdminReply::Pem(Pem {
+                pem: zonemesh_ca::to_pem("CERTIFICATE", &der),
+            }));
+        }
+        let ca = self.auth.ca();
         let der = if intermediate {
-            self.auth.ca().intermediate_der()
+            ca.intermediate_der()
         } else {
-            self.auth.ca().root_der()
+            ca.root_der()
         };
         Ok(AdminReply::Pem(Pem {
             pem: zonemesh_ca::to_pem("CERTIFICATE", der),

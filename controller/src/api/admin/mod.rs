@@ -91,7 +91,7 @@ impl AdminHandler {
         let now = SystemTime::now();
         match req {
             R::CaShow => self.ca_show(),
-            R::CaExport { intermediate } => self.ca_export(intermediate),
+            R::CaExport { intermediate, id } => self.ca_export(intermediate, id),
             R::CaSignCsr {
                 csr_der,
                 zone,
@@ -105,6 +105,13 @@ impl AdminHandler {
             } => self.ca_issue_tls(dns, ips, lifetime_secs, now),
             R::CaRevoke { serial, reason } => self.ca_revoke(serial, reason, now),
             R::CaCrl => self.ca_crl(),
+            R::CaRotateIntermediate { spread_secs } => {
+                self.ca_rotate_intermediate(spread_secs, now)
+            }
+            R::CaRotateRoot {
+                grace_secs,
+                spread_secs,
+            } => self.ca_rotate_root(grace_secs, spread_secs, now),
             R::ZoneAdd {
                 name,
                 cidr,

@@ -4,6 +4,7 @@
 
 use crate::audit::AuditRecord;
 use crate::auth::{ClearTarget, Role, ThrottleList, UserSummary};
+pub use crate::core::rotation::CaCertView;
 pub use crate::domains::{DomainDetail, DomainView, JobView};
 pub use crate::ssh::{GrantView, IssuedUserCert, SshCaView, SshCertView};
 use serde::{Deserialize, Serialize};
@@ -15,6 +16,9 @@ pub enum AdminRequest {
     CaShow,
     CaExport {
         intermediate: bool,
+        /// Any CA certificate by its `ca show` id (`root-2`, `int-3`, `cross-2`).
+        #[serde(default)]
+        id: Option<String>,
     },
     CaSignCsr {
         csr_der: Vec<u8>,
@@ -32,6 +36,15 @@ pub enum AdminRequest {
         reason: String,
     },
     CaCrl,
+    /// `ca rotate-intermediate`; without a spread the default one.
+    CaRotateIntermediate {
+        spread_secs: Option<u64>,
+    },
+    /// `ca rotate-root`; without a grace or spread the defaults.
+    CaRotateRoot {
+        grace_secs: Option<u64>,
+        spread_secs: Option<u64>,
+    },
     ZoneAdd {
         name: String,
         cidr: String,
@@ -201,6 +214,7 @@ pub enum AdminReply {
     CaSigned(CaSigned),
     CaTlsIssued(CaTlsIssued),
     CaRevoked(CaRevoked),
+    CaRotated(CaRotated),
     ZoneAdded(ZoneAdded),
     ZoneList(Vec<ZoneRow>),
     TokenCreated(TokenCreated),
@@ -284,6 +298,7 @@ impl AdminReply {
             Self::CaSigned(_) => "ca-signed",
             Self::CaTlsIssued(_) => "ca-tls-issued",
             Self::CaRevoked(_) => "ca-revoked",
+            Self::CaRotated(_) => "ca-rotated",
             Self::ZoneAdded(_) => "zone-added",
             Self::ZoneList(_) => "zone-list",
             Self::TokenCreated(_) => "token-created",
@@ -323,18 +338,15 @@ impl AdminReply {
 /// `ca show`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CaShow {
-    pub certificates: Vec<CaCert>,
+    pub certificates: Vec<CaCertView>,
     pub trust_domain: String,
 }
 
-/// One CA certificate in `ca show`.
+/// `ca rotate-intermediate`, `ca rotate-root`: what was added and what is now retiring.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CaCert {
-    pub role: String,
-    pub subject: String,
-    pub sha256: String,
-    pub not_after: String,
-    pub key_bits: usize,
+pub struct CaRotated {
+    pub added: Vec<CaCertView>,
+    pub retiring: Vec<CaCertView>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -521,7 +533,10 @@ mod tests {
         use AdminRequest as R;
         vec![
             R::CaShow,
-            R::CaExport { intermediate: true },
+            R::CaExport {
+                intermediate: true,
+                id: Some(s("cross-2")),
+            },
             R::CaSignCsr {
                 csr_der: vec![0x30, 0x82, 0, 1],
                 zone: s("eu"),
@@ -538,6 +553,13 @@ mod tests {
                 reason: s("key-compromise"),
             },
             R::CaCrl,
+            R::CaRotateIntermediate {
+                spread_secs: Some(60),
+            },
+            R::CaRotateRoot {
+                grace_secs: Some(3600),
+                spread_secs: None,
+            },
             R::ZoneAdd {
                 name: s("eu"),
                 cidr: s("100.64.1.0/24"),
@@ -657,6 +679,18 @@ mod tests {
             since_unix: 1_700_000_000,
             offence: 2,
         };
+        let ca_cert = CaCertView {
+            id: s("root-1"),
+            kind: s("root"),
+            state: s("retiring"),
+            subject: s("CN=zonemesh root"),
+            issuer: s("CN=zonemesh root"),
+            sha256: s("abcd"),
+            not_before: s("2026-01-01T00:00:00Z"),
+            not_after: s("2036-01-01T00:00:00Z"),
+            key_bits: 4096,
+            retire_at: s("2026-02-01T00:00:00Z"),
+        };
         let allow = AllowRow {
             cidr: s("192.0.2.0/24"),
             added_unix: 1_700_000_000,
@@ -664,14 +698,12 @@ mod tests {
         };
         vec![
             R::CaShow(CaShow {
-                certificates: vec![CaCert {
-                    role: s("root"),
-                    subject: s("CN=zonemesh root"),
-                    sha256: s("ab:cd"),
-                    not_after: s("2046-01-01T00:00:00Z"),
-                    key_bits: 4096,
-                }],
+                certificates: vec![ca_cert.clone()],
                 trust_domain: s("example.org"),
+            }),
+            R::CaRotated(CaRotated {
+                added: vec![ca_cert.clone()],
+                retiring: vec![ca_cert],
             }),
             R::Pem(Pem {
                 pem: s("-----BEGIN X509 CRL-----\n"),

@@ -20,9 +20,10 @@ impl Mesh {
     /// covers only the log write; the flush (shared with concurrent writers) runs after it,
     /// and changes are broadcast in version order once durable.
     pub(super) fn commit(&self, delta: pb::Delta) -> Result<u64> {
-        if !delta.crl_der.is_empty() {
+        if !delta.crl_der.is_empty() || delta.ca.is_some() {
+            let (roots, crls) = (self.auth.trusted_roots(), self.auth.crls_der());
             for l in self.crl_listeners.lock().iter() {
-                l.crl_changed(&delta.crl_der)
+                l.crl_changed(&roots, &crls)
                     .map_err(ControllerError::CrlUpdate)?;
             }
         }

@@ -78,8 +78,14 @@ pub const MAX_STREAMS_PER_NODE: usize = 8;
 /// client verifier implements it, so the next handshake already refuses a revoked node
 /// (the core never names the TLS layer).
 pub trait CrlListener: Send + Sync + std::fmt::Debug {
-    /// Start checking against `crl_der`; an error stops the change from being recorded.
-    fn crl_changed(&self, crl_der: &[u8]) -> std::result::Result<(), CrlListenerError>;
+    /// Start checking against the trusted `roots` and the `crls` of every trusted
+    /// intermediate (after a revocation, a CRL refresh or a CA rotation); an error stops
+    /// the change from being recorded.
+    fn crl_changed(
+        &self,
+        roots: &[Vec<u8>],
+        crls: &[Vec<u8>],
+    ) -> std::result::Result<(), CrlListenerError>;
 }
 
 /// Why a [`CrlListener`] could not take a new CRL.

@@ -149,12 +149,14 @@ impl Mesh {
         self.commit(pb::Delta {
             upserted: vec![self.peer_of(&node)],
             crl_der: self.auth.crl_der().to_vec(),
+            issuer_crls_der: self.auth.issuer_crls_der(),
             ..Default::default()
         })?;
         tracing::info!(node = %nkey, serial = %cert.serial_hex, superseded = %current.serial_hex, "node certificate renewed");
         Ok(pb::RenewResponse {
             certificate_der: cert.der,
             chain_der: self.auth.chain(),
+            ca: Some(self.auth.ca_bundle()),
         })
     }
 

@@ -59,6 +59,7 @@ impl Mesh {
                 node: node.node.clone(),
             }],
             crl_der: self.auth.crl_der().to_vec(),
+            issuer_crls_der: self.auth.issuer_crls_der(),
             ..Default::default()
         })?;
         if let Some(streams) = self.streams.lock().remove(nkey) {
@@ -71,11 +72,25 @@ impl Mesh {
         Ok(node)
     }
 
+    /// Push the CA certificates in force to every watcher after a rotation or a
+    /// retirement: the bundle, the chain for peers and every CRL (the verifiers take the
+    /// new roots and CRLs before it is recorded).
+    pub fn publish_ca(&self) -> Result<u64> {
+        self.commit(pb::Delta {
+            ca: Some(self.auth.ca_bundle()),
+            ca_chain_der: self.auth.chain_pool(),
+            crl_der: self.auth.crl_der().to_vec(),
+            issuer_crls_der: self.auth.issuer_crls_der(),
+            ..Default::default()
+        })
+    }
+
     /// Push a freshly signed CRL to every watcher (after `ca revoke` of a non-node serial,
     /// or the periodic refresh).
     pub fn publish_crl(&self) -> Result<u64> {
         self.commit(pb::Delta {
             crl_der: self.auth.crl_der().to_vec(),
+            issuer_crls_der: self.auth.issuer_crls_der(),
             ..Default::default()
         })
     }

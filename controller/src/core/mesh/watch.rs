@@ -177,6 +177,8 @@ pub fn coalesce<'a>(deltas: impl IntoIterator<Item = &'a pb::Delta>) -> pb::Delt
     let mut crl: &[u8] = &[];
     let mut chain: &[Vec<u8>] = &[];
     let mut ssh_last: Option<&pb::SshState> = None;
+    let mut ca_last: Option<&pb::CaBundle> = None;
+    let mut issuer_crls: &[Vec<u8>] = &[];
     for d in deltas {
         // Every field, named: a field added to Delta must be merged here too.
         let pb::Delta {
@@ -188,6 +190,8 @@ pub fn coalesce<'a>(deltas: impl IntoIterator<Item = &'a pb::Delta>) -> pb::Delt
             unblocked,
             ca_chain_der,
             ssh,
+            ca,
+            issuer_crls_der,
         } = d;
         // The order an agent applies one delta in: upserts, removals, zones, CRL, blocks,
         // unblocks.
@@ -202,6 +206,8 @@ pub fn coalesce<'a>(deltas: impl IntoIterator<Item = &'a pb::Delta>) -> pb::Delt
         }
         if !crl_der.is_empty() {
             crl = crl_der;
+            // Sent with every CRL, replacing the ones held (even by none).
+            issuer_crls = issuer_crls_der;
         }
         for b in blocked {
             blocks.insert(&b.address, Some(b));
@@ -216,12 +222,18 @@ pub fn coalesce<'a>(deltas: impl IntoIterator<Item = &'a pb::Delta>) -> pb::Delt
         if ssh.is_some() {
             ssh_last = ssh.as_ref();
         }
+        // So does the CA bundle.
+        if ca.is_some() {
+            ca_last = ca.as_ref();
+        }
     }
     let mut out = pb::Delta {
         zones: zones.into_values().cloned().collect(),
         crl_der: crl.to_vec(),
         ca_chain_der: chain.to_vec(),
         ssh: ssh_last.cloned(),
+        ca: ca_last.cloned(),
+        issuer_crls_der: issuer_crls.to_vec(),
         ..Default::default()
     };
     for ((zone, node), p) in peers {
@@ -301,8 +313,10 @@ impl Mesh {
                     zones,
                     crl_der: self.auth.crl_der().to_vec(),
                     blocklist: self.active_blocks(SystemTime::now())?,
-                    ca_chain_der: self.auth.chain(),
+                    ca_chain_der: self.auth.chain_pool(),
                     ssh: self.ssh_state.lock().clone(),
+                    ca: Some(self.auth.ca_bundle()),
+                    issuer_crls_der: self.auth.issuer_crls_der(),
                 })),
             })
         };
@@ -431,15 +445,16 @@ impl Mesh {
         Frame::encode(&pb::MeshUpdate {
             version,
             kind: Some(pb::mesh_update::Kind::Delta(pb::Delta {
-                ca_chain_der: self.auth.chain(),
+                ca_chain_der: self.auth.chain_pool(),
                 ..Default::default()
             })),
         })
     }
 
-    /// The CA chain presented after a node certificate.
+    /// The CA chain given to peers without their own: every trusted intermediate and
+    /// cross-signature.
     pub fn ca_chain(&self) -> Vec<Vec<u8>> {
-        self.auth.chain()
+        self.auth.chain_pool()
     }
 
     /// Track a Watch stream of `node`, so revoking the node ends it.

@@ -14,7 +14,8 @@ const MAX_MESSAGE: usize = 256 * 1024 * 1024;
 pub(super) struct ControllerLink {
     controller: String,
     resolver: Arc<NodeCertResolver>,
-    tls: rustls::ClientConfig,
+    /// Rebuilt when the pinned roots change (a root rotation).
+    tls: parking_lot::Mutex<rustls::ClientConfig>,
     channel: ArcSwap<Channel>,
     /// Bumped when the certificate changed: streams opened before reconnect.
     generation: tokio::sync::watch::Sender<u64>,
@@ -25,18 +26,18 @@ impl ControllerLink {
     /// called inside a tokio runtime.
     pub(super) fn new(
         controller: &str,
-        root_der: &[u8],
+        roots_der: &[Vec<u8>],
         cert_der: &[u8],
         chain: &[Vec<u8>],
         key_pkcs8: &[u8],
     ) -> Result<Self> {
         let resolver = Arc::new(NodeCertResolver::new(cert_der, chain, key_pkcs8)?);
-        let tls = client::mtls_config_with(root_der, resolver.clone())?;
+        let tls = client::mtls_config_with(roots_der, resolver.clone())?;
         let channel = client::connect_lazy(controller, tls.clone())?;
         Ok(Self {
             controller: controller.into(),
             resolver,
-            tls,
+            tls: parking_lot::Mutex::new(tls),
             channel: ArcSwap::from_pointee(channel),
             generation: tokio::sync::watch::Sender::new(0),
         })
@@ -70,9 +71,20 @@ impl ControllerLink {
             Some(key) => self.resolver.swap_identity(cert_der, chain, key)?,
             None => self.resolver.swap_cert(cert_der, chain),
         }
-        let channel = client::connect_lazy(&self.controller, self.tls.clone())?;
+        let tls = self.tls.lock().clone();
+        let channel = client::connect_lazy(&self.controller, tls)?;
         self.channel.store(Arc::new(channel));
         self.generation.send_modify(|g| *g += 1);
+        Ok(())
+    }
+
+    /// Trust `roots_der` for the controller's certificate from the next connection on (the
+    /// pinned roots changed). Streams open on the current connection go on.
+    pub(super) fn set_roots(&self, roots_der: &[Vec<u8>]) -> Result<()> {
+        let tls = client::mtls_config_with(roots_der, self.resolver.clone())?;
+        let channel = client::connect_lazy(&self.controller, tls.clone())?;
+        *self.tls.lock() = tls;
+        self.channel.store(Arc::new(channel));
         Ok(())
     }
 

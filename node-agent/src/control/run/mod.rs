@@ -14,6 +14,7 @@ mod events;
 mod link;
 mod probe;
 mod renew;
+mod rotation;
 mod scrape;
 mod ssh;
 mod status;
@@ -124,7 +125,10 @@ pub(crate) struct Agent {
     opts: RunOptions,
     id: Identity,
     me: MeshMember,
-    trust: TrustStore,
+    /// The pinned roots and the trust store built from them (changed by CA bundles).
+    trust: Mutex<TrustState>,
+    /// Bumped whenever the pinned roots or the CA bundle acted on change.
+    ca_changes: tokio::sync::watch::Sender<u64>,
     dp: DataPlane,
     effects: Arc<dyn HostEffects>,
     clock: Arc<dyn Clock>,
@@ -151,6 +155,29 @@ pub(crate) struct Agent {
     pub(crate) logwatch_stats: Arc<super::logwatch::LogwatchStats>,
 }
 
+/// What the agent trusts now.
+pub(crate) struct TrustState {
+    /// The pinned roots (`ca.crt`), the first one named in `identity.json`.
+    pinned: Vec<Vec<u8>>,
+    /// The node's own chain (`chain.pem`): intermediates known without any bundle.
+    own_chain: Vec<Vec<u8>>,
+    /// The bundle last acted on.
+    bundle: Option<pb::CaBundle>,
+    store: TrustStore,
+}
+
+impl TrustState {
+    fn new(trust_domain: &str, pinned: Vec<Vec<u8>>, own_chain: Vec<Vec<u8>>) -> Self {
+        let store = TrustStore::new(trust_domain, pinned.clone(), own_chain.clone());
+        Self {
+            pinned,
+            own_chain,
+            bundle: None,
+            store,
+        }
+    }
+}
+
 type EdgeStatusMap = std::collections::BTreeMap<String, zonemesh_deploy::edge::DomainStatus>;
 
 /// A started agent, with the receivers of the data plane's and its own security events.
@@ -163,7 +190,7 @@ type Started = (
 /// What `Agent::start` reads from the state directory.
 struct Loaded {
     id: Identity,
-    ca: Vec<u8>,
+    ca: Vec<Vec<u8>>,
     chain: Vec<Vec<u8>>,
     cert: Vec<u8>,
     node_key: zeroize::Zeroizing<Vec<u8>>,
@@ -189,7 +216,7 @@ impl Agent {
         let l = super::blocking(move || {
             Ok(Loaded {
                 id: st.identity()?,
-                ca: st.read_ca()?,
+                ca: st.read_pinned_roots()?,
                 chain: st.read_chain()?,
                 cert: st.read_cert()?,
                 node_key: st.read_node_key()?,
@@ -198,7 +225,7 @@ impl Agent {
             })
         })
         .await?;
-        let trust = TrustStore::new(&l.id.trust_domain, vec![l.ca.clone()], l.chain.clone());
+        let trust = TrustState::new(&l.id.trust_domain, l.ca.clone(), l.chain.clone());
         let overlay: IpAddr =
             l.id.overlay_ip
                 .parse()
@@ -231,7 +258,8 @@ impl Agent {
             opts,
             id: l.id,
             me,
-            trust,
+            trust: Mutex::new(trust),
+            ca_changes: tokio::sync::watch::Sender::new(0),
             dp,
             effects: deps.effects,
             clock: deps.clock,

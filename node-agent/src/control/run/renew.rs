@@ -24,14 +24,35 @@ fn rotation_due(every: u32, renewals_since_key: u32) -> bool {
 }
 
 pub(super) async fn renew_loop(agent: Arc<Agent>, shutdown: CancellationToken) {
+    let mut ca_changes = agent.ca_changes.subscribe();
+    // Drawn once per certificate, so a CA change does not move the usual renewal.
+    let mut jitter: Option<(Vec<u8>, SystemTime)> = None;
     loop {
-        let at = match cert_info(&agent.link.current_cert()) {
-            Ok(info) => renew_at(info.not_before, info.not_after),
-            Err(_) => agent.clock.now() + RETRY,
+        let cert = agent.link.current_cert();
+        let usual = match &jitter {
+            Some((c, at)) if *c == cert => *at,
+            _ => {
+                let at = match cert_info(&cert) {
+                    Ok(info) => renew_at(info.not_before, info.not_after),
+                    Err(_) => agent.clock.now() + RETRY,
+                };
+                jitter = Some((cert.clone(), at));
+                at
+            }
         };
+        // After a CA rotation: onto the issuing intermediate at this node's point of the
+        // spread, if that comes first.
+        let rotation = agent.rotation_renewal_at();
+        let at = rotation.map_or(usual, |r| r.min(usual));
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = agent.clock.alarm(at) => {}
+            r = ca_changes.changed() => {
+                if r.is_err() {
+                    return;
+                }
+                continue;
+            }
         }
         let rotate = rotation_due(
             agent.opts.rotate_key_every,
@@ -53,6 +74,7 @@ pub(super) async fn renew_loop(agent: Arc<Agent>, shutdown: CancellationToken) {
             Ok(r) => tracing::info!(
                 serial = %r.info.serial_hex,
                 key_rotated = r.rotated_key.is_some(),
+                ca_rotation = rotation.is_some_and(|r| r <= usual),
                 "node certificate renewed"
             ),
             Err(_) if shutdown.is_cancelled() => return,

@@ -63,8 +63,9 @@ impl Agent {
     fn sync_blocking(&self, host: &mut HostState, cache: &mut VerifyCache) {
         let now = self.clock.now();
         let view = self.view.lock().clone();
+        let trust = self.refresh_trust(&view, now);
         let before = cache.checks;
-        let (members, rejected) = view.verified_members_cached(&self.trust, now, cache);
+        let (members, rejected) = view.verified_members_cached(&trust, now, cache);
         self.counters
             .chain_checks
             .fetch_add(cache.checks - before, Ordering::Relaxed);
