@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
-use x509_parser::prelude::{FromDer, X509Certificate};
+use x509_parser::prelude::FromDer;
 use x509_parser::revocation_list::CertificateRevocationList;
 
 use super::super::WebState;
@@ -14,8 +14,9 @@ use super::super::form::admin_page;
 use super::super::pages::esc;
 use super::{console_page, mesh_of};
 
-/// What the page shows of the CRL.
+/// What the page shows of one CRL.
 struct CrlStatus {
+    issuer: String,
     number: String,
     this_update: String,
     next_update: String,
@@ -26,6 +27,7 @@ struct CrlStatus {
 fn crl_status(der: &[u8]) -> Option<CrlStatus> {
     let (_, crl) = CertificateRevocationList::from_der(der).ok()?;
     Some(CrlStatus {
+        issuer: crl.issuer().to_string(),
         number: crl
             .crl_number()
             .map(|n| n.to_string())
@@ -51,73 +53,72 @@ pub(super) async fn page(State(state): State<WebState>, headers: HeaderMap) -> R
     };
     let read = crate::blocking::run_infallible(move || {
         let auth = mesh.authority();
-        let certs: Vec<_> = auth
-            .info()
-            .into_iter()
-            .map(|c| {
-                let der = if c.role == "root" {
-                    auth.ca().root_der()
-                } else {
-                    auth.ca().intermediate_der()
-                };
-                let not_before = X509Certificate::from_der(der)
-                    .map(|(_, x)| x.validity().not_before.to_string())
-                    .unwrap_or_default();
-                (c, not_before)
-            })
-            .collect();
-        let crl = crl_status(&auth.crl_der());
+        let crls: Vec<Option<CrlStatus>> = auth.crls_der().iter().map(|d| crl_status(d)).collect();
         (
-            certs,
-            crl,
+            auth.ca_certificates(),
+            zonemesh_ca::fingerprint_sha256(auth.ca().root_der()),
+            crls,
             auth.trust_domain().to_string(),
             crate::store::unix(mesh.now()),
         )
     })
     .await;
-    let (certs, crl, trust_domain, now) = match read {
+    let (certs, root, crls, trust_domain, now) = match read {
         Ok(v) => v,
         Err(e) => return super::super::internal(e),
     };
     let mut rows = String::new();
-    for (c, not_before) in &certs {
+    for c in &certs {
+        let state = if c.retire_at.is_empty() {
+            esc(&c.state)
+        } else {
+            format!("{} (retired at {})", esc(&c.state), esc(&c.retire_at))
+        };
         let _ = write!(
             rows,
-            r#"<tr data-role="{role}"><td>{role}</td><td>{subject}</td><td class="mono fingerprint">{sha}</td><td>{nb}</td><td>{na}</td><td>RSA {bits}</td><td>active</td></tr>"#,
-            role = esc(c.role),
+            r#"<tr data-id="{id}" data-kind="{kind}" data-state="{st}"><td>{kind}</td><td>{subject}</td><td>{issuer}</td><td class="mono fingerprint">{sha}</td><td>{nb}</td><td>{na}</td><td>RSA {bits}</td><td class="state">{state}</td></tr>"#,
+            id = esc(&c.id),
+            kind = esc(&c.kind),
+            st = esc(&c.state),
             subject = esc(&c.subject),
+            issuer = esc(&c.issuer),
             sha = esc(&c.sha256),
-            nb = esc(not_before),
+            nb = esc(&c.not_before),
             na = esc(&c.not_after),
             bits = c.key_bits,
         );
     }
-    let crl_html = match crl {
-        Some(c) => {
-            let due = match c.next_update_unix {
-                Some(t) if t <= now as i64 => r#" <span class="bad">(overdue)</span>"#,
-                _ => "",
-            };
-            format!(
-                r#"<table id="crl"><tbody><tr><th>CRL number</th><td>{}</td></tr><tr><th>This update</th><td>{}</td></tr><tr><th>Next update</th><td id="crl-next-update">{}{due}</td></tr><tr><th>Revoked certificates listed</th><td>{}</td></tr></tbody></table>
-<p>Relying parties fetch it at <code>/crl</code>; it is re-signed on every revocation and before its next update.</p>"#,
-                esc(&c.number),
-                esc(&c.this_update),
-                esc(&c.next_update),
-                c.entries
-            )
-        }
-        None => r#"<p class="error">The current CRL does not parse.</p>"#.to_string(),
-    };
-    let root = certs
-        .iter()
-        .find(|(c, _)| c.role == "root")
-        .map(|(c, _)| c.sha256.clone())
-        .unwrap_or_default();
+    let mut crl_rows = String::new();
+    for (i, c) in crls.iter().enumerate() {
+        let Some(c) = c else {
+            crl_rows.push_str(r#"<tr><td colspan="5" class="bad">A CRL does not parse.</td></tr>"#);
+            continue;
+        };
+        let due = match c.next_update_unix {
+            Some(t) if t <= now as i64 => r#" <span class="bad">(overdue)</span>"#,
+            _ => "",
+        };
+        let id = if i == 0 {
+            r#" id="crl-next-update""#
+        } else {
+            ""
+        };
+        let _ = write!(
+            crl_rows,
+            r#"<tr><td>{}</td><td>{}</td><td>{}</td><td{id}>{}{due}</td><td>{}</td></tr>"#,
+            esc(&c.issuer),
+            esc(&c.number),
+            esc(&c.this_update),
+            esc(&c.next_update),
+            c.entries
+        );
+    }
     let body = format!(
-        r#"<p>Trust domain <code>{td}</code>. Agents pin the root: <code id="root-fingerprint">{root}</code> (<code>--ca-fingerprint</code>).</p>
-<table id="ca-certs"><thead><tr><th>Role</th><th>Subject</th><th>SHA-256</th><th>Valid from</th><th>Valid until</th><th>Key</th><th>State</th></tr></thead><tbody>{rows}</tbody></table>
-<h2>Revocation list</h2>{crl_html}"#,
+        r#"<p>Trust domain <code>{td}</code>. New agents pin the active root: <code id="root-fingerprint">{root}</code> (<code>--ca-fingerprint</code>); enrolled agents follow a new root through its cross-signature.</p>
+<table id="ca-certs"><thead><tr><th>Kind</th><th>Subject</th><th>Issuer</th><th>SHA-256</th><th>Valid from</th><th>Valid until</th><th>Key</th><th>State</th></tr></thead><tbody>{rows}</tbody></table>
+<h2>Revocation lists</h2>
+<table id="crl"><thead><tr><th>Issuer</th><th>CRL number</th><th>This update</th><th>Next update</th><th>Revoked certificates listed</th></tr></thead><tbody>{crl_rows}</tbody></table>
+<p>Relying parties fetch the issuing intermediate's at <code>/crl</code>; each is re-signed on every revocation and before its next update. Rotate with <code>zonemesh-controller ca rotate-intermediate</code> or <code>ca rotate-root</code>.</p>"#,
         td = esc(&trust_domain),
         root = esc(&root),
     );
