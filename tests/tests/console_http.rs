@@ -406,5 +406,16 @@ async fn the_console_is_admin_only_csrf_protected_audited_and_refuses_bad_input(
         text_of_id(&page, "crl-next-update").is_some_and(|t| t.contains("20")),
         "{page}"
     );
+    assert!(page.contains("data-state=\"active\""), "{page}");
+
+    // The CLI's reset does the same: audited as the CLI's, the admin's session ends.
+    let out = ctl.admin_ok(&["user", "reset-totp", "--email", ADMIN])?;
+    assert!(out.contains("1 session(s) ended"), "{out}");
+    assert_eq!(audited(&ctl, "user.totp-reset", ADMIN)?["actor"], "cli");
+    assert_eq!(
+        admin.get_page("/admin")?.0,
+        303,
+        "the reset ended the session"
+    );
     Ok(())
 }
