@@ -192,7 +192,7 @@ async fn tokens_view_with(
         Ok(v) => v,
         Err(e) => return super::super::internal(e),
     };
-    tokens.sort_by(|a, b| b.1.created_unix.cmp(&a.1.created_unix));
+    tokens.sort_by_key(|t| std::cmp::Reverse(t.1.created_unix));
     let now = crate::store::unix(now);
     let mut rows = String::new();
     for (id, t) in tokens.iter().take(MAX_ROWS) {
