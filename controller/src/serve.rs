@@ -158,22 +158,34 @@ impl ServeConfig {
                 format!("{u}/ocsp")
             };
         }
-        let host = |a: SocketAddr| {
-            if a.ip().is_unspecified() {
-                let name = self
-                    .tls_names
-                    .first()
-                    .cloned()
-                    .unwrap_or_else(|| "localhost".into());
-                format!("{name}:{}", a.port())
-            } else {
-                a.to_string()
-            }
-        };
+        let host = |a: SocketAddr| self.reachable(a);
         match self.pki_listen {
             Some(a) => format!("http://{}/ocsp", host(a)),
             None => format!("https://{}/ocsp", host(self.https_listen)),
         }
+    }
+
+    /// `HOST:PORT` of listener `a` as others reach it: the address itself, or with an
+    /// unspecified address the first `--tls-name` (`localhost` without one).
+    fn reachable(&self, a: SocketAddr) -> String {
+        if !a.ip().is_unspecified() {
+            return a.to_string();
+        }
+        let name = self
+            .tls_names
+            .first()
+            .cloned()
+            .unwrap_or_else(|| "localhost".into());
+        match name.parse::<IpAddr>() {
+            Ok(ip) => SocketAddr::new(ip, a.port()).to_string(),
+            Err(_) => format!("{name}:{}", a.port()),
+        }
+    }
+
+    /// The `--controller` address an enrolling agent is given (the console's enroll
+    /// command): the gRPC listener as others reach it.
+    pub fn agent_address(&self) -> String {
+        self.reachable(self.grpc_listen)
     }
 
     /// The ACME settings, with the extra roots read (a bad file is a configuration error).
@@ -314,6 +326,7 @@ pub async fn run(cfg: ServeConfig, shutdown: CancellationToken) -> Result<()> {
     web_state.attach_domains(domains.clone());
     web_state.attach_mesh(mesh.clone());
     web_state.attach_ssh(ssh.clone());
+    web_state.attach_agent_address(cfg.agent_address());
     let https_app = web::router(web_state.clone()).merge(crate::pki_http::router(auth.clone()));
     {
         let (certs, stop) = (certs.clone(), shutdown.clone());

@@ -41,7 +41,8 @@ async fn every_route_sends_every_session_kind_where_it_did() {
         ("confirm", "y"),
     ];
     // (method, path, form, [no session, full, pending second factor, pending enrollment])
-    let table: [Row; 9] = [
+    let zone = [("csrf", "wrong"), ("name", "z"), ("cidr", "100.64.9.0/24")];
+    let table: [Row; 11] = [
         (
             "GET",
             "/",
@@ -104,6 +105,18 @@ async fn every_route_sends_every_session_kind_where_it_did() {
             "POST",
             "/account/password",
             &password,
+            [Some("/signin"), PASS, Some("/signin/code"), Some("/enroll")],
+        ),
+        (
+            "GET",
+            "/admin",
+            &[],
+            [Some("/signin"), PASS, Some("/signin/code"), Some("/enroll")],
+        ),
+        (
+            "POST",
+            "/admin/zones",
+            &zone,
             [Some("/signin"), PASS, Some("/signin/code"), Some("/enroll")],
         ),
     ];

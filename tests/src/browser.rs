@@ -253,6 +253,53 @@ impl Browser {
             std::thread::sleep(Duration::from_millis(100));
         }
     }
+
+    /// The text of the first element matching a CSS selector (`""` when none).
+    pub fn text(&self, css: &str) -> Result<String> {
+        let css = serde_json::to_string(css)?;
+        Ok(self
+            .script(&format!(
+                "const e = document.querySelector({css}); return e ? e.textContent : '';"
+            ))?
+            .as_str()
+            .unwrap_or_default()
+            .to_string())
+    }
+
+    /// Wait until an element matches a CSS selector.
+    pub fn wait_for(&self, css: &str, within: Duration) -> Result<()> {
+        let deadline = Instant::now() + within;
+        let js = format!(
+            "return document.querySelector({}) !== null;",
+            serde_json::to_string(css)?
+        );
+        while self.script(&js)? != json!(true) {
+            if Instant::now() > deadline {
+                bail!("no {css} on {}: {}", self.url()?, self.source()?);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(())
+    }
+
+    /// Sign in at `base` (`https://host:port`) as an admin that has no authenticator yet:
+    /// password, then the TOTP set-up with a code from `oathtool`, then the dashboard.
+    pub fn sign_in_new_admin(&self, base: &str, email: &str, password: &str) -> Result<()> {
+        let within = Duration::from_secs(20);
+        self.goto(&format!("{base}/signin"))?;
+        self.wait_url("/signin", within)?;
+        self.type_into("#email", email)?;
+        self.type_into("#password", password)?;
+        self.click("#signin")?;
+        self.wait_url("/enroll", within)?;
+        let secret = self.text("#secret")?;
+        let code = crate::run_ok(Command::new("oathtool").args(["--totp", "-b", secret.trim()]))?;
+        self.type_into("#code", code.trim())?;
+        self.click("#confirm")?;
+        self.wait_for("#recovery-codes", within)?;
+        self.click("#continue")?;
+        self.wait_url("/dashboard", within)
+    }
 }
 
 impl Drop for Browser {

@@ -353,6 +353,25 @@ impl Controller {
         String::from_utf8(out.stdout).expect("utf-8 output")
     }
 
+    /// A curl session on this controller's HTTPS side from 127.0.0.1, trusting its root
+    /// (written to `dir/root.pem` when missing), with the cookie jar `dir/jar-<name>`.
+    pub fn web_session(
+        &self,
+        dir: &Path,
+        name: &str,
+    ) -> Result<crate::webcurl::CurlSession<'static>> {
+        let root = dir.join("root.pem");
+        if !root.exists() {
+            std::fs::write(&root, self.admin_ok(&["ca", "export", "--root"])?)?;
+        }
+        Ok(crate::webcurl::CurlSession::new(
+            &format!("https://{}", self.https),
+            root,
+            dir.join(format!("jar-{name}")),
+            Box::new(|args: &[String]| run_ok(Command::new("curl").args(args))),
+        ))
+    }
+
     /// `zone add NAME --cidr CIDR`.
     pub fn zone_add(&self, name: &str, cidr: &str) -> Result<()> {
         self.admin_ok(&["zone", "add", name, "--cidr", cidr])
@@ -552,6 +571,25 @@ pub async fn enrollment_channel(addr: &str, fingerprint: &str) -> Result<Channel
 /// A mutual-TLS channel for `creds`.
 pub async fn mesh_channel(addr: &str, creds: &NodeCreds) -> Result<Channel> {
     client::connect(addr, creds.tls()?).await
+}
+
+/// A fresh mTLS connection with `creds` and a Watch on it: `Ok(true)` when the controller
+/// served a first message, `Ok(false)` when it refused (handshake or call), an error
+/// when it neither served nor refused within `within`.
+pub async fn watch_served(addr: &str, creds: &NodeCreds, within: Duration) -> Result<bool> {
+    let attempt = async {
+        let ch = mesh_channel(addr, creds).await?;
+        let mut s = pb::mesh_client::MeshClient::new(ch)
+            .watch(pb::WatchRequest::default())
+            .await?
+            .into_inner();
+        Ok::<_, anyhow::Error>(s.message().await?.is_some())
+    };
+    match tokio::time::timeout(within, attempt).await {
+        Ok(Ok(served)) => Ok(served),
+        Ok(Err(_)) => Ok(false),
+        Err(_) => bail!("the Watch neither answered nor failed within {within:?}"),
+    }
 }
 
 /// Enroll over the Enrollment RPC in-process with a given key (fast: no key generation).

@@ -84,6 +84,34 @@ impl<'a> CurlSession<'a> {
         Ok((code.parse().context("HTTP status")?, loc.to_string()))
     }
 
+    /// `GET path`: the status and the body.
+    pub fn get_page(&self, path: &str) -> Result<(u16, String)> {
+        self.page(&[format!("{}{path}", self.base)])
+    }
+
+    /// `POST path` with form `fields` from this origin, redirects not followed: the status
+    /// and the body (an error page, say).
+    pub fn post_page(&self, path: &str, fields: &[(&str, &str)]) -> Result<(u16, String)> {
+        let mut args = vec!["-H".to_string(), format!("Origin: {}", self.base)];
+        for (k, v) in fields {
+            args.push("--data-urlencode".into());
+            args.push(format!("{k}={v}"));
+        }
+        args.push(format!("{}{path}", self.base));
+        self.page(&args)
+    }
+
+    fn page(&self, extra: &[String]) -> Result<(u16, String)> {
+        let mut args = vec!["-w".to_string(), "\n%{http_code}".into()];
+        args.extend_from_slice(extra);
+        let out = self.curl(&args)?;
+        let (body, code) = out.rsplit_once('\n').unwrap_or(("", out.as_str()));
+        Ok((
+            code.trim().parse().context("HTTP status")?,
+            body.to_string(),
+        ))
+    }
+
     /// Sign in with a password; an admin without a second factor then sets up TOTP.
     pub fn sign_in(&self, email: &str, password: &str) -> Result<()> {
         let csrf = csrf_of(&self.get("/signin")?)?;

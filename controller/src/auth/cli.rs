@@ -47,6 +47,20 @@ pub fn disable_user(
     end_sessions_audited(sessions, audit, &email, actor, "user.disabled")
 }
 
+/// Reset a user's TOTP (the next sign-in enrolls a new authenticator), end their
+/// sessions, and record `user.totp-reset`.
+pub fn reset_totp(
+    users: &UserStore,
+    sessions: &SessionStore,
+    audit: &AuditLog,
+    email: &str,
+    actor: &str,
+) -> Result<usize, AuthError> {
+    let email = super::normalize_email(email);
+    users.reset_totp(&email)?;
+    end_sessions_audited(sessions, audit, &email, actor, "user.totp-reset")
+}
+
 /// End every session of `email` and record `kind` with how many ended.
 fn end_sessions_audited(
     sessions: &SessionStore,

@@ -43,6 +43,10 @@ struct UserRecord {
     /// Salted SHA-256 hashes of the unused recovery codes (`totp::hash_recovery_code`;
     /// records from before salts hold unsalted hex, still accepted).
     recovery: Vec<String>,
+    /// Set by a TOTP reset: the next sign-in enrolls a new authenticator before any
+    /// session, whatever the role; cleared by the confirmed enrollment.
+    #[serde(default)]
+    enroll_required: bool,
 }
 
 /// What `add_user` hands back to the operator.
@@ -323,6 +327,7 @@ impl UserStore {
             created_ms: now_ms(now),
             totp: totp_state,
             recovery: vec![],
+            enroll_required: false,
         };
         let swapped = self.tree.compare_and_swap(
             email.as_bytes(),
@@ -366,6 +371,20 @@ impl UserStore {
         let email = normalize_email(email);
         self.modify(&email, |r| {
             r.disabled = true;
+            Ok(Some(()))
+        })?;
+        Ok(())
+    }
+
+    /// Forget the user's authenticator (TOTP secret) and recovery codes: the next sign-in
+    /// sets up a new one before any session, for a portal owner too. The caller also ends
+    /// the user's sessions.
+    pub fn reset_totp(&self, email: &str) -> Result<(), AuthError> {
+        let email = normalize_email(email);
+        self.modify(&email, |r| {
+            r.totp = None;
+            r.recovery.clear();
+            r.enroll_required = true;
             Ok(Some(()))
         })?;
         Ok(())
@@ -448,6 +467,7 @@ impl UserStore {
         let second_factor = match (rec.role, confirmed) {
             (_, true) => SecondFactor::Totp,
             (Role::Admin, false) => SecondFactor::EnrollRequired,
+            (Role::PortalOwner, false) if rec.enroll_required => SecondFactor::EnrollRequired,
             (Role::PortalOwner, false) => SecondFactor::None,
         };
         Ok(PasswordCheck::Ok {
@@ -512,6 +532,7 @@ impl UserStore {
             st.last_step = Some(step);
             self.reseal_if_old(&email, st, &secret)?;
             r.recovery = hashes.clone();
+            r.enroll_required = false;
             Ok(Some(()))
         })?;
         Ok(ok.map(|_| codes))
@@ -675,5 +696,63 @@ mod tests {
             PasswordCheck::Disabled
         );
         assert!(s.list_users().unwrap()[0].disabled);
+    }
+
+    #[tokio::test]
+    async fn a_totp_reset_forces_a_new_enrollment_at_the_next_sign_in() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path(), Pepper::generate(1));
+        let pass = "a long enough passphrase";
+        s.add_user("owner@example.com", Role::PortalOwner, pass)
+            .unwrap();
+        let enr = s.totp_enrollment("owner@example.com").unwrap();
+        let old = totp_rs::Secret::try_from_base32(&*enr.secret_base32).unwrap();
+        let now = std::time::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        s.confirm_totp(
+            "owner@example.com",
+            &totp::code_at(&old, 1_700_000_000),
+            now,
+        )
+        .unwrap()
+        .expect("confirmed");
+        async fn second(s: &UserStore, pass: &str) -> SecondFactor {
+            let pw = Zeroizing::new(pass.to_string());
+            match s.check_password("owner@example.com", pw).await.unwrap() {
+                PasswordCheck::Ok { second_factor, .. } => second_factor,
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(second(&s, pass).await, SecondFactor::Totp);
+
+        s.reset_totp("Owner@Example.com").unwrap();
+        let u = &s.list_users().unwrap()[0];
+        assert!(!u.totp_confirmed && u.recovery_codes_left == 0);
+        // A portal owner may go without a second factor, but not after a reset.
+        assert_eq!(second(&s, pass).await, SecondFactor::EnrollRequired);
+        let later = now + Duration::from_secs(60);
+        assert!(
+            !s.verify_second_factor(
+                "owner@example.com",
+                &totp::code_at(&old, 1_700_000_060),
+                later
+            )
+            .unwrap(),
+            "the old authenticator no longer works"
+        );
+        let enr = s.totp_enrollment("owner@example.com").unwrap();
+        let new = totp_rs::Secret::try_from_base32(&*enr.secret_base32).unwrap();
+        assert_ne!(new, old, "a new secret");
+        s.confirm_totp(
+            "owner@example.com",
+            &totp::code_at(&new, 1_700_000_060),
+            later,
+        )
+        .unwrap()
+        .expect("confirmed");
+        assert_eq!(second(&s, pass).await, SecondFactor::Totp);
+        assert!(matches!(
+            s.reset_totp("nobody@example.com"),
+            Err(AuthError::NoSuchUser(_))
+        ));
     }
 }

@@ -265,6 +265,15 @@ async fn user(dir: &Path, kek: &KekSource, cmd: UserCommand) -> Result<()> {
                 u.sessions_ended
             );
         }
+        UserCommand::ResetTotp { email } => {
+            let req = AdminRequest::UserResetTotp { email };
+            let u = expect!(request(dir, kek, req).await?, UserSessionsEnded);
+            println!(
+                "TOTP of {} reset: a new authenticator is set up at the next sign-in ({} session(s) ended)",
+                Escaped(&u.email),
+                u.sessions_ended
+            );
+        }
     }
     Ok(())
 }

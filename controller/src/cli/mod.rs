@@ -280,6 +280,12 @@ pub enum UserCommand {
         #[arg(long)]
         email: String,
     },
+    /// Forget a user's authenticator and recovery codes, end their sessions: the next
+    /// sign-in sets up a new TOTP before any session.
+    ResetTotp {
+        #[arg(long)]
+        email: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]

@@ -323,6 +323,19 @@ impl Store {
         Ok(())
     }
 
+    /// Every enrollment token record, by a short id (the first 12 hex digits of the
+    /// token's hash): the token itself is never stored.
+    pub fn tokens(&self) -> StoreResult<Vec<(String, TokenRecord)>> {
+        self.tokens
+            .iter()
+            .map(|item| {
+                let (k, v) = item?;
+                let id = String::from_utf8_lossy(&k[..k.len().min(12)]).into_owned();
+                Ok((id, decode("tokens", &v)?))
+            })
+            .collect()
+    }
+
     pub fn revocation(&self, serial_hex: &str) -> StoreResult<Option<RevocationRecord>> {
         Self::get(&self.revoked, "revoked", serial_hex)
     }

@@ -13,34 +13,38 @@ use super::signin::{record_failure, reserve};
 use super::{SESSION_COOKIE, WebState, csrf_refused, internal, pages};
 use crate::audit::AuditEvent;
 use crate::auth::session::{csrf_for, csrf_matches};
-use crate::auth::{AuthError, AuthMetrics, PasswordCheck, Role, Session};
+use crate::auth::{AuthError, AuthMetrics, PasswordCheck, Session};
 
 pub(super) async fn dashboard(State(state): State<WebState>, headers: HeaderMap) -> Response {
-    let (token, s) = match session(&state, &headers, Need::Full) {
+    let who = match super::form::signed_in(&state, &headers).await {
         Ok(v) => v,
         Err(r) => return *r,
     };
     // Zones and nodes are the mesh operators' business; portal owners do not see them.
-    let (zones, nodes, health) = if s.role == Role::Admin {
-        let d = &state.inner.dashboard;
-        (d.zones(), d.nodes(), d.health())
-    } else {
-        (vec![], vec![], None)
-    };
-    let enrolled = state
-        .inner
-        .users
-        .list_users()
-        .ok()
-        .and_then(|u| u.into_iter().find(|u| u.email == s.email))
-        .is_some_and(|u| u.totp_confirmed);
-    let viewer = pages::Viewer {
-        email: &s.email,
-        role: s.role.as_str(),
-        csrf: &csrf_for(&token),
+    let (st, admin, email) = (state.clone(), who.is_admin(), who.email().to_string());
+    let read = crate::blocking::run_infallible(move || {
+        let d = &st.inner.dashboard;
+        let mesh = if admin {
+            (d.zones(), d.nodes(), d.health())
+        } else {
+            (vec![], vec![], None)
+        };
+        let enrolled = st
+            .inner
+            .users
+            .list_users()
+            .ok()
+            .and_then(|u| u.into_iter().find(|u| u.email == email))
+            .is_some_and(|u| u.totp_confirmed);
+        (mesh, enrolled)
+    })
+    .await;
+    let ((zones, nodes, health), enrolled) = match read {
+        Ok(v) => v,
+        Err(e) => return internal(e),
     };
     Html(pages::dashboard(
-        &viewer,
+        &who.viewer(),
         &zones,
         &nodes,
         health.as_ref(),

@@ -22,11 +22,11 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::json;
 
+use super::form::{SignedIn, form_post, signed_in};
 use super::pages::{Viewer, esc, layout};
-use super::session::{Need, session};
 use super::{WebState, csrf_refused};
 use crate::audit::AuditEvent;
-use crate::auth::session::{csrf_for, csrf_matches};
+use crate::auth::session::csrf_matches;
 use crate::auth::{Role, Session};
 use crate::domains::{DomainView, Domains, IssuerKind};
 use crate::error::ControllerError;
@@ -70,22 +70,21 @@ fn controller_error(e: ControllerError) -> Response {
 }
 
 async fn page(State(state): State<WebState>, headers: HeaderMap) -> Response {
-    let (token, s) = match session(&state, &headers, Need::Full) {
+    let who = match signed_in(&state, &headers).await {
         Ok(v) => v,
         Err(r) => return *r,
     };
-    listing(&state, &token, &s, StatusCode::OK, None).await
+    listing(&state, &who, StatusCode::OK, None).await
 }
 
 /// The page with `message` (an error from the add form) above the table.
 async fn listing(
     state: &WebState,
-    token: &str,
-    s: &Session,
+    who: &SignedIn,
     status: StatusCode,
     message: Option<&str>,
 ) -> Response {
-    let s = s.clone();
+    let s = who.session.clone();
     let d = match domains_of(state) {
         Ok(d) => d,
         Err(r) => return *r,
@@ -95,14 +94,8 @@ async fn listing(
         Err(e) => return controller_error(e),
     };
     let rows: Vec<DomainView> = rows.into_iter().filter(|r| may_see(&s, &r.owner)).collect();
-    let csrf = csrf_for(token);
-    let viewer = Viewer {
-        email: &s.email,
-        role: s.role.as_str(),
-        csrf: &csrf,
-    };
-    let admin = s.role == Role::Admin;
-    (status, Html(render(&viewer, &rows, admin, message))).into_response()
+    let admin = who.is_admin();
+    (status, Html(render(&who.viewer(), &rows, admin, message))).into_response()
 }
 
 #[derive(serde::Deserialize)]
@@ -120,20 +113,18 @@ async fn add_submit(
     headers: HeaderMap,
     Form(form): Form<AddForm>,
 ) -> Response {
-    let (token, s) = match session(&state, &headers, Need::Full) {
+    let who = match form_post(&state, &headers, &form.csrf).await {
         Ok(v) => v,
         Err(r) => return *r,
     };
-    if !csrf_matches(&token, &form.csrf) {
-        return csrf_refused(&state);
-    }
+    let s = who.session.clone();
     let d = match domains_of(&state) {
         Ok(d) => d,
         Err(r) => return *r,
     };
     let Some(issuer) = IssuerKind::parse(&form.issuer) else {
         let msg = "Choose the acme or the internal issuer.";
-        return listing(&state, &token, &s, StatusCode::BAD_REQUEST, Some(msg)).await;
+        return listing(&state, &who, StatusCode::BAD_REQUEST, Some(msg)).await;
     };
     let admin = s.role == Role::Admin;
     // Only an admin may put a domain on the internal CA, or give one to someone else.
@@ -147,7 +138,7 @@ async fn add_submit(
             )
             .await;
         let msg = "Only an administrator can add a domain for the internal issuer.";
-        return listing(&state, &token, &s, StatusCode::FORBIDDEN, Some(msg)).await;
+        return listing(&state, &who, StatusCode::FORBIDDEN, Some(msg)).await;
     }
     let owner = if admin && !form.owner.trim().is_empty() {
         form.owner.trim().to_string()
@@ -171,7 +162,7 @@ async fn add_submit(
             | ControllerError::RateLimited(_)),
         ) => {
             let msg = e.to_string();
-            listing(&state, &token, &s, StatusCode::BAD_REQUEST, Some(&msg)).await
+            listing(&state, &who, StatusCode::BAD_REQUEST, Some(&msg)).await
         }
         Err(e) => controller_error(e),
     }
@@ -246,7 +237,8 @@ async fn allowed(
     headers: &HeaderMap,
     name: String,
 ) -> Result<(Arc<Domains>, Session, String, zeroize::Zeroizing<String>), Box<Response>> {
-    let (token, s) = session(state, headers, Need::Full)?;
+    let who = signed_in(state, headers).await?;
+    let (token, s) = (who.token, who.session);
     let d = domains_of(state)?;
     let d2 = d.clone();
     let owner = crate::blocking::run(move || d2.owner(&name).map(|o| (o, name)))
@@ -296,8 +288,8 @@ async fn api_deploy(
     Path(name): Path<String>,
     body: Bytes,
 ) -> Response {
-    let (token, s) = match session(&state, &headers, Need::Full) {
-        Ok(v) => v,
+    let (token, s) = match signed_in(&state, &headers).await {
+        Ok(v) => (v.token, v.session),
         Err(r) => return *r,
     };
     if !csrf_matches(&token, &submitted_csrf(&headers, &body)) {

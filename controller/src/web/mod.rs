@@ -13,7 +13,9 @@
 //! - `GET /healthz`, `GET /static/style.css`
 
 mod account;
+mod console;
 mod domains;
+mod form;
 mod health;
 pub mod https;
 pub mod pages;
@@ -109,6 +111,8 @@ struct Inner {
     mesh: std::sync::OnceLock<Arc<crate::mesh::Mesh>>,
     /// The SSH CA, attached by `serve` (the Server access page answers 503 without).
     ssh: std::sync::OnceLock<Arc<crate::ssh::Ssh>>,
+    /// The `--controller` address the console's enroll command names, attached by `serve`.
+    agent_address: std::sync::OnceLock<String>,
 }
 
 impl WebState {
@@ -144,6 +148,7 @@ impl WebState {
                 domains: std::sync::OnceLock::new(),
                 mesh: std::sync::OnceLock::new(),
                 ssh: std::sync::OnceLock::new(),
+                agent_address: std::sync::OnceLock::new(),
             }),
         })
     }
@@ -170,6 +175,11 @@ impl WebState {
     /// Serve the Server access page from `ssh`.
     pub fn attach_ssh(&self, ssh: Arc<crate::ssh::Ssh>) {
         let _ = self.inner.ssh.set(ssh);
+    }
+
+    /// Name `address` as the controller in the console's enroll commands.
+    pub fn attach_agent_address(&self, address: String) {
+        let _ = self.inner.agent_address.set(address);
     }
 
     /// The SSH CA, when attached.
@@ -316,6 +326,7 @@ pub fn router(state: WebState) -> Router {
         .merge(domains::routes())
         .merge(security::routes())
         .merge(ssh::routes())
+        .merge(console::routes())
         .fallback(not_found)
         .layer(middleware::from_fn(same_origin_posts))
         .layer(DefaultBodyLimit::max(16 * 1024))
@@ -422,6 +433,10 @@ pub enum WebError {
     Auth(#[from] AuthError),
     #[error(transparent)]
     Audit(#[from] crate::audit::AuditError),
+    #[error(transparent)]
+    Blocking(#[from] crate::blocking::BlockingError),
+    #[error(transparent)]
+    Controller(#[from] crate::error::ControllerError),
     #[error("{0}")]
     Unavailable(&'static str),
 }

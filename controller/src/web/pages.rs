@@ -72,7 +72,7 @@ pub(super) fn layout(title: &str, viewer: Option<&Viewer<'_>>, body: &str) -> St
             esc(v.role),
             esc(v.csrf),
             security = if v.role == "admin" {
-                r#" <a href="/security" id="security-link">Security</a>"#
+                r#" <a href="/security" id="security-link">Security</a> <a href="/admin" id="admin-link">Admin</a>"#
             } else {
                 ""
             },
@@ -207,12 +207,22 @@ pub fn recovery_codes(viewer: &Viewer<'_>, codes: &[String]) -> String {
 
 /// A page with just a message.
 pub fn notice(title: &str, text: &str, link: Option<(&str, &str)>) -> String {
+    notice_for(None, title, text, link)
+}
+
+/// A page with just a message, with the signed-in header of `viewer`.
+pub fn notice_for(
+    viewer: Option<&Viewer<'_>>,
+    title: &str,
+    text: &str,
+    link: Option<(&str, &str)>,
+) -> String {
     let link = link
         .map(|(href, label)| format!(r#"<p><a href="{}">{}</a></p>"#, esc(href), esc(label)))
         .unwrap_or_default();
     layout(
         title,
-        None,
+        viewer,
         &format!(
             r#"<div class="card narrow"><h1>{}</h1>{}{}</div>"#,
             esc(title),

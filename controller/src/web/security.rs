@@ -13,12 +13,10 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 
+use super::WebState;
+use super::form::{admin_form, admin_page};
 use super::pages::{Viewer, esc, layout};
-use super::session::{Need, session};
-use super::{WebState, csrf_refused};
 use crate::audit::{AuditEvent, format_utc};
-use crate::auth::Role;
-use crate::auth::session::{csrf_for, csrf_matches};
 use crate::error::ControllerError;
 use crate::mesh::{Mesh, RecentEvent};
 use crate::store::{AllowRecord, BlockRecord};
@@ -44,18 +42,11 @@ fn mesh_of(state: &WebState) -> Result<Arc<Mesh>, Box<Response>> {
     })
 }
 
-fn forbidden() -> Response {
-    (StatusCode::FORBIDDEN, "administrators only").into_response()
-}
-
 async fn page(State(state): State<WebState>, headers: HeaderMap) -> Response {
-    let (token, s) = match session(&state, &headers, Need::Full) {
+    let who = match admin_page(&state, &headers).await {
         Ok(v) => v,
         Err(r) => return *r,
     };
-    if s.role != Role::Admin {
-        return forbidden();
-    }
     let mesh = match mesh_of(&state) {
         Ok(m) => m,
         Err(r) => return *r,
@@ -73,13 +64,7 @@ async fn page(State(state): State<WebState>, headers: HeaderMap) -> Response {
         }
     };
     let events = mesh.recent_events();
-    let csrf = csrf_for(&token);
-    let viewer = Viewer {
-        email: &s.email,
-        role: s.role.as_str(),
-        csrf: &csrf,
-    };
-    Html(render(&viewer, &blocks, &events, &allow, now)).into_response()
+    Html(render(&who.viewer(), &blocks, &events, &allow, now)).into_response()
 }
 
 fn utc(unix: u64) -> String {
@@ -166,16 +151,10 @@ async fn unblock(
     headers: HeaderMap,
     Form(form): Form<UnblockForm>,
 ) -> Response {
-    let (token, s) = match session(&state, &headers, Need::Full) {
+    let who = match admin_form(&state, &headers, &form.csrf, "source.unblock").await {
         Ok(v) => v,
         Err(r) => return *r,
     };
-    if !csrf_matches(&token, &form.csrf) {
-        return csrf_refused(&state);
-    }
-    if s.role != Role::Admin {
-        return forbidden();
-    }
     let mesh = match mesh_of(&state) {
         Ok(m) => m,
         Err(r) => return *r,
@@ -188,7 +167,7 @@ async fn unblock(
             state
                 .audit_durable(
                     AuditEvent::new("source.unblocked", "ok")
-                        .actor(s.email.as_str())
+                        .actor(who.email())
                         .source(rec.address)
                         .detail(format!(
                             "unblocked on the Security page; was blocked until {}: {}",

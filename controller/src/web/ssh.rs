@@ -18,11 +18,11 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 
-use super::pages::{Viewer, esc, layout};
-use super::session::{Need, session};
-use super::{WebState, csrf_refused};
-use crate::auth::Session;
-use crate::auth::session::{csrf_for, csrf_matches};
+use super::WebState;
+use super::csrf_refused;
+use super::form::{SignedIn, signed_in};
+use super::pages::{esc, layout};
+use crate::auth::session::csrf_matches;
 use crate::error::ControllerError;
 use crate::ssh::Ssh;
 
@@ -179,17 +179,16 @@ fn totp_enrolled(state: &WebState, email: &str) -> bool {
 }
 
 async fn page(State(state): State<WebState>, headers: HeaderMap) -> Response {
-    let (token, s) = match session(&state, &headers, Need::Full) {
+    let who = match signed_in(&state, &headers).await {
         Ok(v) => v,
         Err(r) => return *r,
     };
-    render_page(&state, &token, &s, StatusCode::OK, None).await
+    render_page(&state, &who, StatusCode::OK, None).await
 }
 
 async fn render_page(
     state: &WebState,
-    token: &str,
-    s: &Session,
+    who: &SignedIn,
     status: StatusCode,
     message: Option<&str>,
 ) -> Response {
@@ -197,34 +196,31 @@ async fn render_page(
         Ok(x) => x,
         Err(r) => return *r,
     };
-    let email = s.email.clone();
+    let s = &who.session;
+    let (email, st) = (s.email.clone(), state.clone());
     let info = crate::blocking::run(move || -> Result<_, ControllerError> {
         let grants: Vec<_> = ssh
             .grants()?
             .into_iter()
             .filter(|g| g.email == email)
             .collect();
-        Ok((grants, ssh.known_hosts_line().ok()))
+        let totp = totp_enrolled(&st, &email);
+        Ok((grants, ssh.known_hosts_line().ok(), totp))
     })
     .await;
-    let (grants, known_hosts) = match info {
+    let (grants, known_hosts, totp) = match info {
         Ok(v) => v,
         Err(e) => {
             tracing::error!(error = %e, "server access page");
             return (StatusCode::INTERNAL_SERVER_ERROR, "internal error").into_response();
         }
     };
-    let csrf = csrf_for(token);
-    let viewer = Viewer {
-        email: &s.email,
-        role: s.role.as_str(),
-        csrf: &csrf,
-    };
+    let csrf = &who.csrf;
+    let viewer = who.viewer();
     let mut body = String::from(r#"<div class="card"><h1>Server access</h1>"#);
     if let Some(m) = message {
         let _ = write!(body, r#"<p class="error" id="message">{}</p>"#, esc(m));
     }
-    let totp = totp_enrolled(state, &s.email);
     if grants.is_empty() {
         body.push_str(r#"<p class="notice" id="no-grants">You have no SSH grants; ask an administrator for one.</p>"#);
     } else {
@@ -264,7 +260,7 @@ async fn render_page(
 <label for="ttl">Valid for</label><select id="ttl" name="ttl">{options}</select>
 <button type="submit" id="sign">Download certificate</button></form>
 <p>Save it beside your key as <code>~/.ssh/id_ed25519-cert.pub</code>; <code>ssh</code> uses it from there.</p>"#,
-            csrf = esc(&csrf),
+            csrf = esc(csrf),
             kib = KEY_MAX / 1024,
         );
     }
@@ -280,23 +276,27 @@ async fn render_page(
 }
 
 async fn submit(State(state): State<WebState>, req: Request) -> Response {
-    let (token, s) = match session(&state, req.headers(), Need::Full) {
+    let who = match signed_in(&state, req.headers()).await {
         Ok(v) => v,
         Err(r) => return *r,
     };
+    // The body is read first (the CSRF token is one of its parts), bounded by read_form.
     let form = match read_form(&state, req).await {
         Ok(f) => f,
         Err(FormRefusal(status, msg)) => {
-            return render_page(&state, &token, &s, status, Some(&msg)).await;
+            return render_page(&state, &who, status, Some(&msg)).await;
         }
     };
-    if !csrf_matches(&token, &form.csrf) {
+    if !csrf_matches(&who.token, &form.csrf) {
         return csrf_refused(&state);
     }
-    if !totp_enrolled(&state, &s.email) {
+    let (st, email) = (state.clone(), who.email().to_string());
+    let totp = crate::blocking::run_infallible(move || totp_enrolled(&st, &email)).await;
+    if !totp.unwrap_or(false) {
         let msg = "Enroll an authenticator (TOTP) before asking for a certificate.";
-        return render_page(&state, &token, &s, StatusCode::FORBIDDEN, Some(msg)).await;
+        return render_page(&state, &who, StatusCode::FORBIDDEN, Some(msg)).await;
     }
+    let s = &who.session;
     let ssh = match ssh_of(&state) {
         Ok(x) => x,
         Err(r) => return *r,
@@ -323,7 +323,7 @@ async fn submit(State(state): State<WebState>, req: Request) -> Response {
             | ControllerError::NotFound(_)),
         ) => {
             let msg = e.to_string();
-            render_page(&state, &token, &s, StatusCode::BAD_REQUEST, Some(&msg)).await
+            render_page(&state, &who, StatusCode::BAD_REQUEST, Some(&msg)).await
         }
         Err(e) => {
             tracing::error!(error = %e, "SSH certificate signing failed");

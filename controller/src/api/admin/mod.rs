@@ -144,6 +144,7 @@ impl AdminHandler {
             R::UserList => self.user_list(),
             R::UserDisable { email } => self.user_disable(email),
             R::UserPasswd { email, password } => self.user_passwd(email, password),
+            R::UserResetTotp { email } => self.user_reset_totp(email),
             R::ThrottleList => self.throttle_list(),
             R::ThrottleClear { email, source } => self.throttle_clear(email, source),
             R::Audit { limit } => self.audit(limit),

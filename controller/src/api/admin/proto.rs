@@ -75,6 +75,10 @@ pub enum AdminRequest {
         email: String,
         password: Redacted,
     },
+    /// Forget the user's TOTP: a new one is set up at the next sign-in.
+    UserResetTotp {
+        email: String,
+    },
     ThrottleList,
     ThrottleClear {
         email: Option<String>,
@@ -591,6 +595,9 @@ mod tests {
             R::UserPasswd {
                 email: s("ops@example.com"),
                 password: Redacted(s("battery staple")),
+            },
+            R::UserResetTotp {
+                email: s("ops@example.com"),
             },
             R::ThrottleList,
             R::ThrottleClear {

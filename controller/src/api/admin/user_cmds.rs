@@ -78,6 +78,22 @@ impl AdminHandler {
         }))
     }
 
+    /// `user reset-totp`
+    pub(super) fn user_reset_totp(&self, email: String) -> Result<AdminReply, ControllerError> {
+        let web = self.web()?;
+        let ended = auth_cli::reset_totp(
+            web.users(),
+            web.sessions(),
+            self.audit_log()?,
+            &email,
+            "cli",
+        )?;
+        Ok(AdminReply::UserSessionsEnded(UserSessionsEnded {
+            email: crate::auth::normalize_email(&email),
+            sessions_ended: ended,
+        }))
+    }
+
     /// `throttle list`
     pub(super) fn throttle_list(&self) -> Result<AdminReply, ControllerError> {
         Ok(AdminReply::ThrottleList(self.web()?.throttle_list(1000)))
