@@ -34,7 +34,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             ssh_ca_key,
         } => {
             crate::secrets::private_umask();
-            super::init::init(dir, &kek, &trust_domain, &ssh_ca_key)
+            super::init::init(dir, &kek, &trust_domain, &ssh_ca_key, cli.store.as_deref())
         }
         Command::Serve {
             grpc_listen,
@@ -51,6 +51,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             crate::secrets::private_umask();
             let cfg = ServeConfig {
                 data_dir: cli.data_dir.clone(),
+                store: cli.store.clone(),
                 kek_file: cli.kek_file.clone(),
                 grpc_listen,
                 https_listen,

@@ -221,6 +221,16 @@ impl Store {
         Self::on(kv)
     }
 
+    /// The store of a data directory: `given` (a `--store` URL) or the one saved in
+    /// `<data-dir>/store.url`, else the embedded sled store in `<data-dir>/db`.
+    pub fn open_url(data_dir: &Path, given: Option<&str>) -> StoreResult<Self> {
+        let url = crate::core::kv::url::StoreUrl::resolve(given, data_dir)?;
+        match url.sled_dir(data_dir) {
+            Some(dir) => Self::open(&dir),
+            None => Self::on(url.open(data_dir)?),
+        }
+    }
+
     /// The store over an opened backend.
     pub fn on(kv: Kv) -> StoreResult<Self> {
         let t = |n: &str| kv.open_tree(n);
