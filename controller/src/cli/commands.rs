@@ -222,6 +222,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                 .with_context(|| format!("writing docs into {}", out.display()))
         }
         Command::Ssh { command } => super::ssh::run(dir, &kek, command).await,
+        Command::Store { command } => super::store::run(command).await,
         Command::Audit { json, limit } => {
             let records = expect!(ask(AdminRequest::Audit { limit }).await?, Audit);
             print!("{}", render::audit(&records, json));

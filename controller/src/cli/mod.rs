@@ -11,6 +11,7 @@ mod domain;
 pub mod init;
 pub mod render;
 mod ssh;
+pub mod store;
 
 pub use commands::run;
 pub use domain::DomainCommand;
@@ -153,6 +154,11 @@ pub enum Command {
         from: PathBuf,
         #[arg(long)]
         json: bool,
+    },
+    /// The store itself: `store migrate` copies an embedded installation into etcd.
+    Store {
+        #[command(subcommand)]
+        command: store::StoreCommand,
     },
     /// Write man pages and shell completions into DIR (used by scripts/package.sh).
     #[command(hide = true)]

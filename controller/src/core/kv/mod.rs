@@ -13,6 +13,7 @@
 //! concurrent writer; etcd: already durable when the transaction is acknowledged).
 
 pub mod etcd;
+pub mod migrate;
 pub mod sled;
 #[cfg(any(test, feature = "testing"))]
 pub mod suite;
