@@ -121,21 +121,36 @@ impl EtcdBackend {
             .map(|e| format!("{scheme}://{e}"))
             .collect();
         let joined = cfg.endpoints.join(",");
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| KvError::Etcd {
-                endpoints: joined.clone(),
-                detail: format!("runtime: {e}"),
-            })?;
-        let client = rt
-            .block_on(Client::connect(urls, Some(options)))
-            .map_err(|e| etcd_err(&joined, e))?;
         let (tx, mut rx) = mpsc::unbounded_channel::<Job>();
+        let (ready_tx, ready_rx) = std_mpsc::sync_channel::<KvResult<()>>(1);
+        let eps = joined.clone();
+        // The runtime is built and the client connected on the thread itself, so opening
+        // works from any context (also from within another runtime).
         let thread = std::thread::Builder::new()
             .name("zonemesh-etcd".into())
             .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(KvError::Etcd {
+                            endpoints: eps,
+                            detail: format!("runtime: {e}"),
+                        }));
+                        return;
+                    }
+                };
                 rt.block_on(async move {
+                    let client = match Client::connect(urls, Some(options)).await {
+                        Ok(c) => c,
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(etcd_err(&eps, e)));
+                            return;
+                        }
+                    };
+                    let _ = ready_tx.send(Ok(()));
                     let kv = client.kv_client();
                     let mut tasks = tokio::task::JoinSet::new();
                     loop {
@@ -151,9 +166,20 @@ impl EtcdBackend {
                 });
             })
             .map_err(|e| KvError::Etcd {
-                endpoints: joined,
+                endpoints: joined.clone(),
                 detail: format!("thread: {e}"),
             })?;
+        let ready = ready_rx.recv_timeout(CALL_TIMEOUT).unwrap_or_else(|_| {
+            Err(KvError::Unreachable {
+                endpoints: joined.clone(),
+                detail: "the client did not start".into(),
+            })
+        });
+        if let Err(e) = ready {
+            drop(tx);
+            let _ = thread.join();
+            return Err(e);
+        }
         Ok(Self {
             cfg,
             jobs: Some(tx),
