@@ -25,6 +25,8 @@ use zonemesh_ca::TlsNames;
 #[derive(Clone, Debug)]
 pub struct ServeConfig {
     pub data_dir: PathBuf,
+    /// `--store` (default: the one saved in the data directory, else sled in `<dir>/db`).
+    pub store: Option<String>,
     pub kek_file: Option<PathBuf>,
     pub grpc_listen: SocketAddr,
     pub https_listen: SocketAddr,
@@ -96,7 +98,9 @@ impl ServeConfig {
 
     /// Check the configuration completely; returns the names for the TLS certificate.
     pub fn validate(&self) -> Result<TlsNames> {
-        if !self.data_dir.join("db").exists() {
+        let url = crate::core::kv::url::StoreUrl::resolve(self.store.as_deref(), &self.data_dir)?;
+        let sled_dir = url.sled_dir(&self.data_dir);
+        if sled_dir.as_ref().is_some_and(|d| !d.exists()) {
             bail!(
                 "{} holds no zonemesh data; run `zonemesh-controller init --data-dir {}` first",
                 self.data_dir.display(),
@@ -104,7 +108,9 @@ impl ServeConfig {
             );
         }
         crate::secrets::check_private_dir(&self.data_dir, "data directory")?;
-        crate::secrets::check_private_dir(&self.data_dir.join("db"), "database directory")?;
+        if let Some(d) = &sled_dir {
+            crate::secrets::check_private_dir(d, "database directory")?;
+        }
         let mut ports = vec![self.grpc_listen, self.https_listen];
         ports.extend(self.pki_listen);
         ports.extend(self.metrics_listen);
@@ -223,7 +229,14 @@ pub async fn run(cfg: ServeConfig, shutdown: CancellationToken) -> Result<()> {
     let names = cfg.validate()?;
     let fd_limit = listen::raise_fd_limit();
     let kek = KekSource::new(&cfg.data_dir, cfg.kek_file.clone()).load()?;
-    let store = Store::open(&cfg.data_dir.join("db"))?;
+    let store = Store::open_url(&cfg.data_dir, cfg.store.as_deref())?;
+    if let Some(given) = &cfg.store {
+        // Admin commands given this --data-dir find the same store.
+        let url: crate::core::kv::url::StoreUrl = given.parse()?;
+        if crate::core::kv::url::StoreUrl::saved(&cfg.data_dir)? != url {
+            url.save(&cfg.data_dir)?;
+        }
+    }
     let auth = Arc::new(Authority::load(store.clone(), &kek, SystemTime::now())?);
     let acme = cfg.acme()?;
     let mesh = Mesh::new(auth.clone())?;

@@ -127,13 +127,23 @@ impl Controller {
 
     /// `init` with an explicit controller binary.
     pub fn init_with(dir: &Path, binary: PathBuf) -> Result<Self> {
+        Self::init_args(dir, binary, &[])
+    }
+
+    /// `init --store URL` (saved in the data directory, so `serve` uses it too).
+    pub fn init_on_store(dir: &Path, store: &str) -> Result<Self> {
+        Self::init_args(dir, bin("zonemesh-controller"), &["--store", store])
+    }
+
+    fn init_args(dir: &Path, binary: PathBuf, extra: &[&str]) -> Result<Self> {
         let data_dir = dir.join("ctl");
         let out = run_ok(
             Command::new(&binary)
                 .arg("init")
                 .arg("--data-dir")
                 .arg(&data_dir)
-                .args(["--trust-domain", "corp.test"]),
+                .args(["--trust-domain", "corp.test"])
+                .args(extra),
         )?;
         let fingerprint = out
             .lines()

@@ -109,6 +109,7 @@ pub fn is_root() -> bool {
 
 pub mod attacklab;
 pub mod cluster;
+pub mod etcd;
 pub mod inproc;
 pub mod janitor;
 pub mod meshlab;

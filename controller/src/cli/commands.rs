@@ -34,7 +34,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             ssh_ca_key,
         } => {
             crate::secrets::private_umask();
-            super::init::init(dir, &kek, &trust_domain, &ssh_ca_key)
+            super::init::init(dir, &kek, &trust_domain, &ssh_ca_key, cli.store.as_deref())
         }
         Command::Serve {
             grpc_listen,
@@ -51,6 +51,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             crate::secrets::private_umask();
             let cfg = ServeConfig {
                 data_dir: cli.data_dir.clone(),
+                store: cli.store.clone(),
                 kek_file: cli.kek_file.clone(),
                 grpc_listen,
                 https_listen,
@@ -221,6 +222,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                 .with_context(|| format!("writing docs into {}", out.display()))
         }
         Command::Ssh { command } => super::ssh::run(dir, &kek, command).await,
+        Command::Store { command } => super::store::run(command).await,
         Command::Audit { json, limit } => {
             let records = expect!(ask(AdminRequest::Audit { limit }).await?, Audit);
             print!("{}", render::audit(&records, json));

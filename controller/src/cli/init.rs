@@ -8,7 +8,13 @@ use std::path::Path;
 use std::time::SystemTime;
 
 /// Create the CA in `data_dir`; refuses before doing anything when one exists.
-pub fn init(data_dir: &Path, kek: &KekSource, trust_domain: &str, ssh_ca_key: &str) -> Result<()> {
+pub fn init(
+    data_dir: &Path,
+    kek: &KekSource,
+    trust_domain: &str,
+    ssh_ca_key: &str,
+    store_url: Option<&str>,
+) -> Result<()> {
     // zonemesh-controller init must fail before doing anything when a CA exists.
     zonemesh_ca::validate_label("trust domain", trust_domain, true)?;
     // `none`: no SSH CA now (`ssh init` creates one later).
@@ -18,7 +24,8 @@ pub fn init(data_dir: &Path, kek: &KekSource, trust_domain: &str, ssh_ca_key: &s
         None => bail!("--ssh-ca-key {ssh_ca_key} is not ed25519, rsa4096 or none"),
     };
     crate::secrets::create_private_dir(data_dir)?;
-    let store = crate::admin::local::open_store(data_dir)?;
+    let url = crate::core::kv::url::StoreUrl::resolve(store_url, data_dir)?;
+    let store = crate::admin::local::open_store_with(data_dir, store_url)?;
     if Authority::exists(&store)? {
         bail!(
             "{} already holds a CA; refusing to overwrite it",
@@ -48,6 +55,9 @@ pub fn init(data_dir: &Path, kek: &KekSource, trust_domain: &str, ssh_ca_key: &s
     Authority::install(&store, &k, &material)?;
     if let Some(keys) = &ssh_keys {
         keys.install(&store, &k)?;
+    }
+    if store_url.is_some() {
+        url.save(data_dir)?;
     }
     let pepper_file = crate::serve::pepper_path(data_dir);
     if std::env::var_os("ZONEMESH_PEPPER").is_none() && !pepper_file.exists() {

@@ -11,6 +11,7 @@ mod domain;
 pub mod init;
 pub mod render;
 mod ssh;
+pub mod store;
 
 pub use commands::run;
 pub use domain::DomainCommand;
@@ -34,6 +35,12 @@ pub struct Cli {
     /// Key-encryption key file (default <data-dir>/secrets/kek; or set ZONEMESH_KEK).
     #[arg(long, global = true)]
     pub kek_file: Option<PathBuf>,
+    /// Where the controller's data lives: `sled` (embedded, in <data-dir>/db; the
+    /// default), `etcd://HOST:PORT[,HOST:PORT...][/PREFIX]`, or
+    /// `etcds://HOST:PORT[,...]?ca=FILE[&cert=FILE&key=FILE]` (TLS, mutual with cert/key).
+    /// `init` saves it in <data-dir>/store.url; later commands use the saved one.
+    #[arg(long, global = true, env = "ZONEMESH_STORE", value_name = "URL")]
+    pub store: Option<String>,
     /// TOML file of options (e.g. /etc/zonemesh/controller.toml): top-level keys for every
     /// command, a [serve] table for `serve`; the command line wins.
     #[arg(long, global = true, env = "ZONEMESH_CONFIG", value_name = "FILE")]
@@ -147,6 +154,11 @@ pub enum Command {
         from: PathBuf,
         #[arg(long)]
         json: bool,
+    },
+    /// The store itself: `store migrate` copies an embedded installation into etcd.
+    Store {
+        #[command(subcommand)]
+        command: store::StoreCommand,
     },
     /// Write man pages and shell completions into DIR (used by scripts/package.sh).
     #[command(hide = true)]

@@ -19,7 +19,12 @@ use std::time::SystemTime;
 /// Open the data directory's store, explaining a lock held by a controller that does not
 /// answer on its socket.
 pub fn open_store(data_dir: &Path) -> Result<Store> {
-    match Store::open(&data_dir.join("db")) {
+    open_store_with(data_dir, None)
+}
+
+/// [`open_store`] with a `--store` URL instead of the saved one.
+pub fn open_store_with(data_dir: &Path, given: Option<&str>) -> Result<Store> {
+    match Store::open_url(data_dir, given) {
         Ok(s) => Ok(s),
         Err(StoreError::Locked) => bail!(
             "the data directory {} is in use by a running controller whose admin socket does not answer",
@@ -67,7 +72,8 @@ pub async fn request_within(
 
 /// The handler over the store alone: no mesh; users and audit when their keys are there.
 fn offline_handler(data_dir: &Path, kek: &KekSource) -> Result<AdminHandler> {
-    if !data_dir.join("db").exists() {
+    let sled = crate::core::kv::url::StoreUrl::saved(data_dir)?.sled_dir(data_dir);
+    if sled.is_some_and(|d| !d.exists()) {
         bail!(
             "{} holds no zonemesh data (run `zonemesh-controller init` first)",
             data_dir.display()
@@ -77,7 +83,7 @@ fn offline_handler(data_dir: &Path, kek: &KekSource) -> Result<AdminHandler> {
     let kek = kek.load()?;
     let auth = Authority::load(store, &kek, SystemTime::now())?;
     let store = auth.store().clone();
-    let audit = Arc::new(AuditLog::open(store.db())?);
+    let audit = Arc::new(AuditLog::open(store.kv())?);
     let ssh = crate::ssh::Ssh::open(&store, &kek, auth.trust_domain(), Some(audit.clone()))?;
     let web = match Pepper::from_env_or_file(Some(&pepper_path(data_dir))) {
         Ok(pepper) => Some(WebState::new(

@@ -3,9 +3,10 @@
 //! watchers that are behind, and announced to every stream.
 
 use super::watch::{Frame, Published};
-use super::{CHANGE_LOG_LEN, Mesh, store_err};
+use super::{CHANGE_LOG_LEN, MESH_VERSION, Mesh, store_err};
 use crate::error::{ControllerError, Result};
-use crate::store::{NodeRecord, ZoneRecord};
+use crate::store::{NodeRecord, StoreError, Txn, ZoneRecord};
+use parking_lot::MutexGuard;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use zonemesh_proto as pb;
@@ -28,28 +29,49 @@ impl Mesh {
             }
         }
         let guard = self.change_lock.lock();
-        let v = self.appended.load(Ordering::SeqCst) + 1;
+        self.commit_with(guard, delta, Txn::new())
+    }
+
+    /// Record `delta` together with the writes of `txn` as one store transaction (both or
+    /// neither), under the change lock the caller took for its checks; then flush and fan
+    /// out as [`Mesh::commit`]. The change-log entry and the version counter are written
+    /// in the same transaction, conditional on the counter still holding the previous
+    /// version, so two writers of one store cannot both take a version.
+    pub(super) fn commit_with(
+        &self,
+        guard: MutexGuard<'_, ()>,
+        delta: pb::Delta,
+        mut txn: Txn,
+    ) -> Result<u64> {
+        let prev = self.appended.load(Ordering::SeqCst);
+        let v = prev + 1;
         // Encoded once: the same bytes go to the change log and to every watcher.
         let frame = Frame::encode(&pb::MeshUpdate {
             version: v,
             kind: Some(pb::mesh_update::Kind::Delta(delta.clone())),
         });
-        self.store
-            .changes
-            .insert(v.to_be_bytes(), frame.message())
-            .map_err(store_err)?;
-        self.store
-            .meta
-            .insert("mesh_version", &v.to_be_bytes())
-            .map_err(store_err)?;
+        let prev_bytes = prev.to_be_bytes();
+        let stored_prev = self.store.meta.get(MESH_VERSION).map_err(store_err)?;
+        // A store that never recorded a version (or holds an older layout) counts as 0.
+        let expect = if prev == 0 {
+            stored_prev.as_deref()
+        } else {
+            Some(&prev_bytes[..])
+        };
+        txn.expect("meta", MESH_VERSION, expect)
+            .put("changes", v.to_be_bytes(), frame.message().to_vec())
+            .put("meta", MESH_VERSION, v.to_be_bytes());
         if v > CHANGE_LOG_LEN {
-            let cutoff = (v - CHANGE_LOG_LEN).to_be_bytes();
-            for k in self.store.changes.range(..cutoff).keys() {
-                self.store
-                    .changes
-                    .remove(k.map_err(store_err)?)
-                    .map_err(store_err)?;
+            // Keys below v - CHANGE_LOG_LEN went one per change before this one.
+            txn.delete("changes", (v - CHANGE_LOG_LEN - 1).to_be_bytes());
+        }
+        if !self.store.kv().commit(&txn).map_err(store_err)? {
+            // Another writer changed what the checks cover: nothing was applied.
+            let stored = self.store.meta_u64(MESH_VERSION)?;
+            if stored > prev {
+                self.appended.store(stored, Ordering::SeqCst);
             }
+            return Err(ControllerError::Store(StoreError::Conflict));
         }
         self.appended.store(v, Ordering::SeqCst);
         self.unpublished
