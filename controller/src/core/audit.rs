@@ -358,7 +358,7 @@ mod tests {
     #[test]
     fn search_filters_pages_and_bounds_the_scan() {
         let dir = tempfile::tempdir().unwrap();
-        let db = sled::open(dir.path()).unwrap();
+        let db = crate::core::kv::Kv::sled(dir.path()).unwrap();
         let log = AuditLog::open(&db).unwrap();
         let t0 = UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000);
         for i in 0..30u64 {
