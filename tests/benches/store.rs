@@ -18,7 +18,9 @@ async fn rate(ctl: &Controller, n: usize) -> Result<f64> {
             .await?;
     ctl.zone_add("bench", "100.64.0.0/16")?;
     let token = ctl.token("bench", n as u32 + 1)?;
-    let keys: Vec<_> = (0..4).map(zonemesh_tests::rsa4096).collect();
+    let keys: Vec<_> = (0..4)
+        .map(|i| std::sync::Arc::new(zonemesh_tests::rsa4096(i)))
+        .collect();
     let t = Instant::now();
     let out: Vec<_> = futures::stream::iter(0..n)
         .map(|i| {
