@@ -6,6 +6,7 @@ use crate::audit::{AuditEvent, AuditLog};
 use crate::auth::{Pepper, SecuritySink, WebConfig};
 use crate::authority::{Authority, CRL_REFRESH};
 use crate::error::ControllerError;
+use crate::leader::Leadership;
 use crate::listen::{self, GuardedListener, ListenerBudget};
 use crate::mesh::Mesh;
 use crate::secrets::KekSource;
@@ -296,6 +297,7 @@ pub async fn run(cfg: ServeConfig, shutdown: CancellationToken) -> Result<()> {
     }
 
     let mut tasks = tokio::task::JoinSet::new();
+    let leader = start_leadership(&cfg, &mut tasks, &shutdown).await?;
     tasks.spawn(crate::grpc::serve_with(
         grpc_listener,
         grpc_tls,
@@ -305,9 +307,9 @@ pub async fn run(cfg: ServeConfig, shutdown: CancellationToken) -> Result<()> {
         shutdown.clone(),
     ));
     {
-        let (d, stop) = (domains.clone(), shutdown.clone());
+        let (d, stop, lead) = (domains.clone(), shutdown.clone(), leader.clone());
         tasks.spawn(async move {
-            d.run(stop).await;
+            d.run_while_leader(lead, stop).await;
             Ok(())
         });
     }
@@ -372,12 +374,16 @@ pub async fn run(cfg: ServeConfig, shutdown: CancellationToken) -> Result<()> {
         });
     }
     {
-        let (mesh, stop) = (mesh.clone(), shutdown.clone());
+        let (mesh, stop, lead) = (mesh.clone(), shutdown.clone(), leader.clone());
         tasks.spawn(async move {
             loop {
                 tokio::select! {
                     _ = stop.cancelled() => return Ok(()),
                     _ = tokio::time::sleep(CRL_REFRESH) => {}
+                }
+                // Signed and published once, by the leader; the others follow its change.
+                if !lead.is_leader() {
+                    continue;
                 }
                 let m = mesh.clone();
                 let r = crate::blocking::run(move || {
@@ -392,9 +398,9 @@ pub async fn run(cfg: ServeConfig, shutdown: CancellationToken) -> Result<()> {
         });
     }
     {
-        let (mesh, stop) = (mesh.clone(), shutdown.clone());
+        let (mesh, stop, lead) = (mesh.clone(), shutdown.clone(), leader.clone());
         tasks.spawn(async move {
-            expire_blocks_loop(mesh, stop).await;
+            expire_blocks_loop(mesh, lead, stop).await;
             Ok(())
         });
     }
@@ -428,15 +434,41 @@ pub async fn run(cfg: ServeConfig, shutdown: CancellationToken) -> Result<()> {
     }
 }
 
+/// This controller's name in the leader key: its gRPC address, host and process.
+fn leader_id(cfg: &ServeConfig) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    format!(
+        "{}@{} pid {}",
+        cfg.grpc_listen,
+        host.trim(),
+        std::process::id()
+    )
+}
+
+/// Who does the once-only work. With the embedded store this controller always leads;
+/// with a shared store it campaigns for the leader lease and follows the others' changes
+/// (both tasks in the serve set).
+async fn start_leadership(
+    cfg: &ServeConfig,
+    tasks: &mut tokio::task::JoinSet<Result<()>>,
+    shutdown: &CancellationToken,
+) -> Result<Leadership> {
+    let _ = (tasks, shutdown);
+    Ok(Leadership::always(leader_id(cfg)))
+}
+
 /// How often ended blocks are taken off the agents' sets (and audited).
 const BLOCK_EXPIRY_TICK: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// End blocks when their time is up, each audited with its evidence.
-async fn expire_blocks_loop(mesh: Arc<Mesh>, stop: CancellationToken) {
+async fn expire_blocks_loop(mesh: Arc<Mesh>, leader: Leadership, stop: CancellationToken) {
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(BLOCK_EXPIRY_TICK) => {}
+        }
+        if !leader.is_leader() {
+            continue;
         }
         let m = mesh.clone();
         if let Err(e) = crate::blocking::run(move || m.expire_blocks(m.now())).await {

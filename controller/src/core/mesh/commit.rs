@@ -27,6 +27,10 @@ impl Mesh {
             }
         }
         let guard = self.change_lock.lock();
+        // Another controller of the same store may have recorded changes since: take them
+        // in first, so this one gets the next shared version (published with it below).
+        let head = self.store.meta_u64("mesh_version")?;
+        self.follow_locked(head)?;
         let v = self.appended.load(Ordering::SeqCst) + 1;
         // Encoded once: the same bytes go to the change log and to every watcher.
         let frame = Frame::encode(&pb::MeshUpdate {
@@ -65,7 +69,7 @@ impl Mesh {
     /// Publish, in version order, every durable change up to `v` not yet published, then
     /// wake the streams (once, outside the lock: the wake-up is the part that grows with
     /// the number of watchers, and each stream then takes the shared frame).
-    fn publish_upto(&self, v: u64) {
+    pub(super) fn publish_upto(&self, v: u64) {
         let mut published = None;
         {
             let mut pending = self.unpublished.lock();
