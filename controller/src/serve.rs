@@ -6,7 +6,7 @@ use crate::audit::{AuditEvent, AuditLog};
 use crate::auth::{Pepper, SecuritySink, WebConfig};
 use crate::authority::{Authority, CRL_REFRESH};
 use crate::error::ControllerError;
-use crate::leader::Leadership;
+use crate::leader::{Leadership, LeaseConfig};
 use crate::listen::{self, GuardedListener, ListenerBudget};
 use crate::mesh::Mesh;
 use crate::secrets::KekSource;
@@ -297,7 +297,8 @@ pub async fn run(cfg: ServeConfig, shutdown: CancellationToken) -> Result<()> {
     }
 
     let mut tasks = tokio::task::JoinSet::new();
-    let leader = start_leadership(&cfg, &mut tasks, &shutdown).await?;
+    let store_url = crate::core::kv::url::StoreUrl::resolve(None, &cfg.data_dir)?;
+    let leader = start_leadership(&cfg, &store_url, &mesh, &mut tasks, &shutdown).await?;
     tasks.spawn(crate::grpc::serve_with(
         grpc_listener,
         grpc_tls,
@@ -450,11 +451,37 @@ fn leader_id(cfg: &ServeConfig) -> String {
 /// (both tasks in the serve set).
 async fn start_leadership(
     cfg: &ServeConfig,
+    url: &crate::core::kv::url::StoreUrl,
+    mesh: &Arc<Mesh>,
     tasks: &mut tokio::task::JoinSet<Result<()>>,
     shutdown: &CancellationToken,
 ) -> Result<Leadership> {
-    let _ = (tasks, shutdown);
-    Ok(Leadership::always(leader_id(cfg)))
+    use crate::core::kv::url::StoreUrl;
+    let etcd = match url {
+        StoreUrl::Sled(_) => return Ok(Leadership::always(leader_id(cfg))),
+        StoreUrl::Etcd(e) => e,
+    };
+    let options = crate::core::kv::etcd::connect_options(etcd)?;
+    let client = crate::leader::connect(&etcd.endpoints, Some(options)).await?;
+    let lead = Leadership::elected(leader_id(cfg));
+    // Outside the store's prefix, so no tree (and no backup) ever holds it.
+    let key = format!("{}.leader", etcd.prefix.trim_end_matches('/')).into_bytes();
+    tracing::info!(id = %lead.id(), key = %String::from_utf8_lossy(&key), "campaigning for the leader lease");
+    {
+        let (lead, stop) = (lead.clone(), shutdown.clone());
+        tasks.spawn(async move {
+            crate::leader::campaign(client, key, lead, LeaseConfig::default(), stop).await;
+            Ok(())
+        });
+    }
+    {
+        let (mesh, stop) = (mesh.clone(), shutdown.clone());
+        tasks.spawn(async move {
+            crate::mesh::follow_loop(mesh, stop).await;
+            Ok(())
+        });
+    }
+    Ok(lead)
 }
 
 /// How often ended blocks are taken off the agents' sets (and audited).

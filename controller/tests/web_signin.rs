@@ -312,7 +312,7 @@ async fn admin_needs_totp_codes_from_oathtool_and_nothing_secret_is_stored_or_lo
     let db = {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         loop {
-            match sled::open(&dir) {
+            match zonemesh_controller::kv::Kv::sled(&dir) {
                 Ok(db) => break db,
                 Err(_) if std::time::Instant::now() < deadline => {
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
@@ -343,7 +343,7 @@ async fn oathtool_codes_skew_and_replay() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let db = sled::open(dir.path()).unwrap();
+    let db = zonemesh_controller::kv::Kv::sled(dir.path()).unwrap();
     let users = UserStore::open(&db, &WebConfig::new(Pepper::generate(1))).unwrap();
     // T sits 10 s into a step.
     let t = UNIX_EPOCH + Duration::from_secs(1_800_000_000 / 30 * 30 + 10);

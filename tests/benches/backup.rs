@@ -174,7 +174,7 @@ fn main() -> Result<()> {
             .arg(&restored),
     )?;
     let store = Store::open(&restored.join("db"))?;
-    let nodes = store.nodes.len();
+    let nodes = store.nodes.len()?;
     if nodes != n {
         bail!("restored {nodes} nodes, expected {n}");
     }

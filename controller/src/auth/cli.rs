@@ -118,7 +118,7 @@ mod tests {
     #[tokio::test]
     async fn passwd_sets_the_password_ends_sessions_and_is_audited() {
         let dir = tempfile::tempdir().unwrap();
-        let db = sled::open(dir.path()).unwrap();
+        let db = crate::core::kv::Kv::sled(dir.path()).unwrap();
         let users = UserStore::open(&db, &WebConfig::new(Pepper::generate(1))).unwrap();
         let sessions =
             SessionStore::open(&db, Duration::from_secs(60), Duration::from_secs(600)).unwrap();
@@ -209,7 +209,7 @@ mod tests {
     #[test]
     fn add_list_disable_audited() {
         let dir = tempfile::tempdir().unwrap();
-        let db = sled::open(dir.path()).unwrap();
+        let db = crate::core::kv::Kv::sled(dir.path()).unwrap();
         let users = UserStore::open(&db, &WebConfig::new(Pepper::generate(1))).unwrap();
         let sessions =
             SessionStore::open(&db, Duration::from_secs(60), Duration::from_secs(600)).unwrap();

@@ -33,7 +33,7 @@ pub enum AuthError {
     #[error("configuration: {0}")]
     Config(String),
     #[error("store: {0}")]
-    Store(#[from] sled::Error),
+    Store(#[from] crate::core::kv::KvError),
     #[error("record encoding: {0}")]
     Encoding(#[from] serde_json::Error),
     #[error("password hashing: {0}")]

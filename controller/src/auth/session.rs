@@ -80,7 +80,7 @@ pub fn random_token() -> Zeroizing<String> {
 
 /// Sessions over sled.
 pub struct SessionStore {
-    tree: sled::Tree,
+    tree: crate::core::kv::Tree,
     flusher: Flusher,
     idle: Duration,
     absolute: Duration,
@@ -88,8 +88,12 @@ pub struct SessionStore {
 
 impl SessionStore {
     /// Open the session tree with the given timeouts.
-    pub fn open(db: &sled::Db, idle: Duration, absolute: Duration) -> Result<Self, AuthError> {
-        Self::open_with(&Flusher::new(db.clone()), idle, absolute)
+    pub fn open(
+        db: &crate::core::kv::Kv,
+        idle: Duration,
+        absolute: Duration,
+    ) -> Result<Self, AuthError> {
+        Self::open_with(db.flusher(), idle, absolute)
     }
 
     /// Open the session tree of the flusher's database; writes are made durable through
@@ -100,7 +104,7 @@ impl SessionStore {
         absolute: Duration,
     ) -> Result<Self, AuthError> {
         Ok(Self {
-            tree: flusher.db().open_tree(SESSIONS_TREE)?,
+            tree: flusher.kv().open_tree(SESSIONS_TREE)?,
             flusher: flusher.clone(),
             idle,
             absolute,
@@ -225,7 +229,7 @@ impl SessionStore {
         let mut n = 0;
         for item in self.tree.iter() {
             let (k, v) = item?;
-            if k.as_ref() != keep.as_slice()
+            if k.as_slice() != keep.as_slice()
                 && serde_json::from_slice::<Session>(&v).is_ok_and(|s| s.email == email)
             {
                 self.tree.remove(k)?;
@@ -253,13 +257,13 @@ impl SessionStore {
     }
 
     /// Number of stored sessions.
-    pub fn len(&self) -> usize {
-        self.tree.len()
+    pub fn len(&self) -> Result<usize, AuthError> {
+        Ok(self.tree.len()?)
     }
 
     /// Whether there are no sessions.
-    pub fn is_empty(&self) -> bool {
-        self.tree.is_empty()
+    pub fn is_empty(&self) -> Result<bool, AuthError> {
+        Ok(self.tree.is_empty()?)
     }
 }
 
@@ -270,7 +274,7 @@ mod tests {
     #[test]
     fn timeouts_and_hashing() {
         let dir = tempfile::tempdir().unwrap();
-        let db = sled::open(dir.path()).unwrap();
+        let db = crate::core::kv::Kv::sled(dir.path()).unwrap();
         let store =
             SessionStore::open(&db, Duration::from_secs(60), Duration::from_secs(300)).unwrap();
         let t0 = std::time::UNIX_EPOCH + Duration::from_secs(1_700_000_000);

@@ -142,7 +142,7 @@ fn validate_email(email: &str) -> Result<String, AuthError> {
 
 /// Users over sled.
 pub struct UserStore {
-    tree: sled::Tree,
+    tree: crate::core::kv::Tree,
     flusher: Flusher,
     hasher: Arc<PasswordHasher>,
     pepper: Pepper,
@@ -152,8 +152,8 @@ pub struct UserStore {
 
 impl UserStore {
     /// Open the user tree of `db` with `cfg` (validated here).
-    pub fn open(db: &sled::Db, cfg: &WebConfig) -> Result<Self, AuthError> {
-        Self::open_with(&Flusher::new(db.clone()), cfg)
+    pub fn open(db: &crate::core::kv::Kv, cfg: &WebConfig) -> Result<Self, AuthError> {
+        Self::open_with(db.flusher(), cfg)
     }
 
     /// Open the user tree of the flusher's database with `cfg` (validated here); writes
@@ -168,7 +168,7 @@ impl UserStore {
             cfg.hash_queue_timeout,
         ));
         Ok(Self {
-            tree: flusher.db().open_tree(USERS_TREE)?,
+            tree: flusher.kv().open_tree(USERS_TREE)?,
             flusher: flusher.clone(),
             hasher,
             pepper: cfg.pepper.clone(),
@@ -575,7 +575,7 @@ mod tests {
     use super::*;
 
     fn store(dir: &std::path::Path, pepper: Pepper) -> UserStore {
-        let db = sled::open(dir).unwrap();
+        let db = crate::core::kv::Kv::sled(dir).unwrap();
         let mut cfg = WebConfig::new(pepper);
         cfg.max_concurrent_hashes = 2;
         UserStore::open(&db, &cfg).unwrap()

@@ -21,7 +21,7 @@ pub const AUDIT_TREE: &str = "audit";
 #[derive(Debug, thiserror::Error)]
 pub enum AuditError {
     #[error("audit store: {0}")]
-    Store(#[from] sled::Error),
+    Store(#[from] crate::core::kv::KvError),
     #[error("audit record encoding: {0}")]
     Encoding(#[from] serde_json::Error),
     #[error("audit sequence {0} already written (the log is append-only)")]
@@ -105,21 +105,21 @@ impl AuditRecord {
 
 /// The audit log over the sled tree `audit`.
 pub struct AuditLog {
-    tree: sled::Tree,
+    tree: crate::core::kv::Tree,
     next_seq: Mutex<u64>,
     flusher: Flusher,
 }
 
 impl AuditLog {
     /// Open (or create) the audit tree in `db`, with a flusher of its own.
-    pub fn open(db: &sled::Db) -> Result<Self> {
-        Self::open_with(&Flusher::new(db.clone()))
+    pub fn open(db: &crate::core::kv::Kv) -> Result<Self> {
+        Self::open_with(db.flusher())
     }
 
     /// Open (or create) the audit tree in the flusher's database; records are made
     /// durable through `flusher`, shared with the other writers of that database.
     pub fn open_with(flusher: &Flusher) -> Result<Self> {
-        let tree = flusher.db().open_tree(AUDIT_TREE)?;
+        let tree = flusher.kv().open_tree(AUDIT_TREE)?;
         let next = match tree.last()? {
             Some((k, _)) => decode_seq(&k) + 1,
             None => 1,
@@ -194,13 +194,13 @@ impl AuditLog {
     }
 
     /// Number of records in the log.
-    pub fn len(&self) -> usize {
-        self.tree.len()
+    pub fn len(&self) -> Result<usize> {
+        Ok(self.tree.len()?)
     }
 
     /// Whether the log is empty.
-    pub fn is_empty(&self) -> bool {
-        self.tree.is_empty()
+    pub fn is_empty(&self) -> Result<bool> {
+        Ok(self.tree.is_empty()?)
     }
 }
 
@@ -237,7 +237,7 @@ mod tests {
     fn appends_in_order_and_survives_reopen() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let db = sled::open(dir.path()).unwrap();
+            let db = crate::core::kv::Kv::sled(dir.path()).unwrap();
             let log = AuditLog::open(&db).unwrap();
             log.record(
                 AuditEvent::new("signin.failure", "denied")
@@ -248,7 +248,7 @@ mod tests {
             log.record(AuditEvent::new("signin.success", "ok").actor("a@example.com"))
                 .unwrap();
         }
-        let db = sled::open(dir.path()).unwrap();
+        let db = crate::core::kv::Kv::sled(dir.path()).unwrap();
         let log = AuditLog::open(&db).unwrap();
         log.record(AuditEvent::new("source.blocked", "blocked").detail("12 failures"))
             .unwrap();

@@ -1,4 +1,4 @@
-//! Backups of the controller's store: every sled tree, copied while the controller runs,
+//! Backups of the controller's store: every tree (sled or etcd), copied while the controller runs,
 //! into one file with a header (format version, CA fingerprint, entry counts, SHA-256 of
 //! the body), and restored into an empty data directory.
 //!
@@ -29,6 +29,8 @@ const MAX_ITEM: u32 = 64 * 1024 * 1024;
 pub enum BackupError {
     #[error("database: {0}")]
     Db(#[from] sled::Error),
+    #[error("store: {0}")]
+    Kv(#[from] crate::core::kv::KvError),
     #[error("{what} {path}: {source}")]
     Io {
         what: &'static str,
@@ -105,10 +107,10 @@ fn put_item(w: &mut impl Write, tag: u8, bytes: &[u8]) -> std::io::Result<()> {
     w.write_all(bytes)
 }
 
-/// Write a backup of every tree of `db` to `out` (created with mode 0600, replaced
+/// Write a backup of every tree of the store `db` to `out` (created with mode 0600, replaced
 /// atomically), via a body file beside it. Blocking: run it on the blocking pool.
 pub fn write_backup(
-    db: &sled::Db,
+    db: &crate::core::kv::Kv,
     ca_fingerprint: &str,
     now_unix: u64,
     out: &Path,
@@ -131,13 +133,13 @@ pub fn write_backup(
         bytes: 0,
     };
     let mut trees = Vec::new();
-    let mut names = db.tree_names();
+    let mut names = db.tree_names()?;
     names.sort();
     let werr = io("writing", &body_path);
     let written: std::io::Result<()> = (|| {
         for name in names {
             let tree = db.open_tree(&name).map_err(std::io::Error::other)?;
-            put_item(&mut w, b'T', &name)?;
+            put_item(&mut w, b'T', name.as_bytes())?;
             let mut entries = 0u64;
             for item in tree.iter() {
                 let (k, v) = item.map_err(std::io::Error::other)?;
@@ -147,7 +149,7 @@ pub fn write_backup(
                 entries += 1;
             }
             trees.push(TreeCount {
-                name: String::from_utf8_lossy(&name).into_owned(),
+                name: name.clone(),
                 entries,
             });
         }
@@ -342,10 +344,7 @@ mod tests {
     #[test]
     fn every_tree_comes_back_and_damage_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let db = sled::Config::new()
-            .path(dir.path().join("db"))
-            .open()
-            .unwrap();
+        let db = crate::core::kv::Kv::sled(&dir.path().join("db")).unwrap();
         for t in ["nodes", "revoked", "added_later_by_someone"] {
             let tree = db.open_tree(t).unwrap();
             for i in 0..50u32 {

@@ -1,4 +1,4 @@
-//! Group commit for the sled database: callers that need their writes durable take a
+//! Group commit for the store (see [`crate::core::kv`]): callers that need their writes durable take a
 //! ticket and wait; one caller at a time flushes the whole database for every ticket
 //! taken before its flush began, so N concurrent durable writes cost far fewer than N
 //! flushes. Async callers wait without holding a worker; the flush itself runs on the
@@ -15,7 +15,7 @@ use crate::blocking::BlockingError;
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum FlushError {
     #[error("database flush failed: {0}")]
-    Db(#[source] sled::Error),
+    Db(String),
     #[error("flush task failed: {0}")]
     Task(String),
 }
@@ -34,17 +34,17 @@ struct Progress {
     ok: u64,
     /// A flush is under way.
     running: bool,
-    last_error: Option<sled::Error>,
+    last_error: Option<String>,
 }
 
 struct Inner {
-    db: sled::Db,
+    backend: Arc<dyn crate::core::kv::Backend>,
     tickets: AtomicU64,
     flushes: AtomicU64,
     progress: watch::Sender<Progress>,
 }
 
-/// The controller's one durable writer over a sled database (cheap to clone).
+/// The controller's one durable writer over a store (cheap to clone).
 #[derive(Clone)]
 pub struct Flusher {
     inner: Arc<Inner>,
@@ -65,11 +65,11 @@ enum Step {
 }
 
 impl Flusher {
-    /// A flusher for `db`.
-    pub fn new(db: sled::Db) -> Self {
+    /// A flusher for `backend`.
+    pub fn new(backend: Arc<dyn crate::core::kv::Backend>) -> Self {
         Self {
             inner: Arc::new(Inner {
-                db,
+                backend,
                 tickets: AtomicU64::new(0),
                 flushes: AtomicU64::new(0),
                 progress: watch::Sender::new(Progress::default()),
@@ -77,9 +77,9 @@ impl Flusher {
         }
     }
 
-    /// The database this flusher makes durable.
-    pub fn db(&self) -> &sled::Db {
-        &self.inner.db
+    /// The store this flusher makes durable.
+    pub fn kv(&self) -> crate::core::kv::Kv {
+        crate::core::kv::Kv::with_flusher(self.inner.backend.clone(), self.clone())
     }
 
     /// How many flushes of the database this flusher has made.
@@ -115,7 +115,7 @@ impl Flusher {
     /// Flush once for every ticket taken so far; only the caller that set `running`.
     fn lead(&self) {
         let upto = self.inner.tickets.load(Ordering::SeqCst);
-        let r = self.inner.db.flush();
+        let r = self.inner.backend.flush();
         self.inner.flushes.fetch_add(1, Ordering::Relaxed);
         self.inner.progress.send_modify(|p| {
             p.running = false;
@@ -124,7 +124,7 @@ impl Flusher {
                 Ok(_) => p.ok = p.ok.max(upto),
                 Err(e) => {
                     tracing::error!(error = %e, "database flush failed");
-                    p.last_error = Some(e);
+                    p.last_error = Some(e.to_string());
                 }
             }
         });
@@ -174,23 +174,23 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
-    fn db() -> (tempfile::TempDir, sled::Db) {
+    fn db() -> (tempfile::TempDir, crate::core::kv::Kv) {
         let dir = tempfile::tempdir().unwrap();
-        let db = sled::Config::new().path(dir.path()).open().unwrap();
-        (dir, db)
+        let kv = crate::core::kv::Kv::sled(dir.path()).unwrap();
+        (dir, kv)
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_durable_writes_share_flushes() {
         let (_dir, db) = db();
-        let f = Flusher::new(db.clone());
+        let f = db.flusher().clone();
         let tree = db.open_tree("t").unwrap();
         let n = 200u64;
         let mut tasks = tokio::task::JoinSet::new();
         for i in 0..n {
             let (f, tree) = (f.clone(), tree.clone());
             tasks.spawn(async move {
-                tree.insert(i.to_be_bytes(), vec![0u8; 256]).unwrap();
+                tree.insert(i.to_be_bytes(), [0u8; 256]).unwrap();
                 f.flush().await.unwrap();
                 // Returned only after a flush that began after our write finished.
                 assert!(f.inner.progress.borrow().ok >= 1);
@@ -210,13 +210,13 @@ mod tests {
     #[test]
     fn each_caller_waits_for_a_flush_that_covers_its_write() {
         let (_dir, db) = db();
-        let f = Flusher::new(db.clone());
+        let f = db.flusher().clone();
         let tree = db.open_tree("t").unwrap();
         let threads: Vec<_> = (0..16u64)
             .map(|i| {
                 let (f, tree) = (f.clone(), tree.clone());
                 std::thread::spawn(move || {
-                    tree.insert(i.to_be_bytes(), vec![1u8; 64]).unwrap();
+                    tree.insert(i.to_be_bytes(), [1u8; 64]).unwrap();
                     let t = f.inner.tickets.load(Ordering::SeqCst) + 1;
                     f.flush_blocking().unwrap();
                     assert!(f.inner.progress.borrow().ok >= t);
@@ -232,8 +232,8 @@ mod tests {
     #[tokio::test]
     async fn a_lone_caller_flushes_at_once() {
         let (_dir, db) = db();
-        let f = Flusher::new(db.clone());
-        db.insert("k", "v").unwrap();
+        let f = db.flusher().clone();
+        db.open_tree("t").unwrap().insert("k", "v").unwrap();
         tokio::time::timeout(Duration::from_secs(5), f.flush())
             .await
             .unwrap()

@@ -6,6 +6,7 @@ pub mod authority;
 pub mod backup;
 pub mod blocklist;
 pub mod durable;
+pub mod kv;
 pub mod leader;
 pub mod limits;
 pub mod mesh;

@@ -1,4 +1,5 @@
-//! The controller's durable state on the embedded sled store.
+//! The controller's durable state, on the storage interface ([`crate::core::kv`]): the
+//! embedded sled store by default, or etcd.
 //!
 //! Every write that must survive a crash (issued serials, revocations, token use, address
 //! allocations, mesh changes) is flushed before the caller replies.
@@ -9,11 +10,13 @@ use std::path::Path;
 use std::time::SystemTime;
 use thiserror::Error;
 
+pub use crate::core::kv::{Kv, KvError, Tree, Txn};
+
 /// Store failures.
 #[derive(Debug, Error)]
 pub enum StoreError {
     #[error("database error: {0}")]
-    Db(#[from] sled::Error),
+    Db(#[from] crate::core::kv::KvError),
     #[error(
         "database is in use by another process (is a controller already running on this data directory?)"
     )]
@@ -131,31 +134,29 @@ pub struct AllowRecord {
     pub note: String,
 }
 
-/// The sled database with zonemesh's trees.
+/// The store with zonemesh's trees.
 #[derive(Clone)]
 pub struct Store {
-    db: sled::Db,
-    /// The one durable writer of this database (group commit).
-    flusher: crate::durable::Flusher,
-    pub meta: sled::Tree,
-    pub ca: sled::Tree,
-    pub certs: sled::Tree,
-    pub revoked: sled::Tree,
-    pub zones: sled::Tree,
-    pub nodes: sled::Tree,
-    pub alloc: sled::Tree,
-    pub tokens: sled::Tree,
-    pub changes: sled::Tree,
-    pub blocks: sled::Tree,
+    kv: Kv,
+    pub meta: Tree,
+    pub ca: Tree,
+    pub certs: Tree,
+    pub revoked: Tree,
+    pub zones: Tree,
+    pub nodes: Tree,
+    pub alloc: Tree,
+    pub tokens: Tree,
+    pub changes: Tree,
+    pub blocks: Tree,
     /// WireGuard public key → `zone/node`, so enrollment checks key reuse without a scan.
-    pub wgkeys: sled::Tree,
+    pub wgkeys: Tree,
     /// `zone/node/serial` → [`NodeSerial`]: every certificate issued to a node since it
     /// enrolled, so revoking the node revokes all of them.
-    pub node_serials: sled::Tree,
+    pub node_serials: Tree,
     /// Address → [`OffenceRecord`].
-    pub block_offences: sled::Tree,
+    pub block_offences: Tree,
     /// CIDR → [`AllowRecord`].
-    pub block_allow: sled::Tree,
+    pub block_allow: Tree,
 }
 
 /// A certificate issued to a node (its node certificates and its TLS certificates).
@@ -193,67 +194,81 @@ pub fn decode<T: DeserializeOwned>(tree: &'static str, bytes: &[u8]) -> StoreRes
 }
 
 impl Store {
-    /// Open (or create) the database in `dir`.
+    /// Names of the trees this type holds.
+    pub const TREES: &'static [&'static str] = &[
+        "meta",
+        "ca",
+        "certs",
+        "revoked",
+        "zones",
+        "nodes",
+        "alloc",
+        "tokens",
+        "changes",
+        "blocks",
+        "wgkeys",
+        "node_serials",
+        "block_offences",
+        "block_allow",
+    ];
+
+    /// Open (or create) the embedded sled database in `dir`.
     pub fn open(dir: &Path) -> StoreResult<Self> {
-        let db = sled::Config::new()
-            .path(dir)
-            .mode(sled::Mode::HighThroughput)
-            .open()
-            .map_err(|e| match e {
-                sled::Error::Io(ref io)
-                    if io.kind() == std::io::ErrorKind::WouldBlock
-                        || io.to_string().contains("lock") =>
-                {
-                    StoreError::Locked
-                }
-                other => StoreError::Db(other),
-            })?;
+        let kv = Kv::sled(dir).map_err(|e| match e {
+            KvError::Sled(ref s) if crate::core::kv::sled::is_locked(s) => StoreError::Locked,
+            other => StoreError::Db(other),
+        })?;
+        Self::on(kv)
+    }
+
+    /// The store over an opened backend.
+    pub fn on(kv: Kv) -> StoreResult<Self> {
+        let t = |n: &str| kv.open_tree(n);
         Ok(Self {
-            meta: db.open_tree("meta")?,
-            ca: db.open_tree("ca")?,
-            certs: db.open_tree("certs")?,
-            revoked: db.open_tree("revoked")?,
-            zones: db.open_tree("zones")?,
-            nodes: db.open_tree("nodes")?,
-            alloc: db.open_tree("alloc")?,
-            tokens: db.open_tree("tokens")?,
-            changes: db.open_tree("changes")?,
-            blocks: db.open_tree("blocks")?,
-            wgkeys: db.open_tree("wgkeys")?,
-            node_serials: db.open_tree("node_serials")?,
-            block_offences: db.open_tree("block_offences")?,
-            block_allow: db.open_tree("block_allow")?,
-            flusher: crate::durable::Flusher::new(db.clone()),
-            db,
+            meta: t("meta")?,
+            ca: t("ca")?,
+            certs: t("certs")?,
+            revoked: t("revoked")?,
+            zones: t("zones")?,
+            nodes: t("nodes")?,
+            alloc: t("alloc")?,
+            tokens: t("tokens")?,
+            changes: t("changes")?,
+            blocks: t("blocks")?,
+            wgkeys: t("wgkeys")?,
+            node_serials: t("node_serials")?,
+            block_offences: t("block_offences")?,
+            block_allow: t("block_allow")?,
+            kv,
         })
     }
 
-    /// The underlying database, for modules that keep their own trees (audit, users).
-    pub fn db(&self) -> &sled::Db {
-        &self.db
+    /// The storage handle, for modules that keep their own trees (audit, users).
+    pub fn kv(&self) -> &Kv {
+        &self.kv
     }
 
-    /// The database's durable writer, shared by every module that writes to it.
+    /// The store's durable writer, shared by every module that writes to it.
     pub fn flusher(&self) -> &crate::durable::Flusher {
-        &self.flusher
+        self.kv.flusher()
     }
 
     /// Make every write so far durable (blocking contexts; one flush shared with every
     /// caller waiting at the same time).
     pub fn flush(&self) -> StoreResult<()> {
-        self.flusher.flush_blocking()?;
+        self.kv.flusher().flush_blocking()?;
         Ok(())
     }
 
     pub fn get<T: DeserializeOwned>(
-        tree: &sled::Tree,
+        tree: &Tree,
         name: &'static str,
         key: impl AsRef<[u8]>,
     ) -> StoreResult<Option<T>> {
         tree.get(key)?.map(|v| decode(name, &v)).transpose()
     }
 
-    pub fn all<T: DeserializeOwned>(tree: &sled::Tree, name: &'static str) -> StoreResult<Vec<T>> {
+    pub fn all<T: DeserializeOwned>(tree: &Tree, name: &'static str) -> StoreResult<Vec<T>> {
         tree.iter().values().map(|v| decode(name, &v?)).collect()
     }
 
@@ -275,7 +290,7 @@ impl Store {
                 .unwrap_or(0);
             Some((n + 1).to_be_bytes().to_vec())
         })?;
-        Ok(v.and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+        Ok(v.and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
             .map(u64::from_be_bytes)
             .unwrap_or(1))
     }

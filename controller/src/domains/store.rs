@@ -165,10 +165,10 @@ pub struct ReportRecord {
 #[derive(Clone)]
 pub struct DomainStore {
     store: Store,
-    domains: sled::Tree,
-    edges: sled::Tree,
-    reports: sled::Tree,
-    meta: sled::Tree,
+    domains: crate::core::kv::Tree,
+    edges: crate::core::kv::Tree,
+    reports: crate::core::kv::Tree,
+    meta: crate::core::kv::Tree,
 }
 
 impl std::fmt::Debug for DomainStore {
@@ -184,7 +184,7 @@ fn report_key(domain: &str, edge: &str) -> String {
 impl DomainStore {
     /// Open the domain trees of `store`.
     pub fn open(store: &Store) -> StoreResult<Self> {
-        let db = store.db();
+        let db = store.kv();
         Ok(Self {
             store: store.clone(),
             domains: db.open_tree("domains")?,

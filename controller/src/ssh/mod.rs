@@ -409,7 +409,7 @@ impl Ssh {
             extensions: ext.into_iter().collect(),
             created_unix: unix(self.now()),
         };
-        if self.store.grant(&rec.key())?.is_none() && self.store.grant_count() >= MAX_GRANTS {
+        if self.store.grant(&rec.key())?.is_none() && self.store.grant_count()? >= MAX_GRANTS {
             return Err(ControllerError::RateLimited(format!(
                 "at most {MAX_GRANTS} SSH grants"
             )));

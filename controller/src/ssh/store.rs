@@ -2,7 +2,7 @@
 //! certificate it issued with its revocation. Nothing outside this file touches these
 //! trees.
 
-use crate::store::{Store, StoreError, StoreResult, decode, encode};
+use crate::store::{Store, StoreResult, decode, encode};
 use serde::{Deserialize, Serialize};
 
 /// Which key the CA signs with.
@@ -83,9 +83,9 @@ pub struct SshCertRecord {
 #[derive(Clone)]
 pub struct SshStore {
     store: Store,
-    keys: sled::Tree,
-    grants: sled::Tree,
-    certs: sled::Tree,
+    keys: crate::core::kv::Tree,
+    grants: crate::core::kv::Tree,
+    certs: crate::core::kv::Tree,
 }
 
 pub const USER_KEY: &str = "user_key_sealed";
@@ -98,7 +98,7 @@ const KRL_COUNTER: &str = "ssh_krl_version";
 
 impl SshStore {
     pub fn open(store: &Store) -> StoreResult<Self> {
-        let db = store.db();
+        let db = store.kv();
         Ok(Self {
             store: store.clone(),
             keys: db.open_tree("ssh_ca")?,
@@ -122,20 +122,13 @@ impl SshStore {
 
     /// Store both sealed keys at once; refuses when keys exist (`Ok(false)`).
     pub fn put_keys(&self, kind: CaKeyType, user: Vec<u8>, host: Vec<u8>) -> StoreResult<bool> {
-        let r = self.keys.transaction(|t| {
-            if t.get(USER_KEY)?.is_some() {
-                return Ok(false);
-            }
-            t.insert(KEY_TYPE, kind.as_str().as_bytes())?;
-            t.insert(HOST_KEY, host.as_slice())?;
-            t.insert(USER_KEY, user.as_slice())?;
-            Ok(true)
-        });
-        match r {
-            Ok(done) => Ok(done),
-            Err(sled::transaction::TransactionError::Storage(e)) => Err(StoreError::Db(e)),
-            Err(sled::transaction::TransactionError::Abort(())) => Err(StoreError::Conflict),
-        }
+        let tree = self.keys.name();
+        let mut t = crate::core::kv::Txn::new();
+        t.expect(tree, USER_KEY, None)
+            .put(tree, KEY_TYPE, kind.as_str().as_bytes())
+            .put(tree, HOST_KEY, host)
+            .put(tree, USER_KEY, user);
+        Ok(self.keys.kv().commit(&t)?)
     }
 
     /// Remember what was last published (flushed with the change log's own flush).
@@ -156,8 +149,8 @@ impl SshStore {
         Store::all(&self.grants, "ssh_grants")
     }
 
-    pub fn grant_count(&self) -> usize {
-        self.grants.len()
+    pub fn grant_count(&self) -> StoreResult<usize> {
+        Ok(self.grants.len()?)
     }
 
     pub fn grants_of(&self, email: &str) -> StoreResult<Vec<GrantRecord>> {

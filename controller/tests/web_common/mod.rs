@@ -116,7 +116,7 @@ pub struct Server {
     pub audit: Arc<AuditLog>,
     pub sink: Arc<RecordingSink>,
     pub certs: Arc<CertSource>,
-    pub db: sled::Db,
+    pub db: zonemesh_controller::kv::Kv,
     pub dir: tempfile::TempDir,
     pub pepper: Pepper,
     pub shutdown: CancellationToken,
@@ -135,7 +135,7 @@ impl Server {
         clock: Option<zonemesh_controller::web::Clock>,
     ) -> Server {
         let dir = tempfile::tempdir().unwrap();
-        let db = sled::open(dir.path().join("db")).unwrap();
+        let db = zonemesh_controller::kv::Kv::sled(&dir.path().join("db")).unwrap();
         let pepper = Pepper::generate(1);
         let mut cfg = WebConfig::new(pepper.clone());
         cfg.max_concurrent_hashes = 2;

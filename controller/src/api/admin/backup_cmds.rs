@@ -29,7 +29,7 @@ impl AdminHandler {
         let fingerprint = zonemesh_ca::fingerprint_sha256(self.auth.ca().root_der());
         let started = Instant::now();
         let h = backup::write_backup(
-            self.auth.store().db(),
+            self.auth.store().kv(),
             &fingerprint,
             crate::store::unix(now),
             &out,

@@ -77,7 +77,7 @@ fn offline_handler(data_dir: &Path, kek: &KekSource) -> Result<AdminHandler> {
     let kek = kek.load()?;
     let auth = Authority::load(store, &kek, SystemTime::now())?;
     let store = auth.store().clone();
-    let audit = Arc::new(AuditLog::open(store.db())?);
+    let audit = Arc::new(AuditLog::open(store.kv())?);
     let ssh = crate::ssh::Ssh::open(&store, &kek, auth.trust_domain(), Some(audit.clone()))?;
     let web = match Pepper::from_env_or_file(Some(&pepper_path(data_dir))) {
         Ok(pepper) => Some(WebState::new(

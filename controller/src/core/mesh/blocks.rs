@@ -231,9 +231,11 @@ impl Mesh {
 
     fn remember_offence(&self, key: &str, offences: u32, now: SystemTime) -> Result<()> {
         let tree = &self.store.block_offences;
-        if tree.len() >= MAX_OFFENCES && !tree.contains_key(key).map_err(store_err)? {
+        if tree.len().map_err(store_err)? >= MAX_OFFENCES
+            && !tree.contains_key(key).map_err(store_err)?
+        {
             let memory = self.block_timing.lock().memory;
-            let mut oldest: Option<(sled::IVec, u64)> = None;
+            let mut oldest: Option<(Vec<u8>, u64)> = None;
             let mut dropped = false;
             for (k, v) in tree.iter().flatten() {
                 let Ok(o) = crate::store::decode::<OffenceRecord>("block_offences", &v) else {
@@ -318,7 +320,9 @@ impl Mesh {
         let net = net.trunc();
         let key = net.to_string();
         let tree = &self.store.block_allow;
-        if tree.len() >= MAX_ALLOW && !tree.contains_key(&key).map_err(store_err)? {
+        if tree.len().map_err(store_err)? >= MAX_ALLOW
+            && !tree.contains_key(&key).map_err(store_err)?
+        {
             return Err(ControllerError::BadRequest(format!(
                 "the allow-list holds at most {MAX_ALLOW} ranges"
             )));

@@ -4,9 +4,13 @@
 use super::csr::check_csr_names;
 use super::{Mesh, hash_token, parse_endpoints, store_err};
 use crate::error::{ControllerError, Result};
-use crate::store::{NodeRecord, Store, TokenRecord, ZoneRecord, decode, encode, node_key, unix};
+use crate::store::{
+    CertKind, CertRecord, NodeRecord, NodeSerial, Store, TokenRecord, Txn, ZoneRecord, decode,
+    encode, node_key, unix,
+};
 use crate::text::Escaped;
 use std::net::IpAddr;
+use std::ops::Not;
 use std::time::SystemTime;
 use zonemesh_ca::{NodeRequest, WireGuardKey, validate_label};
 use zonemesh_proto as pb;
@@ -93,8 +97,11 @@ impl Mesh {
         }
         let cert = self.auth.sign_node(&node_req, now)?;
 
-        let _guard = self.change_lock.lock();
-        if self.store.node(&nkey)?.is_some_and(|n| !n.revoked) {
+        let guard = self.change_lock.lock();
+        let old_node = self.store.nodes.get(&nkey).map_err(store_err)?;
+        if let Some(n) = &old_node
+            && decode::<NodeRecord>("nodes", n)?.revoked.not()
+        {
             return Err(ControllerError::AlreadyExists(format!(
                 "node {nkey} is already enrolled"
             )));
@@ -109,38 +116,25 @@ impl Mesh {
                 "this WireGuard key belongs to another node".into(),
             ));
         }
-        if self.store.zone(&zone.name)?.is_none() {
+        let zone_bytes = self.store.zones.get(&zone.name).map_err(store_err)?;
+        if zone_bytes.is_none() {
             return Err(ControllerError::NotFound(
                 "the token's zone no longer exists".into(),
             ));
         }
-        let overlay_ip = self.allocate_ip(&zone, &nkey)?;
-        // Consume one use atomically; a concurrent enrollment with the last use loses here.
-        let consumed = self
-            .store
-            .tokens
-            .fetch_and_update(&key, |old| {
-                let mut rec: TokenRecord = decode("tokens", old?).ok()?;
-                if rec.uses_left == 0 || rec.expires_unix <= unix(now) {
-                    return None;
-                }
-                rec.uses_left -= 1;
-                Some(encode(&rec))
-            })
-            .map_err(store_err)?
-            .and_then(|old| decode::<TokenRecord>("tokens", &old).ok())
-            .is_some_and(|old| old.uses_left > 0 && old.expires_unix > unix(now));
-        if !consumed {
-            self.store
-                .alloc
-                .remove(overlay_ip.to_string())
-                .map_err(store_err)?;
+        let token_bytes = self.store.tokens.get(&key).map_err(store_err)?;
+        let current: Option<TokenRecord> = token_bytes
+            .as_deref()
+            .map(|b| decode("tokens", b))
+            .transpose()?;
+        let Some(mut token) = current.filter(|t| t.uses_left > 0 && t.expires_unix > unix(now))
+        else {
             return Err(ControllerError::Unauthenticated(
                 "enrollment token has already been used".into(),
             ));
-        }
-        self.auth
-            .record_node(&zone.name, &req.node_name, &cert, now)?;
+        };
+        token.uses_left -= 1;
+        let overlay_ip = self.allocate_ip(&zone)?;
         let node = NodeRecord {
             zone: zone.name.clone(),
             node: req.node_name.clone(),
@@ -153,18 +147,50 @@ impl Mesh {
             not_after_unix: unix(cert.not_after),
             revoked: false,
         };
-        self.store.put_node(&node)?;
-        self.store
-            .wgkeys
-            .insert(node.wg_public_key, node.key().as_bytes())
-            .map_err(store_err)?;
+        // One transaction: the token use, the address, the certificate and its owner, the
+        // node, its key and (in commit_with) the change-log entry, each checked against
+        // what was read above; a concurrent writer makes it apply not at all.
+        let mut txn = Txn::new();
+        txn.expect("tokens", &key, token_bytes.as_deref())
+            .put("tokens", &key, encode(&token))
+            .expect("zones", &zone.name, zone_bytes.as_deref())
+            .expect("alloc", overlay_ip.to_string(), None)
+            .put("alloc", overlay_ip.to_string(), nkey.as_bytes())
+            .put(
+                "certs",
+                &cert.serial_hex,
+                encode(&CertRecord {
+                    kind: CertKind::Node,
+                    subject: nkey.clone(),
+                    not_after_unix: unix(cert.not_after),
+                    issued_unix: unix(now),
+                }),
+            )
+            .put(
+                "node_serials",
+                format!("{nkey}/{}", cert.serial_hex),
+                encode(&NodeSerial {
+                    serial_hex: cert.serial_hex.clone(),
+                    kind: CertKind::Node,
+                    not_after_unix: unix(cert.not_after),
+                }),
+            )
+            .expect("nodes", &nkey, old_node.as_deref())
+            .put("nodes", &nkey, encode(&node))
+            .put("wgkeys", node.wg_public_key, nkey.as_bytes());
         let peer = self.peer_of(&node);
-        drop(_guard);
-        // commit() flushes the token use, serial, allocation and node together.
-        self.commit(pb::Delta {
-            upserted: vec![peer],
-            ..Default::default()
-        })?;
+        // commit_with applies it with the change-log entry and flushes before replying.
+        self.commit_with(
+            guard,
+            pb::Delta {
+                upserted: vec![peer],
+                ..Default::default()
+            },
+            txn,
+        )?;
+        self.alloc_hint.lock().insert(zone.name.clone(), overlay_ip);
+        self.metrics()
+            .certificate_issued(crate::metrics::CertKind::Node);
         tracing::info!(node = %nkey, serial = %cert.serial_hex, "node enrolled");
         Ok(pb::EnrollResponse {
             certificate_der: cert.der,
@@ -186,22 +212,20 @@ impl Mesh {
 
     /// The first free address of the zone, searched from where the last allocation in the
     /// zone ended (then from the start, for addresses freed since): one store lookup per
-    /// enrollment rather than one per node already enrolled.
-    fn allocate_ip(&self, zone: &ZoneRecord, nkey: &str) -> Result<IpAddr> {
+    /// enrollment rather than one per node already enrolled. Called under the change lock;
+    /// the enrollment's transaction claims the address (on condition it is still free).
+    fn allocate_ip(&self, zone: &ZoneRecord) -> Result<IpAddr> {
         let hint = self.alloc_hint.lock().get(&zone.name).copied();
         let before = move |ip: &IpAddr| hint.is_some_and(|h| *ip < h);
         let from_hint = zone.cidr.hosts().skip_while(before);
         let wrapped = zone.cidr.hosts().take_while(before);
         for ip in from_hint.chain(wrapped) {
-            let k = ip.to_string();
-            let won = self
+            if !self
                 .store
                 .alloc
-                .compare_and_swap(&k, None as Option<&[u8]>, Some(nkey.as_bytes()))
+                .contains_key(ip.to_string())
                 .map_err(store_err)?
-                .is_ok();
-            if won {
-                self.alloc_hint.lock().insert(zone.name.clone(), ip);
+            {
                 return Ok(ip);
             }
         }

@@ -25,19 +25,24 @@ impl Mesh {
     /// Publish every change the store holds beyond what this controller has recorded or
     /// followed. Returns the number of versions taken in. Blocking (it reads the store).
     pub fn follow_store(&self) -> Result<u64> {
-        let head = self.store.meta_u64("mesh_version")?;
+        let head = self.store.meta_u64(super::MESH_VERSION)?;
         if head <= self.appended.load(Ordering::SeqCst) {
             return Ok(0);
         }
         let guard = self.change_lock.lock();
         let n = self.follow_locked(head)?;
         drop(guard);
+        self.publish_followed(head);
+        Ok(n)
+    }
+
+    /// Publish what was followed up to `head` (the change lock released).
+    pub(super) fn publish_followed(&self, head: u64) {
         self.publish_upto(head);
         // A jump past the change log publishes no change of its own.
         if self.version.fetch_max(head, Ordering::SeqCst) < head {
             self.fanout.announce(self.version.load(Ordering::SeqCst));
         }
-        Ok(n)
     }
 
     /// [`Mesh::follow_store`] with the change lock held, up to `head`; the caller

@@ -46,6 +46,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 use tokio_util::sync::CancellationToken;
 
+/// Key in `meta` of the last recorded change's version.
+const MESH_VERSION: &str = "mesh_version";
 /// How many past changes are kept for resuming watchers.
 const CHANGE_LOG_LEN: u64 = 4096;
 /// A watcher further behind than this gets the (shared, cached) snapshot instead of what
@@ -148,7 +150,7 @@ impl std::fmt::Debug for Mesh {
     }
 }
 
-fn store_err(e: sled::Error) -> ControllerError {
+fn store_err(e: crate::core::kv::KvError) -> ControllerError {
     ControllerError::Store(StoreError::Db(e))
 }
 

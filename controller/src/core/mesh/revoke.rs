@@ -2,7 +2,7 @@
 
 use super::{Mesh, store_err};
 use crate::error::{ControllerError, Result};
-use crate::store::NodeRecord;
+use crate::store::{NodeRecord, Txn};
 use std::time::SystemTime;
 use zonemesh_ca::RevocationReason;
 use zonemesh_proto as pb;
@@ -40,27 +40,34 @@ impl Mesh {
         for s in &issued {
             self.store.remove_node_serial(nkey, &s.serial_hex)?;
         }
-        self.store
-            .wgkeys
-            .remove(node.wg_public_key)
-            .map_err(store_err)?;
-        let _ = self
-            .store
-            .alloc
-            .compare_and_swap(
-                node.overlay_ip.to_string(),
-                Some(nkey.as_bytes()),
-                None as Option<&[u8]>,
-            )
-            .map_err(store_err)?;
-        self.commit(pb::Delta {
-            removed: vec![pb::PeerRef {
-                zone: node.zone.clone(),
-                node: node.node.clone(),
-            }],
-            crl_der: self.auth.crl_der().to_vec(),
-            ..Default::default()
-        })?;
+        // The key, the address and the change-log entry go in one transaction; the CRL
+        // number and the revocations were made durable by revoke_all just before.
+        let crl = self.auth.crl_der().to_vec();
+        if !crl.is_empty() {
+            for l in self.crl_listeners.lock().iter() {
+                l.crl_changed(&crl).map_err(ControllerError::CrlUpdate)?;
+            }
+        }
+        let guard = self.change_lock.lock();
+        let mut txn = Txn::new();
+        txn.delete("wgkeys", node.wg_public_key);
+        let addr = node.overlay_ip.to_string();
+        if self.store.alloc.get(&addr).map_err(store_err)?.as_deref() == Some(nkey.as_bytes()) {
+            txn.expect("alloc", &addr, Some(nkey.as_bytes()))
+                .delete("alloc", &addr);
+        }
+        self.commit_with(
+            guard,
+            pb::Delta {
+                removed: vec![pb::PeerRef {
+                    zone: node.zone.clone(),
+                    node: node.node.clone(),
+                }],
+                crl_der: crl,
+                ..Default::default()
+            },
+            txn,
+        )?;
         if let Some(streams) = self.streams.lock().remove(nkey) {
             for s in streams {
                 s.cancel();

@@ -416,7 +416,7 @@ impl Mesh {
             .range(expected.to_be_bytes()..=upto.to_be_bytes())
         {
             let (k, v) = item.map_err(store_err)?;
-            let kv = u64::from_be_bytes(k.as_ref().try_into().unwrap_or([0; 8]));
+            let kv = u64::from_be_bytes(k.as_slice().try_into().unwrap_or([0; 8]));
             if kv != expected {
                 return Ok(None);
             }
