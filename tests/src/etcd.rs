@@ -228,3 +228,34 @@ impl Drop for EtcdCluster {
         }
     }
 }
+
+/// Copy every tree of `from` into `to` (what `store migrate` does, for tests that build
+/// a CA with `init` on sled and run it on etcd).
+pub fn copy_store(
+    from: &zonemesh_controller::store::Store,
+    to: &zonemesh_controller::store::Store,
+) {
+    use zonemesh_controller::kv::Txn;
+    for tree in from.kv().tree_names().expect("tree names") {
+        let t = from.kv().open_tree(&tree).expect("tree");
+        let mut txn = Txn::new();
+        for item in t.iter() {
+            let (k, v) = item.expect("entry");
+            txn.put(&tree, k, v);
+            if txn.ops.len() >= 100 {
+                assert!(to.kv().commit(&txn).expect("commit"));
+                txn = Txn::new();
+            }
+        }
+        if !txn.is_empty() {
+            assert!(to.kv().commit(&txn).expect("commit"));
+        }
+    }
+}
+
+/// A store on the etcd cluster named by `url` (its own client, as one controller has).
+pub fn open_store(url: &str, data_dir: &Path) -> zonemesh_controller::store::Store {
+    let u: zonemesh_controller::kv::url::StoreUrl = url.parse().expect("store URL");
+    zonemesh_controller::store::Store::on(u.open(data_dir).expect("open etcd store"))
+        .expect("store")
+}

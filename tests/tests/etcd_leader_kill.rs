@@ -8,8 +8,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 use zonemesh_controller::authority::Authority;
-use zonemesh_controller::kv::Txn;
-use zonemesh_controller::kv::url::StoreUrl;
 use zonemesh_controller::mesh::Mesh;
 use zonemesh_controller::secrets::KekSource;
 use zonemesh_controller::store::{CertKind, CertRecord, Store, decode};
@@ -19,30 +17,6 @@ use zonemesh_tests::etcd::{self, EtcdCluster};
 use zonemesh_tests::inproc::Plane;
 
 const ENROLLMENTS: usize = 24;
-
-/// Copy every tree of `from` into `to` (the test's stand-in for `store migrate`).
-fn copy_store(from: &Store, to: &Store) {
-    for tree in from.kv().tree_names().unwrap() {
-        let t = from.kv().open_tree(&tree).unwrap();
-        let mut txn = Txn::new();
-        for item in t.iter() {
-            let (k, v) = item.unwrap();
-            txn.put(&tree, k, v);
-            if txn.ops.len() >= 100 {
-                assert!(to.kv().commit(&txn).unwrap());
-                txn = Txn::new();
-            }
-        }
-        if !txn.is_empty() {
-            assert!(to.kv().commit(&txn).unwrap());
-        }
-    }
-}
-
-fn open_etcd(url: &str, data_dir: &std::path::Path) -> Store {
-    let u: StoreUrl = url.parse().unwrap();
-    Store::on(u.open(data_dir).unwrap()).unwrap()
-}
 
 #[test]
 #[ignore = "the etcd backend keeps dialling the killed member: after the kill every store call \
@@ -60,8 +34,8 @@ fn killing_the_etcd_leader_loses_no_acknowledged_enrollment_and_issues_no_token_
     let data_dir = plane.dir.path().join("ctl");
     let mut cluster = EtcdCluster::start(plane.dir.path(), 3).unwrap();
     let url = cluster.store_url();
-    let store = open_etcd(&url, &data_dir);
-    copy_store(&plane.store, &store);
+    let store = zonemesh_tests::etcd::open_store(&url, &data_dir);
+    zonemesh_tests::etcd::copy_store(&plane.store, &store);
 
     let kek = KekSource::new(&data_dir, None).load().unwrap();
     let auth = Arc::new(Authority::load(store.clone(), &kek, SystemTime::now()).unwrap());
@@ -136,7 +110,7 @@ fn killing_the_etcd_leader_loses_no_acknowledged_enrollment_and_issues_no_token_
     cluster.wait_healthy(Duration::from_secs(20)).unwrap();
 
     // Read back through a fresh client, as another controller would.
-    let fresh = open_etcd(&url, &data_dir);
+    let fresh = zonemesh_tests::etcd::open_store(&url, &data_dir);
     let mut certs_per_node: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for item in fresh.certs.iter() {
         let (serial, v) = item.unwrap();

@@ -143,7 +143,7 @@ impl ControllerLink {
 pub(super) fn retry_delay(controllers: usize, failures: u32, jitter: f64) -> Duration {
     let n = u32::try_from(controllers.max(1)).unwrap_or(u32::MAX);
     let failures = failures.max(1);
-    let base = if failures % n != 0 {
+    let base = if !failures.is_multiple_of(n) {
         FAILOVER_DELAY
     } else {
         let rounds = (failures / n).saturating_sub(1).min(16);
