@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime};
 use zonemesh_controller::authority::Authority;
 use zonemesh_controller::mesh::Mesh;
 use zonemesh_controller::secrets::KekSource;
-use zonemesh_controller::store::{CertKind, CertRecord, Store, decode};
+use zonemesh_controller::store::{CertKind, CertRecord, decode};
 use zonemesh_proto as pb;
 use zonemesh_tests::cluster::{cert_serial, wg_key};
 use zonemesh_tests::etcd::{self, EtcdCluster};

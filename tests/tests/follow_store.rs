@@ -34,7 +34,7 @@ fn changes_through_one_controller_reach_the_watchers_of_another_under_the_same_v
 
     // A watcher of B, up to date with B.
     let start = b.version();
-    let mut sub = b.subscribe("eu/watcher", start).unwrap();
+    let sub = b.subscribe("eu/watcher", start).unwrap();
     assert!(sub.first.is_none());
 
     // Enroll two nodes through A.

@@ -201,7 +201,7 @@ fn far_behind_watchers_share_the_snapshot() {
         }
         store
             .meta
-            .insert("mesh_version", &LOGGED.to_be_bytes())
+            .insert("mesh_version", LOGGED.to_be_bytes())
             .unwrap();
     })
     .unwrap();
