@@ -36,4 +36,4 @@ pub mod tls;
 pub mod web;
 
 pub use crate::api::{admin, grpc, pki_http};
-pub use crate::core::{audit, authority, blocklist, durable, kv, limits, mesh, store};
+pub use crate::core::{audit, authority, blocklist, durable, kv, leader, limits, mesh, store};

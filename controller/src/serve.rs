@@ -6,6 +6,7 @@ use crate::audit::{AuditEvent, AuditLog};
 use crate::auth::{Pepper, SecuritySink, WebConfig};
 use crate::authority::{Authority, CRL_REFRESH};
 use crate::error::ControllerError;
+use crate::leader::{Leadership, LeaseConfig};
 use crate::listen::{self, GuardedListener, ListenerBudget};
 use crate::mesh::Mesh;
 use crate::secrets::KekSource;
@@ -321,6 +322,8 @@ pub async fn run(cfg: ServeConfig, shutdown: CancellationToken) -> Result<()> {
     }
 
     let mut tasks = tokio::task::JoinSet::new();
+    let store_url = crate::core::kv::url::StoreUrl::resolve(None, &cfg.data_dir)?;
+    let leader = start_leadership(&cfg, &store_url, &mesh, &mut tasks, &shutdown).await?;
     tasks.spawn(crate::grpc::serve_with(
         grpc_listener,
         grpc_tls,
@@ -330,9 +333,9 @@ pub async fn run(cfg: ServeConfig, shutdown: CancellationToken) -> Result<()> {
         shutdown.clone(),
     ));
     {
-        let (d, stop) = (domains.clone(), shutdown.clone());
+        let (d, stop, lead) = (domains.clone(), shutdown.clone(), leader.clone());
         tasks.spawn(async move {
-            d.run(stop).await;
+            d.run_while_leader(lead, stop).await;
             Ok(())
         });
     }
@@ -406,12 +409,16 @@ pub async fn run(cfg: ServeConfig, shutdown: CancellationToken) -> Result<()> {
         });
     }
     {
-        let (mesh, stop) = (mesh.clone(), shutdown.clone());
+        let (mesh, stop, lead) = (mesh.clone(), shutdown.clone(), leader.clone());
         tasks.spawn(async move {
             loop {
                 tokio::select! {
                     _ = stop.cancelled() => return Ok(()),
                     _ = tokio::time::sleep(CRL_REFRESH) => {}
+                }
+                // Signed and published once, by the leader; the others follow its change.
+                if !lead.is_leader() {
+                    continue;
                 }
                 let m = mesh.clone();
                 let r = crate::blocking::run(move || {
@@ -426,9 +433,9 @@ pub async fn run(cfg: ServeConfig, shutdown: CancellationToken) -> Result<()> {
         });
     }
     {
-        let (mesh, stop) = (mesh.clone(), shutdown.clone());
+        let (mesh, stop, lead) = (mesh.clone(), shutdown.clone(), leader.clone());
         tasks.spawn(async move {
-            expire_blocks_loop(mesh, stop).await;
+            expire_blocks_loop(mesh, lead, stop).await;
             Ok(())
         });
     }
@@ -460,6 +467,55 @@ pub async fn run(cfg: ServeConfig, shutdown: CancellationToken) -> Result<()> {
         Some(e) => Err(e),
         None => Ok(()),
     }
+}
+
+/// This controller's name in the leader key: its gRPC address, host and process.
+fn leader_id(cfg: &ServeConfig) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    format!(
+        "{}@{} pid {}",
+        cfg.grpc_listen,
+        host.trim(),
+        std::process::id()
+    )
+}
+
+/// Who does the once-only work. With the embedded store this controller always leads;
+/// with a shared store it campaigns for the leader lease and follows the others' changes
+/// (both tasks in the serve set).
+async fn start_leadership(
+    cfg: &ServeConfig,
+    url: &crate::core::kv::url::StoreUrl,
+    mesh: &Arc<Mesh>,
+    tasks: &mut tokio::task::JoinSet<Result<()>>,
+    shutdown: &CancellationToken,
+) -> Result<Leadership> {
+    use crate::core::kv::url::StoreUrl;
+    let etcd = match url {
+        StoreUrl::Sled(_) => return Ok(Leadership::always(leader_id(cfg))),
+        StoreUrl::Etcd(e) => e,
+    };
+    let options = crate::core::kv::etcd::connect_options(etcd)?;
+    let client = crate::leader::connect(&etcd.endpoints, Some(options)).await?;
+    let lead = Leadership::elected(leader_id(cfg));
+    // Outside the store's prefix, so no tree (and no backup) ever holds it.
+    let key = format!("{}.leader", etcd.prefix.trim_end_matches('/')).into_bytes();
+    tracing::info!(id = %lead.id(), key = %String::from_utf8_lossy(&key), "campaigning for the leader lease");
+    {
+        let (lead, stop) = (lead.clone(), shutdown.clone());
+        tasks.spawn(async move {
+            crate::leader::campaign(client, key, lead, LeaseConfig::default(), stop).await;
+            Ok(())
+        });
+    }
+    {
+        let (mesh, stop) = (mesh.clone(), shutdown.clone());
+        tasks.spawn(async move {
+            crate::mesh::follow_loop(mesh, stop).await;
+            Ok(())
+        });
+    }
+    Ok(lead)
 }
 
 /// How often ended blocks are taken off the agents' sets (and audited).
@@ -497,11 +553,14 @@ async fn retire_ca_loop(mesh: Arc<Mesh>, stop: CancellationToken) {
 }
 
 /// End blocks when their time is up, each audited with its evidence.
-async fn expire_blocks_loop(mesh: Arc<Mesh>, stop: CancellationToken) {
+async fn expire_blocks_loop(mesh: Arc<Mesh>, leader: Leadership, stop: CancellationToken) {
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(BLOCK_EXPIRY_TICK) => {}
+        }
+        if !leader.is_leader() {
+            continue;
         }
         let m = mesh.clone();
         if let Err(e) = crate::blocking::run(move || m.expire_blocks(m.now())).await {

@@ -499,6 +499,24 @@ impl Controller {
         zonemesh_agent::control::state::StateDir,
         zonemesh_agent::control::state::Identity,
     ) {
+        self.enroll_agent_via(dir, zone, node, slot, endpoint, &self.grpc_addr())
+            .await
+    }
+
+    /// [`Controller::enroll_agent`] with a token of this controller, given the agent's
+    /// `--controller` list (`A,B,...`: tried in order, all saved for failover).
+    pub async fn enroll_agent_via(
+        &self,
+        dir: &Path,
+        zone: &str,
+        node: &str,
+        slot: usize,
+        endpoint: &str,
+        controllers: &str,
+    ) -> (
+        zonemesh_agent::control::state::StateDir,
+        zonemesh_agent::control::state::Identity,
+    ) {
         use zonemesh_agent::control::enroll::{EnrollParams, enroll};
         let state = zonemesh_agent::control::state::StateDir::new(dir);
         state.create().unwrap();
@@ -509,7 +527,7 @@ impl Controller {
         )
         .unwrap();
         let params = EnrollParams {
-            controller: self.grpc_addr(),
+            controller: controllers.to_string(),
             ca_fingerprint: self.fingerprint.clone(),
             token: self.token(zone, 1).unwrap(),
             node: node.into(),

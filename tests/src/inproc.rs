@@ -164,6 +164,18 @@ impl Plane {
 
     /// Serve Enrollment and Mesh with the real listener on a loopback port, as `serve` does.
     pub async fn serve(&self) -> Result<Served> {
+        serve_mesh(&self.auth, &self.mesh).await
+    }
+}
+
+/// Serve `mesh` (over `auth`) with the real gRPC listener on a loopback port, as `serve`
+/// does; several meshes over one store make several controllers in one process.
+pub async fn serve_mesh(auth: &Arc<Authority>, mesh: &Arc<Mesh>) -> Result<Served> {
+    Plane::serve_with(auth, mesh).await
+}
+
+impl Plane {
+    async fn serve_with(auth: &Arc<Authority>, mesh: &Arc<Mesh>) -> Result<Served> {
         use zonemesh_controller::tls::{CrlClientVerifier, grpc_server_config, issue_own};
         use zonemesh_controller::web::CertSource;
         let names = zonemesh_ca::TlsNames {
@@ -171,9 +183,9 @@ impl Plane {
             ips: vec!["127.0.0.1".parse()?],
         };
         let now = SystemTime::now();
-        let certs = Arc::new(CertSource::new(&issue_own(&self.auth, &names, now)?, now)?);
-        let verifier = CrlClientVerifier::new(&self.auth.trusted_roots(), &self.auth.crls_der())?;
-        self.mesh.add_crl_listener(verifier.clone());
+        let certs = Arc::new(CertSource::new(&issue_own(auth, &names, now)?, now)?);
+        let verifier = CrlClientVerifier::new(&auth.trusted_roots(), &auth.crls_der())?;
+        mesh.add_crl_listener(verifier.clone());
         let tls = Arc::new(grpc_server_config(certs, verifier)?);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
@@ -181,7 +193,7 @@ impl Plane {
         let task = tokio::spawn(zonemesh_controller::grpc::serve(
             listener,
             tls,
-            self.mesh.clone(),
+            mesh.clone(),
             shutdown.clone(),
         ));
         Ok(Served {

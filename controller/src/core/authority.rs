@@ -517,6 +517,16 @@ impl Authority {
         Ok(newly)
     }
 
+    /// Serve the CRLs another controller of the same store signed (followed from the
+    /// shared change log) from now on: the issuing intermediate's, then the others'. The
+    /// CA certificates themselves are not re-read (a rotation made through another
+    /// controller takes effect here at the next restart).
+    pub fn adopt_crls(&self, issuing: Vec<u8>, others: Vec<Vec<u8>>) {
+        let mut v = vec![Arc::new(issuing)];
+        v.extend(others.into_iter().map(Arc::new));
+        self.crls.store(Arc::new(v));
+    }
+
     /// Re-sign the CRL of every trusted intermediate from the revocations in the store;
     /// returns the issuing intermediate's.
     pub fn refresh_crl(&self, now: SystemTime) -> Result<Arc<Vec<u8>>> {

@@ -7,6 +7,7 @@ pub mod backup;
 pub mod blocklist;
 pub mod durable;
 pub mod kv;
+pub mod leader;
 pub mod limits;
 pub mod mesh;
 pub mod rotation;

@@ -41,14 +41,22 @@ pub fn renewal_due(cert: &StoredCert) -> SystemTime {
     )
 }
 
-pub(super) async fn run(d: Arc<Domains>, shutdown: CancellationToken) {
+pub(super) async fn run(
+    d: Arc<Domains>,
+    leader: crate::leader::Leadership,
+    shutdown: CancellationToken,
+) {
     let mut set: JoinSet<()> = JoinSet::new();
     let mut running: HashMap<tokio::task::Id, String> = HashMap::new();
     loop {
         let busy: HashSet<String> = running.values().cloned().collect();
-        let scan = {
+        // Jobs and renewals start only on the leader (several controllers share the
+        // domains); a follower looks again soon.
+        let scan = if leader.is_leader() {
             let d = d.clone();
             blocking(move || d.due_jobs(&busy)).await
+        } else {
+            Ok((Vec::new(), Some(d.now() + Duration::from_secs(1))))
         };
         let mut next = SCAN_EVERY;
         match scan {

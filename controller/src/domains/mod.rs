@@ -557,7 +557,16 @@ impl Domains {
 
     /// Run the jobs until `shutdown` (in the serve task set).
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
-        jobs::run(self, shutdown).await
+        jobs::run(self, crate::leader::Leadership::always("domains"), shutdown).await
+    }
+
+    /// Run the jobs until `shutdown`, starting them only while `leader` leads.
+    pub async fn run_while_leader(
+        self: Arc<Self>,
+        leader: crate::leader::Leadership,
+        shutdown: CancellationToken,
+    ) {
+        jobs::run(self, leader, shutdown).await
     }
 }
 

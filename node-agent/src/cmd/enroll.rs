@@ -9,8 +9,9 @@ use zonemesh_agent::control::state::{StateDir, cert_info};
 
 #[derive(ClapArgs, Debug)]
 pub struct EnrollArgs {
-    /// Controller gRPC address, HOST:PORT.
-    #[arg(long)]
+    /// Controller gRPC address, HOST:PORT; several controllers of one cluster as
+    /// A,B,C (tried in order, all saved for failover).
+    #[arg(long, value_name = "HOST:PORT[,HOST:PORT...]")]
     pub controller: String,
     /// SHA-256 fingerprint of the controller's CA root (printed by `zonemesh-controller init`).
     #[arg(long)]
@@ -82,7 +83,7 @@ pub fn run_identity(a: StateArgs) -> Result<ExitCode> {
         println!("overlay ip:  {}", id.overlay_ip);
         println!("serial:      {}", info.serial_hex);
         println!("expires:     {expiry}");
-        println!("controller:  {}", id.controller);
+        println!("controller:  {}", id.controller_addrs().join(", "));
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -273,8 +274,13 @@ pub fn run_status(a: StateArgs) -> Result<ExitCode> {
         "node {} ({}), overlay {}, cert {} expires {}",
         st.spiffe_id, st.zone, st.overlay_ip, st.serial, expiry
     );
+    let of = if st.controllers.len() > 1 {
+        format!(" (of {})", st.controllers.join(", "))
+    } else {
+        String::new()
+    };
     println!(
-        "controller {} {}, mesh version {}",
+        "controller {}{of} {}, mesh version {}",
         st.controller,
         if st.controller_connected {
             "connected"

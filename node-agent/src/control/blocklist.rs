@@ -5,13 +5,15 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-/// Why the agent never drops `ip`, if it never does.
-pub fn never_dropped(ip: IpAddr, controller: &str) -> Option<&'static str> {
+/// Why the agent never drops `ip`, if it never does. `controllers` is the controller
+/// address, or several separated by commas.
+pub fn never_dropped(ip: IpAddr, controllers: &str) -> Option<&'static str> {
     let ip = ip.to_canonical();
-    let is_controller = controller
-        .parse::<SocketAddr>()
-        .map(|s| s.ip().to_canonical() == ip)
-        .unwrap_or(false);
+    let is_controller = controllers.split(',').any(|c| {
+        c.trim()
+            .parse::<SocketAddr>()
+            .is_ok_and(|s| s.ip().to_canonical() == ip)
+    });
     if is_controller {
         return Some("the controller");
     }
@@ -52,6 +54,10 @@ mod tests {
         for a in ["198.18.0.99", "2001:db8::9"] {
             assert_eq!(never_dropped(a.parse().unwrap(), ctl), None, "{a}");
         }
+        // Every controller of a cluster is protected.
+        let both = "198.18.100.1:7443,198.18.100.2:7443";
+        assert!(never_dropped("198.18.100.2".parse().unwrap(), both).is_some());
+        assert_eq!(never_dropped("198.18.100.3".parse().unwrap(), both), None);
         // A controller named by host name protects no address by itself.
         assert_eq!(
             never_dropped("198.18.100.1".parse().unwrap(), "ctl.corp.test:7443"),

@@ -260,11 +260,36 @@ pub async fn connect(controller: &str, tls: rustls::ClientConfig) -> Result<Chan
     Ok(channel)
 }
 
+/// Open a gRPC channel to the first of `controllers` that answers, in order; the address
+/// connected to comes with it. The error names every address tried.
+pub async fn connect_first(
+    controllers: &[String],
+    tls: rustls::ClientConfig,
+) -> Result<(Channel, String)> {
+    let mut errors = Vec::new();
+    for c in controllers {
+        match connect(c, tls.clone()).await {
+            Ok(ch) => return Ok((ch, c.clone())),
+            Err(e) => {
+                tracing::warn!(controller = %c, error = %e, "trying the next controller");
+                errors.push(e.to_string());
+            }
+        }
+    }
+    bail!("no controller answered: {}", errors.join("; "))
+}
+
 /// A gRPC channel to `host:port` that connects on first use and reconnects by itself
 /// after the connection is lost; meant to be kept for the life of the agent.
 pub fn connect_lazy(controller: &str, tls: rustls::ClientConfig) -> Result<Channel> {
     let (endpoint, connector) = endpoint(controller, tls)?;
     Ok(endpoint.connect_with_connector_lazy(connector))
+}
+
+/// Check that `controller` is an address [`connect_lazy`] accepts (HOST:PORT with a valid
+/// server name), without connecting.
+pub fn check_address(controller: &str, tls: rustls::ClientConfig) -> Result<()> {
+    endpoint(controller, tls).map(drop)
 }
 
 /// Dials the controller: TCP, then TLS for the name it was given.

@@ -1,7 +1,7 @@
 //! Enrollment and renewal of the node identity.
 
 use super::client::{self, status_message};
-use super::state::{Identity, StateDir, cert_info, write_file};
+use super::state::{Identity, StateDir, cert_info, parse_controllers, write_file};
 use anyhow::{Context, Result, bail};
 use base64::Engine;
 use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair, PKCS_RSA_SHA256};
@@ -12,6 +12,7 @@ use zonemesh_proto as pb;
 /// What `enroll` needs.
 #[derive(Clone, Debug)]
 pub struct EnrollParams {
+    /// One controller address, or several separated by commas (tried in order).
     pub controller: String,
     pub ca_fingerprint: String,
     pub token: String,
@@ -95,6 +96,7 @@ pub async fn enroll(state: &StateDir, p: &EnrollParams) -> Result<Identity> {
         );
     }
     zonemesh_ca::validate_label("node name", &p.node, false)?;
+    let controllers = parse_controllers(&p.controller)?;
     let tls = client::pinned_config(&p.ca_fingerprint)?;
     let fingerprint = p
         .ca_fingerprint
@@ -126,7 +128,7 @@ pub async fn enroll(state: &StateDir, p: &EnrollParams) -> Result<Identity> {
     let wg_public = x25519_dalek::PublicKey::from(&wg_secret).to_bytes();
     let csr = csr_for(&key, &p.node)?;
 
-    let channel = client::connect(&p.controller, tls).await?;
+    let (channel, used) = client::connect_first(&controllers, tls).await?;
     let mut rpc = pb::enrollment_client::EnrollmentClient::new(channel);
     let resp = rpc
         .enroll(pb::EnrollRequest {
@@ -148,7 +150,12 @@ pub async fn enroll(state: &StateDir, p: &EnrollParams) -> Result<Identity> {
     )?;
     state.write_cert(&resp.certificate_der, &resp.chain_der)?;
     let id = Identity {
-        controller: p.controller.clone(),
+        controller: used,
+        controllers: if controllers.len() > 1 {
+            controllers
+        } else {
+            Vec::new()
+        },
         ca_fingerprint: fingerprint,
         trust_domain: resp.trust_domain,
         zone: resp.zone,
@@ -171,7 +178,8 @@ pub async fn enroll(state: &StateDir, p: &EnrollParams) -> Result<Identity> {
 /// replaces the old. With `rotate_key`, the certificate is for a new RSA-4096 key.
 pub async fn renew(state: &StateDir, rotate_key: bool) -> Result<Renewed> {
     let id = state.identity()?;
-    let channel = client::connect(&id.controller, client::mtls_config(state)?).await?;
+    let (channel, _) =
+        client::connect_first(&id.controller_addrs(), client::mtls_config(state)?).await?;
     renew_over(state, channel, rotate_key).await
 }
 

@@ -12,7 +12,12 @@ use zeroize::Zeroizing;
 /// What the controller assigned at enrollment, plus where to reach it.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Identity {
+    /// The controller enrolled through (the first of `controllers` when there are several).
     pub controller: String,
+    /// Every controller address given at enrollment (`--controller A,B,C`), in the order
+    /// they are tried; empty in identities written before several were supported.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub controllers: Vec<String>,
     pub ca_fingerprint: String,
     pub trust_domain: String,
     pub zone: String,
@@ -21,6 +26,36 @@ pub struct Identity {
     pub overlay_ip: String,
     pub zone_cidr: String,
     pub endpoints: Vec<String>,
+}
+
+impl Identity {
+    /// The controller addresses in the order they are tried (at least one).
+    pub fn controller_addrs(&self) -> Vec<String> {
+        if self.controllers.is_empty() {
+            vec![self.controller.clone()]
+        } else {
+            self.controllers.clone()
+        }
+    }
+}
+
+/// Split `--controller A,B,C` into its addresses (each HOST:PORT, no duplicates).
+pub fn parse_controllers(list: &str) -> Result<Vec<String>> {
+    let mut out: Vec<String> = Vec::new();
+    for a in list.split(',').map(str::trim).filter(|a| !a.is_empty()) {
+        if a.rsplit_once(':')
+            .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
+        {
+            bail!("--controller {a:?} must be HOST:PORT");
+        }
+        if !out.iter().any(|o| o == a) {
+            out.push(a.to_string());
+        }
+    }
+    if out.is_empty() {
+        bail!("--controller needs at least one HOST:PORT");
+    }
+    Ok(out)
 }
 
 /// Paths inside a state directory.

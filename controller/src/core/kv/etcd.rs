@@ -87,7 +87,7 @@ fn etcd_err(endpoints: &str, e: etcd_client::Error) -> KvError {
     }
 }
 
-fn connect_options(cfg: &EtcdConfig) -> KvResult<ConnectOptions> {
+pub fn connect_options(cfg: &EtcdConfig) -> KvResult<ConnectOptions> {
     let mut o = ConnectOptions::new()
         .with_connect_timeout(CONNECT_TIMEOUT)
         .with_timeout(cfg.timeout)

@@ -4,6 +4,9 @@
 
 use super::watch::{Frame, Published};
 use super::{CHANGE_LOG_LEN, MESH_VERSION, Mesh, store_err};
+
+/// Times a change is tried again because another controller took its version first.
+const MAX_VERSION_RACES: u32 = 16;
 use crate::error::{ControllerError, Result};
 use crate::store::{NodeRecord, StoreError, Txn, ZoneRecord};
 use parking_lot::MutexGuard;
@@ -36,43 +39,64 @@ impl Mesh {
     /// neither), under the change lock the caller took for its checks; then flush and fan
     /// out as [`Mesh::commit`]. The change-log entry and the version counter are written
     /// in the same transaction, conditional on the counter still holding the previous
-    /// version, so two writers of one store cannot both take a version.
+    /// version, so two writers of one store cannot both take a version. Changes another
+    /// controller of the same store recorded first are taken in (followed) before, so
+    /// this one gets the next shared version; when another writer takes that version in
+    /// between, its change is followed and the transaction tried again (its own checks
+    /// still guard what the caller checked).
     pub(super) fn commit_with(
         &self,
         guard: MutexGuard<'_, ()>,
         delta: pb::Delta,
-        mut txn: Txn,
+        txn: Txn,
     ) -> Result<u64> {
-        let prev = self.appended.load(Ordering::SeqCst);
-        let v = prev + 1;
-        // Encoded once: the same bytes go to the change log and to every watcher.
-        let frame = Frame::encode(&pb::MeshUpdate {
-            version: v,
-            kind: Some(pb::mesh_update::Kind::Delta(delta.clone())),
-        });
-        let prev_bytes = prev.to_be_bytes();
-        let stored_prev = self.store.meta.get(MESH_VERSION).map_err(store_err)?;
-        // A store that never recorded a version (or holds an older layout) counts as 0.
-        let expect = if prev == 0 {
-            stored_prev.as_deref()
-        } else {
-            Some(&prev_bytes[..])
-        };
-        txn.expect("meta", MESH_VERSION, expect)
-            .put("changes", v.to_be_bytes(), frame.message().to_vec())
-            .put("meta", MESH_VERSION, v.to_be_bytes());
-        if v > CHANGE_LOG_LEN {
-            // Keys below v - CHANGE_LOG_LEN went one per change before this one.
-            txn.delete("changes", (v - CHANGE_LOG_LEN - 1).to_be_bytes());
-        }
-        if !self.store.kv().commit(&txn).map_err(store_err)? {
-            // Another writer changed what the checks cover: nothing was applied.
-            let stored = self.store.meta_u64(MESH_VERSION)?;
-            if stored > prev {
-                self.appended.store(stored, Ordering::SeqCst);
+        let mut tries = 0;
+        let (v, frame) = loop {
+            let head = self.store.meta_u64(MESH_VERSION)?;
+            if let Err(e) = self.follow_locked(head) {
+                let a = self.appended.load(Ordering::SeqCst);
+                drop(guard);
+                self.publish_followed(a);
+                return Err(e);
             }
+            let prev = self.appended.load(Ordering::SeqCst);
+            let v = prev + 1;
+            // Encoded once: the same bytes go to the change log and to every watcher.
+            let frame = Frame::encode(&pb::MeshUpdate {
+                version: v,
+                kind: Some(pb::mesh_update::Kind::Delta(delta.clone())),
+            });
+            let prev_bytes = prev.to_be_bytes();
+            let stored_prev = self.store.meta.get(MESH_VERSION).map_err(store_err)?;
+            // A store that never recorded a version (or holds an older layout) counts as 0.
+            let expect = if prev == 0 {
+                stored_prev.as_deref()
+            } else {
+                Some(&prev_bytes[..])
+            };
+            let mut t = txn.clone();
+            t.expect("meta", MESH_VERSION, expect)
+                .put("changes", v.to_be_bytes(), frame.message().to_vec())
+                .put("meta", MESH_VERSION, v.to_be_bytes());
+            if v > CHANGE_LOG_LEN {
+                // Keys below v - CHANGE_LOG_LEN went one per change before this one.
+                t.delete("changes", (v - CHANGE_LOG_LEN - 1).to_be_bytes());
+            }
+            if self.store.kv().commit(&t).map_err(store_err)? {
+                break (v, frame);
+            }
+            // Nothing was applied. Another controller took the version: follow, retry.
+            let stored = self.store.meta_u64(MESH_VERSION)?;
+            tries += 1;
+            if stored != prev && tries < MAX_VERSION_RACES {
+                continue;
+            }
+            // The caller's own checks failed (or the race went on): nothing changed.
+            let a = self.appended.load(Ordering::SeqCst);
+            drop(guard);
+            self.publish_followed(a);
             return Err(ControllerError::Store(StoreError::Conflict));
-        }
+        };
         self.appended.store(v, Ordering::SeqCst);
         self.unpublished
             .lock()
@@ -85,10 +109,7 @@ impl Mesh {
         Ok(v)
     }
 
-    /// Publish, in version order, every durable change up to `v` not yet published, then
-    /// wake the streams (once, outside the lock: the wake-up is the part that grows with
-    /// the number of watchers, and each stream then takes the shared frame).
-    fn publish_upto(&self, v: u64) {
+    pub(super) fn publish_upto(&self, v: u64) {
         let mut published = None;
         {
             let mut pending = self.unpublished.lock();

@@ -15,6 +15,7 @@ mod blocks;
 mod commit;
 mod csr;
 mod enroll;
+mod follow;
 mod health;
 mod node_calls;
 mod revoke;
@@ -23,6 +24,7 @@ mod watch;
 mod zones;
 
 pub use blocks::{EventCounts, RecentEvent};
+pub use follow::{FOLLOW_EVERY, follow_loop};
 pub use health::{HealthMatrix, PairHealth, STALE_AFTER, ZoneHealth, matrix as health_view};
 pub use node_calls::{HealthRow, RenewKey};
 pub use watch::{BACKLOG, Frame, Subscription, coalesce};

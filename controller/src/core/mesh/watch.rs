@@ -152,6 +152,13 @@ impl Fanout {
         }
     }
 
+    /// Drop the kept changes (the next one kept need not follow the last): used when the
+    /// version jumps past what the change log can replay.
+    pub(super) fn forget_recent(&self) {
+        self.recent.write().clear();
+        self.coalesced.lock().clear();
+    }
+
     /// Wake every stream: versions up to `v` are published.
     pub(super) fn announce(&self, v: u64) {
         self.head.send_if_modified(|h| {
@@ -414,7 +421,7 @@ impl Mesh {
 
     /// The changes after `after` up to `upto` from the change log, or `None` when the log
     /// no longer holds them all.
-    fn logged(&self, after: u64, upto: u64) -> Result<Option<Vec<pb::MeshUpdate>>> {
+    pub(super) fn logged(&self, after: u64, upto: u64) -> Result<Option<Vec<pb::MeshUpdate>>> {
         let mut out = Vec::new();
         let mut expected = after + 1;
         for item in self

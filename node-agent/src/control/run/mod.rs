@@ -260,7 +260,13 @@ impl Agent {
                 .collect(),
             overlay_ip: overlay,
         };
-        let link = ControllerLink::new(&l.id.controller, &l.ca, &l.cert, &l.chain, &l.node_key)?;
+        let link = ControllerLink::new(
+            l.id.controller_addrs(),
+            &l.ca,
+            &l.cert,
+            &l.chain,
+            &l.node_key,
+        )?;
         let mut dp = (deps.start_dataplane)(DataPlaneConfig {
             private_key: *l.wg_private,
             listen_port: opts.listen_port,

@@ -22,7 +22,11 @@ pub struct AgentStatus {
     pub overlay_ip: String,
     pub serial: String,
     pub cert_not_after_unix: u64,
+    /// The controller in use now.
     pub controller: String,
+    /// Every controller address, in the order they are tried.
+    #[serde(default)]
+    pub controllers: Vec<String>,
     pub controller_connected: bool,
     pub mesh_version: u64,
     pub rejected_peers: Vec<String>,
@@ -126,7 +130,8 @@ impl Agent {
                 .map(|c| c.serial_hex.clone())
                 .unwrap_or_default(),
             cert_not_after_unix: cert.map(|c| unix(c.not_after)).unwrap_or(0),
-            controller: self.id.controller.clone(),
+            controller: self.link.controller(),
+            controllers: self.link.controllers().to_vec(),
             controller_connected: self.connected.load(Ordering::Relaxed),
             mesh_version: version,
             rejected_peers: self

@@ -106,7 +106,13 @@ impl Agent {
             &self.id.zone,
             &self.opts.interface,
         );
-        effects::sync_blocklist(&*self.effects, host, &view, unix(now), &self.id.controller);
+        effects::sync_blocklist(
+            &*self.effects,
+            host,
+            &view,
+            unix(now),
+            &self.link.controllers().join(","),
+        );
         self.counters.syncs.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(version = view.version, "mesh applied");
     }
@@ -233,7 +239,8 @@ async fn watch_once(agent: &Agent, shutdown: &CancellationToken) -> Result<Ended
 }
 
 pub(super) async fn watch_loop(agent: Arc<Agent>, shutdown: CancellationToken) {
-    let mut backoff = Duration::from_millis(500);
+    // Failed attempts in a row; a session that lasted resets it.
+    let mut failures = 0u32;
     while !shutdown.is_cancelled() {
         let started = Instant::now();
         let r = watch_once(&agent, &shutdown).await;
@@ -241,21 +248,33 @@ pub(super) async fn watch_loop(agent: Arc<Agent>, shutdown: CancellationToken) {
         match r {
             Ok(Ended::Shutdown) => return,
             Ok(Ended::Renewed) => {
-                tracing::info!("watching again with the renewed certificate");
-                backoff = Duration::from_millis(500);
+                tracing::info!(controller = %agent.link.controller(), "watching again on the new channel");
+                failures = 0;
                 continue;
             }
             Err(e) => {
-                tracing::warn!(error = %e, retry_in = ?backoff, "controller unreachable; forwarding on the last known mesh");
+                if started.elapsed() > Duration::from_secs(30) {
+                    failures = 0;
+                }
+                failures = failures.saturating_add(1);
+                let from = agent.link.controller();
+                let retry_in = agent.link.retry_delay(failures);
+                match agent.link.fail_over() {
+                    Ok(to) if to != from => {
+                        tracing::warn!(error = %e, controller = %from, next = %to, ?retry_in, "controller lost; failing over, forwarding on the last known mesh");
+                    }
+                    Ok(_) => {
+                        tracing::warn!(error = %e, controller = %from, ?retry_in, "controller unreachable; forwarding on the last known mesh");
+                    }
+                    Err(fe) => {
+                        tracing::error!(error = %fe, "cannot open a channel to the next controller")
+                    }
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(retry_in) => {}
+                }
             }
         }
-        if started.elapsed() > Duration::from_secs(30) {
-            backoff = Duration::from_millis(500);
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(backoff) => {}
-        }
-        backoff = (backoff * 2).min(Duration::from_secs(30));
     }
 }

@@ -109,6 +109,7 @@ impl Kit {
         let id = Identity {
             // Never dialled: these tests hand updates to the agent directly.
             controller: "127.0.0.1:9".into(),
+            controllers: Vec::new(),
             ca_fingerprint: zonemesh_ca::fingerprint_sha256(self.ca.root_der()),
             trust_domain: "corp.test".into(),
             zone: n.zone.clone(),
