@@ -22,7 +22,7 @@ const ENROLLMENTS: usize = 24;
 #[ignore = "the etcd backend keeps dialling the killed member: after the kill every store call \
             fails with `tcp connect error` until the member returns (store's kv/etcd.rs client)"]
 fn killing_the_etcd_leader_loses_no_acknowledged_enrollment_and_issues_no_token_twice() {
-    if !etcd::available() {
+    if !etcd_cluster::available() {
         println!("skipped: etcd not installed");
         return;
     }

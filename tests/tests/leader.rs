@@ -46,7 +46,7 @@ async fn until(what: &str, within: Duration, f: impl Fn() -> bool) -> Duration {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_leader_at_a_time_and_a_dead_leader_is_replaced_within_five_seconds() {
-    if !etcd::available() {
+    if !etcd_cluster::available() {
         println!("skipped: etcd not installed");
         return;
     }

@@ -53,7 +53,7 @@ async fn controller(url: &str, data_dir: &std::path::Path) -> Ctl {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agents_move_to_b_when_a_dies_and_receive_what_b_records() {
-    if !etcd::available() {
+    if !etcd_cluster::available() {
         println!("skipped: etcd not installed");
         return;
     }
