@@ -322,7 +322,7 @@ pub async fn run(cfg: ServeConfig, shutdown: CancellationToken) -> Result<()> {
     }
 
     let mut tasks = tokio::task::JoinSet::new();
-    let store_url = crate::core::kv::url::StoreUrl::resolve(None, &cfg.data_dir)?;
+    let store_url = crate::core::kv::url::StoreUrl::resolve(cfg.store.as_deref(), &cfg.data_dir)?;
     let leader = start_leadership(&cfg, &store_url, &mesh, &mut tasks, &shutdown).await?;
     tasks.spawn(crate::grpc::serve_with(
         grpc_listener,
