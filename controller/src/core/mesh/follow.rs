@@ -18,6 +18,9 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use zonemesh_proto as pb;
 
+/// A logged change's CRLs: the issuing intermediate's, then the other trusted ones'.
+type LoggedCrls = (Vec<u8>, Vec<Vec<u8>>);
+
 /// How often the shared version is read by [`follow_loop`].
 pub const FOLLOW_EVERY: Duration = Duration::from_millis(100);
 
@@ -88,8 +91,8 @@ impl Mesh {
         Ok(head - local)
     }
 
-    /// The newest CRL the change log holds up to `head`.
-    fn latest_logged_crl(&self, head: u64) -> Result<Option<(Vec<u8>, Vec<Vec<u8>>)>> {
+    /// The newest CRLs the change log holds up to `head`.
+    fn latest_logged_crl(&self, head: u64) -> Result<Option<LoggedCrls>> {
         for item in self.store.changes.range(..=head.to_be_bytes()).rev() {
             let (_, v) = item.map_err(store_err)?;
             if let Ok(pb::MeshUpdate {
