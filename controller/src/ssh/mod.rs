@@ -690,51 +690,31 @@ impl Ssh {
     /// Returns the serials newly revoked; publishes once.
     pub fn revoke_email(&self, email: &str, actor: &str) -> Result<Vec<u64>> {
         let email = crate::auth::normalize_email(email);
-        let _g = self.lock.lock();
-        let now = unix(self.now());
-        let mut serials = Vec::new();
-        for mut rec in self.store.certs()? {
-            if rec.kind == SshCertKind::User
-                && rec.key_id == email
-                && rec.revoked_unix.is_none()
-                && rec.valid_before_unix > now
-            {
-                rec.revoked_unix = Some(now);
-                self.store.put_cert(&rec)?;
-                serials.push(rec.serial);
-            }
-        }
-        if serials.is_empty() {
-            return Ok(serials);
-        }
-        self.store.flush()?;
-        self.audit(
-            AuditEvent::new("ssh.user_certs_revoked", "ok")
-                .actor(actor)
-                .subject(&email)
-                .detail(format!(
-                    "serials [{}]",
-                    serials
-                        .iter()
-                        .map(u64::to_string)
-                        .collect::<Vec<_>>()
-                        .join(" ")
-                )),
-        );
-        self.publish_locked()?;
-        Ok(serials)
+        self.revoke_unexpired(SshCertKind::User, &email, "ssh.user_certs_revoked", actor)
     }
 
     /// Revoke every unexpired host certificate of node `zone/node` (what `node revoke`
     /// does): on the KRL of every server and in `ssh known-hosts` as `@revoked` lines.
     /// Returns the serials newly revoked; publishes once.
     pub fn revoke_host(&self, node_key: &str, actor: &str) -> Result<Vec<u64>> {
+        self.revoke_unexpired(SshCertKind::Host, node_key, "ssh.host_certs_revoked", actor)
+    }
+
+    /// Revoke every unrevoked, unexpired certificate of `kind` with key ID `key_id`; one
+    /// flush, one audit record of kind `audit_kind` naming the serials, one publication.
+    fn revoke_unexpired(
+        &self,
+        kind: SshCertKind,
+        key_id: &str,
+        audit_kind: &'static str,
+        actor: &str,
+    ) -> Result<Vec<u64>> {
         let _g = self.lock.lock();
         let now = unix(self.now());
         let mut serials = Vec::new();
         for mut rec in self.store.certs()? {
-            if rec.kind == SshCertKind::Host
-                && rec.key_id == node_key
+            if rec.kind == kind
+                && rec.key_id == key_id
                 && rec.revoked_unix.is_none()
                 && rec.valid_before_unix > now
             {
@@ -748,9 +728,9 @@ impl Ssh {
         }
         self.store.flush()?;
         self.audit(
-            AuditEvent::new("ssh.host_certs_revoked", "ok")
+            AuditEvent::new(audit_kind, "ok")
                 .actor(actor)
-                .subject(node_key)
+                .subject(key_id)
                 .detail(format!(
                     "serials [{}]",
                     serials
