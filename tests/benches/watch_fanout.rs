@@ -34,6 +34,8 @@ const MAX_SNAPSHOT: usize = 256 << 20;
 const ENROLL_IN_FLIGHT: usize = 8;
 const CONNECT_IN_FLIGHT: usize = 32;
 const AGENTS_PER_SOURCE: usize = 1000;
+/// Most uses one enrollment token may have (the controller refuses more).
+const TOKEN_USES: usize = 10_000;
 
 struct Delivery {
     watcher: usize,
@@ -192,7 +194,8 @@ fn peak_kib(pid: u32) -> Option<u64> {
 struct Bench {
     ctl: Controller,
     pid: u32,
-    token: String,
+    /// Enrollment tokens of `TOKEN_USES` uses each: agent `i` uses `tokens[i / TOKEN_USES]`.
+    tokens: Vec<String>,
     keys: Vec<Arc<rcgen::KeyPair>>,
     enroll_chans: Vec<tonic::transport::Channel>,
     enrolled: usize,
@@ -217,14 +220,14 @@ impl Bench {
         let keys = self.keys.clone();
         let start = self.enrolled;
         self.enrolled += n;
-        let token = self.token.clone();
+        let tokens = self.tokens.clone();
         let t = Instant::now();
         let out: Vec<Result<(NodeCreds, pb::EnrollResponse), tonic::Status>> =
             futures::stream::iter(start..start + n)
                 .map(|i| {
                     let ch = chans[i % chans.len()].clone();
                     let key = keys[i % keys.len()].clone();
-                    let token = token.clone();
+                    let token = tokens[i / TOKEN_USES].clone();
                     async move {
                         enroll_rpc(ch, &token, &format!("a{i}"), &key, wg_key(i as u64 + 1)).await
                     }
@@ -409,10 +412,11 @@ async fn run_design(
     ctl.start()?;
     ctl.zone_add("bench", "100.64.0.0/10")?;
     let max = *fleets.iter().max().unwrap_or(&0);
-    let token = ctl.token(
-        "bench",
-        (max + (changes + burst) * fleets.len() + 10) as u32,
-    )?;
+    // The controller caps a token's uses, so the fleet takes as many tokens as it needs.
+    let needed = max + (changes + burst) * fleets.len() + 10;
+    let tokens = (0..needed.div_ceil(TOKEN_USES))
+        .map(|_| ctl.token("bench", TOKEN_USES as u32))
+        .collect::<Result<Vec<_>>>()?;
     let pid = ctl.pid().context("controller pid")?;
     let (addr, fingerprint) = (ctl.grpc_addr(), ctl.fingerprint.clone());
     let (tx, rx) = mpsc::unbounded_channel();
@@ -441,7 +445,7 @@ async fn run_design(
     let mut b = Bench {
         ctl,
         pid,
-        token,
+        tokens,
         keys: (0..KEY_POOL).map(|i| Arc::new(rsa4096(i))).collect(),
         enroll_chans: futures::future::try_join_all(
             (0..4).map(|_| enrollment_channel(&addr, &fingerprint)),
