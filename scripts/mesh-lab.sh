@@ -101,7 +101,10 @@ up() {
   mkdir -p "$DIR"
   ip netns add "$HUB"
   ip -n "$HUB" link set lo up
-  ip -n "$HUB" link add br0 type bridge
+  # A fixed address: a bridge otherwise takes the lowest of its ports' addresses, so a
+  # port added later (a host) could change it under the nodes' ARP caches and cut them off
+  # from the controller until their entries expire.
+  ip -n "$HUB" link add br0 address 02:00:c6:12:64:01 type bridge
   ip -n "$HUB" addr add "$CTL_IP/24" dev br0
   ip -n "$HUB" link set br0 up
   ctl init --trust-domain lab.zonemesh.test | tail -1 > "$DIR/fingerprint"
