@@ -700,7 +700,43 @@ struct TwoRow {
     all_p99: Duration,
     all_max: Duration,
     each_p99: Duration,
+    /// p99 of the watchers of A and of B alone (B learns each change from etcd).
+    each_p99_a: Duration,
+    each_p99_b: Duration,
     connect: Duration,
+}
+
+impl Bench {
+    /// One change (a node enrolls): the time until every watcher has it, and each
+    /// watcher's delivery latency with its index.
+    async fn change_by_watcher(&mut self) -> Result<(Duration, Vec<(usize, Duration)>)> {
+        while self.rx.try_recv().is_ok() {}
+        let t0 = Instant::now();
+        self.enroll(1).await?;
+        let target = self.settled + 1;
+        let mut reached = vec![false; self.watchers];
+        let mut lat = Vec::with_capacity(self.watchers);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
+        while lat.len() < self.watchers {
+            let d = tokio::time::timeout_at(deadline, self.rx.recv())
+                .await
+                .with_context(|| {
+                    format!(
+                        "{} of {} watchers did not get version {target} within 300 s",
+                        self.watchers - lat.len(),
+                        self.watchers
+                    )
+                })?
+                .context("delivery channel closed")?;
+            if d.version >= target && !reached[d.watcher] {
+                reached[d.watcher] = true;
+                lat.push((d.watcher, d.at.saturating_duration_since(t0)));
+            }
+        }
+        self.settled = target;
+        let all = lat.iter().map(|l| l.1).max().unwrap_or_default();
+        Ok((all, lat))
+    }
 }
 
 /// `TWO_ON_ETCD=1`: the same change's p99 with two controllers (A and B, `serve --store
@@ -728,22 +764,6 @@ async fn two_on_etcd(smoke: bool) -> Result<()> {
         rows.push((sled, two));
     }
     print_two(&rows, changes);
-    Ok(())
-}
-
-/// Copy a data directory's `secrets/` (KEK and pepper) into a new data directory.
-fn copy_secrets(from: &std::path::Path, to: &std::path::Path) -> Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::create_dir_all(to.join("secrets"))?;
-    for d in [to.to_path_buf(), to.join("secrets")] {
-        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o700))?;
-    }
-    for e in std::fs::read_dir(from.join("secrets"))? {
-        let e = e?;
-        let dst = to.join("secrets").join(e.file_name());
-        std::fs::copy(e.path(), &dst)?;
-        std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(0o600))?;
-    }
     Ok(())
 }
 
@@ -775,7 +795,7 @@ async fn run_two_on_etcd(binary: std::path::PathBuf, n: usize, changes: usize) -
     let mut a = Controller::existing(&dir_a, dir_a.join("ctl"), fingerprint.clone());
     a.binary = binary.clone();
     a.start()?;
-    copy_secrets(&dir_a.join("ctl"), &dir_b.join("ctl2"))?;
+    zonemesh_tests::cluster::copy_secrets(&dir_a.join("ctl"), &dir_b.join("ctl2"))?;
     let mut b = Controller::existing(&dir_b, dir_b.join("ctl2"), fingerprint.clone());
     b.binary = binary;
     b.serve_args = vec!["--store".into(), url];
@@ -836,15 +856,24 @@ async fn two_on_etcd_loop(
         connect.as_secs_f64()
     );
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let (mut all, mut each) = (Vec::new(), Vec::new());
+    let (mut all, mut each, mut each_a, mut each_b) = (vec![], vec![], vec![], vec![]);
     for _ in 0..changes {
-        let (a, lat) = b.change().await?;
+        let (a, lat) = b.change_by_watcher().await?;
         all.push(a);
-        each.extend(lat);
+        for (w, d) in lat {
+            each.push(d);
+            // Watchers 0..n/2 watch A, the rest B (in the order they connected).
+            if w < n / 2 {
+                each_a.push(d)
+            } else {
+                each_b.push(d)
+            }
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    all.sort();
-    each.sort();
+    for v in [&mut all, &mut each, &mut each_a, &mut each_b] {
+        v.sort();
+    }
     let row = TwoRow {
         agents: n,
         enroll_rate_idle: rate,
@@ -852,6 +881,8 @@ async fn two_on_etcd_loop(
         all_p99: pct(&all, 0.99),
         all_max: all.last().copied().unwrap_or_default(),
         each_p99: pct(&each, 0.99),
+        each_p99_a: pct(&each_a, 0.99),
+        each_p99_b: pct(&each_b, 0.99),
         connect,
     };
     eprintln!("two on etcd: {n} agents: change p99 {} ms", ms(row.all_p99));
@@ -895,6 +926,13 @@ fn print_two(rows: &[(Run, TwoRow)], changes: usize) {
             ms(two.each_p99),
             two.enroll_rate_idle,
             two.connect.as_secs_f64()
+        );
+        println!(
+            "{:>12} {:>7} | each p99 of A's watchers {} ms, of B's watchers {} ms (B follows etcd's change log)",
+            "",
+            "",
+            ms(two.each_p99_a),
+            ms(two.each_p99_b)
         );
         let old = sled.rows.first().map(|r| r.all_p99.as_secs_f64());
         println!(

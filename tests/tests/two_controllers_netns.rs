@@ -244,6 +244,15 @@ fn agents_keep_their_tunnels_and_move_to_b_when_controller_a_is_killed() -> Resu
             .collect();
         assert_eq!(list, [A, B], "{n}: the saved controller list");
     }
+    // The mesh version each agent has from A (what A acknowledged and published).
+    let mut versions_on_a = Vec::new();
+    for n in AGENTS {
+        versions_on_a.push(
+            lab.status(n)?["mesh_version"]
+                .as_u64()
+                .context("mesh_version")?,
+        );
+    }
     // A took the lease: it started first.
     let (holder, _) = wait_for("a leader", Duration::from_secs(10), || leader_holder(&etcd))?;
     assert!(holder.starts_with(A), "leader before the kill: {holder}");
@@ -281,6 +290,7 @@ fn agents_keep_their_tunnels_and_move_to_b_when_controller_a_is_killed() -> Resu
     // agent moves to B: both watched in one loop, each time taken when first seen.
     let mut takeover = None;
     let mut moved: Vec<Option<Duration>> = vec![None; AGENTS.len()];
+    let mut versions_on_b = vec![0u64; AGENTS.len()];
     while takeover.is_none() || moved.iter().any(Option::is_none) {
         if takeover.is_none() && leader_holder(&etcd)?.is_some_and(|h| h.starts_with(B)) {
             takeover = Some(killed.elapsed());
@@ -290,6 +300,7 @@ fn agents_keep_their_tunnels_and_move_to_b_when_controller_a_is_killed() -> Resu
                 let st = lab.status(n)?;
                 if st["controller"] == B && st["controller_connected"] == true {
                     moved[i] = Some(killed.elapsed());
+                    versions_on_b[i] = st["mesh_version"].as_u64().unwrap_or(0);
                 }
             }
         }
@@ -320,6 +331,21 @@ fn agents_keep_their_tunnels_and_move_to_b_when_controller_a_is_killed() -> Resu
         );
     }
     let all_moved = moved.iter().flatten().max().copied().unwrap_or_default();
+    // B resumed every agent from where A left it: no version went back.
+    for (i, n) in AGENTS.iter().enumerate() {
+        assert!(
+            versions_on_b[i] >= versions_on_a[i],
+            "{n}: mesh version {} on A, {} on B",
+            versions_on_a[i],
+            versions_on_b[i]
+        );
+    }
+    // B itself knows it leads (the once-only work runs there now).
+    let b_log = std::fs::read_to_string(lab.dir.join("controller2.log"))?;
+    assert!(
+        b_log.contains("this controller is now the leader"),
+        "B never logged taking the lease:\n{b_log}"
+    );
     // The failover bound measured here (debug build, shared 2-core machine): about 0.1-3 s.
     assert!(
         all_moved < Duration::from_secs(20),
