@@ -442,6 +442,23 @@ fn agents_keep_their_tunnels_and_move_to_b_when_controller_a_is_killed() -> Resu
         assert!(listed.contains(n), "B does not list {n}: {listed:?}");
     }
     assert!(listed.contains("zone-a/a3"), "{listed:?}");
+    // A comes back on the same store: it has what B recorded, and B keeps the lease.
+    lab.run(&["ctl-start"])?;
+    let rows: serde_json::Value =
+        serde_json::from_str(&lab.controller(&["node", "list", "--json"])?)?;
+    let on_a = node_names(&rows.to_string())?;
+    assert_eq!(on_a, listed, "A after its restart");
+    let b2_revoked = rows
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|r| r["node"].as_str().is_some_and(|n| n.ends_with("b2")) && r["revoked"] == true);
+    assert!(b2_revoked, "A does not show b2 revoked: {rows}");
+    let holder = leader_holder(&etcd)?.unwrap_or_default();
+    assert!(
+        holder.starts_with(B),
+        "the lease after A's restart: {holder}"
+    );
     println!(
         "two controllers on etcd, kill -9 A: lease to B in {takeover:?}, every agent on B within {all_moved:?}, {} of {sent} pings lost, revocation through B dropped in {dropped:?}",
         sent - received
