@@ -19,11 +19,11 @@ fn sled_passes_the_store_suite() {
 
 #[test]
 fn etcd_passes_the_store_suite() {
-    if !etcd::installed() {
+    if !etcd::available() {
         println!("skipped: etcd not installed");
         return;
     }
-    let e = Etcd::start(1).unwrap();
+    let e = Etcd::start_temp(1).unwrap();
     let kv = open(&e.url("suite"));
     kv::suite::run_all(&kv);
     // Keys live under the URL's prefix, trees as path segments.
@@ -31,7 +31,7 @@ fn etcd_passes_the_store_suite() {
         .env("ETCDCTL_API", "3")
         .args([
             "--endpoints",
-            &e.endpoints(),
+            &e.endpoint_list(),
             "get",
             "--prefix",
             "--keys-only",
@@ -68,21 +68,21 @@ fn an_unreachable_etcd_is_a_clear_error_within_the_deadline() {
 
 #[test]
 fn etcd_stopped_mid_run_refuses_writes_and_keeps_what_was_acknowledged() {
-    if !etcd::installed() {
+    if !etcd::available() {
         println!("skipped: etcd not installed");
         return;
     }
-    let mut e = Etcd::start(1).unwrap();
+    let mut e = Etcd::start_temp(1).unwrap();
     let kv = open(&e.url("stop"));
     let t = kv.open_tree("t").unwrap();
     t.insert("before", b"1").unwrap();
-    e.members[0].kill9();
+    e.kill9(0);
     let mut txn = kv::Txn::new();
     txn.put("t", "a", b"1".to_vec())
         .put("t", "b", b"2".to_vec());
     let err = kv.commit(&txn).unwrap_err();
     assert!(matches!(err, KvError::Unreachable { .. }), "{err}");
-    e.members[0].restart().unwrap();
+    e.restart(0).unwrap();
     e.wait_healthy(Duration::from_secs(20)).unwrap();
     // Wait out the client's reconnection.
     let deadline = Instant::now() + Duration::from_secs(20);
