@@ -284,6 +284,32 @@ impl Etcd {
         self.members[i].kill9();
     }
 
+    /// Freeze member `i` (`SIGSTOP`): its sockets stay open but it answers nothing, as a
+    /// hung or partitioned host.
+    pub fn pause(&mut self, i: usize) -> Result<()> {
+        self.signal(i, "-STOP")
+    }
+
+    /// Let a frozen member go on (`SIGCONT`).
+    pub fn resume(&mut self, i: usize) -> Result<()> {
+        self.signal(i, "-CONT")
+    }
+
+    fn signal(&mut self, i: usize, sig: &str) -> Result<()> {
+        let pid = self.members[i]
+            .child
+            .as_ref()
+            .context("the member is not running")?
+            .id();
+        let st = Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()?;
+        if !st.success() {
+            bail!("kill {sig} {pid}: {st}");
+        }
+        Ok(())
+    }
+
     /// Start member `i` again on its data directory (it rejoins the cluster).
     pub fn restart(&mut self, i: usize) -> Result<()> {
         self.kill9(i);

@@ -787,6 +787,13 @@ mod tests {
         assert!(matches!(err, KvError::Unreachable { .. }), "{err}");
     }
 
+    #[test]
+    fn every_call_to_a_store_that_is_down_is_a_clear_error_within_the_deadline() {
+        let (b, endpoints) = down_store(3);
+        let kv = super::super::Kv::new(Arc::new(b));
+        super::super::suite::unreachable(&kv, &endpoints, Duration::from_millis(2500));
+    }
+
     #[tokio::test(flavor = "current_thread")]
     async fn opening_on_an_async_worker_returns_at_once() {
         // Also on a current-thread runtime, where blocking the worker would stall everything.
