@@ -187,6 +187,14 @@ fn killing_the_etcd_leader_loses_no_acknowledged_enrollment_and_issues_no_token_
     let failed_reads: Vec<&Probe> = probes.iter().filter(|p| p.2).collect();
     let around: Vec<&Probe> = probes.iter().filter(|p| p.0 + p.1 >= killed_at).collect();
     let slowest_read = around.iter().map(|p| p.1).max().unwrap_or_default();
+    // The anchor: how long a read took before the kill (median).
+    let mut before: Vec<Duration> = probes
+        .iter()
+        .filter(|p| p.0 + p.1 < killed_at)
+        .map(|p| p.1)
+        .collect();
+    before.sort();
+    let median_before = before.get(before.len() / 2).copied().unwrap_or_default();
     let failing = match (failed_reads.first(), failed_reads.last()) {
         (Some(a), Some(b)) => format!(
             "{} of {} probe reads failed, from {:?} to {:?} after the kill",
@@ -206,7 +214,8 @@ fn killing_the_etcd_leader_loses_no_acknowledged_enrollment_and_issues_no_token_
         t0.elapsed()
     );
     println!(
-        "store calls around the kill: {failing}; slowest read after the kill {slowest_read:?}"
+        "store calls around the kill: {failing}; slowest read after the kill \
+         {slowest_read:?} (median read before the kill {median_before:?})"
     );
 
     cluster.restart(leader).unwrap();
