@@ -150,24 +150,36 @@ fn a_write_whose_answer_is_lost_is_replayed_only_when_its_checks_make_that_harml
     });
     e.pause(frozen).unwrap();
 
-    let t0 = Instant::now();
-    assert_eq!(reader.get("warm-up").unwrap(), None);
-    let read = t0.elapsed();
-
-    // Absent, then put: a replay after an applied attempt would find the key present.
-    let t0 = Instant::now();
-    let mut txn = Txn::new();
-    txn.check("t", "once", kv::Cond::Absent)
-        .put("t", "once", b"1".to_vec());
-    assert!(
-        guarded.kv().commit(&txn).unwrap(),
-        "replayed on the next member"
-    );
-    let replayed = t0.elapsed();
-
-    let t0 = Instant::now();
-    let err = blind.insert("blind", b"1").unwrap_err();
-    let refused = t0.elapsed();
+    // All three at once, right after the freeze (well before the connections' keep-alive
+    // pings could notice it).
+    let timed = |f: &(dyn Fn() -> bool + Sync)| {
+        let t0 = Instant::now();
+        let ok = f();
+        (ok, t0.elapsed())
+    };
+    let (read, replayed, (refused, err)) = std::thread::scope(|s| {
+        let read = s.spawn(|| timed(&|| reader.get("warm-up").unwrap().is_none()));
+        // Absent, then put: a replay after an applied attempt would find the key present.
+        let replayed = s.spawn(|| {
+            let mut txn = Txn::new();
+            txn.check("t", "once", kv::Cond::Absent)
+                .put("t", "once", b"1".to_vec());
+            timed(&|| guarded.kv().commit(&txn).unwrap())
+        });
+        let refused = s.spawn(|| {
+            let t0 = Instant::now();
+            let err = blind.insert("blind", b"1").unwrap_err();
+            (t0.elapsed(), err)
+        });
+        (
+            read.join().unwrap(),
+            replayed.join().unwrap(),
+            refused.join().unwrap(),
+        )
+    });
+    assert!(read.0, "the read answered from another member");
+    assert!(replayed.0, "the guarded write applied on the next member");
+    let (read, replayed) = (read.1, replayed.1);
     let msg = err.to_string();
     println!(
         "member {frozen} frozen: read answered in {read:?}, guarded write in {replayed:?}, \
