@@ -4,6 +4,9 @@
 #                                     # burst of 100 enrollments at each
 #   SMOKE=1 scripts/bench-watch.sh    # 10 and 50 agents (< 1 minute, for CI)
 #   FLEETS=1000,3000 CHANGES=30 BURST=100 scripts/bench-watch.sh
+#   TWO_ON_ETCD=1 scripts/bench-watch.sh   # two controllers on a three-member etcd, watchers
+#                                     # split over them, next to one on sled (1,000 agents;
+#                                     # SMOKE=1: 100); needs etcd-server and etcd-client
 #   PREV_CONTROLLER_BIN=/path/to/old/zonemesh-controller   # the anchor (default
 #                                     # /work/prefan/zonemesh-controller when present;
 #                                     # empty to skip); stopped at MEM_CAP_MIB (8192)

@@ -16,6 +16,11 @@
 //! `SMOKE=1` runs 10 and 50 agents in well under a minute (CI). `FLEETS=1000,3000,10000`
 //! (the default), `CHANGES=20`, `BURST=100` set the full run; `ZONEMESH_CONTROLLER_BIN`
 //! picks the controller binary (default: `target/release/zonemesh-controller` if built).
+//!
+//! `TWO_ON_ETCD=1`: the same change's p99 with two controllers on one three-member etcd
+//! cluster (Debian `etcd-server`, on loopback), the watchers split over them and every
+//! change made through A, next to one controller on sled at the same fleet in the same run
+//! (`FLEETS`, default 1,000; 100 with `SMOKE=1`).
 
 use anyhow::{Context, Result};
 use bytes::Buf;
@@ -34,6 +39,8 @@ const MAX_SNAPSHOT: usize = 256 << 20;
 const ENROLL_IN_FLIGHT: usize = 8;
 const CONNECT_IN_FLIGHT: usize = 32;
 const AGENTS_PER_SOURCE: usize = 1000;
+/// Most uses one enrollment token may have (the controller refuses more).
+const TOKEN_USES: usize = 10_000;
 
 struct Delivery {
     watcher: usize,
@@ -189,10 +196,18 @@ fn peak_kib(pid: u32) -> Option<u64> {
         .ok()
 }
 
+/// Enough enrollment tokens for `needed` enrollments (the controller caps a token's uses).
+fn tokens_for(ctl: &Controller, needed: usize) -> Result<Vec<String>> {
+    (0..needed.div_ceil(TOKEN_USES))
+        .map(|_| ctl.token("bench", TOKEN_USES as u32))
+        .collect()
+}
+
 struct Bench {
     ctl: Controller,
     pid: u32,
-    token: String,
+    /// Enrollment tokens of `TOKEN_USES` uses each: agent `i` uses `tokens[i / TOKEN_USES]`.
+    tokens: Vec<String>,
     keys: Vec<Arc<rcgen::KeyPair>>,
     enroll_chans: Vec<tonic::transport::Channel>,
     enrolled: usize,
@@ -217,14 +232,14 @@ impl Bench {
         let keys = self.keys.clone();
         let start = self.enrolled;
         self.enrolled += n;
-        let token = self.token.clone();
+        let tokens = self.tokens.clone();
         let t = Instant::now();
         let out: Vec<Result<(NodeCreds, pb::EnrollResponse), tonic::Status>> =
             futures::stream::iter(start..start + n)
                 .map(|i| {
                     let ch = chans[i % chans.len()].clone();
                     let key = keys[i % keys.len()].clone();
-                    let token = token.clone();
+                    let token = tokens[i / TOKEN_USES].clone();
                     async move {
                         enroll_rpc(ch, &token, &format!("a{i}"), &key, wg_key(i as u64 + 1)).await
                     }
@@ -243,8 +258,13 @@ impl Bench {
     /// Connect `creds` as watchers (own TLS connection each); returns once every one has
     /// its snapshot.
     async fn connect(&mut self, creds: Vec<NodeCreds>) -> Result<Duration> {
-        use futures::StreamExt;
         let addr = self.ctl.grpc_addr();
+        self.connect_at(addr, creds).await
+    }
+
+    /// `connect` to the controller at `addr` (with two controllers: either of them).
+    async fn connect_at(&mut self, addr: String, creds: Vec<NodeCreds>) -> Result<Duration> {
+        use futures::StreamExt;
         let t = Instant::now();
         let first = self.watchers;
         self.watchers += creds.len();
@@ -409,10 +429,7 @@ async fn run_design(
     ctl.start()?;
     ctl.zone_add("bench", "100.64.0.0/10")?;
     let max = *fleets.iter().max().unwrap_or(&0);
-    let token = ctl.token(
-        "bench",
-        (max + (changes + burst) * fleets.len() + 10) as u32,
-    )?;
+    let tokens = tokens_for(&ctl, max + (changes + burst) * fleets.len() + 10)?;
     let pid = ctl.pid().context("controller pid")?;
     let (addr, fingerprint) = (ctl.grpc_addr(), ctl.fingerprint.clone());
     let (tx, rx) = mpsc::unbounded_channel();
@@ -441,7 +458,7 @@ async fn run_design(
     let mut b = Bench {
         ctl,
         pid,
-        token,
+        tokens,
         keys: (0..KEY_POOL).map(|i| Arc::new(rsa4096(i))).collect(),
         enroll_chans: futures::future::try_join_all(
             (0..4).map(|_| enrollment_channel(&addr, &fingerprint)),
@@ -652,6 +669,9 @@ fn print(runs: &[Run], burst: usize) {
 
 async fn run() -> Result<()> {
     let smoke = std::env::var("SMOKE").is_ok_and(|v| v == "1");
+    if std::env::var("TWO_ON_ETCD").is_ok_and(|v| v == "1") {
+        return two_on_etcd(smoke).await;
+    }
     let fleets: Vec<usize> = std::env::var("FLEETS")
         .ok()
         .map(|s| s.split(',').filter_map(|x| x.trim().parse().ok()).collect())
@@ -675,6 +695,263 @@ async fn run() -> Result<()> {
         anyhow::bail!("the new design's run stopped: {why}");
     }
     Ok(())
+}
+
+// Two controllers on etcd (`TWO_ON_ETCD=1`).
+
+/// What one run of the two-controller mode measured at one fleet size.
+struct TwoRow {
+    agents: usize,
+    enroll_rate_idle: f64,
+    all_p50: Duration,
+    all_p99: Duration,
+    all_max: Duration,
+    each_p99: Duration,
+    /// p99 of the watchers of A and of B alone (B learns each change from etcd).
+    each_p99_a: Duration,
+    each_p99_b: Duration,
+    connect: Duration,
+}
+
+impl Bench {
+    /// One change (a node enrolls): the time until every watcher has it, and each
+    /// watcher's delivery latency with its index.
+    async fn change_by_watcher(&mut self) -> Result<(Duration, Vec<(usize, Duration)>)> {
+        while self.rx.try_recv().is_ok() {}
+        let t0 = Instant::now();
+        self.enroll(1).await?;
+        let target = self.settled + 1;
+        let mut reached = vec![false; self.watchers];
+        let mut lat = Vec::with_capacity(self.watchers);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
+        while lat.len() < self.watchers {
+            let d = tokio::time::timeout_at(deadline, self.rx.recv())
+                .await
+                .with_context(|| {
+                    format!(
+                        "{} of {} watchers did not get version {target} within 300 s",
+                        self.watchers - lat.len(),
+                        self.watchers
+                    )
+                })?
+                .context("delivery channel closed")?;
+            if d.version >= target && !reached[d.watcher] {
+                reached[d.watcher] = true;
+                lat.push((d.watcher, d.at.saturating_duration_since(t0)));
+            }
+        }
+        self.settled = target;
+        let all = lat.iter().map(|l| l.1).max().unwrap_or_default();
+        Ok((all, lat))
+    }
+}
+
+/// `TWO_ON_ETCD=1`: the same change's p99 with two controllers (A and B, `serve --store
+/// etcd://...` on one three-member etcd cluster on loopback) and the watchers split over
+/// them, every change made through A; next to one controller on sled at the same fleet in
+/// the same run. `FLEETS` (default 1,000; 100 with `SMOKE=1`) and `CHANGES` as above.
+async fn two_on_etcd(smoke: bool) -> Result<()> {
+    if !zonemesh_tests::etcd_cluster::available() {
+        anyhow::bail!("TWO_ON_ETCD=1 needs etcd and etcdctl (Debian etcd-server, etcd-client)");
+    }
+    let fleets: Vec<usize> = std::env::var("FLEETS")
+        .ok()
+        .map(|s| s.split(',').filter_map(|x| x.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![if smoke { 100 } else { 1000 }]);
+    let changes = env_usize("CHANGES", if smoke { 5 } else { 20 });
+    let burst = env_usize("BURST", if smoke { 10 } else { 100 });
+    let cap_kib = env_usize("MEM_CAP_MIB", 8192) as u64 * 1024;
+    let mut rows = Vec::new();
+    for &n in &fleets {
+        let sled = run_design("sled", controller_bin(), &[n], changes, burst, cap_kib).await?;
+        if let Some(why) = &sled.stopped {
+            anyhow::bail!("one controller on sled at {n}: {why}");
+        }
+        let two = run_two_on_etcd(controller_bin(), n, changes).await?;
+        rows.push((sled, two));
+    }
+    print_two(&rows, changes);
+    Ok(())
+}
+
+/// Controllers A and B on one three-member etcd cluster, `n` agents enrolled through A,
+/// half watching A and half B; `changes` enrollments through A, each timed until every
+/// watcher (on both) has it.
+async fn run_two_on_etcd(binary: std::path::PathBuf, n: usize, changes: usize) -> Result<TwoRow> {
+    eprintln!("== two on etcd: {}", binary.display());
+    let tmp = tempfile::TempDir::new()?;
+    let etcd = zonemesh_tests::etcd_cluster::EtcdCluster::start(tmp.path(), 3)?;
+    let url = etcd.store_url();
+    let (dir_a, dir_b) = (tmp.path().join("a"), tmp.path().join("b"));
+    std::fs::create_dir_all(&dir_a)?;
+    std::fs::create_dir_all(&dir_b)?;
+    let out = zonemesh_tests::run_ok(
+        std::process::Command::new(&binary)
+            .arg("init")
+            .arg("--data-dir")
+            .arg(dir_a.join("ctl"))
+            .args(["--trust-domain", "corp.test", "--store", &url]),
+    )?;
+    let fingerprint = out
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .context("init printed nothing")?
+        .trim()
+        .to_string();
+    let mut a = Controller::existing(&dir_a, dir_a.join("ctl"), fingerprint.clone());
+    a.binary = binary.clone();
+    a.start()?;
+    zonemesh_tests::cluster::copy_secrets(&dir_a.join("ctl"), &dir_b.join("ctl2"))?;
+    let mut b = Controller::existing(&dir_b, dir_b.join("ctl2"), fingerprint.clone());
+    b.binary = binary;
+    b.serve_args = vec!["--store".into(), url];
+    b.start()?;
+    a.zone_add("bench", "100.64.0.0/10")?;
+    let tokens = tokens_for(&a, n + changes + 10)?;
+    let (addr_a, addr_b) = (a.grpc_addr(), b.grpc_addr());
+    let pid = a.pid().context("controller pid")?;
+    let (tx, rx) = mpsc::unbounded_channel();
+    let mut bench = Bench {
+        ctl: a,
+        pid,
+        tokens,
+        keys: (0..KEY_POOL).map(|i| Arc::new(rsa4096(i))).collect(),
+        enroll_chans: futures::future::try_join_all(
+            (0..4).map(|_| enrollment_channel(&addr_a, &fingerprint)),
+        )
+        .await?,
+        enrolled: 0,
+        watchers: 0,
+        settled: 0,
+        channels: vec![],
+        messages: Arc::new(AtomicU64::new(0)),
+        latest: Arc::new((0..=n).map(|_| AtomicU64::new(0)).collect()),
+        tx,
+        rx,
+        watch_tasks: tokio::task::JoinSet::new(),
+    };
+    let result = two_on_etcd_loop(&mut bench, &addr_a, &addr_b, n, changes).await;
+    bench.watch_tasks.abort_all();
+    while bench.watch_tasks.join_next().await.is_some() {}
+    drop(bench);
+    drop(b);
+    drop(etcd);
+    result
+}
+
+async fn two_on_etcd_loop(
+    b: &mut Bench,
+    addr_a: &str,
+    addr_b: &str,
+    n: usize,
+    changes: usize,
+) -> Result<TwoRow> {
+    let t = Instant::now();
+    let (mut creds, rate) = b.enroll(n).await?;
+    eprintln!(
+        "two on etcd: enrolled {n} agents through A in {:.1} s ({rate:.0}/s)",
+        t.elapsed().as_secs_f64()
+    );
+    let on_b = creds.split_off(n / 2);
+    let connect = b.connect_at(addr_a.to_string(), creds).await?
+        + b.connect_at(addr_b.to_string(), on_b).await?;
+    eprintln!(
+        "two on etcd: {} watchers on A and {} on B connected in {:.1} s",
+        n / 2,
+        n - n / 2,
+        connect.as_secs_f64()
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (mut all, mut each, mut each_a, mut each_b) = (vec![], vec![], vec![], vec![]);
+    for _ in 0..changes {
+        let (a, lat) = b.change_by_watcher().await?;
+        all.push(a);
+        for (w, d) in lat {
+            each.push(d);
+            // Watchers 0..n/2 watch A, the rest B (in the order they connected).
+            if w < n / 2 {
+                each_a.push(d)
+            } else {
+                each_b.push(d)
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for v in [&mut all, &mut each, &mut each_a, &mut each_b] {
+        v.sort();
+    }
+    let row = TwoRow {
+        agents: n,
+        enroll_rate_idle: rate,
+        all_p50: pct(&all, 0.5),
+        all_p99: pct(&all, 0.99),
+        all_max: all.last().copied().unwrap_or_default(),
+        each_p99: pct(&each, 0.99),
+        each_p99_a: pct(&each_a, 0.99),
+        each_p99_b: pct(&each_b, 0.99),
+        connect,
+    };
+    eprintln!("two on etcd: {n} agents: change p99 {} ms", ms(row.all_p99));
+    Ok(row)
+}
+
+fn print_two(rows: &[(Run, TwoRow)], changes: usize) {
+    println!();
+    println!(
+        "One change (a node enrolls) until every watcher has it, {changes} changes: one controller on sled vs two controllers on a three-member etcd (watchers split over A and B, changes through A)"
+    );
+    println!(
+        "{:>12} {:>7} | {:>9} {:>9} {:>9} {:>9} | {:>9} | {:>9}",
+        "design", "agents", "all p50", "all p99", "all max", "each p99", "enroll/s", "connect"
+    );
+    println!(
+        "{:>12} {:>7} | {:>9} {:>9} {:>9} {:>9} | {:>9} | {:>9}",
+        "", "", "ms", "ms", "ms", "ms", "no watch", "s"
+    );
+    for (sled, two) in rows {
+        for r in &sled.rows {
+            println!(
+                "{:>12} {:>7} | {:>9} {:>9} {:>9} {:>9} | {:>9.0} | {:>9.1}",
+                "1 on sled",
+                r.agents,
+                ms(r.all_p50),
+                ms(r.all_p99),
+                ms(r.all_max),
+                ms(r.each_p99),
+                sled.enroll_rate_idle,
+                r.connect.as_secs_f64()
+            );
+        }
+        println!(
+            "{:>12} {:>7} | {:>9} {:>9} {:>9} {:>9} | {:>9.0} | {:>9.1}",
+            "2 on etcd",
+            two.agents,
+            ms(two.all_p50),
+            ms(two.all_p99),
+            ms(two.all_max),
+            ms(two.each_p99),
+            two.enroll_rate_idle,
+            two.connect.as_secs_f64()
+        );
+        println!(
+            "{:>12} {:>7} | each p99 of A's watchers {} ms, of B's watchers {} ms (B follows etcd's change log)",
+            "",
+            "",
+            ms(two.each_p99_a),
+            ms(two.each_p99_b)
+        );
+        let old = sled.rows.first().map(|r| r.all_p99.as_secs_f64());
+        println!(
+            "{} agents: change p99 with two controllers on etcd {} ms ({} of one on sled); enrollments/s on etcd {:.0} ({} of sled)",
+            two.agents,
+            ms(two.all_p99),
+            ratio(two.all_p99.as_secs_f64(), old),
+            two.enroll_rate_idle,
+            ratio(two.enroll_rate_idle, Some(sled.enroll_rate_idle)),
+        );
+    }
+    println!("goal: change p99 < 1000 ms at 1,000 agents");
 }
 
 fn main() -> Result<()> {

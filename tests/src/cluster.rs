@@ -743,3 +743,20 @@ pub async fn mesh_channel_dial(addr: &str, creds: &NodeCreds, dial: Dial) -> Res
     }
     Ok(endpoint.connect_with_connector(connector).await?)
 }
+
+/// Give a new data directory `to` a copy of `from`'s `secrets/` (KEK and pepper), as a
+/// further controller on a shared store needs (directories 0700, files 0600).
+pub fn copy_secrets(from: &Path, to: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(to.join("secrets"))?;
+    for d in [to.to_path_buf(), to.join("secrets")] {
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o700))?;
+    }
+    for e in std::fs::read_dir(from.join("secrets"))? {
+        let e = e?;
+        let dst = to.join("secrets").join(e.file_name());
+        std::fs::copy(e.path(), &dst)?;
+        std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(0o600))?;
+    }
+    Ok(())
+}
