@@ -363,9 +363,3 @@ pub fn open_store(url: &str, data_dir: &Path) -> zonemesh_controller::store::Sto
     zonemesh_controller::store::Store::on(u.open(data_dir).expect("open etcd store"))
         .expect("store")
 }
-
-/// The name this fixture had in branches written before it was folded into one module;
-/// new code uses [`Etcd`] and [`available`] from here.
-pub mod compat {
-    pub use super::{Etcd as EtcdCluster, available, copy_store, open_store};
-}

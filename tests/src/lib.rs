@@ -110,8 +110,6 @@ pub fn is_root() -> bool {
 pub mod attacklab;
 pub mod cluster;
 pub mod etcd;
-/// The old name of [`etcd`]'s cluster fixture, for branches written before the two were one.
-pub use etcd::compat as etcd_cluster;
 pub mod fakeagent;
 pub mod inproc;
 pub mod janitor;
