@@ -744,7 +744,7 @@ impl Bench {
 /// them, every change made through A; next to one controller on sled at the same fleet in
 /// the same run. `FLEETS` (default 1,000; 100 with `SMOKE=1`) and `CHANGES` as above.
 async fn two_on_etcd(smoke: bool) -> Result<()> {
-    if !zonemesh_tests::etcd_cluster::available() {
+    if !zonemesh_tests::etcd::available() {
         anyhow::bail!("TWO_ON_ETCD=1 needs etcd and etcdctl (Debian etcd-server, etcd-client)");
     }
     let fleets: Vec<usize> = std::env::var("FLEETS")
@@ -773,7 +773,7 @@ async fn two_on_etcd(smoke: bool) -> Result<()> {
 async fn run_two_on_etcd(binary: std::path::PathBuf, n: usize, changes: usize) -> Result<TwoRow> {
     eprintln!("== two on etcd: {}", binary.display());
     let tmp = tempfile::TempDir::new()?;
-    let etcd = zonemesh_tests::etcd_cluster::EtcdCluster::start(tmp.path(), 3)?;
+    let etcd = zonemesh_tests::etcd::Etcd::start(tmp.path(), 3)?;
     let url = etcd.store_url();
     let (dir_a, dir_b) = (tmp.path().join("a"), tmp.path().join("b"));
     std::fs::create_dir_all(&dir_a)?;
