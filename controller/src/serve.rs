@@ -421,11 +421,7 @@ pub async fn run(cfg: ServeConfig, shutdown: CancellationToken) -> Result<()> {
                     continue;
                 }
                 let m = mesh.clone();
-                let r = crate::blocking::run(move || {
-                    m.authority().refresh_crl(SystemTime::now())?;
-                    m.publish_crl()
-                })
-                .await;
+                let r = crate::blocking::run(move || m.publish_crl()).await;
                 if let Err(e) = r {
                     tracing::error!(error = %e, "CRL refresh failed");
                 }

@@ -72,6 +72,14 @@ pub fn node_key(zone: &str, node: &str) -> String {
     format!("{zone}/{node}")
 }
 
+/// Key in `meta` of node `nkey`'s serial generation: moved on by every transaction that
+/// records a certificate for the node without rewriting its node record (TLS certificates,
+/// `ca sign-csr`), so a revocation of the node that read its serials before such a write
+/// fails its check on it and reads them again. Deleted with the node's revocation.
+pub fn serials_gen_key(nkey: &str) -> String {
+    format!("serials_gen/{nkey}")
+}
+
 /// Every certificate the CA has issued, by serial.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct CertRecord {
