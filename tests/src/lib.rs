@@ -112,6 +112,7 @@ pub mod cluster;
 pub mod etcd;
 pub mod etcd_cluster;
 pub mod fakeagent;
+pub mod faultkv;
 pub mod inproc;
 pub mod janitor;
 pub mod meshlab;

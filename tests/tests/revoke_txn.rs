@@ -12,59 +12,19 @@
 //!   the CRL number and signed again.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Barrier, Mutex};
 use std::time::SystemTime;
 use zonemesh_ca::RevocationReason;
 use zonemesh_controller::authority::Authority;
-use zonemesh_controller::kv::{Backend, KvError, KvResult, Pair, Query, Txn};
+use zonemesh_controller::kv::{Pair, Txn};
 use zonemesh_controller::mesh::{CrlListener, CrlListenerError, Mesh, RenewKey};
 use zonemesh_controller::secrets::KekSource;
 use zonemesh_controller::store::Store;
 use zonemesh_proto as pb;
 use zonemesh_tests::cluster::{cert_serial, crl_serials, wg_key};
 use zonemesh_tests::etcd_cluster::{self, EtcdCluster, copy_store, open_store};
+use zonemesh_tests::faultkv::Faulty;
 use zonemesh_tests::inproc::{Plane, enroll_on};
-
-/// The real backend, with commits that fail while `fail` is set (as an unreachable etcd
-/// cluster fails them).
-struct Faulty {
-    inner: Arc<dyn Backend>,
-    fail: AtomicBool,
-}
-
-impl Backend for Faulty {
-    fn url(&self) -> String {
-        self.inner.url()
-    }
-    fn get(&self, tree: &str, key: &[u8]) -> KvResult<Option<Vec<u8>>> {
-        self.inner.get(tree, key)
-    }
-    fn range(&self, tree: &str, q: &Query) -> KvResult<Vec<Pair>> {
-        self.inner.range(tree, q)
-    }
-    fn count(&self, tree: &str) -> KvResult<usize> {
-        self.inner.count(tree)
-    }
-    fn commit(&self, txn: &Txn) -> KvResult<bool> {
-        if self.fail.load(Ordering::SeqCst) {
-            return Err(KvError::Unreachable {
-                endpoints: "test".into(),
-                detail: "commit refused by the test".into(),
-            });
-        }
-        self.inner.commit(txn)
-    }
-    fn flush(&self) -> KvResult<()> {
-        self.inner.flush()
-    }
-    fn create_tree(&self, name: &str) -> KvResult<()> {
-        self.inner.create_tree(name)
-    }
-    fn tree_names(&self) -> KvResult<Vec<String>> {
-        self.inner.tree_names()
-    }
-}
 
 /// The CRLs the TLS verifier was last given.
 #[derive(Debug, Default)]
@@ -99,17 +59,7 @@ fn trees(store: &Store) -> BTreeMap<String, Vec<Pair>> {
 
 #[test]
 fn a_revocation_whose_commit_fails_changes_nothing() {
-    let mut faulty = None;
-    let plane = Plane::with_backend(|inner| {
-        let f = Arc::new(Faulty {
-            inner,
-            fail: AtomicBool::new(false),
-        });
-        faulty = Some(f.clone());
-        f
-    })
-    .unwrap();
-    let faulty = faulty.unwrap();
+    let (plane, faulty) = Faulty::plane().unwrap();
     let listener = Arc::new(LastCrls::default());
     plane.mesh.add_crl_listener(listener.clone());
     let n1 = plane.enroll("eu", "n1", 0, wg_key(1)).unwrap();
@@ -119,7 +69,7 @@ fn a_revocation_whose_commit_fails_changes_nothing() {
 
     let before = trees(&plane.store);
     let (crls, version) = (auth.crls_der(), mesh.version());
-    faulty.fail.store(true, Ordering::SeqCst);
+    faulty.set_failing(true);
     let e = mesh
         .revoke_node("eu/n1", RevocationReason::KeyCompromise, SystemTime::now())
         .unwrap_err();
@@ -130,7 +80,7 @@ fn a_revocation_whose_commit_fails_changes_nothing() {
         .unwrap_err();
     assert!(e.to_string().contains("cannot be reached"), "{e}");
     assert!(mesh.publish_crl().is_err());
-    faulty.fail.store(false, Ordering::SeqCst);
+    faulty.set_failing(false);
 
     // Nothing moved: store, served CRLs, the verifier's CRLs, the version.
     assert!(trees(&plane.store) == before, "the store changed");
@@ -138,7 +88,7 @@ fn a_revocation_whose_commit_fails_changes_nothing() {
     assert_eq!(*listener.0.lock().unwrap(), crls, "the verifier kept a CRL");
     assert!(!crl_serials(&auth.crl_der()).unwrap().contains(&serial));
     assert_eq!(mesh.version(), version);
-    assert!(!auth.is_revoked(&serial));
+    assert!(!auth.is_revoked(&n1.who.serial_hex));
     mesh.caller(&n1.who, SystemTime::now())
         .expect("n1 is still enrolled with its certificate");
 
@@ -148,7 +98,7 @@ fn a_revocation_whose_commit_fails_changes_nothing() {
         .unwrap();
     assert!(node.revoked);
     assert_eq!(mesh.version(), version + 1, "one change-log entry");
-    assert!(auth.is_revoked(&serial));
+    assert!(auth.is_revoked(&n1.who.serial_hex));
     assert!(plane.store.node("eu/n1").unwrap().unwrap().revoked);
     assert!(plane.store.node_serials("eu/n1").unwrap().is_empty());
     let crl = auth.crl_der().to_vec();
@@ -236,7 +186,7 @@ fn a_crl_signed_before_another_controllers_revocation_is_refused_and_signed_agai
         let pending = auth_b
             .sign_pending(
                 &lock,
-                std::slice::from_ref(&s2),
+                std::slice::from_ref(&n2.who.serial_hex),
                 RevocationReason::KeyCompromise,
                 SystemTime::now(),
             )
@@ -251,7 +201,7 @@ fn a_crl_signed_before_another_controllers_revocation_is_refused_and_signed_agai
             !plane.store.kv().commit(&txn).unwrap(),
             "a CRL that misses A's revocation must not apply"
         );
-        assert!(!plane.auth.is_revoked(&s2));
+        assert!(!plane.auth.is_revoked(&n2.who.serial_hex));
     }
     // Through B's Mesh: signed again, so its CRL lists both.
     b.revoke_node("eu/n2", RevocationReason::KeyCompromise, SystemTime::now())
