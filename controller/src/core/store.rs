@@ -110,6 +110,29 @@ pub struct TokenRecord {
     pub expires_unix: u64,
     pub uses_left: u32,
     pub created_unix: u64,
+    /// When its last use was taken (0: not used up, or used up before this was kept).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub spent_unix: u64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
+}
+
+impl TokenRecord {
+    /// When the token stopped being usable (its last use, else its expiry), if it has.
+    pub fn ended_unix(&self, now_unix: u64) -> Option<u64> {
+        if self.uses_left == 0 {
+            Some(match self.spent_unix {
+                0 => self.expires_unix.min(now_unix),
+                t => t,
+            })
+        } else if self.expires_unix <= now_unix {
+            Some(self.expires_unix)
+        } else {
+            None
+        }
+    }
 }
 
 /// An auto-blocked source address.

@@ -156,6 +156,9 @@ impl Mesh {
             ));
         };
         token.uses_left -= 1;
+        if token.uses_left == 0 {
+            token.spent_unix = unix(now);
+        }
         let overlay_ip = self.allocate_ip(&zone)?;
         let node = NodeRecord {
             zone: zone.name.clone(),
