@@ -63,7 +63,12 @@ fn a_revocation_whose_commit_fails_changes_nothing() {
     let listener = Arc::new(LastCrls::default());
     plane.mesh.add_crl_listener(listener.clone());
     let n1 = plane.enroll("eu", "n1", 0, wg_key(1)).unwrap();
+    let t0 = std::time::Instant::now();
     let _n2 = plane.enroll("eu", "n2", 1, wg_key(2)).unwrap();
+    println!(
+        "anchor: one enrollment (one transaction, sled) took {:?}",
+        t0.elapsed()
+    );
     let serial = cert_serial(&n1.creds.cert_der).unwrap();
     let (mesh, auth) = (&plane.mesh, &plane.auth);
 
@@ -93,9 +98,14 @@ fn a_revocation_whose_commit_fails_changes_nothing() {
         .expect("n1 is still enrolled with its certificate");
 
     // The store back: the same revocation applies whole, in one change.
+    let t0 = std::time::Instant::now();
     let node = mesh
         .revoke_node("eu/n1", RevocationReason::KeyCompromise, SystemTime::now())
         .unwrap();
+    println!(
+        "node revoke (one transaction, sled) took {:?}",
+        t0.elapsed()
+    );
     assert!(node.revoked);
     assert_eq!(mesh.version(), version + 1, "one change-log entry");
     assert!(auth.is_revoked(&n1.who.serial_hex));
@@ -147,10 +157,16 @@ fn concurrent_rounds(a: &Arc<Mesh>, b: &Arc<Mesh>, rounds: usize) -> u64 {
                 m.revoke_node(&node, RevocationReason::KeyCompromise, SystemTime::now())
             })
         };
+        let t0 = std::time::Instant::now();
         let ta = run(a.clone(), format!("eu/{na}"), go.clone());
         let tb = run(b.clone(), format!("eu/{nb}"), go);
         ta.join().unwrap().unwrap();
         tb.join().unwrap().unwrap();
+        println!(
+            "round {round}: two concurrent revocations took {:?} (CRL races so far: {})",
+            t0.elapsed(),
+            auth_a.crl_races() + auth_b.crl_races()
+        );
         a.follow_store().unwrap();
         b.follow_store().unwrap();
         assert_eq!(a.version(), b.version());
