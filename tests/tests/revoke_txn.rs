@@ -249,3 +249,47 @@ fn two_controllers_on_etcd_revoking_at_once_both_end_on_the_crl() {
     println!("etcd: CRL races signed again: {races}");
     assert!(races > 0, "the two controllers never raced for the CRL");
 }
+
+#[test]
+fn a_node_with_more_certificates_than_one_transaction_holds_is_revoked_whole() {
+    use zonemesh_controller::mesh::SERIALS_PER_TXN;
+    let plane = Plane::new().unwrap();
+    let n1 = plane.enroll("eu", "n1", 0, wg_key(1)).unwrap();
+    let dns = format!("n1.eu.{}", plane.auth.trust_domain());
+    let key = zonemesh_tests::rsa2048(0);
+    let csr = rcgen::CertificateParams::new(vec![dns.clone()])
+        .unwrap()
+        .serialize_request(&key)
+        .unwrap()
+        .der()
+        .to_vec();
+    let names = zonemesh_ca::TlsNames {
+        dns: vec![dns],
+        ips: vec![],
+    };
+    let now = SystemTime::now();
+    let mut serials = vec![n1.who.serial_hex.clone()];
+    for _ in 0..SERIALS_PER_TXN + 12 {
+        let c = plane
+            .auth
+            .issue_tls_csr(&csr, &names, None, Some("eu/n1"), now)
+            .unwrap();
+        serials.push(c.serial_hex);
+    }
+    let before = plane.mesh.version();
+    plane
+        .mesh
+        .revoke_node("eu/n1", RevocationReason::KeyCompromise, SystemTime::now())
+        .unwrap();
+    assert_eq!(
+        plane.mesh.version(),
+        before + 2,
+        "one transaction of the node's other certificates, then the node"
+    );
+    for s in &serials {
+        assert!(plane.auth.is_revoked(s), "{s} not revoked");
+    }
+    assert!(crl_serials(&plane.auth.crl_der()).unwrap().len() >= serials.len());
+    assert!(plane.store.node_serials("eu/n1").unwrap().is_empty());
+    assert!(plane.store.node("eu/n1").unwrap().unwrap().revoked);
+}
