@@ -75,6 +75,12 @@ impl From<ControllerError> for tonic::Status {
                 | CaE::UnknownIssuer
                 | CaE::NotANodeCertificate(_),
             ) => tonic::Status::unauthenticated(e.to_string()),
+            // The store not answering (or a write that lost a race) is worth a retry.
+            E::Store(StoreError::Db(_) | StoreError::Flush(_) | StoreError::Conflict) => {
+                tonic::Status::unavailable(format!(
+                    "the controller's store is unavailable, try again later: {e}"
+                ))
+            }
             _ => {
                 tracing::error!(error = %e, "internal error");
                 tonic::Status::internal("internal error")

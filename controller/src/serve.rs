@@ -421,11 +421,7 @@ pub async fn run(cfg: ServeConfig, shutdown: CancellationToken) -> Result<()> {
                     continue;
                 }
                 let m = mesh.clone();
-                let r = crate::blocking::run(move || {
-                    m.authority().refresh_crl(SystemTime::now())?;
-                    m.publish_crl()
-                })
-                .await;
+                let r = crate::blocking::run(move || m.publish_crl()).await;
                 if let Err(e) = r {
                     tracing::error!(error = %e, "CRL refresh failed");
                 }
@@ -436,6 +432,13 @@ pub async fn run(cfg: ServeConfig, shutdown: CancellationToken) -> Result<()> {
         let (mesh, stop, lead) = (mesh.clone(), shutdown.clone(), leader.clone());
         tasks.spawn(async move {
             expire_blocks_loop(mesh, lead, stop).await;
+            Ok(())
+        });
+    }
+    {
+        let (mesh, stop, lead) = (mesh.clone(), shutdown.clone(), leader.clone());
+        tasks.spawn(async move {
+            purge_tokens_loop(mesh, lead, stop).await;
             Ok(())
         });
     }
@@ -565,6 +568,27 @@ async fn expire_blocks_loop(mesh: Arc<Mesh>, leader: Leadership, stop: Cancellat
         let m = mesh.clone();
         if let Err(e) = crate::blocking::run(move || m.expire_blocks(m.now())).await {
             tracing::error!(error = %e, "expiring blocks failed");
+        }
+    }
+}
+
+/// How often used-up and expired enrollment tokens past their grace are purged.
+const TOKEN_PURGE_TICK: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Purge used-up and expired tokens once they are [`crate::mesh::TOKEN_PURGE_GRACE`] old
+/// (leader-only work).
+async fn purge_tokens_loop(mesh: Arc<Mesh>, leader: Leadership, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(TOKEN_PURGE_TICK) => {}
+        }
+        if !leader.is_leader() {
+            continue;
+        }
+        let m = mesh.clone();
+        if let Err(e) = crate::blocking::run(move || m.purge_tokens(m.now())).await {
+            tracing::error!(error = %e, "purging enrollment tokens failed");
         }
     }
 }

@@ -12,6 +12,8 @@ use tokio_util::sync::CancellationToken;
 use zonemesh_ca::VerifiedNode;
 use zonemesh_controller::authority::Authority;
 use zonemesh_controller::clock::{Alarm, Clock};
+use zonemesh_controller::kv::sled::SledBackend;
+use zonemesh_controller::kv::{Backend, Kv};
 use zonemesh_controller::mesh::Mesh;
 use zonemesh_controller::secrets::KekSource;
 use zonemesh_controller::store::Store;
@@ -120,27 +122,33 @@ impl Plane {
         Self::new_with(|_| {})
     }
 
+    /// A plane whose store is the data directory's sled database seen through `wrap` (a
+    /// test's fault-injecting [`Backend`] around the real one).
+    pub fn with_backend(wrap: impl FnOnce(Arc<dyn Backend>) -> Arc<dyn Backend>) -> Result<Self> {
+        let dir = TempDir::new()?;
+        let ctl = Controller::init(dir.path())?;
+        let sled = SledBackend::open(&ctl.data_dir.join("db"))?;
+        let store = Store::on(Kv::new(wrap(Arc::new(sled))))?;
+        let kek = KekSource::new(&ctl.data_dir, None).load()?;
+        let auth = Arc::new(Authority::load(store.clone(), &kek, SystemTime::now())?);
+        let clock = TestClock::new();
+        let mesh = Mesh::with_clock(auth.clone(), Arc::new(SharedClock(clock.clone())))?;
+        let fingerprint = ctl.fingerprint.clone();
+        drop(ctl);
+        Ok(Self {
+            dir,
+            store,
+            auth,
+            mesh,
+            clock,
+            fingerprint,
+        })
+    }
+
     /// Enroll `zone/name` through `Mesh::enroll` with pooled key `slot`.
     pub fn enroll(&self, zone: &str, name: &str, slot: usize, wg: [u8; 32]) -> Result<Enrolled> {
-        let now = self.mesh.now();
-        if self.store.zone(zone)?.is_none() {
-            let n = self.store.zones()?.len() + 1;
-            self.mesh
-                .add_zone(zone, &format!("100.64.{n}.0/24"), false, now)?;
-        }
-        let token = self
-            .mesh
-            .create_token(zone, Duration::from_secs(3600), 1, now)?;
         let key = crate::rsa4096(slot);
-        let req = pb::EnrollRequest {
-            token: token.token,
-            csr_der: zonemesh_agent::control::enroll::csr_for(&key, name)?,
-            wg_public_key: wg.to_vec(),
-            endpoints: vec![],
-            node_name: name.into(),
-            zone: String::new(),
-        };
-        let resp = self.mesh.enroll(&req, "127.0.0.1".parse()?, now)?;
+        let resp = enroll_on(&self.mesh, zone, name, slot, wg)?;
         let creds = NodeCreds {
             key_pkcs8: key.serialize_der(),
             cert_der: resp.certificate_der.clone(),
@@ -166,6 +174,34 @@ impl Plane {
     pub async fn serve(&self) -> Result<Served> {
         serve_mesh(&self.auth, &self.mesh).await
     }
+}
+
+/// Enroll `zone/name` through `mesh` (the zone added first when it is new) with pooled
+/// key `slot` and a fresh one-time token.
+pub fn enroll_on(
+    mesh: &Mesh,
+    zone: &str,
+    name: &str,
+    slot: usize,
+    wg: [u8; 32],
+) -> Result<pb::EnrollResponse> {
+    let now = mesh.now();
+    let store = mesh.authority().store();
+    if store.zone(zone)?.is_none() {
+        let n = store.zones()?.len() + 1;
+        mesh.add_zone(zone, &format!("100.64.{n}.0/24"), false, now)?;
+    }
+    let token = mesh.create_token(zone, Duration::from_secs(3600), 1, now)?;
+    let key = crate::rsa4096(slot);
+    let req = pb::EnrollRequest {
+        token: token.token,
+        csr_der: zonemesh_agent::control::enroll::csr_for(&key, name)?,
+        wg_public_key: wg.to_vec(),
+        endpoints: vec![],
+        node_name: name.into(),
+        zone: String::new(),
+    };
+    Ok(mesh.enroll(&req, "127.0.0.1".parse()?, now)?)
 }
 
 /// Serve `mesh` (over `auth`) with the real gRPC listener on a loopback port, as `serve`

@@ -111,6 +111,7 @@ pub mod attacklab;
 pub mod cluster;
 pub mod etcd;
 pub mod fakeagent;
+pub mod faultkv;
 pub mod inproc;
 pub mod janitor;
 pub mod meshlab;

@@ -512,11 +512,12 @@ impl MeshRpc for GrpcService {
         &self,
         req: Request<pb::HealthReport>,
     ) -> Result<Response<pb::Ack>, Status> {
-        let who = node(&req)?;
-        self.mesh
-            .report_health(&who, req.get_ref(), self.mesh.now())
-            .map_err(Status::from)?;
-        Ok(Response::new(pb::Ack {}))
+        // The caller check reads the node record: on the blocking pool.
+        self.node_call(req, |mesh, who, body, now| {
+            mesh.report_health(who, &body, now)
+        })
+        .await
+        .map(|_| Response::new(pb::Ack {}))
     }
 
     async fn report_events(

@@ -120,7 +120,17 @@ impl SessionStore {
         kind: SessionKind,
         now: SystemTime,
     ) -> Result<Zeroizing<String>, AuthError> {
-        let token = self.insert(email, role, kind, now)?;
+        // The write goes to the blocking pool (a store call may wait on the disk or the
+        // network); the flush is awaited without holding a worker.
+        let s = Session {
+            email: email.to_string(),
+            role,
+            kind,
+            created_ms: ms(now),
+            last_seen_ms: ms(now),
+        };
+        let tree = self.tree.clone();
+        let token = crate::blocking::run(move || insert_in(&tree, &s)).await?;
         self.flusher.flush().await?;
         Ok(token)
     }
@@ -128,7 +138,8 @@ impl SessionStore {
     /// End the session for `token` and wait, without holding an async worker, until that
     /// is on disk.
     pub async fn remove_durable(&self, token: &str) -> Result<(), AuthError> {
-        self.tree.remove(token_key(token))?;
+        let (tree, key) = (self.tree.clone(), token_key(token));
+        crate::blocking::run(move || tree.remove(key).map_err(AuthError::from)).await?;
         self.flusher.flush().await?;
         Ok(())
     }
@@ -153,7 +164,6 @@ impl SessionStore {
         kind: SessionKind,
         now: SystemTime,
     ) -> Result<Zeroizing<String>, AuthError> {
-        let token = random_token();
         let s = Session {
             email: email.to_string(),
             role,
@@ -161,9 +171,7 @@ impl SessionStore {
             created_ms: ms(now),
             last_seen_ms: ms(now),
         };
-        self.tree
-            .insert(token_key(&token), serde_json::to_vec(&s)?)?;
-        Ok(token)
+        insert_in(&self.tree, &s)
     }
 
     fn expired(&self, s: &Session, now: SystemTime) -> bool {
@@ -265,6 +273,13 @@ impl SessionStore {
     pub fn is_empty(&self) -> Result<bool, AuthError> {
         Ok(self.tree.is_empty()?)
     }
+}
+
+/// Store `s` under a fresh token; returns the token for the cookie.
+fn insert_in(tree: &crate::core::kv::Tree, s: &Session) -> Result<Zeroizing<String>, AuthError> {
+    let token = random_token();
+    tree.insert(token_key(&token), serde_json::to_vec(s)?)?;
+    Ok(token)
 }
 
 #[cfg(test)]

@@ -187,10 +187,7 @@ impl UserStore {
     }
 
     fn load(&self, email: &str) -> Result<Option<UserRecord>, AuthError> {
-        match self.tree.get(email.as_bytes())? {
-            Some(v) => Ok(Some(serde_json::from_slice(&v)?)),
-            None => Ok(None),
-        }
+        load_in(&self.tree, email)
     }
 
     /// Read-modify-write of one record with compare-and-swap, flushed before returning.
@@ -198,26 +195,9 @@ impl UserStore {
     fn modify<T>(
         &self,
         email: &str,
-        mut f: impl FnMut(&mut UserRecord) -> Result<Option<T>, AuthError>,
+        f: impl FnMut(&mut UserRecord) -> Result<Option<T>, AuthError>,
     ) -> Result<Option<T>, AuthError> {
-        loop {
-            let Some(old) = self.tree.get(email.as_bytes())? else {
-                return Err(AuthError::NoSuchUser(email.to_string()));
-            };
-            let mut rec: UserRecord = serde_json::from_slice(&old)?;
-            let Some(out) = f(&mut rec)? else {
-                return Ok(None);
-            };
-            let new = serde_json::to_vec(&rec)?;
-            if self
-                .tree
-                .compare_and_swap(email.as_bytes(), Some(&old), Some(new))?
-                .is_ok()
-            {
-                self.flusher.flush_blocking()?;
-                return Ok(Some(out));
-            }
-        }
+        modify_in(&self.tree, &self.flusher, email, f)
     }
 
     fn seal_label(email: &str) -> String {
@@ -439,7 +419,12 @@ impl UserStore {
         password: Zeroizing<String>,
     ) -> Result<PasswordCheck, AuthError> {
         let email = normalize_email(email);
-        let rec = self.load(&email)?;
+        // The record is read (and a rehash written) on the blocking pool: a store call
+        // may wait on the disk or the network.
+        let rec = {
+            let (tree, email) = (self.tree.clone(), email.clone());
+            crate::blocking::run(move || load_in(&tree, &email)).await?
+        };
         let Some(rec) = rec else {
             let dummy = self.hasher.dummy().clone();
             self.hasher.verify_bounded(email, password, dummy).await?;
@@ -458,10 +443,14 @@ impl UserStore {
         if verified == Verified::OkRehash {
             // Upgrade to the current pepper and cost while we hold the password.
             let new = self.hasher.hash_bounded(email.clone(), password).await?;
-            self.modify(&email, |r| {
-                r.password = new.clone();
-                Ok(Some(()))
-            })?;
+            let (tree, flusher, email) = (self.tree.clone(), self.flusher.clone(), email.clone());
+            crate::blocking::run(move || {
+                modify_in(&tree, &flusher, &email, |r| {
+                    r.password = new.clone();
+                    Ok(Some(()))
+                })
+            })
+            .await?;
         }
         let confirmed = rec.totp.as_ref().is_some_and(|t| t.confirmed);
         let second_factor = match (rec.role, confirmed) {
@@ -588,6 +577,40 @@ impl UserStore {
     /// How long until `until`, for messages.
     pub fn remaining(until: SystemTime, now: SystemTime) -> Duration {
         until.duration_since(now).unwrap_or_default()
+    }
+}
+
+/// One user record as stored.
+fn load_in(tree: &crate::core::kv::Tree, email: &str) -> Result<Option<UserRecord>, AuthError> {
+    match tree.get(email.as_bytes())? {
+        Some(v) => Ok(Some(serde_json::from_slice(&v)?)),
+        None => Ok(None),
+    }
+}
+
+/// [`UserStore::modify`] over the tree and its flusher (for the blocking pool).
+fn modify_in<T>(
+    tree: &crate::core::kv::Tree,
+    flusher: &Flusher,
+    email: &str,
+    mut f: impl FnMut(&mut UserRecord) -> Result<Option<T>, AuthError>,
+) -> Result<Option<T>, AuthError> {
+    loop {
+        let Some(old) = tree.get(email.as_bytes())? else {
+            return Err(AuthError::NoSuchUser(email.to_string()));
+        };
+        let mut rec: UserRecord = serde_json::from_slice(&old)?;
+        let Some(out) = f(&mut rec)? else {
+            return Ok(None);
+        };
+        let new = serde_json::to_vec(&rec)?;
+        if tree
+            .compare_and_swap(email.as_bytes(), Some(&old), Some(new))?
+            .is_ok()
+        {
+            flusher.flush_blocking()?;
+            return Ok(Some(out));
+        }
     }
 }
 

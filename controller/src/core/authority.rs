@@ -4,7 +4,7 @@
 use crate::core::rotation::{CaCertKind, CaCertRecord, CaCertState, CaCertView};
 use crate::error::{ControllerError, Result};
 use crate::store::{
-    CertKind, CertRecord, NodeSerial, RevocationRecord, Store, decode, encode, from_unix, unix,
+    CertKind, CertRecord, NodeSerial, RevocationRecord, Store, Txn, decode, encode, from_unix, unix,
 };
 use arc_swap::ArcSwap;
 use serde::Serialize;
@@ -22,6 +22,111 @@ use zonemesh_proto as pb;
 pub const CRL_VALIDITY: Duration = Duration::from_secs(7 * 86_400);
 /// How often the serve loop re-signs the CRL even without revocations.
 pub const CRL_REFRESH: Duration = Duration::from_secs(86_400);
+
+/// Times a CRL change is signed again because another writer of the store moved the CRL
+/// number first (or the change's own checks failed) before it gives up with a conflict.
+pub const MAX_CRL_RACES: u32 = 8;
+/// Key in `meta` of the last CRL number taken.
+const CRL_NUMBER: &str = "crl_number";
+
+/// Proof that the caller holds the authority's CRL lock (see [`Authority::crl_lock`]).
+pub struct CrlLock<'a>(#[allow(dead_code)] parking_lot::MutexGuard<'a, ()>);
+
+/// CRLs signed for a change that is not committed yet: the stored revocations plus the
+/// serials it revokes, numbered one past the CRL number read before signing. Its writes
+/// ([`PendingCrl::add_to`]) are the revocation records and the new number, checked
+/// against the number read, so it applies only if no other CRL was taken meanwhile.
+pub struct PendingCrl {
+    number_before: Option<Vec<u8>>,
+    number: u64,
+    crls: Vec<Arc<Vec<u8>>>,
+    newly: Vec<String>,
+    record: Vec<u8>,
+}
+
+impl PendingCrl {
+    /// Writes (and conditions) this CRL change adds to a transaction.
+    pub const OPS: usize = 2;
+
+    /// Add the CRL number check, the new number and the revocation records to `txn`.
+    pub fn add_to(&self, txn: &mut Txn) {
+        txn.expect("meta", CRL_NUMBER, self.number_before.as_deref())
+            .put("meta", CRL_NUMBER, self.number.to_be_bytes());
+        for s in &self.newly {
+            txn.put("revoked", s.as_bytes(), self.record.clone());
+        }
+    }
+
+    /// How many checks and writes [`Self::add_to`] adds.
+    pub fn ops(&self) -> usize {
+        Self::OPS + self.newly.len()
+    }
+
+    /// The serials this change revokes (issued here, not revoked before).
+    pub fn newly(&self) -> &[String] {
+        &self.newly
+    }
+
+    /// The CRL number it takes.
+    pub fn number(&self) -> u64 {
+        self.number
+    }
+
+    /// The issuing intermediate's CRL.
+    pub fn crl_der(&self) -> Vec<u8> {
+        self.crls.first().map(|c| c.to_vec()).unwrap_or_default()
+    }
+
+    /// The other trusted intermediates' CRLs.
+    pub fn issuer_crls_der(&self) -> Vec<Vec<u8>> {
+        self.crls.iter().skip(1).map(|c| c.to_vec()).collect()
+    }
+
+    /// Every CRL, the issuing intermediate's first.
+    pub fn crls_der(&self) -> Vec<Vec<u8>> {
+        self.crls.iter().map(|c| c.to_vec()).collect()
+    }
+}
+
+/// The writes that record `cert` as issued to node `owner`: its certificate record, the
+/// node's serial, and the node's serial generation moved on from `gen_before` (checked).
+pub fn owned_cert_ops(
+    txn: &mut Txn,
+    owner: &str,
+    cert: &IssuedCert,
+    kind: CertKind,
+    subject: String,
+    gen_before: Option<&[u8]>,
+    now: SystemTime,
+) {
+    let gen_key = crate::store::serials_gen_key(owner);
+    let next = gen_before
+        .and_then(|v| <[u8; 8]>::try_from(v).ok())
+        .map(u64::from_be_bytes)
+        .unwrap_or(0)
+        + 1;
+    txn.put(
+        "certs",
+        &cert.serial_hex,
+        encode(&CertRecord {
+            kind,
+            subject,
+            not_after_unix: unix(cert.not_after),
+            issued_unix: unix(now),
+        }),
+    )
+    .put(
+        "node_serials",
+        format!("{owner}/{}", cert.serial_hex),
+        encode(&NodeSerial {
+            serial_hex: cert.serial_hex.clone(),
+            kind,
+            not_after_unix: unix(cert.not_after),
+        }),
+    )
+    .expect("meta", &gen_key, gen_before)
+    .put("meta", &gen_key, next.to_be_bytes());
+}
 
 const ROOT_KEY_LABEL: &str = "zonemesh root key v1";
 const INT_KEY_LABEL: &str = "zonemesh intermediate key v1";
@@ -66,6 +171,8 @@ pub struct Authority {
     ocsp: OcspCache,
     /// Counts issued and revoked certificates; shared with the rest of the controller.
     metrics: crate::metrics::Metrics,
+    /// CRL changes signed again after a conflict (see [`Authority::crl_races`]).
+    crl_races: AtomicU64,
 }
 
 /// Most OCSP responses kept. Only serials this CA issued are cached (up to four CertID
@@ -199,6 +306,7 @@ impl Authority {
             crls: ArcSwap::from_pointee(Vec::new()),
             ocsp: OcspCache::default(),
             metrics: crate::metrics::Metrics::new(),
+            crl_races: AtomicU64::new(0),
         };
         auth.refresh_crl(now)?;
         Ok(auth)
@@ -347,17 +455,45 @@ impl Authority {
         Ok(())
     }
 
-    /// Remember which node a serial was issued to, so revoking the node revokes it.
-    fn record_owner(&self, owner: &str, cert: &IssuedCert, kind: CertKind) -> Result<()> {
-        self.store.add_node_serial(
-            owner,
-            &NodeSerial {
-                serial_hex: cert.serial_hex.clone(),
+    /// Remember which node a serial was issued to, so revoking the node revokes it: the
+    /// certificate record, the node's serial and a bump of the node's serial generation in
+    /// one transaction (a revocation of the node that read its serials before fails its
+    /// check on the generation and reads them again).
+    fn record_owner(
+        &self,
+        owner: &str,
+        cert: &IssuedCert,
+        kind: CertKind,
+        subject: String,
+        now: SystemTime,
+    ) -> Result<()> {
+        for _ in 0..MAX_CRL_RACES {
+            let gen_key = crate::store::serials_gen_key(owner);
+            let before = self
+                .store
+                .meta
+                .get(&gen_key)
+                .map_err(crate::store::StoreError::from)?;
+            let mut txn = Txn::new();
+            owned_cert_ops(
+                &mut txn,
+                owner,
+                cert,
                 kind,
-                not_after_unix: unix(cert.not_after),
-            },
-        )?;
-        Ok(())
+                subject.clone(),
+                before.as_deref(),
+                now,
+            );
+            if self
+                .store
+                .kv()
+                .commit(&txn)
+                .map_err(crate::store::StoreError::from)?
+            {
+                return Ok(());
+            }
+        }
+        Err(crate::store::StoreError::Conflict.into())
     }
 
     /// Issue a node certificate and record its serial, also under its node (the caller
@@ -384,8 +520,7 @@ impl Authority {
         now: SystemTime,
     ) -> Result<()> {
         let nkey = crate::store::node_key(zone, node);
-        self.record(cert, CertKind::Node, nkey.clone(), now)?;
-        self.record_owner(&nkey, cert, CertKind::Node)?;
+        self.record_owner(&nkey, cert, CertKind::Node, nkey.clone(), now)?;
         self.metrics
             .certificate_issued(crate::metrics::CertKind::Node);
         Ok(())
@@ -404,10 +539,16 @@ impl Authority {
         let cert = self
             .ca()
             .sign_tls_csr(&self.tls_policy, csr, names, lifetime, now)?;
-        if let Some(owner) = owner {
-            self.record_owner(owner, &cert, CertKind::Tls)?;
+        match owner {
+            Some(owner) => {
+                self.record_owner(owner, &cert, CertKind::Tls, format!("{names:?}"), now)?;
+                self.store.flush()?;
+                self.metrics
+                    .certificate_issued(crate::metrics::CertKind::Tls);
+                Ok(cert)
+            }
+            None => self.record_tls(cert, names, now),
         }
-        self.record_tls(cert, names, now)
     }
 
     /// Issue a TLS certificate for a key the caller holds and record it durably.
@@ -446,13 +587,56 @@ impl Authority {
         Ok(cert)
     }
 
-    /// Revoke a serial this CA issued: recorded, flushed, and a new CRL signed.
+    /// Revoke a serial this CA issued: the revocation record, the CRL number and the new
+    /// CRLs listing it in one transaction, flushed (no change-log entry: without a running
+    /// mesh, `ca revoke` on the store; [`crate::mesh::Mesh::revoke_serial`] otherwise).
     pub fn revoke(
         &self,
         serial_hex: &str,
         reason: RevocationReason,
         now: SystemTime,
     ) -> Result<()> {
+        self.revoke_with(serial_hex, reason, now, |_| Ok(()))
+    }
+
+    /// [`Self::revoke`] with further writes of the caller's in the same transaction
+    /// (`extra` is called again for every try).
+    pub fn revoke_with(
+        &self,
+        serial_hex: &str,
+        reason: RevocationReason,
+        now: SystemTime,
+        mut extra: impl FnMut(&mut Txn) -> Result<()>,
+    ) -> Result<()> {
+        let serial = self.known_serial(serial_hex)?;
+        let lock = self.crl_lock();
+        for _ in 0..MAX_CRL_RACES {
+            let pending = self.sign_pending(&lock, std::slice::from_ref(&serial), reason, now)?;
+            if pending.newly().is_empty() {
+                return Err(ControllerError::AlreadyExists(format!(
+                    "serial {serial} is already revoked"
+                )));
+            }
+            let mut txn = Txn::new();
+            extra(&mut txn)?;
+            pending.add_to(&mut txn);
+            if self
+                .store
+                .kv()
+                .commit(&txn)
+                .map_err(crate::store::StoreError::from)?
+            {
+                self.install_pending(&lock, pending);
+                self.store.flush()?;
+                return Ok(());
+            }
+            self.crl_races.fetch_add(1, Ordering::Relaxed);
+        }
+        Err(crate::store::StoreError::Conflict.into())
+    }
+
+    /// The canonical form of a serial given by an operator, which this CA must have issued.
+    pub fn known_serial(&self, serial_hex: &str) -> Result<String> {
         let serial = serial_hex
             .trim()
             .trim_start_matches("0x")
@@ -471,50 +655,108 @@ impl Authority {
                 "serial {serial} is already revoked"
             )));
         }
-        let rec = RevocationRecord {
-            revoked_unix: unix(now),
-            reason_code: reason.code(),
-        };
-        self.store
-            .revoked
-            .insert(serial.as_bytes(), encode(&rec))
-            .map_err(crate::store::StoreError::from)?;
-        self.ocsp.forget(&serial);
-        self.refresh_crl(now)?;
-        self.store.flush()?;
-        self.metrics.certificates_revoked(1);
-        Ok(())
+        Ok(serial)
     }
 
-    /// Revoke several serials this CA issued with one CRL signature and one flush; serials
-    /// already revoked are left as they are. Returns how many were newly revoked.
-    pub fn revoke_all(
+    /// One CRL change at a time on this controller: held from signing a [`PendingCrl`]
+    /// until it is committed and installed (rotations and retirements take it too).
+    pub fn crl_lock(&self) -> CrlLock<'_> {
+        CrlLock(self.ca_lock.lock())
+    }
+
+    /// Sign the CRL of every trusted intermediate from the stored revocations plus
+    /// `serials` (those this CA issued and that are not revoked yet), numbered one past
+    /// the stored CRL number; nothing is written. The caller commits
+    /// [`PendingCrl::add_to`] with its own writes, then [`Self::install_pending`]; when the
+    /// CRL number moved meanwhile (another writer of the store), the commit's check fails
+    /// and the caller signs again. Blocking (RSA signatures).
+    pub fn sign_pending(
         &self,
+        _lock: &CrlLock<'_>,
         serials: &[String],
         reason: RevocationReason,
         now: SystemTime,
-    ) -> Result<usize> {
-        let rec = encode(&RevocationRecord {
-            revoked_unix: unix(now),
-            reason_code: reason.code(),
-        });
-        let mut newly = 0;
-        for serial in serials {
-            if self.store.cert(serial)?.is_none() || self.store.revocation(serial)?.is_some() {
+    ) -> Result<PendingCrl> {
+        // The number first: a revocation writes its records and the number together, so
+        // records read after this number include every revocation it counts.
+        let number_before = self
+            .store
+            .meta
+            .get(CRL_NUMBER)
+            .map_err(crate::store::StoreError::from)?;
+        let number = number_before
+            .as_deref()
+            .and_then(|v| <[u8; 8]>::try_from(v).ok())
+            .map(u64::from_be_bytes)
+            .unwrap_or(0)
+            + 1;
+        let mut entries = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for item in self.store.revoked.iter() {
+            let (k, v) = item.map_err(crate::store::StoreError::from)?;
+            let rec: RevocationRecord = crate::store::decode("revoked", &v)?;
+            let serial_hex = String::from_utf8_lossy(&k).into_owned();
+            seen.insert(serial_hex.clone());
+            entries.push(RevokedEntry {
+                serial_hex,
+                revoked_at: from_unix(rec.revoked_unix),
+                reason: RevocationReason::from_code(rec.reason_code)
+                    .unwrap_or(RevocationReason::Unspecified),
+            });
+        }
+        let mut newly = Vec::new();
+        for s in serials {
+            if seen.contains(s) || self.store.cert(s)?.is_none() {
                 continue;
             }
-            self.store
-                .revoked
-                .insert(serial.as_bytes(), rec.clone())
-                .map_err(crate::store::StoreError::from)?;
-            newly += 1;
+            seen.insert(s.clone());
+            newly.push(s.clone());
+            entries.push(RevokedEntry {
+                serial_hex: s.clone(),
+                revoked_at: from_unix(unix(now)),
+                reason,
+            });
         }
-        if newly > 0 {
-            self.refresh_crl(now)?;
-            self.store.flush()?;
-            self.metrics.certificates_revoked(newly as u64);
+        // Every CRL lists every revocation: serials are random 128-bit numbers, so a serial
+        // of one intermediate never names a certificate of another.
+        let set = self.set.load_full();
+        let crls = set
+            .issuers
+            .iter()
+            .map(|ca| Ok(Arc::new(ca.crl(&entries, number, now, CRL_VALIDITY)?)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(PendingCrl {
+            number_before,
+            number,
+            crls,
+            newly,
+            record: encode(&RevocationRecord {
+                revoked_unix: unix(now),
+                reason_code: reason.code(),
+            }),
+        })
+    }
+
+    /// Serve the CRLs of a committed [`PendingCrl`] from now on.
+    pub fn install_pending(&self, _lock: &CrlLock<'_>, pending: PendingCrl) {
+        for s in &pending.newly {
+            self.ocsp.forget(s);
         }
-        Ok(newly)
+        if !pending.newly.is_empty() {
+            self.metrics
+                .certificates_revoked(pending.newly.len() as u64);
+        }
+        self.crls.store(Arc::new(pending.crls));
+    }
+
+    /// Times a CRL change was signed again because another writer moved the CRL number.
+    pub fn crl_races(&self) -> u64 {
+        self.crl_races.load(Ordering::Relaxed)
+    }
+
+    /// Count one CRL change signed again (see [`Self::crl_races`]).
+    pub fn note_crl_race(&self) {
+        self.crl_races.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Serve the CRLs another controller of the same store signed (followed from the
@@ -527,37 +769,33 @@ impl Authority {
         self.crls.store(Arc::new(v));
     }
 
-    /// Re-sign the CRL of every trusted intermediate from the revocations in the store;
-    /// returns the issuing intermediate's.
+    /// Re-sign the CRL of every trusted intermediate from the revocations in the store
+    /// and take the next CRL number (checked, so it never numbers a CRL that misses a
+    /// revocation committed meanwhile); returns the issuing intermediate's. Served here
+    /// only: [`crate::mesh::Mesh::publish_crl`] signs and publishes in one transaction.
     pub fn refresh_crl(&self, now: SystemTime) -> Result<Arc<Vec<u8>>> {
-        let _one = self.ca_lock.lock();
-        self.refresh_crl_locked(now)
+        let lock = self.crl_lock();
+        self.refresh_crl_locked(&lock, now)
     }
 
-    fn refresh_crl_locked(&self, now: SystemTime) -> Result<Arc<Vec<u8>>> {
-        let mut entries = Vec::new();
-        for item in self.store.revoked.iter() {
-            let (k, v) = item.map_err(crate::store::StoreError::from)?;
-            let rec: RevocationRecord = crate::store::decode("revoked", &v)?;
-            entries.push(RevokedEntry {
-                serial_hex: String::from_utf8_lossy(&k).into_owned(),
-                revoked_at: from_unix(rec.revoked_unix),
-                reason: RevocationReason::from_code(rec.reason_code)
-                    .unwrap_or(RevocationReason::Unspecified),
-            });
+    fn refresh_crl_locked(&self, lock: &CrlLock<'_>, now: SystemTime) -> Result<Arc<Vec<u8>>> {
+        for _ in 0..MAX_CRL_RACES {
+            let pending = self.sign_pending(lock, &[], RevocationReason::Unspecified, now)?;
+            let mut txn = Txn::new();
+            pending.add_to(&mut txn);
+            if self
+                .store
+                .kv()
+                .commit(&txn)
+                .map_err(crate::store::StoreError::from)?
+            {
+                let first = pending.crls.first().cloned().unwrap_or_default();
+                self.install_pending(lock, pending);
+                return Ok(first);
+            }
+            self.crl_races.fetch_add(1, Ordering::Relaxed);
         }
-        // Every CRL lists every revocation: serials are random 128-bit numbers, so a serial
-        // of one intermediate never names a certificate of another.
-        let number = self.store.next_counter("crl_number")?;
-        let set = self.set.load_full();
-        let crls = set
-            .issuers
-            .iter()
-            .map(|ca| Ok(Arc::new(ca.crl(&entries, number, now, CRL_VALIDITY)?)))
-            .collect::<Result<Vec<_>>>()?;
-        let first = crls.first().cloned().unwrap_or_default();
-        self.crls.store(Arc::new(crls));
-        Ok(first)
+        Err(crate::store::StoreError::Conflict.into())
     }
 
     /// Status of a serial for OCSP.
@@ -657,7 +895,7 @@ impl Authority {
     /// now has expired. Nodes on older intermediates renew onto it within `spread`.
     /// Blocking (an RSA-4096 key).
     pub fn rotate_intermediate(&self, spread: Duration, now: SystemTime) -> Result<Rotated> {
-        let _one = self.ca_lock.lock();
+        let lock = self.crl_lock();
         let mut records = self.set.load().records.clone();
         let root = records
             .iter()
@@ -701,7 +939,7 @@ impl Authority {
             spread_secs: spread.as_secs(),
         };
         records.push(rec.clone());
-        self.install_records(records, &[&rec], &retiring, now)?;
+        self.install_records(&lock, records, &[&rec], &retiring, now)?;
         Ok(Rotated {
             added: vec![CaCertView::of(&rec)],
             retiring: retiring.iter().map(CaCertView::of).collect(),
@@ -726,7 +964,7 @@ impl Authority {
                 spread.as_secs()
             )));
         }
-        let _one = self.ca_lock.lock();
+        let lock = self.crl_lock();
         let mut records = self.set.load().records.clone();
         let old = records
             .iter()
@@ -819,7 +1057,13 @@ impl Authority {
             spread_secs: spread.as_secs(),
         };
         records.extend([root_rec.clone(), cross_rec.clone(), int_rec.clone()]);
-        self.install_records(records, &[&root_rec, &cross_rec, &int_rec], &retiring, now)?;
+        self.install_records(
+            &lock,
+            records,
+            &[&root_rec, &cross_rec, &int_rec],
+            &retiring,
+            now,
+        )?;
         Ok(Rotated {
             added: [&root_rec, &cross_rec, &int_rec]
                 .into_iter()
@@ -838,7 +1082,7 @@ impl Authority {
         if !set.records.iter().any(due) {
             return Ok(Vec::new());
         }
-        let _one = self.ca_lock.lock();
+        let lock = self.crl_lock();
         let mut records = self.set.load().records.clone();
         let retired_roots: Vec<String> = records
             .iter()
@@ -857,7 +1101,7 @@ impl Authority {
             }
         }
         let refs: Vec<&CaCertRecord> = changed.iter().collect();
-        self.install_records(records, &refs, &[], now)?;
+        self.install_records(&lock, records, &refs, &[], now)?;
         Ok(changed.iter().map(CaCertView::of).collect())
     }
 
@@ -897,6 +1141,7 @@ impl Authority {
     /// change announced (the caller publishes it to watchers).
     fn install_records(
         &self,
+        lock: &CrlLock<'_>,
         records: Vec<CaCertRecord>,
         added: &[&CaCertRecord],
         changed: &[CaCertRecord],
@@ -911,7 +1156,7 @@ impl Authority {
         }
         self.store.flush()?;
         self.set.store(Arc::new(set));
-        self.refresh_crl_locked(now)?;
+        self.refresh_crl_locked(lock, now)?;
         self.store.flush()?;
         self.ca_changes.send_modify(|g| *g += 1);
         Ok(())

@@ -72,6 +72,14 @@ pub fn node_key(zone: &str, node: &str) -> String {
     format!("{zone}/{node}")
 }
 
+/// Key in `meta` of node `nkey`'s serial generation: moved on by every transaction that
+/// records a certificate for the node without rewriting its node record (TLS certificates,
+/// `ca sign-csr`), so a revocation of the node that read its serials before such a write
+/// fails its check on it and reads them again. Deleted with the node's revocation.
+pub fn serials_gen_key(nkey: &str) -> String {
+    format!("serials_gen/{nkey}")
+}
+
 /// Every certificate the CA has issued, by serial.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct CertRecord {
@@ -102,6 +110,29 @@ pub struct TokenRecord {
     pub expires_unix: u64,
     pub uses_left: u32,
     pub created_unix: u64,
+    /// When its last use was taken (0: not used up, or used up before this was kept).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub spent_unix: u64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
+}
+
+impl TokenRecord {
+    /// When the token stopped being usable (its last use, else its expiry), if it has.
+    pub fn ended_unix(&self, now_unix: u64) -> Option<u64> {
+        if self.uses_left == 0 {
+            Some(match self.spent_unix {
+                0 => self.expires_unix.min(now_unix),
+                t => t,
+            })
+        } else if self.expires_unix <= now_unix {
+            Some(self.expires_unix)
+        } else {
+            None
+        }
+    }
 }
 
 /// An auto-blocked source address.

@@ -711,7 +711,7 @@ impl Ssh {
     ) -> Result<Vec<u64>> {
         let _g = self.lock.lock();
         let now = unix(self.now());
-        let mut serials = Vec::new();
+        let mut revoked = Vec::new();
         for mut rec in self.store.certs()? {
             if rec.kind == kind
                 && rec.key_id == key_id
@@ -719,13 +719,16 @@ impl Ssh {
                 && rec.valid_before_unix > now
             {
                 rec.revoked_unix = Some(now);
-                self.store.put_cert(&rec)?;
-                serials.push(rec.serial);
+                revoked.push(rec);
             }
         }
+        let serials: Vec<u64> = revoked.iter().map(|r| r.serial).collect();
         if serials.is_empty() {
             return Ok(serials);
         }
+        // Every record in one transaction (in pieces only past the store's limit per
+        // transaction), then one flush.
+        self.store.put_certs(&revoked)?;
         self.store.flush()?;
         self.audit(
             AuditEvent::new(audit_kind, "ok")

@@ -183,6 +183,19 @@ impl SshStore {
         Ok(())
     }
 
+    /// Write several certificate records, as many per transaction as the store takes.
+    pub fn put_certs(&self, certs: &[SshCertRecord]) -> StoreResult<()> {
+        let tree = self.certs.name();
+        for chunk in certs.chunks(crate::core::kv::MAX_TXN_OPS) {
+            let mut t = crate::core::kv::Txn::new();
+            for c in chunk {
+                t.put(tree, c.serial.to_be_bytes(), encode(c));
+            }
+            self.certs.kv().commit(&t)?;
+        }
+        Ok(())
+    }
+
     pub fn cert(&self, serial: u64) -> StoreResult<Option<SshCertRecord>> {
         Store::get(&self.certs, "ssh_certs", serial.to_be_bytes())
     }

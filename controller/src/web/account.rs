@@ -8,7 +8,7 @@ use axum::response::{Html, IntoResponse, Redirect, Response};
 use serde::Deserialize;
 use zeroize::Zeroizing;
 
-use super::session::{Need, clear_cookie, current_session, session};
+use super::session::{Need, clear_cookie, current_session_off, session_off};
 use super::signin::{record_failure, reserve};
 use super::{SESSION_COOKIE, WebState, csrf_refused, internal, pages};
 use crate::audit::AuditEvent;
@@ -87,7 +87,7 @@ fn password_view(
 }
 
 pub(super) async fn password_page(State(state): State<WebState>, headers: HeaderMap) -> Response {
-    match session(&state, &headers, Need::Full) {
+    match session_off(&state, &headers, Need::Full).await {
         Ok((token, s)) => password_view(&token, &s, StatusCode::OK, None, None),
         Err(r) => *r,
     }
@@ -100,7 +100,7 @@ pub(super) async fn password_submit(
     Form(form): Form<PasswordForm>,
 ) -> Response {
     let ip = peer.ip();
-    let (token, s) = match session(&state, &headers, Need::Full) {
+    let (token, s) = match session_off(&state, &headers, Need::Full).await {
         Ok(v) => v,
         Err(r) => return *r,
     };
@@ -205,7 +205,7 @@ pub(super) async fn signout(
     headers: HeaderMap,
     Form(form): Form<SignoutForm>,
 ) -> Response {
-    let Some((token, s)) = current_session(&state, &headers) else {
+    let Some((token, s)) = current_session_off(&state, &headers).await else {
         return ([clear_cookie(SESSION_COOKIE)], Redirect::to("/signin")).into_response();
     };
     if !csrf_matches(&token, &form.csrf) {

@@ -266,7 +266,8 @@ impl WebState {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(every) => {}
             }
-            match self.inner.sessions.purge_expired(self.now()) {
+            let (sessions, now) = (self.inner.sessions.clone(), self.now());
+            match crate::blocking::run(move || sessions.purge_expired(now)).await {
                 Ok(n) if n > 0 => tracing::debug!(purged = n, "expired sessions purged"),
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "session purge failed"),
@@ -298,8 +299,14 @@ impl WebState {
 
     /// Audit from a handler: durable before the reply, without holding an async worker.
     async fn audit_durable(&self, event: AuditEvent) -> bool {
-        match self.inner.audit.record_durable(event, self.now()).await {
-            Ok(_) => true,
+        // The append is a store write: on the blocking pool, as is its flush.
+        let (audit, now) = (self.inner.audit.clone(), self.now());
+        match crate::blocking::run_infallible(move || audit.record_at(event, now)).await {
+            Ok(Ok(_)) => true,
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "audit record failed");
+                false
+            }
             Err(e) => {
                 tracing::error!(error = %e, "audit record failed");
                 false
@@ -487,7 +494,7 @@ fn csrf_refused(state: &WebState) -> Response {
 }
 
 async fn root(State(state): State<WebState>, headers: HeaderMap) -> Response {
-    match session::visitor(&state, &headers, Need::Root) {
+    match session::visitor_off(&state, &headers, Need::Root).await {
         Err(r) => *r,
         // `Need::Root` serves nobody: every visitor is redirected.
         Ok(_) => internal("root page served a visitor"),

@@ -117,6 +117,49 @@ pub(super) fn clear_cookie(name: &str) -> (header::HeaderName, String) {
     set_cookie(name, "", Some(Duration::ZERO))
 }
 
+/// [`visitor`] on the blocking pool: the lookup reads the session and the user from the
+/// store (and refreshes the session's idle timer).
+pub(super) async fn visitor_off(
+    state: &WebState,
+    headers: &HeaderMap,
+    need: Need,
+) -> Result<Option<(Zeroizing<String>, Session)>, Box<Response>> {
+    let (st, h) = (state.clone(), headers.clone());
+    match crate::blocking::run_infallible(move || visitor(&st, &h, need)).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(error = %e, "session lookup failed");
+            Err(Box::new(internal("session lookup failed")))
+        }
+    }
+}
+
+/// [`session`] on the blocking pool.
+pub(super) async fn session_off(
+    state: &WebState,
+    headers: &HeaderMap,
+    need: Need,
+) -> Result<(Zeroizing<String>, Session), Box<Response>> {
+    visitor_off(state, headers, need)
+        .await?
+        .ok_or_else(|| Box::new(Redirect::to("/signin").into_response()))
+}
+
+/// [`current_session`] on the blocking pool.
+pub(super) async fn current_session_off(
+    state: &WebState,
+    headers: &HeaderMap,
+) -> Option<(Zeroizing<String>, Session)> {
+    let (st, h) = (state.clone(), headers.clone());
+    match crate::blocking::run_infallible(move || current_session(&st, &h)).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(error = %e, "session lookup failed");
+            None
+        }
+    }
+}
+
 /// The session from the request's cookie, if live and its user still enabled.
 pub(super) fn current_session(
     state: &WebState,

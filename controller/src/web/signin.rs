@@ -10,7 +10,7 @@ use axum::response::{Html, IntoResponse, Redirect, Response};
 use serde::Deserialize;
 use zeroize::Zeroizing;
 
-use super::session::{Need, cookie, session, set_cookie, start_session, visitor};
+use super::session::{Need, cookie, session_off, set_cookie, start_session, visitor_off};
 use super::{SESSION_COOKIE, SIGNIN_COOKIE, WebState, csrf_refused, internal, pages};
 use crate::audit::AuditEvent;
 use crate::auth::session::{csrf_for, csrf_matches, random_token};
@@ -44,7 +44,7 @@ fn signin_form(
 }
 
 pub(super) async fn signin_page(State(state): State<WebState>, headers: HeaderMap) -> Response {
-    if let Err(r) = visitor(&state, &headers, Need::SignedOut) {
+    if let Err(r) = visitor_off(&state, &headers, Need::SignedOut).await {
         return *r;
     }
     signin_form(StatusCode::OK, "", None, vec![])
@@ -325,14 +325,14 @@ struct CodeStep {
 
 /// The opening both second-factor forms share: the session the form needs, its CSRF
 /// token, then an attempt reserved before any code is checked.
-fn code_step(
+async fn code_step(
     state: &WebState,
     ip: IpAddr,
     headers: &HeaderMap,
     need: Need,
     csrf: &str,
 ) -> Result<CodeStep, Box<Response>> {
-    let (token, session) = super::session::session(state, headers, need)?;
+    let (token, session) = session_off(state, headers, need).await?;
     if !csrf_matches(&token, csrf) {
         return Err(Box::new(csrf_refused(state)));
     }
@@ -347,7 +347,7 @@ fn code_step(
 }
 
 pub(super) async fn code_page(State(state): State<WebState>, headers: HeaderMap) -> Response {
-    match session(&state, &headers, Need::CodePage) {
+    match session_off(&state, &headers, Need::CodePage).await {
         Ok((token, _)) => Html(pages::second_factor(&csrf_for(&token), None)).into_response(),
         Err(r) => *r,
     }
@@ -365,7 +365,7 @@ pub(super) async fn code_submit(
         session: s,
         attempt,
         now,
-    } = match code_step(&state, ip, &headers, Need::CodeForm, &form.csrf) {
+    } = match code_step(&state, ip, &headers, Need::CodeForm, &form.csrf).await {
         Ok(step) => step,
         Err(r) => return *r,
     };
@@ -418,14 +418,16 @@ pub(super) async fn code_submit(
     }
 }
 
-fn enroll_view(
+async fn enroll_view(
     state: &WebState,
     token: &str,
     s: &Session,
     status: StatusCode,
     error: Option<&str>,
 ) -> Response {
-    match state.inner.users.totp_enrollment(&s.email) {
+    // Read (and, the first time, written) on the blocking pool.
+    let (users, email) = (state.inner.users.clone(), s.email.clone());
+    match crate::blocking::run(move || users.totp_enrollment(&email)).await {
         Ok(e) => (
             status,
             Html(pages::enroll(
@@ -444,8 +446,8 @@ fn enroll_view(
 }
 
 pub(super) async fn enroll_page(State(state): State<WebState>, headers: HeaderMap) -> Response {
-    match session(&state, &headers, Need::EnrollPage) {
-        Ok((token, s)) => enroll_view(&state, &token, &s, StatusCode::OK, None),
+    match session_off(&state, &headers, Need::EnrollPage).await {
+        Ok((token, s)) => enroll_view(&state, &token, &s, StatusCode::OK, None).await,
         Err(r) => *r,
     }
 }
@@ -462,7 +464,7 @@ pub(super) async fn enroll_submit(
         session: s,
         attempt,
         now,
-    } = match code_step(&state, ip, &headers, Need::EnrollForm, &form.csrf) {
+    } = match code_step(&state, ip, &headers, Need::EnrollForm, &form.csrf).await {
         Ok(step) => step,
         Err(r) => return *r,
     };
@@ -505,7 +507,8 @@ pub(super) async fn enroll_submit(
                 match state
                     .inner
                     .sessions
-                    .create(&s.email, s.role, SessionKind::Full, now)
+                    .create_durable(&s.email, s.role, SessionKind::Full, now)
+                    .await
                 {
                     Ok(t) => {
                         let c = set_cookie(SESSION_COOKIE, &t, Some(state.inner.absolute_timeout));
@@ -547,6 +550,7 @@ pub(super) async fn enroll_submit(
                 StatusCode::UNAUTHORIZED,
                 Some("That code is not valid. Check the time on your phone and try the next code."),
             )
+            .await
         }
         Err(e) => internal(e),
     }

@@ -169,17 +169,30 @@ impl AdminHandler {
             (Some(mesh), Some(n)) => {
                 mesh.revoke_node(&n.key(), reason, now)?;
             }
-            (mesh, node) => {
-                self.auth.revoke(&serial, reason, now)?;
-                if let Some(n) = node {
-                    let mut n = n.clone();
-                    n.revoked = true;
-                    self.auth.store().put_node(&n)?;
-                    self.auth.store().flush()?;
-                }
-                if let Some(mesh) = mesh {
-                    mesh.publish_crl()?;
-                }
+            (Some(mesh), None) => {
+                mesh.revoke_serial(&serial, reason, now)?;
+            }
+            (None, node) => {
+                // No mesh (the store without a running controller): the node marked
+                // revoked in the revocation's own transaction.
+                let store = self.auth.store().clone();
+                self.auth.revoke_with(&serial, reason, now, |txn| {
+                    if let Some(n) = &node {
+                        let key = n.key();
+                        let old = store
+                            .nodes
+                            .get(&key)
+                            .map_err(crate::store::StoreError::from)?;
+                        let mut n = n.clone();
+                        n.revoked = true;
+                        txn.expect("nodes", &key, old.as_deref()).put(
+                            "nodes",
+                            &key,
+                            crate::store::encode(&n),
+                        );
+                    }
+                    Ok(())
+                })?;
             }
         }
         self.note(

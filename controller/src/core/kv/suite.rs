@@ -145,6 +145,7 @@ pub fn multi_key_atomic(kv: &Kv) {
         expires_unix: u64::MAX,
         uses_left: 1,
         created_unix: 0,
+        spent_unix: 0,
     };
     store.tokens.insert("tok", encode(&token)).unwrap();
     let node = NodeRecord {

@@ -50,6 +50,19 @@ impl Mesh {
         delta: pb::Delta,
         txn: Txn,
     ) -> Result<u64> {
+        self.commit_with_then(guard, delta, txn, || {})
+    }
+
+    /// [`Mesh::commit_with`], running `committed` once the transaction has applied, still
+    /// under the change lock and before the change is flushed and published (a revocation
+    /// puts its CRLs in service there, so no watcher sees the change before them).
+    pub(super) fn commit_with_then(
+        &self,
+        guard: MutexGuard<'_, ()>,
+        delta: pb::Delta,
+        txn: Txn,
+        committed: impl FnOnce(),
+    ) -> Result<u64> {
         let mut tries = 0;
         let (v, frame) = loop {
             let head = self.store.meta_u64(MESH_VERSION)?;
@@ -97,6 +110,7 @@ impl Mesh {
             self.publish_followed(a);
             return Err(ControllerError::Store(StoreError::Conflict));
         };
+        committed();
         self.appended.store(v, Ordering::SeqCst);
         self.unpublished
             .lock()

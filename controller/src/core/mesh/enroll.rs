@@ -15,6 +15,20 @@ use std::time::SystemTime;
 use zonemesh_ca::{NodeRequest, WireGuardKey, validate_label};
 use zonemesh_proto as pb;
 
+/// Whether an enrollment error is the client's doing (a bad token, CSR, name or key) and
+/// counts against its failure budget; the store, the blocking pool or the TLS layer
+/// failing is not.
+fn client_fault(e: &ControllerError) -> bool {
+    !matches!(
+        e,
+        ControllerError::Store(_)
+            | ControllerError::Blocking(_)
+            | ControllerError::Unavailable(_)
+            | ControllerError::CrlUpdate(_)
+            | ControllerError::Audit(_)
+    )
+}
+
 impl Mesh {
     /// Enroll a node with a one-time token. Nothing is issued unless every check passes;
     /// the token use, the serial and the node are durable before this returns.
@@ -39,10 +53,18 @@ impl Mesh {
             ));
         }
         let result = self.enroll_inner(req, now);
-        if let Err(e) = &result {
-            self.enroll_failures.note_failure(&limit_key, now);
-            // The error may quote what the client sent (a zone name, say).
-            tracing::warn!(%source, error = %Escaped(&e.to_string()), "enrollment refused");
+        match &result {
+            Err(e) if client_fault(e) => {
+                self.enroll_failures.note_failure(&limit_key, now);
+                // The error may quote what the client sent (a zone name, say).
+                tracing::warn!(%source, error = %Escaped(&e.to_string()), "enrollment refused");
+            }
+            // The controller's own trouble (the store cannot be reached, say): the agent
+            // retries, and its retries are not held against it.
+            Err(e) => {
+                tracing::warn!(%source, error = %e, "enrollment failed on the controller's side")
+            }
+            Ok(_) => {}
         }
         result
     }
@@ -134,6 +156,9 @@ impl Mesh {
             ));
         };
         token.uses_left -= 1;
+        if token.uses_left == 0 {
+            token.spent_unix = unix(now);
+        }
         let overlay_ip = self.allocate_ip(&zone)?;
         let node = NodeRecord {
             zone: zone.name.clone(),

@@ -2,9 +2,16 @@
 //! certificates for the node's services, endpoint updates and health reports.
 
 use super::csr::{check_csr_names, same_public_key};
-use super::{MAX_HEALTH_ROWS, MAX_PEER_NAME, Mesh, parse_endpoints};
+use super::{MAX_HEALTH_ROWS, MAX_PEER_NAME, Mesh, parse_endpoints, store_err};
+use crate::authority::owned_cert_ops;
 use crate::error::{ControllerError, Result};
-use crate::store::{NodeRecord, node_key, unix};
+use crate::store::{
+    CertKind, NodeRecord, StoreError, Txn, decode, encode, node_key, serials_gen_key, unix,
+};
+
+/// Serial records of expired certificates a renewal drops at most (the rest go with the
+/// next renewals), so the renewal's transaction stays small.
+const MAX_PRUNED_PER_RENEWAL: usize = 32;
 use crate::text::{self};
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -69,21 +76,13 @@ impl Mesh {
         ))
     }
 
-    /// Forget serials of the node that expired a day ago or more (their revocation no
-    /// longer matters), so the per-node set stays as small as the node's live certificates.
-    fn prune_node_serials(&self, nkey: &str, now: SystemTime) -> Result<()> {
-        let cutoff = unix(now).saturating_sub(86_400);
-        for s in self.store.node_serials(nkey)? {
-            if s.not_after_unix < cutoff {
-                self.store.remove_node_serial(nkey, &s.serial_hex)?;
-            }
-        }
-        Ok(())
-    }
-
     /// A new certificate for the node, for the same key unless `key` is
-    /// [`RenewKey::Rotate`]. The previous certificate is revoked (superseded) once the new
-    /// one is durable.
+    /// [`RenewKey::Rotate`]. The new certificate's records, the node record, the previous
+    /// certificate's revocation (superseded) with the CRLs listing it, the previous
+    /// serial's record and those of serials that expired a day ago or more (their
+    /// revocation no longer matters) go in one transaction with the change-log entry. A
+    /// certificate signed for a renewal that does not apply is never recorded nor handed
+    /// out.
     pub fn renew(
         &self,
         who: &VerifiedNode,
@@ -107,7 +106,7 @@ impl Mesh {
                 "renewal keeps the node's key: this CSR is for a different key".into(),
             ));
         }
-        let cert = self.auth.issue_node(
+        let cert = self.auth.sign_node(
             &NodeRequest {
                 csr_der,
                 zone: &current.zone,
@@ -116,43 +115,60 @@ impl Mesh {
             },
             now,
         )?;
-        // A revocation or another renewal may have happened meanwhile: only replace the
-        // certificate this call was authorised with.
-        let guard = self.change_lock.lock();
-        let mut node = match self.store.node(&nkey)? {
-            Some(n) if !n.revoked && n.serial_hex == current.serial_hex => n,
-            _ => {
-                drop(guard);
-                self.auth.revoke_all(
-                    std::slice::from_ref(&cert.serial_hex),
-                    RevocationReason::Superseded,
-                    now,
-                )?;
-                return Err(ControllerError::Unauthenticated(
-                    "the node's certificate changed during renewal".into(),
-                ));
+        let cutoff = unix(now).saturating_sub(86_400);
+        let done = self.commit_revocation(RevocationReason::Superseded, now, || {
+            // A revocation or another renewal may have happened meanwhile: only replace
+            // the certificate this call was authorised with.
+            let bytes = self.store.nodes.get(&nkey).map_err(store_err)?;
+            let mut node = match bytes.as_deref().map(|b| decode::<NodeRecord>("nodes", b)) {
+                Some(Ok(n)) if !n.revoked && n.serial_hex == current.serial_hex => n,
+                Some(Err(e)) => return Err(e.into()),
+                _ => {
+                    return Err(ControllerError::Unauthenticated(
+                        "the node's certificate changed during renewal".into(),
+                    ));
+                }
+            };
+            node.serial_hex = cert.serial_hex.clone();
+            node.cert_der = cert.der.clone();
+            node.not_after_unix = unix(cert.not_after);
+            let gen_key = serials_gen_key(&nkey);
+            let generation = self.store.meta.get(&gen_key).map_err(store_err)?;
+            let mut txn = Txn::new();
+            txn.expect("nodes", &nkey, bytes.as_deref())
+                .put("nodes", &nkey, encode(&node))
+                .delete("node_serials", format!("{nkey}/{}", current.serial_hex));
+            owned_cert_ops(
+                &mut txn,
+                &nkey,
+                &cert,
+                CertKind::Node,
+                nkey.clone(),
+                generation.as_deref(),
+                now,
+            );
+            for s in self
+                .store
+                .node_serials(&nkey)?
+                .into_iter()
+                .filter(|s| s.not_after_unix < cutoff && s.serial_hex != current.serial_hex)
+                .take(MAX_PRUNED_PER_RENEWAL)
+            {
+                txn.delete("node_serials", format!("{nkey}/{}", s.serial_hex));
             }
-        };
-        node.serial_hex = cert.serial_hex.clone();
-        node.cert_der = cert.der.clone();
-        node.not_after_unix = unix(cert.not_after);
-        self.store.put_node(&node)?;
-        drop(guard);
-        self.prune_node_serials(&nkey, now)?;
-        self.store.flush()?;
-        // The new certificate is durable; the old one stops working now.
-        self.auth.revoke_all(
-            std::slice::from_ref(&current.serial_hex),
-            RevocationReason::Superseded,
-            now,
-        )?;
-        self.commit(pb::Delta {
-            upserted: vec![self.peer_of(&node)],
-            crl_der: self.auth.crl_der().to_vec(),
-            issuer_crls_der: self.auth.issuer_crls_der(),
-            ..Default::default()
+            Ok(super::revoke::RevokePlan {
+                serials: vec![current.serial_hex.clone()],
+                txn,
+                delta: pb::Delta {
+                    upserted: vec![self.peer_of(&node)],
+                    ..Default::default()
+                },
+                value: (),
+            })
         })?;
-        tracing::info!(node = %nkey, serial = %cert.serial_hex, superseded = %current.serial_hex, "node certificate renewed");
+        self.metrics()
+            .certificate_issued(crate::metrics::CertKind::Node);
+        tracing::info!(node = %nkey, serial = %cert.serial_hex, superseded = %current.serial_hex, version = done.version, "node certificate renewed");
         Ok(pb::RenewResponse {
             certificate_der: cert.der,
             chain_der: self.auth.chain(),
@@ -197,13 +213,62 @@ impl Mesh {
             ips,
         };
         let lifetime = (req.lifetime_secs > 0).then(|| Duration::from_secs(req.lifetime_secs));
-        let cert =
-            self.auth
-                .issue_tls_csr(&req.csr_der, &names, lifetime, Some(&node.key()), now)?;
+        let cert = self.auth.ca().sign_tls_csr(
+            &self.auth.tls_policy,
+            &req.csr_der,
+            &names,
+            lifetime,
+            now,
+        )?;
+        self.record_node_tls(&node.key(), &cert, &names, now)?;
         Ok(pb::IssueTlsResponse {
             certificate_der: cert.der,
             chain_der: self.auth.chain(),
         })
+    }
+
+    /// Record a TLS certificate as node `nkey`'s, in one transaction checked against the
+    /// node record (still enrolled, not revoked) and its serial generation: a revocation
+    /// of the node either comes first (and this is refused) or sees the new serial.
+    fn record_node_tls(
+        &self,
+        nkey: &str,
+        cert: &zonemesh_ca::IssuedCert,
+        names: &zonemesh_ca::TlsNames,
+        now: SystemTime,
+    ) -> Result<()> {
+        for _ in 0..crate::authority::MAX_CRL_RACES {
+            let bytes = self.store.nodes.get(nkey).map_err(store_err)?;
+            let live = match bytes.as_deref() {
+                Some(b) => !decode::<NodeRecord>("nodes", b)?.revoked,
+                None => false,
+            };
+            if !live {
+                return Err(ControllerError::Unauthenticated(
+                    "node is not enrolled".into(),
+                ));
+            }
+            let gen_key = serials_gen_key(nkey);
+            let generation = self.store.meta.get(&gen_key).map_err(store_err)?;
+            let mut txn = Txn::new();
+            txn.expect("nodes", nkey, bytes.as_deref());
+            owned_cert_ops(
+                &mut txn,
+                nkey,
+                cert,
+                CertKind::Tls,
+                format!("{names:?}"),
+                generation.as_deref(),
+                now,
+            );
+            if self.store.kv().commit(&txn).map_err(store_err)? {
+                self.store.flush()?;
+                self.metrics()
+                    .certificate_issued(crate::metrics::CertKind::Tls);
+                return Ok(());
+            }
+        }
+        Err(StoreError::Conflict.into())
     }
 
     pub fn update_endpoints(

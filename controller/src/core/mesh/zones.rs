@@ -2,7 +2,7 @@
 
 use super::{Mesh, hash_token, store_err};
 use crate::error::{ControllerError, Result};
-use crate::store::{TokenRecord, ZoneRecord, encode, unix};
+use crate::store::{TokenRecord, Txn, ZoneRecord, decode, encode, unix};
 use base64::Engine;
 use std::time::{Duration, SystemTime};
 use zonemesh_ca::validate_label;
@@ -106,6 +106,7 @@ impl Mesh {
             expires_unix: unix(now + ttl),
             uses_left: uses,
             created_unix: unix(now),
+            spent_unix: 0,
         };
         self.store
             .tokens
@@ -119,4 +120,49 @@ impl Mesh {
             uses,
         })
     }
+
+    /// Remove tokens that were used up or expired more than [`TOKEN_PURGE_GRACE`] ago
+    /// (until then `token list --all` still shows them). Leader-only work; each removal
+    /// is checked against the record read, so a token used meanwhile is left alone.
+    /// Returns how many were removed. Blocking (the store).
+    pub fn purge_tokens(&self, now: SystemTime) -> Result<usize> {
+        let cutoff = unix(now).saturating_sub(TOKEN_PURGE_GRACE.as_secs());
+        let mut purged = 0;
+        let mut txn = Txn::new();
+        let flush = |txn: &mut Txn, purged: &mut usize| -> Result<()> {
+            if txn.is_empty() {
+                return Ok(());
+            }
+            let n = txn.ops.len();
+            if self.store.kv().commit(txn).map_err(store_err)? {
+                *purged += n;
+            }
+            *txn = Txn::new();
+            Ok(())
+        };
+        for item in self.store.tokens.iter() {
+            let (k, v) = item.map_err(store_err)?;
+            let rec: TokenRecord = decode("tokens", &v)?;
+            if rec.ended_unix(unix(now)).is_some_and(|end| end <= cutoff) {
+                txn.expect("tokens", &k, Some(&v)).delete("tokens", &k);
+                if txn.ops.len() >= TOKENS_PURGED_PER_TXN {
+                    flush(&mut txn, &mut purged)?;
+                }
+            }
+        }
+        flush(&mut txn, &mut purged)?;
+        if purged > 0 {
+            self.store.flush()?;
+            tracing::info!(
+                tokens = purged,
+                "purged used-up and expired enrollment tokens"
+            );
+        }
+        Ok(purged)
+    }
 }
+
+/// How long a used-up or expired token stays in the store (and in `token list --all`).
+pub const TOKEN_PURGE_GRACE: Duration = Duration::from_secs(7 * 86_400);
+/// Tokens removed per transaction (a check and a delete each).
+const TOKENS_PURGED_PER_TXN: usize = 60;

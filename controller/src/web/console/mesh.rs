@@ -523,10 +523,16 @@ pub(super) async fn node_revoke(
             }
         },
     };
+    let (ssh, actor) = (state.ssh(), who.email().to_string());
     let revoked = crate::blocking::run(move || {
         let now = mesh.now();
         let serials = mesh.authority().store().node_serials(&key)?.len();
-        mesh.revoke_node(&key, reason, now).map(|n| (n, serials))
+        let n = mesh.revoke_node(&key, reason, now)?;
+        // Its SSH host certificates go on every server's KRL, as `node revoke` does.
+        if let Some(ssh) = ssh {
+            ssh.revoke_host(&n.key(), &actor)?;
+        }
+        Ok::<_, ControllerError>((n, serials))
     })
     .await;
     match revoked {
