@@ -499,7 +499,7 @@ async fn start_leadership(
         StoreUrl::Etcd(e) => e,
     };
     let options = crate::core::kv::etcd::connect_options(etcd)?;
-    let client = crate::leader::connect(&etcd.endpoints, Some(options)).await?;
+    let members = crate::leader::connect(&etcd.endpoints, Some(options))?;
     let lead = Leadership::elected(leader_id(cfg));
     // Outside the store's prefix, so no tree (and no backup) ever holds it.
     let key = format!("{}.leader", etcd.prefix.trim_end_matches('/')).into_bytes();
@@ -507,7 +507,7 @@ async fn start_leadership(
     {
         let (lead, stop) = (lead.clone(), shutdown.clone());
         tasks.spawn(async move {
-            crate::leader::campaign(client, key, lead, LeaseConfig::default(), stop).await;
+            crate::leader::campaign(members, key, lead, LeaseConfig::default(), stop).await;
             Ok(())
         });
     }

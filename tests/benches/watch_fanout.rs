@@ -115,13 +115,17 @@ impl tonic::codec::Codec for HeadCodec {
     }
 }
 
-async fn watch_heads(ch: tonic::transport::Channel) -> Result<tonic::Streaming<Head>> {
+/// A Watch stream from `resume_from_version` (0: from a snapshot).
+async fn watch_heads(
+    ch: tonic::transport::Channel,
+    resume_from_version: u64,
+) -> Result<tonic::Streaming<Head>> {
     let mut grpc = tonic::client::Grpc::new(ch).max_decoding_message_size(MAX_SNAPSHOT);
     grpc.ready().await?;
     let path = tonic::codegen::http::uri::PathAndQuery::from_static("/zonemesh.v1.Mesh/Watch");
     let req = tonic::Request::new(pb::WatchRequest {
         chain_once: true,
-        ..Default::default()
+        resume_from_version,
     });
     Ok(grpc
         .server_streaming(req, path, HeadCodec)
@@ -284,8 +288,15 @@ impl Bench {
                             ..Default::default()
                         };
                         let ch = mesh_channel_dial(&addr, &c, dial).await?;
-                        let mut s = watch_heads(ch.clone()).await?;
+                        let mut s = watch_heads(ch.clone(), 0).await?;
                         let snap = s.message().await?.context("no snapshot")?;
+                        // A stream keeps a receive buffer the size of the largest message
+                        // it took (the snapshot: megabytes at thousands of peers), which
+                        // would not fit ten thousand times on the simulating side. So the
+                        // watcher resumes on a fresh stream from the snapshot's version,
+                        // as an agent does after a reconnect.
+                        drop(s);
+                        let s = watch_heads(ch.clone(), snap.version).await?;
                         Ok((ch, s, snap.version))
                     }
                 })

@@ -22,7 +22,7 @@ use zonemesh_controller::secrets::KekSource;
 use zonemesh_controller::store::Store;
 use zonemesh_proto as pb;
 use zonemesh_tests::cluster::{cert_serial, crl_serials, wg_key};
-use zonemesh_tests::etcd_cluster::{self, EtcdCluster, copy_store, open_store};
+use zonemesh_tests::etcd::{self, Etcd, copy_store, open_store};
 use zonemesh_tests::faultkv::Faulty;
 use zonemesh_tests::inproc::{Plane, enroll_on};
 
@@ -234,13 +234,13 @@ fn a_crl_signed_before_another_controllers_revocation_is_refused_and_signed_agai
 
 #[test]
 fn two_controllers_on_etcd_revoking_at_once_both_end_on_the_crl() {
-    if !etcd_cluster::available() {
+    if !etcd::available() {
         println!("skipped: etcd not installed");
         return;
     }
     let plane = Plane::new().unwrap();
     let data_dir = plane.dir.path().join("ctl");
-    let cluster = EtcdCluster::start(plane.dir.path(), 3).unwrap();
+    let cluster = Etcd::start(plane.dir.path(), 3).unwrap();
     let url = cluster.store_url();
     copy_store(&plane.store, &open_store(&url, &data_dir));
     let (_, a) = second(open_store(&url, &data_dir), &data_dir);

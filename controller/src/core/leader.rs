@@ -158,42 +158,92 @@ impl Leadership {
     }
 }
 
-/// Connect to etcd for the campaign (its own client: lease traffic never waits behind the
-/// store's calls).
-pub async fn connect(
+/// The etcd members the campaign talks to, one at a time: its own clients (lease traffic
+/// never waits behind the store's calls), one per member and made when first needed. A
+/// client balanced over every member would keep choosing a dead one; so, as the store's
+/// backend does, the campaign sticks to one member and moves to the next when a call
+/// fails.
+pub struct Members {
+    endpoints: Vec<String>,
+    options: etcd_client::ConnectOptions,
+    clients: Vec<Option<etcd_client::Client>>,
+    current: usize,
+}
+
+impl Members {
+    fn describe(&self) -> String {
+        self.endpoints.join(",")
+    }
+
+    /// The client of the current member, connecting to it if need be.
+    async fn client(&mut self) -> EtcdResult<etcd_client::Client> {
+        let i = self.current;
+        if self.clients[i].is_none() {
+            let c = tokio::time::timeout(
+                CONNECT_TIMEOUT,
+                etcd_client::Client::connect([&self.endpoints[i]], Some(self.options.clone())),
+            )
+            .await
+            .map_err(|_| etcd_client::Error::InvalidArgs("etcd connect timed out".into()))??;
+            self.clients[i] = Some(c);
+        }
+        Ok(self.clients[i].clone().expect("set above"))
+    }
+
+    /// The current member failed: forget its client and move on to the next member.
+    fn next(&mut self) {
+        self.clients[self.current] = None;
+        self.current = (self.current + 1) % self.endpoints.len();
+    }
+}
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The members to campaign on (nothing is dialled yet; a member that is down at start is
+/// simply skipped when the campaign reaches it).
+pub fn connect(
     endpoints: &[String],
     options: Option<etcd_client::ConnectOptions>,
-) -> Result<etcd_client::Client, LeaderError> {
-    let options = options.unwrap_or_default();
+) -> Result<Members, LeaderError> {
+    if endpoints.is_empty() {
+        return Err(LeaderError::Etcd {
+            endpoints: String::new(),
+            detail: "no etcd endpoint given".into(),
+        });
+    }
     let options = options
-        .with_connect_timeout(Duration::from_secs(2))
+        .unwrap_or_default()
+        .with_connect_timeout(CONNECT_TIMEOUT)
         .with_keep_alive(Duration::from_secs(1), Duration::from_secs(2));
-    etcd_client::Client::connect(endpoints, Some(options))
-        .await
-        .map_err(|e| LeaderError::Etcd {
-            endpoints: endpoints.join(","),
-            detail: e.to_string(),
-        })
+    Ok(Members {
+        endpoints: endpoints.to_vec(),
+        options,
+        clients: vec![None; endpoints.len()],
+        current: 0,
+    })
 }
 
 /// Campaign for `key` until `stop`: lead while the lease holds, follow otherwise, and try
-/// again after any etcd failure. Never returns an error: etcd being away only means this
-/// controller does not lead.
+/// again after any etcd failure (on the next member). Never returns an error: etcd being
+/// away only means this controller does not lead.
 pub async fn campaign(
-    client: etcd_client::Client,
+    mut members: Members,
     key: Vec<u8>,
     lead: Leadership,
     cfg: LeaseConfig,
     stop: CancellationToken,
 ) {
-    let mut c = client;
     while !stop.is_cancelled() {
         // The round watches `stop` itself, so a leader revokes its lease on the way out
         // (every etcd call in it has a deadline).
-        let r = round(&mut c, &key, &lead, cfg, &stop).await;
+        let r = match members.client().await {
+            Ok(mut c) => round(&mut c, &key, &lead, cfg, &stop).await,
+            Err(e) => Err(e),
+        };
         lead.step_down(None);
         if let Err(e) = r {
-            tracing::warn!(error = %e, "leader election: etcd call failed; retrying");
+            tracing::warn!(error = %e, endpoints = %members.describe(), "leader election: etcd call failed; trying the next member");
+            members.next();
             tokio::select! {
                 _ = stop.cancelled() => break,
                 _ = tokio::time::sleep(cfg.poll) => {}
