@@ -96,16 +96,16 @@ async fn until_b_moves(
             "B did not move to {want} (watch {watch_at:?}, crl {crl_at:?}, tls {tls_at:?}):\n{}",
             b.log_text()
         );
-        if watch_at.is_none() {
-            if let Ok(Some(u)) = next_update(watch, Duration::from_millis(10)).await {
-                let bundle = match u.kind {
-                    Some(pb::mesh_update::Kind::Delta(d)) => d.ca,
-                    Some(pb::mesh_update::Kind::Snapshot(s)) => s.ca,
-                    None => None,
-                };
-                if bundle.is_some_and(|c| c.intermediates.first().map(Vec::as_slice) == Some(int)) {
-                    watch_at = Some(start.elapsed());
-                }
+        if watch_at.is_none()
+            && let Ok(Some(u)) = next_update(watch, Duration::from_millis(10)).await
+        {
+            let bundle = match u.kind {
+                Some(pb::mesh_update::Kind::Delta(d)) => d.ca,
+                Some(pb::mesh_update::Kind::Snapshot(s)) => s.ca,
+                None => None,
+            };
+            if bundle.is_some_and(|c| c.intermediates.first().map(Vec::as_slice) == Some(int)) {
+                watch_at = Some(start.elapsed());
             }
         }
         if crl_at.is_none()
@@ -171,8 +171,7 @@ async fn a_rotation_through_a_reaches_b_without_a_restart() {
     };
     assert_eq!(s.ca.unwrap().intermediates[0], old_int);
 
-    let mut slot = 2;
-    for (what, args) in [
+    for (i, (what, args)) in [
         (
             "intermediate",
             vec!["ca", "rotate-intermediate", "--spread", "0s"],
@@ -181,7 +180,11 @@ async fn a_rotation_through_a_reaches_b_without_a_restart() {
             "root",
             vec!["ca", "rotate-root", "--grace", "1h", "--spread", "0s"],
         ),
-    ] {
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let slot = i + 2;
         a.admin_ok(&args).unwrap();
         let start = Instant::now();
         let new_int = der_of_pem(&a.admin_ok(&["ca", "export", "--intermediate"]).unwrap());
@@ -214,7 +217,6 @@ async fn a_rotation_through_a_reaches_b_without_a_restart() {
         )
         .await
         .unwrap();
-        slot += 1;
         let (issuer, subject) = openssl_names(tmp.path(), &creds.cert_der, &new_int);
         assert_eq!(
             issuer, subject,
