@@ -251,3 +251,46 @@ async fn a_rotation_through_a_reaches_b_without_a_restart() {
     b.sigterm(Duration::from_secs(20)).unwrap();
     a.sigterm(Duration::from_secs(20)).unwrap();
 }
+
+/// In process, the same path without listeners: B holds the old CA set until it follows
+/// A's rotation, then issues from the new intermediate, serves its CRL, and tells its
+/// certificate renewer.
+#[test]
+fn following_a_rotation_reloads_the_ca_set() {
+    use std::sync::Arc;
+    use std::time::SystemTime;
+    use zonemesh_controller::authority::Authority;
+    use zonemesh_controller::mesh::Mesh;
+    let plane = zonemesh_tests::inproc::Plane::new().unwrap();
+    let kek = zonemesh_controller::secrets::KekSource::new(&plane.dir.path().join("ctl"), None)
+        .load()
+        .unwrap();
+    let auth_b = Arc::new(Authority::load(plane.store.clone(), &kek, SystemTime::now()).unwrap());
+    let b = Mesh::new(auth_b.clone()).unwrap();
+    let mut renewer = auth_b.ca_changes();
+    let old = auth_b.ca().intermediate_der().to_vec();
+    plane
+        .auth
+        .rotate_intermediate(Duration::from_secs(0), SystemTime::now())
+        .unwrap();
+    plane.mesh.publish_ca().unwrap();
+    let new = plane.auth.ca().intermediate_der().to_vec();
+    assert_ne!(new, old);
+    assert_eq!(
+        auth_b.ca().intermediate_der(),
+        old,
+        "B has not followed yet"
+    );
+    assert!(auth_b.crl_of("int-2").is_none());
+    b.follow_store().unwrap();
+    assert_eq!(auth_b.ca().intermediate_der(), new);
+    assert_eq!(auth_b.ca_bundle().intermediates[0], new);
+    assert_eq!(auth_b.crl_of("int-2"), plane.auth.crl_of("int-2"));
+    assert!(
+        auth_b.crl_of("int-1").is_some(),
+        "the retiring one is still served"
+    );
+    assert!(renewer.has_changed().unwrap());
+    // Nothing new in the store: following again reloads nothing.
+    assert!(!auth_b.reload_ca(SystemTime::now()).unwrap());
+}
