@@ -267,7 +267,7 @@ fn following_a_rotation_reloads_the_ca_set() {
         .unwrap();
     let auth_b = Arc::new(Authority::load(plane.store.clone(), &kek, SystemTime::now()).unwrap());
     let b = Mesh::new(auth_b.clone()).unwrap();
-    let mut renewer = auth_b.ca_changes();
+    let renewer = auth_b.ca_changes();
     let old = auth_b.ca().intermediate_der().to_vec();
     plane
         .auth
