@@ -63,14 +63,14 @@ async fn main() -> Result<()> {
     let sled = on(None, n).await?;
     println!("store bench ({build} controller, {n} enrollments, 8 in flight)");
     println!("sled (embedded):       {sled:7.1} enrollments/s");
-    if !etcd::installed() {
+    if !etcd::available() {
         println!("skipped: etcd not installed");
         return Ok(());
     }
-    let one = Etcd::start(1)?;
+    let one = Etcd::start_temp(1)?;
     let e1 = on(Some(&one.url("bench")), n).await?;
     drop(one);
-    let three = Etcd::start(3)?;
+    let three = Etcd::start_temp(3)?;
     let e3 = on(Some(&three.url("bench")), n).await?;
     drop(three);
     println!(

@@ -342,6 +342,19 @@ impl Bench {
     /// Wait until every watcher has `target` or later; returns each watcher's delivery
     /// time after `t0`, sorted.
     async fn wait_all(&mut self, target: u64, t0: Instant) -> Result<Vec<Duration>> {
+        let mut lat: Vec<Duration> = self
+            .deliveries(target, t0)
+            .await?
+            .into_iter()
+            .map(|(_, d)| d)
+            .collect();
+        lat.sort();
+        Ok(lat)
+    }
+
+    /// Wait until every watcher has `target` or later; returns each watcher's index and
+    /// delivery time after `t0`, in delivery order.
+    async fn deliveries(&mut self, target: u64, t0: Instant) -> Result<Vec<(usize, Duration)>> {
         let mut reached = vec![false; self.watchers];
         let mut lat = Vec::with_capacity(self.watchers);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
@@ -358,11 +371,10 @@ impl Bench {
                 .context("delivery channel closed")?;
             if d.version >= target && !reached[d.watcher] {
                 reached[d.watcher] = true;
-                lat.push(d.at.saturating_duration_since(t0));
+                lat.push((d.watcher, d.at.saturating_duration_since(t0)));
             }
         }
         self.settled = target;
-        lat.sort();
         Ok(lat)
     }
 
@@ -721,26 +733,7 @@ impl Bench {
         let t0 = Instant::now();
         self.enroll(1).await?;
         let target = self.settled + 1;
-        let mut reached = vec![false; self.watchers];
-        let mut lat = Vec::with_capacity(self.watchers);
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
-        while lat.len() < self.watchers {
-            let d = tokio::time::timeout_at(deadline, self.rx.recv())
-                .await
-                .with_context(|| {
-                    format!(
-                        "{} of {} watchers did not get version {target} within 300 s",
-                        self.watchers - lat.len(),
-                        self.watchers
-                    )
-                })?
-                .context("delivery channel closed")?;
-            if d.version >= target && !reached[d.watcher] {
-                reached[d.watcher] = true;
-                lat.push((d.watcher, d.at.saturating_duration_since(t0)));
-            }
-        }
-        self.settled = target;
+        let lat = self.deliveries(target, t0).await?;
         let all = lat.iter().map(|l| l.1).max().unwrap_or_default();
         Ok((all, lat))
     }
@@ -751,7 +744,7 @@ impl Bench {
 /// them, every change made through A; next to one controller on sled at the same fleet in
 /// the same run. `FLEETS` (default 1,000; 100 with `SMOKE=1`) and `CHANGES` as above.
 async fn two_on_etcd(smoke: bool) -> Result<()> {
-    if !zonemesh_tests::etcd_cluster::available() {
+    if !zonemesh_tests::etcd::available() {
         anyhow::bail!("TWO_ON_ETCD=1 needs etcd and etcdctl (Debian etcd-server, etcd-client)");
     }
     let fleets: Vec<usize> = std::env::var("FLEETS")
@@ -780,27 +773,13 @@ async fn two_on_etcd(smoke: bool) -> Result<()> {
 async fn run_two_on_etcd(binary: std::path::PathBuf, n: usize, changes: usize) -> Result<TwoRow> {
     eprintln!("== two on etcd: {}", binary.display());
     let tmp = tempfile::TempDir::new()?;
-    let etcd = zonemesh_tests::etcd_cluster::EtcdCluster::start(tmp.path(), 3)?;
+    let etcd = zonemesh_tests::etcd::Etcd::start(tmp.path(), 3)?;
     let url = etcd.store_url();
     let (dir_a, dir_b) = (tmp.path().join("a"), tmp.path().join("b"));
     std::fs::create_dir_all(&dir_a)?;
     std::fs::create_dir_all(&dir_b)?;
-    let out = zonemesh_tests::run_ok(
-        std::process::Command::new(&binary)
-            .arg("init")
-            .arg("--data-dir")
-            .arg(dir_a.join("ctl"))
-            .args(["--trust-domain", "corp.test", "--store", &url]),
-    )?;
-    let fingerprint = out
-        .lines()
-        .rev()
-        .find(|l| !l.trim().is_empty())
-        .context("init printed nothing")?
-        .trim()
-        .to_string();
-    let mut a = Controller::existing(&dir_a, dir_a.join("ctl"), fingerprint.clone());
-    a.binary = binary.clone();
+    let mut a = Controller::init_args(&dir_a, binary.clone(), &["--store", &url])?;
+    let fingerprint = a.fingerprint.clone();
     a.start()?;
     zonemesh_tests::cluster::copy_secrets(&dir_a.join("ctl"), &dir_b.join("ctl2"))?;
     let mut b = Controller::existing(&dir_b, dir_b.join("ctl2"), fingerprint.clone());

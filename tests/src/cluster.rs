@@ -135,7 +135,8 @@ impl Controller {
         Self::init_args(dir, bin("zonemesh-controller"), &["--store", store])
     }
 
-    fn init_args(dir: &Path, binary: PathBuf, extra: &[&str]) -> Result<Self> {
+    /// `init` with an explicit controller binary and further `init` arguments.
+    pub fn init_args(dir: &Path, binary: PathBuf, extra: &[&str]) -> Result<Self> {
         let data_dir = dir.join("ctl");
         let out = run_ok(
             Command::new(&binary)
@@ -155,20 +156,9 @@ impl Controller {
         if fingerprint.len() != 64 {
             bail!("init's last line is not a fingerprint: {fingerprint:?}");
         }
-        let addr = |p: u16| SocketAddr::from(([127, 0, 0, 1], p));
-        Ok(Self {
-            log: dir.join("controller.log"),
-            data_dir,
-            grpc: addr(free_port()),
-            https: addr(free_port()),
-            pki: addr(free_port()),
-            fingerprint,
-            binary,
-            fd_limit: None,
-            serve_args: Vec::new(),
-            child: None,
-            starts: 0,
-        })
+        let mut c = Self::existing(dir, data_dir, fingerprint);
+        c.binary = binary;
+        Ok(c)
     }
 
     /// A controller over an existing data directory `data_dir` (restored from a backup,

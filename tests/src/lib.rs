@@ -110,7 +110,6 @@ pub fn is_root() -> bool {
 pub mod attacklab;
 pub mod cluster;
 pub mod etcd;
-pub mod etcd_cluster;
 pub mod fakeagent;
 pub mod inproc;
 pub mod janitor;

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use zonemesh_controller::leader::{self, Leadership, LeaseConfig};
-use zonemesh_tests::etcd_cluster::{self, EtcdCluster};
+use zonemesh_tests::etcd::{self, Etcd};
 
 const KEY: &[u8] = b"/zonemesh-test/leader";
 
@@ -46,12 +46,12 @@ async fn until(what: &str, within: Duration, f: impl Fn() -> bool) -> Duration {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_leader_at_a_time_and_a_dead_leader_is_replaced_within_five_seconds() {
-    if !etcd_cluster::available() {
+    if !etcd::available() {
         println!("skipped: etcd not installed");
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let mut cluster = EtcdCluster::start(dir.path(), 3).unwrap();
+    let mut cluster = Etcd::start(dir.path(), 3).unwrap();
     let eps = cluster.endpoints();
     // Each candidate's campaign runs in its own set, so one can die alone.
     let mut set_a = tokio::task::JoinSet::new();

@@ -12,7 +12,7 @@ use zonemesh_controller::authority::Authority;
 use zonemesh_controller::mesh::{Mesh, follow_loop};
 use zonemesh_controller::secrets::KekSource;
 use zonemesh_tests::cluster::{cert_serial, crl_serials, enroll_rpc, enrollment_channel, wg_key};
-use zonemesh_tests::etcd_cluster::{self, EtcdCluster, copy_store, open_store};
+use zonemesh_tests::etcd::{self, Etcd, copy_store, open_store};
 use zonemesh_tests::fakeagent::{FakeAgent, has_peer};
 use zonemesh_tests::inproc::{Plane, serve_mesh};
 
@@ -53,13 +53,13 @@ async fn controller(url: &str, data_dir: &std::path::Path) -> Ctl {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agents_move_to_b_when_a_dies_and_receive_what_b_records() {
-    if !etcd_cluster::available() {
+    if !etcd::available() {
         println!("skipped: etcd not installed");
         return;
     }
     let plane = Plane::new().unwrap();
     let data_dir = plane.dir.path().join("ctl");
-    let cluster = EtcdCluster::start(plane.dir.path(), 3).unwrap();
+    let cluster = Etcd::start(plane.dir.path(), 3).unwrap();
     let url = cluster.store_url();
     {
         let (url, dir, from) = (url.clone(), data_dir.clone(), plane.store.clone());

@@ -14,7 +14,7 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use zonemesh_tests::etcd_cluster::{self, EtcdCluster};
+use zonemesh_tests::etcd::{self, Etcd};
 use zonemesh_tests::meshlab::{MeshLab, skip_reason};
 use zonemesh_tests::{bin, have, run_ok};
 
@@ -29,7 +29,7 @@ fn skip() -> Option<&'static str> {
     if let Some(why) = skip_reason() {
         return Some(why);
     }
-    if !etcd_cluster::available() {
+    if !etcd::available() {
         return Some("etcd not installed");
     }
     for tool in ["openssl", "curl", "ping"] {
@@ -46,7 +46,7 @@ fn skip() -> Option<&'static str> {
 
 /// The holder of the leader lease as etcd has it (the controller's id starts with its
 /// gRPC address), or `None` while nobody holds it.
-fn leader_holder(etcd: &EtcdCluster) -> Result<Option<String>> {
+fn leader_holder(etcd: &Etcd) -> Result<Option<String>> {
     let out = Command::new("etcdctl")
         .env("ETCDCTL_API", "3")
         .arg("--endpoints")
@@ -206,7 +206,7 @@ fn agents_keep_their_tunnels_and_move_to_b_when_controller_a_is_killed() -> Resu
         return Ok(());
     }
     let tmp = tempfile::tempdir()?;
-    let etcd = EtcdCluster::start(tmp.path(), 3)?;
+    let etcd = Etcd::start(tmp.path(), 3)?;
     let url = etcd.store_url();
     let lab = MeshLab::up_with(
         &format!("zp{}", std::process::id() % 10_000),

@@ -289,6 +289,8 @@ struct WatchState {
     /// The stream ends when the client certificate expires.
     not_after: SystemTime,
     expiry: crate::clock::Alarm,
+    /// When the last message went out (the next waits for [`Mesh::watch_pace`]).
+    sent: Option<tokio::time::Instant>,
 }
 
 impl WatchState {
@@ -325,6 +327,7 @@ impl WatchState {
             };
             if let Some(f) = frame {
                 self.last = f.version();
+                self.sent = Some(tokio::time::Instant::now());
                 if self.chain_once {
                     return Ok(Some(f.grpc()));
                 }
@@ -339,8 +342,28 @@ impl WatchState {
                 _ = self.shutdown.cancelled() => {}
                 // The loop re-checks the clock (it may have been set back), so re-arm.
                 _ = &mut self.expiry => self.expiry = self.mesh.clock().alarm(self.not_after),
-                r = self.head.changed() => if r.is_err() { return Ok(None) },
+                r = self.head.changed() => {
+                    if r.is_err() {
+                        return Ok(None);
+                    }
+                    self.pace().await;
+                }
             }
+        }
+    }
+
+    /// Wait until the pace since the last message has passed (changes meanwhile are
+    /// coalesced into the next message), or the stream is ending.
+    async fn pace(&mut self) {
+        let Some(sent) = self.sent else { return };
+        let until = sent + self.mesh.watch_pace();
+        if until <= tokio::time::Instant::now() {
+            return;
+        }
+        tokio::select! {
+            _ = self.cancel.cancelled() => {}
+            _ = self.shutdown.cancelled() => {}
+            _ = tokio::time::sleep_until(until) => {}
         }
     }
 }
@@ -442,6 +465,7 @@ impl GrpcService {
             node: node_key,
             not_after: who.not_after,
             expiry: self.mesh.clock().alarm(who.not_after),
+            sent: None,
         })
     }
 }

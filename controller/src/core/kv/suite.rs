@@ -259,6 +259,41 @@ pub fn large_values(kv: &Kv) {
     assert!(t.get("huge").unwrap().is_none());
 }
 
+/// A store that cannot be reached (nothing listens, or it went away after serving): every
+/// kind of call is [`KvError::Unreachable`] naming each of `endpoints`, each within
+/// `within` (the backend's call deadline plus a margin), and nothing hangs. A write that was
+/// refused is not half-applied: that is for the caller to check once the store is back.
+pub fn unreachable(kv: &Kv, endpoints: &[String], within: std::time::Duration) {
+    let t = kv.open_tree("suite_down").unwrap();
+    let check = |what: &str, call: &dyn Fn() -> Result<(), KvError>| {
+        let t0 = std::time::Instant::now();
+        let err = call().expect_err(what);
+        let took = t0.elapsed();
+        let msg = err.to_string();
+        assert!(matches!(err, KvError::Unreachable { .. }), "{what}: {msg}");
+        for ep in endpoints {
+            assert!(msg.contains(ep.as_str()), "{what} names {ep}: {msg}");
+        }
+        assert!(took < within, "{what} took {took:?}: {msg}");
+    };
+    check("get", &|| t.get("a").map(drop));
+    check("range", &|| t.first().map(drop));
+    check("count", &|| t.len().map(drop));
+    check("iter", &|| t.iter().next().expect("an error").map(drop));
+    check("insert", &|| t.insert("a", b"1"));
+    check("compare_and_swap", &|| {
+        t.compare_and_swap("a", None, Some(b"1".to_vec())).map(drop)
+    });
+    check("commit", &|| {
+        let mut txn = Txn::new();
+        txn.check("suite_down", "a", Cond::Absent)
+            .put("suite_down", "a", b"1".to_vec())
+            .put("suite_down", "b", b"2".to_vec());
+        kv.commit(&txn).map(drop)
+    });
+    check("tree_names", &|| kv.tree_names().map(drop));
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
