@@ -47,7 +47,7 @@ fn restore(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backup_restored_into_etcd_serves_with_the_same_ca() {
-    if !etcd::installed() {
+    if !etcd::available() {
         println!("skipped: etcd not installed");
         return;
     }
@@ -63,7 +63,7 @@ async fn a_backup_restored_into_etcd_serves_with_the_same_ca() {
         .unwrap();
     ctl.sigterm(Duration::from_secs(20)).unwrap();
 
-    let e = Etcd::start(1).unwrap();
+    let e = Etcd::start_temp(1).unwrap();
     let url = e.url("restored");
     let dir2 = tmp.path().join("ctl2");
     let out = restore(&dir2, &file, &url, &[]);

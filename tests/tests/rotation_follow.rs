@@ -132,7 +132,7 @@ async fn until_b_moves(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rotation_through_a_reaches_b_without_a_restart() {
-    if !etcd::installed() {
+    if !etcd::available() {
         println!("skipped: etcd not installed");
         return;
     }
@@ -141,7 +141,7 @@ async fn a_rotation_through_a_reaches_b_without_a_restart() {
         return;
     }
     let tmp = TempDir::new().unwrap();
-    let e = Etcd::start(1).unwrap();
+    let e = Etcd::start_temp(1).unwrap();
     let url = e.url("rotfollow");
     let mut a = Controller::init_on_store(&tmp.path().join("a"), &url).unwrap();
     a.start().unwrap();
