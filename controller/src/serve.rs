@@ -393,9 +393,9 @@ pub async fn run(cfg: ServeConfig, shutdown: CancellationToken) -> Result<()> {
         });
     }
     {
-        let (mesh, stop) = (mesh.clone(), shutdown.clone());
+        let (mesh, stop, lead) = (mesh.clone(), shutdown.clone(), leader.clone());
         tasks.spawn(async move {
-            retire_ca_loop(mesh, stop).await;
+            retire_ca_loop(mesh, lead, stop).await;
             Ok(())
         });
     }
@@ -528,12 +528,16 @@ const BLOCK_EXPIRY_TICK: std::time::Duration = std::time::Duration::from_secs(1)
 const CA_RETIRE_TICK: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Retire CA certificates whose time has come (an intermediate once its last certificate
-/// expired, a root after its grace) and publish the smaller bundle to every watcher.
-async fn retire_ca_loop(mesh: Arc<Mesh>, stop: CancellationToken) {
+/// expired, a root after its grace) and publish the smaller bundle to every watcher. Done
+/// by the leader only; the other controllers reload the CA set when they follow its change.
+async fn retire_ca_loop(mesh: Arc<Mesh>, leader: Leadership, stop: CancellationToken) {
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(CA_RETIRE_TICK) => {}
+        }
+        if !leader.is_leader() {
+            continue;
         }
         let m = mesh.clone();
         let r = crate::blocking::run(move || {

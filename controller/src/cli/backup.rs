@@ -55,8 +55,16 @@ fn move_file(from: &Path, to: &Path) -> Result<()> {
         .with_context(|| format!("making {} private", to.display()))
 }
 
-/// Restore `from` into the new data directory `dir`.
-pub async fn restore(dir: &Path, from: &Path, json: bool) -> Result<()> {
+/// Restore `from` into the new data directory `dir`: into its embedded store, or into the
+/// store `store` names (etcd), which the directory then remembers.
+pub async fn restore(
+    dir: &Path,
+    from: &Path,
+    store: Option<&str>,
+    overwrite: bool,
+    json: bool,
+) -> Result<()> {
+    use crate::core::kv::url::StoreUrl;
     if let Ok(mut entries) = std::fs::read_dir(dir)
         && entries.next().is_some()
     {
@@ -65,18 +73,42 @@ pub async fn restore(dir: &Path, from: &Path, json: bool) -> Result<()> {
             dir.display()
         );
     }
+    let url = StoreUrl::resolve(store, dir)?;
+    if overwrite && url.is_sled() {
+        bail!(
+            "--overwrite is for an etcd --store; the embedded store is restored only into a new data directory"
+        );
+    }
     crate::secrets::create_private_dir(dir)?;
-    let db = dir.join("db");
     let from2 = from.to_path_buf();
     let started = std::time::Instant::now();
-    let header = tokio::task::spawn_blocking(move || backup::restore(&from2, &db))
-        .await?
-        .with_context(|| format!("restoring {}", from.display()))?;
-    crate::secrets::create_private_dir(&dir.join("db"))?;
+    let header = match url.sled_dir(dir) {
+        Some(db) => {
+            let header = tokio::task::spawn_blocking(move || backup::restore(&from2, &db))
+                .await?
+                .with_context(|| format!("restoring {}", from.display()))?;
+            if let Some(db) = url.sled_dir(dir) {
+                crate::secrets::create_private_dir(&db)?;
+            }
+            header
+        }
+        None => {
+            let (u, d) = (url.clone(), dir.to_path_buf());
+            let header = tokio::task::spawn_blocking(move || -> Result<_> {
+                let kv = u.open(&d)?;
+                Ok(backup::restore_into(&from2, &kv, overwrite)?)
+            })
+            .await?
+            .with_context(|| format!("restoring {} into {url}", from.display()))?;
+            url.save(dir)?;
+            header
+        }
+    };
     let millis = started.elapsed().as_millis() as u64;
     if json {
         let v = serde_json::json!({
             "data_dir": dir.display().to_string(),
+            "store": url.to_string(),
             "format": header.format,
             "ca_fingerprint": header.ca_fingerprint,
             "created_unix": header.created_unix,
@@ -90,7 +122,11 @@ pub async fn restore(dir: &Path, from: &Path, json: bool) -> Result<()> {
             "restored {} entries in {} trees into {} in {} ms (CA {})",
             header.entries(),
             header.trees.len(),
-            dir.display(),
+            if url.is_sled() {
+                dir.display().to_string()
+            } else {
+                format!("{url} (for {})", dir.display())
+            },
             millis,
             header.ca_fingerprint
         );

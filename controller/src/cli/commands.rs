@@ -215,7 +215,11 @@ pub async fn run(cli: Cli) -> Result<()> {
         }
         Command::Domain { command } => super::domain::run(dir, &kek, command).await,
         Command::Backup { out, json } => super::backup::backup(dir, &kek, &out, json).await,
-        Command::Restore { from, json } => super::backup::restore(dir, &from, json).await,
+        Command::Restore {
+            from,
+            overwrite,
+            json,
+        } => super::backup::restore(dir, &from, cli.store.as_deref(), overwrite, json).await,
         Command::GenerateDocs { out } => {
             use clap::CommandFactory as _;
             zonemesh_configfile::write_docs(Cli::command(), &out)

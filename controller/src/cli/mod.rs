@@ -148,10 +148,14 @@ pub enum Command {
         json: bool,
     },
     /// Bring a backup back into a new, empty data directory (--data-dir); start it with the
-    /// same KEK and pepper.
+    /// same KEK and pepper. With `--store etcd://...` the backup goes into that (empty)
+    /// store and the data directory remembers it.
     Restore {
         #[arg(long, value_name = "FILE")]
         from: PathBuf,
+        /// With an etcd `--store`: write into a store that already holds data.
+        #[arg(long)]
+        overwrite: bool,
         #[arg(long)]
         json: bool,
     },

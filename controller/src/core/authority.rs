@@ -760,9 +760,9 @@ impl Authority {
     }
 
     /// Serve the CRLs another controller of the same store signed (followed from the
-    /// shared change log) from now on: the issuing intermediate's, then the others'. The
-    /// CA certificates themselves are not re-read (a rotation made through another
-    /// controller takes effect here at the next restart).
+    /// shared change log) from now on: the issuing intermediate's, then the others'. After
+    /// a rotation or retirement made through another controller, call
+    /// [`Authority::reload_ca`] first, so the CRLs line up with the trusted intermediates.
     pub fn adopt_crls(&self, issuing: Vec<u8>, others: Vec<Vec<u8>>) {
         let mut v = vec![Arc::new(issuing)];
         v.extend(others.into_iter().map(Arc::new));
@@ -1103,6 +1103,40 @@ impl Authority {
         let refs: Vec<&CaCertRecord> = changed.iter().collect();
         self.install_records(&lock, records, &refs, &[], now)?;
         Ok(changed.iter().map(CaCertView::of).collect())
+    }
+
+    /// Read the CA records from the store again and put them in force when they differ
+    /// from the ones held: a rotation or retirement another controller of the same store
+    /// made. The trusted intermediates' keys are unsealed with this controller's KEK; the
+    /// CRLs stay as they are (the caller adopts those the change carried). Watchers of
+    /// [`Authority::ca_changes`] are told, so this controller's own TLS certificate moves
+    /// to the new intermediate. Returns whether anything changed. Blocking (store reads,
+    /// unsealing and parsing RSA keys).
+    pub fn reload_ca(&self, now: SystemTime) -> Result<bool> {
+        let _one = self.ca_lock.lock();
+        let records = load_records(&self.store, now)?;
+        let same = {
+            let held = &self.set.load().records;
+            let key = |v: &[CaCertRecord]| {
+                let mut k: Vec<Vec<u8>> = v.iter().map(encode).collect();
+                k.sort();
+                k
+            };
+            key(held) == key(&records)
+        };
+        if same {
+            return Ok(false);
+        }
+        let set = build_set(&self.trust_domain, records, &self.kek)?;
+        let ids = (set.issuer_ids.first().cloned(), set.roots.len());
+        self.set.store(Arc::new(set));
+        self.ca_changes.send_modify(|g| *g += 1);
+        tracing::info!(
+            issuing = ids.0.as_deref().unwrap_or(""),
+            trusted_roots = ids.1,
+            "CA certificates reloaded from the store (changed through another controller)"
+        );
+        Ok(true)
     }
 
     /// The earliest time a retiring certificate is due to be retired.

@@ -5,7 +5,9 @@
 //! it had recorded them: same versions, same encoded frames, so an agent resumes on any
 //! controller. What a change means locally is applied first: a new CRL reaches the TLS
 //! verifier and the PKI endpoints, a removed node's streams end, a new SSH state replaces
-//! the one held. With the embedded store this controller is the only writer and there is
+//! the one held, and a CA rotation or retirement (a change carrying the CA bundle) reloads
+//! the CA certificates from the store: new certificates come from the new intermediate,
+//! the verifiers trust the new roots, and this controller's TLS certificate is renewed. With the embedded store this controller is the only writer and there is
 //! never anything to follow.
 
 use super::watch::{Frame, Published};
@@ -77,6 +79,7 @@ impl Mesh {
                 // The log no longer reaches back to us: watchers get a fresh snapshot, and
                 // the CRL and SSH state are read again.
                 self.fanout.forget_recent();
+                self.auth.reload_ca(self.now())?;
                 if let Some((crl, others)) = self.latest_logged_crl(head)? {
                     self.adopt_crls(crl, others)?;
                 }
@@ -120,6 +123,11 @@ impl Mesh {
 
     /// What a change recorded elsewhere means on this controller.
     fn take_in(&self, d: &pb::Delta) -> Result<()> {
+        // A rotation or retirement: the CA set first, so the CRLs it carries line up with
+        // the trusted intermediates and the verifiers get the new roots with them.
+        if d.ca.is_some() {
+            self.auth.reload_ca(self.now())?;
+        }
         if !d.crl_der.is_empty() {
             self.adopt_crls(d.crl_der.clone(), d.issuer_crls_der.clone())?;
         }
