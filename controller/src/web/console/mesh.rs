@@ -24,6 +24,18 @@ const MAX_ROWS: usize = 1000;
 /// The state directory the enroll command names (the package's).
 const AGENT_STATE_DIR: &str = "/var/lib/zonemesh-agent";
 
+/// What a section's page shows, read from the store on the blocking pool; the page
+/// saying the mesh is not served here, or the generic failure page.
+async fn read<T: Send + 'static>(
+    state: &WebState,
+    f: impl FnOnce(&Mesh, &crate::store::Store) -> Result<T, ControllerError> + Send + 'static,
+) -> Result<T, Box<Response>> {
+    let mesh = mesh_of(state)?;
+    crate::blocking::run(move || f(&mesh, mesh.authority().store()))
+        .await
+        .map_err(|e| Box::new(super::super::internal(e)))
+}
+
 // ---- zones ----
 
 pub(super) async fn zones_page(State(state): State<WebState>, headers: HeaderMap) -> Response {
@@ -39,18 +51,9 @@ pub(super) async fn zones_view(
     status: StatusCode,
     message: Option<Message>,
 ) -> Response {
-    let mesh = match mesh_of(state) {
-        Ok(m) => m,
-        Err(r) => return *r,
-    };
-    let read = crate::blocking::run(move || -> Result<_, ControllerError> {
-        let store = mesh.authority().store();
-        Ok((store.zones()?, store.nodes()?))
-    })
-    .await;
-    let (zones, nodes) = match read {
+    let (zones, nodes) = match read(state, |_, store| Ok((store.zones()?, store.nodes()?))).await {
         Ok(v) => v,
-        Err(e) => return super::super::internal(e),
+        Err(r) => return *r,
     };
     let mut rows = String::new();
     for z in &zones {
@@ -133,18 +136,13 @@ pub(super) async fn tokens_view_with(
     message: Option<Message>,
     created: Option<String>,
 ) -> Response {
-    let mesh = match mesh_of(state) {
-        Ok(m) => m,
-        Err(r) => return *r,
-    };
-    let read = crate::blocking::run(move || -> Result<_, ControllerError> {
-        let store = mesh.authority().store();
+    let (zones, mut tokens, now) = match read(state, |mesh, store| {
         Ok((store.zones()?, store.tokens()?, mesh.now()))
     })
-    .await;
-    let (zones, mut tokens, now) = match read {
+    .await
+    {
         Ok(v) => v,
-        Err(e) => return super::super::internal(e),
+        Err(r) => return *r,
     };
     tokens.sort_by_key(|t| std::cmp::Reverse(t.1.created_unix));
     let now = crate::store::unix(now);
@@ -311,18 +309,13 @@ pub(super) async fn nodes_view(
     message: Option<Message>,
     zone: String,
 ) -> Response {
-    let mesh = match mesh_of(state) {
-        Ok(m) => m,
-        Err(r) => return *r,
-    };
-    let read = crate::blocking::run(move || -> Result<_, ControllerError> {
-        let store = mesh.authority().store();
+    let (zones, nodes, now) = match read(state, |mesh, store| {
         Ok((store.zones()?, store.nodes()?, mesh.now()))
     })
-    .await;
-    let (zones, nodes, now) = match read {
+    .await
+    {
         Ok(v) => v,
-        Err(e) => return super::super::internal(e),
+        Err(r) => return *r,
     };
     let now = crate::store::unix(now);
     let zone = zone.trim();
