@@ -285,21 +285,45 @@ impl Browser {
     /// Sign in at `base` (`https://host:port`) as an admin that has no authenticator yet:
     /// password, then the TOTP set-up with a code from `oathtool`, then the dashboard.
     pub fn sign_in_new_admin(&self, base: &str, email: &str, password: &str) -> Result<()> {
+        self.sign_in(base, email, password, "/enroll")?;
+        self.enroll_totp()
+    }
+
+    /// The password step of signing in at `base`, until the browser is at `lands_on`
+    /// (`/enroll` for an admin without an authenticator, `/dashboard` for a portal owner
+    /// without one).
+    pub fn sign_in(&self, base: &str, email: &str, password: &str, lands_on: &str) -> Result<()> {
         let within = Duration::from_secs(20);
         self.goto(&format!("{base}/signin"))?;
         self.wait_url("/signin", within)?;
         self.type_into("#email", email)?;
         self.type_into("#password", password)?;
         self.click("#signin")?;
-        self.wait_url("/enroll", within)?;
+        self.wait_url(lands_on, within)
+    }
+
+    /// On the `/enroll` page: set up TOTP with a code from `oathtool`, past the recovery
+    /// codes, to the dashboard.
+    pub fn enroll_totp(&self) -> Result<()> {
+        let within = Duration::from_secs(20);
         let secret = self.text("#secret")?;
-        let code = crate::run_ok(Command::new("oathtool").args(["--totp", "-b", secret.trim()]))?;
-        self.type_into("#code", code.trim())?;
+        self.type_into("#code", &totp(&secret)?)?;
         self.click("#confirm")?;
         self.wait_for("#recovery-codes", within)?;
         self.click("#continue")?;
         self.wait_url("/dashboard", within)
     }
+}
+
+/// Why a test that signs in (TOTP codes from `oathtool`) cannot run here, if it cannot.
+pub fn sign_in_skip_reason() -> Option<String> {
+    skip_reason().or_else(|| (!crate::have("oathtool")).then(|| "oathtool not installed".into()))
+}
+
+/// The current TOTP code of a base32 `secret`, from `oathtool`.
+pub fn totp(secret: &str) -> Result<String> {
+    let code = crate::run_ok(Command::new("oathtool").args(["--totp", "-b", secret.trim()]))?;
+    Ok(code.trim().to_string())
 }
 
 impl Drop for Browser {

@@ -52,9 +52,7 @@ fn run_pasted(command: &str, state: &Path, name: &str) -> Result<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chromium_adds_a_zone_creates_a_token_enrolls_with_the_pasted_command_and_revokes()
 -> Result<()> {
-    if let Some(why) = browser::skip_reason().or_else(|| {
-        (!zonemesh_tests::have("oathtool")).then(|| "oathtool not installed".to_string())
-    }) {
+    if let Some(why) = browser::sign_in_skip_reason() {
         println!("skipped: {why}");
         return Ok(());
     }

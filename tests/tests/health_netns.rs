@@ -2,7 +2,7 @@
 //! one agent): exactly the pairs whose probes cross that link show it, in
 //! `health --json`, on the controller's and the agents' `/metrics` and on the dashboard's
 //! heat map; the other pairs stay at zero. Both `/metrics` outputs pass
-//! `promtool check metrics`. Root only; skipped with a reason otherwise. Build the binaries
+//! `promtool check metrics` (the agents' with their log followers' counters). Root only; skipped with a reason otherwise. Build the binaries
 //! first (`cargo build -p zonemesh-controller -p zonemesh-agent --bins`).
 //!
 //! The loss is `tc qdisc ... netem loss 30%` on the node's underlay interface. A kernel
@@ -342,6 +342,17 @@ fn loss_on_one_link_shows_for_exactly_its_pairs_in_health_metrics_and_dashboard(
     )
     .unwrap_or(0.0);
     assert!(delivered > 0.0, "{a_text}");
+    // The log followers' counters are there (zero: the lab agents follow no log; the
+    // log flood test checks their values) and promtool accepts them below.
+    for name in [
+        "logwatch_lines",
+        "logwatch_overlong_lines",
+        "logwatch_matches",
+        "logwatch_events_dropped",
+    ] {
+        let line = format!("\nzonemesh_agent_{name}_total 0\n");
+        assert!(a_text.contains(&line), "no {line:?} in\n{a_text}");
+    }
 
     for (what, text) in [
         ("controller", &ctl_text),

@@ -3,7 +3,8 @@
 //! as fast as it can (failures from 90,000 distinct addresses, 64 KiB lines, binary junk,
 //! spoofed addresses in the user name). The agent's RSS is sampled every 20 ms until it
 //! has read the whole file; its growth over the idle baseline must stay under
-//! [`BOUND_MIB`], and the agent must still be running. Prints the figures. Root only.
+//! [`BOUND_MIB`], and the agent must still be running; its `/metrics` then counts exactly
+//! the lines read and those dropped as overlong. Prints the figures. Root only.
 
 use anyhow::{Context, Result, bail};
 use std::io::Write as _;
@@ -17,6 +18,8 @@ use zonemesh_tests::sshlab::{SshLab, skip_reason};
 /// or state per address, would grow by far more).
 const BOUND_MIB: u64 = 16;
 const LINES: usize = 100_000;
+/// The agent's `/metrics`, inside the server's namespace.
+const METRICS: &str = "127.0.0.1:9100";
 
 /// Where the agent's descriptor for `path` stands (`pos` in `/proc/PID/fdinfo`).
 fn read_pos(pid: u32, path: &std::path::Path) -> Option<u64> {
@@ -80,7 +83,12 @@ fn agent_memory_stays_bounded_under_a_log_flood() -> Result<()> {
     std::fs::write(&log, b"")?;
     lab.stop_agent(s);
     let watch = format!("sshd:{}", log.display());
-    let pid = lab.start_agent_with(s, true, &[], &["--watch-log", &watch])?;
+    let pid = lab.start_agent_with(
+        s,
+        true,
+        &[],
+        &["--watch-log", &watch, "--metrics-listen", METRICS],
+    )?;
     let deadline = Instant::now() + Duration::from_secs(20);
     while read_pos(pid, &log).is_none() {
         if Instant::now() > deadline {
@@ -160,5 +168,36 @@ fn agent_memory_stays_bounded_under_a_log_flood() -> Result<()> {
         "the agent died"
     );
     assert!(!s.agent_log().contains("panicked"), "{}", s.agent_log());
+
+    // The log followers' counters on /metrics: every line but the overlong ones read,
+    // one line in a hundred overlong, and the failures offered (sent or dropped).
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &s.ns, "curl", "-sS", "--max-time", "10"])
+        .arg(format!("http://{METRICS}/metrics"))
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let counter = |name: &str| -> Result<u64> {
+        let prefix = format!("zonemesh_agent_{name}_total ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .and_then(|v| v.trim().parse().ok())
+            .with_context(|| format!("no {prefix} in /metrics:\n{text}"))
+    };
+    let (read, overlong) = (
+        counter("logwatch_lines")?,
+        counter("logwatch_overlong_lines")?,
+    );
+    let (matched, dropped) = (
+        counter("logwatch_matches")?,
+        counter("logwatch_events_dropped")?,
+    );
+    println!(
+        "agent /metrics: {read} lines read, {overlong} overlong, {matched} failures, {dropped} events dropped (queue full)"
+    );
+    assert_eq!(overlong, (LINES / 100) as u64, "overlong lines");
+    assert_eq!(read, (LINES - LINES / 100) as u64, "lines read");
+    // At least the failures from a new address (90 in 100); the spoofed lines may count.
+    assert!(matched >= (LINES / 100 * 90) as u64, "{matched} failures");
+    assert!(dropped <= matched, "{dropped} dropped of {matched}");
     Ok(())
 }

@@ -29,30 +29,9 @@ async fn report(ctl: &Controller, creds: &NodeCreds, kind: &str, times: usize) {
         .unwrap();
 }
 
-fn oathtool(secret: &str) -> Result<String> {
-    let out = std::process::Command::new("oathtool")
-        .args(["--totp", "-b", secret])
-        .output()?;
-    if !out.status.success() {
-        bail!("oathtool failed");
-    }
-    Ok(String::from_utf8(out.stdout)?.trim().to_string())
-}
-
-fn text_of(b: &Browser, css: &str) -> Result<String> {
-    Ok(b.script(&format!(
-        "const e = document.querySelector('{css}'); return e ? e.textContent : '';"
-    ))?
-    .as_str()
-    .unwrap_or_default()
-    .to_string())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chromium_admin_sees_a_block_with_its_evidence_and_unblocks_it() -> Result<()> {
-    if let Some(why) = browser::skip_reason().or_else(|| {
-        (!zonemesh_tests::have("oathtool")).then(|| "oathtool not installed".to_string())
-    }) {
+    if let Some(why) = browser::sign_in_skip_reason() {
         println!("skipped: {why}");
         return Ok(());
     }
@@ -73,29 +52,12 @@ async fn chromium_admin_sees_a_block_with_its_evidence_and_unblocks_it() -> Resu
 
     let base = format!("https://localhost:{}", ctl.https.port());
     let br = Browser::start()?;
-    br.goto(&format!("{base}/signin"))?;
-    br.wait_url("/signin", Duration::from_secs(10))?;
-    br.type_into("#email", ADMIN)?;
-    br.type_into("#password", PASSWORD)?;
-    br.click("#signin")?;
-    br.wait_url("/enroll", Duration::from_secs(20))?;
-    let secret = text_of(&br, "#secret")?;
-    br.type_into("#code", &oathtool(secret.trim())?)?;
-    br.click("#confirm")?;
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !br.source()?.contains("recovery-codes") {
-        if std::time::Instant::now() > deadline {
-            bail!("no recovery codes: {}", br.source()?);
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    br.click("#continue")?;
-    br.wait_url("/dashboard", Duration::from_secs(10))?;
+    br.sign_in_new_admin(&base, ADMIN, PASSWORD)?;
     assert!(br.source()?.contains("security-link"), "no Security link");
     br.click("#security-link")?;
     br.wait_url("/security", Duration::from_secs(10))?;
 
-    let row = text_of(&br, &format!("tr[data-address=\"{ATTACKER}\"]"))?;
+    let row = br.text(&format!("tr[data-address=\"{ATTACKER}\"]"))?;
     assert!(
         row.contains("a/a1") && row.contains("b/b1") && row.contains("ssh.auth_failure"),
         "evidence missing: {row}"
@@ -104,7 +66,7 @@ async fn chromium_admin_sees_a_block_with_its_evidence_and_unblocks_it() -> Resu
         row.contains("UTC") || row.contains(':'),
         "expiry missing: {row}"
     );
-    let events = text_of(&br, "#events")?;
+    let events = br.text("#events")?;
     assert!(
         events.contains("sip.auth_failure") && events.contains(ATTACKER),
         "{events}"

@@ -17,25 +17,6 @@ use zonemesh_tests::sshlab::{self, SshLab};
 const USER: &str = "page-user@corp.test";
 const PASSWORD: &str = "a long lab password for ssh tests";
 
-fn oathtool(secret: &str) -> Result<String> {
-    let out = Command::new("oathtool")
-        .args(["--totp", "-b", secret])
-        .output()?;
-    if !out.status.success() {
-        bail!("oathtool failed");
-    }
-    Ok(String::from_utf8(out.stdout)?.trim().to_string())
-}
-
-fn text_of(b: &Browser, css: &str) -> Result<String> {
-    Ok(b.script(&format!(
-        "const e = document.querySelector('{css}'); return e ? e.textContent : '';"
-    ))?
-    .as_str()
-    .unwrap_or_default()
-    .to_string())
-}
-
 /// User certificates issued to [`USER`] so far.
 fn issued(lab: &SshLab) -> Result<usize> {
     let v: Value = serde_json::from_str(&lab.ctl.admin_ok(&["ssh", "certs", "--json"])?)?;
@@ -50,7 +31,7 @@ fn issued(lab: &SshLab) -> Result<usize> {
 fn wait_for(b: &Browser, css: &str, within: Duration) -> Result<String> {
     let deadline = Instant::now() + within;
     loop {
-        let t = text_of(b, css)?;
+        let t = b.text(css)?;
         if !t.is_empty() {
             return Ok(t);
         }
@@ -115,10 +96,7 @@ fn keygen(path: &Path, args: &[&str]) -> Result<()> {
 
 #[test]
 fn chromium_server_access_page_issues_certificates_that_log_in() -> Result<()> {
-    if let Some(why) = sshlab::skip_reason()
-        .or_else(browser::skip_reason)
-        .or_else(|| (!zonemesh_tests::have("oathtool")).then(|| "oathtool not installed".into()))
-    {
+    if let Some(why) = sshlab::skip_reason().or_else(browser::sign_in_skip_reason) {
         println!("skipped: {why}");
         return Ok(());
     }
@@ -137,18 +115,13 @@ fn chromium_server_access_page_issues_certificates_that_log_in() -> Result<()> {
 
     let base = format!("https://localhost:{}", lab.ctl.https.port());
     let br = Browser::start()?;
-    br.goto(&format!("{base}/signin"))?;
-    br.wait_url("/signin", Duration::from_secs(10))?;
-    br.type_into("#email", USER)?;
-    br.type_into("#password", PASSWORD)?;
-    br.click("#signin")?;
-    br.wait_url("/dashboard", Duration::from_secs(20))?;
+    br.sign_in(&base, USER, PASSWORD, "/dashboard")?;
 
     // Without TOTP: the page says why and has no form; a form posted anyway with the
     // session's own CSRF token issues nothing.
     br.click("#ssh-link")?;
     br.wait_url("/ssh", Duration::from_secs(10))?;
-    let why = text_of(&br, "#need-totp")?;
+    let why = br.text("#need-totp")?;
     assert!(why.contains("TOTP"), "{}", br.source()?);
     assert!(!br.source()?.contains("sign-form"), "a form without TOTP");
     let pasted = lab.user_key("web-paste")?;
@@ -169,17 +142,12 @@ fn chromium_server_access_page_issues_certificates_that_log_in() -> Result<()> {
     // Enroll TOTP on the page.
     br.goto(&format!("{base}/enroll"))?;
     br.wait_url("/enroll", Duration::from_secs(10))?;
-    let secret = text_of(&br, "#secret")?;
-    br.type_into("#code", &oathtool(secret.trim())?)?;
-    br.click("#confirm")?;
-    wait_for(&br, "#recovery-codes", Duration::from_secs(10))?;
-    br.click("#continue")?;
-    br.wait_url("/dashboard", Duration::from_secs(10))?;
+    br.enroll_totp()?;
 
     // Paste: the downloaded certificate logs in.
     br.click("#ssh-link")?;
     br.wait_url("/ssh", Duration::from_secs(10))?;
-    let known = text_of(&br, "#known-hosts")?;
+    let known = br.text("#known-hosts")?;
     assert!(known.starts_with("@cert-authority"), "{known}");
     br.type_into("#public_key", pubkey.trim())?;
     br.click("#sign")?;

@@ -6,7 +6,7 @@
 use std::time::Duration;
 use tempfile::TempDir;
 use zonemesh_proto as pb;
-use zonemesh_tests::cluster::{Controller, NodeCreds, mesh_channel};
+use zonemesh_tests::cluster::{Controller, NodeCreds, copy_secrets, mesh_channel};
 use zonemesh_tests::etcd::{self, Etcd};
 use zonemesh_tests::rsa4096;
 
@@ -25,20 +25,6 @@ async fn renew(addr: &str, creds: &NodeCreds, slot: usize, node: &str) -> Result
     .await
     .map_err(|_| "renew timed out".to_string())?;
     r.map(|_| ()).map_err(|e| e.to_string())
-}
-
-fn copy_secrets(from: &std::path::Path, to: &std::path::Path) {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::create_dir_all(to.join("secrets")).unwrap();
-    for d in [to.to_path_buf(), to.join("secrets")] {
-        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o700)).unwrap();
-    }
-    for e in std::fs::read_dir(from.join("secrets")).unwrap() {
-        let e = e.unwrap();
-        let dst = to.join("secrets").join(e.file_name());
-        std::fs::copy(e.path(), &dst).unwrap();
-        std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(0o600)).unwrap();
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -136,7 +122,7 @@ async fn migrated_store_serves_renews_and_keeps_the_ca_and_revocations() {
 
     // A new data directory with only the secrets, serving from etcd.
     let dir2 = tmp.path().join("ctl2");
-    copy_secrets(&ctl.data_dir, &dir2);
+    copy_secrets(&ctl.data_dir, &dir2).unwrap();
     let mut ctl2 = Controller::existing(&tmp.path().join("two"), dir2, ctl.fingerprint.clone());
     std::fs::create_dir_all(tmp.path().join("two")).unwrap();
     ctl2.serve_args = vec!["--store".into(), url.clone()];

@@ -284,6 +284,16 @@ async fn user(dir: &Path, kek: &KekSource, cmd: UserCommand) -> Result<()> {
     Ok(())
 }
 
+/// A CA rotation (intermediate or root): it signs and publishes, so it may take longer
+/// than other requests.
+async fn rotate(dir: &Path, kek: &KekSource, req: AdminRequest, json: bool) -> Result<()> {
+    let within = std::time::Duration::from_secs(180);
+    let reply = crate::admin::local::request_within(dir, kek, req, within).await?;
+    let r = expect!(reply, CaRotated);
+    print!("{}", render::ca_rotated(&r, json));
+    Ok(())
+}
+
 async fn ca(dir: &Path, kek: &KekSource, cmd: CaCommand) -> Result<()> {
     match cmd {
         CaCommand::Show { json } => {
@@ -294,17 +304,7 @@ async fn ca(dir: &Path, kek: &KekSource, cmd: CaCommand) -> Result<()> {
             let req = AdminRequest::CaRotateIntermediate {
                 spread_secs: spread.map(|d| d.as_secs()),
             };
-            let r = expect!(
-                crate::admin::local::request_within(
-                    dir,
-                    kek,
-                    req,
-                    std::time::Duration::from_secs(180)
-                )
-                .await?,
-                CaRotated
-            );
-            print!("{}", render::ca_rotated(&r, json));
+            rotate(dir, kek, req, json).await?;
         }
         CaCommand::RotateRoot {
             grace,
@@ -315,17 +315,7 @@ async fn ca(dir: &Path, kek: &KekSource, cmd: CaCommand) -> Result<()> {
                 grace_secs: grace.map(|d| d.as_secs()),
                 spread_secs: spread.map(|d| d.as_secs()),
             };
-            let r = expect!(
-                crate::admin::local::request_within(
-                    dir,
-                    kek,
-                    req,
-                    std::time::Duration::from_secs(180)
-                )
-                .await?,
-                CaRotated
-            );
-            print!("{}", render::ca_rotated(&r, json));
+            rotate(dir, kek, req, json).await?;
         }
         CaCommand::Export {
             root: _,

@@ -232,6 +232,24 @@ fn state_of(d: &Domains, name: &str) -> DomainDetail {
     d.detail(name).unwrap()
 }
 
+/// Add domain `name` with the internal issuer, owned by the usual owner, on `zone`.
+fn add_internal(d: &Domains, name: &str, zone: &str) {
+    d.add(
+        name,
+        Issuer::Internal,
+        "owner@example.test",
+        &[zone.into()],
+        "cli",
+    )
+    .unwrap();
+}
+
+/// The job runner of `d`, until the token is cancelled.
+fn running(d: &std::sync::Arc<Domains>) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+    let stop = CancellationToken::new();
+    (stop.clone(), tokio::spawn(d.clone().run(stop)))
+}
+
 const NAME: &str = "portal.domains.test";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -250,8 +268,7 @@ async fn deploy_reaches_every_edge_of_the_zone_and_a_second_press_joins() {
     let (e2, _t2) = fake_edge(&d, f.node("eu", "e2"), Answer::FailFirst(0));
     let (other, _t3) = fake_edge(&d, f.node("us", "e3"), Answer::FailFirst(0));
     until("three edges", || d.hub().connected() == 3).await;
-    let stop = CancellationToken::new();
-    let runner = tokio::spawn(d.clone().run(stop.clone()));
+    let (stop, runner) = running(&d);
 
     let job = d.deploy(NAME, "owner@example.test").unwrap();
     let again = d.deploy(NAME, "owner@example.test").unwrap();
@@ -314,27 +331,12 @@ async fn deploy_reaches_every_edge_of_the_zone_and_a_second_press_joins() {
 async fn a_failing_edge_is_retried_and_a_job_that_keeps_failing_shows_the_reason() {
     let f = Fixture::new();
     let d = f.domains(|c| c.attempts = 2);
-    d.add(
-        NAME,
-        Issuer::Internal,
-        "owner@example.test",
-        &["eu".into()],
-        "cli",
-    )
-    .unwrap();
-    d.add(
-        "other.domains.test",
-        Issuer::Internal,
-        "owner@example.test",
-        &["us".into()],
-        "cli",
-    )
-    .unwrap();
+    add_internal(&d, NAME, "eu");
+    add_internal(&d, "other.domains.test", "us");
     let (_e1, _t1) = fake_edge(&d, f.node("eu", "e1"), Answer::FailFirst(1));
     let (_e2, _t2) = fake_edge(&d, f.node("us", "e2"), Answer::FailFirst(usize::MAX));
     until("two edges", || d.hub().connected() == 2).await;
-    let stop = CancellationToken::new();
-    let runner = tokio::spawn(d.clone().run(stop.clone()));
+    let (stop, runner) = running(&d);
     d.deploy(NAME, "cli").unwrap();
     d.deploy("other.domains.test", "cli").unwrap();
     until("retried and deployed", || {
@@ -370,19 +372,11 @@ async fn a_failing_edge_is_retried_and_a_job_that_keeps_failing_shows_the_reason
 async fn a_job_in_flight_resumes_after_a_restart_without_issuing_again() {
     let f = Fixture::new();
     let d1 = f.domains(|_| {});
-    d1.add(
-        NAME,
-        Issuer::Internal,
-        "owner@example.test",
-        &["eu".into()],
-        "cli",
-    )
-    .unwrap();
+    add_internal(&d1, NAME, "eu");
     let node = f.node("eu", "e1");
     let (_silent, t1) = fake_edge(&d1, node.clone(), Answer::Silent);
     until("edge", || d1.hub().connected() == 1).await;
-    let stop = CancellationToken::new();
-    let runner = tokio::spawn(d1.clone().run(stop.clone()));
+    let (stop, runner) = running(&d1);
     let job = d1.deploy(NAME, "cli").unwrap();
     until("deploying", || {
         state_of(&d1, NAME).domain.state == DomainState::Deploying
@@ -404,8 +398,7 @@ async fn a_job_in_flight_resumes_after_a_restart_without_issuing_again() {
         "the job survived the restart"
     );
     let (seen, _t2) = fake_edge(&d2, node, Answer::FailFirst(0));
-    let stop = CancellationToken::new();
-    let runner = tokio::spawn(d2.clone().run(stop.clone()));
+    let (stop, runner) = running(&d2);
     until("deployed after the restart", || {
         state_of(&d2, NAME).domain.state == DomainState::Deployed
     })
@@ -431,18 +424,10 @@ async fn a_job_in_flight_resumes_after_a_restart_without_issuing_again() {
 async fn renewal_at_two_thirds_and_a_failed_renewal_keeps_the_current_certificate() {
     let f = Fixture::new();
     let d = f.domains(|c| c.attempts = 1);
-    d.add(
-        NAME,
-        Issuer::Internal,
-        "owner@example.test",
-        &["eu".into()],
-        "cli",
-    )
-    .unwrap();
+    add_internal(&d, NAME, "eu");
     let (seen, _t) = fake_edge(&d, f.node("eu", "e1"), Answer::FailFirst(0));
     until("edge", || d.hub().connected() == 1).await;
-    let stop = CancellationToken::new();
-    let runner = tokio::spawn(d.clone().run(stop.clone()));
+    let (stop, runner) = running(&d);
     d.deploy(NAME, "cli").unwrap();
     until("deployed", || {
         state_of(&d, NAME).domain.state == DomainState::Deployed
@@ -583,8 +568,7 @@ async fn acme_through_the_edges_with_pebble_and_a_refused_challenge_keeps_the_ce
     .unwrap();
     let (seen, _t) = fake_edge_with(&d, f.node("eu", "e1"), Answer::FailFirst(0), tokens.clone());
     until("edge", || d.hub().connected() == 1).await;
-    let stop = CancellationToken::new();
-    let runner = tokio::spawn(d.clone().run(stop.clone()));
+    let (stop, runner) = running(&d);
 
     d.deploy(SHOP, "owner@example.test").unwrap();
     until("deployed", || {

@@ -16,7 +16,7 @@ use crate::audit::AuditEvent;
 use crate::auth::session::{csrf_for, csrf_matches, random_token};
 use crate::auth::{
     AttemptGuard, AuthError, AuthMetrics, FailureOutcome, Gate, PasswordCheck, SecondFactor,
-    Session, SessionKind, Throttle, normalize_email,
+    Session, SessionKind, Throttle, UserStore, normalize_email,
 };
 
 fn signin_form(
@@ -324,26 +324,52 @@ struct CodeStep {
 }
 
 /// The opening both second-factor forms share: the session the form needs, its CSRF
-/// token, then an attempt reserved before any code is checked.
-async fn code_step(
+/// token, then an attempt reserved before any code is checked; then `check` of the typed
+/// code on the blocking pool (a failure to check is the generic failure page).
+async fn code_step<T: Send + 'static>(
     state: &WebState,
     ip: IpAddr,
     headers: &HeaderMap,
     need: Need,
-    csrf: &str,
-) -> Result<CodeStep, Box<Response>> {
+    form: &CodeForm,
+    check: fn(&UserStore, &str, &str, SystemTime) -> Result<T, AuthError>,
+) -> Result<(CodeStep, T), Box<Response>> {
     let (token, session) = session_off(state, headers, need).await?;
-    if !csrf_matches(&token, csrf) {
+    if !csrf_matches(&token, &form.csrf) {
         return Err(Box::new(csrf_refused(state)));
     }
     let now = state.now();
     let attempt = reserve(state, &session.email, ip, now)?;
-    Ok(CodeStep {
-        token,
-        session,
-        attempt,
-        now,
-    })
+    let (users, email, code) = (
+        state.inner.users.clone(),
+        session.email.clone(),
+        form.code.clone(),
+    );
+    match crate::blocking::run(move || check(&users, &email, &code, now)).await {
+        Ok(checked) => Ok((
+            CodeStep {
+                token,
+                session,
+                attempt,
+                now,
+            },
+            checked,
+        )),
+        Err(e) => Err(Box::new(internal(e))),
+    }
+}
+
+/// A wrong second-factor code: counted, audited as `kind` and the attempt spent.
+async fn wrong_code(
+    state: &WebState,
+    attempt: AttemptGuard,
+    kind: &str,
+    email: &str,
+    ip: IpAddr,
+    detail: &str,
+) {
+    AuthMetrics::inc(&state.inner.metrics.second_factor_failure);
+    record_failure(state, attempt, kind, email, ip, detail).await;
 }
 
 pub(super) async fn code_page(State(state): State<WebState>, headers: HeaderMap) -> Response {
@@ -360,24 +386,21 @@ pub(super) async fn code_submit(
     Form(form): Form<CodeForm>,
 ) -> Response {
     let ip = peer.ip();
-    let CodeStep {
-        token,
-        session: s,
-        attempt,
-        now,
-    } = match code_step(&state, ip, &headers, Need::CodeForm, &form.csrf).await {
+    let check = UserStore::verify_second_factor;
+    let (
+        CodeStep {
+            token,
+            session: s,
+            attempt,
+            now,
+        },
+        verified,
+    ) = match code_step(&state, ip, &headers, Need::CodeForm, &form, check).await {
         Ok(step) => step,
         Err(r) => return *r,
     };
-    let (users, email, code) = (
-        state.inner.users.clone(),
-        s.email.clone(),
-        form.code.clone(),
-    );
-    let verified =
-        crate::blocking::run(move || users.verify_second_factor(&email, &code, now)).await;
     match verified {
-        Ok(true) => {
+        true => {
             if !state
                 .audit_durable(
                     AuditEvent::new("signin.success", "ok")
@@ -394,9 +417,8 @@ pub(super) async fn code_submit(
             AuthMetrics::inc(&state.inner.metrics.signin_success);
             start_session(&state, &s.email, s.role, SessionKind::Full, "/dashboard").await
         }
-        Ok(false) => {
-            AuthMetrics::inc(&state.inner.metrics.second_factor_failure);
-            record_failure(
+        false => {
+            wrong_code(
                 &state,
                 attempt,
                 "signin.second-factor-failure",
@@ -414,7 +436,6 @@ pub(super) async fn code_submit(
             )
                 .into_response()
         }
-        Err(e) => internal(e),
     }
 }
 
@@ -459,23 +480,21 @@ pub(super) async fn enroll_submit(
     Form(form): Form<CodeForm>,
 ) -> Response {
     let ip = peer.ip();
-    let CodeStep {
-        token,
-        session: s,
-        attempt,
-        now,
-    } = match code_step(&state, ip, &headers, Need::EnrollForm, &form.csrf).await {
+    let check = UserStore::confirm_totp;
+    let (
+        CodeStep {
+            token,
+            session: s,
+            attempt,
+            now,
+        },
+        confirmed,
+    ) = match code_step(&state, ip, &headers, Need::EnrollForm, &form, check).await {
         Ok(step) => step,
         Err(r) => return *r,
     };
-    let (users, email, code) = (
-        state.inner.users.clone(),
-        s.email.clone(),
-        form.code.clone(),
-    );
-    let confirmed = crate::blocking::run(move || users.confirm_totp(&email, &code, now)).await;
     match confirmed {
-        Ok(Some(codes)) => {
+        Some(codes) => {
             if s.kind == SessionKind::PendingEnrollment {
                 attempt.success(now);
             } else {
@@ -532,9 +551,8 @@ pub(super) async fn enroll_submit(
             }
             resp
         }
-        Ok(None) => {
-            AuthMetrics::inc(&state.inner.metrics.second_factor_failure);
-            record_failure(
+        None => {
+            wrong_code(
                 &state,
                 attempt,
                 "totp.enroll-failure",
@@ -552,6 +570,5 @@ pub(super) async fn enroll_submit(
             )
             .await
         }
-        Err(e) => internal(e),
     }
 }

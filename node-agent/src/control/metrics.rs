@@ -1,6 +1,6 @@
 //! The agent's `GET /metrics` (`run --metrics-listen ADDR`, off by default): per-peer
 //! handshake age, bytes, loss and round trip, the data plane's packets and drops, the
-//! Watch link and the blocklist, in the Prometheus/OpenMetrics text format.
+//! Watch link, the blocklist and the log followers, in the Prometheus/OpenMetrics text format.
 //!
 //! Everything is read at scrape time from an [`AgentSample`] the run loop builds, so the
 //! per-peer series are exactly the current peers (a peer that leaves the mesh leaves the
@@ -61,7 +61,21 @@ pub struct AgentSample {
     pub syncs: u64,
     pub cert_not_after_unix: u64,
     pub dataplane: DataPlaneStats,
+    pub logwatch: LogwatchSample,
     pub peers: Vec<PeerSample>,
+}
+
+/// The log followers' counters (`LogwatchStats`) at scrape time.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct LogwatchSample {
+    /// Lines read (journal records for a journal source).
+    pub lines: u64,
+    /// Lines dropped unread for being longer than the cap.
+    pub overlong: u64,
+    /// Lines that named a failure: events offered to the queue to the controller.
+    pub matched: u64,
+    /// Events dropped because that queue was full.
+    pub dropped: u64,
 }
 
 /// Builds the sample (called on each scrape, on the blocking pool).
@@ -144,6 +158,26 @@ impl Collector for Scrape {
                 "syncs",
                 "Passes that brought the data plane and host in line with the mesh.",
                 s.syncs,
+            ),
+            (
+                "logwatch_lines",
+                "Log lines the log followers read (--watch-log).",
+                s.logwatch.lines,
+            ),
+            (
+                "logwatch_overlong_lines",
+                "Log lines dropped unread for being longer than the line cap.",
+                s.logwatch.overlong,
+            ),
+            (
+                "logwatch_matches",
+                "Log lines that named a failure (events offered to the controller).",
+                s.logwatch.matched,
+            ),
+            (
+                "logwatch_events_dropped",
+                "Failure events dropped because the queue to the controller was full.",
+                s.logwatch.dropped,
             ),
         ];
         for (name, help, v) in counters {
@@ -360,6 +394,12 @@ mod tests {
                 dropped_no_route: 1,
                 ..Default::default()
             },
+            logwatch: LogwatchSample {
+                lines: 99,
+                overlong: 2,
+                matched: 40,
+                dropped: 5,
+            },
             peers: vec![PeerSample {
                 name: "z2/b".into(),
                 handshake_age_secs: Some(4.0),
@@ -381,6 +421,10 @@ mod tests {
             "zonemesh_agent_peer_loss_ratio{peer_zone=\"z2\",peer=\"b\"} 0.3",
             "zonemesh_agent_peer_handshake_age_seconds{peer_zone=\"z2\",peer=\"b\"} 4.0",
             "zonemesh_agent_peer_tx_bytes_total{peer_zone=\"z2\",peer=\"b\"} 200",
+            "zonemesh_agent_logwatch_lines_total 99",
+            "zonemesh_agent_logwatch_overlong_lines_total 2",
+            "zonemesh_agent_logwatch_matches_total 40",
+            "zonemesh_agent_logwatch_events_dropped_total 5",
         ] {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
         }

@@ -7,22 +7,34 @@ use std::time::Duration;
 
 use axum::extract::{ConnectInfo, Form, Query, State};
 use axum::http::{HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Redirect, Response};
+use axum::response::Response;
 use serde::Deserialize;
 use zonemesh_ca::RevocationReason;
 
 use super::super::WebState;
-use super::super::form::{SignedIn, admin_form, admin_page};
+use super::super::form::{SignedIn, admin_page};
 use super::super::pages::esc;
-use super::{Message, console_page, mesh_of, refusal, when};
-use crate::audit::AuditEvent;
+use super::{Done, Message, View, act, console_page, mesh_of, when};
 use crate::error::ControllerError;
+use crate::mesh::{CreatedToken, Mesh};
 use crate::store::{NodeRecord, TokenRecord, ZoneRecord};
 
 /// Rows a list shows at most (the newest tokens, the first nodes by zone and name).
 const MAX_ROWS: usize = 1000;
 /// The state directory the enroll command names (the package's).
 const AGENT_STATE_DIR: &str = "/var/lib/zonemesh-agent";
+
+/// What a section's page shows, read from the store on the blocking pool; the page
+/// saying the mesh is not served here, or the generic failure page.
+async fn read<T: Send + 'static>(
+    state: &WebState,
+    f: impl FnOnce(&Mesh, &crate::store::Store) -> Result<T, ControllerError> + Send + 'static,
+) -> Result<T, Box<Response>> {
+    let mesh = mesh_of(state)?;
+    crate::blocking::run(move || f(&mesh, mesh.authority().store()))
+        .await
+        .map_err(|e| Box::new(super::super::internal(e)))
+}
 
 // ---- zones ----
 
@@ -33,24 +45,15 @@ pub(super) async fn zones_page(State(state): State<WebState>, headers: HeaderMap
     }
 }
 
-async fn zones_view(
+pub(super) async fn zones_view(
     state: &WebState,
     who: &SignedIn,
     status: StatusCode,
     message: Option<Message>,
 ) -> Response {
-    let mesh = match mesh_of(state) {
-        Ok(m) => m,
-        Err(r) => return *r,
-    };
-    let read = crate::blocking::run(move || -> Result<_, ControllerError> {
-        let store = mesh.authority().store();
-        Ok((store.zones()?, store.nodes()?))
-    })
-    .await;
-    let (zones, nodes) = match read {
+    let (zones, nodes) = match read(state, |_, store| Ok((store.zones()?, store.nodes()?))).await {
         Ok(v) => v,
-        Err(e) => return super::super::internal(e),
+        Err(r) => return *r,
     };
     let mut rows = String::new();
     for z in &zones {
@@ -100,97 +103,46 @@ pub(super) async fn zone_add(
     headers: HeaderMap,
     Form(form): Form<ZoneForm>,
 ) -> Response {
-    let who = match admin_form(&state, &headers, &form.csrf, "zone.add").await {
-        Ok(v) => v,
-        Err(r) => return *r,
-    };
-    let mesh = match mesh_of(&state) {
-        Ok(m) => m,
-        Err(r) => return *r,
-    };
     let tunnels = form.intra_zone_tunnels.is_some();
     let (name, cidr) = (form.name.trim().to_string(), form.cidr.trim().to_string());
-    let added = crate::blocking::run(move || {
-        let now = mesh.now();
-        mesh.add_zone(&name, &cidr, tunnels, now)
+    let ask = (form.csrf.as_str(), "zone.add");
+    act(&state, &headers, peer, ask, View::Zones, |_| {
+        let mesh = mesh_of(&state)?;
+        Ok(move || {
+            let now = mesh.now();
+            let z = mesh.add_zone(&name, &cidr, tunnels, now)?;
+            let detail = format!("cidr {}", z.cidr);
+            Ok(Done::redirect("/admin/zones").audited("zone.added", z.name, detail))
+        })
     })
-    .await;
-    match added {
-        Ok(z) => {
-            audit_ok(
-                &state,
-                &who,
-                peer,
-                "zone.added",
-                &z.name,
-                format!("cidr {}", z.cidr),
-            )
-            .await;
-            Redirect::to("/admin/zones").into_response()
-        }
-        Err(e) => refused!(zones_view(&state, &who), e),
-    }
-}
-
-/// Record a console action, durable before the reply.
-async fn audit_ok(
-    state: &WebState,
-    who: &SignedIn,
-    peer: SocketAddr,
-    kind: &str,
-    subject: &str,
-    detail: String,
-) {
-    state
-        .audit_durable(
-            AuditEvent::new(kind, "ok")
-                .actor(who.email())
-                .subject(subject)
-                .source(peer.ip())
-                .detail(detail),
-        )
-        .await;
+    .await
 }
 
 // ---- tokens ----
 
 pub(super) async fn tokens_page(State(state): State<WebState>, headers: HeaderMap) -> Response {
     match admin_page(&state, &headers).await {
-        Ok(who) => tokens_view(&state, &who, StatusCode::OK, None).await,
+        Ok(who) => tokens_view_with(&state, &who, StatusCode::OK, None, None).await,
         Err(r) => *r,
     }
 }
 
 /// The token list, the create form, and `created` (the command with the token, shown
 /// once) above them.
-async fn tokens_view(
-    state: &WebState,
-    who: &SignedIn,
-    status: StatusCode,
-    message: Option<Message>,
-) -> Response {
-    tokens_view_with(state, who, status, message, None).await
-}
-
-async fn tokens_view_with(
+pub(super) async fn tokens_view_with(
     state: &WebState,
     who: &SignedIn,
     status: StatusCode,
     message: Option<Message>,
     created: Option<String>,
 ) -> Response {
-    let mesh = match mesh_of(state) {
-        Ok(m) => m,
-        Err(r) => return *r,
-    };
-    let read = crate::blocking::run(move || -> Result<_, ControllerError> {
-        let store = mesh.authority().store();
+    let (zones, mut tokens, now) = match read(state, |mesh, store| {
         Ok((store.zones()?, store.tokens()?, mesh.now()))
     })
-    .await;
-    let (zones, mut tokens, now) = match read {
+    .await
+    {
         Ok(v) => v,
-        Err(e) => return super::super::internal(e),
+        Err(r) => return *r,
     };
     tokens.sort_by_key(|t| std::cmp::Reverse(t.1.created_unix));
     let now = crate::store::unix(now);
@@ -278,58 +230,44 @@ pub(super) async fn token_create(
     headers: HeaderMap,
     Form(form): Form<TokenForm>,
 ) -> Response {
-    let who = match admin_form(&state, &headers, &form.csrf, "token.create").await {
-        Ok(v) => v,
-        Err(r) => return *r,
-    };
-    let mesh = match mesh_of(&state) {
-        Ok(m) => m,
-        Err(r) => return *r,
-    };
-    let bad = |text: String| Some(Message::Error(text));
-    let Ok(uses) = form.uses.trim().parse::<u32>() else {
-        let m = bad("uses must be between 1 and 10000".into());
-        return tokens_view(&state, &who, StatusCode::BAD_REQUEST, m).await;
-    };
-    let ttl: Duration = match humantime::parse_duration(form.ttl.trim()) {
-        Ok(d) => d,
-        Err(e) => {
-            let m = bad(format!(
+    let ask = (form.csrf.as_str(), "token.create");
+    act(&state, &headers, peer, ask, View::Tokens(None), |_| {
+        let mesh = mesh_of(&state)?;
+        let bad = ControllerError::BadRequest;
+        let Ok(uses) = form.uses.trim().parse::<u32>() else {
+            return Err(bad("uses must be between 1 and 10000".into()).into());
+        };
+        let ttl: Duration = humantime::parse_duration(form.ttl.trim()).map_err(|e| {
+            bad(format!(
                 "{} is not a lifetime (e.g. 1h, 30m, 7d): {e}",
                 crate::text::Escaped(crate::text::cap(&form.ttl, 32))
-            ));
-            return tokens_view(&state, &who, StatusCode::BAD_REQUEST, m).await;
-        }
-    };
-    let zone = form.zone.trim().to_string();
-    let m = mesh.clone();
-    let created = crate::blocking::run(move || {
-        let now = m.now();
-        m.create_token(&zone, ttl, uses, now)
+            ))
+        })?;
+        let zone = form.zone.trim().to_string();
+        let controller = state
+            .inner
+            .agent_address
+            .get()
+            .cloned()
+            .unwrap_or_else(|| "CONTROLLER:PORT".into());
+        Ok(move || {
+            let now = mesh.now();
+            let t = mesh.create_token(&zone, ttl, uses, now)?;
+            let fingerprint = zonemesh_ca::fingerprint_sha256(mesh.authority().ca().root_der());
+            let shown = token_shown(&controller, &fingerprint, &t);
+            let detail = format!("{} use(s), expires {}", t.uses, t.expires_unix);
+            let view = View::Tokens(Some(shown));
+            Ok(Done::show(view, None).audited("token.created", t.zone, detail))
+        })
     })
-    .await;
-    let t = match created {
-        Ok(t) => t,
-        Err(e) => return refused!(tokens_view(&state, &who), e),
-    };
-    audit_ok(
-        &state,
-        &who,
-        peer,
-        "token.created",
-        &t.zone,
-        format!("{} use(s), expires {}", t.uses, t.expires_unix),
-    )
-    .await;
-    let controller = state
-        .inner
-        .agent_address
-        .get()
-        .cloned()
-        .unwrap_or_else(|| "CONTROLLER:PORT".into());
-    let fingerprint = zonemesh_ca::fingerprint_sha256(mesh.authority().ca().root_der());
-    let command = enroll_command(&controller, &fingerprint, &t.zone, &t.token);
-    let shown = format!(
+    .await
+}
+
+/// The notice above the token list showing a token just created, once: the enroll
+/// command with the token in it.
+fn token_shown(controller: &str, fingerprint: &str, t: &CreatedToken) -> String {
+    let command = enroll_command(controller, fingerprint, &t.zone, &t.token);
+    format!(
         r#"<div class="notice" id="token-created"><h2>Token for zone {zone}</h2>
 <p>{uses} use(s), valid until {expires}. This is the only time the token is shown: copy the command now.</p>
 <p>On the new server, as root:</p>
@@ -342,8 +280,7 @@ pub(super) async fn token_create(
         command = esc(&command),
         dir = AGENT_STATE_DIR,
         token = esc(&t.token),
-    );
-    tokens_view_with(&state, &who, StatusCode::OK, None, Some(shown)).await
+    )
 }
 
 // ---- nodes ----
@@ -365,34 +302,20 @@ pub(super) async fn nodes_page(
     }
 }
 
-async fn nodes_all(
-    state: &WebState,
-    who: &SignedIn,
-    status: StatusCode,
-    message: Option<Message>,
-) -> Response {
-    nodes_view(state, who, status, message, String::new()).await
-}
-
-async fn nodes_view(
+pub(super) async fn nodes_view(
     state: &WebState,
     who: &SignedIn,
     status: StatusCode,
     message: Option<Message>,
     zone: String,
 ) -> Response {
-    let mesh = match mesh_of(state) {
-        Ok(m) => m,
-        Err(r) => return *r,
-    };
-    let read = crate::blocking::run(move || -> Result<_, ControllerError> {
-        let store = mesh.authority().store();
+    let (zones, nodes, now) = match read(state, |mesh, store| {
         Ok((store.zones()?, store.nodes()?, mesh.now()))
     })
-    .await;
-    let (zones, nodes, now) = match read {
+    .await
+    {
         Ok(v) => v,
-        Err(e) => return super::super::internal(e),
+        Err(r) => return *r,
     };
     let now = crate::store::unix(now);
     let zone = zone.trim();
@@ -501,111 +424,76 @@ pub(super) async fn node_revoke(
     headers: HeaderMap,
     Form(form): Form<RevokeForm>,
 ) -> Response {
-    let who = match admin_form(&state, &headers, &form.csrf, "node.revoke").await {
-        Ok(v) => v,
-        Err(r) => return *r,
-    };
-    let mesh = match mesh_of(&state) {
-        Ok(m) => m,
-        Err(r) => return *r,
-    };
-    let key = form.node.trim().to_string();
-    if form.confirm != "yes" {
-        return revoke_confirmation(&state, &who, mesh, key).await;
-    }
-    let reason: RevocationReason = match form.reason.trim() {
-        "" => RevocationReason::Unspecified,
-        r => match r.parse() {
-            Ok(r) => r,
-            Err(e) => {
-                let e = ControllerError::from(e);
-                return refused!(nodes_all(&state, &who), e);
-            }
-        },
-    };
-    let (ssh, actor) = (state.ssh(), who.email().to_string());
-    let revoked = crate::blocking::run(move || {
-        let now = mesh.now();
-        let serials = mesh.authority().store().node_serials(&key)?.len();
-        let n = mesh.revoke_node(&key, reason, now)?;
-        // Its SSH host certificates go on every server's KRL, as `node revoke` does.
-        if let Some(ssh) = ssh {
-            ssh.revoke_host(&n.key(), &actor)?;
+    let ask = (form.csrf.as_str(), "node.revoke");
+    let every_zone = View::Nodes(String::new());
+    act(&state, &headers, peer, ask, every_zone, |who| {
+        let mesh = mesh_of(&state)?;
+        let (ssh, actor) = (state.ssh(), who.email().to_string());
+        let key = form.node.trim().to_string();
+        if form.confirm != "yes" {
+            return Ok(Box::new(move || revoke_confirmation(&mesh, key)) as Work);
         }
-        Ok::<_, ControllerError>((n, serials))
-    })
-    .await;
-    match revoked {
-        Ok((n, serials)) => {
-            audit_ok(
-                &state,
-                &who,
-                peer,
-                "node.revoked",
-                &n.key(),
-                format!("serial {} reason {}", n.serial_hex, reason.as_str()),
-            )
-            .await;
+        let reason: RevocationReason = match form.reason.trim() {
+            "" => RevocationReason::Unspecified,
+            r => r.parse().map_err(ControllerError::from)?,
+        };
+        Ok(Box::new(move || {
+            let now = mesh.now();
+            let serials = mesh.authority().store().node_serials(&key)?.len();
+            let n = mesh.revoke_node(&key, reason, now)?;
+            // Its SSH host certificates go on every server's KRL, as `node revoke` does.
+            if let Some(ssh) = ssh {
+                ssh.revoke_host(&n.key(), &actor)?;
+            }
             let text = format!(
                 "Node {} revoked: {serials} certificate(s) on the CRL, overlay address {} freed.",
                 n.key(),
                 n.overlay_ip
             );
-            nodes_view(
-                &state,
-                &who,
-                StatusCode::OK,
-                Some(Message::Notice(text)),
-                n.zone,
-            )
-            .await
-        }
-        Err(e) => refused!(nodes_all(&state, &who), e),
-    }
+            let detail = format!("serial {} reason {}", n.serial_hex, reason.as_str());
+            let done = Done::show(View::Nodes(n.zone.clone()), Some(text));
+            Ok(done.audited("node.revoked", n.key(), detail))
+        }))
+    })
+    .await
 }
 
-/// The second step of a revocation: what will be revoked, and the form that does it.
-async fn revoke_confirmation(
-    state: &WebState,
-    who: &SignedIn,
-    mesh: std::sync::Arc<crate::mesh::Mesh>,
-    key: String,
-) -> Response {
-    let k = key.clone();
-    let read = crate::blocking::run(move || -> Result<_, ControllerError> {
-        let store = mesh.authority().store();
-        let node = store.node(&k)?;
-        let serials = match &node {
-            Some(_) => store.node_serials(&k)?,
-            None => vec![],
-        };
-        let zone: Option<ZoneRecord> = match &node {
-            Some(n) => store.zone(&n.zone)?,
-            None => None,
-        };
-        Ok((node, serials, zone))
-    })
-    .await;
-    let (node, serials, zone) = match read {
-        Ok(v) => v,
-        Err(e) => return super::super::internal(e),
-    };
-    let node = match node {
+/// The work of a revocation's step (the question or the revocation).
+type Work = Box<dyn FnOnce() -> Result<Done, ControllerError> + Send>;
+
+/// The first step of a revocation: what will be revoked, and the form that does it.
+fn revoke_confirmation(mesh: &Mesh, key: String) -> Result<Done, ControllerError> {
+    let store = mesh.authority().store();
+    let node = match store.node(&key)? {
         Some(n) if !n.revoked => n,
         Some(n) => {
-            let e = ControllerError::AlreadyExists(format!("node {} is already revoked", n.key()));
-            return refused!(nodes_all(state, who), e);
+            return Err(ControllerError::AlreadyExists(format!(
+                "node {} is already revoked",
+                n.key()
+            )));
         }
         None => {
-            let e = ControllerError::NotFound(format!(
+            return Err(ControllerError::NotFound(format!(
                 "no node {} (use zone/node, see `node list`)",
                 crate::text::Escaped(crate::text::cap(&key, 128))
-            ));
-            return refused!(nodes_all(state, who), e);
+            )));
         }
     };
+    let serials = store.node_serials(&key)?;
+    let zone: Option<ZoneRecord> = store.zone(&node.zone)?;
+    Ok(Done::page(move |who| {
+        confirmation_page(who, &node, &serials, zone)
+    }))
+}
+
+fn confirmation_page(
+    who: &SignedIn,
+    node: &NodeRecord,
+    serials: &[crate::store::NodeSerial],
+    zone: Option<ZoneRecord>,
+) -> Response {
     let mut certs = String::new();
-    for s in &serials {
+    for s in serials {
         let _ = write!(
             certs,
             r#"<li class="mono">{} ({:?}, expires {})</li>"#,

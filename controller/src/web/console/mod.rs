@@ -18,34 +18,25 @@
 //!   newest first, paged
 //! - `GET /admin/ca`: CA certificates, fingerprints, validity, the CRL
 
-/// In a section's module: re-render with `$view` showing why `$e` was refused, or the generic failure page
-/// (the module imports `refusal` and `Message`).
-macro_rules! refused {
-    ($view:ident($state:expr, $who:expr), $e:expr) => {
-        match refusal(&$e) {
-            Some((status, text)) => $view($state, $who, status, Some(Message::Error(text))).await,
-            None => super::super::internal($e),
-        }
-    };
-}
-
 mod audit;
 mod ca;
 mod mesh;
 mod users;
 
 use std::fmt::Write as _;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
-use axum::response::{Html, IntoResponse, Response};
+use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 
 use super::WebState;
-use super::form::{SignedIn, admin_page};
+use super::form::{SignedIn, admin_form, admin_page};
 use super::pages::{esc, layout};
+use crate::audit::AuditEvent;
 use crate::error::ControllerError;
 use crate::mesh::Mesh;
 
@@ -150,6 +141,163 @@ fn auth_refusal(e: &crate::auth::AuthError) -> Option<(StatusCode, String)> {
         _ => return None,
     };
     Some((status, e.to_string()))
+}
+
+/// A section's page as an action shows it again: after a refusal (with why) or after the
+/// action (with what was done).
+pub(super) enum View {
+    Zones,
+    /// The token list, with the command of a token just created above it.
+    Tokens(Option<String>),
+    /// The nodes of one zone (`""`: every zone).
+    Nodes(String),
+    Users,
+}
+
+impl View {
+    async fn render(
+        self,
+        state: &WebState,
+        who: &SignedIn,
+        status: StatusCode,
+        message: Option<Message>,
+    ) -> Response {
+        match self {
+            View::Zones => mesh::zones_view(state, who, status, message).await,
+            View::Tokens(created) => {
+                mesh::tokens_view_with(state, who, status, message, created).await
+            }
+            View::Nodes(zone) => mesh::nodes_view(state, who, status, message, zone).await,
+            View::Users => users::view(state, who, status, message).await,
+        }
+    }
+}
+
+/// `view` again, showing why `e` was refused, or the generic failure page.
+async fn refuse(view: View, state: &WebState, who: &SignedIn, e: ControllerError) -> Response {
+    match refusal(&e) {
+        Some((status, text)) => {
+            view.render(state, who, status, Some(Message::Error(text)))
+                .await
+        }
+        None => super::internal(e),
+    }
+}
+
+/// Why an action stopped before its work: a refusal (shown on the action's page) or a
+/// page of its own (the mesh is not served here).
+pub(super) enum Stop {
+    Refused(ControllerError),
+    Page(Box<Response>),
+}
+
+impl From<ControllerError> for Stop {
+    fn from(e: ControllerError) -> Self {
+        Stop::Refused(e)
+    }
+}
+
+impl From<Box<Response>> for Stop {
+    fn from(r: Box<Response>) -> Self {
+        Stop::Page(r)
+    }
+}
+
+/// A page built from the admin's session (its CSRF token).
+type PageFn = Box<dyn FnOnce(&SignedIn) -> Response + Send>;
+
+/// What an action's work ends with: the audit event, and what the admin sees next.
+pub(super) struct Done {
+    /// Kind, subject and detail of the `ok` event; `None` where the work audits itself
+    /// (the user actions, through `auth::cli`, as for the CLI).
+    audit: Option<(&'static str, String, String)>,
+    then: Then,
+}
+
+enum Then {
+    Redirect(&'static str),
+    Show(View, Option<Message>),
+    Page(PageFn),
+}
+
+impl Done {
+    /// Go to `to` (a redirect: reloading it posts nothing again).
+    pub(super) fn redirect(to: &'static str) -> Self {
+        Self {
+            audit: None,
+            then: Then::Redirect(to),
+        }
+    }
+
+    /// Show `view`, with `notice` above it.
+    pub(super) fn show(view: View, notice: Option<String>) -> Self {
+        Self {
+            audit: None,
+            then: Then::Show(view, notice.map(Message::Notice)),
+        }
+    }
+
+    /// Show a page of the action's own (`200`).
+    pub(super) fn page(page: impl FnOnce(&SignedIn) -> Response + Send + 'static) -> Self {
+        Self {
+            audit: None,
+            then: Then::Page(Box::new(page)),
+        }
+    }
+
+    /// Audit the action as `kind` `ok`, on `subject`, durable before the reply.
+    pub(super) fn audited(mut self, kind: &'static str, subject: String, detail: String) -> Self {
+        self.audit = Some((kind, subject, detail));
+        self
+    }
+}
+
+/// Every console form's action, done one way: the session, CSRF token and admin role
+/// (`admin_form`: anyone else gets `403` and the attempt is audited as
+/// `<attempt>_denied`), then `prepare` on the request's task (cheap checks of the form;
+/// it returns the work), the work on the blocking pool (store writes, signatures), the
+/// audit event it names, and its page. A refusal, from `prepare` or the work, shows
+/// `refused_on` again with why.
+pub(super) async fn act<W>(
+    state: &WebState,
+    headers: &HeaderMap,
+    peer: SocketAddr,
+    (csrf, attempt): (&str, &str),
+    refused_on: View,
+    prepare: impl FnOnce(&SignedIn) -> Result<W, Stop>,
+) -> Response
+where
+    W: FnOnce() -> Result<Done, ControllerError> + Send + 'static,
+{
+    let who = match admin_form(state, headers, csrf, attempt).await {
+        Ok(v) => v,
+        Err(r) => return *r,
+    };
+    let work = match prepare(&who) {
+        Ok(w) => w,
+        Err(Stop::Page(r)) => return *r,
+        Err(Stop::Refused(e)) => return refuse(refused_on, state, &who, e).await,
+    };
+    let done = match crate::blocking::run(work).await {
+        Ok(d) => d,
+        Err(e) => return refuse(refused_on, state, &who, e).await,
+    };
+    if let Some((kind, subject, detail)) = done.audit {
+        state
+            .audit_durable(
+                AuditEvent::new(kind, "ok")
+                    .actor(who.email())
+                    .subject(subject)
+                    .source(peer.ip())
+                    .detail(detail),
+            )
+            .await;
+    }
+    match done.then {
+        Then::Redirect(to) => Redirect::to(to).into_response(),
+        Then::Show(view, message) => view.render(state, &who, StatusCode::OK, message).await,
+        Then::Page(page) => page(&who),
+    }
 }
 
 /// The mesh, or the page saying this controller serves none.

@@ -3,17 +3,18 @@
 //! as actor.
 
 use std::fmt::Write as _;
+use std::net::SocketAddr;
 
-use axum::extract::{Form, State};
+use axum::extract::{ConnectInfo, Form, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use serde::Deserialize;
 use zeroize::Zeroizing;
 
 use super::super::WebState;
-use super::super::form::{SignedIn, admin_form, admin_page};
+use super::super::form::{SignedIn, admin_page};
 use super::super::pages::esc;
-use super::{Message, console_page, refusal};
+use super::{Done, Message, View, act, console_page};
 use crate::auth::{Role, cli as auth_cli, normalize_email};
 use crate::error::ControllerError;
 
@@ -24,7 +25,7 @@ pub(super) async fn page(State(state): State<WebState>, headers: HeaderMap) -> R
     }
 }
 
-async fn view(
+pub(super) async fn view(
     state: &WebState,
     who: &SignedIn,
     status: StatusCode,
@@ -103,41 +104,29 @@ impl Drop for AddForm {
 
 pub(super) async fn add(
     State(state): State<WebState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     Form(form): Form<AddForm>,
 ) -> Response {
-    let who = match admin_form(&state, &headers, &form.csrf, "user.add").await {
-        Ok(v) => v,
-        Err(r) => return *r,
-    };
-    let role: Role = match form.role.parse() {
-        Ok(r) => r,
-        Err(text) => {
-            let e = ControllerError::BadRequest(text);
-            return refused!(view(&state, &who), e);
-        }
-    };
-    let (users, audit) = (state.users().clone(), state.inner.audit.clone());
-    let (email, actor) = (form.email.trim().to_string(), who.email().to_string());
-    let password = Zeroizing::new(form.password.clone());
-    let added = crate::blocking::run(move || {
-        auth_cli::add_user(&users, &audit, &email, role, &password, &actor)
-            .map(|a| (a.email.clone(), a.role))
-            .map_err(ControllerError::from)
-    })
-    .await;
-    match added {
-        Ok((email, role)) => {
-            let text = match role {
-                Role::Admin => {
-                    format!("Admin {email} added; they set up TOTP at their first sign-in.")
-                }
-                Role::PortalOwner => format!("Portal owner {email} added."),
+    let ask = (form.csrf.as_str(), "user.add");
+    act(&state, &headers, peer, ask, View::Users, |who| {
+        let role: Role = form.role.parse().map_err(ControllerError::BadRequest)?;
+        let (users, audit) = (state.users().clone(), state.inner.audit.clone());
+        let (email, actor) = (form.email.trim().to_string(), who.email().to_string());
+        let password = Zeroizing::new(form.password.clone());
+        Ok(move || {
+            let a = auth_cli::add_user(&users, &audit, &email, role, &password, &actor)?;
+            let text = match a.role {
+                Role::Admin => format!(
+                    "Admin {} added; they set up TOTP at their first sign-in.",
+                    a.email
+                ),
+                Role::PortalOwner => format!("Portal owner {} added.", a.email),
             };
-            view(&state, &who, StatusCode::OK, Some(Message::Notice(text))).await
-        }
-        Err(e) => refused!(view(&state, &who), e),
-    }
+            Ok(Done::show(View::Users, Some(text)))
+        })
+    })
+    .await
 }
 
 #[derive(Deserialize)]
@@ -160,64 +149,46 @@ fn not_yourself(who: &SignedIn, email: &str) -> Result<String, ControllerError> 
 
 pub(super) async fn disable(
     State(state): State<WebState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     Form(form): Form<UserForm>,
 ) -> Response {
-    let who = match admin_form(&state, &headers, &form.csrf, "user.disable").await {
-        Ok(v) => v,
-        Err(r) => return *r,
-    };
-    let email = match not_yourself(&who, &form.email) {
-        Ok(e) => e,
-        Err(e) => return refused!(view(&state, &who), e),
-    };
-    let (st, actor) = (state.clone(), who.email().to_string());
-    let done = crate::blocking::run(move || -> Result<_, ControllerError> {
-        let ended =
-            auth_cli::disable_user(st.users(), st.sessions(), &st.inner.audit, &email, &actor)?;
-        // A disabled user's SSH certificates go on the KRL of every server, as with the CLI.
-        if let Some(ssh) = st.ssh() {
-            ssh.revoke_email(&email, &actor)?;
-        }
-        Ok((email, ended))
-    })
-    .await;
-    match done {
-        Ok((email, ended)) => {
+    let ask = (form.csrf.as_str(), "user.disable");
+    act(&state, &headers, peer, ask, View::Users, |who| {
+        let email = not_yourself(who, &form.email)?;
+        let (st, actor) = (state.clone(), who.email().to_string());
+        Ok(move || {
+            let ended =
+                auth_cli::disable_user(st.users(), st.sessions(), &st.inner.audit, &email, &actor)?;
+            // A disabled user's SSH certificates go on the KRL of every server, as with the CLI.
+            if let Some(ssh) = st.ssh() {
+                ssh.revoke_email(&email, &actor)?;
+            }
             let text = format!("{email} disabled; {ended} session(s) ended.");
-            view(&state, &who, StatusCode::OK, Some(Message::Notice(text))).await
-        }
-        Err(e) => refused!(view(&state, &who), e),
-    }
+            Ok(Done::show(View::Users, Some(text)))
+        })
+    })
+    .await
 }
 
 pub(super) async fn reset_totp(
     State(state): State<WebState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     Form(form): Form<UserForm>,
 ) -> Response {
-    let who = match admin_form(&state, &headers, &form.csrf, "user.reset-totp").await {
-        Ok(v) => v,
-        Err(r) => return *r,
-    };
-    let email = match not_yourself(&who, &form.email) {
-        Ok(e) => e,
-        Err(e) => return refused!(view(&state, &who), e),
-    };
-    let (st, actor) = (state.clone(), who.email().to_string());
-    let done = crate::blocking::run(move || -> Result<_, ControllerError> {
-        let ended =
-            auth_cli::reset_totp(st.users(), st.sessions(), &st.inner.audit, &email, &actor)?;
-        Ok((email, ended))
-    })
-    .await;
-    match done {
-        Ok((email, ended)) => {
+    let ask = (form.csrf.as_str(), "user.reset-totp");
+    act(&state, &headers, peer, ask, View::Users, |who| {
+        let email = not_yourself(who, &form.email)?;
+        let (st, actor) = (state.clone(), who.email().to_string());
+        Ok(move || {
+            let ended =
+                auth_cli::reset_totp(st.users(), st.sessions(), &st.inner.audit, &email, &actor)?;
             let text = format!(
                 "TOTP of {email} reset; {ended} session(s) ended. They set up a new authenticator at their next sign-in."
             );
-            view(&state, &who, StatusCode::OK, Some(Message::Notice(text))).await
-        }
-        Err(e) => refused!(view(&state, &who), e),
-    }
+            Ok(Done::show(View::Users, Some(text)))
+        })
+    })
+    .await
 }

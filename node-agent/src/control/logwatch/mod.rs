@@ -235,6 +235,18 @@ pub struct LogwatchStats {
     pub overlong: AtomicU64,
 }
 
+impl LogwatchStats {
+    /// Add what `split` dropped as overlong since `reported` (one follower's count, so
+    /// that several sources add up rather than overwrite each other).
+    fn add_overlong(&self, split: &LineSplitter, reported: &mut u64) {
+        let new = split.overlong.saturating_sub(*reported);
+        if new > 0 {
+            self.overlong.fetch_add(new, Ordering::Relaxed);
+            *reported = split.overlong;
+        }
+    }
+}
+
 /// Hands hits to the agent's bounded event queue without waiting.
 #[derive(Clone, Debug)]
 pub struct EventQueue {
@@ -332,6 +344,7 @@ pub fn follow_file(
     }
     let mut buf = vec![0u8; READ_CHUNK];
     let stats = queue.stats();
+    let mut overlong_reported = 0;
     let mut on_line = |line: &str| {
         stats.lines.fetch_add(1, Ordering::Relaxed);
         if let Some(hit) = parser.parse(line) {
@@ -365,9 +378,7 @@ pub fn follow_file(
             }
             _ => {}
         }
-        stats
-            .overlong
-            .store(split.overlong, std::sync::atomic::Ordering::Relaxed);
+        stats.add_overlong(&split, &mut overlong_reported);
         std::thread::sleep(POLL);
     }
 }
@@ -436,6 +447,7 @@ async fn follow_journal(parser: Parser, name: String, queue: EventQueue, stop: C
     };
     let mut split = LineSplitter::new(MAX_JOURNAL_RECORD);
     let mut buf = vec![0u8; READ_CHUNK];
+    let mut overlong_reported = 0;
     loop {
         let n = tokio::select! {
             _ = stop.cancelled() => break,
@@ -449,6 +461,7 @@ async fn follow_journal(parser: Parser, name: String, queue: EventQueue, stop: C
                 queue.offer(&hit, &name);
             }
         });
+        queue.stats().add_overlong(&split, &mut overlong_reported);
     }
     let _ = child.kill().await;
 }

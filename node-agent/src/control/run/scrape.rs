@@ -1,7 +1,8 @@
 //! What the agent's `/metrics` reads on each scrape: the same figures `status` shows, plus
-//! the data plane's packet counters.
+//! the data plane's packet counters and the log followers' counters.
 
-use super::super::metrics::{AgentSample, PeerSample};
+use super::super::logwatch::LogwatchStats;
+use super::super::metrics::{AgentSample, LogwatchSample, PeerSample};
 use super::{Agent, unix};
 
 impl Agent {
@@ -18,6 +19,7 @@ impl Agent {
             syncs: st.sync.syncs,
             cert_not_after_unix: st.cert_not_after_unix,
             dataplane: self.dp.counters(),
+            logwatch: logwatch_sample(&self.logwatch_stats),
             peers: st
                 .peers
                 .into_iter()
@@ -31,5 +33,16 @@ impl Agent {
                 })
                 .collect(),
         }
+    }
+}
+
+/// The log followers' counters as they stand.
+fn logwatch_sample(s: &LogwatchStats) -> LogwatchSample {
+    let get = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    LogwatchSample {
+        lines: get(&s.lines),
+        overlong: get(&s.overlong),
+        matched: get(&s.matched),
+        dropped: get(&s.dropped),
     }
 }
