@@ -387,6 +387,25 @@ pub fn restore_into(
 mod tests {
     use super::*;
 
+    /// sled lets go of a directory's lock a moment after its last handle is dropped (its
+    /// flusher thread ends on its next tick), so a reopen in the same process may have to
+    /// wait for it.
+    fn open_when_free(dir: &Path) -> sled::Db {
+        let t0 = std::time::Instant::now();
+        loop {
+            match sled::Config::new().path(dir).open() {
+                Ok(db) => return db,
+                Err(e)
+                    if crate::core::kv::sled::is_locked(&e)
+                        && t0.elapsed() < std::time::Duration::from_secs(10) =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                Err(e) => panic!("reopening {}: {e}", dir.display()),
+            }
+        }
+    }
+
     #[test]
     fn every_tree_comes_back_and_damage_is_refused() {
         let dir = tempfile::tempdir().unwrap();
@@ -412,7 +431,7 @@ mod tests {
         let restored = dir.path().join("restored");
         let rh = restore(&out, &restored).unwrap();
         assert_eq!(rh, h);
-        let db2 = sled::Config::new().path(&restored).open().unwrap();
+        let db2 = open_when_free(&restored);
         for t in ["nodes", "revoked", "added_later_by_someone"] {
             let tree = db2.open_tree(t).unwrap();
             assert_eq!(tree.len(), 50);
