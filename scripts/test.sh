@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 
 PKGS=(openssl wireguard-go wireguard-tools iperf3 iproute2 iputils-ping mtr-tiny nftables
       testssl.sh oathtool argon2 jq bc chromium chromium-driver python3 procps pebble nginx lego
-      prometheus lintian openssh-server openssh-client systemd util-linux etcd-server etcd-client protobuf-compiler curl)
+      prometheus lintian openssh-server openssh-client systemd util-linux etcd-server etcd-client protobuf-compiler libprotobuf-dev curl)
 if [ "$(id -u)" = 0 ]; then
   missing=()
   for p in "${PKGS[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
