@@ -18,6 +18,7 @@
 //! [`secrets`], [`text`]. The old flat paths (`crate::mesh`, `crate::grpc`, ...) stay available as
 //! re-exports.
 
+pub mod agent_rt;
 pub mod api;
 pub mod auth;
 pub mod blocking;

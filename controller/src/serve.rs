@@ -324,12 +324,16 @@ pub async fn run(cfg: ServeConfig, shutdown: CancellationToken) -> Result<()> {
     let mut tasks = tokio::task::JoinSet::new();
     let store_url = crate::core::kv::url::StoreUrl::resolve(cfg.store.as_deref(), &cfg.data_dir)?;
     let leader = start_leadership(&cfg, &store_url, &mesh, &mut tasks, &shutdown).await?;
+    // Connected agents on their own, lower-priority runtime: a large fleet's fan-out
+    // does not slow enrollment or the controller's own work down.
+    let agents = crate::agent_rt::AgentRuntime::start()?;
     tasks.spawn(crate::grpc::serve_with(
         grpc_listener,
         grpc_tls,
         mesh.clone(),
         Some(domains.clone()),
         Some(ssh.clone()),
+        agents.handle(),
         shutdown.clone(),
     ));
     {
@@ -464,6 +468,8 @@ pub async fn run(cfg: ServeConfig, shutdown: CancellationToken) -> Result<()> {
             first_err.get_or_insert(e);
         }
     }
+    // Every connection on it has ended with the gRPC task.
+    agents.shutdown().await;
     store.flush()?;
     tracing::info!("controller stopped");
     match first_err {

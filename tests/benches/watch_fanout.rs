@@ -9,9 +9,11 @@
 //! load (`PREV_CONTROLLER_BIN`, default `/work/prefan/zonemesh-controller` when present),
 //! stopped at `MEM_CAP_MIB` (default 8192) and then reported as "did not fit".
 //!
-//! The agents' side shares what can be shared: one tokio runtime, a pool of 4 client keys
-//! (each agent still has its own certificate), and a watcher reads only the version of a
-//! snapshot instead of decoding every peer.
+//! The agents' side shares what can be shared: one tokio runtime for every watcher (its
+//! threads at the controller's agents' niceness, as the machines they stand for would not
+//! take the controller's CPU), a pool of 4 client keys (each agent still has its own
+//! certificate), and a watcher reads only the version of a snapshot instead of decoding
+//! every peer. The enrolling side has a runtime of its own.
 //!
 //! `SMOKE=1` runs 10 and 50 agents in well under a minute (CI). `FLEETS=1000,3000,10000`
 //! (the default), `CHANGES=20`, `BURST=100` set the full run; `ZONEMESH_CONTROLLER_BIN`
@@ -227,9 +229,60 @@ struct Bench {
     watch_tasks: tokio::task::JoinSet<()>,
 }
 
+/// The enrolling side runs on a runtime of its own (one thread), as a server joining the
+/// fleet runs on a machine of its own: its connections are not queued behind the
+/// simulated watchers' tasks on the watchers' runtime.
+fn enroll_runtime() -> &'static tokio::runtime::Runtime {
+    static RT: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("bench-enroll")
+            .enable_all()
+            .build()
+            .expect("enrollment runtime")
+    })
+}
+
 impl Bench {
-    /// Enroll `n` more agents over the Enrollment RPC (8 in flight); returns their
-    /// credentials and the enrollments per second.
+    /// The bench against `ctl` (controller process `pid`), with room for `max` watchers
+    /// and four enrollment connections to `addr` on the enrollment runtime.
+    async fn new(
+        ctl: Controller,
+        pid: u32,
+        tokens: Vec<String>,
+        addr: &str,
+        fingerprint: &str,
+        max: usize,
+    ) -> Result<Self> {
+        let (addr, fp) = (addr.to_string(), fingerprint.to_string());
+        let enroll_chans = enroll_runtime()
+            .spawn(async move {
+                futures::future::try_join_all((0..4).map(|_| enrollment_channel(&addr, &fp)))
+                    .await
+            })
+            .await??;
+        let (tx, rx) = mpsc::unbounded_channel();
+        Ok(Self {
+            ctl,
+            pid,
+            tokens,
+            keys: (0..KEY_POOL).map(|i| Arc::new(rsa4096(i))).collect(),
+            enroll_chans,
+            enrolled: 0,
+            watchers: 0,
+            settled: 0,
+            channels: vec![],
+            messages: Arc::new(AtomicU64::new(0)),
+            latest: Arc::new((0..=max).map(|_| AtomicU64::new(0)).collect()),
+            tx,
+            rx,
+            watch_tasks: tokio::task::JoinSet::new(),
+        })
+    }
+
+    /// Enroll `n` more agents over the Enrollment RPC (8 in flight, on the enrollment
+    /// runtime); returns their credentials and the enrollments per second.
     async fn enroll(&mut self, n: usize) -> Result<(Vec<NodeCreds>, f64)> {
         use futures::StreamExt;
         let chans = self.enroll_chans.clone();
@@ -238,19 +291,23 @@ impl Bench {
         self.enrolled += n;
         let tokens = self.tokens.clone();
         let t = Instant::now();
-        let out: Vec<Result<(NodeCreds, pb::EnrollResponse), tonic::Status>> =
-            futures::stream::iter(start..start + n)
-                .map(|i| {
-                    let ch = chans[i % chans.len()].clone();
-                    let key = keys[i % keys.len()].clone();
-                    let token = tokens[i / TOKEN_USES].clone();
-                    async move {
-                        enroll_rpc(ch, &token, &format!("a{i}"), &key, wg_key(i as u64 + 1)).await
-                    }
-                })
-                .buffer_unordered(ENROLL_IN_FLIGHT)
-                .collect()
-                .await;
+        let out: Vec<Result<(NodeCreds, pb::EnrollResponse), tonic::Status>> = enroll_runtime()
+            .spawn(async move {
+                futures::stream::iter(start..start + n)
+                    .map(|i| {
+                        let ch = chans[i % chans.len()].clone();
+                        let key = keys[i % keys.len()].clone();
+                        let token = tokens[i / TOKEN_USES].clone();
+                        async move {
+                            enroll_rpc(ch, &token, &format!("a{i}"), &key, wg_key(i as u64 + 1))
+                                .await
+                        }
+                    })
+                    .buffer_unordered(ENROLL_IN_FLIGHT)
+                    .collect()
+                    .await
+            })
+            .await?;
         let rate = n as f64 / t.elapsed().as_secs_f64().max(1e-9);
         let mut creds = Vec::with_capacity(n);
         for r in out {
@@ -455,7 +512,6 @@ async fn run_design(
     let tokens = tokens_for(&ctl, max + (changes + burst) * fleets.len() + 10)?;
     let pid = ctl.pid().context("controller pid")?;
     let (addr, fingerprint) = (ctl.grpc_addr(), ctl.fingerprint.clone());
-    let (tx, rx) = mpsc::unbounded_channel();
     // Stops the controller once it passes the memory cap (the previous design did not
     // fit at a few thousand agents).
     let over_cap = Arc::new(AtomicBool::new(false));
@@ -478,25 +534,7 @@ async fn run_design(
             }
         })
     };
-    let mut b = Bench {
-        ctl,
-        pid,
-        tokens,
-        keys: (0..KEY_POOL).map(|i| Arc::new(rsa4096(i))).collect(),
-        enroll_chans: futures::future::try_join_all(
-            (0..4).map(|_| enrollment_channel(&addr, &fingerprint)),
-        )
-        .await?,
-        enrolled: 0,
-        watchers: 0,
-        settled: 0,
-        channels: vec![],
-        messages: Arc::new(AtomicU64::new(0)),
-        latest: Arc::new((0..=max).map(|_| AtomicU64::new(0)).collect()),
-        tx,
-        rx,
-        watch_tasks: tokio::task::JoinSet::new(),
-    };
+    let mut b = Bench::new(ctl, pid, tokens, &addr, &fingerprint, max).await?;
     let mut run = Run {
         label,
         enroll_rate_idle: 0.0,
@@ -801,26 +839,7 @@ async fn run_two_on_etcd(binary: std::path::PathBuf, n: usize, changes: usize) -
     let tokens = tokens_for(&a, n + changes + 10)?;
     let (addr_a, addr_b) = (a.grpc_addr(), b.grpc_addr());
     let pid = a.pid().context("controller pid")?;
-    let (tx, rx) = mpsc::unbounded_channel();
-    let mut bench = Bench {
-        ctl: a,
-        pid,
-        tokens,
-        keys: (0..KEY_POOL).map(|i| Arc::new(rsa4096(i))).collect(),
-        enroll_chans: futures::future::try_join_all(
-            (0..4).map(|_| enrollment_channel(&addr_a, &fingerprint)),
-        )
-        .await?,
-        enrolled: 0,
-        watchers: 0,
-        settled: 0,
-        channels: vec![],
-        messages: Arc::new(AtomicU64::new(0)),
-        latest: Arc::new((0..=n).map(|_| AtomicU64::new(0)).collect()),
-        tx,
-        rx,
-        watch_tasks: tokio::task::JoinSet::new(),
-    };
+    let mut bench = Bench::new(a, pid, tokens, &addr_a, &fingerprint, n).await?;
     let result = two_on_etcd_loop(&mut bench, &addr_a, &addr_b, n, changes).await;
     bench.watch_tasks.abort_all();
     while bench.watch_tasks.join_next().await.is_some() {}
@@ -947,6 +966,14 @@ fn print_two(rows: &[(Run, TwoRow)], changes: usize) {
 fn main() -> Result<()> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        // The simulated watchers stand for machines of their own: their receiving runs
+        // at the agents' niceness, so it does not take the CPU from the controller's
+        // main runtime or from the enrolling side (the figures are the controller's).
+        .on_thread_start(|| {
+            if let Err(e) = zonemesh_controller::agent_rt::lower_priority() {
+                eprintln!("watchers keep the bench's priority: {e:?}");
+            }
+        })
         .enable_all()
         .build()?
         .block_on(run())

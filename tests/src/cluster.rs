@@ -640,6 +640,29 @@ pub async fn enroll_rpc(
     Ok((creds, resp))
 }
 
+/// Renew `creds` (same key `key`, node name `node`) over a fresh connection; the new
+/// credentials on success.
+pub async fn renew_rpc(
+    addr: &str,
+    creds: &NodeCreds,
+    key: &rcgen::KeyPair,
+    node: &str,
+) -> Result<NodeCreds> {
+    let csr = zonemesh_agent::control::enroll::csr_for(key, node)?;
+    let resp = pb::mesh_client::MeshClient::new(mesh_channel(addr, creds).await?)
+        .renew(pb::RenewRequest {
+            csr_der: csr,
+            rotate_key: false,
+        })
+        .await?
+        .into_inner();
+    Ok(NodeCreds {
+        cert_der: resp.certificate_der,
+        chain_der: resp.chain_der,
+        ..creds.clone()
+    })
+}
+
 /// A distinct, valid-looking WireGuard public key for agent number `i`.
 pub fn wg_key(i: u64) -> [u8; 32] {
     let mut k = [0u8; 32];

@@ -10,7 +10,7 @@ use tonic::Code;
 use zonemesh_proto as pb;
 use zonemesh_tests::cluster::{
     Controller, NodeCreds, cert_serial, enroll_rpc, enrollment_channel, mesh_channel, next_update,
-    wg_key,
+    renew_rpc, wg_key,
 };
 use zonemesh_tests::{rsa2048, rsa4096, write};
 
@@ -42,19 +42,7 @@ fn keep_pem(dir: &Path, name: &str, der: &[u8]) -> PathBuf {
 }
 
 async fn renew(addr: &str, creds: &NodeCreds, key: &rcgen::KeyPair, node: &str) -> NodeCreds {
-    let resp = pb::mesh_client::MeshClient::new(mesh_channel(addr, creds).await.unwrap())
-        .renew(pb::RenewRequest {
-            csr_der: csr(key, node),
-            rotate_key: false,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    NodeCreds {
-        cert_der: resp.certificate_der,
-        chain_der: resp.chain_der,
-        ..creds.clone()
-    }
+    renew_rpc(addr, creds, key, node).await.unwrap()
 }
 
 async fn enroll(

@@ -53,16 +53,19 @@ pub async fn serve_with_domains(
     domains: Option<Arc<Domains>>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    serve_with(listener, tls, mesh, domains, None, shutdown).await
+    serve_with(listener, tls, mesh, domains, None, None, shutdown).await
 }
 
-/// [`serve_with_domains`], with the SSH CA behind IssueSshHostCertificate.
+/// [`serve_with_domains`], with the SSH CA behind IssueSshHostCertificate, and connections
+/// that present a node certificate served on `agents` (the lower-priority runtime of
+/// [`crate::agent_rt`]) when given, else on the caller's runtime.
 pub async fn serve_with(
     listener: impl Into<GuardedListener>,
     tls: Arc<rustls::ServerConfig>,
     mesh: Arc<Mesh>,
     domains: Option<Arc<Domains>>,
     ssh: Option<Arc<crate::ssh::Ssh>>,
+    agents: Option<tokio::runtime::Handle>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let mut listener = listener.into();
@@ -98,6 +101,7 @@ pub async fn serve_with(
         let mesh = mesh.clone();
         let stop = shutdown.clone();
         let app = app.clone();
+        let agents = agents.clone();
         conns.spawn(async move {
             let activity = tcp.activity();
             let hs = tokio::select! {
@@ -114,13 +118,24 @@ pub async fn serve_with(
                 Err(_) => return,
             };
             let node = peer_identity(&mesh, &io);
+            let is_agent = node.is_some();
             let info = PeerConn { remote, node };
             let opts = HttpOptions {
                 h2_only: true,
                 max_concurrent_streams: MAX_CONCURRENT_STREAMS,
                 keep_alive: Duration::from_secs(30),
             };
-            if let Err(e) = serve_connection(io, app, info, activity, opts, stop).await {
+            let served = serve_connection(io, app, info, activity, opts, stop);
+            let ended = match agents.filter(|_| is_agent) {
+                // Aborted with this task when the drain gives up on it.
+                Some(rt) => match tokio_util::task::AbortOnDropHandle::new(rt.spawn(served)).await
+                {
+                    Ok(r) => r,
+                    Err(e) => Err(e.into()),
+                },
+                None => served.await,
+            };
+            if let Err(e) = ended {
                 tracing::debug!(%remote, error = %e, "gRPC connection ended with an error");
             }
         });

@@ -10,7 +10,8 @@ use super::{MAX_STREAMS_PER_NODE, Mesh, RESUME_MAX_CHANGES, store_err};
 use crate::error::{ControllerError, Result};
 use crate::store::{BlockRecord, Store, StoreError, node_key, unix};
 use bytes::Bytes;
-use parking_lot::{Mutex, RwLock};
+use arc_swap::ArcSwap;
+use parking_lot::Mutex;
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -124,7 +125,10 @@ pub(super) struct Published {
 /// [`BACKLOG`] changes, the last snapshot built and recently coalesced deltas.
 pub(super) struct Fanout {
     head: watch::Sender<u64>,
-    recent: RwLock<VecDeque<Arc<Published>>>,
+    /// Replaced whole on each change (at most [`BACKLOG`] `Arc`s copied): readers take no
+    /// lock the commit path waits for, so a low-priority stream preempted while reading
+    /// cannot hold an enrollment up.
+    recent: ArcSwap<VecDeque<Arc<Published>>>,
     pub(super) snapshot: Mutex<Option<Frame>>,
     /// Held while a snapshot is built, so concurrent watchers wait for one build.
     building: Mutex<()>,
@@ -135,7 +139,7 @@ impl Fanout {
     pub(super) fn new(version: u64) -> Self {
         Self {
             head: watch::Sender::new(version),
-            recent: RwLock::new(VecDeque::new()),
+            recent: ArcSwap::from_pointee(VecDeque::new()),
             snapshot: Mutex::new(None),
             building: Mutex::new(()),
             coalesced: Mutex::new(VecDeque::new()),
@@ -145,22 +149,25 @@ impl Fanout {
     /// Keep a change for watchers (called in version order, before the version is
     /// published).
     pub(super) fn keep(&self, p: Arc<Published>) {
-        let mut recent = self.recent.write();
-        if let Some(last) = recent.back()
-            && last.frame.version + 1 != p.frame.version
-        {
-            recent.clear();
-        }
-        recent.push_back(p);
-        while recent.len() as u64 > BACKLOG {
-            recent.pop_front();
-        }
+        self.recent.rcu(|old| {
+            let mut recent = VecDeque::clone(old);
+            if let Some(last) = recent.back()
+                && last.frame.version + 1 != p.frame.version
+            {
+                recent.clear();
+            }
+            recent.push_back(p.clone());
+            while recent.len() as u64 > BACKLOG {
+                recent.pop_front();
+            }
+            recent
+        });
     }
 
     /// Drop the kept changes (the next one kept need not follow the last): used when the
     /// version jumps past what the change log can replay.
     pub(super) fn forget_recent(&self) {
-        self.recent.write().clear();
+        self.recent.store(Arc::new(VecDeque::new()));
         self.coalesced.lock().clear();
     }
 
@@ -360,7 +367,7 @@ impl Mesh {
             || self
                 .fanout
                 .recent
-                .read()
+                .load()
                 .front()
                 .is_some_and(|f| f.frame.version <= s.version + 1);
         (s.version >= min && s.version <= head && reaches).then_some(s)
@@ -379,18 +386,22 @@ impl Mesh {
                 .usable_snapshot(after.saturating_add(1).min(head))
                 .map(Some);
         }
-        let recent = self.fanout.recent.read();
-        let front = recent.front()?.frame.version;
-        if front > after + 1 {
-            return None;
-        }
-        let from = usize::try_from(after + 1 - front).ok()?;
-        let upto = usize::try_from(head + 1 - front).ok()?.min(recent.len());
-        let range = recent.range(from..upto);
-        if range.len() == 1 {
-            return recent.get(from).map(|p| Some(p.frame.clone()));
-        }
-        let last = recent.get(upto.checked_sub(1)?)?.frame.version;
+        // Only the shared changes are taken under the lock: the commit path waits for it
+        // to keep the next change, so nothing is merged or encoded while it is held.
+        let parts: Vec<Arc<Published>> = {
+            let recent = self.fanout.recent.load();
+            let front = recent.front()?.frame.version;
+            if front > after + 1 {
+                return None;
+            }
+            let from = usize::try_from(after + 1 - front).ok()?;
+            let upto = usize::try_from(head + 1 - front).ok()?.min(recent.len());
+            if upto.checked_sub(from)? == 1 {
+                return recent.get(from).map(|p| Some(p.frame.clone()));
+            }
+            recent.range(from..upto).cloned().collect()
+        };
+        let last = parts.last()?.frame.version;
         if let Some((_, _, f)) = self
             .fanout
             .coalesced
@@ -403,10 +414,9 @@ impl Mesh {
         let frame = Frame::encode(&pb::MeshUpdate {
             version: last,
             kind: Some(pb::mesh_update::Kind::Delta(coalesce(
-                range.map(|p| &p.delta),
+                parts.iter().map(|p| &p.delta),
             ))),
         });
-        drop(recent);
         let mut kept = self.fanout.coalesced.lock();
         kept.push_back((after, last, frame.clone()));
         while kept.len() > COALESCED_KEPT {
