@@ -117,7 +117,9 @@ mod tests {
         let rt = AgentRuntime::start().unwrap();
         let h = rt.handle().unwrap();
         let (worker, blocking) = h.block_on(async {
-            let worker = tokio::spawn(async { current_nice().unwrap() }).await.unwrap();
+            let worker = tokio::spawn(async { current_nice().unwrap() })
+                .await
+                .unwrap();
             let blocking = tokio::task::spawn_blocking(|| current_nice().unwrap())
                 .await
                 .unwrap();

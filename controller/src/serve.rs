@@ -225,10 +225,21 @@ impl ServeConfig {
     }
 }
 
-/// Run until SIGTERM/SIGINT or `shutdown`.
-pub async fn run(cfg: ServeConfig, shutdown: CancellationToken) -> Result<()> {
-    let names = cfg.validate()?;
-    let fd_limit = listen::raise_fd_limit();
+/// What `serve` opens before it binds anything.
+struct Opened {
+    store: Store,
+    auth: Arc<Authority>,
+    mesh: Arc<Mesh>,
+    web_cfg: WebConfig,
+    audit: Arc<AuditLog>,
+    domains: Arc<crate::domains::Domains>,
+    ssh: Arc<crate::ssh::Ssh>,
+}
+
+/// Open the store and everything read from it (blocking: file and store I/O, the KEK's
+/// unsealing, fsyncs). Host certificates of nodes revoked just before a stop are
+/// revoked here.
+fn open_controller(cfg: &ServeConfig) -> Result<Opened> {
     let kek = KekSource::new(&cfg.data_dir, cfg.kek_file.clone()).load()?;
     let store = Store::open_url(&cfg.data_dir, cfg.store.as_deref())?;
     if let Some(given) = &cfg.store {
@@ -253,11 +264,37 @@ pub async fn run(cfg: ServeConfig, shutdown: CancellationToken) -> Result<()> {
         crate::domains::Domains::new(auth.clone(), &kek, dc, Some(audit.clone()))?
     };
     let ssh = crate::ssh::Ssh::open(&store, &kek, auth.trust_domain(), Some(audit.clone()))?;
-    {
-        let (s, m) = (ssh.clone(), mesh.clone());
-        crate::blocking::run(move || s.attach_mesh(m)).await?;
-    }
-    drop(kek);
+    ssh.attach_mesh(mesh.clone())?;
+    ssh.finish_host_revocations("controller")?;
+    Ok(Opened {
+        store,
+        auth,
+        mesh,
+        web_cfg,
+        audit,
+        domains,
+        ssh,
+    })
+}
+
+/// Run until SIGTERM/SIGINT or `shutdown`.
+pub async fn run(cfg: ServeConfig, shutdown: CancellationToken) -> Result<()> {
+    let names = cfg.validate()?;
+    let fd_limit = listen::raise_fd_limit();
+    // Opening the store, unsealing the CA and the first reads are blocking work.
+    let opened = {
+        let cfg = cfg.clone();
+        crate::blocking::run(move || open_controller(&cfg)).await?
+    };
+    let Opened {
+        store,
+        auth,
+        mesh,
+        web_cfg,
+        audit,
+        domains,
+        ssh,
+    } = opened;
     let web_state = WebState::new(
         &web_cfg,
         audit.clone(),
@@ -412,38 +449,52 @@ pub async fn run(cfg: ServeConfig, shutdown: CancellationToken) -> Result<()> {
             Ok(())
         });
     }
+    // Leader-only sweeps; the other controllers follow their changes.
     {
-        let (mesh, stop, lead) = (mesh.clone(), shutdown.clone(), leader.clone());
+        // The CRL, signed and published once.
+        let (m, stop, lead) = (mesh.clone(), shutdown.clone(), leader.clone());
+        let work = move || m.publish_crl();
+        tasks.spawn(leader_loop(
+            CRL_REFRESH,
+            lead,
+            stop,
+            "CRL refresh failed",
+            work,
+        ));
+    }
+    {
+        // Host certificates of revoked nodes, should a revocation's second step have failed.
+        let (s, stop, lead) = (ssh.clone(), shutdown.clone(), leader.clone());
+        let work = move || s.finish_host_revocations("controller").map(drop);
+        let failed = "revoking SSH host certificates of revoked nodes failed";
+        tasks.spawn(leader_loop(HOST_REVOKE_SWEEP, lead, stop, failed, work));
+    }
+    {
+        // Blocks whose time is up, each audited with its evidence.
+        let (m, stop, lead) = (mesh.clone(), shutdown.clone(), leader.clone());
+        let work = move || m.expire_blocks(m.now());
+        let failed = "expiring blocks failed";
+        tasks.spawn(leader_loop(BLOCK_EXPIRY_TICK, lead, stop, failed, work));
+    }
+    {
+        // Used-up and expired tokens once they are `mesh::TOKEN_PURGE_GRACE` old.
+        let (m, stop, lead) = (mesh.clone(), shutdown.clone(), leader.clone());
+        let work = move || m.purge_tokens(m.now());
+        let failed = "purging enrollment tokens failed";
+        tasks.spawn(leader_loop(TOKEN_PURGE_TICK, lead, stop, failed, work));
+    }
+    {
+        // New peers held back by enrollments in flight go out within about a second.
+        let (mesh, stop) = (mesh.clone(), shutdown.clone());
         tasks.spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_millis(250));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
                     _ = stop.cancelled() => return Ok(()),
-                    _ = tokio::time::sleep(CRL_REFRESH) => {}
-                }
-                // Signed and published once, by the leader; the others follow its change.
-                if !lead.is_leader() {
-                    continue;
-                }
-                let m = mesh.clone();
-                let r = crate::blocking::run(move || m.publish_crl()).await;
-                if let Err(e) = r {
-                    tracing::error!(error = %e, "CRL refresh failed");
+                    _ = tick.tick() => mesh.release_overdue_announcements(),
                 }
             }
-        });
-    }
-    {
-        let (mesh, stop, lead) = (mesh.clone(), shutdown.clone(), leader.clone());
-        tasks.spawn(async move {
-            expire_blocks_loop(mesh, lead, stop).await;
-            Ok(())
-        });
-    }
-    {
-        let (mesh, stop, lead) = (mesh.clone(), shutdown.clone(), leader.clone());
-        tasks.spawn(async move {
-            purge_tokens_loop(mesh, lead, stop).await;
-            Ok(())
         });
     }
     {
@@ -565,43 +616,39 @@ async fn retire_ca_loop(mesh: Arc<Mesh>, leader: Leadership, stop: CancellationT
     }
 }
 
-/// End blocks when their time is up, each audited with its evidence.
-async fn expire_blocks_loop(mesh: Arc<Mesh>, leader: Leadership, stop: CancellationToken) {
+/// Run `work` on the blocking pool every `every` while this controller leads, until
+/// `stop`; a failure is logged as `failed` and tried again at the next tick.
+async fn leader_loop<T, F>(
+    every: std::time::Duration,
+    leader: Leadership,
+    stop: CancellationToken,
+    failed: &'static str,
+    work: F,
+) -> Result<()>
+where
+    T: Send + 'static,
+    F: Fn() -> std::result::Result<T, crate::error::ControllerError> + Clone + Send + 'static,
+{
     loop {
         tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(BLOCK_EXPIRY_TICK) => {}
+            _ = stop.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(every) => {}
         }
         if !leader.is_leader() {
             continue;
         }
-        let m = mesh.clone();
-        if let Err(e) = crate::blocking::run(move || m.expire_blocks(m.now())).await {
-            tracing::error!(error = %e, "expiring blocks failed");
+        if let Err(e) = crate::blocking::run(work.clone()).await {
+            tracing::error!(error = %e, "{failed}");
         }
     }
 }
+
+/// How often the leader revokes host certificates of revoked nodes left over (see
+/// `Ssh::finish_host_revocations`).
+const HOST_REVOKE_SWEEP: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// How often used-up and expired enrollment tokens past their grace are purged.
 const TOKEN_PURGE_TICK: std::time::Duration = std::time::Duration::from_secs(600);
-
-/// Purge used-up and expired tokens once they are [`crate::mesh::TOKEN_PURGE_GRACE`] old
-/// (leader-only work).
-async fn purge_tokens_loop(mesh: Arc<Mesh>, leader: Leadership, stop: CancellationToken) {
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(TOKEN_PURGE_TICK) => {}
-        }
-        if !leader.is_leader() {
-            continue;
-        }
-        let m = mesh.clone();
-        if let Err(e) = crate::blocking::run(move || m.purge_tokens(m.now())).await {
-            tracing::error!(error = %e, "purging enrollment tokens failed");
-        }
-    }
-}
 
 async fn wait_for_signal(stop: &CancellationToken) {
     use tokio::signal::unix::{SignalKind, signal};

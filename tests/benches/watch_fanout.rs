@@ -258,8 +258,7 @@ impl Bench {
         let (addr, fp) = (addr.to_string(), fingerprint.to_string());
         let enroll_chans = enroll_runtime()
             .spawn(async move {
-                futures::future::try_join_all((0..4).map(|_| enrollment_channel(&addr, &fp)))
-                    .await
+                futures::future::try_join_all((0..4).map(|_| enrollment_channel(&addr, &fp))).await
             })
             .await??;
         let (tx, rx) = mpsc::unbounded_channel();

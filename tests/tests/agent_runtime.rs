@@ -87,7 +87,10 @@ async fn renewals_run_on_the_lower_priority_agents_runtime_and_enrollments_do_no
 
     let all = threads(pid);
     let agents: Vec<&Thread> = all.iter().filter(|t| t.name == AGENTS).collect();
-    assert!(!agents.is_empty(), "no {AGENTS} thread in the serve process");
+    assert!(
+        !agents.is_empty(),
+        "no {AGENTS} thread in the serve process"
+    );
     for t in &agents {
         assert_eq!(t.nice, 10, "{AGENTS} thread niceness");
     }
@@ -97,7 +100,10 @@ async fn renewals_run_on_the_lower_priority_agents_runtime_and_enrollments_do_no
         .map(|t| t.nice)
         .collect();
     assert!(!main_nice.is_empty(), "no main runtime thread");
-    assert!(main_nice.iter().all(|n| *n == 0), "main runtime niceness {main_nice:?}");
+    assert!(
+        main_nice.iter().all(|n| *n == 0),
+        "main runtime niceness {main_nice:?}"
+    );
 
     // Enrollments: the TLS handshake and the signature happen off the agents' runtime.
     let t0 = ticks(pid);
@@ -108,7 +114,9 @@ async fn renewals_run_on_the_lower_priority_agents_runtime_and_enrollments_do_no
     let t1 = ticks(pid);
     // Renewals, each node over its own certificate: served on the agents' runtime.
     for (i, (creds, key)) in nodes.iter().enumerate() {
-        renew_rpc(&addr, creds, key, &format!("n{}", i + 1)).await.unwrap();
+        renew_rpc(&addr, creds, key, &format!("n{}", i + 1))
+            .await
+            .unwrap();
     }
     let t2 = ticks(pid);
     let (enroll_ticks, enroll_share) = share(t0, t1);
@@ -118,7 +126,16 @@ async fn renewals_run_on_the_lower_priority_agents_runtime_and_enrollments_do_no
         enroll_share * 100.0,
         renew_share * 100.0
     );
-    assert!(renew_ticks >= 20, "renewals too quick to measure: {renew_ticks} ticks");
-    assert!(renew_share >= 0.3, "renewals spent {renew_share:.2} of their CPU on {AGENTS}");
-    assert!(enroll_share <= 0.1, "enrollments spent {enroll_share:.2} of their CPU on {AGENTS}");
+    assert!(
+        renew_ticks >= 20,
+        "renewals too quick to measure: {renew_ticks} ticks"
+    );
+    assert!(
+        renew_share >= 0.3,
+        "renewals spent {renew_share:.2} of their CPU on {AGENTS}"
+    );
+    assert!(
+        enroll_share <= 0.1,
+        "enrollments spent {enroll_share:.2} of their CPU on {AGENTS}"
+    );
 }

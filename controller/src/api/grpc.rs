@@ -128,11 +128,12 @@ pub async fn serve_with(
             let served = serve_connection(io, app, info, activity, opts, stop);
             let ended = match agents.filter(|_| is_agent) {
                 // Aborted with this task when the drain gives up on it.
-                Some(rt) => match tokio_util::task::AbortOnDropHandle::new(rt.spawn(served)).await
-                {
-                    Ok(r) => r,
-                    Err(e) => Err(e.into()),
-                },
+                Some(rt) => {
+                    match tokio_util::task::AbortOnDropHandle::new(rt.spawn(served)).await {
+                        Ok(r) => r,
+                        Err(e) => Err(e.into()),
+                    }
+                }
                 None => served.await,
             };
             if let Err(e) = ended {

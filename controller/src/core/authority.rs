@@ -4,7 +4,8 @@
 use crate::core::rotation::{CaCertKind, CaCertRecord, CaCertState, CaCertView};
 use crate::error::{ControllerError, Result};
 use crate::store::{
-    CertKind, CertRecord, NodeSerial, RevocationRecord, Store, Txn, decode, encode, from_unix, unix,
+    CertKind, CertRecord, NodeSerial, RevocationRecord, Store, StoreError, Txn, decode, encode,
+    from_unix, unix,
 };
 use arc_swap::ArcSwap;
 use serde::Serialize;
@@ -1100,8 +1101,7 @@ impl Authority {
                 changed.push(r.clone());
             }
         }
-        let refs: Vec<&CaCertRecord> = changed.iter().collect();
-        self.install_records(&lock, records, &refs, &[], now)?;
+        self.install_records(&lock, records, &[], &changed, now)?;
         Ok(changed.iter().map(CaCertView::of).collect())
     }
 
@@ -1171,7 +1171,8 @@ impl Authority {
         open_key(&self.kek, r)
     }
 
-    /// Write `changed` records, flush, and put the new set in force: new CRLs, then the
+    /// Write the `added` and `changed` records (one transaction, see
+    /// [`Self::commit_records`]), flush, and put the new set in force: new CRLs, then the
     /// change announced (the caller publishes it to watchers).
     fn install_records(
         &self,
@@ -1182,17 +1183,52 @@ impl Authority {
         now: SystemTime,
     ) -> Result<()> {
         let set = build_set(&self.trust_domain, records, &self.kek)?;
-        for r in added.iter().copied().chain(changed.iter()) {
-            self.store
-                .ca
-                .insert(r.key(), encode(r))
-                .map_err(crate::store::StoreError::from)?;
-        }
+        self.commit_records(added, changed)?;
         self.store.flush()?;
         self.set.store(Arc::new(set));
         self.refresh_crl_locked(lock, now)?;
         self.store.flush()?;
         self.ca_changes.send_modify(|g| *g += 1);
+        Ok(())
+    }
+}
+
+impl Authority {
+    /// Write a rotation's or retirement's records in one transaction, applied only if the
+    /// stored records are still those it was planned from (the ones held): the new ones
+    /// absent, the changed ones as held. Another controller's rotation in between, or a
+    /// store that fails, leaves the CA as it was, with a clear error.
+    fn commit_records(&self, added: &[&CaCertRecord], changed: &[CaCertRecord]) -> Result<()> {
+        let conflict = || {
+            ControllerError::BadRequest(
+                "the CA was changed by another controller meanwhile; nothing was changed \
+                 (run the command again)"
+                    .into(),
+            )
+        };
+        let tree = self.store.ca.name();
+        let held = self.set.load();
+        let mut txn = Txn::new();
+        for r in added {
+            txn.expect(tree, r.key(), None)
+                .put(tree, r.key(), encode(*r));
+        }
+        for r in changed {
+            let stored = self.store.ca.get(r.key()).map_err(StoreError::from)?;
+            let as_stored = match &stored {
+                Some(b) => Some(encode(&decode::<CaCertRecord>("ca", b)?)),
+                None => None,
+            };
+            let as_held = held.records.iter().find(|h| h.id == r.id).map(encode);
+            if as_stored.is_none() || as_stored != as_held {
+                return Err(conflict());
+            }
+            txn.expect(tree, r.key(), stored.as_deref())
+                .put(tree, r.key(), encode(r));
+        }
+        if !self.store.kv().commit(&txn).map_err(StoreError::from)? {
+            return Err(conflict());
+        }
         Ok(())
     }
 }
@@ -1286,11 +1322,16 @@ fn load_records(store: &Store, now: SystemTime) -> Result<Vec<CaCertRecord>> {
         retire_at_unix: 0,
         spread_secs: 0,
     };
+    // Once: a controller starting beside this one on the same store may write them first,
+    // and then its records are the ones in force.
+    let tree = store.ca.name();
+    let mut txn = Txn::new();
     for r in [&root, &int] {
-        store
-            .ca
-            .insert(r.key(), encode(r))
-            .map_err(crate::store::StoreError::from)?;
+        txn.expect(tree, r.key(), None)
+            .put(tree, r.key(), encode(r));
+    }
+    if !store.kv().commit(&txn).map_err(StoreError::from)? {
+        return load_records(store, now);
     }
     store.flush()?;
     Ok(vec![root, int])

@@ -68,6 +68,14 @@ impl NodeRecord {
 }
 
 /// Key of a node in the nodes tree.
+/// Prefix in `meta` of the markers of [`Store::pending_host_revocations`].
+const HOST_REVOKE_PREFIX: &str = "ssh_host_revoke/";
+
+/// Key in `meta` of node `nkey`'s host revocation marker (value: unix seconds, big-endian).
+pub fn host_revoke_key(nkey: &str) -> String {
+    format!("{HOST_REVOKE_PREFIX}{nkey}")
+}
+
 pub fn node_key(zone: &str, node: &str) -> String {
     format!("{zone}/{node}")
 }
@@ -371,6 +379,36 @@ impl Store {
             .values()
             .map(|v| decode("node_serials", &v?))
             .collect()
+    }
+
+    /// Nodes revoked whose SSH host certificates may not all be revoked yet, with the
+    /// time of the node's revocation (unix seconds). The marker is written in the node's
+    /// revocation transaction and cleared once its host certificates are revoked, so a
+    /// controller that stops in between finishes the work when it starts again.
+    pub fn pending_host_revocations(&self) -> StoreResult<Vec<(String, u64)>> {
+        self.meta
+            .scan_prefix(HOST_REVOKE_PREFIX)
+            .map(|item| {
+                let (k, v) = item?;
+                let nkey = String::from_utf8_lossy(&k[HOST_REVOKE_PREFIX.len()..]).into_owned();
+                let at = <[u8; 8]>::try_from(v.as_slice()).map_err(|_| StoreError::Corrupt {
+                    tree: "meta",
+                    err: format!("bad host revocation marker for {nkey}").into(),
+                })?;
+                Ok((nkey, u64::from_be_bytes(at)))
+            })
+            .collect()
+    }
+
+    /// Clear `nkey`'s host revocation marker if it still says `at` (a later revocation
+    /// of a node enrolled again under the same name keeps its own).
+    pub fn clear_host_revocation(&self, nkey: &str, at: u64) -> StoreResult<()> {
+        let key = host_revoke_key(nkey);
+        // Lost the race: the newer marker stays for its own pass.
+        let _ = self
+            .meta
+            .compare_and_swap(&key, Some(&at.to_be_bytes()[..]), None::<Vec<u8>>)?;
+        Ok(())
     }
 
     /// Forget one recorded serial of node `nkey`.

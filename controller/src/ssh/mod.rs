@@ -124,6 +124,28 @@ impl From<&RsaCaSigner> for ssh_key::public::KeyData {
 }
 
 /// Sign a certificate with a CA key of either type.
+/// `node revoke`: revoke node `nkey` on `mesh` (its certificates, address and key, in one
+/// transaction that also marks its SSH host certificates for revocation), then, with
+/// `ssh`, those host certificates. Should the second step fail or the controller stop
+/// before it, the marker has it finished at the next start or leader sweep.
+pub fn revoke_node(
+    mesh: &Mesh,
+    ssh: Option<&Ssh>,
+    nkey: &str,
+    reason: zonemesh_ca::RevocationReason,
+    now: SystemTime,
+    actor: &str,
+) -> Result<NodeRecord> {
+    let n = mesh.revoke_node(nkey, reason, now)?;
+    if let Some(ssh) = ssh
+        && let Err(e) = ssh.finish_host_revocations(actor)
+    {
+        tracing::warn!(node = %n.key(), error = %e,
+            "the node is revoked; its SSH host certificates will be on the next sweep");
+    }
+    Ok(n)
+}
+
 fn sign_cert(b: Builder, ca: &PrivateKey) -> Result<ssh_key::Certificate> {
     Ok(match ca.key_data() {
         ssh_key::private::KeypairData::Rsa(kp) => b.sign(&RsaCaSigner::new(kp)?)?,
@@ -690,26 +712,60 @@ impl Ssh {
     /// Returns the serials newly revoked; publishes once.
     pub fn revoke_email(&self, email: &str, actor: &str) -> Result<Vec<u64>> {
         let email = crate::auth::normalize_email(email);
-        self.revoke_unexpired(SshCertKind::User, &email, "ssh.user_certs_revoked", actor)
+        let _g = self.lock.lock();
+        let serials = self.revoke_unexpired_locked(
+            SshCertKind::User,
+            &email,
+            u64::MAX,
+            "ssh.user_certs_revoked",
+            actor,
+        )?;
+        if !serials.is_empty() {
+            self.publish_locked()?;
+        }
+        Ok(serials)
     }
 
-    /// Revoke every unexpired host certificate of node `zone/node` (what `node revoke`
-    /// does): on the KRL of every server and in `ssh known-hosts` as `@revoked` lines.
-    /// Returns the serials newly revoked; publishes once.
-    pub fn revoke_host(&self, node_key: &str, actor: &str) -> Result<Vec<u64>> {
-        self.revoke_unexpired(SshCertKind::Host, node_key, "ssh.host_certs_revoked", actor)
+    /// Revoke the host certificates of every node revoked since its certificates were
+    /// last swept (the markers of [`Store::pending_host_revocations`]): each certificate
+    /// issued to the node up to its revocation goes on the KRL of every server and into
+    /// `ssh known-hosts` as an `@revoked` line. Run after each `node revoke`, at start-up
+    /// and on the leader's sweep, so a controller stopped between the node's revocation
+    /// and this step still finishes it. Returns the serials newly revoked; publishes once.
+    pub fn finish_host_revocations(&self, actor: &str) -> Result<Vec<u64>> {
+        let _g = self.lock.lock();
+        let pending = self.main.pending_host_revocations()?;
+        let mut serials = Vec::new();
+        for (nkey, at) in &pending {
+            serials.extend(self.revoke_unexpired_locked(
+                SshCertKind::Host,
+                nkey,
+                *at,
+                "ssh.host_certs_revoked",
+                actor,
+            )?);
+        }
+        if !serials.is_empty() {
+            self.publish_locked()?;
+        }
+        // Only once revoked, flushed and published.
+        for (nkey, at) in &pending {
+            self.main.clear_host_revocation(nkey, *at)?;
+        }
+        Ok(serials)
     }
 
-    /// Revoke every unrevoked, unexpired certificate of `kind` with key ID `key_id`; one
-    /// flush, one audit record of kind `audit_kind` naming the serials, one publication.
-    fn revoke_unexpired(
+    /// Revoke every unrevoked, unexpired certificate of `kind` with key ID `key_id` issued
+    /// at or before `issued_until` (unix seconds); one flush, one audit record of kind
+    /// `audit_kind` naming the serials. The caller holds `self.lock` and publishes.
+    fn revoke_unexpired_locked(
         &self,
         kind: SshCertKind,
         key_id: &str,
+        issued_until: u64,
         audit_kind: &'static str,
         actor: &str,
     ) -> Result<Vec<u64>> {
-        let _g = self.lock.lock();
         let now = unix(self.now());
         let mut revoked = Vec::new();
         for mut rec in self.store.certs()? {
@@ -717,6 +773,7 @@ impl Ssh {
                 && rec.key_id == key_id
                 && rec.revoked_unix.is_none()
                 && rec.valid_before_unix > now
+                && rec.issued_unix <= issued_until
             {
                 rec.revoked_unix = Some(now);
                 revoked.push(rec);
@@ -743,7 +800,6 @@ impl Ssh {
                         .join(" ")
                 )),
         );
-        self.publish_locked()?;
         Ok(serials)
     }
 

@@ -106,17 +106,21 @@ impl AdminHandler {
     ) -> Result<AdminReply, ControllerError> {
         let reason: RevocationReason = reason.parse()?;
         let mesh = self.mesh()?;
-        let n = mesh.revoke_node(&self.resolve_node(&node)?, reason, now)?;
+        // Its SSH host certificates go on every server's KRL and into `ssh known-hosts`
+        // as `@revoked` lines.
+        let n = crate::ssh::revoke_node(
+            mesh,
+            self.ssh.as_deref(),
+            &self.resolve_node(&node)?,
+            reason,
+            now,
+            "cli",
+        )?;
         self.note(
             "node.revoked",
             &n.key(),
             format!("serial {} reason {}", n.serial_hex, reason.as_str()),
         );
-        // Its SSH host certificates go on every server's KRL and into `ssh known-hosts`
-        // as `@revoked` lines.
-        if let Some(ssh) = &self.ssh {
-            ssh.revoke_host(&n.key(), "cli")?;
-        }
         Ok(AdminReply::NodeRevoked(NodeRevoked {
             node: n.key(),
             serial: n.serial_hex,

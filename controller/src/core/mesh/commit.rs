@@ -125,6 +125,8 @@ impl Mesh {
 
     pub(super) fn publish_upto(&self, v: u64) {
         let mut published = None;
+        // Only new or updated peers may wait for enrollments in flight.
+        let mut may_wait = true;
         {
             let mut pending = self.unpublished.lock();
             while let Some(entry) = pending.first_entry() {
@@ -133,6 +135,7 @@ impl Mesh {
                 }
                 let (version, change) = entry.remove_entry();
                 let d = &change.delta;
+                may_wait &= only_upserts(d);
                 if !(d.upserted.is_empty() && d.removed.is_empty() && d.zones.is_empty()) {
                     *self.never_block.lock() = None;
                 }
@@ -144,8 +147,19 @@ impl Mesh {
             }
         }
         if let Some(version) = published {
-            self.fanout.announce(version);
+            self.fanout.announce(version, may_wait);
         }
+    }
+
+    /// Hold Watch announcements of new peers back while this enrollment is in flight
+    /// (see [`super::watch::Fanout::hold`]).
+    pub(super) fn hold_announcements(&self) -> super::watch::HoldGuard<'_> {
+        self.fanout.hold()
+    }
+
+    /// Announce new peers held back past the longest hold (run on a timer by `serve`).
+    pub fn release_overdue_announcements(&self) {
+        self.fanout.release_overdue();
     }
 
     pub(super) fn peer_of(&self, n: &NodeRecord) -> pb::Peer {
@@ -168,4 +182,17 @@ impl Mesh {
             intra_zone_tunnels: z.intra_zone_tunnels,
         }
     }
+}
+
+/// Whether `d` only adds or updates peers (an enrollment, new endpoints).
+fn only_upserts(d: &pb::Delta) -> bool {
+    d.removed.is_empty()
+        && d.zones.is_empty()
+        && d.crl_der.is_empty()
+        && d.blocked.is_empty()
+        && d.unblocked.is_empty()
+        && d.ca_chain_der.is_empty()
+        && d.ssh.is_none()
+        && d.ca.is_none()
+        && d.issuer_crls_der.is_empty()
 }

@@ -52,7 +52,9 @@ impl Mesh {
                 "too many failed enrollments from this address; try again later".into(),
             ));
         }
+        let hold = self.hold_announcements();
         let result = self.enroll_inner(req, now);
+        drop(hold);
         match &result {
             Err(e) if client_fault(e) => {
                 self.enroll_failures.note_failure(&limit_key, now);

@@ -46,7 +46,8 @@ impl Mesh {
         self.publish_upto(head);
         // A jump past the change log publishes no change of its own.
         if self.version.fetch_max(head, Ordering::SeqCst) < head {
-            self.fanout.announce(self.version.load(Ordering::SeqCst));
+            self.fanout
+                .announce(self.version.load(Ordering::SeqCst), false);
         }
     }
 

@@ -11,7 +11,9 @@
 use super::{Mesh, store_err};
 use crate::authority::MAX_CRL_RACES;
 use crate::error::{ControllerError, Result};
-use crate::store::{NodeRecord, StoreError, Txn, decode, encode, serials_gen_key};
+use crate::store::{
+    NodeRecord, StoreError, Txn, decode, encode, host_revoke_key, serials_gen_key, unix,
+};
 use std::time::SystemTime;
 use zonemesh_ca::RevocationReason;
 use zonemesh_proto as pb;
@@ -199,6 +201,9 @@ impl Mesh {
             let mut txn = Txn::new();
             txn.expect("nodes", nkey, Some(&bytes))
                 .put("nodes", nkey, encode(&node))
+                // Its SSH host certificates are revoked next (`Ssh::finish_host_revocations`);
+                // the marker makes that survive a stop in between.
+                .put("meta", host_revoke_key(nkey), unix(now).to_be_bytes())
                 .expect("meta", &gen_key, generation.as_deref())
                 .delete("meta", &gen_key);
             for s in &issued {

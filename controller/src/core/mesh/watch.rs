@@ -9,8 +9,8 @@
 use super::{MAX_STREAMS_PER_NODE, Mesh, RESUME_MAX_CHANGES, store_err};
 use crate::error::{ControllerError, Result};
 use crate::store::{BlockRecord, Store, StoreError, node_key, unix};
-use bytes::Bytes;
 use arc_swap::ArcSwap;
+use bytes::Bytes;
 use parking_lot::Mutex;
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
@@ -34,6 +34,8 @@ const GRPC_PREFIX: usize = 5;
 const PACE_PER_STREAM: std::time::Duration = std::time::Duration::from_micros(50);
 /// The most time between two messages on one stream while changes keep coming.
 const MAX_PACE: std::time::Duration = std::time::Duration::from_millis(500);
+/// The longest enrollments in flight hold back the announcement of new peers.
+const MAX_HOLD: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// One Watch message, encoded once as a gRPC frame (flag, length, message) and shared by
 /// every stream that sends it.
@@ -133,6 +135,37 @@ pub(super) struct Fanout {
     /// Held while a snapshot is built, so concurrent watchers wait for one build.
     building: Mutex<()>,
     coalesced: Mutex<VecDeque<(u64, u64, Frame)>>,
+    /// Enrollments in flight and the announcement they hold back (see [`Fanout::hold`]).
+    hold: Mutex<Hold>,
+}
+
+#[derive(Default)]
+struct Hold {
+    in_flight: usize,
+    /// The newest version held back, and since when the first one was.
+    pending: Option<(u64, std::time::Instant)>,
+}
+
+/// Held by an enrollment in flight; the last one to end announces what was held back.
+pub(super) struct HoldGuard<'a>(&'a Fanout);
+
+impl Drop for HoldGuard<'_> {
+    fn drop(&mut self) {
+        let release = {
+            let mut h = self.0.hold.lock();
+            h.in_flight -= 1;
+            match h.pending {
+                Some((v, since)) if h.in_flight == 0 || since.elapsed() >= MAX_HOLD => {
+                    h.pending = None;
+                    Some(v)
+                }
+                _ => None,
+            }
+        };
+        if let Some(v) = release {
+            self.0.wake(v);
+        }
+    }
 }
 
 impl Fanout {
@@ -143,7 +176,20 @@ impl Fanout {
             snapshot: Mutex::new(None),
             building: Mutex::new(()),
             coalesced: Mutex::new(VecDeque::new()),
+            hold: Mutex::new(Hold::default()),
         }
+    }
+
+    /// While the guard lives (an enrollment in flight), new versions that only add or
+    /// update peers are announced once no enrollment is in flight, or [`MAX_HOLD`] after
+    /// the first was held back, whichever comes first. Waking every stream (and every
+    /// stream's send) would otherwise take the CPU from the enrollments themselves: a
+    /// burst of them reaches the watchers as one coalesced delta, once it is over.
+    /// Revocations, blocks, CRLs and CA or SSH changes are never held (see
+    /// [`Fanout::announce`]).
+    pub(super) fn hold(&self) -> HoldGuard<'_> {
+        self.hold.lock().in_flight += 1;
+        HoldGuard(self)
     }
 
     /// Keep a change for watchers (called in version order, before the version is
@@ -171,8 +217,45 @@ impl Fanout {
         self.coalesced.lock().clear();
     }
 
+    /// Announce what has been held back for [`MAX_HOLD`] or longer, though enrollments are
+    /// still in flight (one stuck on a slow store, say). Called on a timer, so nothing
+    /// waits much past `MAX_HOLD` even when no other change or enrollment comes.
+    pub(super) fn release_overdue(&self) {
+        let release = {
+            let mut h = self.hold.lock();
+            match h.pending {
+                Some((v, since)) if since.elapsed() >= MAX_HOLD => {
+                    h.pending = None;
+                    Some(v)
+                }
+                _ => None,
+            }
+        };
+        if let Some(v) = release {
+            self.wake(v);
+        }
+    }
+
+    /// Versions up to `v` are published: wake every stream, unless `v` may wait and an
+    /// enrollment holds announcements back (see [`Fanout::hold`]).
+    pub(super) fn announce(&self, v: u64, may_wait: bool) {
+        {
+            let mut h = self.hold.lock();
+            if may_wait && h.in_flight > 0 {
+                let now = std::time::Instant::now();
+                let since = h.pending.map_or(now, |(_, since)| since);
+                if now.duration_since(since) < MAX_HOLD {
+                    h.pending = Some((v, since));
+                    return;
+                }
+            }
+            h.pending = None;
+        }
+        self.wake(v);
+    }
+
     /// Wake every stream: versions up to `v` are published.
-    pub(super) fn announce(&self, v: u64) {
+    fn wake(&self, v: u64) {
         self.head.send_if_modified(|h| {
             let newer = v > *h;
             if newer {
@@ -295,7 +378,8 @@ pub struct Subscription {
 impl Mesh {
     /// The least time between two messages on one Watch stream: 50 µs per open stream, at
     /// most 500 ms (10 at 100 streams, 50 ms at 1,000, 500 ms at 10,000). A change after a
-    /// quiet spell goes out at once; changes that follow within the pace are coalesced
+    /// quiet spell goes out at once (new peers once the enrollments in flight end, see
+    /// `Fanout::hold`); changes that follow within the pace are coalesced
     /// into the stream's next message. So the controller sends at most about 20,000
     /// messages a second whatever the fleet's size and the rate of changes, and a burst of
     /// enrollments does not cost every watcher one message each.
@@ -583,6 +667,62 @@ mod tests {
         assert_eq!(pace_for(10_000), Duration::from_millis(500));
         assert_eq!(pace_for(1_000_000), MAX_PACE);
         assert_eq!(pace_for(usize::MAX), MAX_PACE);
+    }
+
+    #[test]
+    fn enrollments_in_flight_hold_new_peers_back_but_not_revocations() {
+        let f = Fanout::new(0);
+        let mut rx = f.head.subscribe();
+        rx.borrow_and_update();
+        // Nothing in flight: announced at once.
+        f.announce(1, true);
+        assert!(rx.has_changed().unwrap());
+        assert_eq!(*rx.borrow_and_update(), 1);
+        // Two enrollments in flight: new peers wait for the last one to end.
+        let a = f.hold();
+        let b = f.hold();
+        f.announce(2, true);
+        f.announce(3, true);
+        assert!(!rx.has_changed().unwrap());
+        drop(a);
+        assert!(!rx.has_changed().unwrap());
+        drop(b);
+        assert!(rx.has_changed().unwrap());
+        assert_eq!(*rx.borrow_and_update(), 3);
+        // A change that may not wait goes out at once, with what was held before it.
+        let c = f.hold();
+        f.announce(4, true);
+        f.announce(5, false);
+        assert_eq!(*rx.borrow_and_update(), 5);
+        drop(c);
+        assert!(!rx.has_changed().unwrap(), "nothing left to announce");
+    }
+
+    #[test]
+    fn a_hold_lasts_at_most_max_hold() {
+        let f = Fanout::new(0);
+        let mut rx = f.head.subscribe();
+        rx.borrow_and_update();
+        let _busy = f.hold();
+        f.announce(1, true);
+        assert!(!rx.has_changed().unwrap());
+        // Enrollments keep coming: the one that ends past MAX_HOLD announces.
+        f.hold.lock().pending = Some((1, std::time::Instant::now() - MAX_HOLD));
+        drop(f.hold());
+        assert_eq!(*rx.borrow_and_update(), 1);
+        // As does the next change published past it.
+        f.announce(2, true);
+        assert!(!rx.has_changed().unwrap());
+        f.hold.lock().pending = Some((2, std::time::Instant::now() - MAX_HOLD));
+        f.announce(3, true);
+        assert_eq!(*rx.borrow_and_update(), 3);
+        // And the timer, when the enrollment in flight never ends.
+        f.announce(4, true);
+        f.release_overdue();
+        assert!(!rx.has_changed().unwrap(), "not overdue yet");
+        f.hold.lock().pending = Some((4, std::time::Instant::now() - MAX_HOLD));
+        f.release_overdue();
+        assert_eq!(*rx.borrow_and_update(), 4);
     }
 
     fn peer(node: &str, endpoint: &str) -> pb::Peer {

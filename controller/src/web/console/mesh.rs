@@ -440,11 +440,8 @@ pub(super) async fn node_revoke(
         Ok(Box::new(move || {
             let now = mesh.now();
             let serials = mesh.authority().store().node_serials(&key)?.len();
-            let n = mesh.revoke_node(&key, reason, now)?;
             // Its SSH host certificates go on every server's KRL, as `node revoke` does.
-            if let Some(ssh) = ssh {
-                ssh.revoke_host(&n.key(), &actor)?;
-            }
+            let n = crate::ssh::revoke_node(&mesh, ssh.as_deref(), &key, reason, now, &actor)?;
             let text = format!(
                 "Node {} revoked: {serials} certificate(s) on the CRL, overlay address {} freed.",
                 n.key(),
