@@ -484,17 +484,11 @@ pub async fn run(cfg: ServeConfig, shutdown: CancellationToken) -> Result<()> {
         tasks.spawn(leader_loop(TOKEN_PURGE_TICK, lead, stop, failed, work));
     }
     {
-        // New peers held back by enrollments in flight go out within about a second.
+        // New peers held back by enrollments in flight: a burst goes out as one delta.
         let (mesh, stop) = (mesh.clone(), shutdown.clone());
         tasks.spawn(async move {
-            let mut tick = tokio::time::interval(std::time::Duration::from_millis(250));
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = stop.cancelled() => return Ok(()),
-                    _ = tick.tick() => mesh.release_overdue_announcements(),
-                }
-            }
+            mesh.run_announcer(&stop).await;
+            Ok(())
         });
     }
     {

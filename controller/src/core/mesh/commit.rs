@@ -157,9 +157,10 @@ impl Mesh {
         self.fanout.hold()
     }
 
-    /// Announce new peers held back past the longest hold (run on a timer by `serve`).
-    pub fn release_overdue_announcements(&self) {
-        self.fanout.release_overdue();
+    /// Announce new peers held back by enrollments when their time comes, until `stop`
+    /// (run by `serve`; see `Fanout::run_announcer`).
+    pub async fn run_announcer(&self, stop: &tokio_util::sync::CancellationToken) {
+        self.fanout.run_announcer(stop).await;
     }
 
     pub(super) fn peer_of(&self, n: &NodeRecord) -> pb::Peer {

@@ -36,6 +36,9 @@ const PACE_PER_STREAM: std::time::Duration = std::time::Duration::from_micros(50
 const MAX_PACE: std::time::Duration = std::time::Duration::from_millis(500);
 /// The longest enrollments in flight hold back the announcement of new peers.
 const MAX_HOLD: std::time::Duration = std::time::Duration::from_secs(1);
+/// With the announcer running, how long new peers wait after the last enrollment in
+/// flight ended, for the next one of a burst (the client's own work between two).
+const LINGER: std::time::Duration = std::time::Duration::from_millis(30);
 
 /// One Watch message, encoded once as a gRPC frame (flag, length, message) and shared by
 /// every stream that sends it.
@@ -137,6 +140,8 @@ pub(super) struct Fanout {
     coalesced: Mutex<VecDeque<(u64, u64, Frame)>>,
     /// Enrollments in flight and the announcement they hold back (see [`Fanout::hold`]).
     hold: Mutex<Hold>,
+    /// Wakes [`Fanout::run_announcer`] when something is held back.
+    held: tokio::sync::Notify,
 }
 
 #[derive(Default)]
@@ -144,6 +149,21 @@ struct Hold {
     in_flight: usize,
     /// The newest version held back, and since when the first one was.
     pending: Option<(u64, std::time::Instant)>,
+    /// When the last enrollment in flight ended (`None` while one is in flight).
+    idle_since: Option<std::time::Instant>,
+    /// Whether the announcer runs: then the end of the last enrollment is followed by
+    /// [`LINGER`]; without it, it announces at once.
+    lingering: bool,
+}
+
+impl Hold {
+    /// Whether a version published now that may wait is held back.
+    fn holds(&self, now: std::time::Instant) -> bool {
+        let busy = self.in_flight > 0
+            || (self.lingering && self.idle_since.is_some_and(|t| now - t < LINGER));
+        let since = self.pending.map_or(now, |(_, since)| since);
+        busy && now - since < MAX_HOLD
+    }
 }
 
 /// Held by an enrollment in flight; the last one to end announces what was held back.
@@ -151,19 +171,26 @@ pub(super) struct HoldGuard<'a>(&'a Fanout);
 
 impl Drop for HoldGuard<'_> {
     fn drop(&mut self) {
+        let now = std::time::Instant::now();
         let release = {
             let mut h = self.0.hold.lock();
             h.in_flight -= 1;
+            if h.in_flight == 0 {
+                h.idle_since = Some(now);
+            }
             match h.pending {
-                Some((v, since)) if h.in_flight == 0 || since.elapsed() >= MAX_HOLD => {
+                Some(_) if h.lingering => None,
+                Some((v, _)) if !h.holds(now) => {
                     h.pending = None;
                     Some(v)
                 }
                 _ => None,
             }
         };
-        if let Some(v) = release {
-            self.0.wake(v);
+        match release {
+            Some(v) => self.0.wake(v),
+            // The announcer decides (after the linger, or at once past MAX_HOLD).
+            None => self.0.held.notify_one(),
         }
     }
 }
@@ -177,18 +204,23 @@ impl Fanout {
             building: Mutex::new(()),
             coalesced: Mutex::new(VecDeque::new()),
             hold: Mutex::new(Hold::default()),
+            held: tokio::sync::Notify::new(),
         }
     }
 
     /// While the guard lives (an enrollment in flight), new versions that only add or
-    /// update peers are announced once no enrollment is in flight, or [`MAX_HOLD`] after
-    /// the first was held back, whichever comes first. Waking every stream (and every
+    /// update peers are not announced: with the announcer running, [`LINGER`] after the
+    /// last enrollment in flight ended (without it, as it ends), and at the latest
+    /// [`MAX_HOLD`] after the first was held back. Waking every stream (and every
     /// stream's send) would otherwise take the CPU from the enrollments themselves: a
     /// burst of them reaches the watchers as one coalesced delta, once it is over.
     /// Revocations, blocks, CRLs and CA or SSH changes are never held (see
     /// [`Fanout::announce`]).
     pub(super) fn hold(&self) -> HoldGuard<'_> {
-        self.hold.lock().in_flight += 1;
+        let mut h = self.hold.lock();
+        h.in_flight += 1;
+        h.idle_since = None;
+        drop(h);
         HoldGuard(self)
     }
 
@@ -217,23 +249,56 @@ impl Fanout {
         self.coalesced.lock().clear();
     }
 
-    /// Announce what has been held back for [`MAX_HOLD`] or longer, though enrollments are
-    /// still in flight (one stuck on a slow store, say). Called on a timer, so nothing
-    /// waits much past `MAX_HOLD` even when no other change or enrollment comes.
-    pub(super) fn release_overdue(&self) {
+    /// Announce what is held back when its time comes, until `stop`: [`LINGER`] after the
+    /// last enrollment in flight ended (so the enrollments of a burst, with the client's
+    /// own work between them, go out as one delta), at the latest [`MAX_HOLD`] after the
+    /// first was held (enrollments that keep coming, or one stuck on a slow store). Run
+    /// by `serve`; without it the last enrollment to end announces at once.
+    pub(super) async fn run_announcer(&self, stop: &CancellationToken) {
+        self.hold.lock().lingering = true;
+        loop {
+            let next = self.release_due();
+            let wait = async {
+                match next {
+                    Some(at) => tokio::time::sleep_until(at.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = self.held.notified() => {}
+                _ = wait => {}
+            }
+        }
         let release = {
             let mut h = self.hold.lock();
-            match h.pending {
-                Some((v, since)) if since.elapsed() >= MAX_HOLD => {
-                    h.pending = None;
-                    Some(v)
-                }
-                _ => None,
-            }
+            h.lingering = false;
+            h.pending.take()
         };
-        if let Some(v) = release {
+        if let Some((v, _)) = release {
             self.wake(v);
         }
+    }
+
+    /// Announce what is held back if its time has come; else when to look again (`None`:
+    /// when told).
+    fn release_due(&self) -> Option<std::time::Instant> {
+        let now = std::time::Instant::now();
+        let release = {
+            let mut h = self.hold.lock();
+            let (v, since) = h.pending?;
+            if h.holds(now) {
+                let hold_end = since + MAX_HOLD;
+                return Some(match (h.in_flight, h.idle_since) {
+                    (0, Some(t)) => (t + LINGER).min(hold_end),
+                    _ => hold_end,
+                });
+            }
+            h.pending = None;
+            v
+        };
+        self.wake(release);
+        None
     }
 
     /// Versions up to `v` are published: wake every stream, unless `v` may wait and an
@@ -241,13 +306,16 @@ impl Fanout {
     pub(super) fn announce(&self, v: u64, may_wait: bool) {
         {
             let mut h = self.hold.lock();
-            if may_wait && h.in_flight > 0 {
-                let now = std::time::Instant::now();
+            let now = std::time::Instant::now();
+            if may_wait && h.holds(now) {
                 let since = h.pending.map_or(now, |(_, since)| since);
-                if now.duration_since(since) < MAX_HOLD {
-                    h.pending = Some((v, since));
-                    return;
+                h.pending = Some((v, since));
+                let lingering = h.lingering;
+                drop(h);
+                if lingering {
+                    self.held.notify_one();
                 }
+                return;
             }
             h.pending = None;
         }
@@ -716,13 +784,76 @@ mod tests {
         f.hold.lock().pending = Some((2, std::time::Instant::now() - MAX_HOLD));
         f.announce(3, true);
         assert_eq!(*rx.borrow_and_update(), 3);
-        // And the timer, when the enrollment in flight never ends.
+        // And the announcer, when the enrollment in flight never ends.
         f.announce(4, true);
-        f.release_overdue();
+        let next = f.release_due().expect("held");
         assert!(!rx.has_changed().unwrap(), "not overdue yet");
+        assert!(
+            next > std::time::Instant::now() + MAX_HOLD / 2,
+            "looks again at MAX_HOLD"
+        );
         f.hold.lock().pending = Some((4, std::time::Instant::now() - MAX_HOLD));
-        f.release_overdue();
+        assert_eq!(f.release_due(), None);
         assert_eq!(*rx.borrow_and_update(), 4);
+    }
+
+    #[tokio::test]
+    async fn the_announcer_lingers_after_the_last_enrollment_and_gathers_a_burst() {
+        let f = Arc::new(Fanout::new(0));
+        let mut rx = f.head.subscribe();
+        rx.borrow_and_update();
+        let stop = CancellationToken::new();
+        let announcer = {
+            let (f, stop) = (f.clone(), stop.clone());
+            tokio::spawn(async move { f.run_announcer(&stop).await })
+        };
+        while !f.hold.lock().lingering {
+            tokio::task::yield_now().await;
+        }
+        // Enrollments one after the other, each starting within the linger of the last:
+        // one announcement, of the newest version, after the last one.
+        let t0 = std::time::Instant::now();
+        for v in 1..=5 {
+            let g = f.hold();
+            f.announce(v, true);
+            drop(g);
+            tokio::time::sleep(LINGER / 6).await;
+        }
+        let ended = std::time::Instant::now();
+        tokio::time::timeout(MAX_HOLD * 2, rx.changed())
+            .await
+            .expect("announced")
+            .unwrap();
+        let at = std::time::Instant::now();
+        if ended - t0 < LINGER {
+            // Not descheduled for a whole linger in between: nothing went out before.
+            assert_eq!(*rx.borrow_and_update(), 5);
+        }
+        assert!(at >= ended, "after the last enrollment");
+        rx.borrow_and_update();
+        // An enrollment that never ends holds new peers back for MAX_HOLD at most.
+        let stuck = f.hold();
+        let t1 = std::time::Instant::now();
+        f.announce(6, true);
+        tokio::time::timeout(MAX_HOLD * 3, rx.changed())
+            .await
+            .expect("announced past MAX_HOLD")
+            .unwrap();
+        assert_eq!(*rx.borrow_and_update(), 6);
+        assert!(t1.elapsed() >= MAX_HOLD);
+        drop(stuck);
+        // A revocation goes out at once, announcer or not.
+        let g = f.hold();
+        f.announce(7, false);
+        assert_eq!(*rx.borrow_and_update(), 7);
+        drop(g);
+        // Stopping announces what is still held.
+        let g = f.hold();
+        f.announce(8, true);
+        stop.cancel();
+        announcer.await.unwrap();
+        assert_eq!(*rx.borrow_and_update(), 8);
+        drop(g);
     }
 
     fn peer(node: &str, endpoint: &str) -> pb::Peer {
