@@ -8,7 +8,6 @@ use anyhow::{Context, Result};
 use serde_json::json;
 use std::io::Write as _;
 use std::process::{Command, Stdio};
-use std::time::Duration;
 use tempfile::TempDir;
 use zonemesh_proto as pb;
 use zonemesh_tests::browser::{self, Browser};
@@ -242,21 +241,8 @@ async fn chromium_dashboard_shows_the_heat_map() -> Result<()> {
     let base = format!("https://localhost:{}", ctl.https.port());
     let b = tokio::task::spawn_blocking(move || -> Result<Browser> {
         let b = Browser::start()?;
-        b.goto(&format!("{base}/signin"))?;
-        b.type_into("#email", ADMIN)?;
-        b.type_into("#password", PASSWORD)?;
-        b.click("#signin")?;
-        b.wait_url("/enroll", Duration::from_secs(20))?;
-        let secret = b.script("return document.querySelector('#secret').textContent")?;
-        let otp = zonemesh_tests::run_ok(Command::new("oathtool").args([
-            "--totp",
-            "-b",
-            secret.as_str().unwrap_or_default(),
-        ]))?;
-        b.type_into("#code", otp.trim())?;
-        b.click("#confirm")?;
-        b.click("#continue")?;
-        b.wait_url("/dashboard", Duration::from_secs(20))?;
+        // Waits for each page before the next step (the recovery codes before Continue).
+        b.sign_in_new_admin(&base, ADMIN, PASSWORD)?;
         Ok(b)
     })
     .await??;
