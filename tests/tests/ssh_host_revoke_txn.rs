@@ -78,11 +78,22 @@ fn host_certificates_of_a_node_revoked_just_before_a_stop_are_revoked_on_restart
     let (cert_a, serial_a) = host_cert(&plane, &ssh, &a)?;
     let (_, serial_b) = host_cert(&plane, &ssh, &b)?;
 
+    let before = plane.store.node(&a)?.expect("enrolled");
     // The node's revocation commits; the controller stops before its second step.
     plane
         .mesh
         .revoke_node(&a, RevocationReason::KeyCompromise, plane.mesh.now())?;
     assert!(!revoked(&ssh, serial_a)?, "the second step has not run yet");
+    // A host certificate asked for by the node as its revocation commits (its caller
+    // check passed just before) is refused.
+    let late = ssh.sign_host(
+        &before,
+        &generate_key(CaKeyType::Ed25519, "late")?
+            .public_key()
+            .to_openssh()?,
+    );
+    let err = late.expect_err("signed for a revoked node").to_string();
+    assert!(err.contains("is revoked"), "{err}");
     let pending = plane.store.pending_host_revocations()?;
     assert_eq!(pending.len(), 1, "{pending:?}");
     assert_eq!(pending[0].0, a);

@@ -659,8 +659,24 @@ impl Ssh {
             revoked_unix: None,
             public_key: key.to_openssh().map(|k| plain_key(&k))?,
         };
-        self.store.put_cert(&rec)?;
-        self.store.flush()?;
+        {
+            // Recorded under the lock host revocations take, and only while the node is
+            // still enrolled: a revocation that commits before this check refuses the
+            // certificate here, and one that commits after it finds the record.
+            let _g = self.lock.lock();
+            let live = self
+                .main
+                .node(&node.key())?
+                .is_some_and(|n| !n.revoked && n.enrolled_unix == node.enrolled_unix);
+            if !live {
+                return Err(ControllerError::PermissionDenied(format!(
+                    "node {} is revoked",
+                    node.key()
+                )));
+            }
+            self.store.put_cert(&rec)?;
+            self.store.flush()?;
+        }
         self.audit(
             AuditEvent::new("ssh.host_cert_issued", "ok")
                 .actor("node")
@@ -728,7 +744,8 @@ impl Ssh {
 
     /// Revoke the host certificates of every node revoked since its certificates were
     /// last swept (the markers of [`Store::pending_host_revocations`]): each certificate
-    /// issued to the node up to its revocation goes on the KRL of every server and into
+    /// issued to the node (to the node before it, when the name was enrolled again: those
+    /// issued up to the revocation) goes on the KRL of every server and into
     /// `ssh known-hosts` as an `@revoked` line. Run after each `node revoke`, at start-up
     /// and on the leader's sweep, so a controller stopped between the node's revocation
     /// and this step still finishes it. Returns the serials newly revoked; publishes once.
@@ -737,10 +754,14 @@ impl Ssh {
         let pending = self.main.pending_host_revocations()?;
         let mut serials = Vec::new();
         for (nkey, at) in &pending {
+            // Every one of the node's host certificates, unless the name was enrolled
+            // again: then those issued up to the revocation.
+            let enrolled_again = self.main.node(nkey)?.is_some_and(|n| !n.revoked);
+            let until = if enrolled_again { *at } else { u64::MAX };
             serials.extend(self.revoke_unexpired_locked(
                 SshCertKind::Host,
                 nkey,
-                *at,
+                until,
                 "ssh.host_certs_revoked",
                 actor,
             )?);
