@@ -67,7 +67,6 @@ impl NodeRecord {
     }
 }
 
-/// Key of a node in the nodes tree.
 /// Prefix in `meta` of the markers of [`Store::pending_host_revocations`].
 const HOST_REVOKE_PREFIX: &str = "ssh_host_revoke/";
 
@@ -76,6 +75,7 @@ pub fn host_revoke_key(nkey: &str) -> String {
     format!("{HOST_REVOKE_PREFIX}{nkey}")
 }
 
+/// Key of a node in the nodes tree.
 pub fn node_key(zone: &str, node: &str) -> String {
     format!("{zone}/{node}")
 }

@@ -123,7 +123,6 @@ impl From<&RsaCaSigner> for ssh_key::public::KeyData {
     }
 }
 
-/// Sign a certificate with a CA key of either type.
 /// `node revoke`: revoke node `nkey` on `mesh` (its certificates, address and key, in one
 /// transaction that also marks its SSH host certificates for revocation), then, with
 /// `ssh`, those host certificates. Should the second step fail or the controller stop
@@ -146,6 +145,7 @@ pub fn revoke_node(
     Ok(n)
 }
 
+/// Sign a certificate with a CA key of either type.
 fn sign_cert(b: Builder, ca: &PrivateKey) -> Result<ssh_key::Certificate> {
     Ok(match ca.key_data() {
         ssh_key::private::KeypairData::Rsa(kp) => b.sign(&RsaCaSigner::new(kp)?)?,

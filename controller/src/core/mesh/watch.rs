@@ -171,26 +171,32 @@ pub(super) struct HoldGuard<'a>(&'a Fanout);
 
 impl Drop for HoldGuard<'_> {
     fn drop(&mut self) {
+        enum Then {
+            Nothing,
+            Wake(u64),
+            // The announcer decides (after the linger, or at once past MAX_HOLD).
+            TellAnnouncer,
+        }
         let now = std::time::Instant::now();
-        let release = {
+        let then = {
             let mut h = self.0.hold.lock();
             h.in_flight -= 1;
             if h.in_flight == 0 {
                 h.idle_since = Some(now);
             }
             match h.pending {
-                Some(_) if h.lingering => None,
+                Some(_) if h.lingering => Then::TellAnnouncer,
                 Some((v, _)) if !h.holds(now) => {
                     h.pending = None;
-                    Some(v)
+                    Then::Wake(v)
                 }
-                _ => None,
+                _ => Then::Nothing,
             }
         };
-        match release {
-            Some(v) => self.0.wake(v),
-            // The announcer decides (after the linger, or at once past MAX_HOLD).
-            None => self.0.held.notify_one(),
+        match then {
+            Then::Nothing => {}
+            Then::Wake(v) => self.0.wake(v),
+            Then::TellAnnouncer => self.0.held.notify_one(),
         }
     }
 }
