@@ -23,6 +23,9 @@ else
 fi
 
 export CARGO_TERM_COLOR=never
+# An error a test returns (anyhow) ends with its message, not a backtrace, so the tail of a
+# failure says why; panics still follow RUST_BACKTRACE.
+export RUST_LIB_BACKTRACE="${RUST_LIB_BACKTRACE:-0}"
 target="${CARGO_TARGET_DIR:-$PWD/target}"
 # The packaging test builds .debs with cargo-deb, which Debian does not ship: as root, build
 # it once from crates.io into the target directory (a debug build with gzip only: about a

@@ -54,6 +54,8 @@ struct Delivery {
 /// snapshot are skipped, not decoded (the agents' side must fit on the same machine).
 struct Head {
     version: u64,
+    /// A whole snapshot (else a delta).
+    snapshot: bool,
 }
 
 #[derive(Clone, Copy)]
@@ -82,7 +84,7 @@ impl tonic::codec::Decoder for HeadDecoder {
         src: &mut tonic::codec::DecodeBuf<'_>,
     ) -> Result<Option<Head>, tonic::Status> {
         let bad = |e: prost::DecodeError| tonic::Status::internal(e.to_string());
-        let mut version = 0;
+        let (mut version, mut snapshot) = (0, false);
         while src.has_remaining() {
             let key = prost::encoding::decode_varint(src).map_err(bad)?;
             match (key >> 3, key & 7) {
@@ -90,7 +92,8 @@ impl tonic::codec::Decoder for HeadDecoder {
                 (_, 0) => {
                     prost::encoding::decode_varint(src).map_err(bad)?;
                 }
-                (_, 2) => {
+                (field, 2) => {
+                    snapshot |= field == 2;
                     let len = prost::encoding::decode_varint(src).map_err(bad)? as usize;
                     if len > src.remaining() {
                         return Err(tonic::Status::internal("truncated field"));
@@ -100,7 +103,7 @@ impl tonic::codec::Decoder for HeadDecoder {
                 _ => return Err(tonic::Status::internal("unexpected wire type")),
             }
         }
-        Ok(Some(Head { version }))
+        Ok(Some(Head { version, snapshot }))
     }
 }
 
@@ -222,6 +225,9 @@ struct Bench {
     settled: u64,
     channels: Vec<tonic::transport::Channel>,
     messages: Arc<AtomicU64>,
+    /// Snapshots sent to watchers after their first (each one costs the whole fleet's
+    /// size, where a delta costs what changed).
+    resent: Arc<AtomicU64>,
     /// The last version each watcher received.
     latest: Arc<Vec<AtomicU64>>,
     tx: mpsc::UnboundedSender<Delivery>,
@@ -273,6 +279,7 @@ impl Bench {
             settled: 0,
             channels: vec![],
             messages: Arc::new(AtomicU64::new(0)),
+            resent: Arc::new(AtomicU64::new(0)),
             latest: Arc::new((0..=max).map(|_| AtomicU64::new(0)).collect()),
             tx,
             rx,
@@ -363,11 +370,15 @@ impl Bench {
             let (ch, mut s, version) = r?;
             self.channels.push(ch);
             let (tx, messages, watcher) = (self.tx.clone(), self.messages.clone(), first + i);
+            let resent = self.resent.clone();
             let latest = self.latest.clone();
             latest[watcher].store(version, Ordering::SeqCst);
             self.watch_tasks.spawn(async move {
                 while let Ok(Some(u)) = s.message().await {
                     messages.fetch_add(1, Ordering::Relaxed);
+                    if u.snapshot {
+                        resent.fetch_add(1, Ordering::Relaxed);
+                    }
                     latest[watcher].store(u.version, Ordering::SeqCst);
                     let _ = tx.send(Delivery {
                         watcher,
@@ -483,6 +494,11 @@ struct Row {
     burst_all: Duration,
     burst_rate: f64,
     burst_msgs: f64,
+    /// Enrollments per second while the fleet grew to `agents` with the previous watchers
+    /// connected (0 for the first fleet).
+    grow_rate: f64,
+    /// Snapshots the connected watchers were sent again, from the growth to the burst.
+    resent: u64,
 }
 
 struct Run {
@@ -492,6 +508,8 @@ struct Run {
     /// Why the run stopped before the largest fleet.
     stopped: Option<String>,
     peak_mib: f64,
+    /// The simulating side's own peak memory (this process), so far.
+    client_peak_mib: f64,
 }
 
 async fn run_design(
@@ -540,9 +558,11 @@ async fn run_design(
         rows: vec![],
         stopped: None,
         peak_mib: 0.0,
+        client_peak_mib: 0.0,
     };
     let result = fleets_loop(&mut b, &mut run, fleets, changes, burst).await;
     run.peak_mib = peak_kib(b.pid).unwrap_or(0) as f64 / 1024.0;
+    run.client_peak_mib = peak_kib(std::process::id()).unwrap_or(0) as f64 / 1024.0;
     if let Err(e) = result {
         run.stopped = Some(if over_cap.load(Ordering::SeqCst) {
             format!("did not fit: controller passed {} MiB", cap_kib / 1024)
@@ -569,6 +589,8 @@ async fn fleets_loop(
     let tck = 100.0; // clock ticks per second on Linux
     for &n in fleets {
         let add = n.saturating_sub(b.watchers);
+        let resent0 = b.resent.load(Ordering::Relaxed);
+        let watching = b.watchers;
         let t = Instant::now();
         let (creds, rate) = b.enroll(add).await?;
         if b.watchers == 0 {
@@ -592,6 +614,7 @@ async fn fleets_loop(
         let rss_after = rss_kib(b.pid).context("controller gone")?;
         let mut row = Row {
             agents: n,
+            grow_rate: if watching > 0 { rate } else { 0.0 },
             connect,
             rss_mib: rss_after as f64 / 1024.0,
             rss_per_agent_kib: rss_after.saturating_sub(rss_before) as f64 / add.max(1) as f64,
@@ -618,6 +641,7 @@ async fn fleets_loop(
         row.burst_all = burst_all;
         row.burst_rate = burst_rate;
         row.burst_msgs = burst_msgs;
+        row.resent = b.resent.load(Ordering::Relaxed) - resent0;
         eprintln!(
             "{}: {n} agents: change p99 {} ms, burst of {burst} to every watcher {} ms ({burst_rate:.0} enrollments/s, {burst_msgs:.1} messages per watcher), RSS {:.0} MiB",
             run.label,
@@ -646,7 +670,7 @@ fn print(runs: &[Run], burst: usize) {
         "Watch fan-out on {cpus} CPU(s): one change (a node enrolls) until every watcher has it; a burst of {burst} enrollments; controller memory"
     );
     println!(
-        "{:>8} {:>7} | {:>9} {:>9} {:>9} {:>9} | {:>8} | {:>9} {:>9} | {:>9} {:>8} {:>8} | {:>9}",
+        "{:>8} {:>7} | {:>9} {:>9} {:>9} {:>9} | {:>8} | {:>9} {:>9} | {:>9} {:>8} {:>8} | {:>9} | {:>8} {:>7}",
         "design",
         "agents",
         "all p50",
@@ -659,16 +683,32 @@ fn print(runs: &[Run], burst: usize) {
         "burst all",
         "burst",
         "msgs per",
-        "connect"
+        "connect",
+        "grow",
+        "snaps"
     );
     println!(
-        "{:>8} {:>7} | {:>9} {:>9} {:>9} {:>9} | {:>8} | {:>9} {:>9} | {:>9} {:>8} {:>8} | {:>9}",
-        "", "", "ms", "ms", "ms", "ms", "ms/chg", "MiB", "KiB", "ms", "enroll/s", "watcher", "s"
+        "{:>8} {:>7} | {:>9} {:>9} {:>9} {:>9} | {:>8} | {:>9} {:>9} | {:>9} {:>8} {:>8} | {:>9} | {:>8} {:>7}",
+        "",
+        "",
+        "ms",
+        "ms",
+        "ms",
+        "ms",
+        "ms/chg",
+        "MiB",
+        "KiB",
+        "ms",
+        "enroll/s",
+        "watcher",
+        "s",
+        "enroll/s",
+        "resent"
     );
     for run in runs {
         for r in &run.rows {
             println!(
-                "{:>8} {:>7} | {:>9} {:>9} {:>9} {:>9} | {:>8.1} | {:>9.0} {:>9.0} | {:>9} {:>8.0} {:>8.1} | {:>9.1}",
+                "{:>8} {:>7} | {:>9} {:>9} {:>9} {:>9} | {:>8.1} | {:>9.0} {:>9.0} | {:>9} {:>8.0} {:>8.1} | {:>9.1} | {:>8.0} {:>7}",
                 run.label,
                 r.agents,
                 ms(r.all_p50),
@@ -682,16 +722,21 @@ fn print(runs: &[Run], burst: usize) {
                 r.burst_rate,
                 r.burst_msgs,
                 r.connect.as_secs_f64(),
+                r.grow_rate,
+                r.resent,
             );
         }
         if let Some(why) = &run.stopped {
             println!("{:>8} stopped: {why}", run.label);
         }
         println!(
-            "{:>8} enrollments/s with no watcher: {:.0}; peak RSS {:.0} MiB",
-            run.label, run.enroll_rate_idle, run.peak_mib
+            "{:>8} enrollments/s with no watcher: {:.0}; peak RSS {:.0} MiB; the simulating side's peak RSS so far {:.0} MiB",
+            run.label, run.enroll_rate_idle, run.peak_mib, run.client_peak_mib
         );
     }
+    println!(
+        "grow: enrollments/s while the fleet grew to its size with the previous watchers connected; snaps resent: snapshots sent again to connected watchers (what they missed should come as deltas)"
+    );
     let (new, prev) = (&runs[0], runs.get(1));
     println!();
     for r in &new.rows {
@@ -721,6 +766,16 @@ fn print(runs: &[Run], burst: usize) {
             r.burst_rate / new.enroll_rate_idle.max(1e-9),
             ratio(r.burst_rate, old.map(|o| o.burst_rate)),
         );
+        if r.grow_rate > 0.0 {
+            println!(
+                "  growing to {} agents with the watchers connected: {:.0} enrollments/s ({} of previous), {} snapshots resent (previous: {})",
+                r.agents,
+                r.grow_rate,
+                ratio(r.grow_rate, old.map(|o| o.grow_rate)),
+                r.resent,
+                old.map_or("-".to_string(), |o| o.resent.to_string()),
+            );
+        }
     }
     println!(
         "goals: change p99 < 1000 ms at 1,000 and < 2000 ms at 10,000; controller RSS < 2 GiB at 10,000 (< 200 KiB per agent)"

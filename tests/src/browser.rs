@@ -292,14 +292,42 @@ impl Browser {
     /// The password step of signing in at `base`, until the browser is at `lands_on`
     /// (`/enroll` for an admin without an authenticator, `/dashboard` for a portal owner
     /// without one).
+    ///
+    /// An attempt refused with "Try again" (the controller takes one sign-in per source at a
+    /// time, and other tests of a shared lab sign in from the same address) is made again
+    /// until 30 s have passed; any other refusal fails at once with the page's words.
     pub fn sign_in(&self, base: &str, email: &str, password: &str, lands_on: &str) -> Result<()> {
-        let within = Duration::from_secs(20);
-        self.goto(&format!("{base}/signin"))?;
-        self.wait_url("/signin", within)?;
-        self.type_into("#email", email)?;
-        self.type_into("#password", password)?;
-        self.click("#signin")?;
-        self.wait_url(lands_on, within)
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            self.goto(&format!("{base}/signin"))?;
+            self.wait_url("/signin", Duration::from_secs(20))?;
+            self.type_into("#email", email)?;
+            self.type_into("#password", password)?;
+            self.click("#signin")?;
+            // The answer: the landing page, or a page under /signin whose #message says why
+            // not (the form again, or a notice).
+            let answered = loop {
+                let ready = self.script("return document.readyState")? == json!("complete");
+                let url = self.url()?;
+                let path = url.trim_end_matches('/');
+                if ready && path.ends_with(lands_on) {
+                    return Ok(());
+                }
+                let message = self.text("#message")?;
+                if ready && path.ends_with("/signin") && !message.trim().is_empty() {
+                    break message;
+                }
+                if Instant::now() > deadline {
+                    bail!("sign-in of {email} never reached *{lands_on} (at {url})");
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            };
+            let words = answered.split_whitespace().collect::<Vec<_>>().join(" ");
+            if !words.contains("Try again") || Instant::now() > deadline {
+                bail!("sign-in of {email} refused: {words}");
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
     }
 
     /// On the `/enroll` page: set up TOTP with a code from `oathtool`, past the recovery

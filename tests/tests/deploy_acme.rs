@@ -75,10 +75,11 @@ fn wait_api(
             return Ok(v);
         }
         if Instant::now() > deadline {
+            // The logs first, the answer last: CI shows the tail of a failure.
             bail!(
-                "{name}: GET /api/domains answered {} {v}\n{}",
-                a.status,
-                lab.logs()
+                "{}\n{name}: still not done after {within:?}; GET /api/domains answered {} {v}",
+                lab.logs(),
+                a.status
             );
         }
         std::thread::sleep(Duration::from_millis(200));
@@ -281,10 +282,10 @@ fn failed_challenge_shows_pebbles_reason_on_the_page_and_in_domain_list_and_the_
     let out = lab.ctl.admin(&["domain", "deploy", name])?;
     assert!(
         out.status.success(),
-        "domain deploy: {}{}\n{}",
+        "{}\ndomain deploy: {}{}",
+        lab.logs(),
         String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-        lab.logs()
+        String::from_utf8_lossy(&out.stderr)
     );
     println!("domain deploy (acme) exited 0 after {:?}", t.elapsed());
     let old = norm_serial(lab.domain(name)?["serial_hex"].as_str().context("serial")?);
@@ -327,7 +328,7 @@ fn failed_challenge_shows_pebbles_reason_on_the_page_and_in_domain_list_and_the_
             break;
         }
         if Instant::now() > deadline {
-            bail!("page shows failure: {page_ok}, list: {listed}\n{page}");
+            bail!("{page}\npage shows failure: {page_ok}, list: {listed}");
         }
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -365,8 +366,8 @@ fn an_owner_pressing_deploy_on_another_owners_domain_gets_403_and_nothing_happen
     assert!(
         out.status.success(),
         "{}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        lab.logs()
+        lab.logs(),
+        String::from_utf8_lossy(&out.stderr)
     );
     let bob = lab.sign_in(BOB, PASSWORD)?;
     let before = bob.domain(name)?.json()?;

@@ -600,13 +600,7 @@ fn chromium_portal_owner_presses_deploy_certificate_and_sees_it_deployed() -> Re
     lab.add_domain(name, "internal", OWNER, EDGE_ZONE)?;
     let base = format!("https://localhost:{}", lab.ctl.https.port());
     let b = browser::Browser::start()?;
-    b.goto(&format!("{base}/signin"))?;
-    b.wait_url("/signin", Duration::from_secs(10))?;
-    b.type_into("#email", OWNER)?;
-    b.type_into("#password", PASSWORD)?;
-    b.click("#signin")?;
-    b.wait_url("/dashboard", Duration::from_secs(10))
-        .or_else(|_| b.wait_url("", Duration::from_secs(1)))?;
+    b.sign_in(&base, OWNER, PASSWORD, "/dashboard")?;
     b.goto(&format!("{base}/domains"))?;
     b.wait_url("/domains", Duration::from_secs(10))?;
     let page = b.source()?;

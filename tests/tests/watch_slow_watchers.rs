@@ -87,7 +87,9 @@ async fn a_stuck_watcher_holds_no_backlog_delays_nobody_and_converges() {
     let mut fast_view = MeshView::default();
     read_to(&mut fast_watch, &mut fast_view, start).await;
 
-    for (round, count) in [(0u32, 100u32), (1, 1000)] {
+    // Within the backlog (one delta), then beyond it (the snapshot).
+    let beyond = u32::try_from(BACKLOG).unwrap() + 200;
+    for (round, count) in [(0u32, 100u32), (1, beyond)] {
         // The fast watcher reads along while the stuck one reads nothing.
         let target = plane.mesh.version() + u64::from(count);
         let reader = tokio::spawn(async move {

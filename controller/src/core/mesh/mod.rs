@@ -51,9 +51,10 @@ use tokio_util::sync::CancellationToken;
 const MESH_VERSION: &str = "mesh_version";
 /// How many past changes are kept for resuming watchers.
 const CHANGE_LOG_LEN: u64 = 4096;
-/// A watcher further behind than this gets the (shared, cached) snapshot instead of what
-/// it missed as one delta: the coalesced delta is encoded for its place behind, the
-/// snapshot is shared.
+/// Most changes replayed from the change log for a watcher that memory no longer covers
+/// (`watch::BACKLOG`; after a restart memory holds none): further behind, it gets the
+/// (shared, cached) snapshot. A replay is read from the store and encoded for its place
+/// behind, the snapshot is shared.
 pub const RESUME_MAX_CHANGES: u64 = 256;
 /// Enrollment failures allowed per (source, token) per window before it is rate-limited;
 /// unknown tokens from one source share one key.

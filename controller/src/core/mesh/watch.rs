@@ -22,8 +22,14 @@ use zonemesh_ca::VerifiedNode;
 use zonemesh_proto as pb;
 
 /// Changes kept in memory for watchers that are behind. A watcher further behind gets the
-/// snapshot (it is shared; a replay would not be).
-pub const BACKLOG: u64 = RESUME_MAX_CHANGES;
+/// snapshot (it is shared; a replay would not be). Well above what enrollment can add
+/// between two messages of a stream (held back at most [`MAX_HELD_VERSIONS`], paced at
+/// most [`MAX_PACE`]): a fleet that keeps enrolling gets deltas, not a snapshot per
+/// message. The change log replays at most [`RESUME_MAX_CHANGES`] (read from the store,
+/// and not shared).
+pub const BACKLOG: u64 = 1024;
+/// Most versions that enrollments hold back before they are announced anyway.
+const MAX_HELD_VERSIONS: u64 = BACKLOG / 4;
 /// Coalesced deltas kept for other watchers at the same place (a burst leaves most
 /// watchers at the same version, so one encoding serves them all).
 const COALESCED_KEPT: usize = 16;
@@ -313,7 +319,8 @@ impl Fanout {
         {
             let mut h = self.hold.lock();
             let now = std::time::Instant::now();
-            if may_wait && h.holds(now) {
+            if may_wait && h.holds(now) && v < self.head.borrow().saturating_add(MAX_HELD_VERSIONS)
+            {
                 let since = h.pending.map_or(now, |(_, since)| since);
                 h.pending = Some((v, since));
                 let lingering = h.lingering;
@@ -585,7 +592,8 @@ impl Mesh {
 
     /// What a watcher that has version `after` is sent next (blocking: it may read the
     /// change log or build the snapshot): nothing when it is up to date, what it missed as
-    /// one delta when it is at most [`BACKLOG`] behind, else the shared snapshot.
+    /// one delta when memory holds it (at most [`BACKLOG`] behind) or the change log does
+    /// (at most [`RESUME_MAX_CHANGES`] behind), else the shared snapshot.
     pub fn next_frame(&self, after: u64) -> Result<Option<Frame>> {
         if let Some(next) = self.next_frame_cached(after) {
             return Ok(next);
@@ -593,7 +601,7 @@ impl Mesh {
         let head = self.version();
         if after != 0
             && after < head
-            && head - after <= BACKLOG
+            && head - after <= RESUME_MAX_CHANGES
             && let Some(updates) = self.logged(after, head)?
         {
             let deltas = updates.iter().filter_map(|u| match &u.kind {
@@ -801,6 +809,27 @@ mod tests {
         f.hold.lock().pending = Some((4, std::time::Instant::now() - MAX_HOLD));
         assert_eq!(f.release_due(), None);
         assert_eq!(*rx.borrow_and_update(), 4);
+    }
+
+    #[test]
+    fn a_hold_takes_at_most_max_held_versions_so_watchers_stay_within_the_backlog() {
+        let f = Fanout::new(0);
+        let mut rx = f.head.subscribe();
+        rx.borrow_and_update();
+        let _busy = f.hold();
+        // Enrollments fast enough to publish MAX_HELD_VERSIONS within MAX_HOLD: the
+        // version that reaches the limit goes out (so a watcher is never further behind
+        // than memory holds, and gets a delta rather than the snapshot).
+        for v in 1..MAX_HELD_VERSIONS {
+            f.announce(v, true);
+        }
+        assert!(!rx.has_changed().unwrap(), "below the limit: held");
+        f.announce(MAX_HELD_VERSIONS, true);
+        assert_eq!(*rx.borrow_and_update(), MAX_HELD_VERSIONS);
+        // The count starts again from what was announced.
+        f.announce(MAX_HELD_VERSIONS + 1, true);
+        assert!(!rx.has_changed().unwrap());
+        assert!(MAX_HELD_VERSIONS * 2 <= BACKLOG);
     }
 
     #[tokio::test]
