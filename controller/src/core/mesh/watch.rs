@@ -27,12 +27,17 @@ use zonemesh_proto as pb;
 /// most [`MAX_PACE`]): a fleet that keeps enrolling gets deltas, not a snapshot per
 /// message. The change log replays at most [`RESUME_MAX_CHANGES`] (read from the store,
 /// and not shared).
-pub const BACKLOG: u64 = 1024;
-/// Most versions that enrollments hold back before they are announced anyway.
-const MAX_HELD_VERSIONS: u64 = BACKLOG / 4;
+pub const BACKLOG: u64 = 8192;
+/// Kept changes are grouped in chunks of this many (see [`Kept`]).
+const CHUNK: usize = 256;
+/// Most versions that enrollments hold back before they are announced anyway (so one
+/// announcement under sustained enrollment is a delta of at most this many peers).
+const MAX_HELD_VERSIONS: u64 = 256;
 /// Coalesced deltas kept for other watchers at the same place (a burst leaves most
-/// watchers at the same version, so one encoding serves them all).
+/// watchers at the same version, so one encoding serves them all), and the most bytes
+/// they may hold together (one far behind can be megabytes).
 const COALESCED_KEPT: usize = 16;
+const COALESCED_BYTES: usize = 32 << 20;
 /// gRPC message prefix: compression flag and big-endian length.
 const GRPC_PREFIX: usize = 5;
 /// The least time between two messages on one stream grows by this much per open stream
@@ -132,14 +137,58 @@ pub(super) struct Published {
     pub(super) frame: Frame,
 }
 
+/// The changes kept for watchers that are behind, in version order (at least the last
+/// [`BACKLOG`] once there are that many): full chunks of [`CHUNK`] and a tail, each
+/// behind an `Arc`. Keeping a change copies the tail and the list of chunks, not every
+/// change kept.
+#[derive(Clone, Default)]
+struct Kept {
+    chunks: VecDeque<Arc<[Arc<Published>]>>,
+    tail: Arc<Vec<Arc<Published>>>,
+}
+
+impl Kept {
+    fn len(&self) -> usize {
+        self.chunks.len() * CHUNK + self.tail.len()
+    }
+
+    fn get(&self, i: usize) -> Option<&Arc<Published>> {
+        match self.chunks.get(i / CHUNK) {
+            Some(c) => c.get(i % CHUNK),
+            None => self.tail.get(i.checked_sub(self.chunks.len() * CHUNK)?),
+        }
+    }
+
+    fn front(&self) -> Option<&Arc<Published>> {
+        self.get(0)
+    }
+
+    fn back(&self) -> Option<&Arc<Published>> {
+        self.tail
+            .last()
+            .or_else(|| self.chunks.back().and_then(|c| c.last()))
+    }
+
+    fn push(&mut self, p: Arc<Published>) {
+        Arc::make_mut(&mut self.tail).push(p);
+        if self.tail.len() == CHUNK {
+            let full = std::mem::take(Arc::make_mut(&mut self.tail));
+            self.chunks.push_back(full.into());
+        }
+        while self.len() >= BACKLOG as usize + CHUNK {
+            self.chunks.pop_front();
+        }
+    }
+}
+
 /// What every Watch stream shares: the published version (streams wait on it), the last
 /// [`BACKLOG`] changes, the last snapshot built and recently coalesced deltas.
 pub(super) struct Fanout {
     head: watch::Sender<u64>,
-    /// Replaced whole on each change (at most [`BACKLOG`] `Arc`s copied): readers take no
-    /// lock the commit path waits for, so a low-priority stream preempted while reading
-    /// cannot hold an enrollment up.
-    recent: ArcSwap<VecDeque<Arc<Published>>>,
+    /// Replaced on each change (a chunk's worth of `Arc`s copied, see [`Kept`]): readers
+    /// take no lock the commit path waits for, so a low-priority stream preempted while
+    /// reading cannot hold an enrollment up.
+    recent: ArcSwap<Kept>,
     pub(super) snapshot: Mutex<Option<Frame>>,
     /// Held while a snapshot is built, so concurrent watchers wait for one build.
     building: Mutex<()>,
@@ -157,16 +206,20 @@ struct Hold {
     pending: Option<(u64, std::time::Instant)>,
     /// When the last enrollment in flight ended (`None` while one is in flight).
     idle_since: Option<std::time::Instant>,
-    /// Whether the announcer runs: then the end of the last enrollment is followed by
-    /// [`LINGER`]; without it, it announces at once.
+    /// Whether the announcer runs: then the end of the last enrollment of a burst is
+    /// followed by [`LINGER`]; without it, it announces at once.
     lingering: bool,
+    /// Whether the enrollments in flight are a burst: one began while another was in
+    /// flight or within [`LINGER`] of the last one's end. A lone enrollment is announced
+    /// as it ends, without the linger.
+    burst: bool,
 }
 
 impl Hold {
     /// Whether a version published now that may wait is held back.
     fn holds(&self, now: std::time::Instant) -> bool {
         let busy = self.in_flight > 0
-            || (self.lingering && self.idle_since.is_some_and(|t| now - t < LINGER));
+            || (self.lingering && self.burst && self.idle_since.is_some_and(|t| now - t < LINGER));
         let since = self.pending.map_or(now, |(_, since)| since);
         busy && now - since < MAX_HOLD
     }
@@ -191,11 +244,11 @@ impl Drop for HoldGuard<'_> {
                 h.idle_since = Some(now);
             }
             match h.pending {
-                Some(_) if h.lingering => Then::TellAnnouncer,
                 Some((v, _)) if !h.holds(now) => {
                     h.pending = None;
                     Then::Wake(v)
                 }
+                Some(_) if h.lingering => Then::TellAnnouncer,
                 _ => Then::Nothing,
             }
         };
@@ -211,7 +264,7 @@ impl Fanout {
     pub(super) fn new(version: u64) -> Self {
         Self {
             head: watch::Sender::new(version),
-            recent: ArcSwap::from_pointee(VecDeque::new()),
+            recent: ArcSwap::from_pointee(Kept::default()),
             snapshot: Mutex::new(None),
             building: Mutex::new(()),
             coalesced: Mutex::new(VecDeque::new()),
@@ -222,14 +275,17 @@ impl Fanout {
 
     /// While the guard lives (an enrollment in flight), new versions that only add or
     /// update peers are not announced: with the announcer running, [`LINGER`] after the
-    /// last enrollment in flight ended (without it, as it ends), and at the latest
+    /// last enrollment of a burst ended (after a lone one, or without the announcer, as
+    /// it ends), and at the latest
     /// [`MAX_HOLD`] after the first was held back. Waking every stream (and every
     /// stream's send) would otherwise take the CPU from the enrollments themselves: a
     /// burst of them reaches the watchers as one coalesced delta, once it is over.
     /// Revocations, blocks, CRLs and CA or SSH changes are never held (see
     /// [`Fanout::announce`]).
     pub(super) fn hold(&self) -> HoldGuard<'_> {
+        let now = std::time::Instant::now();
         let mut h = self.hold.lock();
+        h.burst = h.in_flight > 0 || h.idle_since.is_some_and(|t| now - t < LINGER);
         h.in_flight += 1;
         h.idle_since = None;
         drop(h);
@@ -240,16 +296,11 @@ impl Fanout {
     /// published).
     pub(super) fn keep(&self, p: Arc<Published>) {
         self.recent.rcu(|old| {
-            let mut recent = VecDeque::clone(old);
-            if let Some(last) = recent.back()
-                && last.frame.version + 1 != p.frame.version
-            {
-                recent.clear();
-            }
-            recent.push_back(p.clone());
-            while recent.len() as u64 > BACKLOG {
-                recent.pop_front();
-            }
+            let mut recent = match old.back() {
+                Some(last) if last.frame.version + 1 != p.frame.version => Kept::default(),
+                _ => Kept::clone(old),
+            };
+            recent.push(p.clone());
             recent
         });
     }
@@ -257,7 +308,7 @@ impl Fanout {
     /// Drop the kept changes (the next one kept need not follow the last): used when the
     /// version jumps past what the change log can replay.
     pub(super) fn forget_recent(&self) {
-        self.recent.store(Arc::new(VecDeque::new()));
+        self.recent.store(Arc::new(Kept::default()));
         self.coalesced.lock().clear();
     }
 
@@ -551,22 +602,19 @@ impl Mesh {
                 .usable_snapshot(after.saturating_add(1).min(head))
                 .map(Some);
         }
-        // Only the shared changes are taken under the lock: the commit path waits for it
-        // to keep the next change, so nothing is merged or encoded while it is held.
-        let parts: Vec<Arc<Published>> = {
-            let recent = self.fanout.recent.load();
-            let front = recent.front()?.frame.version;
-            if front > after + 1 {
-                return None;
-            }
-            let from = usize::try_from(after + 1 - front).ok()?;
-            let upto = usize::try_from(head + 1 - front).ok()?.min(recent.len());
-            if upto.checked_sub(from)? == 1 {
-                return recent.get(from).map(|p| Some(p.frame.clone()));
-            }
-            recent.range(from..upto).cloned().collect()
-        };
-        let last = parts.last()?.frame.version;
+        // Only the kept changes' `Arc`s are taken while the kept list is loaded; merging
+        // and encoding come after.
+        let recent = self.fanout.recent.load();
+        let front = recent.front()?.frame.version;
+        if front > after + 1 {
+            return None;
+        }
+        let from = usize::try_from(after + 1 - front).ok()?;
+        let upto = usize::try_from(head + 1 - front).ok()?.min(recent.len());
+        if upto.checked_sub(from)? == 1 {
+            return recent.get(from).map(|p| Some(p.frame.clone()));
+        }
+        let last = recent.get(upto.checked_sub(1)?)?.frame.version;
         if let Some((_, _, f)) = self
             .fanout
             .coalesced
@@ -576,6 +624,10 @@ impl Mesh {
         {
             return Some(Some(f.clone()));
         }
+        let parts: Vec<Arc<Published>> = (from..upto)
+            .filter_map(|i| recent.get(i).cloned())
+            .collect();
+        drop(recent);
         let frame = Frame::encode(&pb::MeshUpdate {
             version: last,
             kind: Some(pb::mesh_update::Kind::Delta(coalesce(
@@ -584,7 +636,10 @@ impl Mesh {
         });
         let mut kept = self.fanout.coalesced.lock();
         kept.push_back((after, last, frame.clone()));
-        while kept.len() > COALESCED_KEPT {
+        let bytes = |k: &VecDeque<(u64, u64, Frame)>| -> usize {
+            k.iter().map(|(_, _, f)| f.message().len()).sum()
+        };
+        while kept.len() > COALESCED_KEPT || (kept.len() > 1 && bytes(&kept) > COALESCED_BYTES) {
             kept.pop_front();
         }
         Some(Some(frame))
@@ -812,6 +867,53 @@ mod tests {
     }
 
     #[test]
+    fn kept_changes_are_the_last_backlog_in_order_and_share_their_chunks() {
+        let published = |v: u64| {
+            Arc::new(Published {
+                delta: pb::Delta::default(),
+                frame: Frame::encode(&pb::MeshUpdate {
+                    version: v,
+                    kind: None,
+                }),
+            })
+        };
+        let mut k = Kept::default();
+        assert!(k.front().is_none() && k.back().is_none() && k.get(0).is_none());
+        let total = BACKLOG + 3 * CHUNK as u64 + 7;
+        for v in 1..=total {
+            let before = k.clone();
+            k.push(published(v));
+            // What a reader loaded before is unchanged by the push.
+            assert_eq!(before.len() as u64, (v - 1).min(before.len() as u64));
+            if let Some(b) = before.back() {
+                assert_eq!(b.frame.version, v - 1);
+            }
+            assert_eq!(k.back().unwrap().frame.version, v);
+            assert!(
+                k.len() as u64 >= v.min(BACKLOG),
+                "at least the last BACKLOG kept"
+            );
+            assert!(
+                k.len() < BACKLOG as usize + CHUNK,
+                "trimmed by whole chunks"
+            );
+        }
+        let front = k.front().unwrap().frame.version;
+        assert_eq!(
+            front + k.len() as u64 - 1,
+            total,
+            "contiguous up to the last"
+        );
+        for i in 0..k.len() {
+            assert_eq!(k.get(i).unwrap().frame.version, front + i as u64);
+        }
+        assert!(k.get(k.len()).is_none());
+        // A clone shares the full chunks.
+        let c = k.clone();
+        assert!(Arc::ptr_eq(&c.chunks[0], &k.chunks[0]));
+    }
+
+    #[test]
     fn a_hold_takes_at_most_max_held_versions_so_watchers_stay_within_the_backlog() {
         let f = Fanout::new(0);
         let mut rx = f.head.subscribe();
@@ -845,13 +947,24 @@ mod tests {
         while !f.hold.lock().lingering {
             tokio::task::yield_now().await;
         }
+        // A lone enrollment goes out as it ends, without the linger.
+        let g = f.hold();
+        f.announce(1, true);
+        assert!(!rx.has_changed().unwrap(), "held while in flight");
+        drop(g);
+        assert_eq!(*rx.borrow_and_update(), 1, "announced as it ended");
+        tokio::time::sleep(LINGER * 2).await;
         // Enrollments one after the other, each starting within the linger of the last:
-        // one announcement, of the newest version, after the last one.
+        // the first is lone and goes out as it ends; the rest of the burst is one
+        // announcement, of the newest version, after the last one.
         let t0 = std::time::Instant::now();
-        for v in 1..=5 {
+        for v in 2..=6 {
             let g = f.hold();
             f.announce(v, true);
             drop(g);
+            if v == 2 {
+                assert_eq!(*rx.borrow_and_update(), 2, "the first, lone so far");
+            }
             tokio::time::sleep(LINGER / 6).await;
         }
         let ended = std::time::Instant::now();
@@ -862,32 +975,32 @@ mod tests {
         let at = std::time::Instant::now();
         if ended - t0 < LINGER {
             // Not descheduled for a whole linger in between: nothing went out before.
-            assert_eq!(*rx.borrow_and_update(), 5);
+            assert_eq!(*rx.borrow_and_update(), 6);
         }
         assert!(at >= ended, "after the last enrollment");
         rx.borrow_and_update();
         // An enrollment that never ends holds new peers back for MAX_HOLD at most.
         let stuck = f.hold();
         let t1 = std::time::Instant::now();
-        f.announce(6, true);
+        f.announce(7, true);
         tokio::time::timeout(MAX_HOLD * 3, rx.changed())
             .await
             .expect("announced past MAX_HOLD")
             .unwrap();
-        assert_eq!(*rx.borrow_and_update(), 6);
+        assert_eq!(*rx.borrow_and_update(), 7);
         assert!(t1.elapsed() >= MAX_HOLD);
         drop(stuck);
         // A revocation goes out at once, announcer or not.
         let g = f.hold();
-        f.announce(7, false);
-        assert_eq!(*rx.borrow_and_update(), 7);
+        f.announce(8, false);
+        assert_eq!(*rx.borrow_and_update(), 8);
         drop(g);
         // Stopping announces what is still held.
         let g = f.hold();
-        f.announce(8, true);
+        f.announce(9, true);
         stop.cancel();
         announcer.await.unwrap();
-        assert_eq!(*rx.borrow_and_update(), 8);
+        assert_eq!(*rx.borrow_and_update(), 9);
         drop(g);
     }
 
