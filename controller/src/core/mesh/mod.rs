@@ -28,7 +28,7 @@ pub use follow::{FOLLOW_EVERY, follow_loop};
 pub use health::{HealthMatrix, PairHealth, STALE_AFTER, ZoneHealth, matrix as health_view};
 pub use node_calls::{HealthRow, RenewKey};
 pub use revoke::SERIALS_PER_TXN;
-pub use watch::{BACKLOG, Frame, Subscription, coalesce};
+pub use watch::{BACKLOG, CHUNK, Frame, Subscription, coalesce};
 pub use zones::{CreatedToken, TOKEN_PURGE_GRACE};
 
 use crate::audit::AuditLog;

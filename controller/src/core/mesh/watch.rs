@@ -2,9 +2,10 @@
 //! (rebuilt only when a watcher needs one and the cached one is too old), each change as it
 //! is published, and the coalesced delta that watchers at the same place behind share.
 //! A stream holds only its version and a wake-up on new versions, so a slow or stuck
-//! watcher holds no backlog: when it comes back it gets what it missed as one delta, or
-//! the shared snapshot once it is more than [`BACKLOG`] changes behind. The per-node
-//! registry of open streams lets a revocation end them.
+//! watcher holds no backlog: when it comes back it gets what it missed as one delta (a
+//! chunk of [`CHUNK`] versions per message when it is further behind), or the shared
+//! snapshot once it is more than [`BACKLOG`] changes behind. The per-node registry of open
+//! streams lets a revocation end them.
 
 use super::{MAX_STREAMS_PER_NODE, Mesh, RESUME_MAX_CHANGES, store_err};
 use crate::error::{ControllerError, Result};
@@ -28,15 +29,17 @@ use zonemesh_proto as pb;
 /// message. The change log replays at most [`RESUME_MAX_CHANGES`] (read from the store,
 /// and not shared).
 pub const BACKLOG: u64 = 8192;
-/// Kept changes are grouped in chunks of this many (see [`Kept`]).
-const CHUNK: usize = 256;
+/// Kept changes are grouped in chunks of this many (see [`Kept`]); a watcher further
+/// behind than this catches up this many versions per message (see
+/// [`Mesh::next_frame_cached`]).
+pub const CHUNK: usize = 256;
 /// Most versions that enrollments hold back before they are announced anyway (so one
 /// announcement under sustained enrollment is a delta of at most this many peers).
 const MAX_HELD_VERSIONS: u64 = 256;
 /// Coalesced deltas kept for other watchers at the same place (a burst leaves most
 /// watchers at the same version, so one encoding serves them all), and the most bytes
 /// they may hold together (one far behind can be megabytes).
-const COALESCED_KEPT: usize = 16;
+const COALESCED_KEPT: usize = 64;
 const COALESCED_BYTES: usize = 32 << 20;
 /// gRPC message prefix: compression flag and big-endian length.
 const GRPC_PREFIX: usize = 5;
@@ -604,13 +607,24 @@ impl Mesh {
         }
         // Only the kept changes' `Arc`s are taken while the kept list is loaded; merging
         // and encoding come after.
+        // Further behind than a chunk, a watcher catches up a chunk at a time, to the next
+        // version that is a multiple of CHUNK: every watcher passing that stretch takes
+        // the same frame. (One delta to the head would be encoded, and held while it is
+        // sent, for each place behind: megabytes each, thousands of them while a large
+        // fleet grows faster than the fan-out.)
+        let step = CHUNK as u64;
+        let to = if head - after > step {
+            (after / step + 1) * step
+        } else {
+            head
+        };
         let recent = self.fanout.recent.load();
         let front = recent.front()?.frame.version;
         if front > after + 1 {
             return None;
         }
         let from = usize::try_from(after + 1 - front).ok()?;
-        let upto = usize::try_from(head + 1 - front).ok()?.min(recent.len());
+        let upto = usize::try_from(to + 1 - front).ok()?.min(recent.len());
         if upto.checked_sub(from)? == 1 {
             return recent.get(from).map(|p| Some(p.frame.clone()));
         }
