@@ -666,7 +666,6 @@ async fn fleets_loop(
             b.watchers
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let rss_before = rss_kib(b.pid).context("controller gone")?;
         let connect = b.connect(creds).await?;
         eprintln!(
             "{}: {n} watchers connected (own mTLS each) in {:.1} s",
@@ -680,7 +679,7 @@ async fn fleets_loop(
             grow_rate: if watching > 0 { rate } else { 0.0 },
             connect,
             rss_mib: rss_after as f64 / 1024.0,
-            rss_per_agent_kib: rss_after.saturating_sub(rss_before) as f64 / add.max(1) as f64,
+            rss_per_agent_kib: rss_after as f64 / n.max(1) as f64,
             ..Default::default()
         };
         let mut all = Vec::new();
