@@ -4,14 +4,15 @@
 use crate::inproc::Plane;
 use anyhow::Result;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
 use zonemesh_controller::kv::{Backend, KvError, KvResult, Pair, Query, Txn};
 
-/// The real backend, with commits that fail while `fail` is set (as an unreachable etcd
-/// cluster fails them).
+/// The real backend, with commits that fail once `budget` is spent (as an unreachable
+/// etcd cluster fails them).
 pub struct Faulty {
     inner: Arc<dyn Backend>,
-    fail: AtomicBool,
+    /// Commits that still go through; `None`: all of them.
+    budget: Mutex<Option<usize>>,
 }
 
 impl Backend for Faulty {
@@ -28,11 +29,18 @@ impl Backend for Faulty {
         self.inner.count(tree)
     }
     fn commit(&self, txn: &Txn) -> KvResult<bool> {
-        if self.fail.load(Ordering::SeqCst) {
-            return Err(KvError::Unreachable {
-                endpoints: "test".into(),
-                detail: "commit refused by the test".into(),
-            });
+        {
+            let mut budget = self.budget.lock().unwrap_or_else(|e| e.into_inner());
+            match budget.as_mut() {
+                Some(0) => {
+                    return Err(KvError::Unreachable {
+                        endpoints: "test".into(),
+                        detail: "commit refused by the test".into(),
+                    });
+                }
+                Some(n) => *n -= 1,
+                None => {}
+            }
         }
         self.inner.commit(txn)
     }
@@ -54,7 +62,7 @@ impl Faulty {
         let plane = Plane::with_backend(|inner| {
             let f = Arc::new(Faulty {
                 inner,
-                fail: AtomicBool::new(false),
+                budget: Mutex::new(None),
             });
             faulty = Some(f.clone());
             f
@@ -64,6 +72,12 @@ impl Faulty {
 
     /// Make every commit fail (`true`) or go through again.
     pub fn set_failing(&self, on: bool) {
-        self.fail.store(on, Ordering::SeqCst);
+        *self.budget.lock().unwrap_or_else(|e| e.into_inner()) = on.then_some(0);
+    }
+
+    /// Let `n` more commits through, then fail every one (as a store lost part-way
+    /// through a change made of several commits).
+    pub fn fail_after(&self, n: usize) {
+        *self.budget.lock().unwrap_or_else(|e| e.into_inner()) = Some(n);
     }
 }

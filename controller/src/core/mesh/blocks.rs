@@ -9,7 +9,10 @@ use crate::blocklist::{
 };
 use crate::error::{ControllerError, Result};
 use crate::limits::Refused;
-use crate::store::{AllowRecord, BlockRecord, OffenceRecord, Store, encode, from_unix, unix};
+use crate::store::{
+    AllowRecord, BlockRecord, OffenceRecord, Store, StoreError, Txn, decode, encode, from_unix,
+    unix,
+};
 use crate::text::{self, Escaped};
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -19,6 +22,9 @@ use std::time::SystemTime;
 
 /// Recent events kept for the Security page.
 pub const RECENT_EVENTS: usize = 200;
+/// Expired blocks taken off per transaction (a check and a delete each, with the
+/// change-log entry: within the store's limit of operations per transaction).
+const EXPIRED_PER_TXN: usize = 60;
 /// Operator allow-list entries kept.
 pub const MAX_ALLOW: usize = 1024;
 /// Addresses whose offence history is kept; beyond it, histories past their memory go
@@ -358,25 +364,54 @@ impl Mesh {
     /// End the blocks whose time is up: off the store and every agent's set, each audited
     /// with the evidence it was placed on. Returns them.
     pub fn expire_blocks(&self, now: SystemTime) -> Result<Vec<BlockRecord>> {
-        let expired: Vec<BlockRecord> = Store::all::<BlockRecord>(&self.store.blocks, "blocks")?
-            .into_iter()
-            .filter(|b| b.until_unix <= unix(now))
-            .collect();
-        if expired.is_empty() {
-            return Ok(expired);
+        let mut due = Vec::new();
+        for item in self.store.blocks.iter() {
+            let (k, v) = item.map_err(store_err)?;
+            let rec: BlockRecord = decode("blocks", &v)?;
+            if rec.until_unix <= unix(now) {
+                due.push((k, v, rec));
+            }
         }
-        for b in &expired {
-            self.store
-                .blocks
-                .remove(b.address.to_string())
-                .map_err(store_err)?;
+        let mut expired = Vec::new();
+        // Each batch is one transaction: the records (checked unchanged) go together with
+        // the change that tells the agents, or not at all.
+        for batch in due.chunks(EXPIRED_PER_TXN) {
+            let mut txn = Txn::new();
+            for (k, v, _) in batch {
+                txn.expect("blocks", k, Some(v)).delete("blocks", k);
+            }
+            let delta = pb::Delta {
+                unblocked: batch
+                    .iter()
+                    .map(|(_, _, b)| b.address.to_string())
+                    .collect(),
+                ..Default::default()
+            };
+            let guard = self.change_lock.lock();
+            match self.commit_with(guard, delta, txn) {
+                Ok(_) => {}
+                Err(ControllerError::Store(StoreError::Conflict)) => {
+                    // One of them was placed again or lifted meanwhile: the next sweep
+                    // reads them afresh.
+                    tracing::info!(
+                        blocks = batch.len(),
+                        "block expiry skipped: changed meanwhile"
+                    );
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
+            let batch: Vec<BlockRecord> = batch.iter().map(|(_, _, b)| b.clone()).collect();
+            self.audit_expired(&batch);
+            expired.extend(batch);
         }
-        self.commit(pb::Delta {
-            unblocked: expired.iter().map(|b| b.address.to_string()).collect(),
-            ..Default::default()
-        })?;
+        Ok(expired)
+    }
+
+    /// Count and audit blocks taken off at their end.
+    fn audit_expired(&self, expired: &[BlockRecord]) {
         self.metrics().blocks_expired(expired.len() as u64);
-        for b in &expired {
+        for b in expired {
             self.event_counts.expired.fetch_add(1, Ordering::Relaxed);
             tracing::info!(source = %b.address, "block expired");
             self.audit_decision(
@@ -389,7 +424,6 @@ impl Mesh {
                     )),
             );
         }
-        Ok(expired)
     }
 
     /// Record a decision in the audit log, when one is attached.
@@ -475,18 +509,19 @@ impl Mesh {
             since_unix: unix(now),
             offence,
         };
-        self.store
-            .blocks
-            .insert(ip.to_string(), encode(&rec))
-            .map_err(store_err)?;
-        self.commit(pb::Delta {
+        // The record and the change that tells the agents: one transaction.
+        let mut txn = Txn::new();
+        txn.put("blocks", ip.to_string(), encode(&rec));
+        let delta = pb::Delta {
             blocked: vec![pb::BlockedSource {
                 address: ip.to_string(),
                 until_unix: rec.until_unix,
                 reason: rec.reason.clone(),
             }],
             ..Default::default()
-        })?;
+        };
+        let guard = self.change_lock.lock();
+        self.commit_with(guard, delta, txn)?;
         tracing::warn!(source = %ip, until = rec.until_unix, reason = %Escaped(&rec.reason), "source blocked");
         self.metrics().block_added();
         Ok(())
@@ -495,16 +530,24 @@ impl Mesh {
     /// Take a source off the blocklist; every agent drops it at once.
     pub fn unblock_source(&self, ip: IpAddr) -> Result<BlockRecord> {
         let ip = ip.to_canonical();
-        let rec: BlockRecord = Store::get(&self.store.blocks, "blocks", ip.to_string())?
-            .ok_or_else(|| ControllerError::NotFound(format!("{ip} is not blocked")))?;
-        self.store
+        let key = ip.to_string();
+        let raw = self
+            .store
             .blocks
-            .remove(ip.to_string())
-            .map_err(store_err)?;
-        self.commit(pb::Delta {
-            unblocked: vec![ip.to_string()],
+            .get(&key)
+            .map_err(store_err)?
+            .ok_or_else(|| ControllerError::NotFound(format!("{ip} is not blocked")))?;
+        let rec: BlockRecord = decode("blocks", &raw)?;
+        // Checked unchanged, and lifted together with the change that tells the agents.
+        let mut txn = Txn::new();
+        txn.expect("blocks", &key, Some(&raw))
+            .delete("blocks", &key);
+        let delta = pb::Delta {
+            unblocked: vec![key.clone()],
             ..Default::default()
-        })?;
+        };
+        let guard = self.change_lock.lock();
+        self.commit_with(guard, delta, txn)?;
         self.evidence.lock().forget(ip);
         tracing::info!(source = %ip, "source unblocked");
         self.metrics().block_removed();
