@@ -109,13 +109,15 @@ async fn watch_resumes_from_its_version_after_a_restart() {
     );
 }
 
-/// A version older than the change log reaches gets a snapshot (library level: it takes
-/// more than 4096 changes to fall off the log).
+/// A version older than memory and the change log reach gets a snapshot (library level:
+/// it takes more than `BACKLOG` changes to fall out of memory). After a restart memory
+/// holds nothing: the change log replays up to `RESUME_MAX_CHANGES` as one delta, and a
+/// watcher further behind gets the snapshot.
 #[test]
 fn too_old_version_gets_a_snapshot() {
     use std::sync::Arc;
     use zonemesh_controller::authority::Authority;
-    use zonemesh_controller::mesh::Mesh;
+    use zonemesh_controller::mesh::{BACKLOG, Mesh, RESUME_MAX_CHANGES};
     use zonemesh_controller::secrets::KekSource;
     use zonemesh_controller::store::Store;
 
@@ -124,8 +126,8 @@ fn too_old_version_gets_a_snapshot() {
     let now = SystemTime::now();
     let store = Store::open(&ctl.data_dir.join("db")).unwrap();
     let kek = KekSource::new(&ctl.data_dir, None).load().unwrap();
-    let mesh = Mesh::new(Arc::new(Authority::load(store, &kek, now).unwrap())).unwrap();
-    for i in 0..4200u32 {
+    let mesh = Mesh::new(Arc::new(Authority::load(store.clone(), &kek, now).unwrap())).unwrap();
+    for i in 0..u32::try_from(BACKLOG).unwrap() + 200 {
         let ip = std::net::Ipv4Addr::from(0x0a00_0000 + i);
         mesh.block_source(ip.into(), now + Duration::from_secs(60), "test")
             .unwrap();
@@ -138,6 +140,20 @@ fn too_old_version_gets_a_snapshot() {
     let first = old.first.unwrap().decode().unwrap();
     assert_eq!(kind(&first), "snapshot");
     assert_eq!(first.version, mesh.version());
+
+    // A restart: memory holds no change, the log does.
+    drop(mesh);
+    let mesh = Mesh::new(Arc::new(Authority::load(store, &kek, now).unwrap())).unwrap();
+    let head = mesh.version();
+    let recent = mesh.subscribe("eu/x", head - 10).unwrap();
+    let first = recent.first.unwrap().decode().unwrap();
+    assert_eq!(kind(&first), "delta", "replayed from the change log");
+    assert_eq!(first.version, head);
+    let far = mesh
+        .subscribe("eu/x", head - RESUME_MAX_CHANGES - 1)
+        .unwrap();
+    let first = far.first.unwrap().decode().unwrap();
+    assert_eq!(kind(&first), "snapshot", "beyond what the log replays");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
