@@ -103,6 +103,9 @@ impl AuditRecord {
     }
 }
 
+/// Tries at a sequence number other writers of the same store keep taking first.
+const SEQ_RACES: usize = 16;
+
 /// The audit log over the sled tree `audit`.
 pub struct AuditLog {
     tree: crate::core::kv::Tree,
@@ -165,18 +168,29 @@ impl AuditLog {
             .unwrap_or(0);
         // The lock orders sequence numbers with writes, so keys never go backwards.
         let mut next = self.next_seq.lock().unwrap_or_else(|p| p.into_inner());
-        let seq = *next;
-        let rec = AuditRecord {
-            seq,
+        let mut rec = AuditRecord {
+            seq: *next,
             at_unix_ms,
             event,
         };
-        let value = serde_json::to_vec(&rec)?;
-        self.tree
-            .compare_and_swap(seq.to_be_bytes(), None as Option<&[u8]>, Some(value))?
-            .map_err(|_| AuditError::Duplicate(seq))?;
-        *next = seq + 1;
-        Ok(seq)
+        // Another controller of a shared store may have taken the number: take the one
+        // after the last stored and try again (each try is checked absent, so no record
+        // is ever written over another).
+        for _ in 0..SEQ_RACES {
+            let value = serde_json::to_vec(&rec)?;
+            if self
+                .tree
+                .compare_and_swap(rec.seq.to_be_bytes(), None as Option<&[u8]>, Some(value))?
+                .is_ok()
+            {
+                *next = rec.seq + 1;
+                return Ok(rec.seq);
+            }
+            let last = self.tree.last()?.map_or(0, |(k, _)| decode_seq(&k));
+            rec.seq = last.max(rec.seq) + 1;
+        }
+        *next = rec.seq;
+        Err(AuditError::Duplicate(rec.seq))
     }
 
     /// The newest `limit` records (all when `None`), oldest first.
@@ -320,6 +334,30 @@ pub fn format_utc(unix_ms: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn two_logs_on_one_store_take_turns_without_losing_a_record() {
+        // Two controllers of one store, each with its own log over the shared tree.
+        let dir = tempfile::tempdir().unwrap();
+        let db = crate::core::kv::Kv::sled(dir.path()).unwrap();
+        let a = AuditLog::open(&db).unwrap();
+        let b = AuditLog::open(&db).unwrap();
+        let mut seqs = Vec::new();
+        for (i, log) in [&a, &b, &a, &a, &b, &b, &a].into_iter().enumerate() {
+            let at = SystemTime::now();
+            seqs.push(
+                log.record_at(
+                    AuditEvent::new("source.blocked", "blocked").detail(i.to_string()),
+                    at,
+                )
+                .unwrap_or_else(|e| panic!("record {i}: {e}")),
+            );
+        }
+        assert_eq!(seqs, (1..=7).collect::<Vec<u64>>());
+        let all = a.list(None).unwrap();
+        let details: Vec<String> = all.iter().filter_map(|r| r.event.detail.clone()).collect();
+        assert_eq!(details, (0..7).map(|i| i.to_string()).collect::<Vec<_>>());
+    }
 
     #[test]
     fn appends_in_order_and_survives_reopen() {
