@@ -387,8 +387,7 @@ impl Mesh {
                     .collect(),
                 ..Default::default()
             };
-            let guard = self.change_lock.lock();
-            match self.commit_with(guard, delta, txn) {
+            match self.commit_txn(delta, txn) {
                 Ok(_) => {}
                 Err(ControllerError::Store(StoreError::Conflict)) => {
                     // One of them was placed again or lifted meanwhile: the next sweep
@@ -520,8 +519,7 @@ impl Mesh {
             }],
             ..Default::default()
         };
-        let guard = self.change_lock.lock();
-        self.commit_with(guard, delta, txn)?;
+        self.commit_txn(delta, txn)?;
         tracing::warn!(source = %ip, until = rec.until_unix, reason = %Escaped(&rec.reason), "source blocked");
         self.metrics().block_added();
         Ok(())
@@ -546,8 +544,7 @@ impl Mesh {
             unblocked: vec![key.clone()],
             ..Default::default()
         };
-        let guard = self.change_lock.lock();
-        self.commit_with(guard, delta, txn)?;
+        self.commit_txn(delta, txn)?;
         self.evidence.lock().forget(ip);
         tracing::info!(source = %ip, "source unblocked");
         self.metrics().block_removed();

@@ -24,6 +24,13 @@ impl Mesh {
     /// covers only the log write; the flush (shared with concurrent writers) runs after it,
     /// and changes are broadcast in version order once durable.
     pub(super) fn commit(&self, delta: pb::Delta) -> Result<u64> {
+        self.commit_txn(delta, Txn::new())
+    }
+
+    /// [`Mesh::commit`] with the writes of `txn` in the same store transaction (both or
+    /// neither), for a caller that checks nothing under the change lock itself (its
+    /// `txn` checks are its guard).
+    pub(super) fn commit_txn(&self, delta: pb::Delta, txn: Txn) -> Result<u64> {
         if !delta.crl_der.is_empty() || delta.ca.is_some() {
             let (roots, crls) = (self.auth.trusted_roots(), self.auth.crls_der());
             for l in self.crl_listeners.lock().iter() {
@@ -32,7 +39,7 @@ impl Mesh {
             }
         }
         let guard = self.change_lock.lock();
-        self.commit_with(guard, delta, Txn::new())
+        self.commit_with(guard, delta, txn)
     }
 
     /// Record `delta` together with the writes of `txn` as one store transaction (both or

@@ -279,8 +279,8 @@ impl Fanout {
     /// While the guard lives (an enrollment in flight), new versions that only add or
     /// update peers are not announced: with the announcer running, [`LINGER`] after the
     /// last enrollment of a burst ended (after a lone one, or without the announcer, as
-    /// it ends), and at the latest
-    /// [`MAX_HOLD`] after the first was held back. Waking every stream (and every
+    /// it ends), and at the latest [`MAX_HOLD`] after the first was held back. A hold
+    /// ends early once [`MAX_HELD_VERSIONS`] are held. Waking every stream (and every
     /// stream's send) would otherwise take the CPU from the enrollments themselves: a
     /// burst of them reaches the watchers as one coalesced delta, once it is over.
     /// Revocations, blocks, CRLs and CA or SSH changes are never held (see
@@ -605,8 +605,6 @@ impl Mesh {
                 .usable_snapshot(after.saturating_add(1).min(head))
                 .map(Some);
         }
-        // Only the kept changes' `Arc`s are taken while the kept list is loaded; merging
-        // and encoding come after.
         // Further behind than a chunk, a watcher catches up a chunk at a time, to the next
         // version that is a multiple of CHUNK: every watcher passing that stretch takes
         // the same frame. (One delta to the head would be encoded, and held while it is
@@ -618,6 +616,8 @@ impl Mesh {
         } else {
             head
         };
+        // Only the kept changes' `Arc`s are taken while the kept list is loaded; merging
+        // and encoding come after.
         let recent = self.fanout.recent.load();
         let front = recent.front()?.frame.version;
         if front > after + 1 {
